@@ -1,0 +1,1 @@
+"""Applications: the command line, the data provider and its Hypha services, trainers."""

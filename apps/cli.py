@@ -1,0 +1,179 @@
+"""The ``colabel`` command line.
+
+``colabel serve FOLDER`` mounts a folder of images, starts an embedded Hypha server (or uses
+``--server-url``), registers the data provider's services and prints the provider's page and a share URL.
+``colabel demo FOLDER`` writes real demo images into a folder. Every command has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from colabel import __version__
+
+DEFAULT_CLASSES = "nucleus:#e6194b,other:#3cb44b"
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one sentence, exit code 2."""
+
+
+def parse_classes(text: str) -> list[dict]:
+    """``"tumor:#ff0000,stroma:#00ff00"`` -> ``[{"name": "tumor", "color": "#ff0000"}, ...]``."""
+    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+    classes = []
+    for i, item in enumerate(p for p in text.split(",") if p.strip()):
+        name, _, color = item.partition(":")
+        classes.append({"name": name.strip(), "color": color.strip() or palette[i % len(palette)]})
+    if not classes:
+        raise CliError("--classes needs at least one class name")
+    return classes
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a missing, non-directory, unreadable or image-less folder with one sentence."""
+    if not folder.exists():
+        raise CliError(f"folder {folder} does not exist")
+    if not folder.is_dir():
+        raise CliError(f"{folder} is not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise CliError(f"folder {folder} is not readable")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from hypha_rpc import connect_to_server
+
+    from colabel.config import ColabelConfig
+
+    from .hypha_server import EmbeddedHypha
+    from .provider.provider import DataProvider
+    from .provider.rpc import ProviderServices
+
+    config = ColabelConfig.from_env(host=args.host, port=args.port, server_url=args.server_url,
+                                    token=args.token, name=args.name)
+    folder = Path(args.folder).expanduser().resolve()
+    check_folder(folder)
+    classes = parse_classes(args.classes)
+    provider = DataProvider(folder, config)
+    if len(provider.catalog) == 0:
+        raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
+    unreadable = [r for r in provider.catalog.records() if r.error]
+
+    hypha = None
+    server_url, token = config.server_url, config.token
+    if server_url is None:
+        hypha = EmbeddedHypha(config.host, config.port, msg_rate_limit=config.ws_msg_rate_limit,
+                              ready_timeout=config.ready_timeout)
+        await asyncio.to_thread(hypha.start)
+        server_url, token = hypha.url, hypha.root_token
+    try:
+        try:
+            server = await connect_to_server({"server_url": server_url, "token": token,
+                                              "client_id": f"colabel-{config.name}-provider"})
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
+            raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
+        services = ProviderServices(provider, server, name=config.name, public_url=server_url)
+        await services.register()
+        session = next((s for s in provider.sessions.list() if s.state == "open"), None)
+        secret = None
+        if session is not None:
+            secret = next((provider.sessions.secret(session.session_id, t.token_id) for t in session.tokens
+                           if provider.sessions.secret(session.session_id, t.token_id)), None)
+            if secret is None:
+                _, secret = provider.sessions.issue_token(session.session_id, label="colabel serve")
+        else:
+            session, secret = provider.create_session(name="session 1", classes=classes)
+        provider_token = await server.generate_token({"expires_in": 30 * 24 * 3600})
+        print(f"colabel {__version__}: serving {folder} ({len(provider.catalog)} images"
+              f"{f', {len(unreadable)} unreadable' if unreadable else ''})", flush=True)
+        print(f"hypha_server: {server_url} (workspace {services.workspace})")
+        print(f"provider_service: {services.provider_service_id}")
+        print(f"annotator_service: {services.annotator_service_id}")
+        print(f"manage_url: {services.manage_url(provider_token)}")
+        print(f"share_url: {services.share_url(secret)}  (session {session.name!r})")
+        print("Press Ctrl-C to stop.", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping", flush=True)
+        await server.disconnect()
+    finally:
+        if hypha is not None:
+            await asyncio.to_thread(hypha.stop)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.token is not None and args.server_url is None:
+        raise CliError("--token needs --server-url")
+    if args.demo:
+        from .demo import write_demo_folder
+
+        write_demo_folder(Path(args.folder))
+    return asyncio.run(_serve(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo_folder
+
+    for path in write_demo_folder(Path(args.folder)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colabel", description="Collaborative AI-assisted labelling for "
+                                     "microscopy and histology.")
+    parser.add_argument("--version", action="version", version=f"colabel {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="mount a folder of images and share it for annotation",
+                                description="Mount FOLDER, start an embedded Hypha server (or use --server-url), "
+                                "register the data provider and print the provider page and a share URL. "
+                                "Labels are saved to FOLDER/annotations/.")
+    serve.add_argument("folder", metavar="FOLDER", help="folder of TIFF/OME-TIFF/PNG/JPEG images")
+    serve.add_argument("--host", default="127.0.0.1", help="address of the embedded Hypha server (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=9527, help="port of the embedded Hypha server (default 9527)")
+    serve.add_argument("--server-url", default=None, help="use this Hypha server instead of starting one")
+    serve.add_argument("--token", default=None, help="token for --server-url")
+    serve.add_argument("--name", default="colabel", help="provider name, prefix of its service ids (default colabel)")
+    serve.add_argument("--classes", default=DEFAULT_CLASSES,
+                       help=f"label classes of the first session, name[:#rrggbb],... (default {DEFAULT_CLASSES})")
+    serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser("demo", help="write real demo images into a folder",
+                               description="Write scikit-image's immunohistochemistry (Ki-67-like IHC) image and "
+                               "the DSB2018 fluorescence nuclei image into FOLDER.")
+    demo.add_argument("folder", metavar="FOLDER")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from colabel.errors import ColabelError
+
+    try:
+        return args.func(args)
+    except (CliError, ColabelError) as exc:
+        print(f"colabel: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""An embedded Hypha server: a subprocess on loopback, started, awaited and stopped cleanly.
+
+Started with websocket compression off (5-10x faster image transfers) and message rate limits raised
+(large arrays travel as many chunks, each counted), as measured in ``shared/PLATFORM.md``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from colabel.errors import ColabelError
+
+
+class HyphaStartError(ColabelError):
+    """The embedded Hypha server could not be started."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a listening socket can be bound to ``(host, port)`` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedHypha:
+    """A Hypha server subprocess.
+
+    Parameters
+    ----------
+    host, port : where it listens.
+    root_token : str, optional
+        The server's root token (>= 32 characters); a random one is made when omitted.
+    msg_rate_limit : int
+        Websocket messages per second (and burst) allowed per connection.
+    ready_timeout : float
+        Seconds to wait for ``/health/readiness`` before giving up and killing the process.
+    env : dict, optional
+        Extra ``HYPHA_*`` environment variables.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 9527, *, root_token: str | None = None,
+                 msg_rate_limit: int = 100_000, ready_timeout: float = 60.0, env: dict | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.root_token = root_token or f"colabel-{secrets.token_urlsafe(32)}"
+        self.msg_rate_limit = msg_rate_limit
+        self.ready_timeout = ready_timeout
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "EmbeddedHypha":
+        """Start the server and wait until it is ready; raises :class:`HyphaStartError` otherwise."""
+        if not port_is_free(self.host, self.port):
+            raise HyphaStartError(f"port {self.port} on {self.host} is already in use; choose another with --port")
+        env = dict(os.environ)
+        env.update({
+            "HYPHA_HOST": self.host,
+            "HYPHA_PORT": str(self.port),
+            "HYPHA_ROOT_TOKEN": self.root_token,
+            "HYPHA_WS_MSG_RATE_LIMIT": str(self.msg_rate_limit),
+            "HYPHA_WS_MSG_BURST_LIMIT": str(self.msg_rate_limit),
+            "HYPHA_LOGLEVEL": env.get("HYPHA_LOGLEVEL", "WARNING"),
+        })
+        env.update(self.extra_env)
+        fd, log = tempfile.mkstemp(prefix="colabel-hypha-", suffix=".log")
+        self.log_path = Path(log)
+        cmd = [sys.executable, "-m", "uvicorn", "hypha.server:app", "--host", self.host, "--port", str(self.port),
+               "--ws-per-message-deflate", "false", "--no-access-log", "--log-level", "warning"]
+        self.process = subprocess.Popen(cmd, env=env, stdout=fd, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        os.close(fd)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise HyphaStartError(f"the Hypha server exited at start-up (code {self.process.returncode}); "
+                                      f"its log is {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health/readiness", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise HyphaStartError(f"the Hypha server was not ready within {self.ready_timeout:.0f} s; "
+                              f"its log is {self.log_path}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "EmbeddedHypha":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

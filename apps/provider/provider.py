@@ -1,0 +1,209 @@
+"""The data provider: one mounted folder's images, sessions and annotations, with no transport.
+
+:class:`DataProvider` is what the Hypha services in :mod:`colabel.apps.provider.rpc` call. Provider
+functions take a session id; annotator functions take the :class:`SessionInfo` that a share token opened
+(:meth:`SessionStore.authorize`), so nothing here can reach outside that session. Every method validates
+its input before it writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from colabel.config import ColabelConfig, annotations_dir
+from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+
+from .annotations import rasterize, validate_feature_collection
+from .images import ImageCatalog
+from .models import AnnotationRecord, Assignment, ImageInfo, Progress, Region, SessionInfo
+from .sessions import SessionStore
+from .storage import AnnotationStore
+
+
+def _region(region: object) -> Region | None:
+    if region is None:
+        return None
+    if isinstance(region, Region):
+        return region
+    if not isinstance(region, dict):
+        raise InvalidInputError(f"region must be an object {{x, y, width, height}}, got {type(region).__name__}")
+    try:
+        return Region.model_validate(region)
+    except ValidationError as exc:
+        raise InvalidInputError(f"invalid region {region!r}: {exc.errors()[0]['msg']}") from None
+
+
+def _level(level: object) -> int:
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise InvalidInputError(f"level must be a non-negative integer, got {level!r}")
+    return level
+
+
+class DataProvider:
+    """Images, sessions and annotations of one mounted folder.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The mounted folder. Its images are only ever read; annotations go to ``folder/annotations``.
+    config : ColabelConfig, optional
+        Size limits (``max_annotation_bytes``, ``max_features``, ``max_image_bytes``).
+    """
+
+    def __init__(self, folder: str | Path, config: ColabelConfig | None = None) -> None:
+        self.config = config or ColabelConfig()
+        self.folder = Path(folder)
+        self.catalog = ImageCatalog(self.folder)
+        root = annotations_dir(self.folder)
+        self.store = AnnotationStore(root)
+        self.sessions = SessionStore(root)
+
+    # -- images -----------------------------------------------------------------------------------
+    def session_image_ids(self, session: SessionInfo) -> list[str]:
+        """The session's images in folder order (all images when the session names none)."""
+        ids = [r.image_id for r in self.catalog.records()]
+        if session.image_ids is None:
+            return ids
+        wanted = set(session.image_ids)
+        return [i for i in ids if i in wanted]
+
+    def _check_in_session(self, session: SessionInfo, image_id: object) -> str:
+        record = self.catalog.get(image_id)  # NotFoundError / InvalidInputError for unknown ids
+        if session.image_ids is not None and record.image_id not in session.image_ids:
+            raise NotFoundError(f"unknown image id {image_id!r} in this session")
+        return record.image_id
+
+    def image_info(self, image_id: str, session: SessionInfo | None = None) -> ImageInfo:
+        """An image's :class:`ImageInfo`, with status and counts for ``session`` when given."""
+        info = self.catalog.get(image_id).info()
+        if session is None or info.error:
+            return info
+        counts = self.store.annotators(session.session_id, info.image_id)
+        assigned = self.sessions.assignments(session.session_id).get(info.image_id, [])
+        info.annotations = counts
+        if len(counts) >= session.annotators_per_image:
+            info.status = "annotated"
+        elif counts or assigned:
+            info.status = "in_progress"
+        return info
+
+    def list_images(self, session: SessionInfo | None = None) -> list[ImageInfo]:
+        """Every image (of the session, when given), in folder order, unreadable ones included."""
+        ids = self.session_image_ids(session) if session else [r.image_id for r in self.catalog.records()]
+        return [self.image_info(i, session) for i in ids]
+
+    def get_image(self, image_id: str, *, region: object = None, level: object = 0,
+                  session: SessionInfo | None = None) -> np.ndarray:
+        """Pixels ``(height, width, channels)`` in the file's dtype: whole, a region, or a level."""
+        if session is not None:
+            self._check_in_session(session, image_id)
+        return self.catalog.read(
+            image_id, region=_region(region), level=_level(level), max_bytes=self.config.max_image_bytes
+        )
+
+    # -- annotations ------------------------------------------------------------------------------
+    def save_annotation(self, session: SessionInfo, image_id: str, annotator_id: str,
+                        feature_collection: object) -> AnnotationRecord:
+        """Validate, rasterise and commit a new version; nothing is written when any check fails."""
+        image_id = self._check_in_session(session, image_id)
+        annotator = self.sessions.annotator(session.session_id, annotator_id)
+        record = self.catalog.get(image_id)
+        if record.error or record.shape is None:
+            raise InvalidInputError(f"image {image_id!r} is unreadable and cannot be annotated: {record.error}")
+        size = len(feature_collection) if isinstance(feature_collection, str) else len(
+            json.dumps(feature_collection, default=str)
+        )
+        if size > self.config.max_annotation_bytes:
+            raise PayloadTooLargeError(
+                f"annotation of {size} bytes exceeds the limit of {self.config.max_annotation_bytes} bytes"
+            )
+        height, width = record.shape[:2]
+        fc = validate_feature_collection(
+            feature_collection, image_shape=(height, width), classes=session.classes,
+            max_features=self.config.max_features,
+        )
+        labels = rasterize(fc, shape=(height, width))
+        return self.store.save(
+            fc, labels, session_id=session.session_id, image_id=image_id, image_name=record.name,
+            annotator_id=annotator.annotator_id, display_name=annotator.display_name,
+        )
+
+    def get_annotations(self, session: SessionInfo, image_id: str, *, annotator_id: str | None = None,
+                        version: int | None = None) -> dict:
+        """Stored annotations of an image.
+
+        With ``annotator_id``: that annotator's FeatureCollection (latest, or ``version``). Without: the
+        latest FeatureCollection of every annotator, keyed by annotator id.
+        """
+        image_id = self._check_in_session(session, image_id)
+        if annotator_id is not None:
+            return self.store.load(session.session_id, image_id, annotator_id, version)
+        if version is not None:
+            raise InvalidInputError("a version needs an annotator id")
+        return {a: self.store.load(session.session_id, image_id, a) for a in
+                self.store.annotators(session.session_id, image_id)}
+
+    def list_versions(self, session: SessionInfo, image_id: str, annotator_id: str) -> list[int]:
+        """Version numbers of one annotator's annotation of one image, oldest first."""
+        image_id = self._check_in_session(session, image_id)
+        return self.store.versions(session.session_id, image_id, annotator_id)
+
+    # -- assignment and progress ------------------------------------------------------------------
+    def next_image(self, session: SessionInfo, annotator_id: str) -> Assignment:
+        """Assign the annotator their next image (see :meth:`SessionStore.assign_next`)."""
+        ids = self.session_image_ids(session)
+        readable = [i for i in ids if self.catalog.get(i).error is None]
+        image_id = self.sessions.assign_next(
+            session.session_id, annotator_id, image_ids=readable, saved=self.store.counts(session.session_id)
+        )
+        if image_id is None:
+            return Assignment(image=None, position=0, total=len(readable))
+        return Assignment(image=self.image_info(image_id, session), position=readable.index(image_id) + 1,
+                          total=len(readable))
+
+    def progress(self, session: SessionInfo) -> Progress:
+        """Images done (all their annotators saved), in progress, and work per annotator."""
+        ids = [i for i in self.session_image_ids(session) if self.catalog.get(i).error is None]
+        counts = self.store.counts(session.session_id)
+        annotators = self.sessions.annotators(session.session_id)
+        per: dict[str, dict] = {
+            a: {"display_name": ann.display_name, "images": 0, "versions": 0} for a, ann in annotators.items()
+        }
+        done = in_progress = 0
+        for image_id in ids:
+            by = counts.get(image_id, {})
+            if len(by) >= session.annotators_per_image:
+                done += 1
+            elif by:
+                in_progress += 1
+            for a, n in by.items():
+                entry = per.setdefault(a, {"display_name": a, "images": 0, "versions": 0})
+                entry["images"] += 1
+                entry["versions"] += n
+        return Progress(session_id=session.session_id, n_images=len(ids), images_done=done,
+                        images_in_progress=in_progress, per_annotator=per)
+
+    def create_session(self, *, name: str, classes: Sequence[dict], mode: str = "segmentation",
+                       annotators_per_image: int = 1, image_ids: Sequence[str] | None = None):
+        """Create a session over all images or the given ones; returns ``(SessionInfo, token secret)``."""
+        if image_ids is not None:
+            if not isinstance(image_ids, (list, tuple)) or not image_ids:
+                raise InvalidInputError("image_ids must be a non-empty list of image ids, or None for all")
+            for image_id in image_ids:
+                self.catalog.get(image_id)
+        if mode not in ("segmentation", "classification"):
+            raise InvalidInputError(f"mode must be 'segmentation' or 'classification', got {mode!r}")
+        if isinstance(annotators_per_image, bool) or not isinstance(annotators_per_image, int) or annotators_per_image < 1:
+            raise InvalidInputError(f"annotators_per_image must be a positive integer, got {annotators_per_image!r}")
+        if not isinstance(classes, (list, tuple)):
+            raise InvalidInputError("classes must be a list of {name, color}")
+        try:
+            return self.sessions.create(name=name, classes=classes, mode=mode,
+                                        annotators_per_image=annotators_per_image, image_ids=image_ids)
+        except ValidationError as exc:
+            raise InvalidInputError(f"invalid label class: {exc.errors()[0]['msg']}") from None

@@ -1,0 +1,285 @@
+"""Hypha services of a data provider: a thin adapter over :class:`DataProvider`.
+
+Three services are registered in the provider's workspace:
+
+``<name>-provider`` (protected)
+    provider functions; callable only with a token of the provider's workspace.
+``<name>-annotate`` (public)
+    annotator functions; every one takes a session share token first and can reach only that session.
+``<name>-web`` (public, HTTP)
+    the browser pages, at ``<server>/<workspace>/apps/<name>-web/``.
+
+Every function runs the provider's blocking work in a thread, returns plain JSON-able objects or numpy
+arrays, and turns errors into one clear sentence (no server traceback reaches a caller for a
+:class:`ColabelError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import mimetypes
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from colabel.errors import ColabelError, InvalidInputError
+
+from .models import AnnotatorSession, SessionInfo
+from .provider import DataProvider
+
+logger = logging.getLogger(__name__)
+
+WEB_DIST = Path(str(files("colabel"))) / "web_dist"
+
+
+class ServiceError(Exception):
+    """What a remote caller sees: the message of a :class:`ColabelError`, or 'internal error'."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _remote(fn):
+    """Run ``fn`` in a worker thread and map its errors to one-sentence :class:`ServiceError`."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return _plain(await asyncio.to_thread(fn, *args, **kwargs))
+        except ColabelError as exc:
+            raise ServiceError(f"{type(exc).__name__}: {exc}") from None
+        except ValidationError as exc:
+            raise ServiceError(f"InvalidInputError: {exc.errors()[0]['msg']}") from None
+        except TypeError as exc:  # wrong or missing arguments from the caller
+            raise ServiceError(f"InvalidInputError: {exc}") from None
+        except Exception:  # noqa: BLE001
+            logger.exception("internal error in %s", fn.__name__)
+            raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
+
+    return wrapper
+
+
+class ProviderServices:
+    """Registers a :class:`DataProvider` on a connected Hypha server.
+
+    Parameters
+    ----------
+    provider : DataProvider
+    server : hypha-rpc server connection (``await connect_to_server(...)``)
+    name : str
+        Prefix of the service ids.
+    public_url : str
+        Base URL of the Hypha server as annotators reach it; used in share URLs.
+    """
+
+    def __init__(self, provider: DataProvider, server, *, name: str, public_url: str) -> None:
+        self.provider = provider
+        self.server = server
+        self.name = name
+        self.public_url = public_url.rstrip("/")
+        self.workspace = server.config.workspace
+
+    # -- URLs -------------------------------------------------------------------------------------
+    @property
+    def web_base(self) -> str:
+        return f"{self.public_url}/{self.workspace}/apps/{self.name}-web"
+
+    def share_url(self, secret: str) -> str:
+        """The annotator page's URL; the token rides in the fragment, which browsers never send to servers."""
+        return f"{self.web_base}/annotate.html#token={secret}"
+
+    def manage_url(self, provider_token: str) -> str:
+        """The session manager page's URL, carrying a token of the provider's workspace."""
+        return f"{self.web_base}/index.html#token={provider_token}"
+
+    @property
+    def provider_service_id(self) -> str:
+        return f"{self.workspace}/{self.name}-provider"
+
+    @property
+    def annotator_service_id(self) -> str:
+        return f"{self.workspace}/{self.name}-annotate"
+
+    def _session_with_url(self, info: SessionInfo) -> dict:
+        out = info.model_dump(mode="json")
+        out["share_url"] = None
+        for token in info.tokens:
+            secret = self.provider.sessions.secret(info.session_id, token.token_id)
+            if secret:
+                out["share_url"] = self.share_url(secret)
+                break
+        return out
+
+    # -- provider functions -----------------------------------------------------------------------
+    def provider_functions(self) -> dict:
+        p = self.provider
+        sessions = p.sessions
+
+        def info():
+            """The mounted folder's name, image count and the ids of this provider's services."""
+            return {
+                "name": self.name,
+                "folder": p.folder.name,
+                "n_images": len(p.catalog),
+                "provider_service": self.provider_service_id,
+                "annotator_service": self.annotator_service_id,
+            }
+
+        def list_images(session_id=None):
+            """Every image with id, name, shape, dtype, channels, levels, status and counts per annotator."""
+            return p.list_images(sessions.get(session_id) if session_id is not None else None)
+
+        def image_info(image_id, session_id=None):
+            return p.image_info(image_id, sessions.get(session_id) if session_id is not None else None)
+
+        def get_image(image_id, region=None, level=0):
+            return p.get_image(image_id, region=region, level=level)
+
+        def create_session(name, classes, mode="segmentation", annotators_per_image=1, image_ids=None):
+            info, secret = p.create_session(name=name, classes=classes, mode=mode,
+                                            annotators_per_image=annotators_per_image, image_ids=image_ids)
+            return {"session": self._session_with_url(info), "token": secret, "share_url": self.share_url(secret)}
+
+        def list_sessions():
+            return [self._session_with_url(s) for s in sessions.list()]
+
+        def get_session(session_id):
+            return self._session_with_url(sessions.get(session_id))
+
+        def close_session(session_id):
+            return self._session_with_url(sessions.set_state(session_id, "closed"))
+
+        def reopen_session(session_id):
+            return self._session_with_url(sessions.set_state(session_id, "open"))
+
+        def issue_token(session_id, label=""):
+            token, secret = sessions.issue_token(session_id, label=label)
+            return {**token.model_dump(mode="json"), "token": secret, "share_url": self.share_url(secret)}
+
+        def revoke_token(session_id, token_id):
+            return sessions.revoke_token(session_id, token_id)
+
+        def list_annotators(session_id):
+            return sessions.annotators(session_id)
+
+        def get_annotations(session_id, image_id, annotator_id=None, version=None):
+            return p.get_annotations(sessions.get(session_id), image_id, annotator_id=annotator_id, version=version)
+
+        def list_versions(session_id, image_id, annotator_id):
+            return p.list_versions(sessions.get(session_id), image_id, annotator_id)
+
+        def progress(session_id):
+            return p.progress(sessions.get(session_id))
+
+        functions = [info, list_images, image_info, get_image, create_session, list_sessions, get_session,
+                     close_session, reopen_session, issue_token, revoke_token, list_annotators,
+                     get_annotations, list_versions, progress]
+        return {f.__name__: _remote(f) for f in functions}
+
+    # -- annotator functions ----------------------------------------------------------------------
+    def annotator_functions(self) -> dict:
+        p = self.provider
+        sessions = p.sessions
+
+        def _public(info: SessionInfo) -> AnnotatorSession:
+            return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode,
+                                    classes=info.classes, state=info.state,
+                                    n_images=len(p.session_image_ids(info)))
+
+        def join(token, display_name):
+            """Join the session under a display name; returns the annotator id to use in later calls."""
+            info = sessions.authorize(token)
+            annotator = sessions.join(info.session_id, display_name)
+            return {"annotator": annotator, "session": _public(info)}
+
+        def session_info(token):
+            return _public(sessions.authorize(token))
+
+        def list_images(token):
+            return p.list_images(sessions.authorize(token))
+
+        def image_info(token, image_id):
+            info = sessions.authorize(token)
+            p._check_in_session(info, image_id)
+            return p.image_info(image_id, info)
+
+        def get_image(token, image_id, region=None, level=0):
+            return p.get_image(image_id, region=region, level=level, session=sessions.authorize(token))
+
+        def next_image(token, annotator_id):
+            return p.next_image(sessions.authorize(token), annotator_id)
+
+        def save_annotation(token, annotator_id, image_id, annotation):
+            return p.save_annotation(sessions.authorize(token, write=True), image_id, annotator_id, annotation)
+
+        def get_annotations(token, annotator_id, image_id, version=None):
+            info = sessions.authorize(token)
+            sessions.annotator(info.session_id, annotator_id)
+            return p.get_annotations(info, image_id, annotator_id=annotator_id, version=version)
+
+        def list_versions(token, annotator_id, image_id):
+            info = sessions.authorize(token)
+            sessions.annotator(info.session_id, annotator_id)
+            return p.list_versions(info, image_id, annotator_id)
+
+        def progress(token):
+            return p.progress(sessions.authorize(token))
+
+        functions = [join, session_info, list_images, image_info, get_image, next_image, save_annotation,
+                     get_annotations, list_versions, progress]
+        return {f.__name__: _remote(f) for f in functions}
+
+    # -- web pages --------------------------------------------------------------------------------
+    def web_handler(self):
+        """An ASGI-like Hypha 'functions' handler serving the built pages of ``colabel/web_dist``."""
+        root = WEB_DIST.resolve()
+
+        async def serve(scope):
+            path = (scope.get("path") or "/").split("?", 1)[0].lstrip("/") or "index.html"
+            target = (root / path).resolve()
+            if not target.is_relative_to(root) or not target.is_file():
+                if not root.is_dir():
+                    body = "colabel's web pages are not built: run `npm --prefix web ci && npm --prefix web run build`"
+                else:
+                    body = f"not found: {path}"
+                return {"status": 404, "headers": {"Content-Type": "text/plain; charset=utf-8"}, "body": body}
+            content_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+            data = await asyncio.to_thread(target.read_bytes)
+            if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
+                return {"status": 200, "headers": {"Content-Type": content_type, "Cache-Control": "no-cache"},
+                        "body": data.decode("utf-8")}
+            return {"status": 200, "headers": {"Content-Type": content_type}, "body": data}
+
+        return serve
+
+    # -- registration -----------------------------------------------------------------------------
+    async def register(self) -> None:
+        """Register the three services; hypha-rpc re-registers them after a reconnection."""
+        await self.server.register_service({
+            "id": f"{self.name}-provider", "name": f"colabel provider {self.name}",
+            "description": "Provider functions of a colabel data provider.",
+            "config": {"visibility": "protected"}, **self.provider_functions(),
+        })
+        await self.server.register_service({
+            "id": f"{self.name}-annotate", "name": f"colabel annotator {self.name}",
+            "description": "Annotator functions of a colabel session; every call needs a share token.",
+            "config": {"visibility": "public"}, **self.annotator_functions(),
+        })
+        handler = self.web_handler()
+        await self.server.register_service({
+            "id": f"{self.name}-web", "type": "functions", "config": {"visibility": "public"},
+            "index": handler, "default": handler,
+        })

@@ -1,0 +1,292 @@
+"""Annotation sessions: manifests, share tokens, annotators and image assignment.
+
+A session is a manifest ``annotations/sessions/<session_id>/session.json`` (classes with colours, mode,
+annotators per image, created, state, token ids and hashes, annotators, assignments), rewritten atomically
+on every change. A share token is a random secret; the manifest stores only its SHA-256, so a copied
+manifest opens nothing. The secrets themselves are kept for the provider alone in
+``annotations/.colabel-secrets.json`` (mode 0600), so that ``colabel serve`` prints the same share URL
+after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, SessionClosedError
+
+from .models import Annotator, LabelClass, SessionInfo, TokenInfo
+from .storage import atomic_write_json, check_id, utc_now
+
+MAX_DISPLAY_NAME = 64
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def clean_display_name(value: object) -> str:
+    """A display name: a printable string of 1..64 characters, surrounding spaces removed."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"display name must be a string, got {type(value).__name__}")
+    name = value.strip()
+    if not name or len(name) > MAX_DISPLAY_NAME or not name.isprintable():
+        raise InvalidInputError(f"display name must be 1 to {MAX_DISPLAY_NAME} printable characters")
+    return name
+
+
+class _Session:
+    """In-memory state of one session, mirrored by its manifest."""
+
+    def __init__(self, info: SessionInfo, token_hashes: dict[str, str], annotators: dict[str, Annotator],
+                 assignments: dict[str, list[str]]) -> None:
+        self.info = info
+        self.token_hashes = token_hashes
+        self.annotators = annotators
+        self.assignments = assignments
+
+    def manifest(self) -> dict:
+        return {
+            "format": "colabel.session/1",
+            "session": self.info.model_dump(mode="json"),
+            "token_hashes": self.token_hashes,
+            "annotators": {k: a.model_dump(mode="json") for k, a in self.annotators.items()},
+            "assignments": self.assignments,
+        }
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> "_Session":
+        return cls(
+            SessionInfo.model_validate(data["session"]),
+            dict(data.get("token_hashes", {})),
+            {k: Annotator.model_validate(v) for k, v in data.get("annotators", {}).items()},
+            {k: list(v) for k, v in data.get("assignments", {}).items()},
+        )
+
+
+class SessionStore:
+    """All sessions of one mounted folder.
+
+    Parameters
+    ----------
+    root : Path
+        ``FOLDER/annotations``. Existing manifests are loaded at start; a manifest that cannot be parsed
+        is reported in ``load_errors`` and skipped, never overwritten.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.sessions_root = self.root / "sessions"
+        self.sessions_root.mkdir(parents=True, exist_ok=True)
+        self.secrets_path = self.root / ".colabel-secrets.json"
+        self._lock = threading.RLock()
+        self._sessions: dict[str, _Session] = {}
+        self._by_hash: dict[str, tuple[str, str]] = {}  # token hash -> (session id, token id)
+        self.load_errors: dict[str, str] = {}
+        self._secrets: dict[str, str] = {}
+        if self.secrets_path.exists():
+            self._secrets = json.loads(self.secrets_path.read_text())
+        for manifest in sorted(self.sessions_root.glob("*/session.json")):
+            try:
+                session = _Session.from_manifest(json.loads(manifest.read_text(encoding="utf-8")))
+            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                self.load_errors[manifest.parent.name] = f"unreadable session manifest: {exc}"
+                continue
+            self._sessions[session.info.session_id] = session
+            for token in session.info.tokens:
+                if token.revoked is None and token.token_id in session.token_hashes:
+                    self._by_hash[session.token_hashes[token.token_id]] = (session.info.session_id, token.token_id)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _write(self, session: _Session) -> None:
+        folder = self.sessions_root / session.info.session_id
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "session.json", session.manifest())
+
+    def _write_secrets(self) -> None:
+        atomic_write_json(self.secrets_path, self._secrets, mode=0o600)
+
+    def _get(self, session_id: object) -> _Session:
+        if not isinstance(session_id, str) or session_id not in self._sessions:
+            raise NotFoundError(f"unknown session id {session_id!r}")
+        return self._sessions[session_id]
+
+    # -- provider functions -----------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        name: str,
+        classes: Sequence[LabelClass | dict],
+        mode: str = "segmentation",
+        annotators_per_image: int = 1,
+        image_ids: Sequence[str] | None = None,
+    ) -> tuple[SessionInfo, str]:
+        """Create a session and its first share token; return the session and the token's secret."""
+        if not isinstance(name, str) or not name.strip() or len(name) > 100:
+            raise InvalidInputError("session name must be a non-empty string of at most 100 characters")
+        parsed = [c if isinstance(c, LabelClass) else LabelClass.model_validate(c) for c in classes]
+        if not parsed:
+            raise InvalidInputError("a session needs at least one label class")
+        if len({c.name for c in parsed}) != len(parsed):
+            raise InvalidInputError("label class names must be unique")
+        with self._lock:
+            session_id = f"s-{secrets.token_hex(6)}"
+            info = SessionInfo(
+                session_id=session_id,
+                name=name.strip(),
+                mode=mode,
+                classes=parsed,
+                annotators_per_image=annotators_per_image,
+                image_ids=list(image_ids) if image_ids is not None else None,
+                created=utc_now(),
+            )
+            session = _Session(info, {}, {}, {})
+            self._sessions[session_id] = session
+            _, secret = self._new_token(session, label="first share link")
+            return info.model_copy(deep=True), secret
+
+    def list(self) -> list[SessionInfo]:
+        """Every session, oldest first."""
+        with self._lock:
+            return sorted((s.info.model_copy(deep=True) for s in self._sessions.values()), key=lambda s: s.created)
+
+    def get(self, session_id: str) -> SessionInfo:
+        """One session; :class:`NotFoundError` for an unknown id."""
+        with self._lock:
+            return self._get(session_id).info.model_copy(deep=True)
+
+    def set_state(self, session_id: str, state: str) -> SessionInfo:
+        """Close (``"closed"``: no more saves, tokens refused) or reopen (``"open"``) a session."""
+        if state not in ("open", "closed"):
+            raise InvalidInputError(f"session state must be 'open' or 'closed', got {state!r}")
+        with self._lock:
+            session = self._get(session_id)
+            session.info.state = state
+            self._write(session)
+            return session.info.model_copy(deep=True)
+
+    def _new_token(self, session: _Session, *, label: str) -> tuple[TokenInfo, str]:
+        secret = secrets.token_urlsafe(32)
+        token = TokenInfo(token_id=f"t-{secrets.token_hex(4)}", label=label, created=utc_now())
+        session.info.tokens.append(token)
+        session.token_hashes[token.token_id] = _hash(secret)
+        self._secrets[token.token_id] = secret
+        self._write_secrets()
+        self._write(session)
+        self._by_hash[_hash(secret)] = (session.info.session_id, token.token_id)
+        return token, secret
+
+    def issue_token(self, session_id: str, *, label: str = "") -> tuple[TokenInfo, str]:
+        """A new share token for a session; returns its info and its secret."""
+        if not isinstance(label, str) or len(label) > 100:
+            raise InvalidInputError("token label must be a string of at most 100 characters")
+        with self._lock:
+            return self._new_token(self._get(session_id), label=label)
+
+    def revoke_token(self, session_id: str, token_id: str) -> TokenInfo:
+        """Revoke a share token: every later call with it is refused."""
+        with self._lock:
+            session = self._get(session_id)
+            for token in session.info.tokens:
+                if token.token_id == token_id:
+                    if token.revoked is None:
+                        token.revoked = utc_now()
+                        self._by_hash.pop(session.token_hashes.get(token_id, ""), None)
+                        self._secrets.pop(token_id, None)
+                        self._write(session)
+                        self._write_secrets()
+                    return token.model_copy()
+            raise NotFoundError(f"session {session_id!r} has no token {token_id!r}")
+
+    def secret(self, session_id: str, token_id: str) -> str | None:
+        """The secret of a live token (for reprinting a share URL), None when revoked or unknown."""
+        with self._lock:
+            session = self._get(session_id)
+            if any(t.token_id == token_id and t.revoked is None for t in session.info.tokens):
+                return self._secrets.get(token_id)
+            return None
+
+    # -- annotator functions ----------------------------------------------------------------------
+    def authorize(self, token: object, *, write: bool = False) -> SessionInfo:
+        """The session a share token opens.
+
+        Raises :class:`AccessDeniedError` for anything but a live token of an existing session, and
+        :class:`SessionClosedError` when the session is closed.
+        """
+        if not isinstance(token, str) or not token or len(token) > 256:
+            raise AccessDeniedError("a session token is required")
+        with self._lock:
+            found = self._by_hash.get(_hash(token))
+            if found is None:
+                raise AccessDeniedError("invalid or revoked session token")
+            session = self._sessions[found[0]]
+            if session.info.state != "open":
+                raise SessionClosedError(f"session {session.info.name!r} is closed")
+            return session.info.model_copy(deep=True)
+
+    def join(self, session_id: str, display_name: object) -> Annotator:
+        """Register an annotator under a display name; the id is made here, never chosen by the caller."""
+        name = clean_display_name(display_name)
+        with self._lock:
+            session = self._get(session_id)
+            annotator = Annotator(annotator_id=f"a-{secrets.token_hex(5)}", display_name=name, joined=utc_now())
+            session.annotators[annotator.annotator_id] = annotator
+            self._write(session)
+            return annotator
+
+    def annotator(self, session_id: str, annotator_id: object) -> Annotator:
+        """A joined annotator of a session; :class:`NotFoundError` otherwise."""
+        with self._lock:
+            session = self._get(session_id)
+            if not isinstance(annotator_id, str) or annotator_id not in session.annotators:
+                raise NotFoundError(f"unknown annotator id {annotator_id!r} in this session")
+            return session.annotators[annotator_id].model_copy()
+
+    def annotators(self, session_id: str) -> dict[str, Annotator]:
+        with self._lock:
+            return {k: v.model_copy() for k, v in self._get(session_id).annotators.items()}
+
+    def assignments(self, session_id: str) -> dict[str, list[str]]:
+        with self._lock:
+            return {k: list(v) for k, v in self._get(session_id).assignments.items()}
+
+    def assign_next(self, session_id: str, annotator_id: str, *, image_ids: Sequence[str],
+                    saved: dict[str, dict[str, int]]) -> str | None:
+        """Pick the image an annotator should annotate next, record the assignment and return its id.
+
+        ``image_ids`` are the session's readable images in folder order; ``saved`` maps image id to
+        {annotator id: versions}. The rules:
+
+        1. an image already assigned to this annotator and not yet saved by them comes first;
+        2. otherwise an image this annotator has not had, with fewer than ``annotators_per_image``
+           annotators, the least-covered first (unannotated images before partly annotated), then in
+           folder order;
+        3. None when no such image is left.
+        """
+        check_id(annotator_id, "annotator id")
+        with self._lock:
+            session = self._get(session_id)
+            if annotator_id not in session.annotators:
+                raise NotFoundError(f"unknown annotator id {annotator_id!r} in this session")
+            k = session.info.annotators_per_image
+            for image_id in image_ids:
+                holders = session.assignments.get(image_id, [])
+                if annotator_id in holders and not saved.get(image_id, {}).get(annotator_id):
+                    return image_id
+            best: tuple[int, int, str] | None = None
+            for order, image_id in enumerate(image_ids):
+                holders = set(session.assignments.get(image_id, [])) | set(saved.get(image_id, {}))
+                if annotator_id in holders or len(holders) >= k:
+                    continue
+                key = (len(holders), order, image_id)
+                if best is None or key < best:
+                    best = key
+            if best is None:
+                return None
+            session.assignments.setdefault(best[2], []).append(annotator_id)
+            self._write(session)
+            return best[2]

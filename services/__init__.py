@@ -1,0 +1,1 @@
+"""Model services: pure model code, Ray Serve deployments and their Hypha gateway."""

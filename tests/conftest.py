@@ -1,0 +1,109 @@
+"""Shared fixtures: a real Hypha server subprocess, a mounted folder of real images, a registered provider,
+and real hypha-rpc clients on their own connections."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def hypha_server():
+    """A real Hypha server subprocess on a free loopback port, stopped after the test session."""
+    from colabel.apps.hypha_server import EmbeddedHypha, free_port
+
+    server = EmbeddedHypha("127.0.0.1", free_port(), ready_timeout=90).start()
+    yield server
+    server.stop()
+
+
+def make_image_folder(folder: Path) -> Path:
+    """A mounted folder: real RGB IHC, 16-bit fluorescence, H&E JPEG, and a corrupt file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "ihc_ki67.png", folder / "ihc_ki67.png")
+    shutil.copy(DATA / "dsb2018_nuclei.tif", folder / "dsb2018_nuclei.tif")
+    (folder / "sub").mkdir(exist_ok=True)
+    shutil.copy(DATA / "he_histo.jpg", folder / "sub" / "he_histo.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@dataclass
+class Stack:
+    """A provider registered on the real Hypha server, plus what clients need to reach it."""
+
+    provider: object
+    services: object
+    server: object
+    server_url: str
+    provider_token: str
+    folder: Path
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(hypha_server, image_folder):
+    """A DataProvider on ``image_folder`` registered under a unique name on the real Hypha server."""
+    import secrets
+
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+
+    name = f"t{secrets.token_hex(4)}"
+    provider = DataProvider(image_folder)
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url)
+    await services.register()
+    token = await server.generate_token({"expires_in": 3600})
+    yield Stack(provider, services, server, hypha_server.url, token, image_folder)
+    await server.disconnect()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def connect(hypha_server):
+    """Factory of real hypha-rpc client connections (anonymous unless a token is given); all closed after."""
+    from hypha_rpc import connect_to_server
+
+    clients = []
+
+    async def _connect(token: str | None = None, workspace: str | None = None):
+        config = {"server_url": hypha_server.url}
+        if token:
+            config["token"] = token
+        if workspace:
+            config["workspace"] = workspace
+        client = await connect_to_server(config)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        try:
+            await client.disconnect()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def square(x: float, y: float, size: float, cls: str | None = "nucleus") -> dict:
+    """A GeoJSON square feature with its top-left corner at (x, y) pixels."""
+    ring = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {}}
+    if cls:
+        feature["properties"]["classification"] = {"name": cls}
+    return feature
+
+
+def collection(*features: dict) -> dict:
+    return {"type": "FeatureCollection", "features": list(features)}

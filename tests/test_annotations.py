@@ -1,0 +1,544 @@
+"""apps/provider/annotations.py: validation, normalisation and rasterisation of QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from colabel.apps.provider import annotations
+from colabel.apps.provider.annotations import label_properties, rasterize, validate_feature_collection
+from colabel.apps.provider.models import LabelClass
+from colabel.coords import rc_to_xy
+from colabel.errors import InvalidInputError
+
+pytestmark = pytest.mark.unit
+
+SHAPE = (20, 30)  # (height, width)
+NUCLEI_MASK = Path(__file__).parent / "data" / "dsb2018_nuclei_mask.tif"
+
+
+def square(x0, y0, x1, y1, *, closed=True):
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    return ring + [[x0, y0]] if closed else ring
+
+
+def feature(geometry, **extra):
+    return {"type": "Feature", "geometry": geometry, **extra}
+
+
+def polygon(*rings):
+    return {"type": "Polygon", "coordinates": list(rings)}
+
+
+def fc_of(*features):
+    return {"type": "FeatureCollection", "features": list(features)}
+
+
+def validate(*features, classes=None, shape=SHAPE, **kwargs):
+    return validate_feature_collection(fc_of(*features), image_shape=shape, classes=classes, **kwargs)
+
+
+def refused(*features, match, classes=None, shape=SHAPE):
+    with pytest.raises(InvalidInputError, match=match):
+        validate(*features, classes=classes, shape=shape)
+
+
+GOOD = feature(polygon(square(1, 1, 5, 5)))
+CLASSES = [LabelClass(name="nucleus", color="#FF0000"), LabelClass(name="stroma", color="#00ff80")]
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals of the collection
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("obj", [[], 3, None, ["FeatureCollection"]])
+def test_non_dict_collection_is_refused(obj):
+    with pytest.raises(InvalidInputError, match="must be a GeoJSON FeatureCollection object"):
+        validate_feature_collection(obj, image_shape=SHAPE)
+
+
+def test_json_text_that_does_not_parse_is_refused():
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        validate_feature_collection('{"type": "FeatureCollection", "features": [', image_shape=SHAPE)
+
+
+def test_json_text_and_bytes_are_parsed():
+    text = json.dumps(fc_of(GOOD))
+    for obj in (text, text.encode()):
+        out = validate_feature_collection(obj, image_shape=SHAPE)
+        assert out["features"][0]["geometry"]["type"] == "Polygon"
+
+
+def test_wrong_collection_type_is_refused():
+    with pytest.raises(InvalidInputError, match="type must be 'FeatureCollection', got 'Feature'"):
+        validate_feature_collection(GOOD, image_shape=SHAPE)
+
+
+def test_features_that_are_not_a_list_is_refused():
+    with pytest.raises(InvalidInputError, match="'features' must be a list, got dict"):
+        validate_feature_collection({"type": "FeatureCollection", "features": {}}, image_shape=SHAPE)
+
+
+def test_more_features_than_the_limit_are_refused():
+    with pytest.raises(InvalidInputError, match="3 features is more than the limit of 2"):
+        validate(GOOD, GOOD, GOOD, max_features=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals of one feature, always naming its index
+# ------------------------------------------------------------------------------------------------
+
+
+def test_non_dict_feature_is_refused_with_feature_index():
+    refused(GOOD, "polygon", match=r"^feature 1: must be a GeoJSON Feature object")
+
+
+def test_wrong_feature_type_is_refused_with_feature_index():
+    refused(GOOD, GOOD, {"type": "Polygon", "geometry": GOOD["geometry"]}, match=r"^feature 2: type must be 'Feature'")
+
+
+@pytest.mark.parametrize("bad", [{"type": "Feature"}, {"type": "Feature", "geometry": None}])
+def test_feature_without_geometry_is_refused_with_feature_index(bad):
+    refused(bad, match=r"^feature 0: has no geometry")
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
+        {"type": "MultiPoint", "coordinates": [[0, 0]]},
+        {"type": "GeometryCollection", "geometries": []},
+        {"type": "polygon", "coordinates": [square(1, 1, 2, 2)]},
+    ],
+)
+def test_unsupported_geometry_type_is_refused(geometry):
+    refused(feature(geometry), match=r"^feature 0: geometry type .* is not supported \(allowed: Polygon, MultiPolygon, Point\)")
+
+
+def test_geometry_without_coordinates_is_refused():
+    refused(feature({"type": "Polygon"}), match="^feature 0: geometry has no coordinates")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_coordinates_are_refused(bad):
+    ring = square(1, 1, 5, 5)
+    ring[2] = [bad, 5]
+    refused(feature(polygon(ring)), match="^feature 0: coordinates must be finite numbers")
+
+
+@pytest.mark.parametrize("bad", ["3", True, None, [1]])
+def test_non_numeric_coordinates_are_refused(bad):
+    ring = square(1, 1, 5, 5)
+    ring[1] = [bad, 1]
+    refused(feature(polygon(ring)), match=r"^feature 0: coordinates must be numbers")
+
+
+def test_point_with_boolean_coordinates_is_refused():
+    refused(feature({"type": "Point", "coordinates": [True, 1]}), match="^feature 0: coordinates must be numbers")
+
+
+@pytest.mark.parametrize(
+    "coordinates",
+    [
+        square(1, 1, 5, 5),  # a ring where a list of rings is expected
+        [[square(1, 1, 5, 5)]],  # one level too deep
+        [[[1, 1, 0], [2, 1, 0], [2, 2, 0]]],  # 3-D positions
+        [[1, 2, 3]],
+    ],
+)
+def test_wrongly_nested_polygon_coordinates_are_refused(coordinates):
+    refused(feature(polygon(*coordinates)), match="^feature 0: .*(wrong nesting|must be a list)")
+
+
+def test_polygon_coordinates_that_are_not_a_list_are_refused():
+    refused(
+        feature({"type": "Polygon", "coordinates": "0 0 1 1"}),
+        match="^feature 0: polygon coordinates must be a non-empty list of rings",
+    )
+
+
+def test_polygon_without_rings_is_refused():
+    refused(feature(polygon()), match="^feature 0: polygon coordinates must be a non-empty list of rings")
+
+
+def test_ring_with_fewer_than_three_distinct_vertices_is_refused():
+    refused(
+        GOOD, feature(polygon([[1, 1], [2, 2], [1, 1], [2, 2]])),
+        match="^feature 1: polygon shell has 2 distinct vertices, at least 3 are needed",
+    )
+
+
+def test_zero_area_polygon_is_refused_as_empty():
+    refused(feature(polygon([[1, 1], [2, 2], [3, 3], [1, 1]])), match=r"^feature 0: polygon shell is empty \(zero area\)")
+
+
+def test_zero_area_hole_is_refused_as_empty():
+    refused(
+        feature(polygon(square(0, 0, 10, 10), [[1, 1], [2, 2], [3, 3]])),
+        match=r"^feature 0: polygon hole 1 is empty \(zero area\)",
+    )
+
+
+def test_self_intersecting_polygon_is_refused_with_feature_index():
+    bowtie = [[0, 0], [4, 4], [4, 0], [0, 4], [0, 0]]
+    refused(GOOD, GOOD, GOOD, feature(polygon(bowtie)), match=r"^feature 3: polygon is self-intersecting \(.*Self-intersection")
+
+
+def test_hole_outside_shell_is_refused():
+    refused(
+        feature(polygon(square(0, 0, 4, 4), square(10, 10, 12, 12))),
+        match=r"^feature 0: polygon has a hole outside its shell \(Hole lies outside shell",
+    )
+
+
+def test_overlapping_multipolygon_parts_are_refused():
+    geometry = {"type": "MultiPolygon", "coordinates": [[square(0, 0, 4, 4)], [square(2, 2, 6, 6)]]}
+    refused(feature(geometry), match=r"^feature 0: MultiPolygon parts overlap or cross \(")
+
+
+def test_invalid_multipolygon_part_is_refused_with_part_index():
+    bowtie = [[0, 0], [4, 4], [4, 0], [0, 4]]
+    geometry = {"type": "MultiPolygon", "coordinates": [[square(10, 10, 12, 12)], [bowtie]]}
+    refused(feature(geometry), match="^feature 0: MultiPolygon part 1 is self-intersecting")
+
+
+def test_empty_multipolygon_is_refused():
+    refused(
+        feature({"type": "MultiPolygon", "coordinates": []}),
+        match="^feature 0: MultiPolygon coordinates must be a non-empty list of polygons",
+    )
+
+
+@pytest.mark.parametrize("vertex", [[-0.5, 3], [3, -1], [30.01, 3], [3, 20.5]])
+def test_vertex_outside_the_image_is_refused(vertex):
+    ring = square(1, 1, 5, 5, closed=False)
+    ring[1] = vertex
+    refused(GOOD, feature(polygon(ring)), match=r"^feature 1: vertex .* lies outside the image \(x must be in \[0, 30\], y in \[0, 20\]\)")
+
+
+def test_point_outside_the_image_is_refused():
+    refused(feature({"type": "Point", "coordinates": [31, 2]}), match="^feature 0: vertex .* lies outside the image")
+
+
+def test_vertices_on_the_image_edge_and_within_tolerance_are_accepted():
+    out = validate(feature(polygon(square(0, 0, 30, 20))), feature(polygon(square(-1e-7, 0, 30 + 1e-7, 20))))
+    assert len(out["features"]) == 2
+
+
+@pytest.mark.parametrize("bad", [3, [], {"color": [1, 2, 3]}, {"name": ""}, {"name": 5}])
+def test_malformed_classification_is_refused(bad):
+    refused(feature(GOOD["geometry"], properties={"classification": bad}), match="^feature 0: classification")
+
+
+def test_class_outside_the_session_classes_is_refused_listing_allowed_names():
+    refused(
+        feature(GOOD["geometry"], properties={"classification": {"name": "tumour"}}),
+        classes=CLASSES,
+        match=r"^feature 0: class 'tumour' is not a class of this session \(allowed: 'nucleus', 'stroma'\)",
+    )
+
+
+def test_properties_that_are_not_an_object_are_refused():
+    refused(feature(GOOD["geometry"], properties=["a"]), match="^feature 0: properties must be an object")
+
+
+@pytest.mark.parametrize("value", [object(), {1, 2}, math.nan])
+def test_properties_that_are_not_json_serialisable_are_refused(value):
+    refused(feature(GOOD["geometry"], properties={"note": value}), match="^feature 0: properties must be JSON-serialisable")
+
+
+def test_unknown_object_type_is_refused():
+    refused(
+        feature(GOOD["geometry"], properties={"objectType": "roi"}),
+        match="^feature 0: objectType 'roi' is not one of annotation, detection, cell, tile",
+    )
+
+
+def test_invalid_qupath_nucleus_geometry_is_refused():
+    cell = feature(polygon(square(0, 0, 10, 10)), nucleusGeometry={"type": "Point", "coordinates": [1, 1]})
+    refused(cell, match="^feature 0: nucleusGeometry type 'Point' is not supported")
+
+
+# ------------------------------------------------------------------------------------------------
+# normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_open_rings_are_closed_and_coordinates_become_floats():
+    out = validate(feature(polygon(square(1, 1, 5, 5, closed=False), square(2, 2, 3, 3, closed=False))))
+    rings = out["features"][0]["geometry"]["coordinates"]
+    assert [len(r) for r in rings] == [5, 5]
+    assert all(r[0] == r[-1] for r in rings)
+    assert all(type(v) is float for r in rings for p in r for v in p)
+
+
+def test_closed_rings_are_not_closed_twice():
+    out = validate(GOOD)
+    assert out["features"][0]["geometry"]["coordinates"][0] == [[float(v) for v in p] for p in square(1, 1, 5, 5)]
+
+
+def test_object_type_defaults_to_annotation_and_given_types_are_kept():
+    out = validate(GOOD, feature(GOOD["geometry"], properties={"objectType": "cell"}))
+    assert [f["properties"]["objectType"] for f in out["features"]] == ["annotation", "cell"]
+
+
+def test_classification_takes_the_colour_of_the_session_class():
+    given = {"name": "stroma", "color": [1, 2, 3], "extra": "dropped"}
+    out = validate(feature(GOOD["geometry"], properties={"classification": given}), classes=CLASSES)
+    assert out["features"][0]["properties"]["classification"] == {"name": "stroma", "color": [0, 255, 128]}
+
+
+def test_qupath_string_classification_is_normalised_to_an_object():
+    out = validate(feature(GOOD["geometry"], properties={"classification": "nucleus"}), classes=CLASSES)
+    assert out["features"][0]["properties"]["classification"] == {"name": "nucleus", "color": [255, 0, 0]}
+
+
+def test_without_classes_a_valid_colour_is_kept_and_an_invalid_one_dropped():
+    out = validate(
+        feature(GOOD["geometry"], properties={"classification": {"name": "a", "color": [10, 20, 30]}}),
+        feature(GOOD["geometry"], properties={"classification": {"name": "b", "color": [10, 20, 300]}}),
+        feature(GOOD["geometry"], properties={"classification": {"name": "c", "color": "#ff0000"}}),
+    )
+    got = [f["properties"]["classification"] for f in out["features"]]
+    assert got == [{"name": "a", "color": [10, 20, 30]}, {"name": "b"}, {"name": "c"}]
+
+
+def test_unclassified_features_have_no_classification():
+    out = validate(GOOD, feature(GOOD["geometry"], properties={"classification": None}), classes=CLASSES)
+    assert all("classification" not in f["properties"] for f in out["features"])
+
+
+def test_string_and_int_ids_are_kept_and_others_replaced_by_uuid4():
+    out = validate(
+        feature(GOOD["geometry"], id="abc"), feature(GOOD["geometry"], id=7),
+        feature(GOOD["geometry"], id=True), feature(GOOD["geometry"], id=[1]), GOOD,
+    )
+    ids = [f["id"] for f in out["features"]]
+    assert ids[:2] == ["abc", 7]
+    for new in ids[2:]:
+        assert uuid.UUID(new).version == 4
+    assert len(set(ids[2:])) == 3
+
+
+def test_other_properties_are_kept():
+    props = {"name": "n1", "measurements": {"area": 12.5}, "isLocked": False, "tags": [1, "x"]}
+    out = validate(feature(GOOD["geometry"], properties=props))
+    assert out["features"][0]["properties"] == {**props, "objectType": "annotation"}
+
+
+def test_points_multipolygons_and_nucleus_geometries_are_accepted():
+    multi = {"type": "MultiPolygon", "coordinates": [[square(0, 0, 2, 2, closed=False)], [square(4, 4, 6, 6)]]}
+    cell = feature(polygon(square(0, 0, 10, 10)), nucleusGeometry=polygon(square(2, 2, 4, 4, closed=False)))
+    out = validate(feature({"type": "Point", "coordinates": [3, 4]}), feature(multi), cell)
+    point, multipolygon, cell_out = out["features"]
+    assert point["geometry"] == {"type": "Point", "coordinates": [3.0, 4.0]}
+    assert [len(p[0]) for p in multipolygon["geometry"]["coordinates"]] == [5, 5]
+    assert cell_out["nucleusGeometry"]["coordinates"][0][-1] == [2.0, 2.0]
+
+
+def test_unknown_top_level_keys_are_dropped():
+    out = validate_feature_collection({**fc_of({**GOOD, "foo": 1}), "crs": "x"}, image_shape=SHAPE)
+    assert set(out) == {"type", "features"}
+    assert set(out["features"][0]) == {"type", "id", "geometry", "properties"}
+
+
+def test_output_shares_no_mutable_object_with_input_and_input_is_unchanged():
+    props = {"classification": {"name": "a", "color": [1, 2, 3]}, "nested": {"list": [1, 2]}}
+    obj = fc_of(feature(polygon(square(1, 1, 5, 5)), properties=props, id="f"))
+    before = copy.deepcopy(obj)
+    out = validate_feature_collection(obj, image_shape=SHAPE)
+    assert obj == before
+
+    def containers(value, acc):
+        if isinstance(value, (dict, list)):
+            acc.add(id(value))
+            for child in value.values() if isinstance(value, dict) else value:
+                containers(child, acc)
+        return acc
+
+    assert containers(out, set()).isdisjoint(containers(obj, set()))
+
+
+def test_output_is_json_serialisable():
+    json.dumps(validate(GOOD, feature({"type": "Point", "coordinates": [1, 1]})), allow_nan=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# rasterize
+# ------------------------------------------------------------------------------------------------
+
+
+def test_square_0_2_labels_exactly_pixels_0_and_1_by_pixel_centre():
+    labels = rasterize(fc_of(feature(polygon(square(0, 0, 2, 2)))), shape=(4, 4))
+    expected = np.zeros((4, 4), dtype=np.uint16)
+    expected[0:2, 0:2] = 1
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_x_is_column_and_y_is_row():
+    # x in [1, 4] (columns 1..3), y in [0, 1] (row 0)
+    labels = rasterize(fc_of(feature(polygon(square(1, 0, 4, 1)))), shape=(3, 5))
+    assert np.argwhere(labels == 1).tolist() == [[0, 1], [0, 2], [0, 3]]
+
+
+def test_pixel_whose_centre_is_outside_a_triangle_is_not_labelled():
+    # triangle (0,0)-(2,0)-(0,2): centre (1.5, 1.5) of pixel (1, 1) lies outside it (x + y = 3 > 2)
+    labels = rasterize(fc_of(feature(polygon([[0, 0], [2, 0], [0, 2]]))), shape=(3, 3))
+    assert np.argwhere(labels == 1).tolist() == [[0, 0], [0, 1], [1, 0]]
+
+
+def test_rasterize_returns_uint16_of_the_requested_shape():
+    labels = rasterize(fc_of(GOOD), shape=(7, 9))
+    assert labels.shape == (7, 9) and labels.dtype == np.uint16
+
+
+def test_empty_collection_rasterizes_to_background():
+    labels = rasterize(fc_of(), shape=(3, 4))
+    assert labels.dtype == np.uint16 and not labels.any()
+
+
+def test_later_features_overwrite_earlier_ones_where_they_overlap():
+    fc = fc_of(feature(polygon(square(0, 0, 4, 4))), feature(polygon(square(2, 2, 6, 6))))
+    labels = rasterize(fc, shape=(6, 6))
+    assert labels[1, 1] == 1 and labels[3, 3] == 2 and labels[5, 5] == 2
+    assert (labels == 1).sum() == 16 - 4
+
+
+def test_points_are_not_drawn_and_take_no_label():
+    fc = fc_of(feature({"type": "Point", "coordinates": [1, 1]}), feature(polygon(square(0, 0, 2, 2))))
+    labels = rasterize(fc, shape=(3, 3))
+    assert set(np.unique(labels)) == {0, 1}
+    assert labels[0, 0] == 1
+
+
+def test_holes_are_left_unlabelled_and_earlier_features_show_through():
+    fc = fc_of(
+        feature(polygon(square(3, 3, 5, 5))),
+        feature(polygon(square(0, 0, 8, 8), square(2, 2, 6, 6))),
+    )
+    labels = rasterize(fc, shape=(8, 8))
+    assert (labels[2:6, 2:6] != 2).all()
+    assert (labels[3:5, 3:5] == 1).all()
+    assert labels[2, 2] == 0
+    assert (labels == 2).sum() == 64 - 16
+
+
+def test_multipolygon_parts_share_one_label():
+    multi = {"type": "MultiPolygon", "coordinates": [[square(0, 0, 2, 2)], [square(4, 4, 6, 6)]]}
+    fc = fc_of(feature(polygon(square(2, 0, 3, 1))), feature(multi))
+    labels = rasterize(fc, shape=(6, 6))
+    assert (labels[0:2, 0:2] == 2).all() and (labels[4:6, 4:6] == 2).all()
+    assert labels[0, 2] == 1
+    assert (labels == 2).sum() == 8
+
+
+def test_polygons_beyond_the_output_are_clipped():
+    labels = rasterize(fc_of(feature(polygon(square(2, 2, 10, 10)))), shape=(4, 4))
+    assert (labels[2:, 2:] == 1).all() and (labels == 1).sum() == 4
+
+
+def test_more_polygons_than_uint16_holds_switch_to_uint32(monkeypatch):
+    monkeypatch.setattr(annotations, "MAX_UINT16_LABEL", 2)
+    fc = fc_of(*(feature(polygon(square(i, 0, i + 1, 1))) for i in range(3)))
+    labels = rasterize(fc, shape=(1, 3))
+    assert labels.dtype == np.uint32
+    assert labels.tolist() == [[1, 2, 3]]
+    monkeypatch.setattr(annotations, "MAX_UINT16_LABEL", 3)
+    assert rasterize(fc, shape=(1, 3)).dtype == np.uint16
+
+
+def test_65535_polygons_stay_uint16():
+    assert annotations.MAX_UINT16_LABEL == np.iinfo(np.uint16).max
+
+
+def test_rasterize_does_not_mutate_the_collection():
+    fc = fc_of(feature(polygon(square(0, 0, 2, 2))))
+    before = copy.deepcopy(fc)
+    rasterize(fc, shape=(3, 3))
+    assert fc == before
+
+
+def test_rasterize_refuses_unsupported_geometry():
+    fc = fc_of(feature({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}))
+    with pytest.raises(InvalidInputError, match="feature 0: geometry type 'LineString' cannot be rasterised"):
+        rasterize(fc, shape=(3, 3))
+
+
+def _mask_to_feature_collection(labels):
+    """One polygon per object from its largest find_contours contour (pixel-centre rc -> xy)."""
+    from skimage.measure import find_contours, regionprops
+
+    features = []
+    ids = []
+    for region in regionprops(labels):
+        r0, c0, r1, c1 = region.bbox
+        crop = np.pad(region.image, 1).astype(np.float64)  # pad so contours of edge objects close
+        contour = max(find_contours(crop, 0.5), key=len)
+        xy = rc_to_xy(contour + np.array([r0 - 1, c0 - 1])) + 0.5  # contour is in pixel-centre units
+        features.append(feature(polygon(xy.tolist())))
+        ids.append(region.label)
+    return fc_of(*features), ids
+
+
+def _assert_round_trip(labels, *, min_iou):
+    fc, ids = _mask_to_feature_collection(labels)
+    out = rasterize(validate_feature_collection(fc, image_shape=labels.shape), shape=labels.shape)
+    for new_label, old_label in enumerate(ids, start=1):
+        a, b = labels == old_label, out == new_label
+        iou = (a & b).sum() / (a | b).sum()
+        assert iou > min_iou, f"object {old_label}: IoU {iou:.3f}"
+
+
+def test_contours_of_synthetic_objects_rasterize_back_exactly():
+    from skimage.draw import disk, ellipse
+
+    labels = np.zeros((40, 50), dtype=np.uint16)
+    labels[disk((10, 10), 6, shape=labels.shape)] = 1
+    labels[ellipse(25, 35, 8, 12, shape=labels.shape, rotation=0.5)] = 2
+    labels[0:5, 45:50] = 3  # touches two image edges
+    labels[35:37, 2:4] = 4  # 2 x 2 object
+    _assert_round_trip(labels, min_iou=0.99)
+
+
+@pytest.mark.skipif(not NUCLEI_MASK.exists(), reason=f"{NUCLEI_MASK.name} is not in tests/data yet")
+def test_contours_of_real_nuclei_mask_rasterize_back_with_iou_above_0_9():
+    import tifffile
+    from skimage.measure import label
+
+    mask = np.asarray(tifffile.imread(NUCLEI_MASK))
+    mask = np.squeeze(mask)
+    assert mask.ndim == 2
+    labels = label(mask > 0) if mask.max() == 1 else mask.astype(np.int64)
+    assert labels.max() > 0
+    _assert_round_trip(labels, min_iou=0.9)
+
+
+# ------------------------------------------------------------------------------------------------
+# label_properties
+# ------------------------------------------------------------------------------------------------
+
+
+def test_label_properties_match_rasterize_labels_and_skip_points():
+    multi = {"type": "MultiPolygon", "coordinates": [[square(0, 0, 2, 2)], [square(4, 4, 6, 6)]]}
+    fc = validate(
+        feature({"type": "Point", "coordinates": [1, 1]}, properties={"classification": "nucleus"}),
+        feature(polygon(square(0, 0, 8, 8), square(2, 2, 6, 6)), id="ring", properties={"classification": "stroma"}),
+        feature(multi, id=9),
+        classes=CLASSES,
+    )
+    props = label_properties(fc)
+    assert props == [
+        {"label": 1, "feature_id": "ring", "class_name": "stroma", "area": 48.0,
+         "centroid": [4.0, 4.0], "bbox": [0.0, 0.0, 8.0, 8.0]},
+        {"label": 2, "feature_id": 9, "class_name": None, "area": 8.0,
+         "centroid": [3.0, 3.0], "bbox": [0.0, 0.0, 6.0, 6.0]},
+    ]
+    labels = rasterize(fc, shape=(8, 8))
+    assert set(np.unique(labels)) == {0} | {p["label"] for p in props}

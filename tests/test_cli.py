@@ -1,0 +1,120 @@
+"""The command line: help, clear refusals, and `colabel serve` end to end with its own Hypha server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from colabel.apps.hypha_server import free_port, port_is_free
+
+pytestmark = pytest.mark.e2e
+
+COLABEL = [sys.executable, "-m", "colabel.apps.cli"]
+
+
+def run(*args, timeout=60):
+    return subprocess.run([*COLABEL, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["demo"]])
+def test_every_command_has_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: colabel" in result.stdout
+
+
+def test_missing_folder_exits_with_one_sentence(tmp_path):
+    result = run("serve", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_folder_without_images_exits_with_one_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    result = run("serve", str(tmp_path))
+    assert result.returncode == 2 and "holds no images" in result.stderr
+    assert not (tmp_path / "annotations").exists() or not any((tmp_path / "annotations").rglob("*.json"))
+
+
+def test_a_file_instead_of_a_folder_is_refused(tmp_path):
+    path = tmp_path / "image.png"
+    path.write_bytes(b"x")
+    result = run("serve", str(path))
+    assert result.returncode == 2 and "is not a folder" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
+def test_unreadable_folder_exits_with_one_sentence(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0)
+    try:
+        result = run("serve", str(folder))
+    finally:
+        folder.chmod(0o755)
+    assert result.returncode == 2 and "not readable" in result.stderr
+
+
+def test_port_in_use_exits_with_one_sentence(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run("serve", str(folder), "--port", str(port))
+    assert result.returncode == 2 and f"port {port}" in result.stderr and "in use" in result.stderr
+
+
+def test_token_without_server_url_is_refused(tmp_path):
+    result = run("serve", str(tmp_path), "--token", "abc")
+    assert result.returncode == 2 and "--server-url" in result.stderr
+
+
+def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path):
+    import asyncio
+
+    from hypha_rpc import connect_to_server
+
+    port = free_port()
+    folder = tmp_path / "demo"
+    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed = {}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if m := re.match(r"^(\w+): (\S+)", line):
+            printed[m.group(1)] = m.group(2)
+        if line.startswith("Press Ctrl-C") or not line:
+            break
+    try:
+        assert {"share_url", "manage_url", "annotator_service"} <= set(printed), printed
+        assert printed["share_url"].startswith(f"http://127.0.0.1:{port}/")
+        assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["dsb2018_nuclei.tif", "ihc_ki67.png"]
+        token = printed["share_url"].split("#token=", 1)[1]
+
+        async def annotate():
+            client = await connect_to_server({"server_url": f"http://127.0.0.1:{port}"})
+            service = await client.get_service(printed["annotator_service"])
+            images = await service.list_images(token)
+            await client.disconnect()
+            return images
+
+        images = asyncio.run(annotate())
+        assert {i["name"] for i in images} == {"dsb2018_nuclei.tif", "ihc_ki67.png"}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0
+    deadline = time.monotonic() + 10
+    while not port_is_free("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert port_is_free("127.0.0.1", port)  # the embedded Hypha server is gone too

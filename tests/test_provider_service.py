@@ -1,0 +1,332 @@
+"""The data provider through a real Hypha server, with real hypha-rpc clients on separate connections."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import collection, square
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+CLASSES = [{"name": "nucleus", "color": "#ff0000"}, {"name": "other", "color": "#00ff00"}]
+
+
+def saved_files(folder):
+    return sorted(p for p in (folder / "annotations").rglob("v*.*") if p.suffix in (".geojson", ".tif"))
+
+
+async def open_provider(stack, connect):
+    client = await connect(stack.provider_token, stack.services.workspace)
+    return await client.get_service(stack.services.provider_service_id)
+
+
+async def open_annotator(stack, connect):
+    client = await connect()
+    return await client.get_service(stack.services.annotator_service_id)
+
+
+async def test_provider_to_annotator_to_files_on_disk(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("nuclei", CLASSES)
+    token = created["token"]
+    assert created["share_url"].endswith(f"#token={token}")
+    assert created["share_url"].startswith(f"{stack.server_url}/{stack.services.workspace}/apps/")
+
+    images = await provider.list_images()
+    by_name = {i["name"]: i for i in images}
+    assert set(by_name) == {"ihc_ki67.png", "dsb2018_nuclei.tif", "sub/he_histo.jpg", "broken.png"}
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["status"] == "unreadable"
+    assert by_name["dsb2018_nuclei.tif"]["dtype"] == "uint16"
+    assert by_name["dsb2018_nuclei.tif"]["shape"] == [512, 512, 1]
+    assert by_name["sub/he_histo.jpg"]["shape"][:2] != by_name["sub/he_histo.jpg"]["shape"][1::-1]  # not square
+    assert all("/" not in i["image_id"] and "." not in i["image_id"] for i in images)
+
+    annotator = await open_annotator(stack, connect)
+    joined = await annotator.join(token, "Ada Lovelace")
+    aid = joined["annotator"]["annotator_id"]
+    assert joined["session"]["classes"][0]["name"] == "nucleus"
+    assignment = await annotator.next_image(token, aid)
+    image = assignment["image"]
+    assert assignment["total"] == 3 and assignment["position"] >= 1
+
+    pixels = await annotator.get_image(token, image["image_id"])
+    expected = iio.imread(stack.folder / image["name"])
+    expected = expected[..., None] if expected.ndim == 2 else expected
+    np.testing.assert_array_equal(pixels, expected)
+
+    region = await annotator.get_image(token, image["image_id"], {"x": 10, "y": 20, "width": 30, "height": 40})
+    np.testing.assert_array_equal(region, expected[20:60, 10:40])
+    assert image["levels"][0] == list(expected.shape[:2])
+
+    record = await annotator.save_annotation(token, aid, image["image_id"],
+                                             collection(square(10, 10, 20), square(50, 60, 8, "other")))
+    assert record["version"] == 1 and record["display_name"] == "Ada Lovelace" and record["n_features"] == 2
+
+    stored = json.loads((stack.folder / record["geojson_file"]).read_text())
+    assert stored["type"] == "FeatureCollection"
+    props = stored["features"][1]["properties"]
+    assert props["objectType"] == "annotation"
+    assert props["classification"] == {"name": "other", "color": [0, 255, 0]}
+    assert stored["colabel"]["display_name"] == "Ada Lovelace"
+    labels = tifffile.imread(stack.folder / record["label_file"])
+    assert labels.shape == expected.shape[:2] and labels.dtype == np.uint16
+    assert (labels == 1).sum() == 400 and (labels == 2).sum() == 64
+    assert labels[15, 15] == 1 and labels[63, 53] == 2 and labels[0, 0] == 0
+
+    second = await annotator.save_annotation(token, aid, image["image_id"], collection(square(0, 0, 4)))
+    assert second["version"] == 2
+    latest = await annotator.get_annotations(token, aid, image["image_id"])
+    assert latest["colabel"]["version"] == 2 and len(latest["features"]) == 1
+    first = await annotator.get_annotations(token, aid, image["image_id"], 1)
+    assert len(first["features"]) == 2
+    assert await annotator.list_versions(token, aid, image["image_id"]) == [1, 2]
+
+    every = await provider.get_annotations(created["session"]["session_id"], image["image_id"])
+    assert list(every) == [aid] and every[aid]["colabel"]["version"] == 2
+
+    progress = await provider.progress(created["session"]["session_id"])
+    assert progress["images_done"] == 1 and progress["n_images"] == 3
+    assert progress["per_annotator"][aid] == {"display_name": "Ada Lovelace", "images": 1, "versions": 2}
+    listed = await provider.list_images(created["session"]["session_id"])
+    status = {i["image_id"]: (i["status"], i["annotations"]) for i in listed}
+    assert status[image["image_id"]] == ("annotated", {aid: 2})
+
+    # the next image is a different one, and the images themselves are untouched
+    nxt = await annotator.next_image(token, aid)
+    assert nxt["image"]["image_id"] != image["image_id"]
+    np.testing.assert_array_equal(iio.imread(stack.folder / image["name"]).reshape(expected.shape), expected)
+
+
+async def test_no_two_annotators_get_the_same_image_unless_asked(stack, connect):
+    provider = await open_provider(stack, connect)
+    single = await provider.create_session("one each", CLASSES)
+    double = await provider.create_session("two each", CLASSES, "segmentation", 2)
+    annotator = await open_annotator(stack, connect)
+
+    got = []
+    for i in range(4):
+        aid = (await annotator.join(single["token"], f"annotator {i}"))["annotator"]["annotator_id"]
+        got.append(await annotator.next_image(single["token"], aid))
+    images = [g["image"]["image_id"] for g in got[:3]]
+    assert len(set(images)) == 3  # three readable images, three annotators, all different
+    assert got[3]["image"] is None and got[3]["position"] == 0  # nothing left for a fourth
+
+    seen = []
+    for i in range(6):
+        aid = (await annotator.join(double["token"], f"pair {i}"))["annotator"]["annotator_id"]
+        seen.append((await annotator.next_image(double["token"], aid))["image"]["image_id"])
+    assert sorted(seen.count(i) for i in set(seen)) == [2, 2, 2]
+
+
+async def test_an_annotator_keeps_their_image_until_they_save_it(stack, connect):
+    provider = await open_provider(stack, connect)
+    token = (await provider.create_session("keep", CLASSES))["token"]
+    annotator = await open_annotator(stack, connect)
+    aid = (await annotator.join(token, "Grace"))["annotator"]["annotator_id"]
+    first = (await annotator.next_image(token, aid))["image"]["image_id"]
+    assert (await annotator.next_image(token, aid))["image"]["image_id"] == first
+    await annotator.save_annotation(token, aid, first, collection(square(1, 1, 5)))
+    assert (await annotator.next_image(token, aid))["image"]["image_id"] != first
+
+
+# -- refusals: item 5 (tokens and sessions) ---------------------------------------------------------
+
+async def test_share_token_cannot_call_provider_functions(stack, connect):
+    client = await connect()  # what a share-URL holder has: an anonymous connection and a session token
+    with pytest.raises(Exception, match="(?i)permission|denied|not allowed|protected"):
+        await client.get_service(stack.services.provider_service_id)
+    assert saved_files(stack.folder) == []
+
+
+async def test_token_of_one_session_cannot_reach_another(stack, connect):
+    provider = await open_provider(stack, connect)
+    images = [i["image_id"] for i in await provider.list_images() if not i["error"]]
+    a = await provider.create_session("A", CLASSES, "segmentation", 1, images[:1])
+    b = await provider.create_session("B", CLASSES)
+    annotator = await open_annotator(stack, connect)
+    bob = (await annotator.join(b["token"], "Bob"))["annotator"]["annotator_id"]
+    await annotator.save_annotation(b["token"], bob, images[1], collection(square(1, 1, 5)))
+    before = saved_files(stack.folder)
+
+    alice = (await annotator.join(a["token"], "Alice"))["annotator"]["annotator_id"]
+    with pytest.raises(Exception, match="unknown annotator id"):
+        await annotator.get_annotations(a["token"], bob, images[1])
+    with pytest.raises(Exception, match="unknown image id"):
+        await annotator.get_image(a["token"], images[1])
+    with pytest.raises(Exception, match="unknown image id"):
+        await annotator.save_annotation(a["token"], alice, images[1], collection(square(1, 1, 5)))
+    with pytest.raises(Exception, match="unknown annotator id"):
+        await annotator.save_annotation(a["token"], bob, images[0], collection(square(1, 1, 5)))
+    assert [i["image_id"] for i in await annotator.list_images(a["token"])] == images[:1]
+    assert saved_files(stack.folder) == before
+
+
+async def test_revoked_token_is_refused_at_once(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("revoke me", CLASSES)
+    sid, token = created["session"]["session_id"], created["token"]
+    extra = await provider.issue_token(sid, "second link")
+    annotator = await open_annotator(stack, connect)
+    aid = (await annotator.join(token, "Eve"))["annotator"]["annotator_id"]
+    image = (await annotator.next_image(token, aid))["image"]["image_id"]
+
+    token_id = created["session"]["tokens"][0]["token_id"]
+    await provider.revoke_token(sid, token_id)
+    before = saved_files(stack.folder)
+    with pytest.raises(Exception, match="invalid or revoked session token"):
+        await annotator.save_annotation(token, aid, image, collection(square(1, 1, 5)))
+    with pytest.raises(Exception, match="invalid or revoked session token"):
+        await annotator.get_image(token, image)
+    assert saved_files(stack.folder) == before
+    # the other link of the session still works
+    assert (await annotator.session_info(extra["token"]))["session_id"] == sid
+    with pytest.raises(Exception, match="invalid or revoked session token"):
+        await annotator.session_info("not-a-token")
+    with pytest.raises(Exception, match="token is required"):
+        await annotator.session_info(None)
+
+
+async def test_closed_session_refuses_saves(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("close me", CLASSES)
+    sid, token = created["session"]["session_id"], created["token"]
+    annotator = await open_annotator(stack, connect)
+    aid = (await annotator.join(token, "Zoe"))["annotator"]["annotator_id"]
+    image = (await annotator.next_image(token, aid))["image"]["image_id"]
+    await provider.close_session(sid)
+    with pytest.raises(Exception, match="is closed"):
+        await annotator.save_annotation(token, aid, image, collection(square(1, 1, 5)))
+    assert saved_files(stack.folder) == []
+    await provider.reopen_session(sid)
+    assert (await annotator.save_annotation(token, aid, image, collection(square(1, 1, 5))))["version"] == 1
+
+
+async def test_provider_secrets_are_not_readable_through_any_function(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("secrets", CLASSES)
+    annotator = await open_annotator(stack, connect)
+    info = await annotator.session_info(created["token"])
+    assert "tokens" not in info and created["token"] not in json.dumps(info)
+    manifest = (stack.folder / "annotations" / "sessions" / created["session"]["session_id"] / "session.json")
+    assert created["token"] not in manifest.read_text()
+    assert os.stat(stack.folder / "annotations" / ".colabel-secrets.json").st_mode & 0o077 == 0
+
+
+# -- refusals: item 6 (bad input), nothing written ---------------------------------------------------
+
+@pytest.fixture
+async def annotating(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("bad input", CLASSES)
+    annotator = await open_annotator(stack, connect)
+    aid = (await annotator.join(created["token"], "Mallory"))["annotator"]["annotator_id"]
+    image = (await annotator.next_image(created["token"], aid))["image"]
+    return annotator, created["token"], aid, image
+
+
+@pytest.mark.parametrize("image_id", ["img-0000000000000000", "../ihc_ki67.png", "/etc/passwd", "ihc_ki67.png",
+                                      "img-../../x", 42, None])
+async def test_unknown_or_path_like_image_ids_are_refused(annotating, stack, image_id):
+    annotator, token, aid, _ = annotating
+    with pytest.raises(Exception, match="(?i)unknown image id|not a valid|image id"):
+        await annotator.get_image(token, image_id)
+    with pytest.raises(Exception, match="(?i)unknown image id|not a valid|image id"):
+        await annotator.save_annotation(token, aid, image_id, collection(square(1, 1, 5)))
+    assert saved_files(stack.folder) == []
+
+
+async def test_symlink_pointing_outside_is_listed_as_an_error_and_never_read(hypha_server, tmp_path, connect):
+    from colabel.apps.provider.provider import DataProvider
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((tmp_path.parent / "x").as_posix().encode() or b"x")
+    import shutil
+    from conftest import DATA
+    shutil.copy(DATA / "ihc_ki67.png", outside / "secret.png")
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    shutil.copy(DATA / "he_histo.jpg", folder / "ok.jpg")
+    (folder / "link.png").symlink_to(outside / "secret.png")
+    provider = DataProvider(folder)
+    listing = {i.name: i for i in provider.list_images()}
+    assert "outside" in listing["link.png"].error
+    with pytest.raises(Exception, match="outside"):
+        provider.get_image(listing["link.png"].image_id)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "message"),
+    [
+        ("{not json", "(?i)json"),
+        (42, "(?i)featurecollection|object|dict"),
+        ({"type": "Feature"}, "(?i)featurecollection"),
+        ({"type": "FeatureCollection", "features": "x"}, "(?i)features"),
+        (collection({"type": "Feature", "geometry": {"type": "Polygon",
+                     "coordinates": [[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]}}), "(?i)self-intersect|invalid"),
+        (collection({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[]]}}), "(?i)vertices|empty"),
+        (collection({"type": "Feature", "geometry": {"type": "Polygon",
+                     "coordinates": [[[0, 0], [5, 0], [10, 0], [0, 0]]]}}), "(?i)area|empty|vertices|invalid"),
+        (collection(square(-5, 10, 20)), "(?i)outside"),
+        (collection(square(10, 10, 5000)), "(?i)outside"),
+        (collection({"type": "Feature", "geometry": {"type": "Polygon",
+                     "coordinates": [[[0, 0], ["a", 0], [3, 3], [0, 0]]]}}), "(?i)number|finite|coordinate"),
+        (collection({"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}}),
+         "(?i)LineString"),
+        (collection(square(1, 1, 5, "no such class")), "(?i)class"),
+    ],
+)
+async def test_bad_annotations_are_refused_and_nothing_is_written(annotating, stack, annotation, message):
+    annotator, token, aid, image = annotating
+    with pytest.raises(Exception, match=message):
+        await annotator.save_annotation(token, aid, image["image_id"], annotation)
+    assert saved_files(stack.folder) == []
+
+
+async def test_payload_over_the_limit_is_refused(annotating, stack):
+    annotator, token, aid, image = annotating
+    stack.provider.config.max_annotation_bytes = 2000
+    big = collection(*[square(i % 50, 1, 3) for i in range(40)])
+    with pytest.raises(Exception, match="exceeds the limit of 2000 bytes"):
+        await annotator.save_annotation(token, aid, image["image_id"], big)
+    assert saved_files(stack.folder) == []
+
+
+@pytest.mark.parametrize(("region", "level", "message"), [
+    ({"x": "a", "y": 0, "width": 1, "height": 1}, 0, "(?i)region|integer"),
+    ({"x": 0, "y": 0, "width": 100000, "height": 1}, 0, "(?i)outside|exceed|bounds|region"),
+    ([1, 2, 3], 0, "(?i)region"),
+    (None, 99, "(?i)level"),
+    (None, -1, "(?i)level"),
+    (None, "1", "(?i)level"),
+])
+async def test_bad_regions_and_levels_are_refused(annotating, region, level, message):
+    annotator, token, _, image = annotating
+    with pytest.raises(Exception, match=message):
+        await annotator.get_image(token, image["image_id"], region, level)
+
+
+async def test_bad_display_names_and_session_arguments_are_refused(stack, connect):
+    provider = await open_provider(stack, connect)
+    with pytest.raises(Exception, match="(?i)colour"):
+        await provider.create_session("x", [{"name": "a", "color": "red"}])
+    with pytest.raises(Exception, match="(?i)at least one label class"):
+        await provider.create_session("x", [])
+    with pytest.raises(Exception, match="(?i)annotators_per_image"):
+        await provider.create_session("x", CLASSES, "segmentation", 0)
+    with pytest.raises(Exception, match="(?i)mode"):
+        await provider.create_session("x", CLASSES, "painting")
+    with pytest.raises(Exception, match="(?i)unknown session id"):
+        await provider.progress("s-nope")
+    created = await provider.create_session("names", CLASSES)
+    annotator = await open_annotator(stack, connect)
+    for bad in ["", "   ", "x" * 65, 7, "bad\nname"]:
+        with pytest.raises(Exception, match="(?i)display name"):
+            await annotator.join(created["token"], bad)
+    assert not list((stack.folder / "annotations").rglob("*.geojson"))

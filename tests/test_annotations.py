@@ -119,7 +119,10 @@ def test_feature_without_geometry_is_refused_with_feature_index(bad):
     ],
 )
 def test_unsupported_geometry_type_is_refused(geometry):
-    refused(feature(geometry), match=r"^feature 0: geometry type .* is not supported \(allowed: Polygon, MultiPolygon, Point\)")
+    refused(
+        feature(geometry),
+        match=r"^feature 0: geometry type .* is not supported \(allowed: Polygon, MultiPolygon, Point\)",
+    )
 
 
 def test_geometry_without_coordinates_is_refused():
@@ -176,7 +179,8 @@ def test_ring_with_fewer_than_three_distinct_vertices_is_refused():
 
 
 def test_zero_area_polygon_is_refused_as_empty():
-    refused(feature(polygon([[1, 1], [2, 2], [3, 3], [1, 1]])), match=r"^feature 0: polygon shell is empty \(zero area\)")
+    collinear = [[1, 1], [2, 2], [3, 3], [1, 1]]
+    refused(feature(polygon(collinear)), match=r"^feature 0: polygon shell is empty \(zero area\)")
 
 
 def test_zero_area_hole_is_refused_as_empty():
@@ -188,7 +192,10 @@ def test_zero_area_hole_is_refused_as_empty():
 
 def test_self_intersecting_polygon_is_refused_with_feature_index():
     bowtie = [[0, 0], [4, 4], [4, 0], [0, 4], [0, 0]]
-    refused(GOOD, GOOD, GOOD, feature(polygon(bowtie)), match=r"^feature 3: polygon is self-intersecting \(.*Self-intersection")
+    refused(
+        GOOD, GOOD, GOOD, feature(polygon(bowtie)),
+        match=r"^feature 3: polygon is self-intersecting \(.*Self-intersection",
+    )
 
 
 def test_hole_outside_shell_is_refused():
@@ -220,7 +227,10 @@ def test_empty_multipolygon_is_refused():
 def test_vertex_outside_the_image_is_refused(vertex):
     ring = square(1, 1, 5, 5, closed=False)
     ring[1] = vertex
-    refused(GOOD, feature(polygon(ring)), match=r"^feature 1: vertex .* lies outside the image \(x must be in \[0, 30\], y in \[0, 20\]\)")
+    refused(
+        GOOD, feature(polygon(ring)),
+        match=r"^feature 1: vertex .* lies outside the image \(x must be in \[0, 30\], y in \[0, 20\]\)",
+    )
 
 
 def test_point_outside_the_image_is_refused():
@@ -251,7 +261,10 @@ def test_properties_that_are_not_an_object_are_refused():
 
 @pytest.mark.parametrize("value", [object(), {1, 2}, math.nan])
 def test_properties_that_are_not_json_serialisable_are_refused(value):
-    refused(feature(GOOD["geometry"], properties={"note": value}), match="^feature 0: properties must be JSON-serialisable")
+    refused(
+        feature(GOOD["geometry"], properties={"note": value}),
+        match="^feature 0: properties must be JSON-serialisable",
+    )
 
 
 def test_unknown_object_type_is_refused():
@@ -472,17 +485,25 @@ def test_rasterize_refuses_unsupported_geometry():
 
 
 def _mask_to_feature_collection(labels):
-    """One polygon per object from its largest find_contours contour (pixel-centre rc -> xy)."""
+    """One feature per object from all its find_contours contours, filled by the even-odd rule.
+
+    Contours are in pixel-centre ``(row, col)`` units; ``rc_to_xy(...) + 0.5`` makes them ``[x, y]``.
+    Nested contours become holes and separate pieces (e.g. only diagonally connected) MultiPolygon parts.
+    """
+    from functools import reduce
+
+    import shapely
+    from shapely.geometry import mapping
     from skimage.measure import find_contours, regionprops
 
     features = []
     ids = []
     for region in regionprops(labels):
-        r0, c0, r1, c1 = region.bbox
+        r0, c0, _, _ = region.bbox
         crop = np.pad(region.image, 1).astype(np.float64)  # pad so contours of edge objects close
-        contour = max(find_contours(crop, 0.5), key=len)
-        xy = rc_to_xy(contour + np.array([r0 - 1, c0 - 1])) + 0.5  # contour is in pixel-centre units
-        features.append(feature(polygon(xy.tolist())))
+        rings = [rc_to_xy(c + np.array([r0 - 1, c0 - 1])) + 0.5 for c in find_contours(crop, 0.5)]
+        geometry = reduce(shapely.symmetric_difference, [shapely.polygons(r) for r in rings])
+        features.append(feature(json.loads(json.dumps(mapping(geometry)))))
         ids.append(region.label)
     return fc_of(*features), ids
 
@@ -505,6 +526,21 @@ def test_contours_of_synthetic_objects_rasterize_back_exactly():
     labels[0:5, 45:50] = 3  # touches two image edges
     labels[35:37, 2:4] = 4  # 2 x 2 object
     _assert_round_trip(labels, min_iou=0.99)
+
+
+def test_contours_of_blobs_with_holes_and_diagonal_pieces_rasterize_back_exactly():
+    from skimage.data import binary_blobs
+    from skimage.measure import label
+
+    labels = label(binary_blobs(128, blob_size_fraction=0.08, volume_fraction=0.5, rng=4))
+    fc, ids = _mask_to_feature_collection(labels)
+    geometries = [f["geometry"] for f in fc["features"]]
+    assert any(g["type"] == "MultiPolygon" for g in geometries)  # the case is really exercised
+    polygons = [p for g in geometries for p in ([g["coordinates"]] if g["type"] == "Polygon" else g["coordinates"])]
+    assert any(len(rings) > 1 for rings in polygons)  # and holes
+    assert ids == list(range(1, labels.max() + 1))
+    out = rasterize(validate_feature_collection(fc, image_shape=labels.shape), shape=labels.shape)
+    np.testing.assert_array_equal(out, labels)
 
 
 @pytest.mark.skipif(not NUCLEI_MASK.exists(), reason=f"{NUCLEI_MASK.name} is not in tests/data yet")

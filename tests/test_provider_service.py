@@ -330,3 +330,13 @@ async def test_bad_display_names_and_session_arguments_are_refused(stack, connec
         with pytest.raises(Exception, match="(?i)display name"):
             await annotator.join(created["token"], bad)
     assert not list((stack.folder / "annotations").rglob("*.geojson"))
+
+
+async def test_errors_name_files_relative_to_the_folder_never_where_it_lives(stack, connect):
+    provider = await open_provider(stack, connect)
+    listing = {i["name"]: i for i in await provider.list_images()}
+    assert "broken.png" in listing["broken.png"]["error"]
+    assert str(stack.folder) not in json.dumps(listing)
+    with pytest.raises(Exception) as refused:
+        await provider.get_image(listing["broken.png"]["image_id"])
+    assert "broken.png" in str(refused.value) and f"{stack.folder}/" not in str(refused.value)

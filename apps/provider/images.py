@@ -30,6 +30,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import stat
 import threading
 from collections.abc import Iterable
@@ -294,7 +295,8 @@ class ImageCatalog:
         level = int(level)
         if not 0 <= level < len(record.levels):
             raise InvalidInputError(
-                f"level {level} does not exist for image '{record.name}', which has levels 0 to {len(record.levels) - 1}"
+                f"level {level} does not exist for image '{record.name}', "
+                f"which has levels 0 to {len(record.levels) - 1}"
             )
         height, width = record.levels[level]
         box = _check_region(region, height=height, width=width, level=level, name=record.name)
@@ -387,7 +389,12 @@ class _Unsupported(Exception):
 
 
 def _reason(exc: BaseException) -> str:
+    """The first line of a decoder's message, with absolute paths cut to their file name.
+
+    Callers are told the file's name relative to the folder, never where the folder lives.
+    """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", text)
     return text[:200]
 
 
@@ -480,7 +487,8 @@ class _Layout:
 
     @property
     def hwc(self) -> tuple[int, int, int]:
-        return self.shape[self.y], self.shape[self.x], int(np.prod([self.shape[i] for i in self.channels], dtype=np.int64))
+        channels = int(np.prod([self.shape[i] for i in self.channels], dtype=np.int64))
+        return self.shape[self.y], self.shape[self.x], channels
 
     def select(self, y0: int, y1: int, x0: int, x1: int) -> tuple[Any, ...]:
         """Index of the series array: the Y/X window, all channels, index 0 of every other axis."""
@@ -533,6 +541,28 @@ def _check_extents(series: Any, size: int) -> None:
             raise _Unsupported("is truncated: its pixel data end before the file does")
 
 
+def _check_codecs(series: Any) -> None:
+    """Raise when decoding ``series`` needs a codec this installation lacks (most need ``imagecodecs``)."""
+    import tifffile
+
+    page = series.keyframe
+    if page.compression not in tifffile.TIFF.DECOMPRESSORS:
+        raise _Unsupported(
+            f"is {_enum_name(tifffile.COMPRESSION, page.compression)}-compressed, which needs the imagecodecs package"
+        )
+    if page.predictor not in tifffile.TIFF.PREDICTORS:
+        raise _Unsupported(
+            f"uses the {_enum_name(tifffile.PREDICTOR, page.predictor)} predictor, which needs the imagecodecs package"
+        )
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return f"#{int(value)}"
+
+
 def _scan_tiff(path: Path, *, fmt: str) -> tuple[str, tuple[int, int, int], str, tuple[tuple[int, int], ...]]:
     import tifffile
 
@@ -545,6 +575,8 @@ def _scan_tiff(path: Path, *, fmt: str) -> tuple[str, tuple[int, int, int], str,
         layout = _layout(series.axes, series.shape)
         dtype = _check_dtype(series.dtype)
         _check_extents(series, path.stat().st_size)
+        for level in series.levels:
+            _check_codecs(level)
         shape = layout.hwc
         if len(series.levels) > 1:
             levels = []

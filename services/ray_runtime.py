@@ -1,0 +1,61 @@
+"""Local Ray and Ray Serve for `colabel serve`: start, deploy the model services, stop.
+
+Set up for a laptop or a 2-core machine (see shared/PLATFORM.md): loopback only, no dashboard, a small
+object store, no HTTP proxy (handles only), fractional CPUs per replica.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .deployments import Autoscaling, build_deployment, get_deployment
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def start_local_ray(*, address: str | None = None, num_cpus: int | None = None,
+                    object_store_bytes: int = 256 * 2**20) -> None:
+    """Connect to ``address`` (a cluster) or start a local Ray on loopback, then start Serve without a proxy."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
+                     log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
+    serve.start(proxy_location="Disabled")
+
+
+def deploy(names: list[str], *, options: dict | None = None, gpu: bool | None = None,
+           autoscaling: dict[str, Autoscaling] | None = None) -> dict:
+    """Deploy the named model services as Serve applications; returns name -> deployment handle."""
+    from ray import serve
+
+    gpu = gpu_available() if gpu is None else gpu
+    handles = {}
+    for name in names:
+        spec = get_deployment(name).with_options(**(options or {}).get(name, {}))
+        deployment = build_deployment(spec, gpu=gpu, autoscaling=(autoscaling or {}).get(name))
+        handles[name] = serve.run(deployment.bind(**spec.options), name=name, route_prefix=None)
+    return handles
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -33,7 +33,7 @@ def test_each_save_is_a_new_version_and_older_versions_stay_readable(tmp_path):
     store = AnnotationStore(tmp_path / "annotations")
     records = [save(store, n) for n in (1, 2, 3)]
     assert [r.version for r in records] == [1, 2, 3]
-    for n, r in zip((1, 2, 3), records):
+    for n, r in zip((1, 2, 3), records, strict=False):
         assert len(store.load("s-1", "img-1", "a-1", r.version)["features"]) == n
         assert tifffile.imread(tmp_path / r.label_file).sum() == 6 * n
     assert store.load("s-1", "img-1", "a-1")["colabel"]["version"] == 3

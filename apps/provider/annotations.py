@@ -452,7 +452,8 @@ def label_properties(fc: dict) -> list[dict]:
     >>> fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "id": "a", "geometry":
     ...       {"type": "Polygon", "coordinates": [[[0, 0], [2, 0], [2, 2], [0, 2], [0, 0]]]}}]}
     >>> label_properties(fc)
-    [{'label': 1, 'feature_id': 'a', 'class_name': None, 'area': 4.0, 'centroid': [1.0, 1.0], 'bbox': [0.0, 0.0, 2.0, 2.0]}]
+    [{'label': 1, 'feature_id': 'a', 'class_name': None, 'area': 4.0, 'centroid': [1.0, 1.0], \
+'bbox': [0.0, 0.0, 2.0, 2.0]}]
     """
     out = []
     for label, feature in enumerate(_polygonal_features(fc), start=1):

@@ -537,7 +537,7 @@ def _check_extents(series: Any, size: int) -> None:
         if page is None:
             continue
         offsets, counts = page.dataoffsets, page.databytecounts
-        if len(offsets) and max(o + c for o, c in zip(offsets, counts)) > size:
+        if len(offsets) and max(o + c for o, c in zip(offsets, counts, strict=False)) > size:
             raise _Unsupported("is truncated: its pixel data end before the file does")
 
 

@@ -198,7 +198,8 @@ class DataProvider:
                 self.catalog.get(image_id)
         if mode not in ("segmentation", "classification"):
             raise InvalidInputError(f"mode must be 'segmentation' or 'classification', got {mode!r}")
-        if isinstance(annotators_per_image, bool) or not isinstance(annotators_per_image, int) or annotators_per_image < 1:
+        k = annotators_per_image
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError(f"annotators_per_image must be a positive integer, got {annotators_per_image!r}")
         if not isinstance(classes, (list, tuple)):
             raise InvalidInputError("classes must be a list of {name, color}")

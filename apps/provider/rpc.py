@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from colabel.errors import ColabelError, InvalidInputError
+from colabel.errors import ColabelError
 
 from .models import AnnotatorSession, SessionInfo
 from .provider import DataProvider

@@ -248,6 +248,7 @@ async def test_symlink_pointing_outside_is_listed_as_an_error_and_never_read(hyp
     outside.mkdir()
     (outside / "secret.png").write_bytes((tmp_path.parent / "x").as_posix().encode() or b"x")
     import shutil
+
     from conftest import DATA
     shutil.copy(DATA / "ihc_ki67.png", outside / "secret.png")
     folder = tmp_path / "mounted"

@@ -48,21 +48,29 @@ def check_folder(folder: Path) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from hypha_rpc import connect_to_server
+    from pydantic import ValidationError
 
     from colabel.config import ColabelConfig
 
     from .hypha_server import EmbeddedHypha
+    from .provider.images import ImageCatalog
     from .provider.provider import DataProvider
     from .provider.rpc import ProviderServices
 
-    config = ColabelConfig.from_env(host=args.host, port=args.port, server_url=args.server_url,
-                                    token=args.token, name=args.name)
+    try:
+        config = ColabelConfig.from_env(host=args.host, port=args.port, server_url=args.server_url,
+                                        token=args.token, name=args.name, public_url=args.public_url)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise CliError(f"invalid {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
     folder = Path(args.folder).expanduser().resolve()
     check_folder(folder)
     classes = parse_classes(args.classes)
-    provider = DataProvider(folder, config)
-    if len(provider.catalog) == 0:
+    if len(ImageCatalog(folder)) == 0:  # before anything is written into the folder
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
+    if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
+        raise CliError(f"folder {folder} is not writable, and annotations are saved to {folder / 'annotations'}")
+    provider = DataProvider(folder, config)
     unreadable = [r for r in provider.catalog.records() if r.error]
 
     hypha = None
@@ -78,7 +86,7 @@ async def _serve(args: argparse.Namespace) -> int:
                                               "client_id": f"colabel-{config.name}-provider"})
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
             raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
-        services = ProviderServices(provider, server, name=config.name, public_url=server_url)
+        services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url)
         await services.register()
         session = next((s for s in provider.sessions.list() if s.state == "open"), None)
         secret = None
@@ -141,11 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "register the data provider and print the provider page and a share URL. "
                                 "Labels are saved to FOLDER/annotations/.")
     serve.add_argument("folder", metavar="FOLDER", help="folder of TIFF/OME-TIFF/PNG/JPEG images")
-    serve.add_argument("--host", default="127.0.0.1", help="address of the embedded Hypha server (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=9527, help="port of the embedded Hypha server (default 9527)")
+    serve.add_argument("--host", default=None, help="address of the embedded Hypha server (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port of the embedded Hypha server (default 9527)")
     serve.add_argument("--server-url", default=None, help="use this Hypha server instead of starting one")
     serve.add_argument("--token", default=None, help="token for --server-url")
-    serve.add_argument("--name", default="colabel", help="provider name, prefix of its service ids (default colabel)")
+    serve.add_argument("--name", default=None, help="provider name, prefix of its service ids (default colabel)")
+    serve.add_argument("--public-url", default=None,
+                       help="base URL annotators use to reach the Hypha server, for the printed links "
+                       "(default: the server's own URL; set it with --host 0.0.0.0 or behind a proxy)")
     serve.add_argument("--classes", default=DEFAULT_CLASSES,
                        help=f"label classes of the first session, name[:#rrggbb],... (default {DEFAULT_CLASSES})")
     serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")

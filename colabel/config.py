@@ -22,6 +22,7 @@ class ColabelConfig(BaseModel):
     port: int = Field(9527, ge=1, le=65535, description="port of the embedded Hypha server")
     server_url: str | None = Field(None, description="existing Hypha server to use instead of starting one")
     token: str | None = Field(None, description="token for --server-url")
+    public_url: str | None = Field(None, description="base URL annotators use to reach the Hypha server")
     name: str = Field("colabel", pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="provider name, used in service ids")
     max_annotation_bytes: int = Field(16 * 2**20, gt=0, description="largest GeoJSON a save accepts")
     max_features: int = Field(100_000, gt=0, description="most features in one saved annotation")

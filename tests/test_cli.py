@@ -39,7 +39,7 @@ def test_folder_without_images_exits_with_one_sentence(tmp_path):
     (tmp_path / "notes.txt").write_text("no images here")
     result = run("serve", str(tmp_path))
     assert result.returncode == 2 and "holds no images" in result.stderr
-    assert not (tmp_path / "annotations").exists() or not any((tmp_path / "annotations").rglob("*.json"))
+    assert not (tmp_path / "annotations").exists()  # nothing written into the folder
 
 
 def test_a_file_instead_of_a_folder_is_refused(tmp_path):
@@ -118,3 +118,12 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path)
     while not port_is_free("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert port_is_free("127.0.0.1", port)  # the embedded Hypha server is gone too
+
+
+def test_invalid_name_exits_with_one_sentence(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    result = run("serve", str(folder), "--name", "Bad_Name", "--port", str(free_port()))
+    assert result.returncode == 2 and "invalid name" in result.stderr
+    assert result.stderr.strip().count("\n") == 0

@@ -28,7 +28,7 @@ async def test_twenty_annotators_saving_twenty_times_lose_and_corrupt_nothing(st
     async def annotate(n: int) -> list[dict]:
         client = await connect()
         service = await client.get_service(stack.services.annotator_service_id)
-        aid = (await service.join(token, f"annotator {n}"))["annotator"]["annotator_id"]
+        aid = (await service.join(token, f"annotator {n}"))["annotator_key"]
         records = []
         for k in range(N_SAVES):
             # k + 1 squares, the last one carrying the (annotator, save) it belongs to

@@ -49,9 +49,11 @@ async def test_acknowledged_saves_survive_sigkill_of_the_provider(hypha_server, 
     service_id = printed["annotator_service"]
 
     acknowledged: list[dict] = []
+    keys: dict[int, str] = {}
 
     async def annotate(n: int, service):
-        aid = (await service.join(token, f"writer {n}"))["annotator"]["annotator_id"]
+        aid = (await service.join(token, f"writer {n}"))["annotator_key"]
+        keys[n] = aid
         readable = [i for i in await service.list_images(token) if not i["error"]]
         image = readable[n % len(readable)]
         k = 0
@@ -83,7 +85,7 @@ async def test_acknowledged_saves_survive_sigkill_of_the_provider(hypha_server, 
             stored = json.loads((folder / record["geojson_file"]).read_text())
             assert stored["features"][0]["properties"]["marker"] == [record["n"], record["k"]]
             assert tifffile.imread(folder / record["label_file"]).max() == record["k"] % 30 + 1
-            again = await service.get_annotations(token, record["annotator_id"], record["image_id"],
+            again = await service.get_annotations(token, keys[record["n"]], record["image_id"],
                                                   record["version"])
             assert again["features"][0]["properties"]["marker"] == [record["n"], record["k"]]
         assert not list((folder / "annotations").rglob("*.tmp"))  # interrupted writes cleaned at restart

@@ -51,8 +51,9 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
     annotator = await open_annotator(stack, connect)
     joined = await annotator.join(token, "Ada Lovelace")
     aid = joined["annotator"]["annotator_id"]
-    assert joined["session"]["classes"][0]["name"] == "nucleus"
-    assignment = await annotator.next_image(token, aid)
+    key = joined["annotator_key"]
+    assert key != aid and joined["session"]["classes"][0]["name"] == "nucleus"
+    assignment = await annotator.next_image(token, key)
     image = assignment["image"]
     assert assignment["total"] == 3 and assignment["position"] >= 1
 
@@ -65,7 +66,7 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
     np.testing.assert_array_equal(region, expected[20:60, 10:40])
     assert image["levels"][0] == list(expected.shape[:2])
 
-    record = await annotator.save_annotation(token, aid, image["image_id"],
+    record = await annotator.save_annotation(token, key, image["image_id"],
                                              collection(square(10, 10, 20), square(50, 60, 8, "other")))
     assert record["version"] == 1 and record["display_name"] == "Ada Lovelace" and record["n_features"] == 2
 
@@ -80,13 +81,13 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
     assert (labels == 1).sum() == 400 and (labels == 2).sum() == 64
     assert labels[15, 15] == 1 and labels[63, 53] == 2 and labels[0, 0] == 0
 
-    second = await annotator.save_annotation(token, aid, image["image_id"], collection(square(0, 0, 4)))
+    second = await annotator.save_annotation(token, key, image["image_id"], collection(square(0, 0, 4)))
     assert second["version"] == 2
-    latest = await annotator.get_annotations(token, aid, image["image_id"])
+    latest = await annotator.get_annotations(token, key, image["image_id"])
     assert latest["colabel"]["version"] == 2 and len(latest["features"]) == 1
-    first = await annotator.get_annotations(token, aid, image["image_id"], 1)
+    first = await annotator.get_annotations(token, key, image["image_id"], 1)
     assert len(first["features"]) == 2
-    assert await annotator.list_versions(token, aid, image["image_id"]) == [1, 2]
+    assert await annotator.list_versions(token, key, image["image_id"]) == [1, 2]
 
     every = await provider.get_annotations(created["session"]["session_id"], image["image_id"])
     assert list(every) == [aid] and every[aid]["colabel"]["version"] == 2
@@ -99,7 +100,7 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
     assert status[image["image_id"]] == ("annotated", {aid: 2})
 
     # the next image is a different one, and the images themselves are untouched
-    nxt = await annotator.next_image(token, aid)
+    nxt = await annotator.next_image(token, key)
     assert nxt["image"]["image_id"] != image["image_id"]
     np.testing.assert_array_equal(iio.imread(stack.folder / image["name"]).reshape(expected.shape), expected)
 
@@ -112,7 +113,7 @@ async def test_no_two_annotators_get_the_same_image_unless_asked(stack, connect)
 
     got = []
     for i in range(4):
-        aid = (await annotator.join(single["token"], f"annotator {i}"))["annotator"]["annotator_id"]
+        aid = (await annotator.join(single["token"], f"annotator {i}"))["annotator_key"]
         got.append(await annotator.next_image(single["token"], aid))
     images = [g["image"]["image_id"] for g in got[:3]]
     assert len(set(images)) == 3  # three readable images, three annotators, all different
@@ -120,7 +121,7 @@ async def test_no_two_annotators_get_the_same_image_unless_asked(stack, connect)
 
     seen = []
     for i in range(6):
-        aid = (await annotator.join(double["token"], f"pair {i}"))["annotator"]["annotator_id"]
+        aid = (await annotator.join(double["token"], f"pair {i}"))["annotator_key"]
         seen.append((await annotator.next_image(double["token"], aid))["image"]["image_id"])
     assert sorted(seen.count(i) for i in set(seen)) == [2, 2, 2]
 
@@ -129,7 +130,7 @@ async def test_an_annotator_keeps_their_image_until_they_save_it(stack, connect)
     provider = await open_provider(stack, connect)
     token = (await provider.create_session("keep", CLASSES))["token"]
     annotator = await open_annotator(stack, connect)
-    aid = (await annotator.join(token, "Grace"))["annotator"]["annotator_id"]
+    aid = (await annotator.join(token, "Grace"))["annotator_key"]
     first = (await annotator.next_image(token, aid))["image"]["image_id"]
     assert (await annotator.next_image(token, aid))["image"]["image_id"] == first
     await annotator.save_annotation(token, aid, first, collection(square(1, 1, 5)))
@@ -151,18 +152,18 @@ async def test_token_of_one_session_cannot_reach_another(stack, connect):
     a = await provider.create_session("A", CLASSES, "segmentation", 1, images[:1])
     b = await provider.create_session("B", CLASSES)
     annotator = await open_annotator(stack, connect)
-    bob = (await annotator.join(b["token"], "Bob"))["annotator"]["annotator_id"]
+    bob = (await annotator.join(b["token"], "Bob"))["annotator_key"]
     await annotator.save_annotation(b["token"], bob, images[1], collection(square(1, 1, 5)))
     before = saved_files(stack.folder)
 
-    alice = (await annotator.join(a["token"], "Alice"))["annotator"]["annotator_id"]
-    with pytest.raises(Exception, match="unknown annotator id"):
+    alice = (await annotator.join(a["token"], "Alice"))["annotator_key"]
+    with pytest.raises(Exception, match="unknown annotator key"):
         await annotator.get_annotations(a["token"], bob, images[1])
     with pytest.raises(Exception, match="unknown image id"):
         await annotator.get_image(a["token"], images[1])
     with pytest.raises(Exception, match="unknown image id"):
         await annotator.save_annotation(a["token"], alice, images[1], collection(square(1, 1, 5)))
-    with pytest.raises(Exception, match="unknown annotator id"):
+    with pytest.raises(Exception, match="unknown annotator key"):
         await annotator.save_annotation(a["token"], bob, images[0], collection(square(1, 1, 5)))
     assert [i["image_id"] for i in await annotator.list_images(a["token"])] == images[:1]
     assert saved_files(stack.folder) == before
@@ -174,7 +175,7 @@ async def test_revoked_token_is_refused_at_once(stack, connect):
     sid, token = created["session"]["session_id"], created["token"]
     extra = await provider.issue_token(sid, "second link")
     annotator = await open_annotator(stack, connect)
-    aid = (await annotator.join(token, "Eve"))["annotator"]["annotator_id"]
+    aid = (await annotator.join(token, "Eve"))["annotator_key"]
     image = (await annotator.next_image(token, aid))["image"]["image_id"]
 
     token_id = created["session"]["tokens"][0]["token_id"]
@@ -198,12 +199,15 @@ async def test_closed_session_refuses_saves(stack, connect):
     created = await provider.create_session("close me", CLASSES)
     sid, token = created["session"]["session_id"], created["token"]
     annotator = await open_annotator(stack, connect)
-    aid = (await annotator.join(token, "Zoe"))["annotator"]["annotator_id"]
+    aid = (await annotator.join(token, "Zoe"))["annotator_key"]
     image = (await annotator.next_image(token, aid))["image"]["image_id"]
     await provider.close_session(sid)
     with pytest.raises(Exception, match="is closed"):
         await annotator.save_annotation(token, aid, image, collection(square(1, 1, 5)))
+    with pytest.raises(Exception, match="is closed"):
+        await annotator.join(token, "Late")
     assert saved_files(stack.folder) == []
+    assert (await annotator.get_image(token, image)).ndim == 3  # a closed session is read-only
     await provider.reopen_session(sid)
     assert (await annotator.save_annotation(token, aid, image, collection(square(1, 1, 5))))["version"] == 1
 
@@ -226,7 +230,7 @@ async def annotating(stack, connect):
     provider = await open_provider(stack, connect)
     created = await provider.create_session("bad input", CLASSES)
     annotator = await open_annotator(stack, connect)
-    aid = (await annotator.join(created["token"], "Mallory"))["annotator"]["annotator_id"]
+    aid = (await annotator.join(created["token"], "Mallory"))["annotator_key"]
     image = (await annotator.next_image(created["token"], aid))["image"]
     return annotator, created["token"], aid, image
 
@@ -338,3 +342,29 @@ async def test_errors_name_files_relative_to_the_folder_never_where_it_lives(sta
     with pytest.raises(Exception) as refused:
         await provider.get_image(listing["broken.png"]["image_id"])
     assert "broken.png" in str(refused.value) and f"{stack.folder}/" not in str(refused.value)
+
+
+async def test_holding_the_share_link_does_not_let_one_act_as_another_annotator(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("impersonation", CLASSES)
+    token = created["token"]
+    annotator = await open_annotator(stack, connect)
+    victim = await annotator.join(token, "Victim")
+    image = (await annotator.next_image(token, victim["annotator_key"]))["image"]["image_id"]
+    await annotator.save_annotation(token, victim["annotator_key"], image, collection(square(1, 1, 5)))
+    # the public id is visible to everyone with the link ...
+    public_id = victim["annotator"]["annotator_id"]
+    assert public_id in (await annotator.progress(token))["per_annotator"]
+    before = saved_files(stack.folder)
+    # ... but it opens nothing
+    with pytest.raises(Exception, match="unknown annotator key"):
+        await annotator.save_annotation(token, public_id, image, collection(square(1, 1, 5)))
+    with pytest.raises(Exception, match="unknown annotator key"):
+        await annotator.get_annotations(token, public_id, image)
+    assert saved_files(stack.folder) == before
+
+
+async def test_wrong_arguments_are_reported_as_the_callers_mistake(annotating):
+    annotator, token, _, _ = annotating
+    with pytest.raises(Exception, match="InvalidInputError: session_info"):
+        await annotator.session_info(token, "extra", "arguments")

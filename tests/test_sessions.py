@@ -39,12 +39,25 @@ def test_tokens_and_revocations_survive_a_restart(tmp_path):
     assert reopened.secret(info.session_id, info.tokens[0].token_id) == secret
 
 
-def test_closed_session_refuses_its_tokens(tmp_path):
+def test_closed_session_is_read_only(tmp_path):
     store = SessionStore(tmp_path)
     info, secret = store.create(name="s", classes=CLASSES)
     store.set_state(info.session_id, "closed")
+    assert store.authorize(secret).state == "closed"
     with pytest.raises(SessionClosedError):
-        store.authorize(secret)
+        store.authorize(secret, write=True)
+
+
+def test_an_annotator_is_identified_by_their_key_not_their_public_id(tmp_path):
+    store = SessionStore(tmp_path)
+    info, _ = store.create(name="s", classes=CLASSES)
+    ada, key = store.join(info.session_id, "Ada")
+    assert store.identify(info.session_id, key).annotator_id == ada.annotator_id
+    with pytest.raises(AccessDeniedError, match="unknown annotator key"):
+        store.identify(info.session_id, ada.annotator_id)
+    manifest = (tmp_path / "sessions" / info.session_id / "session.json").read_text()
+    assert key not in manifest
+    assert SessionStore(tmp_path).identify(info.session_id, key).display_name == "Ada"  # survives a restart
 
 
 def test_unreadable_manifest_is_reported_and_left_alone(tmp_path):
@@ -59,9 +72,9 @@ def test_unreadable_manifest_is_reported_and_left_alone(tmp_path):
 def test_assignment_prefers_unannotated_images_then_folder_order(tmp_path):
     store = SessionStore(tmp_path)
     info, _ = store.create(name="s", classes=CLASSES, annotators_per_image=2)
-    a = store.join(info.session_id, "A").annotator_id
-    b = store.join(info.session_id, "B").annotator_id
-    c = store.join(info.session_id, "C").annotator_id
+    a = store.join(info.session_id, "A")[0].annotator_id
+    b = store.join(info.session_id, "B")[0].annotator_id
+    c = store.join(info.session_id, "C")[0].annotator_id
     images = ["i1", "i2", "i3"]
     saved = {"i1": {"someone": 1}}  # i1 already has one annotator
     assert store.assign_next(info.session_id, a, image_ids=images, saved=saved) == "i2"
@@ -72,9 +85,9 @@ def test_assignment_prefers_unannotated_images_then_folder_order(tmp_path):
     assert store.assign_next(info.session_id, a, image_ids=images, saved=saved) == "i3"  # i3 has B only
     saved["i3"] = {a: 1, b: 1}
     saved["i1"][c] = 1
-    d = store.join(info.session_id, "D").annotator_id
+    d = store.join(info.session_id, "D")[0].annotator_id
     assert store.assign_next(info.session_id, d, image_ids=images, saved=saved) == "i2"  # i2 had A only
-    e = store.join(info.session_id, "E").annotator_id
+    e = store.join(info.session_id, "E")[0].annotator_id
     assert store.assign_next(info.session_id, e, image_ids=images, saved=saved) is None  # all have 2
 
 

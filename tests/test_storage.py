@@ -59,13 +59,16 @@ def test_a_version_taken_by_another_process_is_never_overwritten(tmp_path):
     assert json.loads((folder / "v000002.geojson").read_text()) == {"written": "elsewhere"}
 
 
-def test_an_uncommitted_label_file_is_replaced_by_the_next_save(tmp_path):
+def test_label_files_have_unique_names_and_the_record_names_its_own(tmp_path):
     store = AnnotationStore(tmp_path / "annotations")
     first = save(store)
     folder = (tmp_path / first.label_file).parent
-    (folder / "v000002.tif").write_bytes(b"half a tiff from a crash")
+    (folder / "v000002.tif").write_bytes(b"a stray file from elsewhere")
     second = save(store, 4)
-    assert second.version == 2 and tifffile.imread(folder / "v000002.tif").sum() == 24
+    assert second.version == 2 and second.label_file != first.label_file
+    assert tifffile.imread(tmp_path / second.label_file).sum() == 24
+    assert store.label_path("s-1", "img-1", "a-1") == tmp_path / second.label_file
+    assert (folder / "v000002.tif").read_bytes() == b"a stray file from elsewhere"
 
 
 def test_restart_rebuilds_the_index_and_removes_temporary_files(tmp_path):

@@ -16,13 +16,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
 class Region(BaseModel):
     """A rectangle of an image level, in pixels of that level: columns ``x .. x+width``, rows ``y .. y+height``."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     x: int = Field(ge=0)
     y: int = Field(ge=0)

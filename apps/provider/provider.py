@@ -72,6 +72,10 @@ class DataProvider:
         wanted = set(session.image_ids)
         return [i for i in ids if i in wanted]
 
+    def readable_image_ids(self, session: SessionInfo) -> list[str]:
+        """The session's images that can be read, in folder order (what annotators are assigned)."""
+        return [i for i in self.session_image_ids(session) if self.catalog.get(i).error is None]
+
     def _check_in_session(self, session: SessionInfo, image_id: object) -> str:
         record = self.catalog.get(image_id)  # NotFoundError / InvalidInputError for unknown ids
         if session.image_ids is not None and record.image_id not in session.image_ids:
@@ -115,9 +119,12 @@ class DataProvider:
         record = self.catalog.get(image_id)
         if record.error or record.shape is None:
             raise InvalidInputError(f"image {image_id!r} is unreadable and cannot be annotated: {record.error}")
-        size = len(feature_collection) if isinstance(feature_collection, str) else len(
-            json.dumps(feature_collection, default=str)
-        )
+        if isinstance(feature_collection, (bytes, bytearray)):
+            size = len(feature_collection)
+        elif isinstance(feature_collection, str):
+            size = len(feature_collection.encode("utf-8"))
+        else:
+            size = len(json.dumps(feature_collection, default=str, ensure_ascii=False).encode("utf-8"))
         if size > self.config.max_annotation_bytes:
             raise PayloadTooLargeError(
                 f"annotation of {size} bytes exceeds the limit of {self.config.max_annotation_bytes} bytes"
@@ -156,8 +163,7 @@ class DataProvider:
     # -- assignment and progress ------------------------------------------------------------------
     def next_image(self, session: SessionInfo, annotator_id: str) -> Assignment:
         """Assign the annotator their next image (see :meth:`SessionStore.assign_next`)."""
-        ids = self.session_image_ids(session)
-        readable = [i for i in ids if self.catalog.get(i).error is None]
+        readable = self.readable_image_ids(session)
         image_id = self.sessions.assign_next(
             session.session_id, annotator_id, image_ids=readable, saved=self.store.counts(session.session_id)
         )
@@ -167,9 +173,10 @@ class DataProvider:
                           total=len(readable))
 
     def progress(self, session: SessionInfo) -> Progress:
-        """Images done (all their annotators saved), in progress, and work per annotator."""
-        ids = [i for i in self.session_image_ids(session) if self.catalog.get(i).error is None]
+        """Images done (all their annotators saved), in progress (assigned or partly saved), work per annotator."""
+        ids = self.readable_image_ids(session)
         counts = self.store.counts(session.session_id)
+        assignments = self.sessions.assignments(session.session_id)
         annotators = self.sessions.annotators(session.session_id)
         per: dict[str, dict] = {
             a: {"display_name": ann.display_name, "images": 0, "versions": 0} for a, ann in annotators.items()
@@ -179,7 +186,7 @@ class DataProvider:
             by = counts.get(image_id, {})
             if len(by) >= session.annotators_per_image:
                 done += 1
-            elif by:
+            elif by or assignments.get(image_id):
                 in_progress += 1
             for a, n in by.items():
                 entry = per.setdefault(a, {"display_name": a, "images": 0, "versions": 0})

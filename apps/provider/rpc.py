@@ -10,14 +10,15 @@ Three services are registered in the provider's workspace:
     the browser pages, at ``<server>/<workspace>/apps/<name>-web/``.
 
 Every function runs the provider's blocking work in a thread, returns plain JSON-able objects or numpy
-arrays, and turns errors into one clear sentence (no server traceback reaches a caller for a
-:class:`ColabelError`).
+arrays, and turns errors into one clear sentence: the caller's traceback shows only the adapter's own
+frame, never colabel's internals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import mimetypes
 from importlib.resources import files
@@ -55,16 +56,20 @@ def _plain(value: Any) -> Any:
 def _remote(fn):
     """Run ``fn`` in a worker thread and map its errors to one-sentence :class:`ServiceError`."""
 
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ServiceError(f"InvalidInputError: {fn.__name__}: {exc}") from None
         try:
             return _plain(await asyncio.to_thread(fn, *args, **kwargs))
         except ColabelError as exc:
             raise ServiceError(f"{type(exc).__name__}: {exc}") from None
         except ValidationError as exc:
             raise ServiceError(f"InvalidInputError: {exc.errors()[0]['msg']}") from None
-        except TypeError as exc:  # wrong or missing arguments from the caller
-            raise ServiceError(f"InvalidInputError: {exc}") from None
         except Exception:  # noqa: BLE001
             logger.exception("internal error in %s", fn.__name__)
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
@@ -197,13 +202,13 @@ class ProviderServices:
         def _public(info: SessionInfo) -> AnnotatorSession:
             return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode,
                                     classes=info.classes, state=info.state,
-                                    n_images=len(p.session_image_ids(info)))
+                                    n_images=len(p.readable_image_ids(info)))
 
         def join(token, display_name):
-            """Join the session under a display name; returns the annotator id to use in later calls."""
-            info = sessions.authorize(token)
-            annotator = sessions.join(info.session_id, display_name)
-            return {"annotator": annotator, "session": _public(info)}
+            """Join the session under a display name; returns the annotator and the key for later calls."""
+            info = sessions.authorize(token, write=True)
+            annotator, key = sessions.join(info.session_id, display_name)
+            return {"annotator": annotator, "annotator_key": key, "session": _public(info)}
 
         def session_info(token):
             return _public(sessions.authorize(token))
@@ -219,21 +224,24 @@ class ProviderServices:
         def get_image(token, image_id, region=None, level=0):
             return p.get_image(image_id, region=region, level=level, session=sessions.authorize(token))
 
-        def next_image(token, annotator_id):
-            return p.next_image(sessions.authorize(token), annotator_id)
+        def next_image(token, annotator_key):
+            info = sessions.authorize(token, write=True)
+            return p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
 
-        def save_annotation(token, annotator_id, image_id, annotation):
-            return p.save_annotation(sessions.authorize(token, write=True), image_id, annotator_id, annotation)
+        def save_annotation(token, annotator_key, image_id, annotation):
+            info = sessions.authorize(token, write=True)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            return p.save_annotation(info, image_id, annotator.annotator_id, annotation)
 
-        def get_annotations(token, annotator_id, image_id, version=None):
+        def get_annotations(token, annotator_key, image_id, version=None):
             info = sessions.authorize(token)
-            sessions.annotator(info.session_id, annotator_id)
-            return p.get_annotations(info, image_id, annotator_id=annotator_id, version=version)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            return p.get_annotations(info, image_id, annotator_id=annotator.annotator_id, version=version)
 
-        def list_versions(token, annotator_id, image_id):
+        def list_versions(token, annotator_key, image_id):
             info = sessions.authorize(token)
-            sessions.annotator(info.session_id, annotator_id)
-            return p.list_versions(info, image_id, annotator_id)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            return p.list_versions(info, image_id, annotator.annotator_id)
 
         def progress(token):
             return p.progress(sessions.authorize(token))

@@ -43,11 +43,13 @@ class _Session:
     """In-memory state of one session, mirrored by its manifest."""
 
     def __init__(self, info: SessionInfo, token_hashes: dict[str, str], annotators: dict[str, Annotator],
-                 assignments: dict[str, list[str]]) -> None:
+                 assignments: dict[str, list[str]], key_hashes: dict[str, str] | None = None) -> None:
         self.info = info
         self.token_hashes = token_hashes
         self.annotators = annotators
         self.assignments = assignments
+        self.key_hashes = key_hashes or {}  # annotator id -> SHA-256 of the annotator's key
+        self.by_key = {h: a for a, h in self.key_hashes.items()}
 
     def manifest(self) -> dict:
         return {
@@ -56,6 +58,7 @@ class _Session:
             "token_hashes": self.token_hashes,
             "annotators": {k: a.model_dump(mode="json") for k, a in self.annotators.items()},
             "assignments": self.assignments,
+            "annotator_key_hashes": self.key_hashes,
         }
 
     @classmethod
@@ -65,6 +68,7 @@ class _Session:
             dict(data.get("token_hashes", {})),
             {k: Annotator.model_validate(v) for k, v in data.get("annotators", {}).items()},
             {k: list(v) for k, v in data.get("assignments", {}).items()},
+            dict(data.get("annotator_key_hashes", {})),
         )
 
 
@@ -88,8 +92,13 @@ class SessionStore:
         self._by_hash: dict[str, tuple[str, str]] = {}  # token hash -> (session id, token id)
         self.load_errors: dict[str, str] = {}
         self._secrets: dict[str, str] = {}
+        for tmp in self.root.glob(f".{self.secrets_path.name}.*.tmp"):  # an interrupted write of the secrets
+            tmp.unlink(missing_ok=True)
         if self.secrets_path.exists():
-            self._secrets = json.loads(self.secrets_path.read_text())
+            try:
+                self._secrets = json.loads(self.secrets_path.read_text())
+            except (OSError, ValueError) as exc:  # share URLs cannot be reprinted; tokens still work
+                self.load_errors[self.secrets_path.name] = f"unreadable secrets file: {exc}"
         for manifest in sorted(self.sessions_root.glob("*/session.json")):
             try:
                 session = _Session.from_manifest(json.loads(manifest.read_text(encoding="utf-8")))
@@ -215,7 +224,8 @@ class SessionStore:
         """The session a share token opens.
 
         Raises :class:`AccessDeniedError` for anything but a live token of an existing session, and
-        :class:`SessionClosedError` when the session is closed.
+        :class:`SessionClosedError` for a write (``write=True``) to a closed session: a closed session is
+        read-only.
         """
         if not isinstance(token, str) or not token or len(token) > 256:
             raise AccessDeniedError("a session token is required")
@@ -224,19 +234,37 @@ class SessionStore:
             if found is None:
                 raise AccessDeniedError("invalid or revoked session token")
             session = self._sessions[found[0]]
-            if session.info.state != "open":
+            if write and session.info.state != "open":
                 raise SessionClosedError(f"session {session.info.name!r} is closed")
             return session.info.model_copy(deep=True)
 
-    def join(self, session_id: str, display_name: object) -> Annotator:
-        """Register an annotator under a display name; the id is made here, never chosen by the caller."""
+    def join(self, session_id: str, display_name: object) -> tuple[Annotator, str]:
+        """Register an annotator under a display name; returns the annotator and their secret key.
+
+        The id is made here, never chosen by the caller, and is public (progress lists it); the key is what
+        an annotator's later calls present, so nobody else holding the share link can act in their name.
+        """
         name = clean_display_name(display_name)
         with self._lock:
             session = self._get(session_id)
             annotator = Annotator(annotator_id=f"a-{secrets.token_hex(5)}", display_name=name, joined=utc_now())
+            key = secrets.token_urlsafe(24)
             session.annotators[annotator.annotator_id] = annotator
+            session.key_hashes[annotator.annotator_id] = _hash(key)
+            session.by_key[_hash(key)] = annotator.annotator_id
             self._write(session)
-            return annotator
+            return annotator, key
+
+    def identify(self, session_id: str, key: object) -> Annotator:
+        """The annotator whose secret key this is, in this session; :class:`AccessDeniedError` otherwise."""
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise AccessDeniedError("an annotator key is required (from join)")
+        with self._lock:
+            session = self._get(session_id)
+            annotator_id = session.by_key.get(_hash(key))
+            if annotator_id is None:
+                raise AccessDeniedError("unknown annotator key in this session; join the session first")
+            return session.annotators[annotator_id].model_copy()
 
     def annotator(self, session_id: str, annotator_id: object) -> Annotator:
         """A joined annotator of a session; :class:`NotFoundError` otherwise."""

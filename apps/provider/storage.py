@@ -5,13 +5,15 @@ Layout (every name is made by colabel, never taken from a caller)::
     annotations/
       sessions/<session_id>/session.json                      session manifest
       sessions/<session_id>/images/<image_id>/<annotator_id>/
-          v000001.geojson   FeatureCollection (QuPath conventions) + a "colabel" member with the record
-          v000001.tif       instance labels, uint16 or uint32, shape (H, W) of the image
+          v000001.geojson          FeatureCollection (QuPath conventions) + a "colabel" member with the record
+          v000001-<random>.tif     instance labels, uint16 or uint32, shape (H, W) of the image
 
 A version is *committed* when its ``.geojson`` exists: the label TIFF is written first, the GeoJSON last,
-each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber link or rename, ``fsync`` of the
-folder). A crash at any point leaves every earlier version intact; a version number is never reused, so a
-save can never overwrite another annotator's work or an older version.
+each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber hard link, ``fsync`` of the
+folder). A crash at any point leaves every earlier version intact; a version number is never reused and a
+label file name is never reused, so a save can never overwrite another annotator's work or an older version.
+The record in the GeoJSON names its label file. One provider process serves a folder: the in-memory index
+sees other processes' versions only after a restart, though their writes can never collide.
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ class AnnotationStore:
                 version = self._next_version(folder)
                 while True:
                     geojson_path = folder / f"v{version:06d}.geojson"
-                    label_path = folder / f"v{version:06d}.tif"
+                    label_path = folder / f"v{version:06d}-{uuid.uuid4().hex[:8]}.tif"
                     record = AnnotationRecord(
                         session_id=session_id,
                         image_id=image_id,
@@ -217,11 +219,11 @@ class AnnotationStore:
                         "features": feature_collection["features"],
                         "colabel": {**record.model_dump(mode="json"), "image_name": image_name},
                     }
-                    # an uncommitted label file (crash before its GeoJSON) may be replaced
-                    atomic_write(label_path, label_data)
+                    atomic_write(label_path, label_data, exclusive=True)
                     try:
                         atomic_write_json(geojson_path, document, exclusive=True)
                     except FileExistsError:  # another process took this number: take the next
+                        label_path.unlink(missing_ok=True)
                         version += 1
                         continue
                     break
@@ -275,9 +277,8 @@ class AnnotationStore:
         path = self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.geojson"
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def label_path(self, session_id: str, image_id: str, annotator_id: str, version: int) -> Path:
-        """Path of the instance-label TIFF of a committed version."""
-        if version not in self.versions(session_id, image_id, annotator_id):
-            raise NotFoundError(f"version {version} of annotator {annotator_id!r} on image {image_id!r} does not exist")
-        return self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.tif"
+    def label_path(self, session_id: str, image_id: str, annotator_id: str, version: int | None = None) -> Path:
+        """Path of the instance-label TIFF of a committed version (latest by default)."""
+        record = self.load(session_id, image_id, annotator_id, version)["colabel"]
+        return self.root.parent / record["label_file"]
 

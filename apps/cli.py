@@ -86,7 +86,14 @@ async def _serve(args: argparse.Namespace) -> int:
                                               "client_id": f"colabel-{config.name}-provider"})
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
             raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
-        services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url)
+        model_ids, models_server, stop_models = await start_models(args, config, server, folder)
+        assist = None
+        if model_ids:
+            from .provider.assist import ModelAssist
+
+            assist = ModelAssist(provider, models_server, model_ids, sam_model=args.sam_model)
+        services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url,
+                                    assist=assist)
         await services.register()
         session = next((s for s in provider.sessions.list() if s.state == "open"), None)
         secret = None
@@ -103,6 +110,8 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"hypha_server: {server_url} (workspace {services.workspace})")
         print(f"provider_service: {services.provider_service_id}")
         print(f"annotator_service: {services.annotator_service_id}")
+        for model, service_id in model_ids.items():
+            print(f"model_service_{model}: {service_id}")
         print(f"manage_url: {services.manage_url(provider_token)}")
         print(f"share_url: {services.share_url(secret)}  (session {session.name!r})")
         print("Press Ctrl-C to stop.", flush=True)
@@ -113,10 +122,125 @@ async def _serve(args: argparse.Namespace) -> int:
         await stop.wait()
         print("stopping", flush=True)
         await server.disconnect()
+        await stop_models()
     finally:
         if hypha is not None:
             await asyncio.to_thread(hypha.stop)
     return 0
+
+
+def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
+    """Per-service constructor options from the command line (caches in the provider's folder by default)."""
+    cache = Path(args.cache_dir) if args.cache_dir else (folder / "annotations" / ".cache" if folder else None)
+    checkpoints = {}
+    for item in args.checkpoint or []:
+        model_id, sep, path = item.partition("=")
+        if not sep or not model_id or not path:
+            raise CliError(f"--checkpoint {item!r} must be MODEL_ID=PATH")
+        checkpoints[model_id] = str(Path(path).expanduser().resolve())
+    sam = {"default_model": args.sam_model, "checkpoints": checkpoints}
+    nuclei = {"backend": args.nuclei_backend}
+    if cache is not None:
+        sam["embedding_dir"] = str(cache / "embeddings")
+        nuclei["cache_dir"] = str(cache / "nuclei")
+    return {"sam": sam, "nuclei": nuclei}
+
+
+def parse_models(text: str) -> list[str]:
+    from colabel.services.deployments import MODEL_DEPLOYMENTS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODEL_DEPLOYMENTS]
+    if unknown:
+        raise CliError(f"unknown model service(s) {unknown}; known: {sorted(MODEL_DEPLOYMENTS)}")
+    return names
+
+
+async def start_models(args: argparse.Namespace, config, server, folder: Path | None):
+    """Start (or find) the model services; returns (name -> service id, connection to reach them, stop)."""
+    from hypha_rpc import connect_to_server
+
+    names = parse_models(args.models)
+
+    async def nothing():
+        return None
+
+    if not names:
+        return {}, server, nothing
+    if args.models_url:
+        try:
+            remote = await connect_to_server({"server_url": args.models_url, "token": args.models_token})
+        except Exception as exc:  # noqa: BLE001
+            raise CliError(f"cannot connect to the model services at {args.models_url}: {exc}") from None
+        ids = {n: f"{remote.config.workspace}/{args.models_prefix}-{n}" for n in names}
+        return ids, remote, remote.disconnect
+    from colabel.services.deployments import get_deployment
+    from colabel.services.gateway import LocalBackend, RayBackend, register_model_services
+
+    options = model_options(args, folder)
+    if args.no_ray:
+        backends = {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}
+
+        async def stop():
+            return None
+    else:
+        from colabel.services import ray_runtime
+
+        print("starting Ray Serve and the model deployments ...", flush=True)
+        await asyncio.to_thread(ray_runtime.start_local_ray, address=args.ray_address)
+        handles = await asyncio.to_thread(ray_runtime.deploy, names, options=options)
+        backends = {n: RayBackend(n, handles[n]) for n in names}
+
+        async def stop():
+            await asyncio.to_thread(ray_runtime.shutdown)
+    ids = await register_model_services(server, backends, prefix=args.models_prefix)
+    return ids, server, stop
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model services")
+    group.add_argument("--models", default="sam,nuclei",
+                       help="model services to run, comma-separated (default sam,nuclei; '' for none)")
+    group.add_argument("--no-ray", action="store_true", help="run the model services in this process, without Ray")
+    group.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    group.add_argument("--models-url", default=None,
+                       help="use model services already registered on this Hypha server (e.g. a cluster)")
+    group.add_argument("--models-token", default=None, help="token for --models-url")
+    group.add_argument("--models-prefix", default="colabel", help="prefix of the model service ids (default colabel)")
+    group.add_argument("--sam-model", default="sam_vit_b_lm", help="default SAM model id (default sam_vit_b_lm)")
+    group.add_argument("--checkpoint", action="append", metavar="MODEL_ID=PATH",
+                       help="use a local checkpoint file for a model id (repeatable; no download needed)")
+    group.add_argument("--nuclei-backend", default="classical",
+                       help="nucleus segmentation backend: classical (no weights) or hovernet")
+    group.add_argument("--cache-dir", default=None,
+                       help="embedding and result cache (default FOLDER/annotations/.cache)")
+
+
+async def _models(args: argparse.Namespace) -> int:
+    """Run only the model services and register them on a Hypha server (the cluster's gateway role)."""
+    from hypha_rpc import connect_to_server
+
+    try:
+        server = await connect_to_server({"server_url": args.server_url, "token": args.token})
+    except Exception as exc:  # noqa: BLE001
+        raise CliError(f"cannot connect to the Hypha server at {args.server_url}: {exc}") from None
+    args.models_url = None
+    ids, _, stop_models = await start_models(args, None, server, None)
+    for name, service_id in ids.items():
+        print(f"model_service_{name}: {service_id}", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.disconnect()
+    await stop_models()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    return asyncio.run(_models(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -160,7 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--classes", default=DEFAULT_CLASSES,
                        help=f"label classes of the first session, name[:#rrggbb],... (default {DEFAULT_CLASSES})")
     serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")
+    add_model_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    models = commands.add_parser("models", help="run the model services and register them on a Hypha server",
+                                 description="Start Ray Serve (or use --ray-address, or --no-ray) with the model "
+                                 "deployments and register them as Hypha services: the gateway role of a cluster. "
+                                 "Providers use them with `colabel serve --models-url`.")
+    models.add_argument("--server-url", required=True, help="the Hypha server to register on")
+    models.add_argument("--token", default=None, help="token of the workspace to register in")
+    add_model_arguments(models)
+    models.set_defaults(func=cmd_models)
 
     demo = commands.add_parser("demo", help="write real demo images into a folder",
                                description="Write scikit-image's immunohistochemistry (Ki-67-like IHC) image and "

@@ -85,7 +85,7 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path)
 
     port = free_port()
     folder = tmp_path / "demo"
-    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port)],
+    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port), "--no-ray"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed = {}
     deadline = time.monotonic() + 90
@@ -104,12 +104,15 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path)
         async def annotate():
             client = await connect_to_server({"server_url": f"http://127.0.0.1:{port}"})
             service = await client.get_service(printed["annotator_service"])
-            images = await service.list_images(token)
+            images = {i["name"]: i for i in await service.list_images(token)}
+            nuclei = await service.detect_nuclei(token, images["dsb2018_nuclei.tif"]["image_id"])
             await client.disconnect()
-            return images
+            return images, nuclei
 
-        images = asyncio.run(annotate())
-        assert {i["name"] for i in images} == {"dsb2018_nuclei.tif", "ihc_ki67.png"}
+        images, nuclei = asyncio.run(annotate())
+        assert set(images) == {"dsb2018_nuclei.tif", "ihc_ki67.png"}
+        assert nuclei["count"] >= 100  # the nucleus model service answers through the share link
+        assert {"model_service_sam", "model_service_nuclei"} <= set(printed)
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(30)

@@ -24,7 +24,7 @@ def start_provider(folder, hypha_server, name):
     """``colabel serve FOLDER --server-url ... --token ...`` as a subprocess; returns (process, printed lines)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "colabel.apps.cli", "serve", str(folder), "--server-url", hypha_server.url,
-         "--token", hypha_server.root_token, "--name", name],
+         "--token", hypha_server.root_token, "--name", name, "--models", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     lines = {}

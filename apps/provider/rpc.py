@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from colabel.errors import ColabelError
 
+from .assist import ModelAssist
 from .models import AnnotatorSession, SessionInfo
 from .provider import DataProvider
 
@@ -54,7 +55,8 @@ def _plain(value: Any) -> Any:
 
 
 def _remote(fn):
-    """Run ``fn`` in a worker thread and map its errors to one-sentence :class:`ServiceError`."""
+    """Run ``fn`` (a coroutine function, or a blocking one in a worker thread) and map its errors to a
+    one-sentence :class:`ServiceError`."""
 
     signature = inspect.signature(fn)
 
@@ -65,6 +67,8 @@ def _remote(fn):
         except TypeError as exc:
             raise ServiceError(f"InvalidInputError: {fn.__name__}: {exc}") from None
         try:
+            if inspect.iscoroutinefunction(fn):
+                return _plain(await fn(*args, **kwargs))
             return _plain(await asyncio.to_thread(fn, *args, **kwargs))
         except ColabelError as exc:
             raise ServiceError(f"{type(exc).__name__}: {exc}") from None
@@ -90,8 +94,10 @@ class ProviderServices:
         Base URL of the Hypha server as annotators reach it; used in share URLs.
     """
 
-    def __init__(self, provider: DataProvider, server, *, name: str, public_url: str) -> None:
+    def __init__(self, provider: DataProvider, server, *, name: str, public_url: str,
+                 assist: ModelAssist | None = None) -> None:
         self.provider = provider
+        self.assist = assist
         self.server = server
         self.name = name
         self.public_url = public_url.rstrip("/")
@@ -248,7 +254,36 @@ class ProviderServices:
 
         functions = [join, session_info, list_images, image_info, get_image, next_image, save_annotation,
                      get_annotations, list_versions, progress]
+        if self.assist is not None:
+            functions += self._assist_functions()
         return {f.__name__: _remote(f) for f in functions}
+
+    def _assist_functions(self) -> list:
+        """AI help, each call checked against the session's token first."""
+        assist, sessions = self.assist, self.provider.sessions
+
+        async def sam_prepare(token, image_id, model_id=None):
+            """Compute (once, for every annotator) the SAM embedding of an image of the session."""
+            return await assist.sam_prepare(sessions.authorize(token), image_id, model_id)
+
+        async def sam_segment(token, image_id, prompt, model_id=None):
+            """One object from points (positive 1 / negative 0) and/or a box; GeoJSON features in pixels."""
+            return await assist.sam_segment(sessions.authorize(token), image_id, prompt, model_id)
+
+        async def sam_embedding(token, image_id, model_id=None):
+            """The embedding in BioImage.IO Colab's form, for decoding clicks in the browser."""
+            return await assist.sam_embedding(sessions.authorize(token), image_id, model_id)
+
+        async def sam_decoder(token, model_id=None, quantize=True):
+            """The ONNX prompt decoder (bytes) for onnxruntime-web."""
+            sessions.authorize(token)
+            return await assist.sam_decoder(model_id, quantize)
+
+        async def detect_nuclei(token, image_id, region=None, backend=None):
+            """Every nucleus of an image of the session (or of a region)."""
+            return await assist.detect_nuclei(sessions.authorize(token), image_id, region, backend)
+
+        return [sam_prepare, sam_segment, sam_embedding, sam_decoder, detect_nuclei]
 
     # -- web pages --------------------------------------------------------------------------------
     def web_handler(self):

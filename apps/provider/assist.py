@@ -1,0 +1,136 @@
+"""AI help for annotators: the provider's bridge from a session's image to the model services.
+
+An annotator never reaches a model service directly (those are workspace-protected): the annotator
+service's AI functions check the share token, read the session's image here, and call the model service
+over Hypha, wherever it runs (in this process, local Ray Serve replicas, or a cluster via ``--models-url``).
+Pixels travel to the SAM service once per image: afterwards prompts carry only the embedding id, and every
+annotator and replica shares the same embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from colabel.errors import ColabelError, InvalidInputError, NotFoundError
+
+from .provider import DataProvider
+
+logger = logging.getLogger(__name__)
+
+
+class ModelServiceUnavailable(ColabelError):
+    """A model service that is not running or failed."""
+
+
+def remote_message(exc: BaseException) -> str:
+    """The one-sentence reason of a remote error: the last line of hypha-rpc's message."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    for prefix in ("Exception: ", "ServiceError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
+
+
+class ModelAssist:
+    """Annotator-facing AI functions over the model services registered on a Hypha server.
+
+    Parameters
+    ----------
+    provider : DataProvider
+    server : hypha-rpc connection that can reach the model services
+    service_ids : dict
+        Model service name (``"sam"``, ``"nuclei"``) -> full Hypha service id.
+    sam_model : str
+        Default SAM model id.
+    """
+
+    def __init__(self, provider: DataProvider, server: Any, service_ids: dict[str, str], *,
+                 sam_model: str = "sam_vit_b_lm") -> None:
+        self.provider = provider
+        self.server = server
+        self.service_ids = dict(service_ids)
+        self.sam_model = sam_model
+        self._services: dict[str, Any] = {}
+        self._embeddings: dict[tuple[str, str], str] = {}  # (image id, model id) -> embedding id
+        self._embedding_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def service(self, name: str):
+        if name not in self.service_ids:
+            raise ModelServiceUnavailable(f"the {name} model service is not running with this provider")
+        if name not in self._services:
+            try:
+                self._services[name] = await self.server.get_service(self.service_ids[name])
+            except Exception as exc:  # noqa: BLE001
+                raise ModelServiceUnavailable(
+                    f"the {name} model service ({self.service_ids[name]}) is unreachable: {remote_message(exc)}"
+                ) from None
+        return self._services[name]
+
+    async def call(self, name: str, method: str, *args):
+        service = await self.service(name)
+        try:
+            return await getattr(service, method)(*args)
+        except Exception as exc:  # noqa: BLE001
+            message = remote_message(exc)
+            kind, _, sentence = message.partition(": ")
+            if kind == "NotFoundError":
+                raise NotFoundError(sentence) from None
+            if kind in ("InvalidInputError", "PayloadTooLargeError"):
+                raise InvalidInputError(sentence) from None
+            raise ModelServiceUnavailable(f"{name}.{method} failed: {message}") from None
+
+    async def _pixels(self, session, image_id: str):
+        return await asyncio.to_thread(self.provider.get_image, image_id, session=session)
+
+    # -- SAM ------------------------------------------------------------------------------------
+    async def sam_prepare(self, session, image_id: str, model_id: str | None = None) -> dict:
+        """Make sure the image's embedding exists (computed once for everyone); returns its description."""
+        model_id = model_id or self.sam_model
+        key = (image_id, model_id)
+        lock = self._embedding_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            pixels = await self._pixels(session, image_id)
+            description = await self.call("sam", "embed", pixels, model_id)
+            self._embeddings[key] = description["embedding_id"]
+            return description
+
+    async def sam_segment(self, session, image_id: str, prompt: dict, model_id: str | None = None) -> dict:
+        """Segment one object from ``prompt`` ``{points: [[x, y], ...], labels: [1|0, ...], box: [x0, y0, x1, y1]}``.
+
+        Returns ``{features: GeoJSON Features in image pixels, score, embedding_id}``.
+        """
+        if not isinstance(prompt, dict):
+            raise InvalidInputError("prompt must be an object {points, labels, box}")
+        unknown = set(prompt) - {"points", "labels", "box"}
+        if unknown:
+            raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
+        model_id = model_id or self.sam_model
+        self.provider._check_in_session(session, image_id)
+        embedding_id = self._embeddings.get((image_id, model_id))
+        if embedding_id is None:
+            embedding_id = (await self.sam_prepare(session, image_id, model_id))["embedding_id"]
+        args = (embedding_id, model_id, prompt.get("points"), prompt.get("labels"), prompt.get("box"))
+        try:
+            return await self.call("sam", "segment", *args)
+        except NotFoundError:  # evicted everywhere: send the pixels once more
+            embedding_id = (await self.sam_prepare(session, image_id, model_id))["embedding_id"]
+            return await self.call("sam", "segment", embedding_id, *args[1:])
+
+    async def sam_embedding(self, session, image_id: str, model_id: str | None = None) -> dict:
+        """The image embedding in BioImage.IO Colab's form, for decoding clicks in the browser."""
+        pixels = await self._pixels(session, image_id)
+        return await self.call("sam", "compute_embedding", pixels, model_id or self.sam_model)
+
+    async def sam_decoder(self, model_id: str | None = None, quantize: bool = True) -> bytes:
+        """The ONNX prompt decoder of a SAM model, for onnxruntime-web."""
+        return await self.call("sam", "get_onnx_model", model_id or self.sam_model, quantize)
+
+    # -- nuclei ---------------------------------------------------------------------------------
+    async def detect_nuclei(self, session, image_id: str, region: Any = None, backend: str | None = None) -> dict:
+        """Every nucleus of the image (or region): ``count`` and ``nuclei`` (id, bbox, centroid, polygon,
+        area, type), full-image pixel coordinates; no label image (polygons are what the browser draws)."""
+        pixels = await self._pixels(session, image_id)
+        return await self.call("nuclei", "segment", pixels, region, backend, None, False)

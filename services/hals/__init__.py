@@ -1,0 +1,1 @@
+"""HALS: human-augmenting labelling of cells (features, online classifier, Coreset active learning)."""

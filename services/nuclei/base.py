@@ -1,0 +1,838 @@
+"""The nucleus-segmentation backend interface, its registry, and :func:`segment_nuclei`.
+
+A backend (:class:`NucleusSegmenter`) turns pixels into an instance-label image. Everything that does
+not depend on the model lives here, once: input checks, regions, tiling of large images with stitching
+across tile borders, per-nucleus measurements (id, bbox, centroid, polygon, area, type) and caching.
+
+Tiling and stitching
+--------------------
+An image larger than ``tile_size`` is cut into ``tile_size`` tiles that overlap their neighbours by at
+least ``overlap`` pixels (the last row/column of tiles is shifted back to end at the image edge). The
+overlap strip between two neighbours is split in its middle: each tile owns a *core* (the part of the
+image closer to it than to its neighbours), and a tile's nucleus is kept only if its centroid lies in
+that tile's core. A centroid in a core is at least ``overlap // 2`` pixels away from the tile's edges
+inside the image, so **as long as every nucleus reaches less than ``overlap // 2 - 1`` pixels from its
+centroid (overlap larger than the largest nucleus diameter, plus the context the backend needs)**, it is
+whole in the tile that keeps it, and the neighbour that cut it at its edge discards its piece because the piece's
+centroid lies outside the neighbour's core. Where two tiles segment the same nucleus slightly differently
+and both centroids fall in their own cores (a nucleus straddling the middle line), the second copy is
+recognised by its overlap with pixels already claimed (more than half of its pixels) and dropped; pixels
+are never claimed twice. Ids are renumbered ``1..N``.
+
+Whole-image statistics (stain detection, thresholds, intensity scaling) are computed once by the
+backend's :meth:`NucleusSegmenter.prepare` before tiling, so tiles are treated alike.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from colabel.coords import rc_to_xy
+from colabel.errors import InvalidInputError, NotFoundError
+
+from .types import Nucleus, NucleusResult
+
+__all__ = [
+    "Segmentation",
+    "NucleusSegmenter",
+    "register_backend",
+    "get_backend",
+    "available_backends",
+    "validate_image",
+    "parse_region",
+    "tile_grid",
+    "segment_nuclei",
+    "measure_nuclei",
+    "NucleusCache",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Segmentation(NamedTuple):
+    """What a backend returns for one image or tile.
+
+    ``labels`` (H, W) unsigned/signed integers, 0 = background; ``types`` (H, W) int, the type of the
+    instance each pixel belongs to (constant within an instance), and ``type_probs`` (H, W) float, the
+    instance's type probability, or None when the backend does not classify.
+    """
+
+    labels: np.ndarray
+    types: np.ndarray | None = None
+    type_probs: np.ndarray | None = None
+
+
+class NucleusSegmenter:
+    """A nucleus instance-segmentation backend.
+
+    A subclass sets :attr:`name` and implements either
+
+    * :meth:`segment` only -- then every tile of a large image is segmented on its own; or
+    * :meth:`prepare` (whole-image conversion and statistics, run once) and :meth:`segment_prepared`
+      (one tile of the prepared image), which :func:`segment_nuclei` uses so that tiles share one
+      normalisation; :meth:`segment` then needs no override.
+
+    :meth:`options` returns the JSON-able settings that change the output (part of the cache key).
+    """
+
+    name: ClassVar[str] = "base"
+    #: ``{type: name}`` when the backend classifies nuclei.
+    type_names: dict[int, str] | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.segment is NucleusSegmenter.segment and cls.segment_prepared is NucleusSegmenter.segment_prepared:
+            raise TypeError(f"{cls.__name__} must implement segment() or segment_prepared()")
+
+    def __new__(cls, *args, **kwargs):
+        if cls is NucleusSegmenter:
+            raise TypeError("NucleusSegmenter is an interface; instantiate a backend")
+        return super().__new__(cls)
+
+    def options(self) -> dict:
+        """Settings that change the output, JSON-able (used in cache keys)."""
+        return {}
+
+    def info(self) -> dict:
+        """Name, description and options, for listings and the wire."""
+        return {"name": self.name, "options": self.options(), "type_names": self.type_names}
+
+    def prepare(self, image: np.ndarray, *, mpp: float | None = None) -> tuple[np.ndarray, dict]:
+        """Whole-image step run once before tiling: returns ``(prepared image, context)``.
+
+        The prepared image must have the input's height and width. The default passes the image through.
+        """
+        return image, {"mpp": mpp}
+
+    def segment_prepared(self, image: np.ndarray, *, context: dict) -> Segmentation:
+        """Segment one tile of the prepared image (default: :meth:`segment` on the tile)."""
+        return _as_segmentation(self.segment(image, mpp=context.get("mpp")), image.shape[:2])
+
+    def segment(self, image: np.ndarray, *, mpp: float | None = None) -> Segmentation:
+        """Segment a whole image (no tiling).
+
+        Parameters
+        ----------
+        image : ndarray (H, W) or (H, W, C)
+            Grey or channels-last; integer or float dtype. Not mutated.
+        mpp : float, optional
+            Microns per pixel, when known.
+
+        Returns
+        -------
+        segmentation : Segmentation
+            ``labels`` (H, W), plus per-pixel types when the backend classifies.
+        """
+        image = validate_image(image)
+        prepared, context = self.prepare(image, mpp=_check_mpp(mpp))
+        return _as_segmentation(self.segment_prepared(prepared, context=context), image.shape[:2])
+
+
+def _as_segmentation(value: Any, shape: tuple[int, ...]) -> Segmentation:
+    if isinstance(value, np.ndarray):
+        value = Segmentation(value)
+    elif isinstance(value, tuple) and not isinstance(value, Segmentation):
+        value = Segmentation(*value)
+    if not isinstance(value, Segmentation):
+        raise TypeError(f"a backend must return labels or a Segmentation, got {type(value).__name__}")
+    if value.labels.shape != tuple(shape) or value.labels.dtype.kind not in "iu":
+        raise TypeError(
+            f"a backend returned labels {value.labels.shape} {value.labels.dtype}, expected {tuple(shape)} ints"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------------
+
+# name -> factory, or "module:attribute" imported on first use (keeps torch out of `import nuclei`)
+_BACKENDS: dict[str, Callable[..., NucleusSegmenter] | str] = {
+    "classical": "colabel.services.nuclei.classical:ClassicalSegmenter",
+    "hovernet": "colabel.services.nuclei.hovernet:HoVerNetSegmenter",
+}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def register_backend(name: str, factory: Callable[..., NucleusSegmenter] | str) -> None:
+    """Register a backend factory (a class or callable, or ``"module:attribute"``) under *name*.
+
+    Re-registering a name replaces the previous factory.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"backend name must be a non-empty string, got {name!r}")
+    with _BACKENDS_LOCK:
+        _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends."""
+    with _BACKENDS_LOCK:
+        return sorted(_BACKENDS)
+
+
+def get_backend(name: str, **options) -> NucleusSegmenter:
+    """A new backend instance: ``get_backend("classical", stain="he")``.
+
+    Raises
+    ------
+    NotFoundError
+        If no backend has that name.
+    """
+    with _BACKENDS_LOCK:
+        factory = _BACKENDS.get(name)
+    if factory is None:
+        raise NotFoundError(f"unknown nucleus backend {name!r} (available: {', '.join(available_backends())})")
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    backend = factory(**options)
+    if not isinstance(backend, NucleusSegmenter):
+        raise TypeError(f"backend factory {name!r} returned {type(backend).__name__}, not a NucleusSegmenter")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------------
+
+
+def validate_image(image: Any) -> np.ndarray:
+    """Check an image and return it as an ndarray (no copy when it already is one).
+
+    Accepted: (H, W) or (H, W, C) with C in 1..4, H and W >= 1, dtype unsigned/signed integer or float,
+    all values finite.
+
+    Raises
+    ------
+    InvalidInputError
+        With one sentence naming the problem.
+    """
+    if not isinstance(image, np.ndarray):
+        try:
+            image = np.asarray(image)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"image must be an array of numbers: {exc}") from None
+    if image.dtype.kind not in "iuf":
+        raise InvalidInputError(f"image dtype must be an integer or float type, got {image.dtype}")
+    if image.ndim not in (2, 3):
+        raise InvalidInputError(f"image must have shape (H, W) or (H, W, C), got shape {image.shape}")
+    if image.size == 0 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise InvalidInputError(f"image is empty (shape {image.shape})")
+    if image.ndim == 3 and not 1 <= image.shape[2] <= 4:
+        raise InvalidInputError(f"image must have 1 to 4 channels last, got shape {image.shape}")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InvalidInputError("image contains NaN or infinite values")
+    return image
+
+
+def parse_region(region: Any, image_shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Check ``region`` = ``(x, y, width, height)`` in full-image pixels against ``(height, width)``.
+
+    Accepts a 4-sequence, a dict or an object with ``x``, ``y``, ``width``, ``height`` (e.g.
+    :class:`colabel.apps.provider.models.Region`).
+
+    Raises
+    ------
+    InvalidInputError
+        If it is malformed, empty or not inside the image.
+    """
+    if isinstance(region, dict):
+        values = [region.get(k) for k in ("x", "y", "width", "height")]
+    elif all(hasattr(region, k) for k in ("x", "y", "width", "height")):
+        values = [getattr(region, k) for k in ("x", "y", "width", "height")]
+    elif isinstance(region, Sequence) and not isinstance(region, (str, bytes)) and len(region) == 4:
+        values = list(region)
+    else:
+        raise InvalidInputError(f"region must be (x, y, width, height), got {region!r}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise InvalidInputError(f"region values must be integers, got {values!r}")
+    x, y, w, h = (int(v) for v in values)
+    height, width = image_shape
+    if w <= 0 or h <= 0:
+        raise InvalidInputError(f"region width and height must be positive, got {w} x {h}")
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        raise InvalidInputError(
+            f"region (x={x}, y={y}, width={w}, height={h}) is not inside the {width} x {height} image"
+        )
+    return x, y, w, h
+
+
+def _check_mpp(mpp: Any) -> float | None:
+    if mpp is None:
+        return None
+    number = isinstance(mpp, (int, float, np.floating, np.integer)) and not isinstance(mpp, bool)
+    if not number or not np.isfinite(mpp) or mpp <= 0:
+        raise InvalidInputError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    return float(mpp)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiling
+# --------------------------------------------------------------------------------------------------
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _cores(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
+    """Half-open core ``[lo, hi)`` of each tile: overlaps split in their middle."""
+    bounds = [0] + [(starts[i + 1] + starts[i] + tile) // 2 for i in range(len(starts) - 1)] + [length]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+
+def tile_grid(shape: tuple[int, int], *, tile_size: int, overlap: int) -> list[dict]:
+    """The tiles :func:`segment_nuclei` uses for an image of ``(height, width)``.
+
+    Returns
+    -------
+    tiles : list of dict
+        Row-major; each has ``rows`` / ``cols`` (half-open pixel ranges of the tile) and ``core_rows`` /
+        ``core_cols`` (the part of the image it owns). The cores partition the image.
+    """
+    height, width = shape
+    rs, cs = _starts(height, tile_size, overlap), _starts(width, tile_size, overlap)
+    rc, cc = _cores(rs, tile_size, height), _cores(cs, tile_size, width)
+    return [
+        {
+            "rows": (r, min(r + tile_size, height)),
+            "cols": (c, min(c + tile_size, width)),
+            "core_rows": rcore,
+            "core_cols": ccore,
+        }
+        for r, rcore in zip(rs, rc, strict=True)
+        for c, ccore in zip(cs, cc, strict=True)
+    ]
+
+
+def _stitch(
+    backend: NucleusSegmenter,
+    prepared: np.ndarray,
+    context: dict,
+    *,
+    tile_size: int,
+    overlap: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    height, width = prepared.shape[:2]
+    tiles = tile_grid((height, width), tile_size=tile_size, overlap=overlap)
+    out = np.zeros((height, width), dtype=np.uint32)
+    out_types = out_probs = None
+    has_probs = False
+    next_id = 1
+    for done, tile in enumerate(tiles):
+        (r0, r1), (c0, c1) = tile["rows"], tile["cols"]
+        seg = _as_segmentation(backend.segment_prepared(prepared[r0:r1, c0:c1], context=context), (r1 - r0, c1 - c0))
+        lab = seg.labels.astype(np.int64, copy=False)
+        if lab.size and lab.min() < 0:
+            raise TypeError("a backend returned negative labels")
+        n = int(lab.max()) if lab.size else 0
+        if n > 0:
+            flat = lab.ravel()
+            counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
+            rows = np.bincount(flat, weights=np.repeat(np.arange(r1 - r0, dtype=np.float64), c1 - c0), minlength=n + 1)
+            cols = np.bincount(flat, weights=np.tile(np.arange(c1 - c0, dtype=np.float64), r1 - r0), minlength=n + 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cy = rows / counts + 0.5 + r0  # centroid, pixel-centre convention, tile -> image rows
+                cx = cols / counts + 0.5 + c0
+            (cr0, cr1), (cc0, cc1) = tile["core_rows"], tile["core_cols"]
+            keep = (counts > 0) & (cy >= cr0) & (cy < cr1) & (cx >= cc0) & (cx < cc1)
+            keep[0] = False
+            view = out[r0:r1, c0:c1]
+            candidate = keep[lab]
+            claimed = candidate & (view > 0)
+            if claimed.any():  # the same nucleus already taken from a previous tile
+                shared = np.bincount(lab[claimed], minlength=n + 1)
+                keep &= ~(shared > 0.5 * counts)
+            ids = np.flatnonzero(keep)
+            lut = np.zeros(n + 1, dtype=np.uint32)
+            lut[ids] = np.arange(next_id, next_id + len(ids), dtype=np.uint32)
+            next_id += len(ids)
+            new = lut[lab]
+            write = (new > 0) & (view == 0)
+            view[write] = new[write]
+            if seg.types is not None:
+                if out_types is None:
+                    out_types = np.zeros((height, width), dtype=np.int32)
+                    out_probs = np.zeros((height, width), dtype=np.float32)
+                out_types[r0:r1, c0:c1][write] = np.asarray(seg.types)[write]
+                if seg.type_probs is not None:
+                    has_probs = True
+                    out_probs[r0:r1, c0:c1][write] = np.asarray(seg.type_probs)[write]
+        if progress is not None:
+            progress(done + 1, len(tiles))
+    return out, out_types, (out_probs if has_probs else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------------
+
+# unit vectors of the four boundary-edge directions, screen coordinates (x right, y down):
+# 0 = right, 1 = down, 2 = left, 3 = up (clockwise on screen)
+_DIRECTIONS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.int64)
+
+
+def _largest_pieces(labels: np.ndarray) -> np.ndarray:
+    """*labels* (a new uint32 array) with each label reduced to its largest 8-connected piece."""
+    from skimage.measure import label as connected
+
+    out = labels.astype(np.uint32, copy=True)
+    if not out.any():
+        return out
+    pieces = connected(out, connectivity=2, background=0)
+    n_pieces = int(pieces.max())
+    owner = np.zeros(n_pieces + 1, dtype=np.int64)
+    owner[pieces.ravel()] = out.ravel()
+    n_labels = np.count_nonzero(np.bincount(owner[1:])) if n_pieces else 0
+    if n_pieces == n_labels:
+        return out
+    sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+    order = np.lexsort((-sizes[1:], owner[1:])) + 1  # by owner, largest piece first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = owner[order][1:] != owner[order][:-1]
+    keep = np.zeros(n_pieces + 1, dtype=bool)
+    keep[order[first]] = True
+    out[~keep[pieces]] = 0
+    return out
+
+
+def _outlines(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """Outer outline of every label as an ``(N, 2)`` float ``[x, y]`` ring (not repeated at the end).
+
+    The outline joins the midpoints of the label's boundary pixel edges in order -- the level-0.5
+    contour of the label's mask, as marching squares (``skimage.measure.find_contours``) draws it, with
+    diagonally touching pixels kept together. A pixel centre lies inside the ring exactly when the pixel
+    belongs to the label or to a hole in it, so rasterising the ring gives back the filled mask.
+    Vertices on straight lines are left out. Each label must be one 8-connected piece.
+    """
+    height, width = labels.shape
+    lab = labels.astype(np.int64, copy=False)
+    padded = np.pad(lab, 1)
+    core = padded[1:-1, 1:-1]
+    inside = core > 0
+    starts, ends, dirs, owners = [], [], [], []
+    # (neighbour, start corner offset (x, y), end corner offset, direction), interior on the right
+    for neighbour, s_off, e_off, direction in (
+        (padded[:-2, 1:-1], (0, 0), (1, 0), 0),  # top edge, going right
+        (padded[1:-1, 2:], (1, 0), (1, 1), 1),  # right edge, going down
+        (padded[2:, 1:-1], (1, 1), (0, 1), 2),  # bottom edge, going left
+        (padded[1:-1, :-2], (0, 1), (0, 0), 3),  # left edge, going up
+    ):
+        r, c = np.nonzero(inside & (core != neighbour))
+        starts.append((r + s_off[1]) * (width + 1) + (c + s_off[0]))
+        ends.append((r + e_off[1]) * (width + 1) + (c + e_off[0]))
+        dirs.append(np.full(len(r), direction, dtype=np.int64))
+        owners.append(core[r, c])
+    start, end = np.concatenate(starts), np.concatenate(ends)
+    direction, owner = np.concatenate(dirs), np.concatenate(owners)
+    if len(start) == 0:
+        return {}
+    n_vertices = (height + 1) * (width + 1)
+    key = (owner * n_vertices + start) * 4 + direction
+    order = np.argsort(key)
+    start, end, direction, owner, key = start[order], end[order], direction[order], owner[order], key[order]
+    # next edge: at the end vertex, turn left if that edge exists (keeps diagonal pixels together),
+    # else go straight, else turn right
+    nxt = np.full(len(key), -1, dtype=np.int64)
+    for turn in (-1, 0, 1):
+        wanted = (owner * n_vertices + end) * 4 + (direction + turn) % 4
+        pos = np.minimum(np.searchsorted(key, wanted), len(key) - 1)
+        found = (key[pos] == wanted) & (nxt < 0)
+        nxt[found] = pos[found]
+    if (nxt < 0).any():  # cannot happen for a label image; guard against silent garbage
+        raise RuntimeError("broken boundary while tracing nucleus outlines")
+    # a midpoint is a vertex of the outline unless it lies on the line through its neighbours
+    prv = np.empty_like(nxt)
+    prv[nxt] = np.arange(len(nxt))
+    unit = _DIRECTIONS[direction]
+    v1 = unit[prv] + unit
+    v2 = unit + unit[nxt]
+    corner = v1[:, 0] * v2[:, 1] - v1[:, 1] * v2[:, 0] != 0
+    sx, sy = start % (width + 1), start // (width + 1)
+    ex, ey = end % (width + 1), end // (width + 1)
+    mid = np.stack([(sx + ex) / 2.0, (sy + ey) / 2.0], axis=1)
+    # the first edge of each label (smallest start vertex: top edge of its top-left pixel) is on the
+    # outer boundary; follow it around
+    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    nxt_list = nxt.tolist()
+    out: dict[int, np.ndarray] = {}
+    for e0 in first.tolist():
+        loop = [e0]
+        e = nxt_list[e0]
+        while e != e0:
+            loop.append(e)
+            e = nxt_list[e]
+        idx = np.asarray(loop)
+        out[int(owner[e0])] = mid[idx[corner[idx]]]
+    return out
+
+
+def measure_nuclei(
+    labels: np.ndarray,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    types: np.ndarray | None = None,
+    type_probs: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[Nucleus]]:
+    """Per-nucleus measurements of a label image; returns a cleaned, renumbered copy and the nuclei.
+
+    Each label is reduced to its largest 8-connected piece (other pieces become background) and ids are
+    renumbered ``1..N`` in increasing order of the input labels.
+
+    Parameters
+    ----------
+    labels : ndarray (H, W) of int
+        Not mutated.
+    origin : (x, y)
+        Offset of ``labels[0, 0]`` in the full image; added to every coordinate.
+    types, type_probs : ndarray (H, W), optional
+        Per-pixel instance type and probability (from :class:`Segmentation`).
+
+    Returns
+    -------
+    labels : ndarray (H, W), uint32
+    nuclei : list of Nucleus
+        Polygons: the outer outline (holes filled) through the midpoints of the boundary pixel edges,
+        see :func:`_outlines`; ``area`` is the pixel count.
+    """
+    import shapely
+
+    ox, oy = int(origin[0]), int(origin[1])
+    cleaned = _largest_pieces(labels)
+    present = np.flatnonzero(np.bincount(cleaned.ravel()))
+    present = present[present > 0]
+    lut = np.zeros(int(cleaned.max()) + 1, dtype=np.uint32)
+    lut[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+    out = lut[cleaned]
+    n = len(present)
+    if n == 0:
+        return out, []
+    flat = out.ravel().astype(np.int64)
+    height, width = out.shape
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    row_sum = np.bincount(flat, weights=np.repeat(np.arange(height, dtype=np.float64), width), minlength=n + 1)
+    col_sum = np.bincount(flat, weights=np.tile(np.arange(width, dtype=np.float64), height), minlength=n + 1)
+    # mean pixel (row, col) -> (x, y) of the pixel centres in the full image
+    mean_rc = np.stack([row_sum[1:] / area[1:], col_sum[1:] / area[1:]], axis=1)
+    centroids = rc_to_xy(mean_rc) + 0.5 + np.array([ox, oy])
+    boxes = ndi.find_objects(out)
+    rings = _outlines(out)
+    coords = np.concatenate([rings[k] for k in range(1, n + 1)]) + (ox, oy)
+    ring_index = np.repeat(np.arange(n), [len(rings[k]) for k in range(1, n + 1)])
+    geometries = shapely.polygons(shapely.linearrings(coords, indices=ring_index))
+    valid = shapely.is_valid(geometries)
+    nuclei: list[Nucleus] = []
+    for k in range(1, n + 1):
+        ring = rings[k] + (ox, oy)
+        if not valid[k - 1]:  # safety net; the tracing above gives simple rings
+            ring = _repair(geometries[k - 1])
+        ring = np.concatenate([ring, ring[:1]])
+        box = boxes[k - 1]
+        kind = prob = None
+        if types is not None:
+            r, c = np.unravel_index(int(np.argmax(out[box] == k)), out[box].shape)
+            r, c = r + box[0].start, c + box[1].start
+            kind = int(types[r, c])
+            prob = None if type_probs is None else float(type_probs[r, c])
+        nuclei.append(
+            Nucleus(
+                id=k,
+                bbox=(
+                    float(box[1].start + ox),
+                    float(box[0].start + oy),
+                    float(box[1].stop + ox),
+                    float(box[0].stop + oy),
+                ),
+                centroid=(float(centroids[k - 1, 0]), float(centroids[k - 1, 1])),
+                polygon={"type": "Polygon", "coordinates": [ring.tolist()]},
+                area=float(area[k]),
+                type=kind,
+                type_prob=prob,
+            )
+        )
+    return out, nuclei
+
+
+def _repair(polygon) -> np.ndarray:
+    import shapely
+
+    fixed = shapely.make_valid(polygon)
+    parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and g.area > 0]
+    best = max(parts, key=lambda g: g.area)
+    return np.asarray(best.exterior.coords)[:-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------------------
+
+
+class NucleusCache:
+    """Results of :func:`segment_nuclei` by key: a bounded in-memory LRU, optionally backed by a folder.
+
+    Parameters
+    ----------
+    max_items : int, default 32
+        Results kept in memory (least recently used evicted first).
+    directory : path-like, optional
+        When given, results are also written there as ``<key>.npz`` (temporary file, fsync,
+        ``os.replace``: a reader never sees a partial file) and read back on a memory miss. Unreadable
+        files count as misses.
+
+    Attributes
+    ----------
+    hits, misses : int
+    """
+
+    def __init__(self, max_items: int = 32, *, directory: str | os.PathLike | None = None):
+        if not isinstance(max_items, int) or max_items < 1:
+            raise InvalidInputError(f"max_items must be a positive integer, got {max_items!r}")
+        self.max_items = max_items
+        self.directory = None if directory is None else Path(directory)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._items: collections.OrderedDict[str, NucleusResult] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npz"
+
+    def get(self, key: str) -> NucleusResult | None:
+        with self._lock:
+            result = self._items.get(key)
+            if result is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return _copy_result(result)
+        if self.directory is not None:
+            result = self._read(key)
+            if result is not None:
+                self._remember(key, result)
+                with self._lock:
+                    self.hits += 1
+                return _copy_result(result)
+        with self._lock:
+            self.misses += 1
+        return None
+
+    def put(self, key: str, result: NucleusResult) -> None:
+        stored = _copy_result(result)
+        self._remember(key, stored)
+        if self.directory is not None:
+            self._write(key, stored)
+
+    def clear(self) -> None:
+        """Forget the in-memory results (files stay)."""
+        with self._lock:
+            self._items.clear()
+
+    def _remember(self, key: str, result: NucleusResult) -> None:
+        with self._lock:
+            self._items[key] = result
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def _write(self, key: str, result: NucleusResult) -> None:
+        meta = result.to_dict(include_labels=False)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez_compressed(handle, labels=result.labels, meta=np.array(json.dumps(meta)))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _read(self, key: str) -> NucleusResult | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                meta["labels"] = data["labels"]
+            return NucleusResult.from_dict(meta)
+        except Exception as exc:  # noqa: BLE001 - a broken cache file is a miss, never an error
+            log.warning("ignoring unreadable nucleus cache file %s: %s", path, exc)
+            return None
+
+
+def _copy_result(result: NucleusResult) -> NucleusResult:
+    """A result sharing no array with *result* (nuclei are frozen and shared)."""
+    return NucleusResult(
+        labels=result.labels.copy(),
+        nuclei=list(result.nuclei),
+        backend=result.backend,
+        type_names=None if result.type_names is None else dict(result.type_names),
+        origin=tuple(result.origin),
+        image_shape=None if result.image_shape is None else tuple(result.image_shape),
+    )
+
+
+def _cache_key(crop: np.ndarray, **parts: Any) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{crop.shape}|{crop.dtype.str}|".encode())
+    digest.update(memoryview(np.ascontiguousarray(crop)).cast("B"))
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def segment_nuclei(
+    image: np.ndarray,
+    *,
+    backend: str | NucleusSegmenter = "classical",
+    region: Any = None,
+    tile_size: int = 1024,
+    overlap: int = 128,
+    mpp: float | None = None,
+    cache: NucleusCache | None = None,
+    backend_options: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> NucleusResult:
+    """Segment the nuclei of an image or of a region of it.
+
+    Parameters
+    ----------
+    image : ndarray (H, W) or (H, W, C)
+        The full image, grey or channels-last (C in 1..4), integer or finite float. Not mutated.
+    backend : str or NucleusSegmenter, default "classical"
+        A registered name (:func:`available_backends`) or an instance; pass an instance to reuse a
+        loaded model.
+    region : (x, y, width, height), optional
+        Full-image pixels; only this rectangle is segmented (nuclei cut by its edge are clipped).
+        Coordinates of the result stay in the full-image frame.
+    tile_size : int, default 1024
+        Images (regions) larger than this are segmented in overlapping tiles of this size.
+    overlap : int, default 128
+        Minimum overlap of neighbouring tiles; must exceed the largest nucleus diameter (see the module
+        docstring). ``0 <= overlap < tile_size``.
+    mpp : float, optional
+        Microns per pixel; backends use it to set their scale.
+    cache : NucleusCache, optional
+        Results are looked up and stored under a key of the region's pixels, its position, the backend
+        name and options, the tiling and *mpp*.
+    backend_options : dict, optional
+        Keyword arguments for :func:`get_backend` when *backend* is a name.
+    progress : callable, optional
+        Called as ``progress(tiles_done, tiles_total)`` after each tile.
+
+    Returns
+    -------
+    result : NucleusResult
+        ``labels`` cover the region (uint32, ids ``1..N``), nuclei in the full-image frame.
+
+    Raises
+    ------
+    InvalidInputError
+        Bad image (dimensions, empty, dtype such as bool or complex, NaN), region, tiling or mpp.
+    NotFoundError
+        Unknown backend name.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.zeros((64, 64), np.uint8); image[20:30, 20:30] = 200
+    >>> result = segment_nuclei(image, backend="classical", backend_options={"radius": 5})
+    >>> len(result.nuclei), result.nuclei[0].bbox
+    (1, (20.0, 20.0, 30.0, 30.0))
+    """
+    image = validate_image(image)
+    height, width = image.shape[:2]
+    if region is None:
+        x, y, w, h = 0, 0, width, height
+    else:
+        x, y, w, h = parse_region(region, (height, width))
+    for name, value in (("tile_size", tile_size), ("overlap", overlap)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidInputError(f"{name} must be an integer, got {value!r}")
+    if tile_size < 16:
+        raise InvalidInputError(f"tile_size must be at least 16 pixels, got {tile_size}")
+    if not 0 <= overlap < tile_size:
+        raise InvalidInputError(f"overlap must be in [0, tile_size), got {overlap} with tile_size {tile_size}")
+    mpp = _check_mpp(mpp)
+    if isinstance(backend, str):
+        backend = get_backend(backend, **(backend_options or {}))
+    elif not isinstance(backend, NucleusSegmenter):
+        raise InvalidInputError(f"backend must be a name or a NucleusSegmenter, got {type(backend).__name__}")
+    elif backend_options:
+        raise InvalidInputError("backend_options only apply when backend is given by name")
+
+    crop = image[y : y + h, x : x + w]
+    key = None
+    if cache is not None:
+        key = _cache_key(
+            crop,
+            origin=[x, y],
+            image_shape=[height, width],
+            backend=backend.name,
+            options=backend.options(),
+            tile_size=int(tile_size),
+            overlap=int(overlap),
+            mpp=mpp,
+        )
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+
+    prepared, context = backend.prepare(crop, mpp=mpp)
+    if prepared.shape[:2] != crop.shape[:2]:
+        raise TypeError(f"{type(backend).__name__}.prepare changed the image size")
+    if h <= tile_size and w <= tile_size:  # one tile: no stitching needed
+        seg = _as_segmentation(backend.segment_prepared(prepared, context=context), (h, w))
+        labels, types, probs = seg
+        if progress is not None:
+            progress(1, 1)
+    else:
+        labels, types, probs = _stitch(
+            backend, prepared, context, tile_size=int(tile_size), overlap=int(overlap), progress=progress
+        )
+    labels, nuclei = measure_nuclei(labels, origin=(x, y), types=types, type_probs=probs)
+    result = NucleusResult(
+        labels=labels,
+        nuclei=nuclei,
+        backend=backend.name,
+        type_names=backend.type_names,
+        origin=(x, y),
+        image_shape=(height, width),
+    )
+    if cache is not None:
+        cache.put(key, result)
+    return result

@@ -1,0 +1,68 @@
+"""The nucleus-segmentation model service: a plain class that Ray Serve deploys and the gateway exposes.
+
+No transport here; :mod:`colabel.services.deployments` names this class and its scaling, and
+:mod:`colabel.services.gateway` registers :attr:`NucleiService.rpc_functions` as a Hypha service.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from colabel.errors import InvalidInputError
+
+from .base import NucleusCache, available_backends, get_backend, segment_nuclei
+
+
+class NucleiService:
+    """Automatic nucleus instance segmentation (HALS's HoverNet role).
+
+    Parameters
+    ----------
+    backend : str
+        Default backend name (``"classical"`` needs no weights; ``"hovernet"`` needs ``checkpoint``).
+    backend_options : dict, optional
+        Options of the default backend (e.g. ``{"checkpoint": "/path/hovernet.tar"}`` for HoVer-Net).
+    cache_dir : str, optional
+        Folder for cached results (shared by replicas); memory only when None.
+    max_cached : int
+        Results kept in memory.
+    """
+
+    rpc_functions = ("info", "segment")
+
+    def __init__(self, backend: str = "classical", backend_options: dict | None = None,
+                 cache_dir: str | None = None, max_cached: int = 32) -> None:
+        self.default_backend = backend
+        self.backend_options = dict(backend_options or {})
+        self.cache = NucleusCache(max_items=max_cached, directory=Path(cache_dir) if cache_dir else None)
+        self._backends: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _backend(self, name: str | None):
+        name = name or self.default_backend
+        if not isinstance(name, str) or name not in available_backends():
+            raise InvalidInputError(f"unknown nucleus backend {name!r}; known: {available_backends()}")
+        with self._lock:
+            if name not in self._backends:
+                options = self.backend_options if name == self.default_backend else {}
+                self._backends[name] = get_backend(name, **options)
+            return self._backends[name]
+
+    def info(self) -> dict:
+        """Backends available and the default one."""
+        return {"default_backend": self.default_backend, "backends": available_backends()}
+
+    def segment(self, image: np.ndarray, region: Any = None, backend: str | None = None,
+                mpp: float | None = None, include_labels: bool = True) -> dict:
+        """Segment the nuclei of ``image`` (H, W) or (H, W, C), or of ``region`` ``{x, y, width, height}``.
+
+        Returns :meth:`NucleusResult.to_dict`: ``count``, ``nuclei`` (id, bbox ``[xmin, ymin, xmax, ymax]``,
+        centroid ``[x, y]``, GeoJSON polygon, area px², type), ``origin``, ``image_shape`` and, with
+        ``include_labels``, ``labels`` (h, w) uint32 of the region. Coordinates are full-image pixels.
+        """
+        result = segment_nuclei(image, backend=self._backend(backend), region=region, mpp=mpp, cache=self.cache)
+        return result.to_dict(include_labels=include_labels)

@@ -1,0 +1,259 @@
+"""Image embeddings computed once: an on-disk store plus a bounded in-memory LRU, safe across processes.
+
+An embedding is a small dict of numpy arrays (features of each tile and the geometry needed to decode
+them). It is stored as one ``.npz`` file per key, written to a temporary file in the same folder, fsync'ed
+and renamed into place with :func:`os.replace`, so readers never see a partial file. When two processes
+ask for the same missing key at once, the first takes an ``fcntl`` lock on ``<key>.lock`` and computes;
+the second blocks on the lock, re-checks the disk after acquiring it, and loads the first one's result.
+
+Keys come from :func:`embedding_key`: sha256 over the image bytes, shape and dtype, the model id, the
+tile grid parameters and a format version, so the same pixels under another model or tiling never
+collide, and a changed pixel always misses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+import threading
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from colabel.errors import InvalidInputError
+
+__all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION"]
+
+#: Bumped whenever the meaning of a stored embedding changes (normalisation, layout).
+KEY_VERSION = "colabel-sam-embedding-v1"
+
+Arrays = dict[str, np.ndarray]
+
+
+def embedding_key(image: np.ndarray, model_id: str, *, extra: Mapping[str, object] | None = None) -> str:
+    """A hex sha256 naming the embedding of *image* under *model_id*.
+
+    Parameters
+    ----------
+    image : ndarray
+        The raw image as given by the caller (any shape and dtype); its bytes, shape and dtype are hashed.
+    model_id : str
+    extra : mapping, optional
+        Further parameters that change the embedding (e.g. ``{"tile_size": 1024, "overlap": 64}``);
+        hashed in sorted key order.
+
+    Examples
+    --------
+    >>> a = np.zeros((4, 4), np.uint8)
+    >>> embedding_key(a, "m") == embedding_key(a.copy(), "m") != embedding_key(a, "n")
+    True
+    """
+    image = np.asarray(image)
+    h = hashlib.sha256()
+    h.update(KEY_VERSION.encode())
+    h.update(b"\0model\0" + model_id.encode())
+    h.update(b"\0shape\0" + repr(tuple(image.shape)).encode())
+    h.update(b"\0dtype\0" + image.dtype.str.encode())
+    for k in sorted(extra or {}):
+        h.update(f"\0{k}\0{extra[k]!r}".encode())
+    h.update(b"\0data\0")
+    h.update(memoryview(np.ascontiguousarray(image)).cast("B"))
+    return h.hexdigest()
+
+
+def _check_key(key: str) -> str:
+    valid = isinstance(key, str) and 0 < len(key) <= 200 and not key.startswith(".")
+    if not valid or not all(c.isalnum() or c in "-_." for c in key):
+        raise InvalidInputError(
+            f"embedding key must be 1-200 characters of letters, digits, '-', '_', '.', got {key!r}"
+        )
+    return key
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class EmbeddingStore:
+    """Embeddings on disk (one ``.npz`` per key) with a bounded in-memory LRU in front.
+
+    Parameters
+    ----------
+    cache_dir : path-like
+        Folder of the ``.npz`` files and their ``.lock`` files; created when missing. Several processes
+        may share it.
+    max_items : int, default 8
+        In-memory LRU capacity (entries, not bytes: one SAM ViT embedding is 4 MiB per tile).
+
+    Examples
+    --------
+    >>> store = EmbeddingStore(tmp_path)  # doctest: +SKIP
+    >>> arrays = store.get_or_compute(key, lambda: {"features": encoder(image)})  # doctest: +SKIP
+    >>> store.stats()  # doctest: +SKIP
+    {'hits_memory': 0, 'hits_disk': 0, 'computed': 1}
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, *, max_items: int = 8) -> None:
+        if not isinstance(max_items, int) or max_items < 0:
+            raise InvalidInputError(f"max_items must be a non-negative int, got {max_items!r}")
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.max_items = max_items
+        self._memory: OrderedDict[str, Arrays] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stats = {"hits_memory": 0, "hits_disk": 0, "computed": 0}
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        """The ``.npz`` file of *key* (it may not exist)."""
+        return self.cache_dir / f"{_check_key(key)}.npz"
+
+    def _lock_path(self, key: str) -> Path:
+        return self.cache_dir / f"{_check_key(key)}.lock"
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def _remember(self, key: str, arrays: Arrays) -> None:
+        if self.max_items == 0:
+            return
+        with self._lock:
+            self._memory[key] = arrays
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.max_items:
+                self._memory.popitem(last=False)
+
+    def _from_memory(self, key: str) -> Arrays | None:
+        with self._lock:
+            arrays = self._memory.get(key)
+            if arrays is not None:
+                self._memory.move_to_end(key)
+                self._stats["hits_memory"] += 1
+            return arrays
+
+    # -- disk -------------------------------------------------------------------------------------
+
+    def _read(self, key: str) -> Arrays | None:
+        path = self.path(key)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+            # unreadable despite the atomic write (disk trouble, a foreign file): drop it and recompute
+            path.unlink(missing_ok=True)
+            return None
+
+    def _write(self, key: str, arrays: Arrays) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".npz.part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Arrays | None:
+        """The stored arrays of *key* from memory or disk, or None; never computes."""
+        arrays = self._from_memory(key)
+        if arrays is not None:
+            return arrays
+        arrays = self._read(key)
+        if arrays is not None:
+            with self._lock:
+                self._stats["hits_disk"] += 1
+            self._remember(key, arrays)
+        return arrays
+
+    def get_or_compute(self, key: str, compute_fn: Callable[[], Mapping[str, np.ndarray]]) -> Arrays:
+        """Return the arrays of *key*, calling *compute_fn* only if no process has stored them yet.
+
+        Parameters
+        ----------
+        key : str
+            Letters, digits, ``-``, ``_``, ``.`` (e.g. from :func:`embedding_key`).
+        compute_fn : callable
+            ``() -> {name: ndarray}``; called at most once per key across all processes sharing
+            *cache_dir* (while the result stays on disk). Arrays must not be object arrays.
+
+        Returns
+        -------
+        arrays : dict of str to ndarray
+            Shared with the in-memory cache: treat as read-only.
+        """
+        arrays = self.get(key)
+        if arrays is not None:
+            return arrays
+        with _locked(self._lock_path(key)):
+            arrays = self._read(key)  # someone else may have finished while we waited
+            if arrays is not None:
+                with self._lock:
+                    self._stats["hits_disk"] += 1
+                self._remember(key, arrays)
+                return arrays
+            computed = compute_fn()
+            if not isinstance(computed, Mapping) or not computed:
+                raise InvalidInputError("compute_fn must return a non-empty mapping of names to arrays")
+            arrays = {str(k): np.asarray(v) for k, v in computed.items()}
+            self._write(key, arrays)
+            self._log_computed(key)
+            with self._lock:
+                self._stats["computed"] += 1
+        self._remember(key, arrays)
+        return arrays
+
+    def _log_computed(self, key: str) -> None:
+        """Append ``key`` to ``computed.log``: one line per encoder pass, from every process sharing the folder
+        (appends of one short line are atomic), so replicas' passes can be counted together."""
+        fd = os.open(self.cache_dir / "computed.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"{key}\n".encode())
+        finally:
+            os.close(fd)
+
+    def computed_total(self, key: str | None = None) -> int:
+        """Encoder passes recorded by every process sharing this folder (for ``key`` only, if given)."""
+        path = self.cache_dir / "computed.log"
+        if not path.exists():
+            return 0
+        lines = path.read_text().split()
+        return len(lines) if key is None else lines.count(key)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since construction: ``hits_memory``, ``hits_disk``, ``computed`` (encoder passes)."""
+        with self._lock:
+            return dict(self._stats)
+
+    def clear_memory(self) -> None:
+        """Forget the in-memory entries (the files stay)."""
+        with self._lock:
+            self._memory.clear()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            if key in self._memory:
+                return True
+        return self.path(key).exists()
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.cache_dir)!r}, max_items={self.max_items})"

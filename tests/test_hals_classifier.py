@@ -1,0 +1,339 @@
+"""The HALS head, its ensemble and the online labelling policy, on real features of real cells.
+
+No per-cell class labels exist offline, so they are derived from the stains of the real IHC image
+(``tests/data/ihc_ki67.png``, DAB + hematoxylin): nuclei are segmented on the hematoxylin channel
+(``skimage.color.rgb2hed``, Otsu, watershed), and a nucleus is "DAB-positive" when the mean DAB optical
+density in the 11 x 11 pixels around its centroid is above the Otsu threshold of those means (the brown
+epithelium of the glands versus the blue stroma: 377 nuclei, about half each). Features are the real
+ImageNet EfficientNet-Lite0 features of 40 px patches. The heads only ever see the features.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from skimage import color, filters, measure, morphology, segmentation
+from skimage.feature import peak_local_max
+
+from colabel.errors import InvalidInputError
+from colabel.services.hals.classifier import (
+    Ensemble,
+    Head,
+    NotReadyError,
+    OnlineClassifier,
+    Suggestion,
+    TrainReport,
+    bench_retrain,
+    train_head,
+)
+from colabel.services.hals.features import EfficientNetLite0Features, extract_patches
+
+pytestmark = pytest.mark.unit
+
+DATA = Path(__file__).parent / "data"
+
+
+def ihc_nuclei(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[x, y] centroids of hematoxylin-stained nuclei and the mean DAB density around each."""
+    hed = color.rgb2hed(image)
+    hema, dab = hed[..., 0], hed[..., 2]
+    smooth = filters.gaussian(hema, 1)
+    fg = morphology.opening(smooth > filters.threshold_otsu(smooth), morphology.disk(1))
+    fg = morphology.remove_small_objects(fg, max_size=25)
+    dist = ndi.distance_transform_edt(fg)
+    peaks = peak_local_max(filters.gaussian(dist, 1), min_distance=4, labels=measure.label(fg))
+    markers = np.zeros(fg.shape, int)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = segmentation.watershed(-dist, markers, mask=fg)
+    rc = np.array([p.centroid for p in measure.regionprops(labels) if p.area >= 20])
+    local_dab = ndi.uniform_filter(dab, 11)[rc[:, 0].astype(int), rc[:, 1].astype(int)]
+    return rc[:, ::-1] + 0.5, local_dab
+
+
+@pytest.fixture(scope="module")
+def cells():
+    """(features (N, 1280), DAB-positive labels (N,), local DAB (N,)) of the real IHC nuclei."""
+    image = iio.imread(DATA / "ihc_ki67.png")[..., :3]
+    xy, dab = ihc_nuclei(image)
+    labels = (dab > filters.threshold_otsu(dab)).astype(np.int64)
+    features = EfficientNetLite0Features()(extract_patches(image, xy))
+    assert len(labels) > 300 and 0.35 < labels.mean() < 0.65
+    return features, labels, dab
+
+
+def stratified_halves(y: np.ndarray, seed: int) -> np.ndarray:
+    """Boolean test mask: half of every class."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test[idx[: len(idx) // 2]] = True
+    return test
+
+
+# --------------------------------------------------------------------------------------------- heads
+
+
+def test_ensemble_beats_chance_on_held_out_real_cells(cells):
+    x, y, _ = cells
+    accuracies = []
+    for seed in (0, 1):
+        test = stratified_halves(y, seed)
+        ens = Ensemble().fit(x[~test], y[~test], n_classes=2, seed=seed)
+        classes, confidence = ens.predict(x[test])
+        accuracies.append((classes == y[test]).mean())
+        assert len(ens.members) == 5 and 0.6 < ens.validation_accuracy <= 1
+        assert ((confidence >= 0.5) & (confidence <= 1)).all()
+    # Measured 0.86 +- 0.02 over 5 splits (chance 0.5); the margin absorbs split-to-split variation.
+    assert min(accuracies) >= 0.75, accuracies
+
+
+def test_single_head_standardises_with_train_statistics(cells):
+    x, y, _ = cells
+    head = train_head(x, y, n_classes=2, seed=3)
+    assert isinstance(head, Head) and head.dim == 1280 and head.n_classes == 2
+    assert head.mean.shape == head.std.shape == (1280,) and (head.std > 0).all()
+    # Stored statistics are those of the training split (75 %), not of all rows.
+    assert head.n_train + head.n_val == len(y) and abs(head.n_val - round(0.25 * len(y))) <= 2
+    assert not np.allclose(head.mean, x.mean(axis=0))
+    p = head.predict_proba(x)
+    assert p.shape == (len(y), 2) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert head.embed(x).shape == (len(y), 32) and (head.embed(x) >= 0).all()
+    assert 0.6 < head.val_accuracy <= 1 and 1 <= head.best_epoch <= head.epochs
+
+
+def test_oversampling_keeps_the_minority_class_alive(cells):
+    x, y, _ = cells
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        neg, pos = rng.permutation(np.flatnonzero(y == 0)), rng.permutation(np.flatnonzero(y == 1))
+        train = np.r_[neg[:135], pos[:15]]  # 90 / 10
+        ens = Ensemble().fit(x[train], y[train], n_classes=2, seed=seed)
+        minority_recall = (ens.predict(x[pos[15:]])[0] == 1).mean()
+        majority_recall = (ens.predict(x[neg[135:]])[0] == 0).mean()
+        # Measured 0.79-0.92 minority recall over 5 draws; without balancing it collapses towards 0.
+        assert minority_recall >= 0.5 and majority_recall >= 0.5, (minority_recall, majority_recall)
+
+
+def test_early_stopping_stops_before_max_epochs_and_keeps_the_best_weights():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    x = rng.normal(0, 1, (120, 64)).astype(np.float32)
+    x[:, :4] += 4 * y[:, None]  # an easy, separable problem
+    head = train_head(x, y, n_classes=2, seed=0, max_epochs=500)
+    assert head.stopped_early and head.epochs < 500
+    assert head.epochs == head.best_epoch + 10  # patience: 10 epochs without improvement
+    assert head.val_accuracy == 1.0
+    capped = train_head(x, y, n_classes=2, seed=0, max_epochs=3)
+    assert capped.epochs == 3 and not capped.stopped_early
+
+
+def test_three_or_more_classes(cells):
+    x, _, dab = cells
+    y3 = np.digitize(dab, np.quantile(dab, [1 / 3, 2 / 3]))  # DAB tertiles
+    test = stratified_halves(y3, 0)
+    ens = Ensemble().fit(x[~test], y3[~test], n_classes=3, n_members=3)
+    p = ens.predict_proba(x[test])
+    assert p.shape == (test.sum(), 3) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+    assert (ens.predict(x[test])[0] == y3[test]).mean() >= 0.5  # measured 0.63-0.71; chance 0.33
+    # Four well-separated synthetic clusters: all classes predicted.
+    rng = np.random.default_rng(1)
+    y4 = np.repeat(np.arange(4), 30)
+    x4 = rng.normal(0, 1, (120, 16)).astype(np.float32) + 5 * np.eye(4, 16)[y4]
+    ens4 = Ensemble().fit(x4, y4, n_classes=4, n_members=3)
+    assert (ens4.predict(x4)[0] == y4).mean() > 0.95
+
+
+def test_ensemble_is_the_mean_of_its_members(cells):
+    x, y, _ = cells
+    ens = Ensemble().fit(x[:200], y[:200], n_classes=2, seeds=[11, 12, 13])
+    assert [h.seed for h in ens.members] == [11, 12, 13]
+    member = np.stack([h.predict_proba(x[200:]) for h in ens.members])
+    np.testing.assert_allclose(ens.predict_proba(x[200:]), member.mean(axis=0), rtol=1e-4, atol=1e-5)
+    emb = np.stack([h.embed(x[200:]) for h in ens.members])
+    np.testing.assert_allclose(ens.embed(x[200:]), emb.mean(axis=0), rtol=1e-4, atol=1e-4)
+    assert ens.embed(x[200:], how="concat").shape == (len(x) - 200, 96)
+    assert ens.validation_accuracy == pytest.approx(np.mean([h.val_accuracy for h in ens.members]))
+    u = ens.uncertainty(x[200:])
+    d = ens.uncertainty(x[200:], kind="disagreement")
+    assert u.shape == d.shape == (len(x) - 200,)
+    assert (u >= 0).all() and (u <= 1).all() and (d >= 0).all() and (d <= u + 1e-6).all()
+    # The least confident cells are the most uncertain ones.
+    _, conf = ens.predict(x[200:])
+    assert np.corrcoef(conf, u)[0, 1] < -0.9
+    # Same seeds, same data: the same ensemble.
+    again = Ensemble().fit(x[:200], y[:200], n_classes=2, seeds=[11, 12, 13])
+    np.testing.assert_array_equal(again.predict_proba(x[200:]), ens.predict_proba(x[200:]))
+
+
+def test_mini_batches_work_too(cells):
+    x, y, _ = cells
+    test = stratified_halves(y, 2)
+    ens = Ensemble().fit(x[~test], y[~test], n_classes=2, n_members=3, batch_size=32, lr=0.02)
+    assert (ens.predict(x[test])[0] == y[test]).mean() >= 0.75
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_a_clear_error(cells):
+    x, y, _ = cells
+    x, y = x[:60], y[:60]
+    with pytest.raises(InvalidInputError, match=r"labels must lie in 0\.\.1 .*found 2"):
+        train_head(x, np.where(np.arange(60) == 5, 2, y), n_classes=2)
+    with pytest.raises(InvalidInputError, match="found -1"):
+        Ensemble().fit(x, np.where(np.arange(60) == 5, -1, y), n_classes=2)
+    with pytest.raises(InvalidInputError, match="at least 2 classes"):
+        train_head(x, np.zeros(60, int), n_classes=1)
+    with pytest.raises(InvalidInputError, match="class 1 has 0"):
+        train_head(x, np.zeros(60, int), n_classes=2)  # only one class present
+    bad = x.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(InvalidInputError, match="NaN or inf .*row 7"):
+        Ensemble().fit(bad, y, n_classes=2)
+    with pytest.raises(InvalidInputError, match="59 labels for 60 feature rows"):
+        train_head(x, y[:59], n_classes=2)
+    with pytest.raises(InvalidInputError, match=r"shape \(N, D\)"):
+        train_head(x[None], y, n_classes=2)
+    with pytest.raises(InvalidInputError, match="integer class indices"):
+        train_head(x, y + 0.5, n_classes=2)
+    with pytest.raises(InvalidInputError, match="unknown training options"):
+        train_head(x, y, n_classes=2, learning_rate=0.1)
+    ens = Ensemble().fit(x, y, n_classes=2, n_members=2)
+    with pytest.raises(InvalidInputError, match="1280 columns"):
+        ens.predict(x[:, :100])
+    with pytest.raises(InvalidInputError, match="NaN"):
+        ens.predict_proba(bad)
+    with pytest.raises(NotReadyError):
+        Ensemble().predict(x)
+
+
+# ------------------------------------------------------------------------------------- online policy
+
+
+def test_online_policy_thresholds_hand_computed(cells):
+    x, y, _ = cells
+    clf = OnlineClassifier(2, features=x)
+    order = np.r_[np.flatnonzero(y == 0)[:40], np.flatnonzero(y == 1)[:40]].reshape(2, 40).T.ravel()  # 0,1,0,1..
+    due = []
+    for cell in order[:19]:  # labels 1..19
+        clf.add_label(int(cell), int(y[cell]))
+        due.append(clf.should_retrain())
+        assert not clf.ready
+    assert due == [False] * 19  # labels 1..19: one class still below 10
+    with pytest.raises(NotReadyError, match="10 labels per class"):
+        clf.suggest([0])
+    with pytest.raises(InvalidInputError, match="class 1 has 9"):
+        clf.retrain()
+
+    clf.add_label(int(order[19]), int(y[order[19]]))  # label 20: 10 + 10
+    assert clf.should_retrain() and not clf.ready
+    report = clf.retrain()
+    assert isinstance(report, TrainReport) and report.version == 1 == clf.version and report.n_labels == 20
+    assert clf.ready and not clf.should_retrain() and report.seconds > 0 and 0 <= report.val_accuracy <= 1
+
+    due = []
+    for cell in order[20:26]:  # labels 21..26
+        clf.add_label(int(cell), int(y[cell]))
+        due.append(clf.should_retrain())
+    assert due == [False, False, False, False, True, True]  # due at 25 (5 new), still due at 26
+    assert clf.retrain().version == 2 and not clf.should_retrain()
+
+    # Re-sending a label is not a change; relabelling and removing are.
+    cell = int(order[0])
+    clf.add_label(cell, int(y[cell]))
+    assert clf.changes_since_training == 0
+    clf.add_label(cell, 1 - int(y[cell]))
+    clf.remove_label(int(order[1]))
+    clf.remove_label(10_000)  # unknown: ignored
+    assert clf.changes_since_training == 2
+    for extra in order[26:29]:
+        clf.add_label(int(extra), int(y[extra]))
+    assert clf.should_retrain()  # 2 + 3 = 5 changes
+
+
+def test_suggestions_carry_class_confidence_and_uncertainty(cells):
+    x, y, _ = cells
+    clf = OnlineClassifier(2, n_members=3)
+    cells_in_random_order = [int(c) for c in np.random.default_rng(0).permutation(len(y))]
+    for cell in cells_in_random_order[:120]:  # (cell ids are in raster order: the first 120 are the top rows)
+        clf.add_label(cell, int(y[cell]))
+    clf.retrain(x)  # an (n_cells, D) array indexed by cell id; remembered for suggest
+    unlabeled = cells_in_random_order[120:]
+    suggestions = clf.suggest(unlabeled)
+    assert len(suggestions) == len(unlabeled) and all(isinstance(s, Suggestion) for s in suggestions)
+    for s in suggestions:
+        assert s.cls in (0, 1) and 0.5 <= s.confidence <= 1 and 0 <= s.uncertainty <= 1
+        cls, conf, unc = s  # a plain tuple too
+    accuracy = np.mean([s.cls == y[c] for s, c in zip(suggestions, unlabeled, strict=True)])
+    assert accuracy >= 0.75
+    assert clf.suggest([]) == []
+    # Features from a callable or a mapping work the same way.
+    a, b = unlabeled[10:12]
+    by_call = clf.suggest([a, b], lambda ids: x[ids])
+    by_map = clf.suggest([a, b], {a: x[a], b: x[b]})
+    for s1, s2, s3 in zip(by_call, by_map, suggestions[10:12], strict=True):
+        assert s1.cls == s2.cls == s3.cls
+        assert s1.confidence == pytest.approx(s2.confidence) == pytest.approx(s3.confidence, abs=1e-5)
+    with pytest.raises(InvalidInputError, match="no features for cell 999"):
+        clf.suggest([999], {a: x[a]})
+    with pytest.raises(InvalidInputError, match="out of range"):
+        clf.suggest([len(x)])
+    with pytest.raises(InvalidInputError, match=r"class must be an integer in 0\.\.1"):
+        clf.add_label(5, 2)
+
+
+def test_three_class_online_classifier_with_string_cell_ids(cells):
+    x, _, dab = cells
+    y3 = np.digitize(dab, np.quantile(dab, [1 / 3, 2 / 3]))
+    table = {f"cell-{i}": x[i] for i in range(len(x))}
+    clf = OnlineClassifier(3, features=table, n_members=3)
+    for i in range(45):
+        clf.add_label(f"cell-{i}", int(y3[i]))
+    assert clf.threshold_reached == (np.bincount(y3[:45], minlength=3) >= 10).all()
+    i = 45
+    while not clf.should_retrain():
+        clf.add_label(f"cell-{i}", int(y3[i]))
+        i += 1
+    clf.retrain()
+    out = clf.suggest([f"cell-{j}" for j in range(300, 310)])
+    assert {s.cls for s in out} <= {0, 1, 2} and all(1 / 3 <= s.confidence <= 1 for s in out)
+
+
+def test_suggest_runs_concurrently_with_retrain(cells):
+    x, y, _ = cells
+    clf = OnlineClassifier(2, features=x, n_members=3)
+    for cell in range(100):
+        clf.add_label(cell, int(y[cell]))
+    clf.retrain()
+    errors, results = [], []
+
+    def suggest_loop():
+        try:
+            for _ in range(30):
+                results.append(clf.suggest(range(200, 260)))
+        except Exception as exc:  # surfaced by the assert below
+            errors.append(exc)
+
+    worker = threading.Thread(target=suggest_loop)
+    worker.start()
+    for cell in range(100, 140):  # labelling continues while retraining
+        clf.add_label(cell, int(y[cell]))
+        if clf.should_retrain():
+            clf.retrain()
+    worker.join()
+    assert not errors and len(results) == 30 and all(len(r) == 60 for r in results)
+    assert clf.version >= 2
+
+
+def test_bench_retrain_reports_timings():
+    result = bench_retrain(n_labels=200, dim=1280, repeats=3)
+    assert set(result) >= {"median_ms", "p95_ms"} and result["n_members"] == 5 and result["n_labels"] == 200
+    # The target is <= 200 ms (measured median ~65 ms); this generous bound only catches gross regressions
+    # on a loaded CI machine.
+    assert 0 < result["median_ms"] <= result["p95_ms"] < 2000

@@ -1,0 +1,143 @@
+"""BioImage.IO Colab-compatible functions on the tiny SAM: embedding format, ONNX decoder, automatic masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sam_fixtures import (
+    TINY_ID,
+    tiny_checkpoint_fixture,  # noqa: F401
+    tiny_checkpoints_fixture,  # noqa: F401
+    tiny_sam_fixture,  # noqa: F401
+    torch_one_thread_fixture,  # noqa: F401
+)
+
+from colabel.errors import InvalidInputError, NotFoundError
+from colabel.services.sam.colab import ColabSam, ModelPool
+from colabel.services.sam.transforms import points_from_model, points_to_model
+
+pytestmark = pytest.mark.unit
+
+IMAGE = np.random.default_rng(7).integers(0, 4000, (180, 120), dtype=np.uint16)  # tall, 16-bit
+
+
+@pytest.fixture
+def colab(tiny_checkpoints, tmp_path):
+    pool = ModelPool(checkpoints=tiny_checkpoints, embedding_dir=tmp_path / "emb", device="cpu", max_models=1)
+    return ColabSam(pool)
+
+
+def onnx_inputs(out: dict, points_xy: np.ndarray, labels: np.ndarray) -> dict:
+    # Colab's client: coordinates * sam_scale, plus a padding point with label -1 when there is no box
+    coords = np.concatenate([points_xy * out["sam_scale"], [[0.0, 0.0]]])[None].astype(np.float32)
+    lab = np.concatenate([labels, [-1]])[None].astype(np.float32)
+    return {
+        "image_embeddings": out["features"],
+        "point_coords": coords,
+        "point_labels": lab,
+        "mask_input": np.zeros((1, 1, 64, 64), np.float32),  # 4 x the tiny model's 16 x 16 grid
+        "has_mask_input": np.zeros(1, np.float32),
+        "orig_im_size": np.array(out["original_image_shape"], np.float32),
+    }
+
+
+def test_hello_ping_status(colab):
+    assert "Interactive Segmentation" in colab.hello()
+    assert colab.ping() == "pong"
+    status = colab.deployment_status()
+    assert status["status"] == "ready" and status["loaded"] == []
+    assert TINY_ID in status["models"] and "sam_vit_b_lm" in status["models"]
+    assert status["models"]["sam_vit_b_lm"]["checksum"].startswith("xxh128:")
+
+
+def test_compute_embedding_format(colab):
+    out = colab.compute_embedding(IMAGE, TINY_ID)
+    assert set(out) == {"features", "original_image_shape", "sam_scale", "mask_threshold"}
+    assert out["features"].shape == (1, 256, 16, 16) and out["features"].dtype == np.float32
+    assert out["original_image_shape"] == [180, 120]
+    assert out["sam_scale"] == pytest.approx(256 / 180)
+    assert out["mask_threshold"] == 0.0
+    assert colab.deployment_status()["loaded"] == [TINY_ID]
+    with pytest.raises(NotFoundError, match="known models"):
+        colab.compute_embedding(IMAGE, "sam_vit_z")
+
+
+def test_onnx_decoder_runs_and_matches_torch(colab):
+    out = colab.compute_embedding(IMAGE, TINY_ID)
+    data = colab.get_onnx_model(TINY_ID, quantize=False)
+    assert isinstance(data, bytes) and colab.get_onnx_model(TINY_ID, quantize=False) is data  # cached
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [
+        "image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+    point = np.array([[60.5, 90.5]])
+    masks, iou, low_res = session.run(None, onnx_inputs(out, point, np.array([1.0])))
+    assert masks.shape == (1, 1, 180, 120) and iou.shape == (1, 1) and low_res.shape == (1, 1, 64, 64)
+    # the same prompt through colabel's torch path. ONNX gets [x, y] * sam_scale, a single scalar, while
+    # SAM's ResizeLongestSide scales each axis by its rounded size (x: 171 / 120 = 1.425, not 256 / 180):
+    # Colab's client is off by up to half a model pixel there. Give the torch path the image point that
+    # lands on the very same model coordinate, so both decode the identical prompt.
+    segmenter = colab.models.get(TINY_ID)
+    embedding = segmenter.embed(IMAGE, tiling=False)
+    same = points_from_model(point * out["sam_scale"], (180, 120), 256)
+    np.testing.assert_allclose(points_to_model(same, (180, 120), 256), point * out["sam_scale"])
+    # SamOnnxModel with one click picks the best of the three multimask outputs, as multimask=True does
+    mask, score, _ = segmenter.decode_tile(embedding, 0, points=same, labels=np.array([1]), multimask=True)
+    assert score == pytest.approx(float(iou[0, 0]), abs=1e-3)
+    assert (mask != (masks[0, 0] > out["mask_threshold"])).mean() < 0.01
+
+
+def test_onnx_masks_are_cropped_for_any_image_shape(colab):
+    """segment_anything's SamOnnxModel freezes the padding crop at the export-time dummy size (int() of a
+    traced tensor), so a model exported with a square dummy stretches masks of non-square images over the
+    padding; colabel's export keeps the crop dynamic: ONNX equals the eager torch module for every shape."""
+    import torch
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    out = colab.compute_embedding(IMAGE, TINY_ID)
+    session = ort.InferenceSession(colab.get_onnx_model(TINY_ID, quantize=False), providers=["CPUExecutionProvider"])
+    eager = SamOnnxModel(colab.models.get(TINY_ID).sam, return_single_mask=True)
+    inputs = onnx_inputs(out, np.array([[40.0, 50.0]]), np.array([1.0]))
+    for shape in [(180, 120), (100, 250), (256, 256), (600, 40)]:
+        inputs["orig_im_size"] = np.array(shape, np.float32)
+        masks, _, _ = session.run(None, inputs)
+        with torch.no_grad():
+            expected = eager(*[torch.from_numpy(v) for v in inputs.values()])[0].numpy()
+        assert masks.shape == (1, 1, *shape)
+        np.testing.assert_allclose(masks, expected, atol=1e-4)
+
+
+def test_quantized_onnx_is_smaller_and_runs(colab):
+    out = colab.compute_embedding(IMAGE, TINY_ID)
+    full = colab.get_onnx_model(TINY_ID, quantize=False)
+    small = colab.get_onnx_model(TINY_ID)
+    assert len(small) < len(full) / 2
+    session = ort.InferenceSession(small, providers=["CPUExecutionProvider"])
+    masks, iou, _ = session.run(None, onnx_inputs(out, np.array([[10.0, 20.0], [100.0, 150.0]]), np.array([1.0, 0.0])))
+    assert masks.shape == (1, 1, 180, 120) and np.all(np.isfinite(iou))
+    with pytest.raises(InvalidInputError, match="quantize"):
+        colab.get_onnx_model(TINY_ID, quantize="yes")
+
+
+def test_segment_image_label_image(colab):
+    out = colab.segment_image(IMAGE, TINY_ID, points_per_side=6, pred_iou_thresh=0.0,
+                              stability_score_thresh=0.0, min_mask_region_area=0)
+    assert set(out) == {"mask"}
+    labels = out["mask"]
+    assert labels.shape == (180, 120) and labels.dtype.kind == "u" and labels.dtype.itemsize >= 2
+    rgb = np.repeat(IMAGE[..., None], 3, axis=2)
+    assert colab.segment_image(rgb, TINY_ID, 4, 0.0, 0.0, 10)["mask"].shape == (180, 120)
+
+
+def test_model_pool_is_lazy_and_bounded(tiny_checkpoints, tmp_path):
+    pool = ModelPool(checkpoints={**tiny_checkpoints, "other": tiny_checkpoints[TINY_ID]},
+                     embedding_dir=tmp_path, device="cpu", max_models=1)
+    assert pool.loaded() == []
+    first = pool.get(TINY_ID)
+    assert pool.get(TINY_ID) is first
+    pool.get("other")
+    assert pool.loaded() == ["other"]
+    with pytest.raises(NotFoundError):
+        pool.get("nope")
+    with pytest.raises(InvalidInputError):
+        ModelPool(max_models=0)

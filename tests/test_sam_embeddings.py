@@ -1,0 +1,156 @@
+"""EmbeddingStore: compute once (threads and processes), disk reuse, LRU bound, atomic files."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import numpy as np
+import pytest
+from sam_fixtures import (
+    TINY_ID,
+    segmenter_fixture,  # noqa: F401
+    slow_compute_worker,
+    tiny_checkpoint_fixture,  # noqa: F401
+    tiny_checkpoints_fixture,  # noqa: F401
+    tiny_sam_fixture,  # noqa: F401
+    torch_one_thread_fixture,  # noqa: F401
+)
+
+from colabel.errors import InvalidInputError
+from colabel.services.sam.embeddings import EmbeddingStore, embedding_key
+
+pytestmark = pytest.mark.unit
+
+
+def arrays(value: float = 1.0) -> dict[str, np.ndarray]:
+    return {"features": np.full((2, 3), value, np.float32), "sizes": np.array([[4, 5]], np.int64)}
+
+
+def test_key_depends_on_content_shape_dtype_model_and_extra():
+    a = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    base = embedding_key(a, "m")
+    assert embedding_key(a.copy(), "m") == base  # same content, another object
+    assert embedding_key(np.asfortranarray(a), "m") == base  # memory layout does not matter
+    assert embedding_key(a.reshape(4, 3), "m") != base
+    assert embedding_key(a.astype(np.int32), "m") != base
+    assert embedding_key(a, "n") != base
+    assert embedding_key(a, "m", extra={"tiles": [(0, 0, 4, 3)]}) != base
+    b = a.copy()
+    b[0, 0] = 1
+    assert embedding_key(b, "m") != base
+
+
+def test_computed_once_then_memory_then_disk(tmp_path):
+    calls = []
+    store = EmbeddingStore(tmp_path, max_items=4)
+    first = store.get_or_compute("k1", lambda: calls.append(1) or arrays())
+    second = store.get_or_compute("k1", lambda: calls.append(1) or arrays(2.0))
+    assert calls == [1] and second is first
+    assert store.stats() == {"hits_memory": 1, "hits_disk": 0, "computed": 1}
+    fresh = EmbeddingStore(tmp_path)  # a new process or instance: read from disk
+    again = fresh.get_or_compute("k1", lambda: calls.append(1) or arrays(3.0))
+    assert calls == [1]
+    np.testing.assert_array_equal(again["features"], first["features"])
+    assert fresh.stats() == {"hits_memory": 0, "hits_disk": 1, "computed": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.lock", "k1.npz"]  # no temporary files left
+
+
+def test_lru_bound(tmp_path):
+    store = EmbeddingStore(tmp_path, max_items=2)
+    for key in ("a", "b", "c"):
+        store.get_or_compute(key, arrays)
+    assert list(store._memory) == ["b", "c"]
+    store.get_or_compute("a", arrays)  # from disk, evicts b
+    assert list(store._memory) == ["c", "a"]
+    assert store.stats()["hits_disk"] == 1
+    assert EmbeddingStore(tmp_path / "x", max_items=0).get_or_compute("k", arrays)["features"].shape == (2, 3)
+
+
+def test_corrupt_file_is_recomputed(tmp_path):
+    EmbeddingStore(tmp_path).get_or_compute("k", arrays)
+    (tmp_path / "k.npz").write_bytes(b"garbage")
+    store = EmbeddingStore(tmp_path)
+    out = store.get_or_compute("k", lambda: arrays(5.0))
+    assert out["features"][0, 0] == 5.0 and store.stats()["computed"] == 1
+
+
+def test_failed_compute_leaves_nothing(tmp_path):
+    store = EmbeddingStore(tmp_path)
+
+    def boom():
+        raise RuntimeError("encoder crashed")
+
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        store.get_or_compute("k", boom)
+    assert not (tmp_path / "k.npz").exists()
+    assert store.get_or_compute("k", arrays)["features"].shape == (2, 3)
+
+
+def test_bad_keys_and_results(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    for key in ("../x", "", ".hidden", "a/b"):
+        with pytest.raises(InvalidInputError, match="embedding key"):
+            store.get_or_compute(key, arrays)
+    with pytest.raises(InvalidInputError, match="non-empty mapping"):
+        store.get_or_compute("k", lambda: {})
+
+
+def test_threads_compute_once(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.2)
+        return arrays()
+
+    threads = [threading.Thread(target=store.get_or_compute, args=("k", slow)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+
+
+def test_two_processes_compute_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    cache, counter, go = tmp_path / "cache", tmp_path / "counter.txt", tmp_path / "go"
+    outs = [str(tmp_path / f"out{i}.npy") for i in range(2)]
+    procs = [ctx.Process(target=slow_compute_worker, args=(str(cache), "shared", str(counter), str(go), o))
+             for o in outs]
+    for p in procs:
+        p.start()
+    time.sleep(0.3)  # let both children import and wait at the barrier
+    go.write_text("go")
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(counter.read_text().split()) == 1  # one encoder pass across both processes
+    results = [np.load(o) for o in outs]
+    np.testing.assert_array_equal(results[0], results[1])
+    stats = sorted(open(o + ".stats").read() for o in outs)
+    assert stats == sorted(["{'hits_memory': 0, 'hits_disk': 0, 'computed': 1}",
+                            "{'hits_memory': 0, 'hits_disk': 1, 'computed': 0}"])
+
+
+def test_segmenter_embeds_same_content_once(segmenter, tmp_path):
+    from colabel.services.sam.segmenter import SamSegmenter
+
+    image = np.random.default_rng(0).integers(0, 255, (120, 90), dtype=np.uint8)
+    e1 = segmenter.embed(image)
+    e2 = segmenter.embed(image.copy())
+    assert e1.key == e2.key
+    assert segmenter.store.stats() == {"hits_memory": 1, "hits_disk": 0, "computed": 1}
+    assert e1.features.shape == (1, 256, 16, 16) and e1.features.dtype == np.float32
+    # a second segmenter (think: another replica) sharing the folder reads it from disk
+    other = SamSegmenter(TINY_ID, checkpoints=segmenter_checkpoints(segmenter),
+                         embedding_dir=segmenter.store.cache_dir, device="cpu")
+    e3 = other.embed(image)
+    assert other.store.stats() == {"hits_memory": 0, "hits_disk": 1, "computed": 0}
+    np.testing.assert_array_equal(e3.features, e1.features)
+
+
+def segmenter_checkpoints(seg) -> dict:
+    return {seg.model_id: seg.spec.local_path}

@@ -108,7 +108,7 @@ async def test_sam_click_returns_polygons_in_image_pixels_and_embeds_once(in_pro
     before = in_process["sam"].encoder_passes()
     prepared = await annotator.sam_prepare(token, image_id)
     assert prepared["image_shape"] == [300, 500] and prepared["n_tiles"] > 1
-    for annotator_number in range(3):  # three annotators click on the same image
+    for _ in range(3):  # three annotators click on the same image
         other = await annotator_for(connect, in_process["services"])
         result = await other.sam_segment(token, image_id, {"points": [[250.0, 150.0]], "labels": [1]})
         assert isinstance(result["score"], float)

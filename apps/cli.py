@@ -187,12 +187,13 @@ async def start_models(args: argparse.Namespace, config, server, folder: Path | 
         from colabel.services import ray_runtime
 
         print("starting Ray Serve and the model deployments ...", flush=True)
-        await asyncio.to_thread(ray_runtime.start_local_ray, address=args.ray_address)
-        handles = await asyncio.to_thread(ray_runtime.deploy, names, options=options)
+        # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
+        ray_runtime.start_local_ray(address=args.ray_address)
+        handles = ray_runtime.deploy(names, options=options)
         backends = {n: RayBackend(n, handles[n]) for n in names}
 
         async def stop():
-            await asyncio.to_thread(ray_runtime.shutdown)
+            ray_runtime.shutdown()
     ids = await register_model_services(server, backends, prefix=args.models_prefix)
     return ids, server, stop
 

@@ -78,17 +78,18 @@ def test_token_without_server_url_is_refused(tmp_path):
     assert result.returncode == 2 and "--server-url" in result.stderr
 
 
-def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path):
+@pytest.mark.parametrize("models", [["--no-ray"], ["--models", "nuclei"]], ids=["in-process", "ray-serve"])
+def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path, models):
     import asyncio
 
     from hypha_rpc import connect_to_server
 
     port = free_port()
     folder = tmp_path / "demo"
-    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port), "--no-ray"],
+    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port), *models],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     printed = {}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if m := re.match(r"^(\w+): (\S+)", line):
@@ -112,10 +113,10 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path)
         images, nuclei = asyncio.run(annotate())
         assert set(images) == {"dsb2018_nuclei.tif", "ihc_ki67.png"}
         assert nuclei["count"] >= 100  # the nucleus model service answers through the share link
-        assert {"model_service_sam", "model_service_nuclei"} <= set(printed)
+        assert "model_service_nuclei" in printed
     finally:
         process.send_signal(signal.SIGTERM)
-        code = process.wait(30)
+        code = process.wait(60)
     assert code == 0
     deadline = time.monotonic() + 10
     while not port_is_free("127.0.0.1", port) and time.monotonic() < deadline:

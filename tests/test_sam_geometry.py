@@ -306,3 +306,18 @@ def test_polygon_coordinates_are_xy_not_rc():
     ring = np.array(f["geometry"]["coordinates"][0])
     assert ring[:, 0].min() == 30.0 and ring[:, 0].max() == 36.0  # x = columns
     assert ring[:, 1].min() == 2.0 and ring[:, 1].max() == 4.0  # y = rows
+
+
+def test_keep_object_keeps_the_clicked_part_and_fills_small_holes():
+    from colabel.services.sam.segmenter import keep_object
+
+    mask = np.zeros((40, 40), bool)
+    mask[2:12, 2:12] = True  # clicked object
+    mask[6, 6] = False  # a one-pixel hole
+    mask[20:38, 20:38] = True  # a larger, unclicked part
+    mask[0, 39] = True  # a speck
+    kept = keep_object(mask, np.array([[5.5, 4.5]]))
+    assert kept[2:12, 2:12].all() and kept.sum() == 100
+    largest = keep_object(mask, None)  # no positive point: the largest part
+    assert largest[20:38, 20:38].all() and largest.sum() == 18 * 18
+    assert not keep_object(np.zeros((5, 5), bool), None).any()

@@ -212,6 +212,35 @@ def validate_prompts(
     return pts, labels, bx, mask
 
 
+def keep_object(mask: np.ndarray, positives: np.ndarray | None) -> np.ndarray:
+    """The connected parts of ``mask`` (H, W) bool that hold a positive point ``[x, y]``, else the largest part;
+    holes of at most 1% of the object are filled. Returns a new bool array."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.copy()
+    keep: set[int] = set()
+    if positives is not None and len(positives):
+        h, w = mask.shape
+        for x, y in np.asarray(positives, dtype=np.float64).reshape(-1, 2):
+            r, c = min(int(y), h - 1), min(int(x), w - 1)
+            if labels[r, c]:
+                keep.add(int(labels[r, c]))
+    if not keep:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = {int(sizes.argmax())}
+    out = np.isin(labels, list(keep))
+    holes, n_holes = ndimage.label(~out)
+    if n_holes > 1:
+        sizes = np.bincount(holes.ravel())
+        border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+        small = np.flatnonzero(sizes <= max(1, out.sum() // 100))
+        out |= np.isin(holes, np.setdiff1d(small, border)) & (holes > 0)
+    return out
+
+
 def paint_labels(shape: tuple[int, int], masks: list[tuple[float, tuple[int, int], np.ndarray]]) -> np.ndarray:
     """A label image from scored masks; where masks overlap, the higher score wins.
 
@@ -567,6 +596,7 @@ class SamSegmenter:
         multimask: bool = False,
         max_tiles: int | None = None,
         properties: dict[str, Any] | None = None,
+        single_object: bool = False,
     ) -> SegmentResult:
         """Segment the object that prompts select.
 
@@ -588,6 +618,9 @@ class SamSegmenter:
             Most tiles to decode when the object spans tiles (default: all).
         properties : dict, optional
             Copied into the polygon Features' properties.
+        single_object : bool, default False
+            Keep only the object the prompts point at (see :func:`keep_object`): what an annotator's click
+            should turn into, one editable outline without stray specks.
 
         Returns
         -------
@@ -670,6 +703,8 @@ class SamSegmenter:
                     continue
                 tile_mask, _, _ = self.decode_tile(embedding, index, points=p, labels=lab, box=b)
                 canvas = merge_into(canvas, tile_mask, tile, seeds=positives)
+        if single_object:
+            canvas = keep_object(canvas, positives)
         polygons = mask_to_features(canvas, properties=properties)
         return SegmentResult(mask=canvas, score=score, polygons=polygons, tiles_used=used, low_res_logits=logits)
 

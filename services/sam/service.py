@@ -68,7 +68,9 @@ class SamService(ColabSam):
 
         ``points`` (N, 2) ``[x, y]`` image pixels with ``labels`` (N,) 1 positive / 0 negative; ``box``
         ``[x0, y0, x1, y1]``. Returns ``{features: GeoJSON Features (image pixels), score, tiles_used,
-        bbox}``; raises NotFoundError when no replica has the embedding (call ``embed`` first).
+        bbox}`` for the one object the prompts point at (the connected part holding a positive point, or
+        the largest; specks dropped, small holes filled); raises NotFoundError when no replica has the
+        embedding (call ``embed`` first).
         """
         if not isinstance(embedding_id, str) or not embedding_id:
             raise InvalidInputError("embedding_id must be the id returned by embed")
@@ -77,7 +79,7 @@ class SamService(ColabSam):
         if embedding is None:
             raise NotFoundError(f"unknown embedding {embedding_id[:16]}...; call embed with the image first")
         result = segmenter.segment(embedding, points=points, point_labels=labels, box=box,
-                                   multimask=bool(multimask))
+                                   multimask=bool(multimask), single_object=True)
         rows, cols = np.nonzero(result.mask)
         bbox = ([int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
                 if rows.size else None)

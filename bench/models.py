@@ -1,0 +1,281 @@
+"""Benchmark of the model services: transport overhead, embedding cache, concurrent clicks, nuclei.
+
+    python bench/models.py [--clicks 200] [--vit-b] [--ray] [--out bench/results/models.json]
+
+Everything runs on this machine against a real Hypha server subprocess. SAM uses a small model with
+random weights built here (no SAM weights can be downloaded offline; see shared/PLATFORM.md): the transport,
+caching and concurrency figures do not depend on the weights; ``--vit-b`` adds the ViT-B architecture's
+encoder and decoder times (random weights, same compute as the real model). Nucleus segmentation runs the
+real classical backend on the real DSB2018 image with its 125 hand-labelled nuclei.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timing, print_table, time_async_calls, time_calls, write_json  # noqa: E402
+
+SMALL = {"image_size": 512, "embed_dim": 128, "depth": 4, "num_heads": 4, "global_attn_indexes": (1, 3),
+         "window_size": 14}
+
+
+def build_checkpoint(folder: Path, config: dict, name: str) -> str:
+    import torch
+
+    from colabel.services.sam.registry import build_sam, save_checkpoint
+
+    torch.manual_seed(0)
+    return str(save_checkpoint(build_sam("custom", **config), folder / f"{name}.pt"))
+
+
+def demo_folder(folder: Path) -> Path:
+    from colabel.apps.demo import write_demo_folder
+
+    write_demo_folder(folder)
+    return folder
+
+
+async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, clicks: int, use_ray: bool) -> dict:
+    """Segment calls in-process vs through Hypha (model service and the annotator's path); cache; 20 clients."""
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+    from colabel.services.gateway import LocalBackend, RayBackend, register_model_services
+    from colabel.services.sam.service import SamService
+
+    options = {"default_model": "bench_sam", "checkpoints": {"bench_sam": checkpoint}, "embedding_dir": str(cache),
+               "tile_size": 512}
+    local = SamService(**options)
+    if use_ray:
+        from colabel.services import ray_runtime
+        from colabel.services.deployments import Autoscaling
+
+        ray_runtime.start_local_ray()
+        handle = ray_runtime.deploy(["sam"], options={"sam": options}, gpu=False,
+                                    autoscaling={"sam": Autoscaling(2, 2, 2)})["sam"]
+        backend = RayBackend("sam", handle)
+    else:
+        backend = LocalBackend("sam", SamService(**options))
+
+    name = f"b{secrets.token_hex(3)}"
+    server = await connect_to_server({"server_url": hypha.url, "token": hypha.root_token})
+    ids = await register_model_services(server, {"sam": backend}, prefix=name)
+    provider = DataProvider(folder)
+    services = ProviderServices(provider, server, name=name, public_url=hypha.url,
+                                assist=ModelAssist(provider, server, ids, sam_model="bench_sam"))
+    await services.register()
+    _, token = provider.create_session(name="bench", classes=[{"name": "cell", "color": "#ff0000"}])
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "dsb2018_nuclei.tif")
+    image = provider.get_image(image_id)
+
+    # cache miss vs hit (in-process model: what the replica itself spends)
+    rng = np.random.default_rng(0)
+    prompts = [[[float(x), float(y)]] for x, y in rng.uniform(20, 490, size=(clicks, 2))]
+
+    def in_process_series():  # blocking work: run off the event loop that serves Hypha
+        start = time.perf_counter()
+        embedding_id = local.embed(image)["embedding_id"]
+        miss_ms = (time.perf_counter() - start) * 1000
+        hit = time_calls(lambda: local.embed(image), 20)
+        cold = SamService(**options)  # a new replica: memory empty, the store on disk has it
+        start = time.perf_counter()
+        cold.embed(image)
+        disk_hit_ms = (time.perf_counter() - start) * 1000
+        counter = iter(range(10**9))
+        series = time_calls(lambda: local.segment(embedding_id, None, prompts[next(counter) % clicks], [1], None),
+                            clicks)
+        return embedding_id, miss_ms, hit, disk_hit_ms, series
+
+    embedding_id, miss_ms, hit, disk_hit_ms, in_process = await asyncio.to_thread(in_process_series)
+
+    workspace_token = await server.generate_token({"expires_in": 3600})
+    client = await connect_to_server({"server_url": hypha.url, "token": workspace_token,
+                                      "workspace": services.workspace})
+    sam = await client.get_service(ids["sam"])
+    await sam.embed(image, None)
+    counter = iter(range(10**9))
+    via_service = await time_async_calls(
+        lambda: sam.segment(embedding_id, None, prompts[next(counter) % clicks], [1], None), clicks)
+
+    annotator_client = await connect_to_server({"server_url": hypha.url})
+    annotator = await annotator_client.get_service(services.annotator_service_id)
+    await annotator.sam_prepare(token, image_id)
+    counter2 = iter(range(10**9))
+    via_annotator = await time_async_calls(
+        lambda: annotator.sam_segment(token, image_id, {"points": prompts[next(counter2) % clicks], "labels": [1]}),
+        clicks)
+
+    # ten annotators open the same new image at once: encoder passes
+    other_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    clients = [await (await connect_to_server({"server_url": hypha.url})).get_service(services.annotator_service_id)
+               for _ in range(20)]
+    before = local.models.store.computed_total()
+    prepared = await asyncio.gather(*(c.sam_prepare(token, other_id) for c in clients[:10]))
+    passes = local.models.store.computed_total() - before
+    assert len({p["embedding_id"] for p in prepared}) == 1
+
+    # twenty annotators clicking at once
+    latencies: list[float] = []
+    errors = 0
+
+    async def clicker(c, n):
+        nonlocal errors
+        for k in range(n):
+            start = time.perf_counter()
+            try:
+                await c.sam_segment(token, other_id, {"points": prompts[k % clicks], "labels": [1]})
+                latencies.append((time.perf_counter() - start) * 1000)
+            except Exception:  # noqa: BLE001 - counted
+                errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(clicker(c, 10) for c in clients))
+    wall = time.perf_counter() - start
+    crowd = Timing(latencies)
+
+    for c in [client, annotator_client, server]:
+        await c.disconnect()
+    if use_ray:
+        from colabel.services import ray_runtime
+
+        ray_runtime.shutdown()
+    return {
+        "backend": "ray (2 replicas)" if use_ray else "in-process",
+        "segment_in_process": in_process.as_dict(),
+        "segment_via_model_service": via_service.as_dict(),
+        "segment_via_annotator_service": via_annotator.as_dict(),
+        "overhead_model_service_p95_ms": round(via_service.p95 - in_process.p95, 2),
+        "overhead_annotator_path_p95_ms": round(via_annotator.p95 - in_process.p95, 2),
+        "embedding_miss_ms": round(miss_ms, 1),
+        "embedding_memory_hit": hit.as_dict(),
+        "embedding_disk_hit_ms": round(disk_hit_ms, 1),
+        "encoder_passes_for_10_annotators_same_image": passes,
+        "concurrent_20_clients": {**crowd.as_dict(), "errors": errors, "clicks_per_s": round(len(latencies) / wall, 1)},
+    }
+
+
+def bench_nuclei(repeats: int = 5) -> dict:
+    import tifffile
+
+    from colabel.apps.demo import data_path
+    from colabel.services.nuclei import aji, f1_at, segment_nuclei
+    from colabel.services.nuclei.classical import ClassicalSegmenter
+
+    image = tifffile.imread(data_path("dsb2018_nuclei.tif"))
+    truth = tifffile.imread(data_path("dsb2018_nuclei_mask.tif"))
+    backend = ClassicalSegmenter()
+    result = segment_nuclei(image, backend=backend)
+    whole = time_calls(lambda: segment_nuclei(image, backend=backend), repeats, warmup=1)
+    large = np.tile(image, (4, 4))  # 2048 x 2048, tiled with overlap
+    tiled = time_calls(lambda: segment_nuclei(large, backend=backend), 2, warmup=0)
+    from skimage import data
+
+    ihc = data.immunohistochemistry()
+    ihc_t = time_calls(lambda: segment_nuclei(ihc, backend=backend), repeats, warmup=1)
+    return {
+        "dsb2018_f1_iou50": round(f1_at(truth, result.labels, 0.5), 3),
+        "dsb2018_aji": round(aji(truth, result.labels), 3),
+        "dsb2018_found": len(result.nuclei),
+        "dsb2018_true": int(len(np.unique(truth)) - 1),
+        "mp_per_s_dsb_512": round(image.size / 1e6 / (whole.median / 1000), 2),
+        "mp_per_s_ihc_rgb_512": round(ihc.shape[0] * ihc.shape[1] / 1e6 / (ihc_t.median / 1000), 2),
+        "mp_per_s_2048_tiled": round(large.size / 1e6 / (tiled.median / 1000), 2),
+    }
+
+
+def bench_vit_b(repeats: int = 3) -> dict:
+    """SAM ViT-B encoder and decoder times with random weights (same compute as the published model)."""
+    import torch
+
+    from colabel.services.sam.registry import build_sam
+    from colabel.services.sam.segmenter import SamSegmenter
+
+    torch.manual_seed(0)
+    segmenter = SamSegmenter.from_sam(build_sam("vit_b"), model_id="vit_b_random",
+                                      embedding_dir=tempfile.mkdtemp())
+    image = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    encoder = time_calls(lambda: segmenter._encode(image), repeats, warmup=0)
+    embedding = segmenter.embed(image)
+    decoder = time_calls(lambda: segmenter.segment(embedding, points=[[500.0, 500.0]], point_labels=[1]), 10)
+    return {"device": segmenter.device, "encoder_1024": encoder.as_dict(), "decode_click": decoder.as_dict()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clicks", type=int, default=200, help="clicks per latency series (default 200)")
+    parser.add_argument("--ray", action="store_true", help="serve SAM from 2 Ray Serve replicas instead of in-process")
+    parser.add_argument("--vit-b", action="store_true", help="also time the ViT-B encoder/decoder (slow on CPU)")
+    parser.add_argument("--out", default="bench/results/models.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from colabel.apps.hypha_server import EmbeddedHypha, free_port
+
+    results: dict = {"gpu": torch.cuda.is_available()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = build_checkpoint(tmp, SMALL, "bench_sam")
+        folder = demo_folder(tmp / "images")
+        with EmbeddedHypha("127.0.0.1", free_port()) as hypha:
+            results["sam"] = asyncio.run(bench_transport(hypha, folder, checkpoint, tmp / "cache", args.clicks,
+                                                         args.ray))
+    results["nuclei"] = bench_nuclei()
+    if args.vit_b:
+        results["vit_b"] = bench_vit_b()
+
+    sam = results["sam"]
+    rows = [{"measure": f"segment click, {k.removeprefix('segment_').replace('_', ' ')}",
+             "median ms": sam[k]["median_ms"], "p95 ms": sam[k]["p95_ms"]}
+            for k in ("segment_in_process", "segment_via_model_service", "segment_via_annotator_service")]
+    rows += [
+        {"measure": "transport overhead p95, model service (target <= 10 ms)",
+         "median ms": "", "p95 ms": sam["overhead_model_service_p95_ms"]},
+        {"measure": "transport overhead p95, annotator path (target <= 10 ms)",
+         "median ms": "", "p95 ms": sam["overhead_annotator_path_p95_ms"]},
+        {"measure": "embedding: miss (encoder pass)", "median ms": sam["embedding_miss_ms"], "p95 ms": ""},
+        {"measure": "embedding: memory hit", "median ms": sam["embedding_memory_hit"]["median_ms"],
+         "p95 ms": sam["embedding_memory_hit"]["p95_ms"]},
+        {"measure": "embedding: disk hit (new replica)", "median ms": sam["embedding_disk_hit_ms"], "p95 ms": ""},
+        {"measure": "encoder passes, 10 annotators same image (target 1)",
+         "median ms": sam["encoder_passes_for_10_annotators_same_image"], "p95 ms": ""},
+        {"measure": f"20 concurrent clients: {sam['concurrent_20_clients']['clicks_per_s']} clicks/s, "
+                    f"errors {sam['concurrent_20_clients']['errors']}",
+         "median ms": sam["concurrent_20_clients"]["median_ms"], "p95 ms": sam["concurrent_20_clients"]["p95_ms"]},
+    ]
+    print_table(f"SAM service ({sam['backend']}; model image 512, random weights; CPU)", rows,
+                ["measure", "median ms", "p95 ms"])
+    n = results["nuclei"]
+    print_table("Nucleus segmentation (classical backend, CPU)", [
+        {"measure": "DSB2018 F1 @ IoU 0.5 (target >= 0.75)", "value": n["dsb2018_f1_iou50"]},
+        {"measure": "DSB2018 AJI", "value": n["dsb2018_aji"]},
+        {"measure": "DSB2018 nuclei found / labelled", "value": f"{n['dsb2018_found']} / {n['dsb2018_true']}"},
+        {"measure": "MP/s, 512x512 grey (target >= 5)", "value": n["mp_per_s_dsb_512"]},
+        {"measure": "MP/s, 512x512 RGB IHC", "value": n["mp_per_s_ihc_rgb_512"]},
+        {"measure": "MP/s, 2048x2048 in 1024 tiles", "value": n["mp_per_s_2048_tiled"]},
+    ], ["measure", "value"])
+    if "vit_b" in results:
+        v = results["vit_b"]
+        print_table(f"SAM ViT-B ({v['device']}, random weights)", [
+            {"measure": "encoder 1024x1024", "median ms": v["encoder_1024"]["median_ms"]},
+            {"measure": "decoder, one click", "median ms": v["decode_click"]["median_ms"]},
+        ], ["measure", "median ms"])
+    elif not results["gpu"]:
+        print("\nNo GPU on this machine: the GPU timings of SAM ViT-B were not taken.")
+    print(f"\nwritten {write_json(Path(args.out), results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,8 @@ async def _serve(args: argparse.Namespace) -> int:
     folder = Path(args.folder).expanduser().resolve()
     check_folder(folder)
     classes = parse_classes(args.classes)
+    parse_models(args.models)
+    model_options(args, folder)
     if len(ImageCatalog(folder)) == 0:  # before anything is written into the folder
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
@@ -87,13 +89,17 @@ async def _serve(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
             raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
         model_ids, models_server, stop_models = await start_models(args, config, server, folder)
-        assist = None
+        assist = hals = None
         if model_ids:
             from .provider.assist import ModelAssist
 
             assist = ModelAssist(provider, models_server, model_ids, sam_model=args.sam_model)
+            if {"nuclei", "classifier", "coreset"} <= set(model_ids):
+                from .provider.hals import HalsAssist
+
+                hals = HalsAssist(assist)
         services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url,
-                                    assist=assist)
+                                    assist=assist, hals=hals)
         await services.register()
         session = next((s for s in provider.sessions.list() if s.state == "open"), None)
         secret = None
@@ -139,11 +145,15 @@ def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
             raise CliError(f"--checkpoint {item!r} must be MODEL_ID=PATH")
         checkpoints[model_id] = str(Path(path).expanduser().resolve())
     sam = {"default_model": args.sam_model, "checkpoints": checkpoints}
-    nuclei = {"backend": args.nuclei_backend}
+    nuclei: dict = {"backend": args.nuclei_backend}
+    if args.nuclei_checkpoint:
+        nuclei["backend_options"] = {"checkpoint": str(Path(args.nuclei_checkpoint).expanduser().resolve())}
+    classifier: dict = {}
     if cache is not None:
         sam["embedding_dir"] = str(cache / "embeddings")
         nuclei["cache_dir"] = str(cache / "nuclei")
-    return {"sam": sam, "nuclei": nuclei}
+        classifier["cache_dir"] = str(cache / "hals")
+    return {"sam": sam, "nuclei": nuclei, "classifier": classifier, "coreset": {}}
 
 
 def parse_models(text: str) -> list[str]:
@@ -193,15 +203,16 @@ async def start_models(args: argparse.Namespace, config, server, folder: Path | 
         backends = {n: RayBackend(n, handles[n]) for n in names}
 
         async def stop():
-            ray_runtime.shutdown()
+            ray_runtime.shutdown(applications=names if args.ray_address else None)
     ids = await register_model_services(server, backends, prefix=args.models_prefix)
     return ids, server, stop
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model services")
-    group.add_argument("--models", default="sam,nuclei",
-                       help="model services to run, comma-separated (default sam,nuclei; '' for none)")
+    group.add_argument("--models", default="sam,nuclei,classifier,coreset",
+                       help="model services to run, comma-separated (default sam,nuclei,classifier,coreset; "
+                       "'' for none; the HALS loop needs nuclei, classifier and coreset)")
     group.add_argument("--no-ray", action="store_true", help="run the model services in this process, without Ray")
     group.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     group.add_argument("--models-url", default=None,
@@ -213,6 +224,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use a local checkpoint file for a model id (repeatable; no download needed)")
     group.add_argument("--nuclei-backend", default="classical",
                        help="nucleus segmentation backend: classical (no weights) or hovernet")
+    group.add_argument("--nuclei-checkpoint", default=None, metavar="PATH_OR_URL",
+                       help="HoVer-Net weights for --nuclei-backend hovernet (a path, a URL, or a published name "
+                       "such as hovernet_pannuke_fast)")
     group.add_argument("--cache-dir", default=None,
                        help="embedding and result cache (default FOLDER/annotations/.cache)")
 
@@ -252,6 +266,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         write_demo_folder(Path(args.folder))
     return asyncio.run(_serve(args))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import print_report, session_report
+
+    folder = Path(args.folder).expanduser().resolve()
+    check_folder(folder)
+    print_report(session_report(folder, args.session))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -296,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--token", default=None, help="token of the workspace to register in")
     add_model_arguments(models)
     models.set_defaults(func=cmd_models)
+
+    report = commands.add_parser("report", help="print a session's HALS workload and effectiveness",
+                                 description="Read FOLDER/annotations/sessions/SESSION/events.jsonl and print the "
+                                 "workload (fraction of shown suggestions the annotator corrected) and the "
+                                 "effectiveness (area under validation accuracy vs number of labels, N <= 200).")
+    report.add_argument("folder", metavar="FOLDER", help="the mounted folder")
+    report.add_argument("session", metavar="SESSION", help="session id (s-...)")
+    report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="write real demo images into a folder",
                                description="Write scikit-image's immunohistochemistry (Ki-67-like IHC) image and "

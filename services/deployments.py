@@ -70,6 +70,10 @@ MODEL_DEPLOYMENTS: dict[str, ModelDeployment] = {
                         Autoscaling(1, 4, 2), num_cpus=0.5, wants_gpu=True, max_ongoing_requests=16),
         ModelDeployment("nuclei", "colabel.services.nuclei.service:NucleiService",
                         Autoscaling(1, 3, 1), num_cpus=0.5, wants_gpu=True, max_ongoing_requests=4),
+        ModelDeployment("classifier", "colabel.services.hals.service:ClassifierService",
+                        Autoscaling(1, 3, 2), num_cpus=0.5, wants_gpu=True, max_ongoing_requests=8),
+        ModelDeployment("coreset", "colabel.services.hals.service:CoresetService",
+                        Autoscaling(1, 2, 2), num_cpus=0.25, max_ongoing_requests=4),
     )
 }
 

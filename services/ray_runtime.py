@@ -50,12 +50,18 @@ def deploy(names: list[str], *, options: dict | None = None, gpu: bool | None = 
     return handles
 
 
-def shutdown() -> None:
+def shutdown(*, applications: list[str] | None = None) -> None:
+    """Stop what this process started: all of Serve and Ray, or, on a shared cluster (``applications``
+    given), only those Serve applications, then disconnect."""
     import ray
     from ray import serve
 
     if ray.is_initialized():
         try:
-            serve.shutdown()
+            if applications is None:
+                serve.shutdown()
+            else:
+                for name in applications:
+                    serve.delete(name)
         finally:
             ray.shutdown()

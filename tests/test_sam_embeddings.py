@@ -54,7 +54,8 @@ def test_computed_once_then_memory_then_disk(tmp_path):
     assert calls == [1]
     np.testing.assert_array_equal(again["features"], first["features"])
     assert fresh.stats() == {"hits_memory": 0, "hits_disk": 1, "computed": 0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.lock", "k1.npz"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["computed.log", "k1.lock", "k1.npz"]  # no temp files
+    assert fresh.computed_total("k1") == 1 and fresh.computed_total() == 1
 
 
 def test_lru_bound(tmp_path):

@@ -76,6 +76,7 @@ class ModelAssist:
         except Exception as exc:  # noqa: BLE001
             message = remote_message(exc)
             kind, _, sentence = message.partition(": ")
+            kind = kind.rsplit(".", 1)[-1]  # Ray reports errors as colabel.errors.<Kind>
             if kind == "NotFoundError":
                 raise NotFoundError(sentence) from None
             if kind in ("InvalidInputError", "PayloadTooLargeError"):
@@ -100,7 +101,7 @@ class ModelAssist:
     async def sam_segment(self, session, image_id: str, prompt: dict, model_id: str | None = None) -> dict:
         """Segment one object from ``prompt`` ``{points: [[x, y], ...], labels: [1|0, ...], box: [x0, y0, x1, y1]}``.
 
-        Returns ``{features: GeoJSON Features in image pixels, score, embedding_id}``.
+        Returns ``{features: GeoJSON Features in image pixels, score, tiles_used, bbox}``.
         """
         if not isinstance(prompt, dict):
             raise InvalidInputError("prompt must be an object {points, labels, box}")

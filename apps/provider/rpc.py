@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from colabel.errors import ColabelError
 
 from .assist import ModelAssist
+from .hals import HalsAssist
 from .models import AnnotatorSession, SessionInfo
 from .provider import DataProvider
 
@@ -95,9 +96,10 @@ class ProviderServices:
     """
 
     def __init__(self, provider: DataProvider, server, *, name: str, public_url: str,
-                 assist: ModelAssist | None = None) -> None:
+                 assist: ModelAssist | None = None, hals: HalsAssist | None = None) -> None:
         self.provider = provider
         self.assist = assist
+        self.hals = hals
         self.server = server
         self.name = name
         self.public_url = public_url.rstrip("/")
@@ -256,7 +258,39 @@ class ProviderServices:
                      get_annotations, list_versions, progress]
         if self.assist is not None:
             functions += self._assist_functions()
+        if self.hals is not None:
+            functions += self._hals_functions()
         return {f.__name__: _remote(f) for f in functions}
+
+    def _hals_functions(self) -> list:
+        """The HALS loop: cells, suggestions, labels (accept/correct), next-patch guidance, live status."""
+        hals, sessions = self.hals, self.provider.sessions
+
+        async def cells(token, image_id, region=None):
+            """Segmented cells of an image (or region) with their labels."""
+            return await hals.cells(sessions.authorize(token), image_id, region)
+
+        async def suggestions(token, annotator_key, image_id, region=None):
+            """Class suggestions for unlabelled cells once 10 labels per class exist (recorded as shown)."""
+            info = sessions.authorize(token, write=True)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            return await hals.suggestions(info, annotator.annotator_id, image_id, region)
+
+        async def label_cell(token, annotator_key, image_id, cell_id, class_name):
+            """Label a cell; accepting or correcting the suggestion shown for it is recorded as such."""
+            info = sessions.authorize(token, write=True)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            return await hals.label(info, annotator.annotator_id, image_id, cell_id, class_name)
+
+        async def next_patch(token, image_id, patch_size=None):
+            """The patch to annotate next: the one holding most of the Coreset selection."""
+            return await hals.next_patch(sessions.authorize(token), image_id, patch_size)
+
+        async def classifier_status(token):
+            """Whether suggestions are on, the model version and its live validation accuracy."""
+            return hals.status(sessions.authorize(token))
+
+        return [cells, suggestions, label_cell, next_patch, classifier_status]
 
     def _assist_functions(self) -> list:
         """AI help, each call checked against the session's token first."""

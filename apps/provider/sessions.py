@@ -169,7 +169,7 @@ class SessionStore:
             return self._get(session_id).info.model_copy(deep=True)
 
     def set_state(self, session_id: str, state: str) -> SessionInfo:
-        """Close (``"closed"``: no more saves, tokens refused) or reopen (``"open"``) a session."""
+        """Close (``"closed"``: read-only, no joins, assignments or saves) or reopen (``"open"``) a session."""
         if state not in ("open", "closed"):
             raise InvalidInputError(f"session state must be 'open' or 'closed', got {state!r}")
         with self._lock:

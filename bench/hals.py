@@ -20,7 +20,7 @@ the same random start, and cells in random order.
 
 Usage::
 
-    python bench/hals.py                 # 5 seeds, learning curves every 10 labels, + 1M Coreset timing
+    python bench/hals.py                 # 5 seeds, learning curves every 5 labels, + 1M Coreset timing
     python bench/hals.py --quick         # 2 seeds, curve points every 25 labels (smoke run)
     python bench/hals.py --skip-1m       # without the 1M x 1280 Coreset timing (~30 s, 5 GB RAM)
 
@@ -165,17 +165,24 @@ def load_he() -> dict:
 LOADERS = {"ihc": load_ihc, "dsb": load_dsb, "he": load_he}
 
 
-def prepare(name: str, *, patch_size: int, cache_dir: Path) -> CellSet:
+def prepare(name: str, *, patch_size: int, cache_dir: Path, ambiguous_band: float = 0.0) -> CellSet:
     from colabel.services.hals.features import EfficientNetLite0Features, FeatureStore
 
     d = LOADERS[name]()
     store = FeatureStore(cache_dir)
     features = store.get_or_compute(d["image"], d["xy"], EfficientNetLite0Features(), patch_size=patch_size)
-    pool, held = holdout_split(len(d["truth"]), fraction=EVAL_FRACTION, seed=EVAL_SEED)
+    xy, values, truth, notes = d["xy"], d["values"], d["truth"], dict(d["notes"])
+    if ambiguous_band > 0:
+        # Leave out the cells whose value is nearest the threshold (before the split: never labelled nor
+        # evaluated), i.e. the cells whose derived class is least certain.
+        closeness = np.argsort(np.argsort(np.abs(values - d["threshold"]))) / len(values)
+        keep = closeness >= ambiguous_band
+        xy, values, truth, features = xy[keep], values[keep], truth[keep], features[keep]
+        notes["ambiguous_band_left_out"] = int((~keep).sum())
+    pool, held = holdout_split(len(truth), fraction=EVAL_FRACTION, seed=EVAL_SEED)
     return CellSet(name=name, source=d["source"], rule=d["rule"], class_names=d["class_names"],
-                   image_shape=tuple(d["image"].shape[:2]), centroids_xy=d["xy"], values=d["values"],
-                   threshold=d["threshold"], truth=d["truth"], features=features, pool=pool, eval=held,
-                   notes=d["notes"])
+                   image_shape=tuple(d["image"].shape[:2]), centroids_xy=xy, values=values,
+                   threshold=d["threshold"], truth=truth, features=features, pool=pool, eval=held, notes=notes)
 
 
 def full_pool_accuracy(cells: CellSet, seed: int = 0) -> float:
@@ -270,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="Coreset cells per patch choice")
     parser.add_argument("--initial", type=int, default=20, help="random start: labels per class")
     parser.add_argument("--max-labels", type=int, default=200)
-    parser.add_argument("--step", type=int, default=None, help="learning-curve spacing in labels (10; --quick: 25)")
+    parser.add_argument("--step", type=int, default=None, help="learning-curve spacing in labels (5; --quick: 25)")
     parser.add_argument("--repeats", type=int, default=10, help="trainings per learning-curve point")
+    parser.add_argument("--ambiguous-band", type=float, default=0.0,
+                        help="leave out this fraction of cells nearest the class threshold (label-noise check)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hals.json")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.step = args.step or (25 if args.quick else 10)
+    args.step = args.step or (25 if args.quick else 5)
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
           f"curve every {args.step} labels x {args.repeats} trainings")
     cell_sets = {}
     for name in tqdm(names, desc="images (segment, derive classes, features)", unit="image"):
-        cell_sets[name] = prepare(name, patch_size=args.patch_size, cache_dir=RESULTS / "cache")
+        cell_sets[name] = prepare(name, patch_size=args.patch_size, cache_dir=RESULTS / "cache",
+                                  ambiguous_band=args.ambiguous_band)
 
     per_image: dict[str, dict] = {}
     tasks = [(name, seed) for name in names for seed in range(args.seeds)]
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                 "AUC hals": f"{r['auc']['hals']:.4f}", "AUC control": f"{r['auc']['control']:.4f}",
                 "effectiveness": f"{r['effectiveness'] * 100:+.2f}%", "N max": r["curve_n"][-1],
             })
-        for other in ("control+start", "random"):
+        for other in ("control", "control+start", "random"):
             vs = mean_sd([r["effectiveness_vs"][other] for r in runs])
             share = np.mean([r["positive_fraction"][other] for r in runs])
             share_hals = np.mean([r["positive_fraction"]["hals"] for r in runs])
@@ -359,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table("HALS simulated annotator: per image (mean ± sd over seeds)", rows, list(rows[0]))
     print_table("Per seed", seed_rows, list(seed_rows[0]))
     print_table("Ablations: effectiveness of HALS against other label orders", ablation_rows, list(ablation_rows[0]))
+    for name in names:
+        runs = per_image[name]["runs"]
+        n = np.asarray(runs[0]["curve_n"])
+        show = [i for i, v in enumerate(n) if v in (0, 10, 20, 40, 60, 80, 120, 160, 200) or i == len(n) - 1]
+        curve_rows = [{"N": int(n[i]), **{policy: f"{np.mean([r['curves'][policy][i] for r in runs]):.3f}"
+                                          for policy in runs[0]["curves"]}} for i in show]
+        print_table(f"Learning curves, {name}: eval accuracy after the first N labels (mean over seeds)",
+                    curve_rows, list(curve_rows[0]))
     print_table("Workload reduction: paper definition, with the manual labels counted, without Coreset; share "
                 "of corrections among the 20% of cells nearest the class threshold", workload_rows,
                 list(workload_rows[0]))

@@ -78,7 +78,8 @@ def test_token_without_server_url_is_refused(tmp_path):
     assert result.returncode == 2 and "--server-url" in result.stderr
 
 
-@pytest.mark.parametrize("models", [["--no-ray"], ["--models", "nuclei"]], ids=["in-process", "ray-serve"])
+@pytest.mark.parametrize("models", [["--no-ray", "--models", "sam,nuclei"], ["--models", "nuclei,classifier,coreset"]],
+                         ids=["in-process", "ray-serve"])
 def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path, models):
     import asyncio
 
@@ -107,10 +108,17 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path,
             service = await client.get_service(printed["annotator_service"])
             images = {i["name"]: i for i in await service.list_images(token)}
             nuclei = await service.detect_nuclei(token, images["dsb2018_nuclei.tif"]["image_id"])
+            status = None
+            if "model_service_classifier" in printed:  # features computed by the classifier replica
+                cells = await service.cells(token, images["dsb2018_nuclei.tif"]["image_id"])
+                status = {**await service.classifier_status(token), "cells": len(cells["cells"])}
             await client.disconnect()
-            return images, nuclei
+            return images, nuclei, status
 
-        images, nuclei = asyncio.run(annotate())
+        images, nuclei, status = asyncio.run(annotate())
+        if status is not None:  # the HALS services answer from their Ray Serve replicas
+            assert status["ready"] is False and status["min_labels_per_class"] == 10
+            assert status["cells"] == nuclei["count"]
         assert set(images) == {"dsb2018_nuclei.tif", "ihc_ki67.png"}
         assert nuclei["count"] >= 100  # the nucleus model service answers through the share link
         assert "model_service_nuclei" in printed

@@ -139,3 +139,51 @@ def test_invalid_name_exits_with_one_sentence(tmp_path):
     result = run("serve", str(folder), "--name", "Bad_Name", "--port", str(free_port()))
     assert result.returncode == 2 and "invalid name" in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_serve_uses_model_services_run_elsewhere_with_models_url(tmp_path, hypha_server):
+    """`colabel models` registers the models on one Hypha server; `colabel serve --models-url` uses them."""
+    import asyncio
+
+    from hypha_rpc import connect_to_server
+
+    from conftest import make_image_folder
+
+    def start(args, key):
+        process = subprocess.Popen([*COLABEL, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        printed, deadline = {}, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if m := re.match(r"^(\w+): (\S+)", line):
+                printed[m.group(1)] = m.group(2)
+            if line.startswith("Press Ctrl-C") or not line:
+                break
+        assert key in printed, printed
+        return process, printed
+
+    models, _ = start(["models", "--server-url", hypha_server.url, "--token", hypha_server.root_token, "--no-ray",
+                       "--models", "nuclei", "--models-prefix", "remote"], "model_service_nuclei")
+    folder = make_image_folder(tmp_path / "images")
+    try:
+        serve, printed = start(["serve", str(folder), "--server-url", hypha_server.url, "--token",
+                                hypha_server.root_token, "--name", "viaurl", "--models", "nuclei", "--models-url",
+                                hypha_server.url, "--models-token", hypha_server.root_token,
+                                "--models-prefix", "remote"], "share_url")
+        try:
+            token = printed["share_url"].split("#token=", 1)[1]
+
+            async def annotate():
+                client = await connect_to_server({"server_url": hypha_server.url})
+                service = await client.get_service(printed["annotator_service"])
+                images = {i["name"]: i for i in await service.list_images(token)}
+                result = await service.detect_nuclei(token, images["dsb2018_nuclei.tif"]["image_id"])
+                await client.disconnect()
+                return result
+
+            assert asyncio.run(annotate())["count"] >= 100
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(60) == 0
+    finally:
+        models.send_signal(signal.SIGTERM)
+        assert models.wait(60) == 0

@@ -258,3 +258,16 @@ async def test_a_replica_killed_mid_request_gives_a_clear_error_and_the_deployme
             assert time.monotonic() < deadline, "the deployment did not recover"
             await asyncio.sleep(1)
     assert "features" in result
+
+
+async def test_a_previous_mask_refines_the_next_answer(in_process):
+    sam = in_process["sam"]
+    image = np.asarray(tifffile.imread(DATA / "dsb2018_nuclei.tif"))[:256, :256]
+    embedding_id = sam.embed(image)["embedding_id"]
+    first = sam.segment(embedding_id, None, [[100.0, 100.0]], [1], None, False, None, True)
+    assert first["low_res_logits"].shape == (1, 64, 64) and first["low_res_logits"].dtype == np.float32
+    refined = sam.segment(embedding_id, None, [[100.0, 100.0], [120.0, 90.0]], [1, 0], None, False,
+                          first["low_res_logits"], False)
+    assert "low_res_logits" not in refined and isinstance(refined["score"], float)
+    with pytest.raises(Exception, match="(?i)mask_input"):
+        sam.segment(embedding_id, None, [[100.0, 100.0]], [1], None, False, np.zeros((3, 3), np.float32))

@@ -63,14 +63,17 @@ class SamService(ColabSam):
                 "image_shape": list(embedding.image_shape), "n_tiles": embedding.n_tiles}
 
     def segment(self, embedding_id: str, model_id: str | None = None, points: Any = None, labels: Any = None,
-                box: Any = None, multimask: bool = False) -> dict:
+                box: Any = None, multimask: bool = False, mask_input: Any = None,
+                return_logits: bool = False) -> dict:
         """Segment one object of an embedded image from positive/negative points and/or a box.
 
         ``points`` (N, 2) ``[x, y]`` image pixels with ``labels`` (N,) 1 positive / 0 negative; ``box``
         ``[x0, y0, x1, y1]``. Returns ``{features: GeoJSON Features (image pixels), score, tiles_used,
         bbox}`` for the one object the prompts point at (the connected part holding a positive point, or
         the largest; specks dropped, small holes filled); raises NotFoundError when no replica has the
-        embedding (call ``embed`` first).
+        embedding (call ``embed`` first). Refine an earlier answer by passing its ``low_res_logits``
+        (returned with ``return_logits=True``, (1, 256, 256) float32 for the published models) as
+        ``mask_input``: SAM's "previous mask" prompt.
         """
         if not isinstance(embedding_id, str) or not embedding_id:
             raise InvalidInputError("embedding_id must be the id returned by embed")
@@ -78,13 +81,16 @@ class SamService(ColabSam):
         embedding = segmenter.load_embedding(embedding_id)
         if embedding is None:
             raise NotFoundError(f"unknown embedding {embedding_id[:16]}...; call embed with the image first")
-        result = segmenter.segment(embedding, points=points, point_labels=labels, box=box,
+        result = segmenter.segment(embedding, points=points, point_labels=labels, box=box, mask_input=mask_input,
                                    multimask=bool(multimask), single_object=True)
         rows, cols = np.nonzero(result.mask)
         bbox = ([int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
                 if rows.size else None)
-        return {"features": result.polygons, "score": float(result.score), "tiles_used": list(result.tiles_used),
-                "bbox": bbox}
+        out = {"features": result.polygons, "score": float(result.score), "tiles_used": list(result.tiles_used),
+               "bbox": bbox}
+        if return_logits:
+            out["low_res_logits"] = np.asarray(result.low_res_logits, dtype=np.float32)
+        return out
 
     def generate(self, image: np.ndarray, model_id: str | None = None, points_per_side: int = 32,
                  pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,

@@ -268,6 +268,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args))
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from colabel.errors import ColabelError
+
+    from .provider.assist import remote_message
+    from .pull import run_pull
+
+    try:
+        result = run_pull(args.source, Path(args.out), session=args.session, token=args.token)
+    except ColabelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a remote refusal or an unreachable server: one sentence
+        raise CliError(f"pull failed: {remote_message(exc)}") from None
+    print(f"pulled {result['pulled']} new annotation versions ({result['skipped']} up to date) of "
+          f"{result['images']} images, {result['cells']} objects, into {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import print_report, session_report
 
@@ -319,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--token", default=None, help="token of the workspace to register in")
     add_model_arguments(models)
     models.set_defaults(func=cmd_models)
+
+    pull = commands.add_parser("pull", help="pull a session's images and labels as a training set",
+                               description="Write a session's images and labels to --out as zarr, TIFF pairs, a "
+                               "cell table and COCO JSON; only versions newer than the last pull are fetched. "
+                               "SOURCE is the trainer URL a provider issued (…#trainer=TOKEN) or a local folder "
+                               "with --session.")
+    pull.add_argument("source", metavar="SOURCE", help="trainer URL or mounted folder")
+    pull.add_argument("--out", required=True, help="output folder")
+    pull.add_argument("--session", default=None, help="session id, for a local folder")
+    pull.add_argument("--token", default=None, help="trainer token, if not in the URL")
+    pull.set_defaults(func=cmd_pull)
 
     report = commands.add_parser("report", help="print a session's HALS workload and effectiveness",
                                  description="Read FOLDER/annotations/sessions/SESSION/events.jsonl and print the "

@@ -79,9 +79,14 @@ class LabelClass(BaseModel):
 
 
 class TokenInfo(BaseModel):
-    """A share token of a session; the secret itself is never listed."""
+    """A share token of a session; the secret itself is never listed.
+
+    ``role`` ``"annotate"`` opens the annotator functions; ``"train"`` opens only the read-only trainer
+    functions (pull images and labels), never annotation.
+    """
 
     token_id: str
+    role: Literal["annotate", "train"] = "annotate"
     label: str = ""
     created: str
     revoked: str | None = None

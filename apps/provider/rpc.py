@@ -39,6 +39,12 @@ logger = logging.getLogger(__name__)
 WEB_DIST = Path(str(files("colabel"))) / "web_dist"
 
 
+def _public_session(provider: DataProvider, info: SessionInfo) -> AnnotatorSession:
+    """What a token holder is told about its session: no tokens, no other sessions."""
+    return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode, classes=info.classes,
+                            state=info.state, n_images=len(provider.readable_image_ids(info)))
+
+
 class ServiceError(Exception):
     """What a remote caller sees: the message of a :class:`ColabelError`, or 'internal error'."""
 
@@ -114,6 +120,10 @@ class ProviderServices:
         """The annotator page's URL; the token rides in the fragment, which browsers never send to servers."""
         return f"{self.web_base}/annotate.html#token={secret}"
 
+    def trainer_url(self, secret: str) -> str:
+        """What ``colabel pull`` takes for a remote provider: the web base with a trainer token."""
+        return f"{self.web_base}/#trainer={secret}"
+
     def manage_url(self, provider_token: str) -> str:
         """The session manager page's URL, carrying a token of the provider's workspace."""
         return f"{self.web_base}/index.html#token={provider_token}"
@@ -131,7 +141,7 @@ class ProviderServices:
         out["share_url"] = None
         for token in info.tokens:
             secret = self.provider.sessions.secret(info.session_id, token.token_id)
-            if secret:
+            if secret and token.role == "annotate":
                 out["share_url"] = self.share_url(secret)
                 break
         return out
@@ -178,9 +188,11 @@ class ProviderServices:
         def reopen_session(session_id):
             return self._session_with_url(sessions.set_state(session_id, "open"))
 
-        def issue_token(session_id, label=""):
-            token, secret = sessions.issue_token(session_id, label=label)
-            return {**token.model_dump(mode="json"), "token": secret, "share_url": self.share_url(secret)}
+        def issue_token(session_id, label="", role="annotate"):
+            """A new share link (role "annotate") or a read-only trainer token (role "train")."""
+            token, secret = sessions.issue_token(session_id, label=label, role=role)
+            url = self.share_url(secret) if role == "annotate" else self.trainer_url(secret)
+            return {**token.model_dump(mode="json"), "token": secret, "share_url": url}
 
         def revoke_token(session_id, token_id):
             return sessions.revoke_token(session_id, token_id)
@@ -208,9 +220,7 @@ class ProviderServices:
         sessions = p.sessions
 
         def _public(info: SessionInfo) -> AnnotatorSession:
-            return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode,
-                                    classes=info.classes, state=info.state,
-                                    n_images=len(p.readable_image_ids(info)))
+            return _public_session(p, info)
 
         def join(token, display_name):
             """Join the session under a display name; returns the annotator and the key for later calls."""
@@ -255,12 +265,46 @@ class ProviderServices:
             return p.progress(sessions.authorize(token))
 
         functions = [join, session_info, list_images, image_info, get_image, next_image, save_annotation,
-                     get_annotations, list_versions, progress]
+                     get_annotations, list_versions, progress, *self._trainer_functions()]
         if self.assist is not None:
             functions += self._assist_functions()
         if self.hals is not None:
             functions += self._hals_functions()
         return {f.__name__: _remote(f) for f in functions}
+
+    def _trainer_functions(self) -> list:
+        """Read-only functions for trainer tokens (role "train"): everything ``colabel pull`` needs."""
+        p, sessions = self.provider, self.provider.sessions
+
+        def trainer_session(token):
+            """The session (classes, mode, annotators per image), its annotators and, per image, the versions
+            saved by each annotator: ``{session, annotators, images: [ImageInfo + versions]}``."""
+            info = sessions.authorize(token, role="train")
+            images = []
+            for image in p.list_images(info):
+                versions = {a: p.store.versions(info.session_id, image.image_id, a) for a in image.annotations}
+                images.append({**image.model_dump(mode="json"), "versions": versions})
+            annotators = {k: v.model_dump(mode="json") for k, v in sessions.annotators(info.session_id).items()}
+            return {"session": _public_session(p, info), "annotators": annotators, "images": images}
+
+        def trainer_image(token, image_id, level=0):
+            """Pixels of a session image (H, W, C) in the file's dtype."""
+            return p.get_image(image_id, level=level, session=sessions.authorize(token, role="train"))
+
+        def trainer_annotation(token, image_id, annotator_id, version=None):
+            """One stored FeatureCollection (with its ``colabel`` record) of any annotator of the session."""
+            return p.get_annotations(sessions.authorize(token, role="train"), image_id, annotator_id=annotator_id,
+                                     version=version)
+
+        def trainer_labels(token, image_id, annotator_id, version=None):
+            """The instance-label image (H, W) uint16/uint32 saved with a version."""
+            import tifffile
+
+            info = sessions.authorize(token, role="train")
+            image_id = p._check_in_session(info, image_id)
+            return tifffile.imread(p.store.label_path(info.session_id, image_id, annotator_id, version))
+
+        return [trainer_session, trainer_image, trainer_annotation, trainer_labels]
 
     def _hals_functions(self) -> list:
         """The HALS loop: cells, suggestions, labels (accept/correct), next-patch guidance, live status."""

@@ -178,9 +178,9 @@ class SessionStore:
             self._write(session)
             return session.info.model_copy(deep=True)
 
-    def _new_token(self, session: _Session, *, label: str) -> tuple[TokenInfo, str]:
+    def _new_token(self, session: _Session, *, label: str, role: str = "annotate") -> tuple[TokenInfo, str]:
         secret = secrets.token_urlsafe(32)
-        token = TokenInfo(token_id=f"t-{secrets.token_hex(4)}", label=label, created=utc_now())
+        token = TokenInfo(token_id=f"t-{secrets.token_hex(4)}", role=role, label=label, created=utc_now())
         session.info.tokens.append(token)
         session.token_hashes[token.token_id] = _hash(secret)
         self._secrets[token.token_id] = secret
@@ -189,12 +189,14 @@ class SessionStore:
         self._by_hash[_hash(secret)] = (session.info.session_id, token.token_id)
         return token, secret
 
-    def issue_token(self, session_id: str, *, label: str = "") -> tuple[TokenInfo, str]:
-        """A new share token for a session; returns its info and its secret."""
+    def issue_token(self, session_id: str, *, label: str = "", role: str = "annotate") -> tuple[TokenInfo, str]:
+        """A new token for a session (``role`` "annotate": a share link; "train": read-only trainer access)."""
         if not isinstance(label, str) or len(label) > 100:
             raise InvalidInputError("token label must be a string of at most 100 characters")
+        if role not in ("annotate", "train"):
+            raise InvalidInputError(f"token role must be 'annotate' or 'train', got {role!r}")
         with self._lock:
-            return self._new_token(self._get(session_id), label=label)
+            return self._new_token(self._get(session_id), label=label, role=role)
 
     def revoke_token(self, session_id: str, token_id: str) -> TokenInfo:
         """Revoke a share token: every later call with it is refused."""
@@ -220,11 +222,11 @@ class SessionStore:
             return None
 
     # -- annotator functions ----------------------------------------------------------------------
-    def authorize(self, token: object, *, write: bool = False) -> SessionInfo:
-        """The session a share token opens.
+    def authorize(self, token: object, *, write: bool = False, role: str = "annotate") -> SessionInfo:
+        """The session a token opens for ``role`` ("annotate" or "train").
 
-        Raises :class:`AccessDeniedError` for anything but a live token of an existing session, and
-        :class:`SessionClosedError` for a write (``write=True``) to a closed session: a closed session is
+        Raises :class:`AccessDeniedError` for anything but a live token of that role of an existing session,
+        and :class:`SessionClosedError` for a write (``write=True``) to a closed session: a closed session is
         read-only.
         """
         if not isinstance(token, str) or not token or len(token) > 256:
@@ -234,6 +236,9 @@ class SessionStore:
             if found is None:
                 raise AccessDeniedError("invalid or revoked session token")
             session = self._sessions[found[0]]
+            token_role = next((t.role for t in session.info.tokens if t.token_id == found[1]), "annotate")
+            if token_role != role:
+                raise AccessDeniedError(f"this token is a {token_role} token; it cannot be used to {role}")
             if write and session.info.state != "open":
                 raise SessionClosedError(f"session {session.info.name!r} is closed")
             return session.info.model_copy(deep=True)

@@ -1,0 +1,319 @@
+"""``colabel pull``: a session's images and labels as a training set, from a provider URL or a local folder.
+
+The pulled set (``--out DIR``)::
+
+    labels.zarr/
+      images/<image_id>                 (H, W, C) in the file's dtype
+      instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
+      semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
+      consensus/<image_id>              (H, W) uint32, when two or more annotators labelled the image
+    tiff/<image name>.tif, tiff/<image name>__<annotator>_mask.tif
+    cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
+    coco.json        COCO instance annotations (polygons in image pixels)
+    pull_state.json  the version pulled per image and annotator: a later pull fetches only newer versions
+
+Remote pulls use a *trainer token* (read-only: it cannot annotate), issued by the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from colabel.errors import InvalidInputError
+
+from .provider.storage import atomic_write, atomic_write_json
+
+
+class LocalSource:
+    """A session of a mounted folder, read directly (no server)."""
+
+    def __init__(self, folder: Path, session_id: str) -> None:
+        from .provider.provider import DataProvider
+
+        self.provider = DataProvider(folder)
+        self.info = self.provider.sessions.get(session_id)
+
+    async def session(self) -> dict:
+        p, info = self.provider, self.info
+        images = []
+        for image in p.list_images(info):
+            versions = {a: p.store.versions(info.session_id, image.image_id, a) for a in image.annotations}
+            images.append({**image.model_dump(mode="json"), "versions": versions})
+        annotators = {k: v.model_dump(mode="json") for k, v in p.sessions.annotators(info.session_id).items()}
+        return {"session": {"session_id": info.session_id, "name": info.name, "mode": info.mode,
+                            "classes": [c.model_dump() for c in info.classes]},
+                "annotators": annotators, "images": images}
+
+    async def image(self, image_id: str) -> np.ndarray:
+        return self.provider.get_image(image_id, session=self.info)
+
+    async def annotation(self, image_id: str, annotator_id: str, version: int) -> dict:
+        return self.provider.get_annotations(self.info, image_id, annotator_id=annotator_id, version=version)
+
+    async def labels(self, image_id: str, annotator_id: str, version: int) -> np.ndarray:
+        import tifffile
+
+        return tifffile.imread(self.provider.store.label_path(self.info.session_id, image_id, annotator_id, version))
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteSource:
+    """A session of a running provider, through its annotator service with a trainer token."""
+
+    URL = re.compile(r"^/(?P<workspace>[^/]+)/apps/(?P<name>[a-z0-9][a-z0-9-]*)-web(?:/.*)?$")
+
+    def __init__(self, client: Any, service: Any, token: str) -> None:
+        self.client, self.service, self.token = client, service, token
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None = None) -> "RemoteSource":
+        """``url``: the trainer URL the provider printed (``.../<workspace>/apps/<name>-web/#trainer=TOKEN``)."""
+        from hypha_rpc import connect_to_server
+
+        parts = urlsplit(url)
+        match = cls.URL.match(parts.path or "")
+        if parts.scheme not in ("http", "https") or not match:
+            raise InvalidInputError(f"{url!r} is not a colabel provider URL (…/<workspace>/apps/<name>-web/…)")
+        fragment = dict(p.split("=", 1) for p in parts.fragment.split("&") if "=" in p)
+        token = token or fragment.get("trainer")
+        if not token:
+            raise InvalidInputError("a trainer token is needed: pass --token or a URL ending in #trainer=TOKEN")
+        client = await connect_to_server({"server_url": f"{parts.scheme}://{parts.netloc}"})
+        service = await client.get_service(f"{match['workspace']}/{match['name']}-annotate")
+        return cls(client, service, token)
+
+    async def session(self) -> dict:
+        return await self.service.trainer_session(self.token)
+
+    async def image(self, image_id: str) -> np.ndarray:
+        return await self.service.trainer_image(self.token, image_id)
+
+    async def annotation(self, image_id: str, annotator_id: str, version: int) -> dict:
+        return await self.service.trainer_annotation(self.token, image_id, annotator_id, version)
+
+    async def labels(self, image_id: str, annotator_id: str, version: int) -> np.ndarray:
+        return await self.service.trainer_labels(self.token, image_id, annotator_id, version)
+
+    async def close(self) -> None:
+        await self.client.disconnect()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _objects(fc: dict, classes: list[str]) -> list[dict]:
+    """Polygon features in rasterisation order (label k = k-th polygon feature), with class and geometry."""
+    from shapely.geometry import shape
+
+    out = []
+    for feature in fc.get("features", []):
+        geometry = feature.get("geometry") or {}
+        if geometry.get("type") not in ("Polygon", "MultiPolygon"):
+            continue
+        name = ((feature.get("properties") or {}).get("classification") or {}).get("name")
+        poly = shape(geometry)
+        xmin, ymin, xmax, ymax = poly.bounds
+        out.append({"label": len(out) + 1, "class": name, "class_index": classes.index(name) if name in classes else -1,
+                    "area": float(poly.area), "centroid": [poly.centroid.x, poly.centroid.y],
+                    "bbox": [xmin, ymin, xmax, ymax], "geometry": geometry})
+    return out
+
+
+async def pull(source, out: Path, *, progress: bool = True) -> dict:
+    """Pull new versions from ``source`` into ``out``; returns ``{images, pulled, skipped, cells}``."""
+    import tifffile
+    import zarr
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "pull_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"versions": {}, "objects": {}}
+    meta = await source.session()
+    classes = [c["name"] for c in meta["session"]["classes"]]
+    root = zarr.open_group(str(out / "labels.zarr"), mode="a")
+    root.attrs.update({"session": meta["session"], "classes": classes, "format": "colabel.pull/1"})
+    (out / "tiff").mkdir(exist_ok=True)
+    pulled = skipped = 0
+    images = [i for i in meta["images"] if not i.get("error") and i.get("versions")]
+    for image in tqdm(images, desc="pull", unit="image", disable=not progress):
+        image_id, stem = image["image_id"], _safe(Path(image["name"]).with_suffix("").as_posix())
+        if f"images/{image_id}" not in root:
+            pixels = await source.image(image_id)
+            root.create_array(f"images/{image_id}", data=np.asarray(pixels), overwrite=True)
+            buffer = _tiff_bytes(tifffile, np.asarray(pixels))
+            atomic_write(out / "tiff" / f"{stem}.tif", buffer)
+        instances = {}
+        for annotator_id, versions in image["versions"].items():
+            latest = versions[-1]
+            key = f"{image_id}/{annotator_id}"
+            if state["versions"].get(key) == latest:
+                skipped += 1
+                instances[annotator_id] = np.asarray(root[f"instances/{key}"][...])
+                continue
+            labels = np.asarray(await source.labels(image_id, annotator_id, latest)).astype(np.uint32)
+            objects = _objects(await source.annotation(image_id, annotator_id, latest), classes)
+            lut = np.zeros(labels.max() + 1 if labels.size else 1, np.uint16)
+            for obj in objects:
+                if obj["label"] < len(lut) and obj["class_index"] >= 0:
+                    lut[obj["label"]] = obj["class_index"] + 1
+            root.create_array(f"instances/{key}", data=labels, overwrite=True)
+            root.create_array(f"semantic/{key}", data=lut[labels], overwrite=True)
+            atomic_write(out / "tiff" / f"{stem}__{_safe(annotator_id)}_mask.tif", _tiff_bytes(tifffile, labels))
+            state["versions"][key] = latest
+            state["objects"][key] = [{**{k: v for k, v in o.items() if k != "class_index"},
+                                      "image_id": image_id, "image_name": image["name"], "annotator_id": annotator_id,
+                                      "version": latest} for o in objects]
+            instances[annotator_id] = labels
+            pulled += 1
+        if len(instances) >= 2:
+            from colabel.services.training.consensus import consensus_instances
+
+            result = consensus_instances([instances[a] for a in sorted(instances)])
+            root.create_array(f"consensus/{image_id}", data=result.labels.astype(np.uint32), overwrite=True)
+    rows = [o for objects in state["objects"].values() for o in objects]
+    _write_cells(out / "cells.csv", rows)
+    atomic_write_json(out / "coco.json", _coco(meta, rows))
+    atomic_write_json(state_path, state)
+    return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows)}
+
+
+def _tiff_bytes(tifffile, array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression="zlib")
+    return buffer.getvalue()
+
+
+def _write_cells(path: Path, rows: list[dict]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image_id", "image_name", "annotator_id", "version", "label", "class", "area", "centroid_x",
+                     "centroid_y", "xmin", "ymin", "xmax", "ymax"])
+    for r in rows:
+        writer.writerow([r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"], r["class"] or "",
+                         round(r["area"], 3), *(round(v, 3) for v in r["centroid"]),
+                         *(round(v, 3) for v in r["bbox"])])
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
+def _coco(meta: dict, rows: list[dict]) -> dict:
+    """COCO instance segmentation: one category per session class, polygons as flat [x, y, ...] lists."""
+    classes = [c["name"] for c in meta["session"]["classes"]]
+    images = {i["image_id"]: i for i in meta["images"]}
+    image_index = {iid: n + 1 for n, iid in enumerate(sorted({r["image_id"] for r in rows}))}
+    annotations = []
+    for n, r in enumerate(rows, start=1):
+        geometry = r["geometry"]
+        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+        xmin, ymin, xmax, ymax = r["bbox"]
+        annotations.append({
+            "id": n, "image_id": image_index[r["image_id"]],
+            "category_id": classes.index(r["class"]) + 1 if r["class"] in classes else 0,
+            "segmentation": [[v for point in poly[0] for v in point] for poly in polygons],
+            "area": r["area"], "bbox": [xmin, ymin, xmax - xmin, ymax - ymin], "iscrowd": 0,
+            "attributes": {"annotator_id": r["annotator_id"], "version": r["version"], "label": r["label"]},
+        })
+    return {
+        "info": {"description": f"colabel session {meta['session']['name']}", "version": "1"},
+        "categories": [{"id": n + 1, "name": c} for n, c in enumerate(classes)],
+        "images": [{"id": image_index[iid], "file_name": images[iid]["name"], "height": images[iid]["shape"][0],
+                    "width": images[iid]["shape"][1], "colabel_image_id": iid} for iid in image_index],
+        "annotations": annotations,
+    }
+
+
+def run_pull(source: str, out: Path, *, session: str | None = None, token: str | None = None) -> dict:
+    """Pull from a provider URL or a local folder (``session`` needed for a folder)."""
+
+    async def main():
+        if source.startswith(("http://", "https://")):
+            src = await RemoteSource.connect(source, token)
+        else:
+            if not session:
+                raise InvalidInputError("pulling from a local folder needs --session SESSION_ID")
+            src = LocalSource(Path(source), session)
+        try:
+            return await pull(src, out)
+        finally:
+            await src.close()
+
+    return asyncio.run(main())
+
+
+class PulledDataset:
+    """A torch ``Dataset`` over a pulled set: random crops and flips of (image, instance mask) pairs.
+
+    Parameters
+    ----------
+    folder : the ``--out`` of ``colabel pull``.
+    crop : int
+        Side of the square crops in pixels (images smaller than that are padded with zeros).
+    annotator : str, optional
+        Whose masks; default: the consensus where it exists, else the first annotator.
+    length : int
+        Crops per epoch.
+
+    Items are ``(image float32 (C, crop, crop) scaled to 0..1 by dtype range, mask int64 (crop, crop))``.
+    """
+
+    def __init__(self, folder: Path, *, crop: int = 256, annotator: str | None = None, length: int = 1000,
+                 seed: int = 0) -> None:
+        import zarr
+
+        root = zarr.open_group(str(Path(folder) / "labels.zarr"), mode="r")
+        self.pairs = []
+        for image_id in root["instances"].group_keys():
+            image = np.asarray(root[f"images/{image_id}"][...])
+            if annotator is not None:
+                if annotator not in root[f"instances/{image_id}"]:
+                    continue
+                mask = root[f"instances/{image_id}/{annotator}"][...]
+            elif f"consensus/{image_id}" in root:
+                mask = root[f"consensus/{image_id}"][...]
+            else:
+                first = sorted(root[f"instances/{image_id}"].array_keys())[0]
+                mask = root[f"instances/{image_id}/{first}"][...]
+            self.pairs.append((image, np.asarray(mask)))
+        if not self.pairs:
+            raise InvalidInputError(f"no labelled images in {folder}")
+        self.crop, self.length = crop, length
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image, mask = self.pairs[index % len(self.pairs)]
+        h, w = mask.shape
+        c = self.crop
+        y = int(self.rng.integers(0, max(1, h - c + 1)))
+        x = int(self.rng.integers(0, max(1, w - c + 1)))
+        img = image[y:y + c, x:x + c].astype(np.float32)
+        if np.issubdtype(image.dtype, np.integer):
+            img /= np.iinfo(image.dtype).max
+        msk = mask[y:y + c, x:x + c].astype(np.int64)
+        pad = ((0, c - msk.shape[0]), (0, c - msk.shape[1]))
+        img = np.pad(img, (*pad, (0, 0)))
+        msk = np.pad(msk, pad)
+        if self.rng.random() < 0.5:
+            img, msk = img[:, ::-1], msk[:, ::-1]
+        if self.rng.random() < 0.5:
+            img, msk = img[::-1], msk[::-1]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(msk.copy())

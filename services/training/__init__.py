@@ -1,0 +1,1 @@
+"""Training data: consensus of several annotators and inter-annotator agreement."""

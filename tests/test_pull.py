@@ -1,0 +1,155 @@
+"""`colabel pull` from a running `colabel serve` with a trainer token, and from a local folder."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+
+from colabel.apps.hypha_server import free_port
+from conftest import collection, make_image_folder, square
+
+pytestmark = pytest.mark.e2e
+
+COLABEL = [sys.executable, "-m", "colabel.apps.cli"]
+
+
+def start_serve(folder, port):
+    process = subprocess.Popen([*COLABEL, "serve", str(folder), "--port", str(port), "--models", ""],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed, deadline = {}, time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if m := re.match(r"^(\w+): (\S+)", line):
+            printed[m.group(1)] = m.group(2)
+        if line.startswith("Press Ctrl-C") or not line:
+            break
+    assert "manage_url" in printed, printed
+    return process, printed
+
+
+async def prepare(printed, url):
+    """Two annotators label; the provider issues a trainer token. Returns (trainer URL, ids, share token)."""
+    from hypha_rpc import connect_to_server
+
+    workspace_token = printed["manage_url"].split("#token=", 1)[1]
+    provider_client = await connect_to_server({"server_url": url, "token": workspace_token})
+    provider = await provider_client.get_service(printed["provider_service"])
+    session = (await provider.list_sessions())[0]
+    trainer = await provider.issue_token(session["session_id"], "trainer for the U-Net", "train")
+    annotator_client = await connect_to_server({"server_url": url})
+    annotator = await annotator_client.get_service(printed["annotator_service"])
+    token = printed["share_url"].split("#token=", 1)[1]
+    images = {i["name"]: i["image_id"] for i in await annotator.list_images(token)}
+    ada = (await annotator.join(token, "Ada"))["annotator_key"]
+    bob = (await annotator.join(token, "Bob"))["annotator_key"]
+    await annotator.save_annotation(token, ada, images["dsb2018_nuclei.tif"],
+                                    collection(square(10, 10, 20), square(100, 50, 10, "other")))
+    await annotator.save_annotation(token, bob, images["dsb2018_nuclei.tif"], collection(square(11, 10, 20)))
+    await annotator.save_annotation(token, ada, images["ihc_ki67.png"], collection(square(5, 5, 30)))
+    with pytest.raises(Exception, match="train token; it cannot be used to annotate"):
+        await annotator.join(trainer["token"], "Mallory")
+    with pytest.raises(Exception, match="annotate token; it cannot be used to train"):
+        await annotator.trainer_session(token)
+    return provider_client, annotator_client, provider, annotator, session, trainer, images, token, ada
+
+
+def pull(*args):
+    return subprocess.run([*COLABEL, "pull", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
+    import zarr
+
+    folder = make_image_folder(tmp_path / "images")
+    port = free_port()
+    process, printed = start_serve(folder, port)
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "pulled"
+
+    async def scenario():
+        clients = await prepare(printed, url)
+        provider_client, annotator_client, provider, annotator, session, trainer, images, token, ada = clients
+        assert trainer["share_url"].endswith(f"#trainer={trainer['token']}")
+
+        first = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "pulled 3 new annotation versions (0 up to date)" in first.stdout
+
+        root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+        dsb = images["dsb2018_nuclei.tif"]
+        expected = tifffile.imread(folder / "dsb2018_nuclei.tif")[..., None]
+        np.testing.assert_array_equal(root[f"images/{dsb}"][...], expected)
+        annotators = sorted(root[f"instances/{dsb}"].array_keys())
+        assert len(annotators) == 2
+        ada_labels = None
+        for a in annotators:
+            labels = root[f"instances/{dsb}/{a}"][...]
+            semantic = root[f"semantic/{dsb}/{a}"][...]
+            if labels.max() == 2:
+                ada_labels = labels
+                assert semantic[15, 15] == 1 and semantic[55, 105] == 2  # nucleus -> 1, other -> 2
+        assert ada_labels is not None and (ada_labels == 1).sum() == 400
+        consensus = root[f"consensus/{dsb}"][...]
+        assert consensus.max() == 1  # the square both drew; Ada's second object has no majority
+        assert consensus[15, 15] == 1 and consensus[55, 105] == 0
+        with open(out / "cells.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == 4 and {r["class"] for r in rows} == {"nucleus", "other"}
+        coco = json.loads((out / "coco.json").read_text())
+        assert [c["name"] for c in coco["categories"]] == ["nucleus", "other"] and len(coco["annotations"]) == 4
+        square_ann = next(a for a in coco["annotations"] if a["area"] == 400.0)
+        assert square_ann["bbox"] == [10.0, 10.0, 20.0, 20.0]
+        assert len(list((out / "tiff").glob("*_mask.tif"))) == 3
+
+        again = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
+        assert "pulled 0 new annotation versions (3 up to date)" in again.stdout
+        await annotator.save_annotation(token, ada, images["ihc_ki67.png"],
+                                        collection(square(5, 5, 30), square(50, 50, 9)))
+        third = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
+        assert "pulled 1 new annotation versions (2 up to date)" in third.stdout
+
+        await provider.revoke_token(session["session_id"], trainer["token_id"])
+        refused = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(tmp_path / "nope"))
+        assert refused.returncode == 2 and "invalid or revoked session token" in refused.stderr
+        await provider_client.disconnect()
+        await annotator_client.disconnect()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+    from colabel.apps.pull import PulledDataset
+
+    dataset = PulledDataset(out, crop=64, length=8)
+    image, mask = dataset[0]
+    assert tuple(image.shape)[1:] == (64, 64) and tuple(mask.shape) == (64, 64)
+    assert float(image.max()) <= 1.0
+
+
+def test_local_pull_needs_a_session_and_reads_the_folder(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="local", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    provider.save_annotation(info, image_id, annotator.annotator_id, collection(square(1, 1, 8)))
+    missing = pull(str(folder), "--out", str(tmp_path / "a"))
+    assert missing.returncode == 2 and "--session" in missing.stderr
+    done = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "b"))
+    assert done.returncode == 0 and "pulled 1 new annotation versions" in done.stdout
+    bad_url = pull("http://127.0.0.1:1/not-a-provider", "--out", str(tmp_path / "c"))
+    assert bad_url.returncode == 2 and "not a colabel provider URL" in bad_url.stderr

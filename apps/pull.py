@@ -7,6 +7,7 @@ The pulled set (``--out DIR``)::
       instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
       semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
       consensus/<image_id>              (H, W) uint32, when two or more annotators labelled the image
+    agreement.json   per image with several annotators: F1 at IoU 0.5 per annotator pair
     tiff/<image name>.tif, tiff/<image name>__<annotator>_mask.tif
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
     coco.json        COCO instance annotations (polygons in image pixels)
@@ -178,13 +179,17 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
             instances[annotator_id] = labels
             pulled += 1
         if len(instances) >= 2:
-            from colabel.services.training.consensus import consensus_instances
+            from colabel.services.training.consensus import agreement_report, consensus_instances
 
             result = consensus_instances([instances[a] for a in sorted(instances)])
             root.create_array(f"consensus/{image_id}", data=result.labels.astype(np.uint32), overwrite=True)
+            root[f"consensus/{image_id}"].attrs.update({"support": result.support.tolist(),
+                                                        "annotators": sorted(instances)})
+            state.setdefault("agreement", {})[image_id] = agreement_report(instances)
     rows = [o for objects in state["objects"].values() for o in objects]
     _write_cells(out / "cells.csv", rows)
     atomic_write_json(out / "coco.json", _coco(meta, rows))
+    atomic_write_json(out / "agreement.json", state.get("agreement", {}))
     atomic_write_json(state_path, state)
     return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows)}
 

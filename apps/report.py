@@ -48,7 +48,35 @@ def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
     else:
         out["effectiveness_auc"] = None
         out["curve"] = []
+    out["agreement"] = session_agreement(folder, session_id, events)
     return out
+
+
+def session_agreement(folder: Path, session_id: str, events: list[dict] | None = None) -> dict:
+    """Inter-annotator agreement (Segebarth et al. 2020) for images with two or more annotators.
+
+    Per image: F1 at IoU 0.5 for every annotator pair on their latest label images; for the session: Cohen's
+    kappa per annotator pair on the cells both labelled in the HALS loop (from the event log).
+    """
+    import tifffile
+
+    from colabel.services.training.consensus import agreement_report, pairwise_kappa
+
+    from .provider.storage import AnnotationStore
+
+    store = AnnotationStore(Path(folder) / "annotations")
+    per_image = {}
+    for image_id, counts in sorted(store.counts(session_id).items()):
+        if len(counts) < 2:
+            continue
+        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in sorted(counts)}
+        per_image[image_id] = agreement_report(masks)
+    table: dict[str, dict] = {}
+    for event in events or []:
+        if event["kind"] in ("label", "suggestion_accepted", "suggestion_corrected") and event.get("annotator_id"):
+            table.setdefault(event["annotator_id"], {})[f"{event['image_id']}/{event['cell_id']}"] = event["class"]
+    kappa = {f"{a} / {b}": v for (a, b), v in pairwise_kappa(table).items()} if len(table) >= 2 else {}
+    return {"images": per_image, "class_kappa": kappa}
 
 
 def print_report(report: dict) -> None:
@@ -64,3 +92,9 @@ def print_report(report: dict) -> None:
           f"{'n/a' if auc is None else f'{auc:.4f}'}")
     for n, accuracy in report["curve"]:
         print(f"    N = {n:4d}  validation accuracy {accuracy:.3f}")
+    agreement = report.get("agreement") or {}
+    for image_id, image in agreement.get("images", {}).items():
+        pairs = ", ".join(f"{p['a']}/{p['b']} F1 {p['f1']:.3f}" for p in image["pairs"])
+        print(f"  agreement on {image_id} (F1 at IoU 0.5): {pairs}")
+    for pair, kappa in agreement.get("class_kappa", {}).items():
+        print(f"  class agreement {pair}: Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}")

@@ -110,6 +110,9 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         square_ann = next(a for a in coco["annotations"] if a["area"] == 400.0)
         assert square_ann["bbox"] == [10.0, 10.0, 20.0, 20.0]
         assert len(list((out / "tiff").glob("*_mask.tif"))) == 3
+        agreement = json.loads((out / "agreement.json").read_text())[dsb]
+        # Ada drew 2 squares, Bob 1 matching one of them: F1 = 2 * 1 / (2 + 1)
+        assert agreement["pairs"][0]["f1"] == pytest.approx(2 / 3)
 
         again = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
         assert "pulled 0 new annotation versions (3 up to date)" in again.stdout
@@ -153,3 +156,23 @@ def test_local_pull_needs_a_session_and_reads_the_folder(tmp_path):
     assert done.returncode == 0 and "pulled 1 new annotation versions" in done.stdout
     bad_url = pull("http://127.0.0.1:1/not-a-provider", "--out", str(tmp_path / "c"))
     assert bad_url.returncode == 2 and "not a colabel provider URL" in bad_url.stderr
+
+
+def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.report import session_report
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="pairs", classes=[{"name": "nucleus", "color": "#ff0000"}],
+                                      annotators_per_image=2)
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    a, _ = provider.sessions.join(info.session_id, "A")
+    b, _ = provider.sessions.join(info.session_id, "B")
+    provider.save_annotation(info, image_id, a.annotator_id, collection(square(0, 0, 10), square(40, 40, 10)))
+    provider.save_annotation(info, image_id, b.annotator_id, collection(square(1, 0, 10)))
+    report = session_report(folder, info.session_id)
+    pair = report["agreement"]["images"][image_id]["pairs"][0]
+    assert pair["f1"] == pytest.approx(2 / 3)  # one match (IoU 0.82), one object only A drew
+    printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id], capture_output=True, text=True)
+    assert printed.returncode == 0 and "F1 0.667" in printed.stdout

@@ -116,6 +116,10 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path,
             return images, nuclei, status
 
         images, nuclei, status = asyncio.run(annotate())
+        import httpx
+
+        page = httpx.get(printed["share_url"].split("#")[0], timeout=10)
+        assert page.status_code == 200 and "<html" in page.text.lower()  # the annotator page itself
         if status is not None:  # the HALS services answer from their Ray Serve replicas
             assert status["ready"] is False and status["min_labels_per_class"] == 10
             assert status["cells"] == nuclei["count"]

@@ -188,7 +188,19 @@ async def start_models(args: argparse.Namespace, config, server, folder: Path | 
     from colabel.services.gateway import LocalBackend, RayBackend, register_model_services
 
     options = model_options(args, folder)
-    if args.no_ray:
+    if getattr(args, "attach", False):
+        from colabel.services import ray_runtime
+
+        if not args.ray_address:
+            raise CliError("--attach needs --ray-address (the cluster whose Serve applications to use)")
+        handles = ray_runtime.attach(names, address=args.ray_address)
+        backends = {n: RayBackend(n, handles[n]) for n in names}
+
+        async def stop():  # the applications belong to the cluster: only disconnect
+            import ray
+
+            ray.shutdown()
+    elif args.no_ray:
         backends = {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}
 
         async def stop():
@@ -334,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "Providers use them with `colabel serve --models-url`.")
     models.add_argument("--server-url", required=True, help="the Hypha server to register on")
     models.add_argument("--token", default=None, help="token of the workspace to register in")
+    models.add_argument("--attach", action="store_true",
+                        help="use the Serve applications the cluster at --ray-address already runs (a RayService "
+                        "from the Helm chart) instead of deploying; model options come from its serveConfigV2")
     add_model_arguments(models)
     models.set_defaults(func=cmd_models)
 
@@ -361,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "the DSB2018 fluorescence nuclei image into FOLDER.")
     demo.add_argument("folder", metavar="FOLDER")
     demo.set_defaults(func=cmd_demo)
+
+    from .cluster import add_cluster_parser
+
+    add_cluster_parser(commands)
     return parser
 
 

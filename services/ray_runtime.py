@@ -50,6 +50,36 @@ def deploy(names: list[str], *, options: dict | None = None, gpu: bool | None = 
     return handles
 
 
+def attach(names: list[str], *, address: str, timeout: float = 600.0, progress=print) -> dict:
+    """Handles of Serve applications that a cluster (a KubeRay RayService) already runs; deploys nothing.
+
+    Waits up to ``timeout`` seconds for each application to be RUNNING (the RayService may still be
+    deploying when the gateway starts).
+    """
+    import time
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    deadline = time.monotonic() + timeout
+    handles = {}
+    for name in names:
+        while True:
+            app = serve.status().applications.get(name)
+            state = getattr(getattr(app, "status", None), "value", getattr(app, "status", None))
+            if state == "RUNNING":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve application {name!r} is not running after {timeout:.0f} s (status {state})")
+            progress(f"waiting for Serve application {name!r} (status {state}) ...")
+            time.sleep(5)
+        handles[name] = serve.get_app_handle(name)
+    return handles
+
+
 def shutdown(*, applications: list[str] | None = None) -> None:
     """Stop what this process started: all of Serve and Ray, or, on a shared cluster (``applications``
     given), only those Serve applications, then disconnect."""

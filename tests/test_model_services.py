@@ -271,3 +271,39 @@ async def test_a_previous_mask_refines_the_next_answer(in_process):
     assert "low_res_logits" not in refined and isinstance(refined["score"], float)
     with pytest.raises(Exception, match="(?i)mask_input"):
         sam.segment(embedding_id, None, [[100.0, 100.0]], [1], None, False, np.zeros((3, 3), np.float32))
+
+
+async def test_a_gateway_attaches_to_serve_applications_a_cluster_already_runs(on_ray, hypha_server, connect):
+    """`colabel models --attach` (the chart's gateway) registers the running application, deploys nothing,
+    and leaves it running when it stops."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    replicas_before = {a["name"] for a in replica_actors()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "colabel.apps.cli", "models", "--server-url", hypha_server.url, "--token",
+         hypha_server.root_token, "--attach", "--ray-address", address, "--models", "sam", "--models-prefix",
+         "attached"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed, deadline = {}, time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = await asyncio.to_thread(process.stdout.readline)
+        if m := re.match(r"^(\w+): (\S+)", line):
+            printed[m.group(1)] = m.group(2)
+        if line.startswith("Press Ctrl-C") or not line:
+            break
+    try:
+        assert "model_service_sam" in printed, printed
+        client = await connect(await on_ray["server"].generate_token({"expires_in": 600}),
+                               on_ray["services"].workspace)
+        sam = await client.get_service(printed["model_service_sam"])
+        assert await sam.ping() == "pong"
+        assert (await sam.deployment_status())["mode"] == "ray"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 60) == 0
+    assert {a["name"] for a in replica_actors()} == replicas_before  # nothing deployed, nothing deleted

@@ -20,7 +20,7 @@ the same random start, and cells in random order.
 
 Usage::
 
-    python bench/hals.py                 # 5 seeds, learning curves every 5 labels, + 1M Coreset timing
+    python bench/hals.py                 # 5 seeds, learning curves every 10 labels, + 1M Coreset timing
     python bench/hals.py --quick         # 2 seeds, curve points every 25 labels (smoke run)
     python bench/hals.py --skip-1m       # without the 1M x 1280 Coreset timing (~30 s, 5 GB RAM)
 
@@ -277,14 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="Coreset cells per patch choice")
     parser.add_argument("--initial", type=int, default=20, help="random start: labels per class")
     parser.add_argument("--max-labels", type=int, default=200)
-    parser.add_argument("--step", type=int, default=None, help="learning-curve spacing in labels (5; --quick: 25)")
+    parser.add_argument("--step", type=int, default=None, help="learning-curve spacing in labels (10; --quick: 25)")
     parser.add_argument("--repeats", type=int, default=10, help="trainings per learning-curve point")
     parser.add_argument("--ambiguous-band", type=float, default=0.0,
                         help="leave out this fraction of cells nearest the class threshold (label-noise check)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hals.json")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.step = args.step or (25 if args.quick else 5)
+    args.step = args.step or (25 if args.quick else 10)
     names = [n.strip() for n in args.images.split(",") if n.strip()]
     unknown = set(names) - set(LOADERS)
     if unknown:

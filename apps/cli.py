@@ -98,8 +98,13 @@ async def _serve(args: argparse.Namespace) -> int:
                 from .provider.hals import HalsAssist
 
                 hals = HalsAssist(assist)
+        preannotator = None
+        if args.preannotate:
+            from .provider.preannotate import PreAnnotator
+
+            preannotator = PreAnnotator(provider, args.preannotate)
         services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url,
-                                    assist=assist, hals=hals)
+                                    assist=assist, hals=hals, preannotator=preannotator)
         await services.register()
         session = next((s for s in provider.sessions.list() if s.state == "open"), None)
         secret = None
@@ -297,6 +302,42 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package)."""
+    import zarr
+
+    from colabel.services.training.segmenter_training import train_segmenter
+
+    root = zarr.open_group(str(Path(args.pulled) / "labels.zarr"), mode="r")
+    images, masks = [], []
+    for image_id in sorted(root["instances"].group_keys()):
+        if f"consensus/{image_id}" in root and args.annotator is None:
+            mask = root[f"consensus/{image_id}"][...]
+        else:
+            names = sorted(root[f"instances/{image_id}"].array_keys())
+            name = args.annotator or names[0]
+            if name not in names:
+                continue
+            mask = root[f"instances/{image_id}/{name}"][...]
+        image = root[f"images/{image_id}"][...]
+        images.append(image[..., 0] if image.shape[-1] == 1 else image)
+        masks.append(mask)
+    if not images:
+        raise CliError(f"no labelled images in {args.pulled}")
+    print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects) ...")
+    trained = train_segmenter(images, masks, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed)
+    path = trained.save(Path(args.out))
+    print(f"saved {path}")
+    if args.bioimageio:
+        from colabel.services.training.bioimageio_export import export_bioimageio
+
+        package = export_bioimageio(trained, args.bioimageio, name=args.name, authors=[args.author],
+                                    description=f"U-Net nucleus segmenter trained with colabel on {len(images)} "
+                                    "annotated images", test_image=images[0])
+        print(f"bioimage.io package {package}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import print_report, session_report
 
@@ -337,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--classes", default=DEFAULT_CLASSES,
                        help=f"label classes of the first session, name[:#rrggbb],... (default {DEFAULT_CLASSES})")
     serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")
+    serve.add_argument("--preannotate", default=None, metavar="MODEL",
+                       help="a segmenter saved by `colabel train`: its outlines are offered on unsaved images")
     add_model_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -362,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--session", default=None, help="session id, for a local folder")
     pull.add_argument("--token", default=None, help="trainer token, if not in the URL")
     pull.set_defaults(func=cmd_pull)
+
+    train = commands.add_parser("train", help="train a segmenter on a pulled set, for pre-annotation",
+                                description="Train a small U-Net (BCE + Dice, random crops and flips, CPU) on the "
+                                "images and masks of a pulled set (consensus masks where several annotators "
+                                "labelled an image); `colabel serve --preannotate MODEL` then offers its outlines.")
+    train.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
+    train.add_argument("--out", required=True, help="model file to write")
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--ensemble", type=int, default=1, help="K models for pixel uncertainty (default 1)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--annotator", default=None, help="train on this annotator's masks instead of consensus")
+    train.add_argument("--bioimageio", default=None, metavar="DIR", help="also export a bioimage.io package")
+    train.add_argument("--name", default="colabel-unet", help="model name in the bioimage.io package")
+    train.add_argument("--author", default="colabel user", help="author in the bioimage.io package")
+    train.set_defaults(func=cmd_train)
 
     report = commands.add_parser("report", help="print a session's HALS workload and effectiveness",
                                  description="Read FOLDER/annotations/sessions/SESSION/events.jsonl and print the "

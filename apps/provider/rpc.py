@@ -102,10 +102,12 @@ class ProviderServices:
     """
 
     def __init__(self, provider: DataProvider, server, *, name: str, public_url: str,
-                 assist: ModelAssist | None = None, hals: HalsAssist | None = None) -> None:
+                 assist: ModelAssist | None = None, hals: HalsAssist | None = None,
+                 preannotator=None) -> None:
         self.provider = provider
         self.assist = assist
         self.hals = hals
+        self.preannotator = preannotator
         self.server = server
         self.name = name
         self.public_url = public_url.rstrip("/")
@@ -270,6 +272,14 @@ class ProviderServices:
             functions += self._assist_functions()
         if self.hals is not None:
             functions += self._hals_functions()
+        if self.preannotator is not None:
+            preannotator = self.preannotator
+
+            async def pre_annotation(token, image_id):
+                """Outlines proposed by the trained segmenter, to accept or correct (nothing is stored)."""
+                return await preannotator.pre_annotation(sessions.authorize(token), image_id)
+
+            functions.append(pre_annotation)
         return {f.__name__: _remote(f) for f in functions}
 
     def _trainer_functions(self) -> list:

@@ -268,6 +268,16 @@ async function showImage(assignment) {
     state.version = versions[versions.length - 1];
     source.addFeatures(stored.features.map(geoJSONToFeature).filter(Boolean));
     saveStatus(`saved v${state.version}`);
+  } else if (typeof state.annotate.pre_annotation === "function") {
+    // a trained model's proposals, editable; stored only when the annotator saves
+    try {
+      const proposed = await state.annotate.pre_annotation(state.ctx.token, image.image_id);
+      source.addFeatures(proposed.features.map(geoJSONToFeature).filter(Boolean));
+      saveStatus(`${proposed.features.length} pre-annotations: edit, then save`);
+    } catch (err) {
+      saveStatus("");
+      message(`pre-annotations unavailable: ${errorText(err)}`, true);
+    }
   } else saveStatus("");
   if (typeof state.annotate.sam_prepare === "function") {
     state.annotate.sam_prepare(state.ctx.token, image.image_id).catch(() => {});

@@ -17,18 +17,17 @@ No ray or hypha_rpc import here: this is plain model-side code.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from colabel.errors import ColabelError, InvalidInputError, NotFoundError
+from colabel.files import file_lock
 
 __all__ = [
     "WeightsUnavailableError",
@@ -120,17 +119,6 @@ def verify_checksum(path: str | os.PathLike, checksum: str | None) -> bool:
     return ok
 
 
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on *lock_path*, held across processes (and threads: one fd each)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def _local_source(url: str) -> Path | None:
@@ -249,7 +237,7 @@ def fetch(
     if verify_checksum(target, checksum):  # fast path, no lock: a file at target is always complete
         return target
 
-    with _file_lock(cache_dir / f".{filename}.lock"):
+    with file_lock(cache_dir / f".{filename}.lock"):
         if target.exists():
             if verify_checksum(target, checksum):  # another process finished while we waited
                 return target

@@ -114,13 +114,12 @@ def test_a_process_killed_mid_write_leaves_the_previous_content(tmp_path):
     child = textwrap.dedent(f"""
         import os, sys, time
         from pathlib import Path
-        from colabel.apps.provider import storage
-        real_fsync = os.fsync
+        from colabel import files
         def slow_fsync(fd):
             print("writing", flush=True)
             time.sleep(60)
-        storage.os.fsync = slow_fsync
-        storage.atomic_write(Path({str(target)!r}), b"new version " * 100000)
+        files.os.fsync = slow_fsync
+        files.atomic_write(Path({str(target)!r}), b"new version " * 100000)
     """)
     process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "writing"  # the temporary file is being written

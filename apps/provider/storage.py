@@ -18,21 +18,19 @@ sees other processes' versions only after a restart, though their writes can nev
 
 from __future__ import annotations
 
-import fcntl
 import io
 import json
-import os
 import re
 import threading
 import uuid
 from collections import defaultdict
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from colabel.errors import InvalidInputError, NotFoundError
+from colabel.files import atomic_write, atomic_write_json, file_lock, fsync_dir  # noqa: F401 - re-exported
 
 from .models import AnnotationRecord
 
@@ -56,51 +54,6 @@ def check_id(value: object, kind: str) -> str:
     return value
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a part.
-
-    The bytes go to a unique temporary file beside ``path``, are flushed with ``fsync``, and the file is
-    then renamed onto ``path`` (or, with ``exclusive=True``, hard-linked to it, which fails with
-    :class:`FileExistsError` when ``path`` exists: no-clobber by construction). The folder is flushed last,
-    so once this returns the write survives a crash or power loss.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        if exclusive:
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: object, **kwargs) -> None:
-    """:func:`atomic_write` of ``obj`` as UTF-8 JSON."""
-    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"), **kwargs)
-
-
 def tiff_bytes(labels: np.ndarray) -> bytes:
     """Encode an instance-label image (H, W) uint16/uint32 as a zlib-compressed TIFF."""
     import tifffile
@@ -112,16 +65,9 @@ def tiff_bytes(labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@contextmanager
 def _file_lock(folder: Path):
-    """An exclusive ``flock`` on ``folder/.lock``: serialises writers across processes."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    """An exclusive lock on ``folder/.lock``: serialises writers across processes."""
+    return file_lock(folder / ".lock")
 
 
 class AnnotationStore:

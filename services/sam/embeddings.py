@@ -13,20 +13,19 @@ collide, and a changed pixel always misses.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from colabel.errors import InvalidInputError
+from colabel.files import file_lock
 
 __all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION"]
 
@@ -76,16 +75,6 @@ def _check_key(key: str) -> str:
     return key
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 class EmbeddingStore:
@@ -204,7 +193,7 @@ class EmbeddingStore:
         arrays = self.get(key)
         if arrays is not None:
             return arrays
-        with _locked(self._lock_path(key)):
+        with file_lock(self._lock_path(key)):
             arrays = self._read(key)  # someone else may have finished while we waited
             if arrays is not None:
                 with self._lock:

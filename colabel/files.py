@@ -1,0 +1,74 @@
+"""Crash-safe file primitives shared by storage, caches and downloads.
+
+* :func:`atomic_write`: temporary file beside the target, ``fsync``, rename (or no-clobber hard link), ``fsync``
+  of the folder — readers see the old content or the new, never a part, and the write survives a crash;
+* :func:`file_lock`: an exclusive ``flock`` held across processes (and threads: one descriptor each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a part.
+
+    The bytes go to a unique temporary file beside ``path``, are flushed with ``fsync``, and the file is
+    then renamed onto ``path`` (or, with ``exclusive=True``, hard-linked to it, which fails with
+    :class:`FileExistsError` when ``path`` exists: no-clobber by construction). The folder is flushed last,
+    so once this returns the write survives a crash or power loss.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: object, **kwargs) -> None:
+    """:func:`atomic_write` of ``obj`` as UTF-8 JSON."""
+    atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8"), **kwargs)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing), held across processes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

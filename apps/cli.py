@@ -46,6 +46,15 @@ def check_folder(folder: Path) -> None:
         raise CliError(f"folder {folder} is not readable")
 
 
+async def until_signalled() -> None:
+    """Wait for Ctrl-C or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from hypha_rpc import connect_to_server
     from pydantic import ValidationError
@@ -126,11 +135,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"manage_url: {services.manage_url(provider_token)}")
         print(f"share_url: {services.share_url(secret)}  (session {session.name!r})")
         print("Press Ctrl-C to stop.", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_signalled()
         print("stopping", flush=True)
         await server.disconnect()
         await stop_models()
@@ -261,11 +266,7 @@ async def _models(args: argparse.Namespace) -> int:
     for name, service_id in ids.items():
         print(f"model_service_{name}: {service_id}", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await server.disconnect()
     await stop_models()
     return 0

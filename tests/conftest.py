@@ -107,3 +107,26 @@ def square(x: float, y: float, size: float, cls: str | None = "nucleus") -> dict
 
 def collection(*features: dict) -> dict:
     return {"type": "FeatureCollection", "features": list(features)}
+
+
+def start_colabel(args: list[str], *, timeout: float = 90, **popen) -> tuple:
+    """Run ``colabel ARGS`` as a subprocess until it prints "Press Ctrl-C"; returns (process, printed).
+
+    ``printed`` maps each ``key: value`` line it printed (``share_url``, ``manage_url``, ...) to the value.
+    """
+    import re
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "colabel.apps.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, **popen)
+    printed: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if match := re.match(r"^(\w+): (\S+)", line):
+            printed[match.group(1)] = match.group(2)
+        if line.startswith("Press Ctrl-C") or not line:
+            break
+    return process, printed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from colabel.apps.hypha_server import free_port, port_is_free
+from conftest import start_colabel
 
 pytestmark = pytest.mark.e2e
 
@@ -87,16 +87,7 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path,
 
     port = free_port()
     folder = tmp_path / "demo"
-    process = subprocess.Popen([*COLABEL, "serve", "--demo", str(folder), "--port", str(port), *models],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    printed = {}
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if m := re.match(r"^(\w+): (\S+)", line):
-            printed[m.group(1)] = m.group(2)
-        if line.startswith("Press Ctrl-C") or not line:
-            break
+    process, printed = start_colabel(["serve", "--demo", str(folder), "--port", str(port), *models], timeout=120)
     try:
         assert {"share_url", "manage_url", "annotator_service"} <= set(printed), printed
         assert printed["share_url"].startswith(f"http://127.0.0.1:{port}/")
@@ -154,14 +145,7 @@ def test_serve_uses_model_services_run_elsewhere_with_models_url(tmp_path, hypha
     from conftest import make_image_folder
 
     def start(args, key):
-        process = subprocess.Popen([*COLABEL, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        printed, deadline = {}, time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if m := re.match(r"^(\w+): (\S+)", line):
-                printed[m.group(1)] = m.group(2)
-            if line.startswith("Press Ctrl-C") or not line:
-                break
+        process, printed = start_colabel(args)
         assert key in printed, printed
         return process, printed
 

@@ -5,40 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import tifffile
 
-from conftest import collection, make_image_folder, square
+from conftest import collection, make_image_folder, square, start_colabel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
 def start_provider(folder, hypha_server, name):
     """``colabel serve FOLDER --server-url ... --token ...`` as a subprocess; returns (process, printed lines)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "colabel.apps.cli", "serve", str(folder), "--server-url", hypha_server.url,
-         "--token", hypha_server.root_token, "--name", name, "--models", ""],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    lines = {}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        if m := re.match(r"^(\w+): (\S+)", line):
-            lines[m.group(1)] = m.group(2)
-        if line.startswith("Press Ctrl-C"):
-            return process, lines
-    process.kill()
-    raise AssertionError(f"colabel serve did not start: {lines} {process.stdout.read()}")
+    process, printed = start_colabel(["serve", str(folder), "--server-url", hypha_server.url, "--token",
+                                      hypha_server.root_token, "--name", name, "--models", ""],
+                                     timeout=60, start_new_session=True)
+    if "share_url" not in printed:
+        process.kill()
+        raise AssertionError(f"colabel serve did not start: {printed} {process.stdout.read()}")
+    return process, printed
 
 
 async def test_acknowledged_saves_survive_sigkill_of_the_provider(hypha_server, tmp_path, connect):

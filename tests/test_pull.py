@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tifffile
 
 from colabel.apps.hypha_server import free_port
-from conftest import collection, make_image_folder, square
+from conftest import collection, make_image_folder, square, start_colabel
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +22,7 @@ COLABEL = [sys.executable, "-m", "colabel.apps.cli"]
 
 
 def start_serve(folder, port):
-    process = subprocess.Popen([*COLABEL, "serve", str(folder), "--port", str(port), "--models", ""],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    printed, deadline = {}, time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if m := re.match(r"^(\w+): (\S+)", line):
-            printed[m.group(1)] = m.group(2)
-        if line.startswith("Press Ctrl-C") or not line:
-            break
+    process, printed = start_colabel(["serve", str(folder), "--port", str(port), "--models", ""])
     assert "manage_url" in printed, printed
     return process, printed
 

@@ -1,62 +1,17 @@
-"""The browser pages in a real headless Chromium against a real provider on a real Hypha server.
-
-Needs the built pages (``scripts/build-web.sh``), ``pip install playwright`` and Debian's chromium
-(``/usr/bin/chromium``, or ``COLABEL_CHROMIUM``); the module is skipped otherwise. Set
-``COLABEL_SCREENSHOTS=DIR`` to keep the pages' screenshots."""
+"""The browser pages in a real headless Chromium against a real provider on a real Hypha server
+(skipped without the built pages, playwright or Chromium: see web_support)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-
-import colabel
-
-WEB_DIST = Path(colabel.__file__).parent / "web_dist"
-CHROMIUM = os.environ.get("COLABEL_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
-
-if not (WEB_DIST / "annotate.html").is_file():
-    pytest.skip(f"the web pages are not built ({WEB_DIST}/annotate.html missing): run scripts/build-web.sh",
-                allow_module_level=True)
-async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (pip install playwright)")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set COLABEL_CHROMIUM)",
-                allow_module_level=True)
+from web_support import CLASSES, browser, page, screenshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
-
-CLASSES = [{"name": "nucleus", "color": "#e6194b"}, {"name": "other", "color": "#3cb44b"}]
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def page():
-    """A fresh page of a headless Chromium; fails the test on any uncaught page error."""
-    async with async_api.async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1100, "height": 800})
-        errors = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.errors = errors
-        yield page
-        await browser.close()
-    assert not errors, errors
-
-
-async def screenshot(page, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.png"
-    await page.screenshot(path=str(path))
-    if keep := os.environ.get("COLABEL_SCREENSHOTS"):
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(keep) / path.name)
-    return path
 
 
 def image_id(stack, name: str) -> str:

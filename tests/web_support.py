@@ -1,0 +1,72 @@
+"""Browser-test support shared by the web test modules: a headless Chromium page and screenshots.
+
+Needs the built pages (``scripts/build-web.sh``), ``pip install playwright`` and Debian's chromium
+(``/usr/bin/chromium``, or ``COLABEL_CHROMIUM``); importing modules are skipped otherwise. Set
+``COLABEL_SCREENSHOTS=DIR`` to keep the pages' screenshots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+import colabel
+
+WEB_DIST = Path(colabel.__file__).parent / "web_dist"
+CHROMIUM = os.environ.get("COLABEL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+
+if not (WEB_DIST / "annotate.html").is_file():
+    pytest.skip(f"the web pages are not built ({WEB_DIST}/annotate.html missing): run scripts/build-web.sh",
+                allow_module_level=True)
+async_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed (pip install playwright)")
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set COLABEL_CHROMIUM)",
+                allow_module_level=True)
+
+CLASSES = [{"name": "nucleus", "color": "#e6194b"}, {"name": "other", "color": "#3cb44b"}]
+
+
+VIEWPORT = {"width": 1280, "height": 800}  # the smallest screen the pages must work on
+
+
+async def new_page(browser):
+    """A page in its own browser context (own localStorage: a separate annotator); page errors collected."""
+    context = await browser.new_context(viewport=VIEWPORT)
+    page = await context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    return page
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def browser():
+    """A headless Chromium; open pages with ``new_page(browser)``."""
+    async with async_api.async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def page(browser):
+    """A fresh page of a headless Chromium; fails the test on any uncaught page error."""
+    page = await new_page(browser)
+    yield page
+    assert not page.errors, page.errors
+
+
+async def screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    await page.screenshot(path=str(path))
+    if keep := os.environ.get("COLABEL_SCREENSHOTS"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / path.name)
+    return path
+
+

@@ -90,14 +90,17 @@ async def _serve(args: argparse.Namespace) -> int:
         hypha = EmbeddedHypha(config.host, config.port, msg_rate_limit=config.ws_msg_rate_limit,
                               ready_timeout=config.ready_timeout)
         await asyncio.to_thread(hypha.start)
-        server_url, token = hypha.url, hypha.root_token
+        # an ordinary user owning one workspace, not root: what it hands out reaches that workspace only
+        server_url, token = hypha.url, hypha.user_token(f"colabel-{config.name}")
+    stop_backends = _nothing
     try:
+        backends, stop_backends = start_model_backends(args, folder)
         try:
             server = await connect_to_server({"server_url": server_url, "token": token,
                                               "client_id": f"colabel-{config.name}-provider"})
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
             raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
-        model_ids, models_server, stop_models = await start_models(args, config, server, folder)
+        model_ids, models_server, stop_models = await register_models(args, server, backends)
         assist = hals = None
         if model_ids:
             from .provider.assist import ModelAssist
@@ -124,7 +127,8 @@ async def _serve(args: argparse.Namespace) -> int:
                 _, secret = provider.sessions.issue_token(session.session_id, label="colabel serve")
         else:
             session, secret = provider.create_session(name="session 1", classes=classes)
-        provider_token = await server.generate_token({"expires_in": 30 * 24 * 3600})
+        provider_token = await server.generate_token({"workspace": services.workspace, "permission": "read_write",
+                                                      "expires_in": 30 * 24 * 3600})
         print(f"colabel {__version__}: serving {folder} ({len(provider.catalog)} images"
               f"{f', {len(unreadable)} unreadable' if unreadable else ''})", flush=True)
         print(f"hypha_server: {server_url} (workspace {services.workspace})")
@@ -140,6 +144,7 @@ async def _serve(args: argparse.Namespace) -> int:
         await server.disconnect()
         await stop_models()
     finally:
+        await stop_backends()
         if hypha is not None:
             await asyncio.to_thread(hypha.stop)
     return 0
@@ -176,26 +181,21 @@ def parse_models(text: str) -> list[str]:
     return names
 
 
-async def start_models(args: argparse.Namespace, config, server, folder: Path | None):
-    """Start (or find) the model services; returns (name -> service id, connection to reach them, stop)."""
-    from hypha_rpc import connect_to_server
+async def _nothing() -> None:
+    return None
 
+
+def start_model_backends(args: argparse.Namespace, folder: Path | None):
+    """Start the model services this process runs; returns (name -> backend, async stop).
+
+    Called before connecting to Hypha: starting Ray blocks this thread for seconds, and a connection opened
+    before it would miss the server's pings and be dropped. Empty for ``--models ''`` and ``--models-url``.
+    """
     names = parse_models(args.models)
-
-    async def nothing():
-        return None
-
-    if not names:
-        return {}, server, nothing
-    if args.models_url:
-        try:
-            remote = await connect_to_server({"server_url": args.models_url, "token": args.models_token})
-        except Exception as exc:  # noqa: BLE001
-            raise CliError(f"cannot connect to the model services at {args.models_url}: {exc}") from None
-        ids = {n: f"{remote.config.workspace}/{args.models_prefix}-{n}" for n in names}
-        return ids, remote, remote.disconnect
+    if not names or args.models_url:
+        return {}, _nothing
     from colabel.services.deployments import get_deployment
-    from colabel.services.gateway import LocalBackend, RayBackend, register_model_services
+    from colabel.services.gateway import LocalBackend, RayBackend
 
     options = model_options(args, folder)
     if getattr(args, "attach", False):
@@ -204,30 +204,46 @@ async def start_models(args: argparse.Namespace, config, server, folder: Path | 
         if not args.ray_address:
             raise CliError("--attach needs --ray-address (the cluster whose Serve applications to use)")
         handles = ray_runtime.attach(names, address=args.ray_address)
-        backends = {n: RayBackend(n, handles[n]) for n in names}
 
         async def stop():  # the applications belong to the cluster: only disconnect
             import ray
 
             ray.shutdown()
-    elif args.no_ray:
-        backends = {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}
 
-        async def stop():
-            return None
-    else:
-        from colabel.services import ray_runtime
+        return {n: RayBackend(n, handles[n]) for n in names}, stop
+    if args.no_ray:
+        return {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}, _nothing
+    from colabel.services import ray_runtime
 
-        print("starting Ray Serve and the model deployments ...", flush=True)
-        # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
-        ray_runtime.start_local_ray(address=args.ray_address)
-        handles = ray_runtime.deploy(names, options=options)
-        backends = {n: RayBackend(n, handles[n]) for n in names}
+    print("starting Ray Serve and the model deployments ...", flush=True)
+    # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
+    ray_runtime.start_local_ray(address=args.ray_address)
+    handles = ray_runtime.deploy(names, options=options)
 
-        async def stop():
-            ray_runtime.shutdown(applications=names if args.ray_address else None)
+    async def stop():
+        ray_runtime.shutdown(applications=names if args.ray_address else None)
+
+    return {n: RayBackend(n, handles[n]) for n in names}, stop
+
+
+async def register_models(args: argparse.Namespace, server, backends: dict):
+    """Register ``backends`` on ``server``, or find ``--models-url``'s; returns (name -> id, connection, stop)."""
+    from hypha_rpc import connect_to_server
+
+    from colabel.services.gateway import register_model_services
+
+    names = parse_models(args.models)
+    if names and args.models_url:
+        try:
+            remote = await connect_to_server({"server_url": args.models_url, "token": args.models_token})
+        except Exception as exc:  # noqa: BLE001
+            raise CliError(f"cannot connect to the model services at {args.models_url}: {exc}") from None
+        ids = {n: f"{remote.config.workspace}/{args.models_prefix}-{n}" for n in names}
+        return ids, remote, remote.disconnect
+    if not backends:
+        return {}, server, _nothing
     ids = await register_model_services(server, backends, prefix=args.models_prefix)
-    return ids, server, stop
+    return ids, server, _nothing
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,18 +273,21 @@ async def _models(args: argparse.Namespace) -> int:
     """Run only the model services and register them on a Hypha server (the cluster's gateway role)."""
     from hypha_rpc import connect_to_server
 
-    try:
-        server = await connect_to_server({"server_url": args.server_url, "token": args.token})
-    except Exception as exc:  # noqa: BLE001
-        raise CliError(f"cannot connect to the Hypha server at {args.server_url}: {exc}") from None
     args.models_url = None
-    ids, _, stop_models = await start_models(args, None, server, None)
-    for name, service_id in ids.items():
-        print(f"model_service_{name}: {service_id}", flush=True)
-    print("Press Ctrl-C to stop.", flush=True)
-    await until_signalled()
-    await server.disconnect()
-    await stop_models()
+    backends, stop_backends = start_model_backends(args, None)
+    try:
+        try:
+            server = await connect_to_server({"server_url": args.server_url, "token": args.token})
+        except Exception as exc:  # noqa: BLE001
+            raise CliError(f"cannot connect to the Hypha server at {args.server_url}: {exc}") from None
+        ids, _, _ = await register_models(args, server, backends)
+        for name, service_id in ids.items():
+            print(f"model_service_{name}: {service_id}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        await until_signalled()
+        await server.disconnect()
+    finally:
+        await stop_backends()
     return 0
 
 

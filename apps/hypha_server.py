@@ -6,6 +6,7 @@ Started with websocket compression off (5-10x faster image transfers) and messag
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import secrets
@@ -46,6 +47,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# Claims of the server's own HS256 tokens; set explicitly in the subprocess so the two sides always agree.
+TOKEN_ISSUER = "https://colabel.invalid/"
+TOKEN_AUDIENCE = "https://colabel.invalid/api/"
+TOKEN_NAMESPACE = "https://colabel.invalid/"
+
+
 class EmbeddedHypha:
     """A Hypha server subprocess.
 
@@ -70,6 +77,7 @@ class EmbeddedHypha:
         self.msg_rate_limit = msg_rate_limit
         self.ready_timeout = ready_timeout
         self.extra_env = dict(env or {})
+        self.jwt_secret = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
 
@@ -87,6 +95,11 @@ class EmbeddedHypha:
             "HYPHA_HOST": self.host,
             "HYPHA_PORT": str(self.port),
             "HYPHA_ROOT_TOKEN": self.root_token,
+            "HYPHA_JWT_SECRET": self.jwt_secret,
+            "JWT_SECRET": self.jwt_secret,
+            "AUTH0_ISSUER": TOKEN_ISSUER,
+            "AUTH0_AUDIENCE": TOKEN_AUDIENCE,
+            "AUTH0_NAMESPACE": TOKEN_NAMESPACE,
             "HYPHA_WS_MSG_RATE_LIMIT": str(self.msg_rate_limit),
             "HYPHA_WS_MSG_BURST_LIMIT": str(self.msg_rate_limit),
             "HYPHA_LOGLEVEL": env.get("HYPHA_LOGLEVEL", "WARNING"),
@@ -113,6 +126,27 @@ class EmbeddedHypha:
         self.stop()
         raise HyphaStartError(f"the Hypha server was not ready within {self.ready_timeout:.0f} s; "
                               f"its log is {self.log_path}")
+
+    def user_token(self, user_id: str, expires_in: int = 30 * 24 * 3600) -> str:
+        """A token for an ordinary (non-admin) user ``user_id``, owner of its workspace ``ws-user-<user_id>``.
+
+        ``colabel serve`` connects its provider with one instead of the root token, so the tokens it hands
+        out (manage URL) are children of a user with no server-wide role: they reach that workspace only.
+        ``expires_in`` is in seconds.
+        """
+        if not user_id or not user_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"user id {user_id!r} must be letters, digits, '-' or '_'")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        workspace = f"ws-user-{user_id}"
+        payload = {
+            "iss": TOKEN_ISSUER, "aud": TOKEN_AUDIENCE, "sub": user_id, "iat": now,
+            "exp": now + datetime.timedelta(seconds=expires_in), "gty": "client-credentials",
+            "scope": f"ws:{workspace}#a wid:{workspace}",
+            f"{TOKEN_NAMESPACE}roles": [], f"{TOKEN_NAMESPACE}email": None,
+        }
+        from jose import jwt  # python-jose: what the Hypha server itself signs and verifies with
+
+        return jwt.encode(payload, self.jwt_secret, algorithm="HS256")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""

@@ -104,6 +104,19 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path,
                 cells = await service.cells(token, images["dsb2018_nuclei.tif"]["image_id"])
                 status = {**await service.classifier_status(token), "cells": len(cells["cells"])}
             await client.disconnect()
+            # the manage URL's token: the provider's workspace, read-write, no server-wide role (not root's)
+            manage_token = printed["manage_url"].split("#token=", 1)[1]
+            workspace = printed["provider_service"].split("/")[0]
+            assert workspace != "ws-user-root"
+            manager = await connect_to_server({"server_url": f"http://127.0.0.1:{port}", "token": manage_token})
+            assert manager.config.workspace == workspace
+            assert "admin" not in (manager.config.user or {}).get("roles", [])
+            provider = await manager.get_service(printed["provider_service"])
+            assert (await provider.info())["n_images"] == 2
+            await manager.disconnect()
+            with pytest.raises(Exception, match="(?i)workspace|permission"):
+                await connect_to_server({"server_url": f"http://127.0.0.1:{port}", "token": manage_token,
+                                         "workspace": "ws-user-root"})
             return images, nuclei, status
 
         images, nuclei, status = asyncio.run(annotate())

@@ -28,6 +28,8 @@ class ColabelConfig(BaseModel):
     max_features: int = Field(100_000, gt=0, description="most features in one saved annotation")
     max_image_bytes: int = Field(256 * 2**20, gt=0, description="largest pixel payload one get_image returns")
     ready_timeout: float = Field(60.0, gt=0, description="seconds to wait for the embedded Hypha server")
+    assignment_lease: float = Field(3600.0, gt=0, description="seconds an unsaved image assigned to an annotator "
+                                    "stays theirs alone before others may get it")
     ws_msg_rate_limit: int = Field(100_000, gt=0, description="Hypha websocket messages per second per connection")
 
     @classmethod

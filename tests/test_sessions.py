@@ -91,6 +91,24 @@ def test_assignment_prefers_unannotated_images_then_folder_order(tmp_path):
     assert store.assign_next(info.session_id, e, image_ids=images, saved=saved) is None  # all have 2
 
 
+def test_an_image_left_unsaved_past_the_lease_goes_to_another_annotator(tmp_path):
+    store = SessionStore(tmp_path, assignment_lease=600)
+    info, _ = store.create(name="s", classes=CLASSES, annotators_per_image=1)
+    a = store.join(info.session_id, "A")[0].annotator_id
+    b = store.join(info.session_id, "B")[0].annotator_id
+    t0 = 1_000_000.0
+    assert store.assign_next(info.session_id, a, image_ids=["i1"], saved={}, now=t0) == "i1"
+    assert store.assign_next(info.session_id, b, image_ids=["i1"], saved={}, now=t0 + 599) is None  # A holds it
+    assert store.assign_next(info.session_id, b, image_ids=["i1"], saved={}, now=t0 + 601) == "i1"  # A left
+    assert store.assign_next(info.session_id, a, image_ids=["i1"], saved={}, now=t0 + 700) == "i1"  # A returns
+    # the lease survives a restart (assignment times are in the manifest); a saved image is never released
+    reopened = SessionStore(tmp_path, assignment_lease=600)
+    c = reopened.join(info.session_id, "C")[0].annotator_id
+    assert reopened.assign_next(info.session_id, c, image_ids=["i1"], saved={"i1": {b: 1}},
+                                now=t0 + 1200) is None
+    assert reopened.assign_next(info.session_id, c, image_ids=["i1"], saved={}, now=t0 + 1300) == "i1"
+
+
 def test_unknown_ids_and_bad_arguments_are_refused(tmp_path):
     store = SessionStore(tmp_path)
     with pytest.raises(NotFoundError, match="unknown session id"):

@@ -61,7 +61,7 @@ class DataProvider:
         self.catalog = ImageCatalog(self.folder)
         root = annotations_dir(self.folder)
         self.store = AnnotationStore(root)
-        self.sessions = SessionStore(root)
+        self.sessions = SessionStore(root, assignment_lease=self.config.assignment_lease)
 
     # -- images -----------------------------------------------------------------------------------
     def session_image_ids(self, session: SessionInfo) -> list[str]:

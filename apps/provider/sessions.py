@@ -14,6 +14,7 @@ import hashlib
 import json
 import secrets
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,11 +44,13 @@ class _Session:
     """In-memory state of one session, mirrored by its manifest."""
 
     def __init__(self, info: SessionInfo, token_hashes: dict[str, str], annotators: dict[str, Annotator],
-                 assignments: dict[str, list[str]], key_hashes: dict[str, str] | None = None) -> None:
+                 assignments: dict[str, list[str]], key_hashes: dict[str, str] | None = None,
+                 assigned_at: dict[str, dict[str, float]] | None = None) -> None:
         self.info = info
         self.token_hashes = token_hashes
         self.annotators = annotators
         self.assignments = assignments
+        self.assigned_at = assigned_at or {}  # image id -> annotator id -> Unix time (s) of the assignment
         self.key_hashes = key_hashes or {}  # annotator id -> SHA-256 of the annotator's key
         self.by_key = {h: a for a, h in self.key_hashes.items()}
 
@@ -58,6 +61,7 @@ class _Session:
             "token_hashes": self.token_hashes,
             "annotators": {k: a.model_dump(mode="json") for k, a in self.annotators.items()},
             "assignments": self.assignments,
+            "assigned_at": self.assigned_at,
             "annotator_key_hashes": self.key_hashes,
         }
 
@@ -69,6 +73,7 @@ class _Session:
             {k: Annotator.model_validate(v) for k, v in data.get("annotators", {}).items()},
             {k: list(v) for k, v in data.get("assignments", {}).items()},
             dict(data.get("annotator_key_hashes", {})),
+            {k: dict(v) for k, v in data.get("assigned_at", {}).items()},
         )
 
 
@@ -80,10 +85,15 @@ class SessionStore:
     root : Path
         ``FOLDER/annotations``. Existing manifests are loaded at start; a manifest that cannot be parsed
         is reported in ``load_errors`` and skipped, never overwritten.
+    assignment_lease : float
+        Seconds an image assigned to an annotator who has not saved it stays theirs alone; after that it
+        counts as free for others (an annotator who left does not hold it forever). The first annotator
+        still gets it back when they return.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, assignment_lease: float = 3600.0) -> None:
         self.root = Path(root)
+        self.assignment_lease = assignment_lease
         self.sessions_root = self.root / "sessions"
         self.sessions_root.mkdir(parents=True, exist_ok=True)
         self.secrets_path = self.root / ".colabel-secrets.json"
@@ -288,7 +298,7 @@ class SessionStore:
             return {k: list(v) for k, v in self._get(session_id).assignments.items()}
 
     def assign_next(self, session_id: str, annotator_id: str, *, image_ids: Sequence[str],
-                    saved: dict[str, dict[str, int]]) -> str | None:
+                    saved: dict[str, dict[str, int]], now: float | None = None) -> str | None:
         """Pick the image an annotator should annotate next, record the assignment and return its id.
 
         ``image_ids`` are the session's readable images in folder order; ``saved`` maps image id to
@@ -299,8 +309,12 @@ class SessionStore:
            annotators, the least-covered first (unannotated images before partly annotated), then in
            folder order;
         3. None when no such image is left.
+
+        An assignment older than ``assignment_lease`` seconds (at ``now``, Unix time) whose annotator has not
+        saved the image no longer counts against ``annotators_per_image``.
         """
         check_id(annotator_id, "annotator id")
+        now = time.time() if now is None else now
         with self._lock:
             session = self._get(session_id)
             if annotator_id not in session.annotators:
@@ -312,7 +326,12 @@ class SessionStore:
                     return image_id
             best: tuple[int, int, str] | None = None
             for order, image_id in enumerate(image_ids):
-                holders = set(session.assignments.get(image_id, [])) | set(saved.get(image_id, {}))
+                assigned = session.assignments.get(image_id, [])
+                if annotator_id in assigned:
+                    continue  # had it (and saved it, or rule 1 would have returned it)
+                since = session.assigned_at.get(image_id, {})
+                holders = {a for a in assigned if now - since.get(a, now) < self.assignment_lease}
+                holders |= set(saved.get(image_id, {}))
                 if annotator_id in holders or len(holders) >= k:
                     continue
                 key = (len(holders), order, image_id)
@@ -321,5 +340,6 @@ class SessionStore:
             if best is None:
                 return None
             session.assignments.setdefault(best[2], []).append(annotator_id)
+            session.assigned_at.setdefault(best[2], {})[annotator_id] = now
             self._write(session)
             return best[2]

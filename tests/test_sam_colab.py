@@ -141,3 +141,26 @@ def test_model_pool_is_lazy_and_bounded(tiny_checkpoints, tmp_path):
         pool.get("nope")
     with pytest.raises(InvalidInputError):
         ModelPool(max_models=0)
+
+
+@pytest.mark.parametrize("n_points", [1, 2, 3])
+def test_service_picks_masks_as_the_browser_decoder_does(colab, tiny_checkpoints, tmp_path, n_points):
+    """The annotator's click decoded in the browser (ONNX) and on the server (SamService) must give the same
+    object: one click is ambiguous, so both take the best of SAM's three masks; more points take the single
+    mask. The score the service returns is the ONNX decoder's IoU prediction for the same prompt."""
+    from colabel.services.sam.service import SamService
+
+    out = colab.compute_embedding(IMAGE, TINY_ID)
+    session = ort.InferenceSession(colab.get_onnx_model(TINY_ID, quantize=False), providers=["CPUExecutionProvider"])
+    model_points = np.array([[60.5, 90.5], [30.5, 40.5], [90.5, 150.5]])[:n_points]
+    labels = np.array([1.0, 0.0, 1.0])[:n_points]
+    _, iou, _ = session.run(None, onnx_inputs(out, model_points, labels))
+    service = SamService(default_model=TINY_ID, checkpoints=tiny_checkpoints, embedding_dir=str(tmp_path / "s"),
+                         tile_size=1024)
+    embedded = service.embed(IMAGE)
+    same = points_from_model(model_points * out["sam_scale"], (180, 120), 256)
+    result = service.segment(embedded["embedding_id"], points=same.tolist(), labels=labels.astype(int).tolist())
+    assert result["score"] == pytest.approx(float(iou[0, 0]), abs=1e-3)
+    forced = service.segment(embedded["embedding_id"], points=same.tolist(), labels=labels.astype(int).tolist(),
+                             multimask=n_points > 1)  # the other choice: a different mask's score
+    assert forced["score"] != pytest.approx(float(iou[0, 0]), abs=1e-3)

@@ -320,6 +320,17 @@ def _postprocess_small_regions(mask_data, min_area: int, nms_thresh: float):
     return mask_data
 
 
+def ambiguous_prompt(points: Any, box: Any) -> bool:
+    """SAM's rule for when one prompt may mean several objects, as its exported ONNX decoder applies it.
+
+    The decoder counts prompt points with the padding point (added when there is no box) or the two box
+    corners, and picks the best of its three masks when that count is below 2.5: one point without a box,
+    or a box alone. ``points`` is (N, 2) array-like or None; ``box`` 4 numbers or None.
+    """
+    n = 0 if points is None else len(points)
+    return n + (2 if box is not None else 1) < 2.5
+
+
 class SamSegmenter:
     """One loaded SAM: embeddings (cached), prompt decoding with tiling, automatic masks.
 

@@ -15,6 +15,7 @@ import numpy as np
 from colabel.errors import InvalidInputError, NotFoundError
 
 from .colab import ColabSam, ModelPool
+from .segmenter import ambiguous_prompt
 
 
 class SamService(ColabSam):
@@ -63,7 +64,7 @@ class SamService(ColabSam):
                 "image_shape": list(embedding.image_shape), "n_tiles": embedding.n_tiles}
 
     def segment(self, embedding_id: str, model_id: str | None = None, points: Any = None, labels: Any = None,
-                box: Any = None, multimask: bool = False, mask_input: Any = None,
+                box: Any = None, multimask: bool | None = None, mask_input: Any = None,
                 return_logits: bool = False) -> dict:
         """Segment one object of an embedded image from positive/negative points and/or a box.
 
@@ -73,7 +74,9 @@ class SamService(ColabSam):
         the largest; specks dropped, small holes filled); raises NotFoundError when no replica has the
         embedding (call ``embed`` first). Refine an earlier answer by passing its ``low_res_logits``
         (returned with ``return_logits=True``, (1, 256, 256) float32 for the published models) as
-        ``mask_input``: SAM's "previous mask" prompt.
+        ``mask_input``: SAM's "previous mask" prompt. ``multimask`` None follows SAM's exported decoder (what
+        browsers run): the best of three masks for an ambiguous prompt (one point without a box, or a box
+        alone), the single-mask output otherwise; so browser and server give the same outline.
         """
         if not isinstance(embedding_id, str) or not embedding_id:
             raise InvalidInputError("embedding_id must be the id returned by embed")
@@ -82,7 +85,8 @@ class SamService(ColabSam):
         if embedding is None:
             raise NotFoundError(f"unknown embedding {embedding_id[:16]}...; call embed with the image first")
         result = segmenter.segment(embedding, points=points, point_labels=labels, box=box, mask_input=mask_input,
-                                   multimask=bool(multimask), single_object=True)
+                                   multimask=ambiguous_prompt(points, box) if multimask is None else multimask,
+                                   single_object=True)
         rows, cols = np.nonzero(result.mask)
         bbox = ([int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
                 if rows.size else None)

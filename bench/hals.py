@@ -12,6 +12,11 @@ for every rule):
 * ``he``: the H&E crop, nuclei from ``segment_nuclei``, class = dark vs pale (mean hematoxylin optical
   density above / below the median).
 
+Features (``--features cell``, the classifier service's): EfficientNet-Lite0 on patches of 1.6 median
+nucleus diameters, plus 12 per-nucleus stain and shape measurements, block-balanced in the classifier
+(:mod:`colabel.services.hals.measurements`). ``--features cnn-fixed --patch-size 40`` gives HALS' original
+40 px CNN features.
+
 Per image and seed, a HALS run (random start of 20 cells per class, then Coreset-guided patches with
 classifier suggestions) and a control run (patches in reading order, all by hand) are simulated by
 :func:`colabel.services.hals.simulation.simulate`; workload reduction and effectiveness come from
@@ -23,6 +28,7 @@ Usage::
     python bench/hals.py                 # 5 seeds, learning curves every 10 labels, + 1M Coreset timing
     python bench/hals.py --quick         # 2 seeds, curve points every 25 labels (smoke run)
     python bench/hals.py --skip-1m       # without the 1M x 1280 Coreset timing (~30 s, 5 GB RAM)
+    python bench/hals.py --skip-1m --features cnn-fixed --patch-size 40   # HALS' original 40 px CNN features
 
 Results go to ``bench/results/hals.json``; features are cached in ``bench/results/cache``.
 """
@@ -87,6 +93,8 @@ class CellSet:
     pool: np.ndarray
     eval: np.ndarray
     notes: dict
+    #: Classifier column weights (block balance of CNN and measurement columns); None: all 1.
+    column_weights: np.ndarray | None = None
 
 
 def _segment(image: np.ndarray):
@@ -113,8 +121,8 @@ def load_ihc() -> dict:
     truth = (values > threshold).astype(np.int64)
     inside_truth = (inside > threshold_otsu(inside)).astype(np.int64)
     return {
-        "image": image, "xy": xy, "values": values, "threshold": threshold, "truth": truth,
-        "source": "skimage.data.immunohistochemistry() (= tests/data/ihc_ki67.png), 512x512 RGB",
+        "image": image, "labels": labels, "ids": ids, "xy": xy, "values": values, "threshold": threshold,
+        "truth": truth, "source": "skimage.data.immunohistochemistry() (= tests/data/ihc_ki67.png), 512x512 RGB",
         "rule": f"mean DAB OD (rgb2hed) in a {IHC_RING_PX} px ring around the nucleus > Otsu",
         "class_names": ("DAB-negative", "DAB-positive"),
         "notes": {"segmentation": "segment_nuclei classical (hematoxylin)", "ring_px": IHC_RING_PX,
@@ -135,7 +143,7 @@ def load_dsb() -> dict:
     values = region_means(image.astype(np.float64), mask, ids)
     threshold = float(np.median(values))
     return {
-        "image": image, "xy": xy, "values": values, "threshold": threshold,
+        "image": image, "labels": mask, "ids": ids, "xy": xy, "values": values, "threshold": threshold,
         "truth": (values > threshold).astype(np.int64),
         "source": "tests/data/dsb2018_nuclei.tif + hand-labelled dsb2018_nuclei_mask.tif (DSB2018, CC0)",
         "rule": "mean intensity inside the hand-labelled nucleus > median (bright vs dim)",
@@ -153,7 +161,7 @@ def load_he() -> dict:
     values = region_means(color.rgb2hed(image)[..., 0], labels, ids)
     threshold = float(np.median(values))
     return {
-        "image": image, "xy": xy, "values": values, "threshold": threshold,
+        "image": image, "labels": labels, "ids": ids, "xy": xy, "values": values, "threshold": threshold,
         "truth": (values > threshold).astype(np.int64),
         "source": "tests/data/he_histo.jpg (StarDist test image), 300x500 RGB",
         "rule": "mean hematoxylin OD (rgb2hed) inside the nucleus > median (dark vs pale)",
@@ -165,13 +173,42 @@ def load_he() -> dict:
 LOADERS = {"ihc": load_ihc, "dsb": load_dsb, "he": load_he}
 
 
-def prepare(name: str, *, patch_size: int, cache_dir: Path, ambiguous_band: float = 0.0) -> CellSet:
+def prepare(name: str, *, features: str = "cell", patch_size: int = 40, cache_dir: Path,
+            ambiguous_band: float = 0.0, balance: float = 1.0) -> CellSet:
+    """Load *name*, derive its classes and compute its features.
+
+    ``features``: ``"cell"`` (the service's default, :func:`~colabel.services.hals.measurements.cell_features`:
+    CNN on a patch of 1.6 median nucleus diameters + 12 nucleus measurements), ``"cnn"`` (that CNN block
+    only) or ``"cnn-fixed"`` (CNN on fixed *patch_size* px patches: HALS' 40 px, the previous default).
+    """
     from colabel.services.hals.features import EfficientNetLite0Features, FeatureStore
+    from colabel.services.hals.measurements import (
+        cell_features,
+        column_weights,
+        median_diameter,
+        patch_size_for,
+    )
 
     d = LOADERS[name]()
     store = FeatureStore(cache_dir)
-    features = store.get_or_compute(d["image"], d["xy"], EfficientNetLite0Features(), patch_size=patch_size)
+    extractor = EfficientNetLite0Features()
+    diameter = median_diameter(d["labels"], d["ids"])
+    weights = None
+    if features == "cell":
+        x = cell_features(d["image"], d["labels"], d["ids"], d["xy"], extractor, store=store)
+        weights = column_weights(extractor.dim, ratio=balance)
+        patch_size = patch_size_for(diameter)
+    elif features == "cnn":
+        patch_size = patch_size_for(diameter)
+        x = store.get_or_compute(d["image"], d["xy"], extractor, patch_size=patch_size)
+    elif features == "cnn-fixed":
+        x = store.get_or_compute(d["image"], d["xy"], extractor, patch_size=patch_size)
+    else:
+        raise ValueError(f"unknown features {features!r}")
+    features = x
     xy, values, truth, notes = d["xy"], d["values"], d["truth"], dict(d["notes"])
+    notes.update({"median_nucleus_diameter_px": round(diameter, 2), "cnn_patch_px": int(patch_size),
+                  "feature_dim": int(x.shape[1])})
     if ambiguous_band > 0:
         # Leave out the cells whose value is nearest the threshold (before the split: never labelled nor
         # evaluated), i.e. the cells whose derived class is least certain.
@@ -182,19 +219,22 @@ def prepare(name: str, *, patch_size: int, cache_dir: Path, ambiguous_band: floa
     pool, held = holdout_split(len(truth), fraction=EVAL_FRACTION, seed=EVAL_SEED)
     return CellSet(name=name, source=d["source"], rule=d["rule"], class_names=d["class_names"],
                    image_shape=tuple(d["image"].shape[:2]), centroids_xy=xy, values=values,
-                   threshold=d["threshold"], truth=truth, features=features, pool=pool, eval=held, notes=notes)
+                   threshold=d["threshold"], truth=truth, features=features, pool=pool, eval=held, notes=notes,
+                   column_weights=weights)
 
 
 def full_pool_accuracy(cells: CellSet, seed: int = 0) -> float:
     """Eval accuracy of a 5-member ensemble trained on every pool cell: the ceiling of the learning curves."""
     from colabel.services.hals.classifier import Ensemble
 
-    ens = Ensemble().fit(cells.features[cells.pool], cells.truth[cells.pool], n_classes=2, n_members=5, seed=seed)
+    ens = Ensemble().fit(cells.features[cells.pool], cells.truth[cells.pool], n_classes=2, n_members=5, seed=seed,
+                         column_weights=cells.column_weights)
     return float(np.mean(ens.predict(cells.features[cells.eval])[0] == cells.truth[cells.eval]))
 
 
 def curve(cells: CellSet, result, points: np.ndarray, *, repeats: int, seed: int) -> np.ndarray:
-    train = head_trainer(cells.features, n_classes=2, repeats=repeats, seed=seed)
+    train = head_trainer(cells.features, n_classes=2, repeats=repeats, seed=seed,
+                         column_weights=cells.column_weights)
     _, acc = learning_curve(train, result.label_order, result.labels,
                             (cells.eval, cells.truth[cells.eval]), n_values=points, repeats=repeats,
                             seed=seed, n_classes=2)
@@ -203,7 +243,8 @@ def curve(cells: CellSet, result, points: np.ndarray, *, repeats: int, seed: int
 
 def run_seed(cells: CellSet, seed: int, args) -> dict:
     common = dict(image_shape=cells.image_shape, pool=cells.pool, patch_size=args.grid, max_labels=args.max_labels,
-                  seed=seed, image_id=cells.name)
+                  seed=seed, image_id=cells.name,
+                  classifier_options={"column_weights": cells.column_weights, "n_members": args.members})
     t0 = time.perf_counter()
     runs = {
         "hals": simulate(cells.features, cells.truth, cells.centroids_xy, policy="hals", k=args.k,
@@ -272,7 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, learning-curve points every 25 labels")
     parser.add_argument("--skip-1m", action="store_true", help="skip the 1M x 1280 Coreset timing (~30 s, 5 GB)")
     parser.add_argument("--images", default="ihc,dsb,he", help="comma-separated subset of ihc,dsb,he")
-    parser.add_argument("--patch-size", type=int, default=40, help="feature patch side in px (HALS: 40)")
+    parser.add_argument("--features", choices=("cell", "cnn", "cnn-fixed"), default="cell",
+                        help="cell: CNN on a 1.6-nucleus-diameter patch + 12 nucleus measurements (the service's "
+                             "default); cnn: that CNN block only; cnn-fixed: CNN on --patch-size px patches")
+    parser.add_argument("--patch-size", type=int, default=40, help="patch side in px for --features cnn-fixed")
+    parser.add_argument("--balance", type=float, default=1.0,
+                        help="--features cell: measurement block variance / CNN block variance (service: 1)")
+    parser.add_argument("--members", type=int, default=5, help="ensemble members of the online classifier")
     parser.add_argument("--grid", type=int, default=128, help="guidance patch side in px")
     parser.add_argument("--k", type=int, default=10, help="Coreset cells per patch choice")
     parser.add_argument("--initial", type=int, default=20, help="random start: labels per class")
@@ -281,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="trainings per learning-curve point")
     parser.add_argument("--ambiguous-band", type=float, default=0.0,
                         help="leave out this fraction of cells nearest the class threshold (label-noise check)")
+    parser.add_argument("--timings-only", action="store_true",
+                        help="only the retrain and Coreset timings (no simulated sessions)")
     parser.add_argument("--out", type=Path, default=RESULTS / "hals.json")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
@@ -289,16 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(LOADERS)
     if unknown:
         parser.error(f"unknown images {sorted(unknown)}; choose from {sorted(LOADERS)}")
+    if args.timings_only:
+        names = []
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    print(f"HALS benchmark: images {names}, {args.seeds} seeds, feature patch {args.patch_size} px, "
+    feature_text = (f"CNN on fixed {args.patch_size} px patches" if args.features == "cnn-fixed" else
+                    "CNN on patches of 1.6 nucleus diameters" + (" + 12 nucleus measurements"
+                                                                 if args.features == "cell" else ""))
+    print(f"HALS benchmark: images {names}, {args.seeds} seeds, features: {feature_text}, {args.members} members, "
           f"grid {args.grid} px, k={args.k}, start {args.initial}/class, {args.max_labels} labels, "
           f"curve every {args.step} labels x {args.repeats} trainings")
     cell_sets = {}
     for name in tqdm(names, desc="images (segment, derive classes, features)", unit="image"):
-        cell_sets[name] = prepare(name, patch_size=args.patch_size, cache_dir=RESULTS / "cache",
-                                  ambiguous_band=args.ambiguous_band)
+        cell_sets[name] = prepare(name, features=args.features, patch_size=args.patch_size,
+                                  cache_dir=RESULTS / "cache", ambiguous_band=args.ambiguous_band,
+                                  balance=args.balance)
 
     per_image: dict[str, dict] = {}
     tasks = [(name, seed) for name in names for seed in range(args.seeds)]
@@ -332,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         })
         rows.append({
             "image": name, "cells (pool/eval)": f"{len(cells.pool)}/{len(cells.eval)}",
-            "pos": f"{cells.truth.mean():.2f}", "seeds": len(runs),
+            "pos": f"{cells.truth.mean():.2f}", "CNN patch": f"{cells.notes['cnn_patch_px']} px",
+            "seeds": len(runs),
             "workload red.": pct(*wr), "paper": "90.6%", "target": "≥95%",
             "effectiveness": pct(*ef, sign=True), "paper ": "+4.34%", "target ": "≥+5%",
             "ceiling acc": f"{ceiling:.3f}",
@@ -366,32 +422,50 @@ def main(argv: list[str] | None = None) -> int:
             "corrections near threshold": f"{np.mean(near) * 100:.0f}%" if near else "-",
         })
 
-    print_table("HALS simulated annotator: per image (mean ± sd over seeds)", rows, list(rows[0]))
-    print_table("Per seed", seed_rows, list(seed_rows[0]))
-    print_table("Ablations: effectiveness of HALS against other label orders", ablation_rows, list(ablation_rows[0]))
-    for name in names:
-        runs = per_image[name]["runs"]
-        n = np.asarray(runs[0]["curve_n"])
-        show = [i for i, v in enumerate(n) if v in (0, 10, 20, 40, 60, 80, 120, 160, 200) or i == len(n) - 1]
-        curve_rows = [{"N": int(n[i]), **{policy: f"{np.mean([r['curves'][policy][i] for r in runs]):.3f}"
-                                          for policy in runs[0]["curves"]}} for i in show]
-        print_table(f"Learning curves, {name}: eval accuracy after the first N labels (mean over seeds)",
-                    curve_rows, list(curve_rows[0]))
-    print_table("Workload reduction: paper definition, with the manual labels counted, without Coreset; share "
-                "of corrections among the 20% of cells nearest the class threshold", workload_rows,
-                list(workload_rows[0]))
+    if names:  # not with --timings-only
+        print_table("HALS simulated annotator: per image (mean ± sd over seeds)", rows, list(rows[0]))
+        print_table("Per seed", seed_rows, list(seed_rows[0]))
+        print_table("Ablations: effectiveness of HALS against other label orders", ablation_rows,
+                    list(ablation_rows[0]))
+        for name in names:
+            runs = per_image[name]["runs"]
+            n = np.asarray(runs[0]["curve_n"])
+            show = [i for i, v in enumerate(n) if v in (0, 10, 20, 40, 60, 80, 120, 160, 200) or i == len(n) - 1]
+            curve_rows = [{"N": int(n[i]), **{policy: f"{np.mean([r['curves'][policy][i] for r in runs]):.3f}"
+                                              for policy in runs[0]["curves"]}} for i in show]
+            print_table(f"Learning curves, {name}: eval accuracy after the first N labels (mean over seeds)",
+                        curve_rows, list(curve_rows[0]))
+        print_table("Workload reduction: paper definition, with the manual labels counted, without Coreset; share "
+                    "of corrections among the 20% of cells nearest the class threshold", workload_rows,
+                    list(workload_rows[0]))
 
     # --- timings -------------------------------------------------------------------------------------------
     from colabel.services.hals.classifier import bench_retrain
+    from colabel.services.hals.measurements import N_MEASUREMENTS, column_weights
 
     timings: dict = {}
-    retrain = bench_retrain(n_labels=200, dim=1280, repeats=20)
+    # The service's configuration (1280 CNN + 12 measurement columns, block-balanced) and, in the same
+    # process, HALS' plain 1280-d features as the baseline; alternated twice to even out machine load.
+    dim = 1280 + N_MEASUREMENTS
+    cell_runs, plain_runs = [], []
+    for _ in range(2):
+        cell_runs.append(bench_retrain(n_labels=200, dim=dim, repeats=10, column_weights=column_weights(1280)))
+        plain_runs.append(bench_retrain(n_labels=200, dim=1280, repeats=10))
+    retrain = {"median_ms": float(np.median([r["median_ms"] for r in cell_runs])),
+               "p95_ms": float(np.median([r["p95_ms"] for r in cell_runs])), "dim": dim, "runs": cell_runs}
+    plain = {"median_ms": float(np.median([r["median_ms"] for r in plain_runs])),
+             "p95_ms": float(np.median([r["p95_ms"] for r in plain_runs])), "dim": 1280, "runs": plain_runs}
     timings["bench_retrain_200"] = retrain
+    timings["bench_retrain_200_plain_1280"] = plain
+    timings["retrain_ratio_cell_vs_plain"] = retrain["median_ms"] / plain["median_ms"]
     in_runs = Timing(all_retrain_ms)
     timings["retrain_in_runs"] = {**in_runs.as_dict(), "max_ms": max(all_retrain_ms) if all_retrain_ms else None}
     timing_rows = [
-        {"what": "retrain, 5-member ensemble, 200 labels x 1280-d (bench_retrain, 20 reps)",
+        {"what": f"retrain, 5-member ensemble, 200 labels x {dim}-d cell features (bench_retrain, 2 x 10 reps)",
          "median": f"{retrain['median_ms']:.1f} ms", "p95": f"{retrain['p95_ms']:.1f} ms"},
+        {"what": "  baseline, same process: 200 labels x 1280-d CNN features",
+         "median": f"{plain['median_ms']:.1f} ms (ratio {timings['retrain_ratio_cell_vs_plain']:.2f})",
+         "p95": f"{plain['p95_ms']:.1f} ms"},
         {"what": f"retrain during the HALS runs ({len(all_retrain_ms)} retrains, 40-200 labels)",
          "median": f"{in_runs.median:.1f} ms", "p95": f"{percentile(all_retrain_ms, 95):.1f} ms"},
     ]

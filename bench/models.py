@@ -1,12 +1,19 @@
 """Benchmark of the model services: transport overhead, embedding cache, concurrent clicks, nuclei.
 
-    python bench/models.py [--clicks 200] [--vit-b] [--ray] [--out bench/results/models.json]
+    python bench/models.py [--clicks 200] [--vit-b] [--ray] [--parts sam,nuclei]
+                           [--nuclei-baseline COMMIT] [--repeats 7] [--out bench/results/models.json]
 
 Everything runs on this machine against a real Hypha server subprocess. SAM uses a small model with
 random weights built here (no SAM weights can be downloaded offline; see shared/PLATFORM.md): the transport,
 caching and concurrency figures do not depend on the weights; ``--vit-b`` adds the ViT-B architecture's
-encoder and decoder times (random weights, same compute as the real model). Nucleus segmentation runs the
-real classical backend on the real DSB2018 image with its 125 hand-labelled nuclei.
+encoder and decoder times (random weights, same compute as the real model). One click is timed four ways,
+alternating click by click: in process, through the model service, through the annotator service (which
+calls the model service's backend in its own process directly), and through the annotator service over
+the Hypha loopback (``ModelAssist(direct=False)``); the overheads are medians and 95th percentiles minus
+the in-process ones. Nucleus segmentation runs the real classical backend on the real DSB2018 image with
+its 125 hand-labelled nuclei and on scikit-image's IHC image, 512 px and tiled 2048 px; with
+``--nuclei-baseline COMMIT`` that commit's ``services/nuclei`` is timed too, alternating call by call in
+the same process, and the ratio reported.
 """
 
 from __future__ import annotations
@@ -22,7 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, print_table, time_async_calls, time_calls, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Timing,
+    print_table,
+    time_alternating,
+    time_alternating_async,
+    time_calls,
+    write_json,
+)
 
 SMALL = {"image_size": 512, "embed_dim": 128, "depth": 4, "num_heads": 4, "global_attn_indexes": (1, 3),
          "window_size": 14}
@@ -75,6 +89,11 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     services = ProviderServices(provider, server, name=name, public_url=hypha.url,
                                 assist=ModelAssist(provider, server, ids, sam_model="bench_sam"))
     await services.register()
+    # the same provider's annotator service once more, calling the model service over Hypha even though it
+    # runs in this process (what every call did before the gateway's in-process path): the loopback's cost
+    looped = ProviderServices(provider, server, name=f"{name}-loop", public_url=hypha.url,
+                              assist=ModelAssist(provider, server, ids, sam_model="bench_sam", direct=False))
+    await looped.register()
     _, token = provider.create_session(name="bench", classes=[{"name": "cell", "color": "#ff0000"}])
     image_id = next(r.image_id for r in provider.catalog.records() if r.name == "dsb2018_nuclei.tif")
     image = provider.get_image(image_id)
@@ -83,7 +102,7 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     rng = np.random.default_rng(0)
     prompts = [[[float(x), float(y)]] for x, y in rng.uniform(20, 490, size=(clicks, 2))]
 
-    def in_process_series():  # blocking work: run off the event loop that serves Hypha
+    def embedding_series():  # blocking work: run off the event loop that serves Hypha
         start = time.perf_counter()
         embedding_id = local.embed(image)["embedding_id"]
         miss_ms = (time.perf_counter() - start) * 1000
@@ -92,29 +111,37 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         start = time.perf_counter()
         cold.embed(image)
         disk_hit_ms = (time.perf_counter() - start) * 1000
-        counter = iter(range(10**9))
-        series = time_calls(lambda: local.segment(embedding_id, None, prompts[next(counter) % clicks], [1], None),
-                            clicks)
-        return embedding_id, miss_ms, hit, disk_hit_ms, series
+        return embedding_id, miss_ms, hit, disk_hit_ms
 
-    embedding_id, miss_ms, hit, disk_hit_ms, in_process = await asyncio.to_thread(in_process_series)
+    embedding_id, miss_ms, hit, disk_hit_ms = await asyncio.to_thread(embedding_series)
 
     workspace_token = await server.generate_token({"expires_in": 3600})
     client = await connect_to_server({"server_url": hypha.url, "token": workspace_token,
                                       "workspace": services.workspace})
     sam = await client.get_service(ids["sam"])
     await sam.embed(image, None)
-    counter = iter(range(10**9))
-    via_service = await time_async_calls(
-        lambda: sam.segment(embedding_id, None, prompts[next(counter) % clicks], [1], None), clicks)
-
     annotator_client = await connect_to_server({"server_url": hypha.url})
     annotator = await annotator_client.get_service(services.annotator_service_id)
     await annotator.sam_prepare(token, image_id)
-    counter2 = iter(range(10**9))
-    via_annotator = await time_async_calls(
-        lambda: annotator.sam_segment(token, image_id, {"points": prompts[next(counter2) % clicks], "labels": [1]}),
-        clicks)
+    annotator_looped = await annotator_client.get_service(looped.annotator_service_id)
+    await annotator_looped.sam_prepare(token, image_id)
+
+    # the same clicks four ways, alternating click by click: in this process (in a worker thread, as the
+    # in-process backend runs it), through the model service, through the annotator service (which calls the
+    # model service's backend in this process directly), and through it with the Hypha loopback
+    def prompt(k):
+        return prompts[k % clicks]
+
+    paths = await time_alternating_async({
+        "in_process": lambda k: asyncio.to_thread(local.segment, embedding_id, None, prompt(k), [1], None),
+        "via_model_service": lambda k: sam.segment(embedding_id, None, prompt(k), [1], None),
+        "via_annotator_service": lambda k: annotator.sam_segment(token, image_id, {"points": prompt(k), "labels": [1]}),
+        "via_annotator_service_hypha_loopback": lambda k: annotator_looped.sam_segment(
+            token, image_id, {"points": prompt(k), "labels": [1]}),
+    }, clicks)
+    in_process, via_service, via_annotator, via_loopback = (
+        paths[k] for k in ("in_process", "via_model_service", "via_annotator_service",
+                           "via_annotator_service_hypha_loopback"))
 
     # ten annotators open the same new image at once: encoder passes
     other_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
@@ -155,8 +182,13 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "segment_in_process": in_process.as_dict(),
         "segment_via_model_service": via_service.as_dict(),
         "segment_via_annotator_service": via_annotator.as_dict(),
+        "segment_via_annotator_service_hypha_loopback": via_loopback.as_dict(),
+        "overhead_model_service_median_ms": round(via_service.median - in_process.median, 2),
         "overhead_model_service_p95_ms": round(via_service.p95 - in_process.p95, 2),
+        "overhead_annotator_path_median_ms": round(via_annotator.median - in_process.median, 2),
         "overhead_annotator_path_p95_ms": round(via_annotator.p95 - in_process.p95, 2),
+        "overhead_annotator_path_hypha_loopback_median_ms": round(via_loopback.median - in_process.median, 2),
+        "overhead_annotator_path_hypha_loopback_p95_ms": round(via_loopback.p95 - in_process.p95, 2),
         "embedding_miss_ms": round(miss_ms, 1),
         "embedding_memory_hit": hit.as_dict(),
         "embedding_disk_hit_ms": round(disk_hit_ms, 1),
@@ -165,33 +197,52 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     }
 
 
-def bench_nuclei(repeats: int = 5) -> dict:
+def bench_nuclei(repeats: int = 7, baseline: str | None = None) -> dict:
+    """Classical backend: DSB2018 accuracy and MP/s (segment_nuclei, with every per-nucleus output) on
+    grey and RGB images, 512 px whole and 2048 px in 1024 px tiles; with ``baseline`` (a git commit),
+    that commit's ``services/nuclei`` is timed in the same process, alternating call by call."""
     import tifffile
+    from skimage import data
 
     from colabel.apps.demo import data_path
-    from colabel.services.nuclei import aji, f1_at, segment_nuclei
-    from colabel.services.nuclei.classical import ClassicalSegmenter
+    from colabel.services import nuclei
 
     image = tifffile.imread(data_path("dsb2018_nuclei.tif"))
     truth = tifffile.imread(data_path("dsb2018_nuclei_mask.tif"))
-    backend = ClassicalSegmenter()
-    result = segment_nuclei(image, backend=backend)
-    whole = time_calls(lambda: segment_nuclei(image, backend=backend), repeats, warmup=1)
-    large = np.tile(image, (4, 4))  # 2048 x 2048, tiled with overlap
-    tiled = time_calls(lambda: segment_nuclei(large, backend=backend), 2, warmup=0)
-    from skimage import data
-
     ihc = data.immunohistochemistry()
-    ihc_t = time_calls(lambda: segment_nuclei(ihc, backend=backend), repeats, warmup=1)
-    return {
-        "dsb2018_f1_iou50": round(f1_at(truth, result.labels, 0.5), 3),
-        "dsb2018_aji": round(aji(truth, result.labels), 3),
-        "dsb2018_found": len(result.nuclei),
-        "dsb2018_true": int(len(np.unique(truth)) - 1),
-        "mp_per_s_dsb_512": round(image.size / 1e6 / (whole.median / 1000), 2),
-        "mp_per_s_ihc_rgb_512": round(ihc.shape[0] * ihc.shape[1] / 1e6 / (ihc_t.median / 1000), 2),
-        "mp_per_s_2048_tiled": round(large.size / 1e6 / (tiled.median / 1000), 2),
+    images = {
+        "grey_512": image,
+        "rgb_ihc_512": ihc,
+        "grey_2048_tiled": np.tile(image, (4, 4)),
+        "rgb_ihc_2048_tiled": np.tile(ihc, (4, 4, 1)),
     }
+    versions = {"current": nuclei}
+    if baseline:
+        from common import load_package_at
+
+        versions = {"baseline": load_package_at(baseline, "services/nuclei", "nuclei_baseline"), **versions}
+    out: dict = {"baseline_commit": baseline, "accuracy": {}, "mp_per_s": {}, "median_ms": {}}
+    for version, module in versions.items():
+        result = module.segment_nuclei(image, backend=module.ClassicalSegmenter())
+        out["accuracy"][version] = {
+            "dsb2018_f1_iou50": round(module.f1_at(truth, result.labels, 0.5), 3),
+            "dsb2018_aji": round(module.aji(truth, result.labels), 3),
+            "dsb2018_found": len(result.nuclei),
+            "dsb2018_true": int(len(np.unique(truth)) - 1),
+        }
+    for name, pixels in images.items():
+        calls = {version: (lambda m=module, px=pixels: m.segment_nuclei(px, backend=m.ClassicalSegmenter()))
+                 for version, module in versions.items()}
+        rounds = repeats if pixels.shape[0] <= 1024 else max(3, repeats // 2)
+        timings = time_alternating(calls, rounds)
+        megapixels = pixels.shape[0] * pixels.shape[1] / 1e6
+        out["median_ms"][name] = {v: round(t.median, 1) for v, t in timings.items()}
+        out["mp_per_s"][name] = {v: round(megapixels / (t.median / 1000), 2) for v, t in timings.items()}
+        if baseline:  # speed-up, and how many nuclei the two versions find alike (F1 at IoU 0.5 between them)
+            out["mp_per_s"][name]["ratio"] = round(timings["baseline"].median / timings["current"].median, 2)
+            old, new = (m.segment_nuclei(pixels, backend=m.ClassicalSegmenter()).labels for m in versions.values())
+            out["mp_per_s"][name]["f1_vs_baseline"] = round(nuclei.f1_at(old, new, 0.5), 3)
+    return out
 
 
 def bench_vit_b(repeats: int = 3) -> dict:
@@ -211,39 +262,19 @@ def bench_vit_b(repeats: int = 3) -> dict:
     return {"device": segmenter.device, "encoder_1024": encoder.as_dict(), "decode_click": decoder.as_dict()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clicks", type=int, default=200, help="clicks per latency series (default 200)")
-    parser.add_argument("--ray", action="store_true", help="serve SAM from 2 Ray Serve replicas instead of in-process")
-    parser.add_argument("--vit-b", action="store_true", help="also time the ViT-B encoder/decoder (slow on CPU)")
-    parser.add_argument("--out", default="bench/results/models.json")
-    args = parser.parse_args(argv)
-
-    import torch
-
-    from colabel.apps.hypha_server import EmbeddedHypha, free_port
-
-    results: dict = {"gpu": torch.cuda.is_available()}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        checkpoint = build_checkpoint(tmp, SMALL, "bench_sam")
-        folder = demo_folder(tmp / "images")
-        with EmbeddedHypha("127.0.0.1", free_port()) as hypha:
-            results["sam"] = asyncio.run(bench_transport(hypha, folder, checkpoint, tmp / "cache", args.clicks,
-                                                         args.ray))
-    results["nuclei"] = bench_nuclei()
-    if args.vit_b:
-        results["vit_b"] = bench_vit_b()
-
-    sam = results["sam"]
+def print_sam(sam: dict) -> None:
     rows = [{"measure": f"segment click, {k.removeprefix('segment_').replace('_', ' ')}",
              "median ms": sam[k]["median_ms"], "p95 ms": sam[k]["p95_ms"]}
-            for k in ("segment_in_process", "segment_via_model_service", "segment_via_annotator_service")]
+            for k in ("segment_in_process", "segment_via_model_service", "segment_via_annotator_service",
+                      "segment_via_annotator_service_hypha_loopback")]
     rows += [
-        {"measure": "transport overhead p95, model service (target <= 10 ms)",
-         "median ms": "", "p95 ms": sam["overhead_model_service_p95_ms"]},
-        {"measure": "transport overhead p95, annotator path (target <= 10 ms)",
-         "median ms": "", "p95 ms": sam["overhead_annotator_path_p95_ms"]},
+        {"measure": "overhead vs in process, model service (target p95 <= 10 ms)",
+         "median ms": sam["overhead_model_service_median_ms"], "p95 ms": sam["overhead_model_service_p95_ms"]},
+        {"measure": "overhead vs in process, annotator path (target p95 <= 10 ms)",
+         "median ms": sam["overhead_annotator_path_median_ms"], "p95 ms": sam["overhead_annotator_path_p95_ms"]},
+        {"measure": "overhead vs in process, annotator path with the Hypha loopback",
+         "median ms": sam["overhead_annotator_path_hypha_loopback_median_ms"],
+         "p95 ms": sam["overhead_annotator_path_hypha_loopback_p95_ms"]},
         {"measure": "embedding: miss (encoder pass)", "median ms": sam["embedding_miss_ms"], "p95 ms": ""},
         {"measure": "embedding: memory hit", "median ms": sam["embedding_memory_hit"]["median_ms"],
          "p95 ms": sam["embedding_memory_hit"]["p95_ms"]},
@@ -254,18 +285,61 @@ def main(argv=None) -> int:
                     f"errors {sam['concurrent_20_clients']['errors']}",
          "median ms": sam["concurrent_20_clients"]["median_ms"], "p95 ms": sam["concurrent_20_clients"]["p95_ms"]},
     ]
-    print_table(f"SAM service ({sam['backend']}; model image 512, random weights; CPU)", rows,
-                ["measure", "median ms", "p95 ms"])
-    n = results["nuclei"]
-    print_table("Nucleus segmentation (classical backend, CPU)", [
-        {"measure": "DSB2018 F1 @ IoU 0.5 (target >= 0.75)", "value": n["dsb2018_f1_iou50"]},
-        {"measure": "DSB2018 AJI", "value": n["dsb2018_aji"]},
-        {"measure": "DSB2018 nuclei found / labelled", "value": f"{n['dsb2018_found']} / {n['dsb2018_true']}"},
-        {"measure": "MP/s, 512x512 grey (target >= 5)", "value": n["mp_per_s_dsb_512"]},
-        {"measure": "MP/s, 512x512 RGB IHC", "value": n["mp_per_s_ihc_rgb_512"]},
-        {"measure": "MP/s, 2048x2048 in 1024 tiles", "value": n["mp_per_s_2048_tiled"]},
-    ], ["measure", "value"])
-    if "vit_b" in results:
+    print_table(f"SAM service ({sam['backend']}; model image 512, random weights; CPU; clicks alternate between "
+                "the four paths)", rows, ["measure", "median ms", "p95 ms"])
+
+
+def print_nuclei(n: dict) -> None:
+    versions = list(n["accuracy"])
+    print_table("Nucleus segmentation accuracy (classical backend, DSB2018, 125 hand-labelled nuclei)", [
+        {"measure": "F1 @ IoU 0.5 (target >= 0.89)", **{v: a["dsb2018_f1_iou50"] for v, a in n["accuracy"].items()}},
+        {"measure": "AJI", **{v: a["dsb2018_aji"] for v, a in n["accuracy"].items()}},
+        {"measure": "nuclei found / labelled",
+         **{v: f"{a['dsb2018_found']} / {a['dsb2018_true']}" for v, a in n["accuracy"].items()}},
+    ], ["measure", *versions])
+    extra = ["ratio", "f1_vs_baseline"] if "baseline" in versions else []
+    rows = [{"image": name, **{v: f"{mp[v]} ({n['median_ms'][name][v]} ms)" for v in versions},
+             **{k: mp[k] for k in extra}} for name, mp in n["mp_per_s"].items()]
+    title = "Nucleus segmentation MP/s (median ms), segment_nuclei with every per-nucleus output, target >= 5"
+    if n["baseline_commit"]:
+        title += f"; baseline = commit {n['baseline_commit']}, timed alternately in this process"
+    print_table(title, rows, ["image", *versions, *extra])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clicks", type=int, default=200, help="clicks per latency series (default 200)")
+    parser.add_argument("--ray", action="store_true", help="serve SAM from 2 Ray Serve replicas instead of in-process")
+    parser.add_argument("--vit-b", action="store_true", help="also time the ViT-B encoder/decoder (slow on CPU)")
+    parser.add_argument("--parts", default="sam,nuclei", help="comma-separated: sam, nuclei (default both)")
+    parser.add_argument("--nuclei-baseline", metavar="COMMIT", default=None,
+                        help="also time services/nuclei as of this git commit, alternating with the current code")
+    parser.add_argument("--repeats", type=int, default=7, help="nucleus segmentation rounds (default 7)")
+    parser.add_argument("--out", default="bench/results/models.json")
+    args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"sam", "nuclei"}:
+        parser.error(f"--parts must name sam and/or nuclei, got {args.parts!r}")
+
+    import torch
+
+    from colabel.apps.hypha_server import EmbeddedHypha, free_port
+
+    results: dict = {"gpu": torch.cuda.is_available()}
+    if "sam" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            checkpoint = build_checkpoint(tmp, SMALL, "bench_sam")
+            folder = demo_folder(tmp / "images")
+            with EmbeddedHypha("127.0.0.1", free_port()) as hypha:
+                results["sam"] = asyncio.run(bench_transport(hypha, folder, checkpoint, tmp / "cache", args.clicks,
+                                                             args.ray))
+        print_sam(results["sam"])
+    if "nuclei" in parts:
+        results["nuclei"] = bench_nuclei(args.repeats, args.nuclei_baseline)
+        print_nuclei(results["nuclei"])
+    if args.vit_b:
+        results["vit_b"] = bench_vit_b()
         v = results["vit_b"]
         print_table(f"SAM ViT-B ({v['device']}, random weights)", [
             {"measure": "encoder 1024x1024", "median ms": v["encoder_1024"]["median_ms"]},

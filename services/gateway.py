@@ -4,6 +4,11 @@ A *backend* runs one model service: :class:`LocalBackend` calls a plain object i
 and tests), :class:`RayBackend` calls a Ray Serve deployment handle. :func:`register_model_services` exposes
 each backend's ``rpc_functions`` as a Hypha service ``<prefix>-<name>``, plus ``deployment_status``. The model
 classes never see Hypha or Ray.
+
+A caller in the same process (the provider's :class:`~colabel.apps.provider.assist.ModelAssist`, when
+``colabel serve`` runs the model services itself) finds the backend behind a service id with
+:func:`in_process_backend` and calls it directly: the same backend, replicas and checks, without the
+loopback through the Hypha server (two websocket legs and two msgpack round trips per call).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any, Protocol
 
 from colabel.errors import ColabelError
@@ -91,6 +97,16 @@ class RayBackend:
         return await asyncio.to_thread(read)
 
 
+# full service id -> the backend registered under it by this process (weak: the registration keeps it alive)
+_REGISTERED: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def in_process_backend(service_id: str) -> Backend | None:
+    """The backend that :func:`register_model_services` registered in this process as ``service_id``
+    (the full id it returned), or None when the service runs elsewhere."""
+    return _REGISTERED.get(service_id)
+
+
 def _forward(backend: Backend, method: str):
     async def call(*args):
         try:
@@ -127,5 +143,6 @@ async def register_model_services(server: Any, backends: dict[str, Backend], *, 
             "deployment_status": deployment_status,
         })
         ids[name] = info["id"] if isinstance(info, dict) else info.id
+        _REGISTERED[ids[name]] = backend
         logger.info("registered model service %s", ids[name])
     return ids

@@ -146,6 +146,40 @@ async def test_unknown_model_id_is_refused(in_process, connect):
         await annotator.sam_segment(in_process["token"], ids["ihc_ki67.png"], {"box": [1, 1, 50, 50]}, "sam_vit_z")
 
 
+async def test_the_provider_calls_its_own_model_services_directly_with_the_same_answers_and_errors(in_process):
+    """Model services this process registered are called on their backend, without the loopback through
+    Hypha; over Hypha (``direct=False``, as for services running elsewhere) everything reads the same."""
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.errors import InvalidInputError, NotFoundError
+    from colabel.services.gateway import in_process_backend
+
+    services, ids = in_process["services"], in_process["ids"]
+    provider = services.provider
+    assert in_process_backend(ids["sam"]).obj is in_process["sam"]
+    assert in_process_backend(f"elsewhere/someone:{ids['sam'].rsplit(':', 1)[-1]}") is None
+    direct = services.assist
+    looped = ModelAssist(provider, in_process["server"], ids, sam_model=TINY_ID, direct=False)
+    session = provider.sessions.authorize(in_process["token"])
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "dsb2018_nuclei.tif")
+
+    prompt = {"points": [[100.0, 120.0], [130.0, 90.0]], "labels": [1, 0]}
+    assert await direct.sam_segment(session, image_id, prompt) == await looped.sam_segment(session, image_id, prompt)
+    region = {"x": 100, "y": 50, "width": 200, "height": 100}
+    nuclei = await direct.detect_nuclei(session, image_id, region)
+    assert nuclei["count"] > 0 and nuclei == await looped.detect_nuclei(session, image_id, region)
+
+    async def error(assist, call, *args):
+        with pytest.raises((InvalidInputError, NotFoundError)) as caught:
+            await getattr(assist, call)(session, image_id, *args)
+        return type(caught.value), str(caught.value)
+
+    for call, args in [("sam_segment", ({"points": [[9999, 5]], "labels": [1]},)),
+                       ("sam_segment", ({"box": [1, 1, 50, 50]}, "sam_vit_z")),
+                       ("detect_nuclei", ({"x": 500, "y": 0, "width": 100, "height": 10},)),
+                       ("detect_nuclei", (None, "no-such-backend"))]:
+        assert await error(direct, call, *args) == await error(looped, call, *args)
+
+
 async def test_model_services_are_out_of_reach_of_share_link_holders(in_process, connect):
     client = await connect()
     with pytest.raises(Exception, match="(?i)permission|denied|not allowed|protected"):

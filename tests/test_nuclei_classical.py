@@ -38,8 +38,8 @@ def ihc():
 
 
 def test_dsb2018_accuracy(dsb, dsb_result):
-    """Default parameters, no tuning on this image: F1@0.5 = 0.898, AJI = 0.764 measured (PLATFORM.md's
-    plain Otsu watershed: F1 0.755)."""
+    """Default parameters, no tuning on this image: F1@0.5 = 0.906, AJI = 0.764 measured (0.898 / 0.764
+    before the Gaussians were cut at 3 sigma; PLATFORM.md's plain Otsu watershed: F1 0.755)."""
     _, gt = dsb
     assert f1_at(gt, dsb_result.labels, 0.5) >= 0.85
     assert aji(gt, dsb_result.labels) >= 0.70
@@ -47,8 +47,8 @@ def test_dsb2018_accuracy(dsb, dsb_result):
 
 
 def test_dsb2018_throughput(dsb):
-    """Measured 8 MP/s (backend) and 5.7 MP/s (segment_nuclei, with outlines) on this idle 2-core
-    machine; the floor only catches a several-fold regression, since other jobs may share the cores."""
+    """Speed is measured by ``bench/models.py`` (docs/models.md#performance); the floor here only catches
+    a several-fold regression, since other jobs may share the cores."""
     image = dsb[0]
     backend = ClassicalSegmenter()
     backend.segment(image)

@@ -10,6 +10,12 @@ const out = resolve(here, "../colabel/web_dist");
 rmSync(out, { recursive: true, force: true });
 mkdirSync(resolve(out, "assets"), { recursive: true });
 cpSync(resolve(here, "public"), out, { recursive: true });
+// onnxruntime-web's wasm runtime (SAM prompts decoded in the browser), loaded from assets/ort/ at run time
+const ort = resolve(here, "node_modules/onnxruntime-web/dist");
+mkdirSync(resolve(out, "assets/ort"), { recursive: true });
+for (const name of ["ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs"]) {
+  cpSync(resolve(ort, name), resolve(out, "assets/ort", name));
+}
 
 await build({
   entryPoints: { annotate: resolve(here, "src/annotate.js"), manage: resolve(here, "src/manage.js") },

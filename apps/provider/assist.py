@@ -2,7 +2,9 @@
 
 An annotator never reaches a model service directly (those are workspace-protected): the annotator
 service's AI functions check the share token, read the session's image here, and call the model service
-over Hypha, wherever it runs (in this process, local Ray Serve replicas, or a cluster via ``--models-url``).
+over Hypha, wherever it runs (local Ray Serve replicas, or a cluster via ``--models-url``); when this
+process registered the model service itself, its backend is called directly, without the loopback
+through the Hypha server.
 Pixels travel to the SAM service once per image: afterwards prompts carry only the embedding id, and every
 annotator and replica shares the same embedding.
 """
@@ -45,14 +47,18 @@ class ModelAssist:
         Model service name (``"sam"``, ``"nuclei"``) -> full Hypha service id.
     sam_model : str
         Default SAM model id.
+    direct : bool, default True
+        Call a model service that this process registered (``colabel serve`` running the models itself) on
+        its backend directly, skipping the loopback through the Hypha server; False always goes over Hypha.
     """
 
     def __init__(self, provider: DataProvider, server: Any, service_ids: dict[str, str], *,
-                 sam_model: str = "sam_vit_b_lm") -> None:
+                 sam_model: str = "sam_vit_b_lm", direct: bool = True) -> None:
         self.provider = provider
         self.server = server
         self.service_ids = dict(service_ids)
         self.sam_model = sam_model
+        self.direct = bool(direct)
         self._services: dict[str, Any] = {}
         self._embeddings: dict[tuple[str, str], str] = {}  # (image id, model id) -> embedding id
         self._embedding_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -69,12 +75,28 @@ class ModelAssist:
                 ) from None
         return self._services[name]
 
+    def _in_process(self, name: str):
+        """The model service's backend when this process registered it (see the gateway), else None."""
+        if not self.direct or name not in self.service_ids:
+            return None
+        from colabel.services.gateway import in_process_backend
+
+        return in_process_backend(self.service_ids[name])
+
     async def call(self, name: str, method: str, *args):
-        service = await self.service(name)
+        """``<name>.<method>(*args)`` on the model service: directly on its backend when this process runs
+        it (no loopback through Hypha), else over the Hypha connection. Errors become ``NotFoundError``,
+        ``InvalidInputError`` or :class:`ModelServiceUnavailable` with the model's sentence, either way."""
+        backend = self._in_process(name)
         try:
+            if backend is not None:
+                return await backend.call(method, *args)
+            service = await self.service(name)
             return await getattr(service, method)(*args)
+        except ModelServiceUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001
-            message = remote_message(exc)
+            message = remote_message(exc if backend is None else Exception(f"{type(exc).__name__}: {exc}"))
             kind, _, sentence = message.partition(": ")
             kind = kind.rsplit(".", 1)[-1]  # Ray reports errors as colabel.errors.<Kind>
             if kind == "NotFoundError":

@@ -46,6 +46,7 @@ class _Loop:
     version: int = 0
     changes_since_training: int = 0
     history: list[dict] = field(default_factory=list)
+    per_annotator: dict[str, int] = field(default_factory=dict)  # labels given, by annotator id
     training: asyncio.Task | None = None
     cells: dict[str, _Cells] = field(default_factory=dict)
 
@@ -88,6 +89,8 @@ class HalsAssist:
                         loop.labels[key] = names.index(event["class"])
                         loop.shown.pop(key, None)
                         loop.changes_since_training += 1
+                        who = event.get("annotator_id")
+                        loop.per_annotator[who] = loop.per_annotator.get(who, 0) + 1
                 elif event["kind"] == "suggestion_shown":
                     loop.shown[key] = names.index(event["class"]) if event.get("class") in names else -1
                 elif event["kind"] == "retrain":
@@ -104,12 +107,14 @@ class HalsAssist:
         async with lock:
             if image_id not in loop.cells:
                 pixels = await asyncio.to_thread(self.provider.get_image, image_id, session=session)
-                result = await self.assist.call("nuclei", "segment", pixels, None, None, None, False)
+                result = await self.assist.call("nuclei", "segment", pixels, None, None, None, True)
                 nuclei = result["nuclei"]
                 centroids = np.asarray([n["centroid"] for n in nuclei], dtype=np.float64).reshape(-1, 2)
-                features = (await self.assist.call("classifier", "features", pixels, centroids)
-                            if len(nuclei) else np.zeros((0, 1280), np.float32))
                 ids = [int(n["id"]) for n in nuclei]
+                # HALS cell features: CNN on nucleus-scaled patches + per-nucleus stain and shape measurements.
+                features = (await self.assist.call("classifier", "features", pixels, centroids,
+                                                   np.asarray(result["labels"]), np.asarray(ids, np.int64))
+                            if len(nuclei) else np.zeros((0, 1292), np.float32))
                 loop.cells[image_id] = _Cells(ids, centroids, nuclei, np.asarray(features, np.float32),
                                               tuple(pixels.shape[:2]), {c: i for i, c in enumerate(ids)})
         return loop.cells[image_id]
@@ -163,7 +168,8 @@ class HalsAssist:
 
     # -- annotator functions ----------------------------------------------------------------------
     async def cells(self, session: SessionInfo, image_id: str, region: Any = None) -> dict:
-        """Cells of an image (or of a region ``{x, y, width, height}``, by centroid) with their labels."""
+        """Cells of an image (or of a region ``{x, y, width, height}``, by centroid) with their labels, and the
+        whole image's ``n_cells`` and ``n_labelled``."""
         self.provider._check_in_session(session, image_id)
         cells = await self._cells(session, image_id)
         loop = self._loop(session)
@@ -175,7 +181,9 @@ class HalsAssist:
             label = loop.labels.get((image_id, cells.ids[i]))
             out.append({"cell_id": cells.ids[i], "centroid": nucleus["centroid"], "bbox": nucleus["bbox"],
                         "polygon": nucleus["polygon"], "label": None if label is None else names[label]})
-        return {"image_id": image_id, "image_shape": list(cells.image_shape), "cells": out}
+        n_labelled = sum((image_id, c) in loop.labels for c in cells.ids)
+        return {"image_id": image_id, "image_shape": list(cells.image_shape), "cells": out,
+                "n_cells": len(cells.ids), "n_labelled": n_labelled}  # whole image, for progress
 
     @staticmethod
     def _in_region(cells: _Cells, region: Any) -> list[int]:
@@ -243,6 +251,7 @@ class HalsAssist:
         if suggested is not None and suggested >= 0:
             fields["suggested"] = names[suggested]
         await asyncio.to_thread(self.log(session).append, kind, **fields)
+        loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
         if key not in loop.labels:
             loop.order.append(key)
         if loop.labels.get(key) != cls:
@@ -259,7 +268,7 @@ class HalsAssist:
         cells = await self._cells(session, image_id)
         loop = self._loop(session)
         if not cells.ids:
-            return {"count": 0, "selected": [], "selected_in_patch": [], "row": None, "col": None}
+            return {"count": 0, "selected_cells": [], "cells_in_patch": [], "row": None, "col": None}
         features = cells.features
         if loop.model_id is not None:
             features = (await self.assist.call("classifier", "predict", loop.model_id, features))["embedding"]
@@ -276,5 +285,6 @@ class HalsAssist:
         return {"ready": loop.model_id is not None, "version": loop.version, "n_labels": len(loop.labels),
                 "per_class": self._counts(session, loop), "training": loop.training is not None,
                 "val_accuracy": loop.history[-1]["val_accuracy"] if loop.history else None,
-                "history": list(loop.history), "min_labels_per_class": self.min_labels_per_class,
+                "history": list(loop.history), "per_annotator": dict(loop.per_annotator),
+                "min_labels_per_class": self.min_labels_per_class,
                 "retrain_every": self.retrain_every}

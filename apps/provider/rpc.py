@@ -37,6 +37,9 @@ from .provider import DataProvider
 logger = logging.getLogger(__name__)
 
 WEB_DIST = Path(str(files("colabel"))) / "web_dist"
+# onnxruntime-web's runtime (assets/ort/): browsers need these types, which older Pythons do not know
+mimetypes.add_type("application/wasm", ".wasm")
+mimetypes.add_type("text/javascript", ".mjs")
 
 
 def _public_session(provider: DataProvider, info: SessionInfo) -> AnnotatorSession:

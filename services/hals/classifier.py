@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": None,  # full batch
     "val_fraction": 0.25,
     "num_threads": 1,
+    "column_weights": None,  # (D,) multipliers after standardisation; None: all 1
 }
 
 
@@ -160,7 +161,8 @@ class Head:
 
     Weights are numpy float32 (inference needs no torch): ``w1 (D, 32)``, ``b1 (32,)``, ``w2 (32, 32)``,
     ``b2 (32,)``, ``w3 (32, C)``, ``b3 (C,)``; ``mean`` / ``std`` ``(D,)`` are the training split's feature
-    statistics (``std`` is 1 for features constant over the split). The weights are those of the epoch
+    statistics (``std`` is 1 for features constant over the split; with ``column_weights`` w, ``std / w``,
+    which weights the standardised column by w). The weights are those of the epoch
     with the lowest validation loss (early stopping keeps the best weights).
 
     Attributes
@@ -253,7 +255,8 @@ def _fit_members(x: np.ndarray, y: np.ndarray, n_classes: int, seeds: Sequence[i
 
 def _fit_members_batched(x: np.ndarray, y: np.ndarray, n_classes: int, seeds: Sequence[int], *, lr: float,
                          momentum: float, weight_decay: float, max_epochs: int, patience: int, min_delta: float,
-                         batch_size: int | None, val_fraction: float) -> list[Head]:
+                         batch_size: int | None, val_fraction: float,
+                         column_weights: np.ndarray | None = None) -> list[Head]:
     import torch
     import torch.nn.functional as F
 
@@ -267,13 +270,17 @@ def _fit_members_batched(x: np.ndarray, y: np.ndarray, n_classes: int, seeds: Se
         train_sets.append(_oversample(train, member_rng))
         val_sets.append(np.concatenate(val))
     # The split sizes depend only on the class counts, so every member has the same sizes.
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x if x.flags.writeable else x.copy())  # torch wants a writable array
     yt = torch.from_numpy(y)
     mean = torch.from_numpy(np.stack([x[u].mean(axis=0) for u in uniques]))  # (M, D)
     std = np.stack([x[u].std(axis=0) for u in uniques])
     # A feature constant over the training split keeps scale 1 (as scikit-learn's StandardScaler): dividing
     # by a tiny std would blow up the rare test cell where it is not constant.
-    std = torch.from_numpy(np.where(std < 1e-6, 1.0, std).astype(np.float32))
+    std = np.where(std < 1e-6, 1.0, std)
+    if column_weights is not None:
+        # Weighting a standardised column by w is standardising it with std / w: the Head keeps its format.
+        std = std / _check_column_weights(column_weights, d)[None, :]
+    std = torch.from_numpy(std.astype(np.float32))
     va_idx = torch.from_numpy(np.stack(val_sets))  # (M, V)
     x_val = (xt[va_idx] - mean[:, None]) / std[:, None]  # (M, V, D), standardised once
     y_val = yt[va_idx]
@@ -377,6 +384,19 @@ def _fit_members_batched(x: np.ndarray, y: np.ndarray, n_classes: int, seeds: Se
     return heads
 
 
+def _check_column_weights(weights: ArrayLike, dim: int) -> np.ndarray:
+    """*weights* as a ``(dim,)`` float64 array of positive finite numbers (else a clear error)."""
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"column_weights must be numbers: {exc}") from None
+    if w.shape != (dim,):
+        raise InvalidInputError(f"column_weights must have shape ({dim},) (one per feature column), got {w.shape}")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise InvalidInputError("column_weights must be finite and > 0")
+    return w
+
+
 def _train_kwargs(overrides: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -434,7 +454,10 @@ def train_head(
         on these small label sets).
     **options
         ``momentum``, ``weight_decay``, ``patience``, ``min_delta``, ``val_fraction`` (default 0.25),
-        ``num_threads`` (torch threads while training, default 1; ``None`` leaves torch's setting).
+        ``num_threads`` (torch threads while training, default 1; ``None`` leaves torch's setting),
+        ``column_weights`` (``(D,)`` positive multipliers of the standardised columns, e.g.
+        :func:`colabel.services.hals.measurements.column_weights` to balance 12 nucleus measurements
+        against 1280 CNN columns; default all 1).
 
     Returns
     -------

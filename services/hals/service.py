@@ -23,6 +23,10 @@ from colabel.errors import InvalidInputError, NotFoundError
 
 from .classifier import Ensemble
 from .coreset import k_center_greedy, select_patch
+from .measurements import MEASUREMENT_NAMES, N_MEASUREMENTS, PATCH_DIAMETERS, column_weights
+
+#: Width of the backbone's features (EfficientNet-Lite0).
+CNN_DIM = 1280
 
 
 def _digest(*arrays: np.ndarray, extra: str = "") -> str:
@@ -64,22 +68,38 @@ class ClassifierService:
         self._lock = threading.Lock()
 
     def info(self) -> dict:
-        return {"backbone": "efficientnet_lite0 (ImageNet)", "feature_dim": 1280, "n_members": self.n_members,
-                "patch_size": 40, "input_size": self.input_size}
+        return {"backbone": "efficientnet_lite0 (ImageNet)", "feature_dim": CNN_DIM + N_MEASUREMENTS,
+                "cnn_dim": CNN_DIM, "measurements": list(MEASUREMENT_NAMES), "n_members": self.n_members,
+                "patch_diameters": PATCH_DIAMETERS, "patch_size_without_labels": 40, "input_size": self.input_size}
 
-    def features(self, image: np.ndarray, centroids: Any) -> np.ndarray:
-        """``(N, 1280)`` float32 features of the 40x40 px patches around ``centroids`` (N, 2) ``[x, y]``.
+    def features(self, image: np.ndarray, centroids: Any, labels: Any = None, ids: Any = None) -> np.ndarray:
+        """Cell features of the nuclei at ``centroids`` (N, 2) ``[x, y]``.
 
-        Computed once per (image content, nuclei set) and kept in the shared cache.
+        With ``labels`` (H, W) int (the nucleus service's label image) and ``ids`` (N,) (each nucleus'
+        label value): the HALS cell features, ``(N, 1292)`` float32 -- EfficientNet-Lite0 on patches of
+        1.6 median nucleus diameters, then 12 nucleus measurements
+        (:func:`~colabel.services.hals.measurements.cell_features`). Without them: ``(N, 1280)`` CNN
+        features of fixed 40 x 40 px patches (HALS' original features). Use one kind per session:
+        :meth:`fit` and :meth:`predict` need the same columns.
+
+        The CNN block is computed once per (image content, nuclei set, patch size) and kept in the
+        shared cache.
         """
         from .features import EfficientNetLite0Features, FeatureStore
+        from .measurements import cell_features
 
         with self._lock:
             if self._extractor is None:
                 self._extractor = EfficientNetLite0Features(input_size=self.input_size, progress=False)
                 self._store = FeatureStore(self.cache_dir / "features")
         centroids = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
-        return self._store.get_or_compute(image, centroids, self._extractor, progress=False)
+        if labels is None:
+            if ids is not None:
+                raise InvalidInputError("ids were given without labels: pass the nuclei's label image too")
+            return self._store.get_or_compute(image, centroids, self._extractor, progress=False)
+        if ids is None:
+            raise InvalidInputError("labels were given without ids: pass each nucleus' label value")
+        return cell_features(image, labels, ids, centroids, self._extractor, store=self._store, progress=False)
 
     def _model_path(self, model_id: str) -> Path:
         if not isinstance(model_id, str) or not model_id.isalnum():
@@ -89,12 +109,19 @@ class ClassifierService:
     def fit(self, features: np.ndarray, labels: Any, n_classes: int, seed: int = 0) -> dict:
         """Train the ensemble on ``features`` (N, D) with ``labels`` (N,) in ``0..n_classes-1``.
 
+        Features of :meth:`features`; the cell features (D = 1292) train with their CNN and measurement
+        blocks balanced (:func:`~colabel.services.hals.measurements.column_weights`).
+
         Returns ``{model_id, val_accuracy, n_labels, seconds}``; the model is stored for :meth:`predict`.
         """
         features = np.asarray(features, dtype=np.float32)
         labels = np.asarray(labels)
         start = time.perf_counter()
-        ensemble = Ensemble().fit(features, labels, n_classes=n_classes, n_members=self.n_members, seed=seed)
+        # The HALS cell features (CNN + measurements) train with the two blocks balanced.
+        weights = column_weights(CNN_DIM) if features.ndim == 2 and features.shape[1] == CNN_DIM + N_MEASUREMENTS \
+            else None
+        ensemble = Ensemble().fit(features, labels, n_classes=n_classes, n_members=self.n_members, seed=seed,
+                                  column_weights=weights)
         seconds = time.perf_counter() - start
         model_id = _digest(features, labels.astype(np.int64), extra=f"{n_classes}|{seed}|{self.n_members}")
         path = self._model_path(model_id)

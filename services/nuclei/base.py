@@ -2,7 +2,8 @@
 
 A backend (:class:`NucleusSegmenter`) turns pixels into an instance-label image. Everything that does
 not depend on the model lives here, once: input checks, regions, tiling of large images with stitching
-across tile borders, per-nucleus measurements (id, bbox, centroid, polygon, area, type) and caching.
+across tile borders, per-nucleus measurements (id, bbox, centroid, polygon, area, type; in
+:mod:`.measure`) and caching.
 
 Tiling and stitching
 --------------------
@@ -38,12 +39,11 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-from scipy import ndimage as ndi
 
-from colabel.coords import rc_to_xy
 from colabel.errors import InvalidInputError, NotFoundError
 
-from .types import Nucleus, NucleusResult
+from .measure import measure_nuclei
+from .types import NucleusResult
 
 __all__ = [
     "Segmentation",
@@ -343,15 +343,17 @@ def _stitch(
     for done, tile in enumerate(tiles):
         (r0, r1), (c0, c1) = tile["rows"], tile["cols"]
         seg = _as_segmentation(backend.segment_prepared(prepared[r0:r1, c0:c1], context=context), (r1 - r0, c1 - c0))
-        lab = seg.labels.astype(np.int64, copy=False)
-        if lab.size and lab.min() < 0:
+        lab = seg.labels
+        if lab.size and lab.dtype.kind == "i" and lab.min() < 0:
             raise TypeError("a backend returned negative labels")
         n = int(lab.max()) if lab.size else 0
         if n > 0:
-            flat = lab.ravel()
-            counts = np.bincount(flat, minlength=n + 1).astype(np.float64)
-            rows = np.bincount(flat, weights=np.repeat(np.arange(r1 - r0, dtype=np.float64), c1 - c0), minlength=n + 1)
-            cols = np.bincount(flat, weights=np.tile(np.arange(c1 - c0, dtype=np.float64), r1 - r0), minlength=n + 1)
+            pixels = np.flatnonzero(lab)  # sums over the nucleus pixels only: background adds nothing
+            values = lab.ravel()[pixels].astype(np.int64)
+            pixel_rows, pixel_cols = np.divmod(pixels, c1 - c0)
+            counts = np.bincount(values, minlength=n + 1).astype(np.float64)
+            rows = np.bincount(values, weights=pixel_rows, minlength=n + 1)
+            cols = np.bincount(values, weights=pixel_cols, minlength=n + 1)
             with np.errstate(invalid="ignore", divide="ignore"):
                 cy = rows / counts + 0.5 + r0  # centroid, pixel-centre convention, tile -> image rows
                 cx = cols / counts + 0.5 + c0
@@ -382,205 +384,6 @@ def _stitch(
         if progress is not None:
             progress(done + 1, len(tiles))
     return out, out_types, (out_probs if has_probs else None)
-
-
-# --------------------------------------------------------------------------------------------------
-# measurements
-# --------------------------------------------------------------------------------------------------
-
-# unit vectors of the four boundary-edge directions, screen coordinates (x right, y down):
-# 0 = right, 1 = down, 2 = left, 3 = up (clockwise on screen)
-_DIRECTIONS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.int64)
-
-
-def _largest_pieces(labels: np.ndarray) -> np.ndarray:
-    """*labels* (a new uint32 array) with each label reduced to its largest 8-connected piece."""
-    from skimage.measure import label as connected
-
-    out = labels.astype(np.uint32, copy=True)
-    if not out.any():
-        return out
-    pieces = connected(out, connectivity=2, background=0)
-    n_pieces = int(pieces.max())
-    owner = np.zeros(n_pieces + 1, dtype=np.int64)
-    owner[pieces.ravel()] = out.ravel()
-    n_labels = np.count_nonzero(np.bincount(owner[1:])) if n_pieces else 0
-    if n_pieces == n_labels:
-        return out
-    sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
-    order = np.lexsort((-sizes[1:], owner[1:])) + 1  # by owner, largest piece first
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = owner[order][1:] != owner[order][:-1]
-    keep = np.zeros(n_pieces + 1, dtype=bool)
-    keep[order[first]] = True
-    out[~keep[pieces]] = 0
-    return out
-
-
-def _outlines(labels: np.ndarray) -> dict[int, np.ndarray]:
-    """Outer outline of every label as an ``(N, 2)`` float ``[x, y]`` ring (not repeated at the end).
-
-    The outline joins the midpoints of the label's boundary pixel edges in order -- the level-0.5
-    contour of the label's mask, as marching squares (``skimage.measure.find_contours``) draws it, with
-    diagonally touching pixels kept together. A pixel centre lies inside the ring exactly when the pixel
-    belongs to the label or to a hole in it, so rasterising the ring gives back the filled mask.
-    Vertices on straight lines are left out. Each label must be one 8-connected piece.
-    """
-    height, width = labels.shape
-    lab = labels.astype(np.int64, copy=False)
-    padded = np.pad(lab, 1)
-    core = padded[1:-1, 1:-1]
-    inside = core > 0
-    starts, ends, dirs, owners = [], [], [], []
-    # (neighbour, start corner offset (x, y), end corner offset, direction), interior on the right
-    for neighbour, s_off, e_off, direction in (
-        (padded[:-2, 1:-1], (0, 0), (1, 0), 0),  # top edge, going right
-        (padded[1:-1, 2:], (1, 0), (1, 1), 1),  # right edge, going down
-        (padded[2:, 1:-1], (1, 1), (0, 1), 2),  # bottom edge, going left
-        (padded[1:-1, :-2], (0, 1), (0, 0), 3),  # left edge, going up
-    ):
-        r, c = np.nonzero(inside & (core != neighbour))
-        starts.append((r + s_off[1]) * (width + 1) + (c + s_off[0]))
-        ends.append((r + e_off[1]) * (width + 1) + (c + e_off[0]))
-        dirs.append(np.full(len(r), direction, dtype=np.int64))
-        owners.append(core[r, c])
-    start, end = np.concatenate(starts), np.concatenate(ends)
-    direction, owner = np.concatenate(dirs), np.concatenate(owners)
-    if len(start) == 0:
-        return {}
-    n_vertices = (height + 1) * (width + 1)
-    key = (owner * n_vertices + start) * 4 + direction
-    order = np.argsort(key)
-    start, end, direction, owner, key = start[order], end[order], direction[order], owner[order], key[order]
-    # next edge: at the end vertex, turn left if that edge exists (keeps diagonal pixels together),
-    # else go straight, else turn right
-    nxt = np.full(len(key), -1, dtype=np.int64)
-    for turn in (-1, 0, 1):
-        wanted = (owner * n_vertices + end) * 4 + (direction + turn) % 4
-        pos = np.minimum(np.searchsorted(key, wanted), len(key) - 1)
-        found = (key[pos] == wanted) & (nxt < 0)
-        nxt[found] = pos[found]
-    if (nxt < 0).any():  # cannot happen for a label image; guard against silent garbage
-        raise RuntimeError("broken boundary while tracing nucleus outlines")
-    # a midpoint is a vertex of the outline unless it lies on the line through its neighbours
-    prv = np.empty_like(nxt)
-    prv[nxt] = np.arange(len(nxt))
-    unit = _DIRECTIONS[direction]
-    v1 = unit[prv] + unit
-    v2 = unit + unit[nxt]
-    corner = v1[:, 0] * v2[:, 1] - v1[:, 1] * v2[:, 0] != 0
-    sx, sy = start % (width + 1), start // (width + 1)
-    ex, ey = end % (width + 1), end // (width + 1)
-    mid = np.stack([(sx + ex) / 2.0, (sy + ey) / 2.0], axis=1)
-    # the first edge of each label (smallest start vertex: top edge of its top-left pixel) is on the
-    # outer boundary; follow it around
-    first = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-    nxt_list = nxt.tolist()
-    out: dict[int, np.ndarray] = {}
-    for e0 in first.tolist():
-        loop = [e0]
-        e = nxt_list[e0]
-        while e != e0:
-            loop.append(e)
-            e = nxt_list[e]
-        idx = np.asarray(loop)
-        out[int(owner[e0])] = mid[idx[corner[idx]]]
-    return out
-
-
-def measure_nuclei(
-    labels: np.ndarray,
-    *,
-    origin: tuple[int, int] = (0, 0),
-    types: np.ndarray | None = None,
-    type_probs: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[Nucleus]]:
-    """Per-nucleus measurements of a label image; returns a cleaned, renumbered copy and the nuclei.
-
-    Each label is reduced to its largest 8-connected piece (other pieces become background) and ids are
-    renumbered ``1..N`` in increasing order of the input labels.
-
-    Parameters
-    ----------
-    labels : ndarray (H, W) of int
-        Not mutated.
-    origin : (x, y)
-        Offset of ``labels[0, 0]`` in the full image; added to every coordinate.
-    types, type_probs : ndarray (H, W), optional
-        Per-pixel instance type and probability (from :class:`Segmentation`).
-
-    Returns
-    -------
-    labels : ndarray (H, W), uint32
-    nuclei : list of Nucleus
-        Polygons: the outer outline (holes filled) through the midpoints of the boundary pixel edges,
-        see :func:`_outlines`; ``area`` is the pixel count.
-    """
-    import shapely
-
-    ox, oy = int(origin[0]), int(origin[1])
-    cleaned = _largest_pieces(labels)
-    present = np.flatnonzero(np.bincount(cleaned.ravel()))
-    present = present[present > 0]
-    lut = np.zeros(int(cleaned.max()) + 1, dtype=np.uint32)
-    lut[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
-    out = lut[cleaned]
-    n = len(present)
-    if n == 0:
-        return out, []
-    flat = out.ravel().astype(np.int64)
-    height, width = out.shape
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    row_sum = np.bincount(flat, weights=np.repeat(np.arange(height, dtype=np.float64), width), minlength=n + 1)
-    col_sum = np.bincount(flat, weights=np.tile(np.arange(width, dtype=np.float64), height), minlength=n + 1)
-    # mean pixel (row, col) -> (x, y) of the pixel centres in the full image
-    mean_rc = np.stack([row_sum[1:] / area[1:], col_sum[1:] / area[1:]], axis=1)
-    centroids = rc_to_xy(mean_rc) + 0.5 + np.array([ox, oy])
-    boxes = ndi.find_objects(out)
-    rings = _outlines(out)
-    coords = np.concatenate([rings[k] for k in range(1, n + 1)]) + (ox, oy)
-    ring_index = np.repeat(np.arange(n), [len(rings[k]) for k in range(1, n + 1)])
-    geometries = shapely.polygons(shapely.linearrings(coords, indices=ring_index))
-    valid = shapely.is_valid(geometries)
-    nuclei: list[Nucleus] = []
-    for k in range(1, n + 1):
-        ring = rings[k] + (ox, oy)
-        if not valid[k - 1]:  # safety net; the tracing above gives simple rings
-            ring = _repair(geometries[k - 1])
-        ring = np.concatenate([ring, ring[:1]])
-        box = boxes[k - 1]
-        kind = prob = None
-        if types is not None:
-            r, c = np.unravel_index(int(np.argmax(out[box] == k)), out[box].shape)
-            r, c = r + box[0].start, c + box[1].start
-            kind = int(types[r, c])
-            prob = None if type_probs is None else float(type_probs[r, c])
-        nuclei.append(
-            Nucleus(
-                id=k,
-                bbox=(
-                    float(box[1].start + ox),
-                    float(box[0].start + oy),
-                    float(box[1].stop + ox),
-                    float(box[0].stop + oy),
-                ),
-                centroid=(float(centroids[k - 1, 0]), float(centroids[k - 1, 1])),
-                polygon={"type": "Polygon", "coordinates": [ring.tolist()]},
-                area=float(area[k]),
-                type=kind,
-                type_prob=prob,
-            )
-        )
-    return out, nuclei
-
-
-def _repair(polygon) -> np.ndarray:
-    import shapely
-
-    fixed = shapely.make_valid(polygon)
-    parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and g.area > 0]
-    best = max(parts, key=lambda g: g.area)
-    return np.asarray(best.exterior.coords)[:-1]
 
 
 # --------------------------------------------------------------------------------------------------

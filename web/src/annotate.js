@@ -1,5 +1,6 @@
-// The annotator page (the share URL): join once, get images one by one, draw classified polygons,
-// every change saved as a new version of the whole FeatureCollection.
+// The annotator page (the share URL): join once, get images one by one, draw classified polygons (by hand,
+// with SAM points and boxes, cut and subtract), every change saved as a new version of the whole
+// FeatureCollection (autosave with retry), undo/redo.
 import "ol/ol.css";
 import "./annotate.css";
 import Map from "ol/Map.js";
@@ -10,23 +11,43 @@ import VectorLayer from "ol/layer/Vector.js";
 import ImageStatic from "ol/source/ImageStatic.js";
 import VectorSource from "ol/source/Vector.js";
 import Projection from "ol/proj/Projection.js";
-import Polygon from "ol/geom/Polygon.js";
+import Point from "ol/geom/Point.js";
+import Polygon, { fromExtent } from "ol/geom/Polygon.js";
 import MultiPolygon from "ol/geom/MultiPolygon.js";
 import Draw from "ol/interaction/Draw.js";
+import DragBox from "ol/interaction/DragBox.js";
 import Modify from "ol/interaction/Modify.js";
 import Select from "ol/interaction/Select.js";
-import { Fill, Stroke, Style } from "ol/style.js";
-import { getCenter } from "ol/extent.js";
-import { click } from "ol/events/condition.js";
+import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
+import { Circle as CircleStyle, Fill, Stroke, Style } from "ol/style.js";
+import { getCenter, intersects } from "ol/extent.js";
+import { click, shiftKeyOnly } from "ol/events/condition.js";
 import { connect, errorText, el, pageContext } from "./common.js";
 import { pickLevel, toCanvas } from "./pixels.js";
+import { History } from "./history.js";
+import { AutoSaver } from "./autosave.js";
+import { splitByLine, subtractPolygon } from "./cutter.js";
+import { maskToGeometry } from "./mask2poly.js";
+import { BrowserDecoder, loadOrt } from "./samdecoder.js";
 
 const $ = (id) => document.getElementById(id);
+const TOOLS = ["draw", "edit", "sam", "cut", "subtract"];
+const TIMEOUT = { default: 30_000, image: 120_000, sam: 60_000, samLoad: 180_000 }; // ms
+const SLOW_MS = 5_000;
+// larger images are decoded on the server, in tiles at the model's resolution, rather than from one
+// whole-image embedding downscaled to the model input (1024 px for the published models)
+const BROWSER_SAM_MAX_SIDE = 2048;
+// the colabel sentence of an error raised by the provider (not a transport failure: never retried as one)
+const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError|PayloadTooLargeError|AccessDeniedError|"
+  + "SessionClosedError|UnreadableImageError|ModelServiceUnavailable|internal error)\\b");
 const state = {
-  ctx: null, annotate: null, key: null, session: null, classes: [], current: 0,
-  image: null, W: 0, H: 0, version: 0, tool: "draw", samPoints: [], samLabels: [], samFeature: null,
+  ctx: null, server: null, annotate: null, key: null, session: null, classes: [], current: 0,
+  image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
+  sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
+  samPath: null, decoder: null, options: {},
 };
 let uid = 0;
+const newId = () => `f${Date.now().toString(36)}-${uid++}`;
 
 function message(text, isError = false) {
   const box = $("message");
@@ -35,18 +56,65 @@ function message(text, isError = false) {
   box.classList.toggle("error", isError);
 }
 
-function saveStatus(text, isError = false) {
+let noteTimer = null;
+/** A passing remark (SAM found nothing, a cut missed...): shown for a few seconds, the save status untouched. */
+function note(text, isError = false) {
+  message(text, isError);
+  clearTimeout(noteTimer);
+  noteTimer = setTimeout(() => { if ($("message").textContent === text) message(""); }, 4000);
+}
+
+function saveStatus(text, kind = "") {
   const s = $("save-status");
   s.textContent = text;
-  s.classList.toggle("error", isError);
+  s.title = text;
+  s.classList.toggle("error", kind === "failed");
+  s.dataset.state = kind;
 }
+
+// -- calls: time limits, and the service found again after the provider reconnects ---------------
+function withTimeout(promise, ms, what) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`the server did not answer ${what} within ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+async function refreshService() {
+  const id = `${state.ctx.workspace}/${state.ctx.name}-annotate`;
+  state.annotate = await withTimeout(state.server.getService(id), TIMEOUT.default, "getService");
+}
+
+/**
+ * Call an annotator function with a time limit. A transport failure (not a colabel error) re-resolves the
+ * service (the provider may have restarted) and, for calls that can safely run twice, retries once.
+ */
+async function api(method, args, timeout = TIMEOUT.default, { retry = true, quiet = false } = {}) {
+  // a slow answer is said so (the page stays usable meanwhile); background loads stay quiet
+  const slow = quiet ? null : setTimeout(() => note(`waiting for the server (${method})…`), SLOW_MS);
+  try {
+    return await withTimeout(state.annotate[method](...args), timeout, method);
+  } catch (err) {
+    if (COLABEL_ERROR.test(errorText(err))) throw err;
+    if (!retry) {
+      refreshService().catch(() => {});
+      throw err;
+    }
+    await refreshService();
+    return await withTimeout(state.annotate[method](...args), timeout, method);
+  } finally {
+    clearTimeout(slow);
+  }
+}
+const has = (method) => state.annotate && typeof state.annotate[method] === "function";
 
 // -- map ---------------------------------------------------------------------------------------
 const source = new VectorSource();
 const styles = {};
 function styleOf(feature, selected = false) {
   const cls = state.classes.find((c) => c.name === feature.get("cls"));
-  const color = cls ? cls.color : "#ffff00";
+  const color = cls ? cls.color : "#f0e442";
   const key = color + selected;
   if (!styles[key]) {
     const [r, g, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
@@ -57,38 +125,59 @@ function styleOf(feature, selected = false) {
   }
   return styles[key];
 }
+// SAM prompts: positive points bluish green, negative vermillion with a white ring (Okabe-Ito), box dashed
+const promptStyles = {
+  1: new Style({ image: new CircleStyle({ radius: 6, fill: new Fill({ color: "#009e73" }),
+    stroke: new Stroke({ color: "#ffffff", width: 2 }) }) }),
+  0: new Style({ image: new CircleStyle({ radius: 6, fill: new Fill({ color: "#d55e00" }),
+    stroke: new Stroke({ color: "#000000", width: 2 }) }) }),
+  box: new Style({ stroke: new Stroke({ color: "#56b4e9", width: 2, lineDash: [6, 4] }) }),
+};
+const promptSource = new VectorSource();
 const vectorLayer = new VectorLayer({ source, style: (f) => styleOf(f) });
+const promptLayer = new VectorLayer({ source: promptSource, style: (f) => promptStyles[f.get("kind")] });
 const imageLayer = new ImageLayer();
-const map = new Map({ target: "map", layers: [imageLayer, vectorLayer] });
+const map = new Map({
+  target: "map", layers: [imageLayer, vectorLayer, promptLayer],
+  interactions: defaultInteractions({ shiftDragZoom: false }), // shift-drag draws SAM boxes
+});
 // `click`, not the default `singleclick`: selects at once instead of after the double-click delay
 const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true), condition: click });
 const modify = new Modify({ features: select.getFeatures() });
+const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
 let draw = null;
 
 function setTool(tool) {
   if (tool === "sam" && $("tool-sam").hidden) return;
   state.tool = tool;
-  for (const name of ["draw", "edit", "sam"]) $(`tool-${name}`).classList.toggle("active", name === tool);
+  state.toolSince = performance.now(); // a click made before (reported late as a singleclick) is not a SAM point
+  for (const name of TOOLS) $(`tool-${name}`).classList.toggle("active", name === tool);
   if (draw) map.removeInteraction(draw);
-  map.removeInteraction(select);
-  map.removeInteraction(modify);
+  draw = null;
+  for (const i of [select, modify, samBox]) map.removeInteraction(i);
   select.getFeatures().clear();
   resetSam();
-  if (tool === "draw" && state.image) {
+  if (!state.image) return;
+  if (tool === "draw") {
     draw = new Draw({ source, type: "Polygon" });
     draw.on("drawend", (e) => {
-      e.feature.setId(`f${Date.now().toString(36)}-${uid++}`);
+      e.feature.setId(newId());
       e.feature.set("cls", state.classes[state.current]?.name);
-      // the feature is added to the source right after this event
-      setTimeout(scheduleSave, 0);
+      setTimeout(changed, 0); // the feature is added to the source right after this event
     });
-    map.addInteraction(draw);
+  } else if (tool === "cut") {
+    draw = new Draw({ type: "LineString" });
+    draw.on("drawend", (e) => cutAlong(e.feature.getGeometry().getCoordinates()));
+  } else if (tool === "subtract") {
+    draw = new Draw({ type: "Polygon" });
+    draw.on("drawend", (e) => subtractShape(e.feature.getGeometry().getCoordinates()));
   } else if (tool === "edit") {
     map.addInteraction(select);
     map.addInteraction(modify);
-  }
+  } else if (tool === "sam") map.addInteraction(samBox);
+  if (draw) map.addInteraction(draw);
 }
-modify.on("modifyend", () => scheduleSave());
+modify.on("modifyend", () => changed());
 
 // -- coordinates: OpenLayers y points up, image rows down (row = H - y) --------------------------
 const clampX = (x) => Math.min(state.W, Math.max(0, x));
@@ -110,14 +199,17 @@ function featureToGeoJSON(feature) {
   };
 }
 
+function geometryToMap(g) {
+  if (g.type === "Polygon") return new Polygon(g.coordinates.map(toMap));
+  if (g.type === "MultiPolygon") return new MultiPolygon(g.coordinates.map((p) => p.map(toMap)));
+  return null;
+}
+
 function geoJSONToFeature(f) {
-  const g = f.geometry;
-  let geom;
-  if (g.type === "Polygon") geom = new Polygon(g.coordinates.map(toMap));
-  else if (g.type === "MultiPolygon") geom = new MultiPolygon(g.coordinates.map((p) => p.map(toMap)));
-  else return null;
+  const geom = geometryToMap(f.geometry);
+  if (!geom) return null;
   const feature = new Feature(geom);
-  feature.setId(f.id ?? `f${Date.now().toString(36)}-${uid++}`);
+  feature.setId(f.id ?? newId());
   const c = f.properties && f.properties.classification;
   feature.set("cls", typeof c === "string" ? c : c && c.name);
   return feature;
@@ -127,29 +219,62 @@ function collection() {
   return { type: "FeatureCollection", features: source.getFeatures().map(featureToGeoJSON).filter(Boolean) };
 }
 
-// -- autosave: one save at a time, the latest state always saved last ------------------------
-let saving = null;
-let pending = false;
-function scheduleSave() {
-  pending = true;
-  if (!saving) saving = runSaves();
-  return saving;
+// -- undo/redo over snapshots of the FeatureCollection -----------------------------------------------
+const history = new History();
+const snapshot = () => JSON.stringify(collection());
+
+/** Every change of the drawing goes through here: recorded for undo, then saved. */
+function changed() {
+  if (!state.image) return Promise.resolve();
+  history.push(snapshot());
+  showUndo();
+  return saver.changed();
 }
-async function runSaves() {
-  while (pending) {
-    pending = false;
+
+function restore(text) {
+  if (text === null) return;
+  select.getFeatures().clear();
+  resetSam();
+  source.clear();
+  source.addFeatures(JSON.parse(text).features.map(geoJSONToFeature).filter(Boolean));
+  showUndo();
+  saver.changed();
+}
+const undo = () => restore(history.undo());
+const redo = () => restore(history.redo());
+function showUndo() {
+  $("undo").disabled = !history.canUndo;
+  $("redo").disabled = !history.canRedo;
+}
+
+// -- autosave: the latest drawing always saved last; failures retried with backoff, never dropped ----
+const saver = new AutoSaver({
+  save: async () => {
     const imageId = state.image.image_id;
-    saveStatus("saving…");
-    try {
-      const record = await state.annotate.save_annotation(state.ctx.token, state.key, imageId, collection());
-      if (state.image && state.image.image_id === imageId) state.version = record.version;
-      saveStatus(`saved v${record.version}`);
-    } catch (err) {
-      saveStatus(`not saved: ${errorText(err)}`, true);
+    // not retried here: the saver retries with backoff (a save that timed out may have been committed)
+    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, collection()],
+      TIMEOUT.default, { retry: false });
+    if (state.image && state.image.image_id === imageId) state.version = record.version;
+    return record;
+  },
+  beforeRetry: async () => { await refreshService(); },
+  onState: ({ state: s, record, error, retryIn }) => {
+    if (s === "saving") saveStatus("saving…", "saving");
+    else if (s === "saved") saveStatus(`saved v${record.version}`, "saved");
+    else if (s === "failed") {
+      const text = errorText(error);
+      const why = COLABEL_ERROR.test(text) ? text : "provider unreachable";
+      saveStatus(`not saved: ${why}; retry in ${retryIn} s`, "failed");
+      $("save-status").title = `${text} (click to retry now)`;
     }
-  }
-  saving = null;
-}
+  },
+});
+$("save-status").addEventListener("click", () => { if (saver.dirty) saver.retryNow(); });
+window.addEventListener("beforeunload", (e) => {
+  if (!saver.dirty) return;
+  e.preventDefault();
+  e.returnValue = ""; // the browser asks before closing the tab with unsaved work
+});
 
 // -- classes ---------------------------------------------------------------------------------
 function showClasses() {
@@ -163,62 +288,261 @@ function setClass(i) {
   if (i < 0 || i >= state.classes.length) return;
   state.current = i;
   showClasses();
-  const chosen = select.getFeatures().getArray();
+  const chosen = select.getFeatures().getArray().slice();
+  if (state.sam.feature) chosen.push(state.sam.feature);
   if (chosen.length) {
     for (const f of chosen) f.set("cls", state.classes[i].name);
-    scheduleSave();
+    changed();
   }
-  if (state.samFeature) { state.samFeature.set("cls", state.classes[i].name); scheduleSave(); }
 }
 
-// -- SAM (when the provider runs the model services) -------------------------------------------
-function resetSam() {
-  state.samPoints = [];
-  state.samLabels = [];
-  state.samFeature = null;
+// -- cutter ------------------------------------------------------------------------------------
+function geometryOf(feature) {
+  const g = feature.getGeometry();
+  if (g instanceof Polygon) return { type: "Polygon", coordinates: g.getCoordinates() };
+  if (g instanceof MultiPolygon) return { type: "MultiPolygon", coordinates: g.getCoordinates() };
+  return null;
 }
-map.on("singleclick", async (e) => {
-  if (state.tool !== "sam" || !state.image) return;
-  const [x, y] = e.coordinate;
-  if (x < 0 || x > state.W || y < 0 || y > state.H) return;
-  const negative = e.originalEvent.altKey;
-  state.samPoints.push([x, state.H - y]);
-  state.samLabels.push(negative ? 0 : 1);
-  saveStatus("segmenting…");
+
+/** Replace a feature by pieces (Polygon coordinate arrays, map frame): the first keeps its id. */
+function replaceByPieces(feature, pieces) {
+  if (!pieces.length) { source.removeFeature(feature); return; }
+  feature.setGeometry(new Polygon(pieces[0]));
+  for (const piece of pieces.slice(1)) {
+    const part = new Feature(new Polygon(piece));
+    part.setId(newId());
+    part.set("cls", feature.get("cls"));
+    source.addFeature(part);
+  }
+}
+
+function applyCut(extent, cut) {
+  let n = 0;
+  for (const feature of source.getFeatures()) {
+    const geometry = geometryOf(feature);
+    if (!geometry || !intersects(feature.getGeometry().getExtent(), extent)) continue;
+    const pieces = cut(geometry);
+    if (pieces) { replaceByPieces(feature, pieces); n++; }
+  }
+  if (n) changed();
+  else note("the cut touches no polygon");
+}
+function cutAlong(line) {
+  applyCut(new Feature(new Polygon([line])).getGeometry().getExtent(), (g) => splitByLine(g, line));
+}
+function subtractShape(polygon) {
+  applyCut(new Polygon(polygon).getExtent(), (g) => subtractPolygon(g, polygon));
+}
+
+// -- SAM: decoded in the browser (onnxruntime-web) when the decoder loads, else on the server ------------
+function setSamPath(path, note = "") {
+  state.samPath = path;
+  document.body.dataset.samPath = path || "";
+  const s = $("sam-status");
+  s.hidden = !path;
+  s.textContent = path === "browser" ? "SAM: in browser" : path === "server" ? "SAM: on server" : `SAM: ${path}`;
+  s.title = note;
+}
+
+function resetSam() {
+  state.sam = { points: [], labels: [], box: null, feature: null, seq: state.sam.seq + 1 };
+  promptSource.clear();
+}
+
+function showPrompts() {
+  promptSource.clear();
+  state.sam.points.forEach(([x, y], i) => {
+    const f = new Feature(new Point([x, state.H - y]));
+    f.set("kind", state.sam.labels[i]);
+    promptSource.addFeature(f);
+  });
+  if (state.sam.box) {
+    const [x0, y0, x1, y1] = state.sam.box;
+    const f = new Feature(fromExtent([x0, state.H - y1, x1, state.H - y0]));
+    f.set("kind", "box");
+    promptSource.addFeature(f);
+  }
+}
+
+/** The geometry (image pixels) of a prompt, and which path decoded it (`browser: false`: the server's). */
+async function decodeSam(prompt, { browser = true } = {}) {
+  const imageId = state.image.image_id;
+  if (browser && state.decoder && state.decoder.embedding && state.decoder.embedding.imageId === imageId) {
+    try {
+      const out = await state.decoder.decode(prompt);
+      const positives = (prompt.points || []).filter((_, i) => prompt.labels[i] === 1);
+      return {
+        path: "browser",
+        geometry: maskToGeometry(out.mask, out.width, out.height, { positives, threshold: out.threshold }),
+      };
+    } catch (err) {
+      state.decoder = null;
+      setSamPath("server", `the browser decoder failed: ${errorText(err)}`);
+    }
+  }
+  const result = await api("sam_segment", [state.ctx.token, imageId, prompt], TIMEOUT.sam);
+  return { path: "server", geometry: result.features.length ? result.features[0].geometry : null };
+}
+
+async function samUpdate() {
+  const { points, labels, box } = state.sam;
+  const seq = state.sam.seq;
+  const prompt = { ...(points.length ? { points, labels } : {}), ...(box ? { box } : {}) };
+  showPrompts();
+  if (!points.length && !box) return;
+  $("sam-status").classList.add("busy");
   try {
-    const result = await state.annotate.sam_segment(state.ctx.token, state.image.image_id,
-      { points: state.samPoints, labels: state.samLabels });
-    if (state.samFeature) source.removeFeature(state.samFeature);
-    state.samFeature = null;
-    if (result.features.length) {
-      const f = geoJSONToFeature({ ...result.features[0], id: undefined });
+    const { path, geometry } = await decodeSam(prompt);
+    if (seq !== state.sam.seq || !state.image) return; // the object was finished meanwhile
+    window.colabel.lastSam = { path, prompt, geometry };
+    window.colabel.samResults++;
+    let f = state.sam.feature;
+    if (!geometry) {
+      if (f && source.hasFeature(f)) source.removeFeature(f);
+      state.sam.feature = null;
+      note("SAM found nothing here");
+    } else if (f && source.hasFeature(f)) f.setGeometry(geometryToMap(geometry));
+    else {
+      f = new Feature(geometryToMap(geometry));
+      f.setId(newId());
       f.set("cls", state.classes[state.current]?.name);
       source.addFeature(f);
-      state.samFeature = f;
+      state.sam.feature = f;
     }
-    scheduleSave();
+    changed();
   } catch (err) {
-    saveStatus(`SAM: ${errorText(err)}`, true);
+    window.colabel.lastSam = { path: null, prompt, error: errorText(err) };
+    window.colabel.samResults++;
+    note(`SAM: ${errorText(err)}`, true);
+  } finally {
+    $("sam-status").classList.remove("busy");
   }
+}
+
+function samPoint(coordinate, negative) {
+  if (state.tool !== "sam" || !state.image) return;
+  const [x, y] = coordinate;
+  if (x < 0 || x > state.W || y < 0 || y > state.H) return;
+  state.sam.points = [...state.sam.points, [x, state.H - y]];
+  state.sam.labels = [...state.sam.labels, negative ? 0 : 1];
+  samUpdate();
+}
+map.on("singleclick", (e) => {
+  if (e.originalEvent.timeStamp >= state.toolSince) samPoint(e.coordinate, e.originalEvent.altKey);
+});
+map.getViewport().addEventListener("contextmenu", (e) => {
+  if (state.tool !== "sam") return;
+  e.preventDefault(); // right click: a negative point
+  samPoint(map.getEventCoordinate(e), true);
+});
+samBox.on("boxend", () => {
+  const [x0, y0, x1, y1] = samBox.getGeometry().getExtent();
+  const box = [clampX(x0), clampY(state.H - y1), clampX(x1), clampY(state.H - y0)];
+  if (box[2] - box[0] < 1 || box[3] - box[1] < 1) return;
+  state.sam.box = box;
+  samUpdate();
 });
 
+let decoderPromise = null;
+/** The ONNX decoder, loaded once per page (null when it cannot load). */
+function loadDecoder() {
+  if (!decoderPromise) {
+    decoderPromise = (async () => {
+      const ort = await loadOrt(new URL("ort/", import.meta.url).href);
+      const quantize = state.options.decoder !== "full";
+      const bytes = await api("sam_decoder", [state.ctx.token, null, quantize], TIMEOUT.samLoad, { quiet: true });
+      return BrowserDecoder.create(ort, bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes));
+    })();
+    decoderPromise.catch(() => {});
+  }
+  return decoderPromise;
+}
+
+/** Once an image is shown: the browser decoder and the image's embedding, else the server path. */
+async function prepareSam(image) {
+  if (!has("sam_segment")) return;
+  const serverPath = (note) => {
+    setSamPath("server", note);
+    api("sam_prepare", [state.ctx.token, image.image_id], TIMEOUT.samLoad, { quiet: true }).catch(() => {});
+  };
+  if (state.options.decoder === "server" || !has("sam_decoder") || !has("sam_embedding")) {
+    serverPath("the browser decoder is off");
+    return;
+  }
+  if (Math.max(state.W, state.H) > BROWSER_SAM_MAX_SIDE) {
+    serverPath(`images over ${BROWSER_SAM_MAX_SIDE} px are segmented on the server, tile by tile`);
+    return;
+  }
+  setSamPath(state.decoder ? "server" : "loading decoder…");
+  try {
+    state.decoder = await loadDecoder();
+    const answer = await api("sam_embedding", [state.ctx.token, image.image_id], TIMEOUT.samLoad, { quiet: true });
+    if (!state.image || state.image.image_id !== image.image_id) return;
+    state.decoder.setEmbedding(image.image_id, answer);
+    setSamPath("browser");
+  } catch (err) {
+    if (!state.image || state.image.image_id !== image.image_id) return;
+    console.warn("SAM decoding falls back to the server:", err);
+    serverPath(`the browser decoder could not load: ${errorText(err)}`);
+  }
+}
+
 // -- keys ------------------------------------------------------------------------------------
+const SHORTCUTS = [
+  ["1 … 9", "class of new polygons; with a selection or SAM object: change its class"],
+  ["D", "draw polygons (click the first point or double-click to close)"],
+  ["E", "edit: click a polygon to select, drag its vertices"],
+  ["Delete / Backspace", "delete the selected polygons"],
+  ["S", "SAM: click = positive point, Alt-click or right click = negative point, Shift-drag = box"],
+  ["N / Enter", "SAM: finish this object, start a new one"],
+  ["C", "cut: draw a line across polygons to split them (double-click or Enter to finish)"],
+  ["X", "subtract: draw a polygon, removed from the polygons it overlaps"],
+  ["Ctrl+Z", "undo"],
+  ["Ctrl+Shift+Z / Ctrl+Y", "redo"],
+  ["Escape", "abandon the shape being drawn"],
+  ["?", "this help"],
+];
+function toggleHelp(show) {
+  const dialog = $("help");
+  if (show === undefined) show = !dialog.open;
+  if (show && !dialog.open) dialog.showModal();
+  else if (!show && dialog.open) dialog.close();
+}
+$("help-list").replaceChildren(...SHORTCUTS.flatMap(([k, what]) => [el("dt", {}, k), el("dd", {}, what)]));
+$("help-button").addEventListener("click", () => toggleHelp(true));
+$("help-close").addEventListener("click", () => toggleHelp(false));
+
 document.addEventListener("keydown", (e) => {
   if (e.target instanceof HTMLInputElement || $("name-dialog").open) return;
+  if (state.session && state.session.mode === "classification") return; // classify.js has its own keys
+  if (e.key === "?") { toggleHelp(); return; }
+  if ($("help").open) return;
+  const ctrl = e.ctrlKey || e.metaKey;
+  const key = e.key.toLowerCase();
+  if (ctrl && key === "z") { e.preventDefault(); if (e.shiftKey) redo(); else undo(); return; }
+  if (ctrl && key === "y") { e.preventDefault(); redo(); return; }
+  if (ctrl || e.altKey) return;
   if (/^[1-9]$/.test(e.key)) setClass(Number(e.key) - 1);
   else if (e.key === "Delete" || e.key === "Backspace") {
     const chosen = select.getFeatures().getArray().slice();
     if (!chosen.length) return;
     select.getFeatures().clear();
     for (const f of chosen) source.removeFeature(f);
-    scheduleSave();
-  } else if (e.key === "Escape" && draw) draw.abortDrawing();
-  else if (e.key === "d") setTool("draw");
-  else if (e.key === "e") setTool("edit");
-  else if (e.key === "s") setTool("sam");
-  else if (e.key === "n" && state.tool === "sam") { resetSam(); saveStatus("SAM: new object"); }
+    changed();
+  } else if (e.key === "Escape") {
+    if (draw) draw.abortDrawing();
+    if (state.tool === "sam") resetSam();
+  } else if (e.key === "Enter" && draw) draw.finishDrawing();
+  else if ((key === "n" || e.key === "Enter") && state.tool === "sam") { resetSam(); note("SAM: new object"); }
+  else if (key === "d") setTool("draw");
+  else if (key === "e") setTool("edit");
+  else if (key === "s") setTool("sam");
+  else if (key === "c") setTool("cut");
+  else if (key === "x") setTool("subtract");
 });
-for (const name of ["draw", "edit", "sam"]) $(`tool-${name}`).addEventListener("click", () => setTool(name));
+for (const name of TOOLS) $(`tool-${name}`).addEventListener("click", () => setTool(name));
+$("undo").addEventListener("click", undo);
+$("redo").addEventListener("click", redo);
 
 // -- images ----------------------------------------------------------------------------------
 function remember(assignment) {
@@ -232,7 +556,9 @@ function remember(assignment) {
 async function showImage(assignment) {
   const { image, position, total } = assignment;
   remember(assignment);
+  saver.reset();
   source.clear();
+  resetSam();
   select.getFeatures().clear();
   state.image = image;
   state.version = 0;
@@ -251,7 +577,7 @@ async function showImage(assignment) {
   state.W = W;
   state.H = H;
   const level = pickLevel(image);
-  const pixels = await state.annotate.get_image(state.ctx.token, image.image_id, null, level);
+  const pixels = await api("get_image", [state.ctx.token, image.image_id, null, level], TIMEOUT.image);
   const canvas = toCanvas(pixels);
   const blob = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
   const extent = [0, 0, W, H];
@@ -262,16 +588,16 @@ async function showImage(assignment) {
   const view = new View({ projection, center: getCenter(extent), maxZoom: 10 });
   map.setView(view);
   view.fit(extent, { padding: [10, 10, 10, 10] });
-  const versions = await state.annotate.list_versions(state.ctx.token, state.key, image.image_id);
+  const versions = await api("list_versions", [state.ctx.token, state.key, image.image_id]);
   if (versions.length) {
-    const stored = await state.annotate.get_annotations(state.ctx.token, state.key, image.image_id);
+    const stored = await api("get_annotations", [state.ctx.token, state.key, image.image_id]);
     state.version = versions[versions.length - 1];
     source.addFeatures(stored.features.map(geoJSONToFeature).filter(Boolean));
-    saveStatus(`saved v${state.version}`);
-  } else if (typeof state.annotate.pre_annotation === "function") {
+    saveStatus(`saved v${state.version}`, "saved");
+  } else if (has("pre_annotation")) {
     // a trained model's proposals, editable; stored only when the annotator saves
     try {
-      const proposed = await state.annotate.pre_annotation(state.ctx.token, image.image_id);
+      const proposed = await api("pre_annotation", [state.ctx.token, image.image_id], TIMEOUT.image);
       source.addFeatures(proposed.features.map(geoJSONToFeature).filter(Boolean));
       saveStatus(`${proposed.features.length} pre-annotations: edit, then save`);
     } catch (err) {
@@ -279,23 +605,28 @@ async function showImage(assignment) {
       message(`pre-annotations unavailable: ${errorText(err)}`, true);
     }
   } else saveStatus("");
-  if (typeof state.annotate.sam_prepare === "function") {
-    state.annotate.sam_prepare(state.ctx.token, image.image_id).catch(() => {});
-  }
+  history.reset(snapshot());
+  showUndo();
   setTool(state.tool);
   message("");
   $("next-image").disabled = false;
   document.body.dataset.state = "ready";
+  prepareSam(image);
 }
 
 async function nextImage() {
   $("next-image").disabled = true;
   try {
-    if (saving) await saving;
+    if (saver.running) await saver.running;
     // an image never saved is saved as it is (possibly empty: "nothing to annotate here")
-    if (state.image && !state.version) await scheduleSave();
-    if (state.image && !state.version) { $("next-image").disabled = false; return; }
-    await showImage(await state.annotate.next_image(state.ctx.token, state.key));
+    if (state.image && !state.version && !saver.dirty) await saver.changed();
+    if (state.image && (saver.dirty || !state.version)) {
+      message("this image is not saved yet (retrying); the next image comes once it is", true);
+      $("next-image").disabled = false;
+      return;
+    }
+    message("");
+    await showImage(await api("next_image", [state.ctx.token, state.key]));
   } catch (err) {
     message(errorText(err), true);
     $("next-image").disabled = false;
@@ -312,7 +643,7 @@ function askName() {
       const name = $("display-name").value.trim();
       if (!name) return;
       try {
-        const joined = await state.annotate.join(state.ctx.token, name);
+        const joined = await api("join", [state.ctx.token, name], TIMEOUT.default, { retry: false }); // once
         dialog.close();
         resolve(joined);
       } catch (err) {
@@ -323,15 +654,22 @@ function askName() {
   });
 }
 
+function pageOptions() {
+  // #token=...&decoder=full (unquantised ONNX decoder) | server (SAM decoded on the server only)
+  const params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+  return { decoder: params.get("decoder") || "quantized" };
+}
+
 async function main() {
   try {
     state.ctx = pageContext();
+    state.options = pageOptions();
     if (!state.ctx.token) throw new Error("this link has no session token (#token=...)");
     message("connecting…");
-    const server = await connect({ server_url: state.ctx.serverUrl });
-    state.annotate = await server.getService(`${state.ctx.workspace}/${state.ctx.name}-annotate`);
+    state.server = await withTimeout(connect({ server_url: state.ctx.serverUrl }), TIMEOUT.default, "connect");
+    await refreshService();
     $("tool-sam").hidden = typeof state.annotate.sam_segment !== "function";
-    state.session = await state.annotate.session_info(state.ctx.token);
+    state.session = await api("session_info", [state.ctx.token]);
     state.classes = state.session.classes;
     $("session-name").textContent = state.session.name;
     showClasses();
@@ -345,10 +683,10 @@ async function main() {
         // back to the image this browser was on (next_image moves on once an image is saved)
         const current = stored.current;
         if (current) {
-          await state.annotate.list_versions(state.ctx.token, state.key, current.image_id); // checks the key
-          const image = await state.annotate.image_info(state.ctx.token, current.image_id);
+          await api("list_versions", [state.ctx.token, state.key, current.image_id]); // checks the key
+          const image = await api("image_info", [state.ctx.token, current.image_id]);
           assignment = { image, position: current.position, total: current.total };
-        } else assignment = await state.annotate.next_image(state.ctx.token, state.key);
+        } else assignment = await api("next_image", [state.ctx.token, state.key]);
       } catch (err) {
         if (!/unknown annotator key/.test(errorText(err))) throw err;
         localStorage.removeItem(storeKey);
@@ -363,7 +701,10 @@ async function main() {
         annotator_key: joined.annotator_key, annotator_id: joined.annotator.annotator_id,
         display_name: joined.annotator.display_name,
       }));
-      assignment = await state.annotate.next_image(state.ctx.token, state.key);
+      assignment = await api("next_image", [state.ctx.token, state.key]);
+    }
+    if (state.session.mode === "classification") {
+      return (await import("./classify.js")).runClassification({ ...state, assignment }); // cell-classification mode
     }
     await showImage(assignment);
   } catch (err) {
@@ -374,7 +715,7 @@ async function main() {
 
 // for tests and debugging: viewport pixel of an image point [x, y] (image rows down)
 window.colabel = {
-  state, map, source, select,
+  state, map, source, select, history, saver, decodeSam, lastSam: null, samResults: 0,
   pixelOf: (x, y) => {
     const [px, py] = map.getPixelFromCoordinate([x, state.H - y]);
     const r = map.getTargetElement().getBoundingClientRect();

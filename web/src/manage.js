@@ -4,14 +4,19 @@ import { connect, errorText, el, pageContext } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
 let provider = null;
+let server = null;
+let ctx = null;
+let annotate = null; // the annotator service: live classifier status of classification sessions
+const STATUS_TIMEOUT_MS = 15_000;
 
 function status(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
 }
 
-/** "nucleus:#e6194b, other" -> [{name, color}] (a class without a colour gets one from a palette). */
-const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"];
+/** "nucleus:#e69f00, other" -> [{name, color}] (a class without a colour gets one from a palette). */
+// Okabe-Ito: distinguishable with every common colour-vision deficiency
+const PALETTE = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000"];
 export function parseClasses(text) {
   return text.split(/[,\n]/).map((s) => s.trim()).filter(Boolean).map((item, i) => {
     const [name, color] = item.split(":").map((s) => s.trim());
@@ -51,23 +56,92 @@ async function act(promise) {
   }
 }
 
-async function sessionCard(s) {
-  const p = await provider.progress(s.session_id);
-  const annotators = Object.values(p.per_annotator);
+const shortTime = (t) => t.slice(0, 16).replace("T", " ");
+
+/** The live classifier of a classification session, through the annotator service with the session's link. */
+async function classifierStatus(s) {
+  if (s.mode !== "classification" || !s.share_url) return null;
+  const token = new URLSearchParams(new URL(s.share_url).hash.slice(1)).get("token");
+  try {
+    annotate ??= await server.getService(`${ctx.workspace}/${ctx.name}-annotate`);
+    if (typeof annotate.classifier_status !== "function") return { error: "the provider runs no HALS services" };
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error("the classifier did not answer")), STATUS_TIMEOUT_MS);
+    });
+    return await Promise.race([annotate.classifier_status(token), late]).finally(() => clearTimeout(timer));
+  } catch (err) {
+    return { error: errorText(err) };
+  }
+}
+
+function classifierLine(st) {
+  if (!st) return null;
+  if (st.error) return el("div", { class: "classifier error" }, `classifier: ${st.error}`);
+  const perClass = Object.entries(st.per_class).map(([name, n]) => `${name} ${n}`).join(", ");
+  const model = st.ready
+    ? `classifier v${st.version}, validation accuracy ${st.val_accuracy === null ? "–" : `${(100 * st.val_accuracy).toFixed(1)}%`}`
+    : `no classifier yet (${st.min_labels_per_class} labels per class needed)`;
+  return el("div", { class: "classifier" }, `${st.n_labels} cells labelled (${perClass}); ${model}`,
+    st.training ? " · retraining…" : "");
+}
+
+function annotatorTable(p, st) {
+  const rows = Object.entries(p.per_annotator);
+  if (!rows.length) return el("div", { class: "annotators" }, "nobody joined yet");
+  const cells = st && !st.error ? st.per_annotator || {} : null;
+  return el("table", { class: "annotators" },
+    el("tr", {}, el("th", {}, "annotator"), el("th", {}, "images"), el("th", {}, "versions"),
+      cells ? el("th", {}, "cell labels") : null),
+    rows.map(([id, a]) => el("tr", { "data-annotator-id": id }, el("td", { title: id }, a.display_name),
+      el("td", {}, a.images), el("td", {}, a.versions), cells ? el("td", {}, cells[id] || 0) : null)));
+}
+
+function imageTable(images, p) {
+  const names = Object.fromEntries(Object.entries(p.per_annotator).map(([id, a]) => [id, a.display_name]));
+  const counts = {};
+  for (const im of images) counts[im.status] = (counts[im.status] || 0) + 1;
+  const summary = Object.entries(counts).map(([k, n]) => `${n} ${k.replace("_", " ")}`).join(", ");
+  return el("details", { class: "image-progress", ...(images.length <= 12 ? { open: true } : {}) },
+    el("summary", {}, `Images: ${summary || "none"}`),
+    el("table", {}, images.map((im) => el("tr", { class: im.status, "data-image-id": im.image_id },
+      el("td", {}, im.name), el("td", { class: "status" }, im.status.replace("_", " ")),
+      el("td", {}, Object.entries(im.annotations)
+        .map(([id, n]) => `${names[id] || id} (${n} version${n === 1 ? "" : "s"})`).join(", "))))));
+}
+
+async function revokeSession(s) {
+  const live = s.tokens.filter((t) => !t.revoked);
+  if (!window.confirm(`Revoke session "${s.name}"? Its ${live.length} live link(s) stop working at once and the `
+    + "session is closed; saved annotations are kept.")) return;
+  try {
+    await provider.close_session(s.session_id);
+    for (const t of live) await provider.revoke_token(s.session_id, t.token_id);
+    await refresh();
+    status(`revoked ${s.name}`);
+  } catch (err) {
+    status(errorText(err), true);
+  }
+}
+
+async function sessionCard(s, images) {
   const id = s.session_id;
+  const [p, st] = await Promise.all([provider.progress(id), classifierStatus(s)]);
+  const live = s.tokens.filter((t) => !t.revoked);
   return el("div", { class: `session ${s.state}`, "data-session-id": id },
-    el("h3", {}, s.name, " ", el("small", {}, `${s.state} · ${s.mode} · ${s.annotators_per_image} per image`)),
+    el("h3", {}, s.name, " ", el("small", {}, `${s.state} · ${s.mode} · ${s.annotators_per_image} per image`
+      + (live.length ? "" : " · every link revoked"))),
     el("div", { class: "classes" }, s.classes.map((c) => el("span", { class: "class", style: `--c:${c.color}` }, c.name))),
     el("div", { class: "progress" },
       el("progress", { max: p.n_images || 1, value: p.images_done }),
-      ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress; `,
-      annotators.length
-        ? annotators.map((a) => `${a.display_name} (${a.images} images, ${a.versions} versions)`).join(", ")
-        : "nobody joined yet"),
+      ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress`),
+    classifierLine(st),
+    annotatorTable(p, st),
+    imageTable(images, p),
     s.share_url ? el("div", {}, "Share link: ", shareLink(s.share_url)) : null,
-    el("table", { class: "tokens" }, s.tokens.map((t) => el("tr", {},
-      el("td", {}, t.label || t.token_id), el("td", {}, t.created.slice(0, 16).replace("T", " ")),
-      el("td", {}, t.revoked ? `revoked ${t.revoked.slice(0, 16).replace("T", " ")}` :
+    el("table", { class: "tokens" }, s.tokens.map((t) => el("tr", { "data-token-id": t.token_id },
+      el("td", {}, t.label || t.token_id), el("td", {}, shortTime(t.created)),
+      el("td", {}, t.revoked ? `revoked ${shortTime(t.revoked)}` :
         el("button", { class: "revoke", onclick: () => act(provider.revoke_token(id, t.token_id)) }, "revoke"))))),
     el("div", { class: "actions" },
       el("button", { class: "issue", onclick: async () => {
@@ -80,18 +154,43 @@ async function sessionCard(s) {
       } }, "new share link"),
       s.state === "open"
         ? el("button", { class: "close", onclick: () => act(provider.close_session(id)) }, "close")
-        : el("button", { class: "reopen", onclick: () => act(provider.reopen_session(id)) }, "reopen")));
+        : el("button", { class: "reopen", onclick: () => act(provider.reopen_session(id)) }, "reopen"),
+      live.length || s.state === "open"
+        ? el("button", { class: "revoke-session", title: "close the session and revoke every link",
+          onclick: () => revokeSession(s) }, "revoke session") : null));
+}
+
+/** An image's status over the sessions: "annotated in A; in progress in B", or "unannotated". */
+function folderStatus(image, sessions, perSession) {
+  if (image.error) return `unreadable: ${image.error}`;
+  const parts = [];
+  sessions.forEach((s, i) => {
+    const st = perSession[i].find((im) => im.image_id === image.image_id)?.status;
+    if (st && st !== "unannotated") parts.push(`${st.replace("_", " ")} in ${s.name}`);
+  });
+  return parts.length ? parts.join("; ") : image.status;
 }
 
 async function refresh() {
   const [images, sessions] = await Promise.all([provider.list_images(), provider.list_sessions()]);
+  const perSession = await Promise.all(sessions.map((s) => provider.list_images(s.session_id)));
   $("images").tBodies[0].replaceChildren(...images.map((im) => el("tr", { class: im.status },
     el("td", {}, im.name), el("td", {}, im.format), el("td", {}, im.shape ? im.shape.join(" × ") : ""),
-    el("td", {}, im.dtype || ""), el("td", { title: im.error || "" }, im.error ? `unreadable: ${im.error}` : im.status))));
-  const cards = await Promise.all(sessions.slice().reverse().map(sessionCard));
+    el("td", {}, im.dtype || ""), el("td", { title: im.error || "" }, folderStatus(im, sessions, perSession)))));
+  const cards = await Promise.all(sessions.map((s, i) => sessionCard(s, perSession[i])));
+  cards.reverse(); // newest first
   $("sessions").replaceChildren(...(cards.length ? cards : [el("p", {}, "no sessions yet")]));
   document.body.dataset.state = "ready";
 }
+
+function previewClasses() {
+  const classes = parseClasses($("session-classes").value);
+  $("classes-preview").replaceChildren(...classes.map((c) => /^#[0-9a-fA-F]{6}$/.test(c.color)
+    ? el("span", { class: "class", style: `--c:${c.color}` }, c.name)
+    : el("span", { class: "error" }, `${c.name}: colour '${c.color}' is not #rrggbb`)));
+}
+$("session-classes").addEventListener("input", previewClasses);
+previewClasses();
 
 $("create-form").addEventListener("submit", async (e) => {
   e.preventDefault();
@@ -108,10 +207,10 @@ $("create-form").addEventListener("submit", async (e) => {
 
 async function main() {
   try {
-    const ctx = pageContext();
+    ctx = pageContext();
     if (!ctx.token) throw new Error("this link has no workspace token (#token=...)");
     status("connecting…");
-    const server = await connect({ server_url: ctx.serverUrl, token: ctx.token, workspace: ctx.workspace });
+    server = await connect({ server_url: ctx.serverUrl, token: ctx.token, workspace: ctx.workspace });
     provider = await server.getService(`${ctx.workspace}/${ctx.name}-provider`);
     const info = await provider.info();
     $("provider-info").textContent = `${info.name}: folder ${info.folder}, ${info.n_images} images`;

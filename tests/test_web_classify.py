@@ -1,0 +1,261 @@
+"""The cell-classification mode of the annotator page (web/src/classify.js) in a real headless Chromium, against
+a real provider whose annotator service runs the HALS loop over real nuclei, classifier and Coreset services
+(skipped without the built pages, playwright or Chromium: see web_support)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+import pytest_asyncio
+from test_hals_loop import dab_truth
+from web_support import browser, new_page, page, screenshot  # noqa: F401 - fixtures
+
+from conftest import make_image_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+CLASSES = [{"name": "positive", "color": "#8b4513"}, {"name": "negative", "color": "#1e90ff"}]
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def hals_stack(hypha_server, tmp_path_factory):
+    """A provider with the HALS functions, backed by real nuclei, classifier and Coreset services in process."""
+    pytest.importorskip("torch")
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.apps.provider.hals import HalsAssist
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+    from colabel.services.gateway import LocalBackend, register_model_services
+    from colabel.services.hals.service import ClassifierService, CoresetService
+    from colabel.services.nuclei.service import NucleiService
+
+    folder = make_image_folder(tmp_path_factory.mktemp("images"))
+    name = f"c{secrets.token_hex(3)}"
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    backends = {"nuclei": LocalBackend("nuclei", NucleiService()),
+                "classifier": LocalBackend("classifier", ClassifierService(str(tmp_path_factory.mktemp("hals")))),
+                "coreset": LocalBackend("coreset", CoresetService())}
+    ids = await register_model_services(server, backends, prefix=name)
+    provider = DataProvider(folder)
+    hals = HalsAssist(ModelAssist(provider, server, ids))
+    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
+                                assist=hals.assist, hals=hals)
+    await services.register()
+    yield {"provider": provider, "services": services, "hals": hals, "folder": folder, "server": server}
+    await server.disconnect()
+
+
+def events_of(folder, session_id: str) -> list[dict]:
+    path = folder / "annotations" / "sessions" / session_id / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def join_in_browser(page, url: str, name: str) -> str:
+    """Open the share link, join, wait for the classification page's cells; returns the annotator id."""
+    await page.goto(url)
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", name)
+    await page.click("#join")
+    await page.wait_for_function("Number(document.getElementById('classify')?.dataset.cells) > 0", timeout=240_000)
+    await page.wait_for_function("window.colabelClassify.S.busy === 0")
+    stored = await page.evaluate("Object.values(localStorage).map((v) => JSON.parse(v))")
+    return next(s["annotator_id"] for s in stored if "annotator_id" in s)
+
+
+async def click_cell(page, cell_id: int) -> None:
+    px, py = await page.evaluate("(id) => window.colabelClassify.cellPixel(id)", cell_id)
+    await page.mouse.click(px, py)
+    await page.wait_for_function("(id) => window.colabelClassify.S.selected.has(id)", arg=cell_id)
+
+
+async def test_annotator_labels_cells_then_accepts_and_corrects_suggestions_and_follows_the_next_patch(
+        hals_stack, page, connect, tmp_path):
+    provider, services, hals, folder = (hals_stack[k] for k in ("provider", "services", "hals", "folder"))
+    ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
+    session, secret = provider.create_session(name="ki67 web", classes=CLASSES, mode="classification",
+                                              image_ids=[ihc])
+
+    # most of the first labels through the same real annotator service, from Python: 9 positive, 10 negative
+    client = await connect()
+    annotator = await client.get_service(services.annotator_service_id)
+    key = (await annotator.join(secret, "Python helper"))["annotator_key"]
+    cells = (await annotator.cells(secret, ihc))["cells"]
+    truth = dab_truth(provider.get_image(ihc), cells)
+    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
+    for cell_id in [*by_class["positive"][:9], *by_class["negative"][:10]]:
+        await annotator.label_cell(secret, key, ihc, cell_id, truth[cell_id])
+
+    # the browser annotator: every nucleus outline shown, no suggestions yet, progress per class
+    me = await join_in_browser(page, services.share_url(secret), "Browser Pathologist")
+    assert await page.evaluate("window.colabelClassify.S.cells.size") == len(cells)
+    assert await page.get_attribute("#classify", "data-suggestions") == "0"
+    await page.wait_for_function(
+        "document.getElementById('classify-model').textContent.includes('positive 1, negative 0')")
+    assert f"19 of {len(cells)} cells" in await page.text_content("#classify-progress")
+    assert not await page.is_visible("#map") and not await page.is_visible("#tools")
+
+    # click + number key: the 10th positive label reaches the threshold; the page then shows suggestions
+    tenth = by_class["positive"][9]
+    await click_cell(page, tenth)
+    await page.keyboard.press("1")
+    await page.wait_for_function("window.colabelClassify.S.events.label === 1")
+    await page.wait_for_function("document.getElementById('classify').dataset.version === '1' && "
+                                 "Number(document.getElementById('classify').dataset.suggestions) > 0",
+                                 timeout=120_000)
+    await page.wait_for_function("document.getElementById('classify-model').textContent.includes('classifier v1')")
+    assert f"20 of {len(cells)} cells" in await page.text_content("#classify-progress")
+    assert ("label", tenth, "positive") in {(e["kind"], e.get("cell_id"), e.get("class"))
+                                            for e in events_of(folder, session.session_id)
+                                            if e.get("annotator_id") == me}
+    # suggestions muted and dashed, labels in full colours
+    styles = await page.evaluate("""(ids) => ids.map((id) => {
+        const f = window.colabelClassify.S.cells.get(id).feature;
+        const s = [].concat(window.colabelClassify.map.getLayers().item(1).getStyleFunction()(f, 1)).pop();
+        return {dash: s.getStroke().getLineDash(), color: s.getStroke().getColor()};
+    })""", [tenth, (await page.evaluate("window.colabelClassify.visibleSuggestions()"))[0]["cell_id"]])
+    assert styles[0] == {"dash": None, "color": "rgb(139,69,19)"}
+    assert styles[1]["dash"] == [4, 3] and styles[1]["color"] not in ("rgb(139,69,19)", "rgb(30,144,255)")
+    await screenshot(page, tmp_path, "classify-suggestions")
+
+    # correct one suggestion: select it, press the other class's number
+    suggestion = (await page.evaluate("window.colabelClassify.visibleSuggestions()"))[0]
+    other = "negative" if suggestion["class"] == "positive" else "positive"
+    await click_cell(page, suggestion["cell_id"])
+    await page.keyboard.press("2" if other == "negative" else "1")
+    await page.wait_for_function("window.colabelClassify.S.events.suggestion_corrected === 1")
+    corrected = [e for e in events_of(folder, session.session_id) if e["kind"] == "suggestion_corrected"]
+    assert [(e["annotator_id"], e["cell_id"], e["class"], e["suggested"]) for e in corrected] == [
+        (me, suggestion["cell_id"], other, suggestion["class"])]
+
+    # next suggested patch: the view moves to the patch the Coreset service chose
+    await hals.wait_for_training(session)
+    await page.click("#classify-next-patch")
+    await page.wait_for_function("window.colabelClassify.S.patch !== null")
+    shown = await page.evaluate("window.colabelClassify.S.patch")
+    expected = await annotator.next_patch(secret, ihc)  # same labels, same model: the same answer
+    assert {k: shown[k] for k in ("x0", "y0", "x1", "y1")} == {k: expected[k] for k in ("x0", "y0", "x1", "y1")}
+    await page.wait_for_function("window.colabelClassify.S.busy === 0 && window.colabelClassify.viewRegion().width"
+                                 f" < {shown['x1'] - shown['x0'] + 200}")
+    view = await page.evaluate("window.colabelClassify.viewRegion()")
+    assert view["x"] <= shown["x0"] and view["y"] <= shown["y0"]
+    assert view["x"] + view["width"] >= shown["x1"] and view["y"] + view["height"] >= shown["y1"]
+    centre = (view["x"] + view["width"] / 2, view["y"] + view["height"] / 2)
+    assert abs(centre[0] - (shown["x0"] + shown["x1"]) / 2) < 3 or view["x"] == 0 or view["x"] + view["width"] == 512
+    assert abs(centre[1] - (shown["y0"] + shown["y1"]) / 2) < 3 or view["y"] == 0 or view["y"] + view["height"] == 512
+
+    # accept all visible: every suggested cell in view gets its suggestion, recorded as accepted
+    await page.wait_for_function("window.colabelClassify.visibleSuggestions().length > 0")
+    visible = await page.evaluate("window.colabelClassify.visibleSuggestions()")
+    assert len(visible) < len(cells) - 21  # the view is the patch, not the whole image
+    await screenshot(page, tmp_path, "classify-patch")
+    await page.click("#classify-accept")
+    await page.wait_for_function("window.colabelClassify.S.labelling === 0", timeout=60_000)
+    assert await page.evaluate("window.colabelClassify.S.events") == {
+        "label": 1, "suggestion_corrected": 1, "suggestion_accepted": len(visible)}
+    accepted = {e["cell_id"]: e for e in events_of(folder, session.session_id) if e["kind"] == "suggestion_accepted"}
+    assert set(accepted) == {s["cell_id"] for s in visible}
+    assert all(accepted[s["cell_id"]]["class"] == s["class"] and accepted[s["cell_id"]]["annotator_id"] == me
+               for s in visible)
+    assert await page.get_attribute("#classify", "data-suggestions") == "0"
+    n_labelled = 21 + len(visible)
+    await page.wait_for_function(f"document.getElementById('classify-progress').textContent"
+                                 f".includes('{n_labelled} of {len(cells)} cells')")
+    await screenshot(page, tmp_path, "classify-accepted")
+
+
+async def test_manager_shows_the_live_classifier_and_cell_labels_per_annotator_of_a_classification_session(
+        hals_stack, page, connect, tmp_path):
+    provider, services, hals = hals_stack["provider"], hals_stack["services"], hals_stack["hals"]
+    ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
+    session, secret = provider.create_session(name="ki67 managed", classes=CLASSES, mode="classification",
+                                              image_ids=[ihc])
+    client = await connect()
+    annotator = await client.get_service(services.annotator_service_id)
+    joined = await annotator.join(secret, "Cell Counter")
+    cells = (await annotator.cells(secret, ihc))["cells"]
+    truth = dab_truth(provider.get_image(ihc), cells)
+    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
+    for cell_id in [*by_class["positive"][:10], *by_class["negative"][:10]]:
+        await annotator.label_cell(secret, joined["annotator_key"], ihc, cell_id, truth[cell_id])
+    await hals.wait_for_training(session)
+    status = await annotator.classifier_status(secret)
+
+    token = await hals_stack["server"].generate_token({"expires_in": 3600})
+    await page.goto(services.manage_url(token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    card = page.locator(".session", has_text="ki67 managed")
+    line = await card.locator(".classifier").text_content()
+    assert line.startswith("20 cells labelled (positive 10, negative 10); classifier v1, validation accuracy "
+                           f"{100 * status['val_accuracy']:.1f}%")
+    (row,) = await card.locator("table.annotators tr[data-annotator-id]").all()
+    assert await row.get_attribute("data-annotator-id") == joined["annotator"]["annotator_id"]
+    assert await row.locator("td").all_text_contents() == ["Cell Counter", "0", "0", "20"]
+    assert "cell classification" not in line and "classification" in await card.locator("h3").text_content()
+    await card.scroll_into_view_if_needed()
+    await screenshot(page, tmp_path, "manage-classification")
+
+
+async def test_classification_page_without_model_services_shows_the_image_and_says_why(stack, page, tmp_path):
+    ihc = next(im.image_id for im in stack.provider.list_images() if im.name == "ihc_ki67.png")
+    session, secret = stack.provider.create_session(name="no models", classes=CLASSES, mode="classification",
+                                                    image_ids=[ihc])
+    await page.goto(stack.services.share_url(secret))
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", "Early")
+    await page.click("#join")
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    assert "needs the nuclei and classifier model services" in await page.text_content("#classify-status")
+    assert await page.is_visible("#classify-map canvas")
+    await page.keyboard.press("1")  # nothing selected: a hint, no error
+    assert "select a cell first" in await page.text_content("#classify-status")
+    await screenshot(page, tmp_path, "classify-no-models")
+
+
+async def test_classification_page_with_unreachable_model_services_says_so_and_keeps_working(
+        hypha_server, tmp_path, page):
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.apps.provider.hals import HalsAssist
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+
+    name = f"u{secrets.token_hex(3)}"
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    try:
+        # the HALS functions are offered, but the model services they call were never started
+        ws = server.config.workspace
+        ids = {kind: f"{ws}/gone-{name}:{name}-{kind}" for kind in ("nuclei", "classifier", "coreset")}
+        provider = DataProvider(make_image_folder(tmp_path / "images"))
+        hals = HalsAssist(ModelAssist(provider, server, ids))
+        services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
+                                    assist=hals.assist, hals=hals)
+        await services.register()
+        ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
+        session, secret = provider.create_session(name="down", classes=CLASSES, mode="classification",
+                                                  image_ids=[ihc])
+        await page.goto(services.share_url(secret))
+        await page.wait_for_selector("#name-dialog[open]")
+        await page.fill("#display-name", "Patient")
+        await page.click("#join")
+        await page.wait_for_function(
+            "document.getElementById('classify-status').textContent.startsWith('cells unavailable: ')",
+            timeout=60_000)
+        text = await page.text_content("#classify-status")
+        assert "ModelServiceUnavailable: the nuclei model service" in text and "unreachable" in text
+        assert await page.is_visible("#classify-map canvas")
+        assert (await page.text_content("#classify-progress")).startswith("cells: unavailable")
+        # the page still answers: next patch reports the same problem, the live status (no model needed) shows
+        await page.click("#classify-next-patch")
+        await page.wait_for_function(
+            "document.getElementById('classify-status').textContent.startsWith('next patch unavailable: ')",
+            timeout=60_000)
+        assert "labels still needed per class: positive 10, negative 10" in await page.text_content(
+            "#classify-model")
+        await screenshot(page, tmp_path, "classify-services-down")
+    finally:
+        await server.disconnect()

@@ -1,0 +1,101 @@
+"""The session manager page (web/src/manage.js, index.html) in a real headless Chromium against a real provider on
+a real Hypha server, with annotators saving through the real annotator service (skipped without the built
+pages, playwright or Chromium: see web_support)."""
+
+from __future__ import annotations
+
+import pytest
+from web_support import CLASSES, browser, new_page, screenshot  # noqa: F401 - fixtures
+
+from conftest import collection, square
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+
+def image_ids(stack) -> dict[str, str]:
+    return {im.name: im.image_id for im in stack.provider.list_images()}
+
+
+async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_and_revokes_a_session(
+        stack, browser, connect, tmp_path):
+    ids = image_ids(stack)
+    session, secret = stack.provider.create_session(name="tumour outlines", classes=CLASSES, annotators_per_image=2)
+    client = await connect()
+    annotate = await client.get_service(stack.services.annotator_service_id)
+    ada = await annotate.join(secret, "Ada")
+    bob = await annotate.join(secret, "Bob")
+    for version in range(2):
+        await annotate.save_annotation(secret, ada["annotator_key"], ids["ihc_ki67.png"],
+                                       collection(square(10 + version, 10, 20)))
+    await annotate.save_annotation(secret, bob["annotator_key"], ids["ihc_ki67.png"], collection(square(50, 50, 20)))
+    await annotate.save_annotation(secret, ada["annotator_key"], ids["dsb2018_nuclei.tif"], collection())
+
+    page = await new_page(browser)
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    await page.goto(stack.services.manage_url(stack.provider_token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    card = page.locator(".session", has_text="tumour outlines")
+
+    # progress per annotator: images saved on and versions
+    rows = {(await r.get_attribute("data-annotator-id")): await r.locator("td").all_text_contents()
+            for r in await card.locator("table.annotators tr[data-annotator-id]").all()}
+    assert rows == {ada["annotator"]["annotator_id"]: ["Ada", "2", "3"],
+                    bob["annotator"]["annotator_id"]: ["Bob", "1", "1"]}
+    # progress per image: status, and who saved how many versions
+    images = {(await r.get_attribute("data-image-id")): await r.locator("td").all_text_contents()
+              for r in await card.locator(".image-progress tr").all()}
+    assert images[ids["ihc_ki67.png"]] == ["ihc_ki67.png", "annotated", "Ada (2 versions), Bob (1 version)"]
+    assert images[ids["dsb2018_nuclei.tif"]] == ["dsb2018_nuclei.tif", "in progress", "Ada (1 version)"]
+    assert images[ids["sub/he_histo.jpg"]][1] == "unannotated"
+    assert images[ids["broken.png"]][1] == "unreadable"
+    assert "1 of 3 images done" in await card.locator(".progress").text_content()
+    # the folder's images: status over the sessions
+    folder = {r[0]: r[-1] for r in [await r.locator("td").all_text_contents()
+                                    for r in await page.locator("#images tbody tr").all()]}
+    assert folder["ihc_ki67.png"] == "annotated in tumour outlines"
+    assert folder["dsb2018_nuclei.tif"] == "in progress in tumour outlines"
+    assert folder["sub/he_histo.jpg"] == "unannotated" and folder["broken.png"].startswith("unreadable: ")
+
+    # the copy button puts the session's share URL on the clipboard
+    share = await card.locator("input.share-url").first.input_value()
+    assert share == stack.services.share_url(secret)
+    await card.locator("button.copy").first.click()
+    await page.wait_for_function("document.querySelector('button.copy').textContent === 'copied'")
+    assert await page.evaluate("navigator.clipboard.readText()") == share
+
+    # a class colour that is not #rrggbb: shown while typing, refused by the provider, nothing created
+    before = len(stack.provider.sessions.list())
+    await page.fill("#session-name", "ki67 cells")
+    await page.fill("#session-classes", "positive:#8b4513, negative:blue")
+    assert "colour 'blue' is not #rrggbb" in await page.text_content("#classes-preview")
+    await page.select_option("#session-mode", "classification")
+    await page.click("#create-session")
+    await page.wait_for_function("document.getElementById('create-error').textContent.includes('#rrggbb')")
+    assert len(stack.provider.sessions.list()) == before
+    # a cell-classification session, with a colour from the palette for the class given none
+    await page.fill("#session-classes", "positive:#8b4513, negative")
+    await page.click("#create-session")
+    await page.locator(".session", has_text="ki67 cells").wait_for(timeout=15_000)
+    (created,) = [s for s in stack.provider.sessions.list() if s.name == "ki67 cells"]
+    assert created.mode == "classification"
+    # the class without a colour gets the palette's (Okabe-Ito) colour
+    assert [(c.name, c.color) for c in created.classes] == [("positive", "#8b4513"), ("negative", "#56b4e9")]
+    assert "classification" in await page.locator(".session", has_text="ki67 cells").locator("h3").text_content()
+
+    # revoke the session: closed, every link revoked; the share link no longer opens anything
+    stack.provider.sessions.issue_token(session.session_id, label="second link")
+    await page.reload()
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    await card.locator("button.revoke-session").click()
+    revoked = page.locator(".session.closed", has_text="tumour outlines")
+    await revoked.wait_for(timeout=15_000)
+    assert await revoked.locator("button.revoke").count() == 0
+    assert "every link revoked" in await revoked.locator("h3").text_content()
+    info = stack.provider.sessions.get(session.session_id)
+    assert info.state == "closed" and len(info.tokens) == 2 and all(t.revoked for t in info.tokens)
+    with pytest.raises(Exception, match="invalid or revoked session token"):
+        await annotate.session_info(secret)
+    await screenshot(page, tmp_path, "manage-progress-revoked")
+    assert not page.errors, page.errors
+    await page.context.close()

@@ -1,0 +1,548 @@
+// Cell-classification mode of the annotator page (sessions of mode "classification"): the HALS loop.
+// Nucleus outlines come from the provider's `cells`, class suggestions from `suggestions` (drawn muted and
+// dashed; labels in full colours), labels go to `label_cell` (recorded there as a manual label, or as an
+// accepted or corrected suggestion), `next_patch` moves the view to the Coreset patch and
+// `classifier_status` gives the live model version and accuracy. Cells and suggestions are requested for
+// the viewport only, so large images stay cheap. Every call has a time limit: a slow or stopped model
+// service shows a message and the page keeps working.
+import "./classify.css";
+import Map from "ol/Map.js";
+import View from "ol/View.js";
+import Feature from "ol/Feature.js";
+import ImageLayer from "ol/layer/Image.js";
+import VectorLayer from "ol/layer/Vector.js";
+import ImageStatic from "ol/source/ImageStatic.js";
+import VectorSource from "ol/source/Vector.js";
+import Projection from "ol/proj/Projection.js";
+import Polygon from "ol/geom/Polygon.js";
+import MultiPolygon from "ol/geom/MultiPolygon.js";
+import { Fill, Stroke, Style } from "ol/style.js";
+import { getCenter } from "ol/extent.js";
+import { errorText, el } from "./common.js";
+import { pickLevel, toCanvas } from "./pixels.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Time limits of the calls (ms): the first `cells` of an image segments it and computes features. */
+export const LIMITS = { cells: 240_000, suggestions: 60_000, label: 30_000, patch: 120_000, status: 15_000, image: 120_000 };
+/** Largest viewport region (level-0 pixels) whose cells are requested; zoom in beyond it. */
+export const MAX_REGION_PIXELS = 4096 * 4096;
+/** Cells kept in the browser; beyond it, those far from the view are dropped. */
+export const MAX_KEPT_CELLS = 30_000;
+const POLL_MS = 3000;
+const PARALLEL_LABELS = 4;
+
+/** Rejects with "<what> did not answer within N s" when `promise` takes longer than `ms`. */
+export function withTimeout(promise, ms, what) {
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} did not answer within ${Math.round(ms / 1000)} s`)), ms);
+  });
+  return Promise.race([promise, limit]).finally(() => clearTimeout(timer));
+}
+
+/** The integer region {x, y, width, height} (image pixels, rows down) of an OpenLayers extent, or null. */
+export function regionOf(extent, W, H) {
+  const [minx, miny, maxx, maxy] = extent;
+  const x0 = Math.max(0, Math.floor(minx));
+  const y0 = Math.max(0, Math.floor(H - maxy));
+  const x1 = Math.min(W, Math.ceil(maxx));
+  const y1 = Math.min(H, Math.ceil(H - miny));
+  return x1 > x0 && y1 > y0 ? { x: x0, y: y0, width: x1 - x0, height: y1 - y0 } : null;
+}
+
+/** "#rrggbb" -> [r, g, b]; `mute` mixes it halfway with grey (suggestions). */
+function rgb(color, mute = false) {
+  const c = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
+  return mute ? c.map((v) => Math.round(v * 0.55 + 140 * 0.45)) : c;
+}
+
+const S = {
+  ctx: null, annotate: null, key: null, session: null, classes: [], images: [],
+  image: null, W: 0, H: 0,
+  cells: new globalThis.Map(), // cell_id -> {cell, feature}
+  labels: new globalThis.Map(), // cell_id -> class name
+  suggestions: new globalThis.Map(), // cell_id -> {class, confidence, uncertainty}
+  selected: new Set(),
+  nCells: null, nLabelled: null, cellsError: false,
+  version: 0, status: null, patch: null, events: { label: 0, suggestion_accepted: 0, suggestion_corrected: 0 },
+  generation: 0, busy: 0,
+  staleSuggestions: false,
+  labelling: 0, // label batches in flight: suggestions are not refetched meanwhile (what was seen is accepted)
+};
+
+// -- map ------------------------------------------------------------------------------------------
+const cellSource = new VectorSource();
+const patchSource = new VectorSource();
+const styleCache = {};
+function cached(key, make) {
+  if (!styleCache[key]) styleCache[key] = make();
+  return styleCache[key];
+}
+const SELECTED = new Style({ stroke: new Stroke({ color: "#ffffff", width: 5 }) });
+// a transparent fill: clicks inside an outline hit the cell
+const PLAIN = new Style({
+  stroke: new Stroke({ color: "rgba(255,255,255,0.75)", width: 1 }), fill: new Fill({ color: "rgba(0,0,0,0)" }),
+});
+
+function cellStyle(feature) {
+  const id = feature.get("cell_id");
+  const label = S.labels.get(id);
+  const suggestion = label ? null : S.suggestions.get(id);
+  let base = PLAIN;
+  if (label) {
+    const cls = S.classes.find((c) => c.name === label);
+    const [r, g, b] = rgb(cls ? cls.color : "#ffff00");
+    base = cached(`l${label}`, () => new Style({
+      stroke: new Stroke({ color: `rgb(${r},${g},${b})`, width: 2.5 }),
+      fill: new Fill({ color: `rgba(${r},${g},${b},0.35)` }),
+    }));
+  } else if (suggestion) {
+    const cls = S.classes.find((c) => c.name === suggestion.class);
+    const [r, g, b] = rgb(cls ? cls.color : "#ffff00", true);
+    base = cached(`s${suggestion.class}`, () => new Style({
+      stroke: new Stroke({ color: `rgba(${r},${g},${b},0.9)`, width: 1.5, lineDash: [4, 3] }),
+      fill: new Fill({ color: `rgba(${r},${g},${b},0.12)` }),
+    }));
+  }
+  return S.selected.has(id) ? [SELECTED, base] : base;
+}
+
+const imageLayer = new ImageLayer();
+const cellLayer = new VectorLayer({ source: cellSource, style: cellStyle });
+const patchLayer = new VectorLayer({
+  source: patchSource,
+  style: new Style({ stroke: new Stroke({ color: "#ffd54f", width: 2, lineDash: [8, 6] }) }),
+});
+let map = null;
+
+function toMap(ring) {
+  return ring.map(([x, y]) => [x, S.H - y]);
+}
+function polygonOf(geometry) {
+  if (geometry.type === "Polygon") return new Polygon(geometry.coordinates.map(toMap));
+  if (geometry.type === "MultiPolygon") return new MultiPolygon(geometry.coordinates.map((p) => p.map(toMap)));
+  return null;
+}
+
+// -- messages and progress ------------------------------------------------------------------------
+function say(text, isError = false) {
+  const box = $("classify-status");
+  box.textContent = text || "";
+  box.classList.toggle("error", isError);
+}
+function overlay(text) {
+  const box = $("classify-message");
+  box.hidden = !text;
+  box.textContent = text || "";
+}
+
+function showProgress() {
+  const perClass = (S.status && S.status.per_class) || {};
+  $("classify-classes").replaceChildren(...S.classes.map((c, i) => el("button", {
+    class: "class", style: `--c:${c.color}`, title: `label the selected cells "${c.name}" (key ${i + 1})`,
+    "data-class": c.name, onclick: () => labelSelected(i),
+  }, `${i + 1} ${c.name}`, el("span", { class: "count" }, ` ${perClass[c.name] ?? 0}`))));
+  const total = S.nCells;
+  const done = S.nLabelled;
+  $("classify-progress").replaceChildren(...[
+    el("div", {}, total !== null ? `${done} of ${total} cells of this image labelled`
+      : S.cellsError ? "cells: unavailable" : "cells: …"),
+    total ? el("progress", { max: total, value: done }) : null,
+    el("div", { class: "muted" }, `you: ${S.events.label} labelled, ${S.events.suggestion_accepted} accepted, `
+      + `${S.events.suggestion_corrected} corrected`)].filter(Boolean));
+  const st = S.status;
+  let model;
+  if (!st) model = "classifier: …";
+  else if (st.error) model = `classifier status unavailable: ${st.error}`;
+  else if (!st.ready) {
+    const needed = Object.entries(st.per_class || {})
+      .map(([name, n]) => `${name} ${Math.max(0, st.min_labels_per_class - n)}`).join(", ");
+    model = `no suggestions yet: labels still needed per class: ${needed}`;
+  } else {
+    const acc = st.val_accuracy === null ? "–" : `${(100 * st.val_accuracy).toFixed(1)}%`;
+    model = `classifier v${st.version}, validation accuracy ${acc}, ${st.n_labels} labels`;
+  }
+  if (st && st.training) model += " · retraining…";
+  $("classify-model").textContent = model;
+  $("classify-model").classList.toggle("error", Boolean(st && st.error));
+  const root = $("classify");
+  root.dataset.version = String(S.version);
+  root.dataset.suggestions = String(visibleSuggestions().length);
+  root.dataset.cells = String(S.cells.size);
+  $("classify-accept").disabled = !visibleSuggestions().length;
+}
+
+// -- cells and suggestions of the viewport ------------------------------------------------------
+function viewRegion() {
+  const size = map && map.getSize();
+  if (!size || !map.getView().isDef()) return null;
+  return regionOf(map.getView().calculateExtent(size), S.W, S.H);
+}
+
+/** The region grown by `margin` of its size on every side, clamped to the image (cells are fetched ahead). */
+function grown(r, margin = 0.25) {
+  const dx = Math.round(r.width * margin);
+  const dy = Math.round(r.height * margin);
+  const x = Math.max(0, r.x - dx);
+  const y = Math.max(0, r.y - dy);
+  return { x, y, width: Math.min(S.W, r.x + r.width + dx) - x, height: Math.min(S.H, r.y + r.height + dy) - y };
+}
+
+function inRegion([x, y], r) {
+  return x >= r.x && x < r.x + r.width && y >= r.y && y < r.y + r.height;
+}
+
+/** Suggestions of unlabelled cells whose centroid lies in the view: [{cell_id, class, ...}]. */
+function visibleSuggestions() {
+  if (!map || !S.image) return [];
+  const r = viewRegion();
+  if (!r) return [];
+  const out = [];
+  for (const [id, s] of S.suggestions) {
+    const entry = S.cells.get(id);
+    if (entry && !S.labels.has(id) && inRegion(entry.cell.centroid, r)) out.push({ cell_id: id, ...s });
+  }
+  return out;
+}
+
+async function loadView() {
+  if (!S.image || typeof S.annotate.cells !== "function") return;
+  const generation = ++S.generation;
+  const imageId = S.image.image_id;
+  const region = viewRegion();
+  if (!region) return;
+  if (region.width * region.height > MAX_REGION_PIXELS) {
+    overlay("zoom in to see the cells");
+    return;
+  }
+  S.busy++;
+  const first = !S.cells.size;
+  say(first ? "finding the cells (the first time on an image takes a while)…" : "loading cells…");
+  try {
+    const ahead = grown(region);
+    const result = await withTimeout(S.annotate.cells(S.ctx.token, imageId, ahead), LIMITS.cells, "the cell service");
+    if (generation !== S.generation || !S.image || S.image.image_id !== imageId) return;
+    S.cellsError = false;
+    mergeCells(result.cells, ahead);
+    if (typeof result.n_cells === "number") {
+      S.nCells = result.n_cells;
+      S.nLabelled = result.n_labelled;
+    }
+    overlay("");
+    await loadSuggestions(region, generation);
+    if (generation === S.generation) say("");
+  } catch (err) {
+    if (generation === S.generation) {
+      S.cellsError = true;
+      say(`cells unavailable: ${errorText(err)}`, true);
+    }
+  } finally {
+    S.busy--;
+    showProgress();
+    document.body.dataset.state = "ready";
+  }
+}
+
+function mergeCells(cells, region) {
+  if (S.cells.size + cells.length > MAX_KEPT_CELLS) { // a large image: forget the cells far from the view
+    for (const [id, entry] of S.cells) {
+      if (!inRegion(entry.cell.centroid, region)) {
+        cellSource.removeFeature(entry.feature);
+        S.cells.delete(id);
+        S.suggestions.delete(id);
+        S.labels.delete(id);
+        S.selected.delete(id);
+      }
+    }
+  }
+  const fresh = [];
+  for (const cell of cells) {
+    if (cell.label) S.labels.set(cell.cell_id, cell.label);
+    else S.labels.delete(cell.cell_id);
+    if (S.cells.has(cell.cell_id)) continue;
+    const geometry = polygonOf(cell.polygon);
+    if (!geometry) continue;
+    const feature = new Feature(geometry);
+    feature.setId(cell.cell_id);
+    feature.set("cell_id", cell.cell_id);
+    S.cells.set(cell.cell_id, { cell, feature });
+    fresh.push(feature);
+  }
+  cellSource.addFeatures(fresh);
+  cellLayer.changed();
+}
+
+async function loadSuggestions(region = viewRegion(), generation = S.generation) {
+  if (!region || !S.image || typeof S.annotate.suggestions !== "function") return;
+  const imageId = S.image.image_id;
+  try {
+    const result = await withTimeout(S.annotate.suggestions(S.ctx.token, S.key, imageId, region),
+      LIMITS.suggestions, "the classifier");
+    if (generation !== S.generation || !S.image || S.image.image_id !== imageId) return;
+    for (const [id, entry] of S.cells) if (inRegion(entry.cell.centroid, region)) S.suggestions.delete(id);
+    for (const s of result.suggestions) {
+      S.suggestions.set(s.cell_id, { class: s.class, confidence: s.confidence, uncertainty: s.uncertainty });
+    }
+    S.version = Math.max(S.version, result.version);
+    cellLayer.changed();
+  } catch (err) {
+    say(`suggestions unavailable: ${errorText(err)}`, true);
+  } finally {
+    showProgress();
+  }
+}
+
+let viewTimer = null;
+function scheduleView() {
+  clearTimeout(viewTimer);
+  viewTimer = setTimeout(loadView, 200);
+}
+
+// -- labelling ----------------------------------------------------------------------------------
+async function labelCells(items) {
+  // items: [{cell_id, class}]; optimistic: drawn labelled at once, undone when the provider refuses
+  const imageId = S.image.image_id;
+  const before = new globalThis.Map(items.map((it) => [it.cell_id, S.labels.get(it.cell_id)]));
+  S.labelling++;
+  for (const it of items) S.labels.set(it.cell_id, it.class);
+  cellLayer.changed();
+  let failed = 0;
+  let lastError = "";
+  let newest = S.version;
+  let index = 0;
+  let done = 0;
+  const worker = async () => {
+    while (index < items.length) {
+      const it = items[index++];
+      try {
+        const result = await withTimeout(S.annotate.label_cell(S.ctx.token, S.key, imageId, it.cell_id, it.class),
+          LIMITS.label, "the labelling service");
+        S.events[result.event] = (S.events[result.event] || 0) + 1;
+        S.labels.set(it.cell_id, it.class); // again: a cells answer may have overwritten it meanwhile
+        if (before.get(it.cell_id) === undefined && S.nLabelled !== null) S.nLabelled++;
+        S.suggestions.delete(it.cell_id);
+        newest = Math.max(newest, result.version);
+        if (S.status && S.status.per_class && !before.get(it.cell_id)) {
+          S.status.per_class[it.class] = (S.status.per_class[it.class] || 0) + 1;
+        }
+      } catch (err) {
+        failed++;
+        lastError = errorText(err);
+        if (before.get(it.cell_id)) S.labels.set(it.cell_id, before.get(it.cell_id));
+        else S.labels.delete(it.cell_id);
+      }
+      done++;
+      if (items.length > 1) say(`labelled ${done} of ${items.length}…`);
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: Math.min(PARALLEL_LABELS, items.length) }, worker));
+  } finally {
+    S.labelling--;
+  }
+  cellLayer.changed();
+  if (failed) say(`${failed} of ${items.length} labels not saved: ${lastError}`, true);
+  else say(items.length > 1 ? `labelled ${items.length} cells` : `labelled cell ${items[0].cell_id} ${items[0].class}`);
+  showProgress();
+  if (newest > S.version || S.staleSuggestions) {
+    S.version = Math.max(S.version, newest);
+    if (!S.labelling) {
+      S.staleSuggestions = false;
+      await loadSuggestions();
+    }
+  }
+  pollStatus();
+}
+
+function labelSelected(classIndex) {
+  const cls = S.classes[classIndex];
+  if (!cls || !S.image) return;
+  if (!S.selected.size) {
+    say("select a cell first (click it), then press its class number");
+    return;
+  }
+  const items = [...S.selected].map((id) => ({ cell_id: id, class: cls.name }));
+  S.selected.clear();
+  labelCells(items);
+}
+
+function acceptAllVisible() {
+  const items = visibleSuggestions().map((s) => ({ cell_id: s.cell_id, class: s.class }));
+  if (!items.length) {
+    say("no suggestions in view");
+    return;
+  }
+  S.selected.clear();
+  labelCells(items);
+}
+
+// -- next patch (Coreset) -----------------------------------------------------------------------
+async function nextPatch() {
+  if (!S.image || typeof S.annotate.next_patch !== "function") return;
+  const imageId = S.image.image_id;
+  $("classify-next-patch").disabled = true;
+  say("choosing the next patch…");
+  try {
+    const patch = await withTimeout(S.annotate.next_patch(S.ctx.token, imageId), LIMITS.patch, "the Coreset service");
+    if (!S.image || S.image.image_id !== imageId) return;
+    if (!patch.count || patch.x0 === undefined || patch.x0 === null) {
+      say("every cell of this image is labelled");
+      return;
+    }
+    S.patch = patch;
+    const extent = [patch.x0, S.H - patch.y1, patch.x1, S.H - patch.y0];
+    patchSource.clear();
+    patchSource.addFeature(new Feature(new Polygon([[
+      [extent[0], extent[1]], [extent[2], extent[1]], [extent[2], extent[3]], [extent[0], extent[3]], [extent[0], extent[1]],
+    ]])));
+    map.getView().fit(extent, { padding: [20, 20, 20, 20] });
+    say(`patch x ${patch.x0}–${patch.x1}, y ${patch.y0}–${patch.y1}: ${patch.count} suggested cells`);
+  } catch (err) {
+    say(`next patch unavailable: ${errorText(err)}`, true);
+  } finally {
+    $("classify-next-patch").disabled = false;
+  }
+}
+
+// -- classifier status (polled) ------------------------------------------------------------------
+let polling = false;
+async function pollStatus() {
+  if (polling || typeof S.annotate.classifier_status !== "function") return;
+  polling = true;
+  try {
+    const status = await withTimeout(S.annotate.classifier_status(S.ctx.token), LIMITS.status, "the classifier");
+    S.status = status;
+    if (status.version > S.version) {
+      S.version = status.version;
+      // a retrain finished: new suggestions for the view, once the labels being sent are in
+      if (S.labelling) S.staleSuggestions = true;
+      else await loadSuggestions();
+    }
+  } catch (err) {
+    S.status = { ...(S.status || {}), error: errorText(err) };
+  } finally {
+    polling = false;
+    showProgress();
+  }
+}
+
+// -- images ---------------------------------------------------------------------------------------
+async function showImage(image) {
+  S.generation++;
+  S.image = image;
+  S.cells.clear();
+  S.labels.clear();
+  S.suggestions.clear();
+  S.selected.clear();
+  S.nCells = S.nLabelled = null;
+  S.patch = null;
+  cellSource.clear();
+  patchSource.clear();
+  $("classify-image").value = image.image_id;
+  document.body.dataset.state = "loading";
+  overlay("loading image…");
+  const [H, W] = image.shape;
+  S.W = W;
+  S.H = H;
+  const level = pickLevel(image);
+  const pixels = await withTimeout(S.annotate.get_image(S.ctx.token, image.image_id, null, level), LIMITS.image,
+    "the image service");
+  const canvas = toCanvas(pixels);
+  const blob = await new Promise((ok) => canvas.toBlob(ok, "image/png"));
+  const extent = [0, 0, W, H];
+  const projection = new Projection({ code: `colabel-classify-${image.image_id}`, units: "pixels", extent });
+  imageLayer.setSource(new ImageStatic({
+    url: URL.createObjectURL(blob), projection, imageExtent: extent, interpolate: level > 0,
+  }));
+  const view = new View({ projection, center: getCenter(extent), maxZoom: 10 });
+  map.setView(view);
+  view.fit(extent, { padding: [10, 10, 10, 10] }); // its moveend loads the cells of the view
+  overlay("");
+  showProgress();
+  if (typeof S.annotate.cells !== "function") {
+    say("cell classification needs the nuclei and classifier model services, which this provider does not run",
+      true);
+    document.body.dataset.state = "ready";
+  }
+}
+
+// -- input ----------------------------------------------------------------------------------------
+function onClick(e) {
+  const hit = map.forEachFeatureAtPixel(e.pixel, (f) => f, { layerFilter: (l) => l === cellLayer, hitTolerance: 2 });
+  const id = hit ? hit.get("cell_id") : null;
+  if (!e.originalEvent.shiftKey) S.selected.clear();
+  if (id !== null && id !== undefined) {
+    if (S.selected.has(id)) S.selected.delete(id);
+    else S.selected.add(id);
+    const s = S.suggestions.get(id);
+    const label = S.labels.get(id);
+    say(`cell ${id}: ${label ? `labelled ${label}` : s ? `suggested ${s.class} (${(100 * s.confidence).toFixed(0)}%)`
+      : "unlabelled"}; press a class number`);
+  }
+  cellLayer.changed();
+}
+
+function onKey(e) {
+  if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
+  if ($("name-dialog") && $("name-dialog").open) return;
+  if (/^[1-9]$/.test(e.key)) labelSelected(Number(e.key) - 1);
+  else if (e.key === "a") acceptAllVisible();
+  else if (e.key === "p") nextPatch();
+  else if (e.key === "Escape") {
+    S.selected.clear();
+    cellLayer.changed();
+  }
+}
+
+/** Runs the classification page: `{ctx, annotate, session, key, assignment}` from the annotator page's join. */
+export async function runClassification({ ctx, annotate, session, key, assignment }) {
+  Object.assign(S, { ctx, annotate, session, key, classes: session.classes });
+  document.body.classList.add("classify-mode");
+  $("classify").hidden = false;
+  $("session-name").textContent = session.name;
+  $("position").textContent = "cell classification";
+  map = new Map({ target: "classify-map", layers: [imageLayer, cellLayer, patchLayer] });
+  map.on("click", onClick);
+  map.on("moveend", scheduleView);
+  document.addEventListener("keydown", onKey);
+  $("classify-accept").addEventListener("click", acceptAllVisible);
+  $("classify-next-patch").addEventListener("click", nextPatch);
+  $("classify-next-patch").hidden = typeof annotate.next_patch !== "function";
+  S.images = (await annotate.list_images(ctx.token)).filter((im) => !im.error && im.shape);
+  $("classify-image").replaceChildren(...S.images.map((im) => el("option", { value: im.image_id }, im.name)));
+  $("classify-image").addEventListener("change", async (e) => {
+    const image = S.images.find((im) => im.image_id === e.target.value);
+    if (image) await showImage(image).catch((err) => overlay(errorText(err)));
+  });
+  showProgress();
+  pollStatus();
+  setInterval(pollStatus, POLL_MS);
+  const first = (assignment && assignment.image) || S.images[0];
+  if (!first) {
+    overlay("this session has no readable images");
+    document.body.dataset.state = "done";
+    return;
+  }
+  await showImage(first);
+}
+
+// for tests and debugging: viewport pixel of an image point [x, y] (image rows down), the state
+window.colabelClassify = {
+  S, visibleSuggestions, viewRegion: () => viewRegion(),
+  get map() { return map; },
+  pixelOf: (x, y) => {
+    const [px, py] = map.getPixelFromCoordinate([x, S.H - y]);
+    const r = map.getTargetElement().getBoundingClientRect();
+    return [r.left + px, r.top + py];
+  },
+  /** Viewport pixel of a point inside the cell's outline (its centroid may lie outside a concave one). */
+  cellPixel: (id) => {
+    const geometry = S.cells.get(id).feature.getGeometry();
+    const polygon = geometry instanceof MultiPolygon ? geometry.getPolygon(0) : geometry;
+    const [x, y] = polygon.getInteriorPoint().getCoordinates();
+    const [px, py] = map.getPixelFromCoordinate([x, y]);
+    const r = map.getTargetElement().getBoundingClientRect();
+    return [r.left + px, r.top + py];
+  },
+};

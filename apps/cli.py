@@ -17,7 +17,7 @@ from pathlib import Path
 
 from colabel import __version__
 
-DEFAULT_CLASSES = "nucleus:#e6194b,other:#3cb44b"
+DEFAULT_CLASSES = "nucleus:#e69f00,other:#56b4e9"  # Okabe-Ito: colour-blind safe
 
 
 class CliError(Exception):
@@ -26,7 +26,8 @@ class CliError(Exception):
 
 def parse_classes(text: str) -> list[dict]:
     """``"tumor:#ff0000,stroma:#00ff00"`` -> ``[{"name": "tumor", "color": "#ff0000"}, ...]``."""
-    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+    # Okabe-Ito: colour-blind safe
+    palette = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000"]
     classes = []
     for i, item in enumerate(p for p in text.split(",") if p.strip()):
         name, _, color = item.partition(":")
@@ -345,7 +346,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not images:
         raise CliError(f"no labelled images in {args.pulled}")
     print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects) ...")
-    trained = train_segmenter(images, masks, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed)
+    trained = train_segmenter(images, masks, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed,
+                              crop=args.crop, maps=args.maps, tta=not args.no_flips)
     path = trained.save(Path(args.out))
     print(f"saved {path}")
     if args.bioimageio:
@@ -355,6 +357,50 @@ def cmd_train(args: argparse.Namespace) -> int:
                                     description=f"U-Net nucleus segmenter trained with colabel on {len(images)} "
                                     "annotated images", test_image=images[0])
         print(f"bioimage.io package {package}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """Train the HALS classifier head on a pulled set's classified cells; save it with its record."""
+    import time
+
+    from tqdm import tqdm
+
+    from colabel.services.training.classifier_training import (
+        cell_features,
+        check_class_counts,
+        read_pulled_cells,
+        train_classifier,
+    )
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out} exists; pass --overwrite to replace it")
+    cells = read_pulled_cells(Path(args.pulled), annotator=args.annotator)
+    counts = ", ".join(f"{name} {n}" for name, n in cells.class_counts().items())
+    print(f"{cells.n_cells} classified cells in {len(cells.labels)} images ({counts}); "
+          f"{cells.skipped_unclassified} without a class skipped")
+    check_class_counts(cells.class_counts())
+    start = time.perf_counter()
+    with tqdm(total=cells.n_cells, desc="features (EfficientNet-Lite0)", unit="cell",
+              disable=args.quiet) as bar:
+        features, labels = cell_features(cells, progress=lambda done, total: bar.update(done - bar.n))
+    feature_seconds = time.perf_counter() - start
+    print(f"training {args.members} heads on {len(labels)} cells ...")
+    trained = train_classifier(features, labels, cells.classes, n_members=args.members, seed=args.seed,
+                               training_set_version=cells.version(),
+                               metrics={"n_images": len(cells.labels), "feature_seconds": round(feature_seconds, 2),
+                                        "feature_dim": int(features.shape[1]),
+                                        "features": "HALS cell features (ClassifierService.features with labels): "
+                                        "EfficientNet-Lite0 (ImageNet) on nucleus-scaled patches + measurements",
+                                        "sources": [list(s) for s in cells.sources]})
+    path = trained.save(out)
+    print(f"validation accuracy {trained.metrics['val_accuracy']:.3f} (mean of {args.members} heads, each on its "
+          f"own held-out 25 %); training-set version {trained.training_set_version}")
+    print(f"saved {path} and {path.name}.json")
+    if args.install:
+        model_id = trained.install(Path(args.install))
+        print(f"installed in the HALS classifier store {args.install}: model_id {model_id}")
     return 0
 
 
@@ -427,19 +473,45 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(func=cmd_pull)
 
     train = commands.add_parser("train", help="train a segmenter on a pulled set, for pre-annotation",
-                                description="Train a small U-Net (BCE + Dice, random crops and flips, CPU) on the "
-                                "images and masks of a pulled set (consensus masks where several annotators "
-                                "labelled an image); `colabel serve --preannotate MODEL` then offers its outlines.")
+                                description="Train a small U-Net (BCE + Dice, random crops, flips and rotations, "
+                                "CPU) on the images and masks of a pulled set (consensus masks where several "
+                                "annotators labelled an image). It predicts foreground, boundary and centre maps; "
+                                "nuclei are seeded on the centre map's peaks, so touching nuclei stay apart. "
+                                "`colabel serve --preannotate MODEL` then offers its outlines.")
     train.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
     train.add_argument("--out", required=True, help="model file to write")
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--ensemble", type=int, default=1, help="K models for pixel uncertainty (default 1)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--crop", type=int, default=128, help="training crop side in pixels (default 128)")
+    train.add_argument("--maps", type=int, default=3, choices=(2, 3),
+                       help="3: foreground, boundary and centre maps (default); 2: foreground and boundary only")
+    train.add_argument("--no-flips", action="store_true", help="predict without test-time flips (4x faster)")
     train.add_argument("--annotator", default=None, help="train on this annotator's masks instead of consensus")
     train.add_argument("--bioimageio", default=None, metavar="DIR", help="also export a bioimage.io package")
     train.add_argument("--name", default="colabel-unet", help="model name in the bioimage.io package")
     train.add_argument("--author", default="colabel user", help="author in the bioimage.io package")
     train.set_defaults(func=cmd_train)
+
+    classify = commands.add_parser(
+        "train-classifier", help="train the HALS cell classifier on a pulled set's cell classes",
+        description="Read the classified cells of a pulled set (cells.csv and labels.zarr from colabel pull), compute "
+        "the HALS service's cell features (EfficientNet-Lite0 with ImageNet weights on patches scaled to the nuclei, "
+        "plus per-nucleus measurements), train the "
+        "HALS head ensemble and save it (.npz) with a .json record: classes, training-set version, validation "
+        "accuracy, cells per class. Every class needs at least 2 classified cells.")
+    classify.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
+    classify.add_argument("--out", required=True, help="classifier file to write (.npz)")
+    classify.add_argument("--annotator", default=None,
+                          help="use this annotator's cells (default: the first annotator of each image)")
+    classify.add_argument("--members", type=int, default=5, help="heads in the ensemble (default 5)")
+    classify.add_argument("--seed", type=int, default=0)
+    classify.add_argument("--install", default=None, metavar="CACHE_DIR",
+                          help="also put it into the model store of a HALS classifier service with this cache "
+                          "folder (its predict(model_id, ...) then uses it); prints the model_id")
+    classify.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    classify.add_argument("--quiet", action="store_true", help="no progress bar")
+    classify.set_defaults(func=cmd_train_classifier)
 
     report = commands.add_parser("report", help="print a session's HALS workload and effectiveness",
                                  description="Read FOLDER/annotations/sessions/SESSION/events.jsonl and print the "

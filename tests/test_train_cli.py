@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -38,10 +39,16 @@ def test_train_on_a_pulled_set_then_preannotate_an_unsaved_image(tmp_path):
     done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    trained = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(model), "--epochs", "3"],
-                             capture_output=True, text=True, timeout=300)
+    package = tmp_path / "package"
+    trained = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(model), "--epochs", "3",
+                              "--bioimageio", str(package)], capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert model.is_file() and "training on 1 images" in trained.stdout
+    record = json.loads((tmp_path / "unet.pt.json").read_text())
+    assert record["config"]["out_channels"] == 3 and record["config"]["tta"] is True  # centre map, test-time flips
+    # the exported package (validated with bioimageio.spec during export when it is installed) names the 3 maps
+    description = (package / "bioimageio.yaml").read_text()
+    assert "centre" in description and "boundary" in description
 
     preannotator = PreAnnotator(provider, model)
     ihc = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
@@ -53,3 +60,81 @@ def test_train_on_a_pulled_set_then_preannotate_an_unsaved_image(tmp_path):
     with pytest.raises(Exception, match="unknown image id"):
         asyncio.run(preannotator.pre_annotation(info, "img-0000000000000000"))
     assert np.isfinite(len(proposal["features"]))
+
+
+def _ihc_pulled_set(tmp_path, classes_named):
+    """A real pulled set: the IHC image's classical nuclei, each classed by its mean DAB optical density
+    (rgb2hed channel 2) against Otsu's threshold, saved by an annotator and pulled from the folder."""
+    from skimage.color import rgb2hed
+    from skimage.filters import threshold_otsu
+
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.services.nuclei import measure_nuclei, segment_nuclei
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="ki67", classes=[{"name": "negative", "color": "#0000ff"},
+                                                            {"name": "positive", "color": "#ff0000"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    ihc = next(r for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    image = provider.get_image(ihc.image_id, session=info)
+    labels, nuclei = measure_nuclei(segment_nuclei(image).labels)
+    dab = rgb2hed(image[..., :3])[..., 2]
+    means = np.asarray([dab[labels == k].mean() for k in range(1, len(nuclei) + 1)])
+    truth = np.where(means > threshold_otsu(means), "positive", "negative")
+    features = [{"type": "Feature", "geometry": n.polygon,
+                 "properties": {"classification": {"name": classes_named(str(c))}}}
+                for n, c in zip(nuclei, truth, strict=True)]
+    provider.save_annotation(info, ihc.image_id, annotator.annotator_id,
+                             {"type": "FeatureCollection", "features": features})
+    pulled = tmp_path / "pulled"
+    done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return pulled, truth
+
+
+def test_train_classifier_on_pulled_cell_classes_and_serve_it_from_the_hals_store(tmp_path):
+    from colabel.services.hals.service import ClassifierService
+    from colabel.services.training.classifier_training import TrainedClassifier, cell_features, read_pulled_cells
+
+    pulled, truth = _ihc_pulled_set(tmp_path, lambda c: c)
+    out, store = tmp_path / "models" / "ki67.npz", tmp_path / "hals-cache"
+    done = subprocess.run([*COLABEL, "train-classifier", str(pulled), "--out", str(out), "--install", str(store)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "features (EfficientNet-Lite0)" in done.stderr  # progress bar
+    record = json.loads((tmp_path / "models" / "ki67.npz.json").read_text())
+    counts = {c: int((truth == c).sum()) for c in ("negative", "positive")}
+    assert record["classes"] == ["negative", "positive"]
+    assert record["metrics"]["class_counts"] == counts and record["metrics"]["n_cells"] == len(truth)
+    assert record["metrics"]["val_accuracy"] > 0.8  # DAB-positive vs negative is visible in the patches
+    assert len(record["training_set_version"]) == 16
+
+    model = TrainedClassifier.load(out)
+    cells = read_pulled_cells(pulled)
+    features, labels = cell_features(cells)
+    names, confidence = model.predict(features)
+    assert np.mean(np.asarray(names) == np.asarray(model.classes)[labels]) > 0.85
+    assert ((confidence >= 0.5) & (confidence <= 1)).all()
+    # the HALS classifier service answers with the installed model
+    model_id = done.stdout.split("model_id ")[-1].strip()
+    served = ClassifierService(cache_dir=str(store)).predict(model_id, features)
+    assert [model.classes[c] for c in served["classes"]] == names
+
+    again = subprocess.run([*COLABEL, "train-classifier", str(pulled), "--out", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_train_classifier_refuses_a_class_without_cells_and_writes_nothing(tmp_path):
+    pulled, _ = _ihc_pulled_set(tmp_path, lambda c: "negative")  # every cell labelled "negative"
+    out = tmp_path / "head.npz"
+    done = subprocess.run([*COLABEL, "train-classifier", str(pulled), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "'positive' has 0" in done.stderr and "at least 2" in done.stderr
+    assert not out.exists() and not (tmp_path / "head.npz.json").exists()
+    not_pulled = subprocess.run([*COLABEL, "train-classifier", str(tmp_path), "--out", str(out)],
+                                capture_output=True, text=True, timeout=60)
+    assert not_pulled.returncode == 2 and "not a pulled set" in not_pulled.stderr

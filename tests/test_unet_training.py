@@ -79,18 +79,31 @@ def test_predict_labels_and_ensemble_uncertainty(trained, dsb):
 def test_tiled_prediction_covers_large_images(trained, dsb):
     image = dsb[0][:200, :150]
     probs = trained.predict_probabilities(image, tile=96, overlap=16)  # 3 x 2 tiles
-    assert probs.shape == (2, 2, 200, 150) and np.isfinite(probs).all()
+    assert probs.shape == (2, 3, 200, 150) and np.isfinite(probs).all()  # foreground, boundary, centre
     assert probs.min() >= 0 and probs.max() <= 1
     whole = trained.predict_probabilities(image, tile=256)
     # tiles see less context and GroupNorm statistics per tile: close, not identical
     assert np.abs(probs - whole).mean() < 0.1
 
 
-def test_rgb_8bit_training_and_prediction(dsb):
+def test_test_time_flips_average_four_predictions(trained, dsb):
+    image = dsb[0][:64, :96]
+    plain = trained.predict_probabilities(image, tta=False)
+    flipped = trained.predict_probabilities(image[:, ::-1], tta=False)[..., ::-1]
+    averaged = trained.predict_probabilities(image, tta=True)
+    assert averaged.shape == plain.shape == (2, 3, 64, 96)
+    assert not np.allclose(plain, flipped, atol=1e-4)  # the network is not flip-invariant by itself
+    assert np.abs(averaged - plain).max() > 1e-4 and np.abs(averaged - flipped).max() > 1e-4
+    assert trained.config["tta"] is True
+    np.testing.assert_allclose(trained.predict_probabilities(image), averaged)  # the model's default
+
+
+def test_rgb_8bit_training_and_prediction_of_a_two_map_model(dsb):
     grey = (dsb[0][:64, :64].astype(np.float32) / dsb[0].max() * 255).astype(np.uint8)
     rgb = np.stack([grey, grey // 2, grey], axis=-1)
-    model = train_segmenter([rgb], [dsb[1][:64, :64]], epochs=1, crop=32, batch_size=2, progress=False)
-    assert model.config["in_channels"] == 3
+    model = train_segmenter([rgb], [dsb[1][:64, :64]], epochs=1, crop=32, batch_size=2, maps=2, progress=False)
+    assert model.config["in_channels"] == 3 and model.output_names == ["foreground", "boundary"]
+    assert model.predict_probabilities(rgb).shape == (1, 2, 64, 64)
     labels, _ = model.predict(rgb)
     assert labels.shape == (64, 64)
     with pytest.raises(InvalidInputError, match="channel"):
@@ -129,7 +142,7 @@ def test_export_bioimageio_package(trained, dsb, tmp_path):
     spec = importlib.util.spec_from_file_location("packaged_unet", folder / "unet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    net = module.UNetEnsemble(members=2, in_channels=1, out_channels=2, channels=trained.config["channels"])
+    net = module.UNetEnsemble(members=2, in_channels=1, out_channels=3, channels=trained.config["channels"])
     net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
     raw = np.load(folder / "test_input.npy")
     x = normalize_image(raw[0, 0])[None]
@@ -159,6 +172,8 @@ def test_export_bioimageio_package(trained, dsb, tmp_path):
 def test_bad_training_input(images, masks, message):
     with pytest.raises(InvalidInputError, match=message):
         train_segmenter(images, masks, epochs=1, progress=False)
+    with pytest.raises(InvalidInputError, match="maps must be 2"):
+        train_segmenter([np.zeros((32, 32))], [np.ones((32, 32), np.uint16)], epochs=1, maps=4, progress=False)
 
 
 def test_probabilities_to_labels_separates_touching_objects():
@@ -169,3 +184,53 @@ def test_probabilities_to_labels_separates_touching_objects():
     labels = probabilities_to_labels(fg, boundary, min_size=5)
     assert labels.max() == 2 and labels[10, 10] != labels[10, 30]
     assert (labels[5:15, 5:35] > 0).all()
+
+
+def _touching_pairs(mask: np.ndarray) -> set[tuple[int, int]]:
+    pairs = set()
+    for dy, dx in ((0, 1), (1, 0)):
+        a, b = mask[: mask.shape[0] - dy, : mask.shape[1] - dx], mask[dy:, dx:]
+        touch = (a > 0) & (b > 0) & (a != b)
+        pairs |= {tuple(sorted(p)) for p in zip(a[touch].tolist(), b[touch].tolist(), strict=True)}
+    return pairs
+
+
+def test_centre_seeds_keep_every_touching_dsb_nucleus_apart(dsb):
+    """The post-processing on the exact maps of the hand-labelled DSB2018 mask: each of its 21 touching pairs of
+    nuclei must come out as two objects (a merge of any pair fails)."""
+    from skimage.filters import gaussian
+
+    from colabel.services.nuclei import match_instances
+    from colabel.services.training.segmenter_training import training_targets
+
+    mask = dsb[1]
+    pairs = _touching_pairs(mask)
+    assert len(pairs) == 21
+    fg, boundary, centre = training_targets(mask)
+    # a network's maps are smooth: blur them, and give no help from the boundary map
+    fg, centre = gaussian(fg, 1.0), gaussian(centre, 1.0)
+    labels = probabilities_to_labels(fg, np.zeros_like(fg), centre, min_size=5)
+    for a, b in pairs:
+        la = np.bincount(labels[mask == a]).argmax()
+        lb = np.bincount(labels[mask == b]).argmax()
+        assert la > 0 and lb > 0 and la != lb, f"touching nuclei {a} and {b} were merged"
+    tp, fp, fn = match_instances(mask, labels, iou=0.5)
+    assert tp >= 122 and fp + fn <= 5, (tp, fp, fn)  # all but a few of the 125
+    # the same maps without the centre map (the 2-map rule with a blurred boundary) merge touching pairs
+    merged = probabilities_to_labels(fg, np.zeros_like(fg), min_size=5)
+    assert any(np.bincount(merged[mask == a]).argmax() == np.bincount(merged[mask == b]).argmax() for a, b in pairs)
+
+
+def test_training_targets_centre_map_peaks_once_per_object():
+    from colabel.services.training.segmenter_training import training_targets
+
+    yy, xx = np.mgrid[:40, :60]
+    mask = np.zeros((40, 60), np.uint16)
+    mask[(yy - 20) ** 2 + (xx - 20) ** 2 < 12 ** 2] = 1
+    mask[((yy - 20) ** 2 + (xx - 40) ** 2 < 12 ** 2) & (mask == 0)] = 2  # touches object 1 between x = 31 and 32
+    fg, boundary, centre = training_targets(mask)
+    assert centre.max() == 1 and centre[mask == 0].max() == 0
+    assert centre[mask == 1].max() == 1 and centre[mask == 2].max() == 1 and centre[20, 31:33].max() < 0.2
+    assert boundary[20, 31] == 1 and boundary[20, 32] == 1
+    labels = probabilities_to_labels(fg, np.zeros_like(fg), centre, min_size=5)
+    assert labels.max() == 2 and labels[20, 20] != labels[20, 40]

@@ -8,7 +8,7 @@ The package is a folder with
   (the mean sigmoid of the ensemble members, so the output is probabilities), with ``unet.py`` -- the
   architecture source, which imports only torch -- as ``architecture``;
 * ``test_input.npy`` (``(1, C, H, W)`` float32, raw intensities) and ``test_output.npy``
-  (``(1, 2, H, W)`` float32 foreground / boundary probabilities);
+  (``(1, M, H, W)`` float32: foreground, boundary and, for 3-map models, centre probabilities);
 * ``cover.png`` (2:1, image | prediction), ``documentation.md``, ``LICENSE.md``.
 
 Preprocessing is declared as bioimage.io ``ensure_dtype`` + ``scale_range`` (percentiles 1 / 99.8 per
@@ -87,7 +87,8 @@ def _cover(image_chw: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> byte
 
 def _validation_text(metrics: dict) -> str:
     evaluation = metrics.get("evaluation")
-    lines = [f"Final training loss (BCE + Dice, summed over both maps): {metrics.get('final_loss', float('nan')):.4f}."]
+    loss = metrics.get("final_loss", float("nan"))
+    lines = [f"Final training loss (BCE over every map + Dice over foreground and boundary): {loss:.4f}."]
     if evaluation:
         lines.append("Held-out evaluation recorded with the model: "
                      + ", ".join(f"{k} = {v}" for k, v in evaluation.items()) + ".")
@@ -100,26 +101,18 @@ def _validation_text(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _documentation(name: str, description: str, trained: TrainedSegmenter, channel_names: list[str]) -> str:
-    cfg, metrics = trained.config, trained.metrics
-    return f"""# {name}
-
-{description}
-
-## Model
-
-A small U-Net ({len(cfg['channels'])} levels, widths {cfg['channels']}, GroupNorm) predicting two maps,
-as probabilities: **foreground** (channel 0) and **object boundary** (channel 1, the inner rim of every
-object). {len(trained.state_dicts)} network(s) trained from different seeds; the output is the mean of
-their sigmoid outputs.
-
-Input: `(batch, channel, y, x)` with channels {channel_names}; y and x multiples of
-{2 ** (len(cfg['channels']) - 1)}. Preprocessing: per-channel percentile scaling
-`(x - p{PERCENTILES[0]:g}) / (p{PERCENTILES[1]:g} - p{PERCENTILES[0]:g} + {EPS:g})`.
-
-## From probabilities to nuclei (not part of the bioimage.io description)
-
-```python
+def _postprocessing(cfg: dict) -> str:
+    if cfg["out_channels"] >= 3:
+        return f"""```python
+from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+fg, centre = probabilities[0, 0], ndi.gaussian_filter(probabilities[0, 2], 1.0)
+seeds, _ = ndi.label(h_maxima(centre, {cfg.get('centre_h', 0.1)}) & (fg > {cfg['threshold']}))
+labels = watershed(-centre, markers=seeds, mask=fg > {cfg['threshold']})
+# then: unseeded foreground components become objects, objects < {cfg['min_size']} px are removed
+```"""
+    return f"""```python
 from scipy import ndimage as ndi
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
@@ -129,7 +122,36 @@ distance = ndi.gaussian_filter(ndi.distance_transform_edt(interior), 1.0)
 seeds, _ = ndi.label(h_maxima(distance, 1.0) & interior)
 labels = watershed(-distance, markers=seeds, mask=fg > {cfg['threshold']})
 # then: unseeded foreground components become objects, objects < {cfg['min_size']} px are removed
-```
+```"""
+
+
+_MAP_TEXT = {"foreground": "**foreground** (channel 0)",
+             "boundary": "**object boundary** (channel 1, the inner rim of every object)",
+             "centre": "**centre** (channel 2, each object's distance to its outside divided by its maximum: "
+                       "1 at the centre)"}
+
+
+def _documentation(name: str, description: str, trained: TrainedSegmenter, channel_names: list[str]) -> str:
+    cfg, metrics = trained.config, trained.metrics
+    maps = trained.output_names
+    tta = " Test-time flips are colabel's own (not part of this description)." if cfg.get("tta") else ""
+    return f"""# {name}
+
+{description}
+
+## Model
+
+A small U-Net ({len(cfg['channels'])} levels, widths {cfg['channels']}, GroupNorm) predicting {len(maps)} maps,
+as probabilities: {", ".join(_MAP_TEXT[m] for m in maps)}. {len(trained.state_dicts)} network(s) trained
+from different seeds; the output is the mean of their sigmoid outputs.{tta}
+
+Input: `(batch, channel, y, x)` with channels {channel_names}; y and x multiples of
+{2 ** (len(cfg['channels']) - 1)}. Preprocessing: per-channel percentile scaling
+`(x - p{PERCENTILES[0]:g}) / (p{PERCENTILES[1]:g} - p{PERCENTILES[0]:g} + {EPS:g})`.
+
+## From probabilities to nuclei (not part of the bioimage.io description)
+
+{_postprocessing(cfg)}
 
 `colabel.services.training.segmenter_training.probabilities_to_labels` implements it.
 
@@ -269,10 +291,11 @@ def export_bioimageio(
             }],
             "outputs": [{
                 "id": "probabilities",
-                "description": "channel 0: foreground probability; channel 1: object-boundary probability",
+                "description": "; ".join(f"channel {k}: {m} probability"
+                                         for k, m in enumerate(trained.output_names)),
                 "axes": [
                     {"type": "batch"},
-                    {"type": "channel", "channel_names": ["foreground", "boundary"]},
+                    {"type": "channel", "channel_names": trained.output_names},
                     *({"type": "space", "id": axis, "size": {"tensor_id": "raw", "axis_id": axis}, "halo": HALO}
                       for axis in ("y", "x")),
                 ],
@@ -295,6 +318,8 @@ def export_bioimageio(
                 "training_set_version": trained.training_set_version,
                 "threshold": cfg["threshold"],
                 "min_size": cfg["min_size"],
+                "centre_h": cfg.get("centre_h"),
+                "test_time_flips": bool(cfg.get("tta", False)),
                 "postprocessing": "seeded watershed: colabel.services.training.segmenter_training."
                                   "probabilities_to_labels",
                 "train_seconds": trained.metrics.get("train_seconds"),

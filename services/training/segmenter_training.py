@@ -52,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = "colabel.unet-segmenter/1"
+OUTPUT_MAPS = ("foreground", "boundary", "centre")
 PERCENTILES = (1.0, 99.8)
 EPS = 1e-6
 
@@ -126,20 +127,52 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
     return ((chw - lo[:, None, None]) / (hi - lo + EPS)[:, None, None]).astype(np.float32)
 
 
-def training_targets(mask: np.ndarray) -> np.ndarray:
-    """The two target maps of an instance mask: ``(2, H, W)`` float32 foreground and inner boundary.
+def training_targets(mask: np.ndarray, maps: int = 3) -> np.ndarray:
+    """The target maps of an instance mask: ``(maps, H, W)`` float32 in ``[0, 1]``.
+
+    * 0 **foreground**: the pixel belongs to an object;
+    * 1 **boundary**: the inner rim of an object (``find_boundaries(mode="inner")``), also where two touch;
+    * 2 **centre** (when ``maps == 3``): the distance (px) to the nearest pixel outside the object, divided
+      by the object's largest such distance: 1 at each object's centre, falling to ``1 / max`` at its rim, so two
+      touching objects have two separate peaks (whose peaks seed :func:`probabilities_to_labels`).
 
     Examples
     --------
     >>> m = np.zeros((5, 5), np.uint16); m[1:4, 1:4] = 1
     >>> training_targets(m)[1].astype(int)[2].tolist()
     [0, 1, 0, 1, 0]
+    >>> training_targets(m)[2][2].round(2).tolist()
+    [0.0, 0.5, 1.0, 0.5, 0.0]
     """
     from skimage.segmentation import find_boundaries
 
+    if maps not in (2, 3):
+        raise InvalidInputError(f"maps must be 2 (foreground, boundary) or 3 (+ centre), got {maps}")
     fg = mask > 0
     boundary = find_boundaries(mask, mode="inner") & fg
-    return np.stack([fg, boundary]).astype(np.float32)
+    out = [fg.astype(np.float32), boundary.astype(np.float32)]
+    if maps == 3:
+        out.append(centre_map(mask))
+    return np.stack(out).astype(np.float32)
+
+
+def centre_map(mask: np.ndarray) -> np.ndarray:
+    """Per-object normalised inner distance of an instance mask, ``(H, W)`` float32 in ``[0, 1]``.
+
+    Each object's Euclidean distance transform (to the nearest pixel not of that object, image edges
+    excluded) divided by its maximum; 0 on the background.
+    """
+    centre = np.zeros(mask.shape, np.float32)
+    for label, box in enumerate(ndi.find_objects(mask), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        inside = mask[box] == label
+        distance = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+        peak = distance.max()
+        if peak > 0:
+            centre[box] = np.where(inside, distance / peak, centre[box])
+    return centre
 
 
 def training_set_version(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> str:
@@ -159,27 +192,42 @@ _content_version = training_set_version  # train_segmenter's keyword of the same
 def probabilities_to_labels(
     foreground: np.ndarray,
     boundary: np.ndarray,
+    centre: np.ndarray | None = None,
     *,
     threshold: float = 0.5,
     min_size: int = 20,
     h: float = 1.0,
+    centre_h: float = 0.1,
+    edge_min_size: int | None = None,
 ) -> np.ndarray:
-    """Instances from foreground and boundary probabilities by a seeded watershed.
+    """Instances from the predicted maps by a seeded watershed.
 
-    The object interiors are ``foreground - boundary > threshold`` (inside ``foreground > threshold``).
-    Their distance transform, smoothed (Gaussian, sigma 1 px), has one peak per object even where two
-    interiors still touch through a thin neck; its ``h``-maxima are the seeds, grown by a watershed on the
-    negated distance inside the foreground. Foreground components without a seed become one object each;
-    objects smaller than ``min_size`` pixels are dropped. (Seeding on the interior's connected components
-    instead merged touching nuclei: 39 % vs 25 % objects to fix in ``bench/pretrain.py``.)
+    With a **centre** map (3-map models): the centre map is smoothed (Gaussian, sigma 1 px); its
+    ``centre_h``-maxima inside the foreground (one peak per object, even where two objects' foregrounds
+    merge) are the seeds, grown by a watershed on the negated smoothed centre inside
+    ``foreground > threshold``. (A fixed level, ``centre > 0.5``, as seeds split noisy cores: 54 % vs 21 %
+    objects to fix in ``bench/pretrain.py`` on one model.)
+
+    Without it (2-map models): the object interiors are ``foreground - boundary > threshold``; the
+    ``h``-maxima of their smoothed (Gaussian, sigma 1 px) distance transform are the seeds, grown by a
+    watershed on the negated distance inside the foreground.
+
+    Either way, foreground components without a seed become one object each, and objects smaller than
+    ``min_size`` pixels are dropped; objects touching the image border are kept down to ``edge_min_size``
+    pixels (the visible part of a nucleus cut by a tile edge can be a sliver).
 
     Parameters
     ----------
     foreground, boundary : ndarray (H, W), float in [0, 1]
+    centre : ndarray (H, W), float in [0, 1], optional
     threshold : float, default 0.5
     min_size : int, default 20
     h : float, default 1.0
-        Minimum height (pixels of distance) of a peak to seed its own object; larger merges more.
+        2-map models: minimum height (pixels of distance) of a peak to seed its own object.
+    centre_h : float, default 0.1
+        3-map models: minimum height of a centre peak (in centre units, 0..1) to seed its own object.
+    edge_min_size : int, optional
+        Smallest object touching the image border, in pixels (default: ``min_size``).
 
     Returns
     -------
@@ -189,11 +237,16 @@ def probabilities_to_labels(
     from skimage.segmentation import relabel_sequential, watershed
 
     fg = foreground > threshold
-    interior = (foreground - boundary > threshold) & fg
-    distance = ndi.gaussian_filter(ndi.distance_transform_edt(interior), 1.0)
-    seeds, _ = ndi.label(h_maxima(distance, h) & interior) if interior.any() else (None, 0)
-    if seeds is not None and seeds.any():
-        labels = watershed(-distance, markers=seeds, mask=fg)
+    if centre is not None:
+        smooth = ndi.gaussian_filter(np.asarray(centre, np.float32), 1.0)
+        seeds, n_seeds = ndi.label(h_maxima(smooth, centre_h) & fg)
+        relief = -smooth
+    else:
+        interior = (foreground - boundary > threshold) & fg
+        relief = -ndi.gaussian_filter(ndi.distance_transform_edt(interior), 1.0)
+        seeds, n_seeds = ndi.label(h_maxima(-relief, h) & interior) if interior.any() else (None, 0)
+    if n_seeds:
+        labels = watershed(relief, markers=seeds, mask=fg)
     else:
         labels = np.zeros(fg.shape, np.int32)
     orphans, n_orphans = ndi.label(fg & (labels == 0))
@@ -201,7 +254,11 @@ def probabilities_to_labels(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     if labels.any():
         sizes = np.bincount(labels.ravel())
-        labels[sizes[labels] < min_size] = 0
+        smallest = np.full(sizes.shape, min_size)
+        if edge_min_size is not None:
+            edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+            smallest[edge] = edge_min_size
+        labels[sizes[labels] < smallest[labels]] = 0
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(np.uint32)
 
@@ -257,11 +314,19 @@ class TrainedSegmenter:
         return module.eval()
 
     # -- inference
-    def predict_probabilities(self, image: np.ndarray, *, tile: int = 256, overlap: int = 32) -> np.ndarray:
-        """Per-member probabilities, ``(K, 2, H, W)`` float32 (foreground, boundary), by tiled inference.
+    @property
+    def output_names(self) -> list[str]:
+        """The names of the output maps: ``foreground``, ``boundary`` (and ``centre`` for 3-map models)."""
+        return list(OUTPUT_MAPS[: self.config["out_channels"]])
+
+    def predict_probabilities(self, image: np.ndarray, *, tile: int = 256, overlap: int = 32,
+                              tta: bool | None = None) -> np.ndarray:
+        """Per-member probabilities, ``(K, M, H, W)`` float32 (the :attr:`output_names` maps), tiled.
 
         The image is normalised once as a whole; tiles of ``tile`` pixels overlap by ``overlap`` and only
         their central part (``overlap // 2`` away from inner tile edges) is kept, averaged where cores meet.
+        With ``tta`` (default: the model's ``config["tta"]``) every tile is also predicted flipped left-right,
+        up-down and both, and the four un-flipped outputs are averaged (4x the inference time).
         """
         import torch
 
@@ -283,7 +348,9 @@ class TrainedSegmenter:
         x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
         H, W = x.shape[1:]
         t_h, t_w = min(tile, H), min(tile, W)
-        out = np.zeros((len(self.state_dicts), 2, H, W), np.float32)
+        out = np.zeros((len(self.state_dicts), self.config["out_channels"], H, W), np.float32)
+        tta = self.config.get("tta", False) if tta is None else tta
+        flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
         count = np.zeros((H, W), np.float32)
         half = overlap // 2
         with torch.inference_mode():
@@ -295,7 +362,8 @@ class TrainedSegmenter:
                     c = c0 + (half if c0 > 0 else 0)
                     d = c0 + t_w - (half if c0 + t_w < W else 0)
                     for k, net in enumerate(self.networks()):
-                        p = torch.sigmoid(net(patch))[0].numpy()
+                        p = sum(torch.sigmoid(net(patch.flip(f))).flip(f) if f else torch.sigmoid(net(patch))
+                                for f in flips)[0].numpy() / len(flips)
                         out[k, :, a:b, c:d] += p[:, a - r0:b - r0, c - c0:d - c0]
                     count[a:b, c:d] += 1
         out /= count
@@ -320,8 +388,9 @@ class TrainedSegmenter:
         """
         probs = self.predict_probabilities(image, tile=tile, overlap=overlap)
         mean = probs.mean(axis=0)
-        labels = probabilities_to_labels(mean[0], mean[1], threshold=self.config["threshold"],
-                                         min_size=self.config["min_size"])
+        labels = probabilities_to_labels(mean[0], mean[1], mean[2] if len(mean) > 2 else None,
+                                         threshold=self.config["threshold"], min_size=self.config["min_size"],
+                                         centre_h=self.config.get("centre_h", 0.1))
         uncertainty = probs[:, 0].std(axis=0).astype(np.float32)
         return labels, uncertainty
 
@@ -384,12 +453,13 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ train
 def _loss(logits, target):
+    """BCE over every map + soft Dice over foreground and boundary (the centre map is a soft target)."""
     import torch.nn.functional as F
 
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = logits.sigmoid()
-    inter = (p * target).sum(dim=(0, 2, 3))
-    dice = 1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3)) + 1)
+    p, t = logits[:, :2].sigmoid(), target[:, :2]
+    inter = (p * t).sum(dim=(0, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(0, 2, 3)) + t.sum(dim=(0, 2, 3)) + 1)
     return bce + dice.mean()
 
 
@@ -424,6 +494,9 @@ def train_segmenter(
     channels: Sequence[int] = (16, 32, 64, 128),
     threshold: float = 0.5,
     min_size: int = 20,
+    maps: int = 3,
+    centre_h: float = 0.1,
+    tta: bool = True,
     training_set_version: str | None = None,
     progress: bool | Callable[[int, int], None] = True,
 ) -> TrainedSegmenter:
@@ -451,8 +524,13 @@ def train_segmenter(
         Number of networks; ``>= 2`` gives a non-zero uncertainty map.
     channels : sequence of int
         U-Net widths (see :class:`~colabel.services.training.unet.UNet`).
-    threshold, min_size
+    threshold, min_size, centre_h
         Post-processing (see :func:`probabilities_to_labels`), stored with the model.
+    maps : int, default 3
+        Output maps: 3 = foreground, boundary and centre (instances seeded on the centre map's cores);
+        2 = foreground and boundary only (seeds from the distance transform of the interiors).
+    tta : bool, default True
+        Predict with test-time flips (stored with the model; see :meth:`TrainedSegmenter.predict_probabilities`).
     training_set_version : str, optional
         The annotations' version (e.g. the datastore's); a content hash by default.
     progress : bool or callable
@@ -476,6 +554,8 @@ def train_segmenter(
             raise InvalidInputError(f"{name} must be a positive integer, got {value}")
     if not lr > 0:
         raise InvalidInputError(f"lr must be > 0, got {lr}")
+    if maps not in (2, 3):
+        raise InvalidInputError(f"maps must be 2 (foreground, boundary) or 3 (+ centre), got {maps}")
     div = 2 ** (len(channels) - 1)
     crop = int(crop) // div * div
     if crop < div:
@@ -483,7 +563,7 @@ def train_segmenter(
 
     xs, ys = [], []
     for image, mask in zip(imgs, labs, strict=True):
-        x, y = normalize_image(image), training_targets(mask)
+        x, y = normalize_image(image), training_targets(mask, maps)
         pad = ((0, 0), (0, max(0, crop - x.shape[1])), (0, max(0, crop - x.shape[2])))
         xs.append(np.pad(x, pad, mode="symmetric"))
         ys.append(np.pad(y, pad, mode="symmetric"))
@@ -508,7 +588,7 @@ def train_segmenter(
     for member in range(int(ensemble)):
         torch.manual_seed(seed + member)
         rng = np.random.default_rng(seed + member)
-        net = UNet(in_channels, 2, channels)
+        net = UNet(in_channels, maps, channels)
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
@@ -535,8 +615,9 @@ def train_segmenter(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    config = {"in_channels": in_channels, "out_channels": 2, "channels": [int(c) for c in channels],
+    config = {"in_channels": in_channels, "out_channels": int(maps), "channels": [int(c) for c in channels],
               "ensemble": int(ensemble), "threshold": float(threshold), "min_size": int(min_size),
+              "centre_h": float(centre_h), "tta": bool(tta),
               "percentiles": list(PERCENTILES), "epochs": int(epochs), "crop": crop,
               "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "steps": steps}
     metrics = {"train_seconds": round(seconds, 2), "loss_history": histories,

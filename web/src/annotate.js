@@ -142,7 +142,9 @@ const map = new Map({
   interactions: defaultInteractions({ shiftDragZoom: false }), // shift-drag draws SAM boxes
 });
 // `click`, not the default `singleclick`: selects at once instead of after the double-click delay
-const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true), condition: click });
+// hit detection uses the last rendered frame: a feature removed since then is never selected
+const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true), condition: click,
+  filter: (f) => source.hasFeature(f) });
 const modify = new Modify({ features: select.getFeatures() });
 const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
 let draw = null;
@@ -235,8 +237,19 @@ function restore(text) {
   if (text === null) return;
   select.getFeatures().clear();
   resetSam();
-  source.clear();
-  source.addFeatures(JSON.parse(text).features.map(geoJSONToFeature).filter(Boolean));
+  // features kept across the undo are updated in place, not replaced: a click before the next frame is
+  // rendered hits the features of the last frame, and those must still be the ones in the source
+  const wanted = JSON.parse(text).features.map(geoJSONToFeature).filter(Boolean);
+  const keep = new Set(wanted.map((f) => f.getId()));
+  for (const f of source.getFeatures()) if (!keep.has(f.getId())) source.removeFeature(f);
+  for (const f of wanted) {
+    const have = source.getFeatureById(f.getId());
+    if (!have) source.addFeature(f);
+    else {
+      have.setGeometry(f.getGeometry());
+      have.set("cls", f.get("cls"));
+    }
+  }
   showUndo();
   saver.changed();
 }

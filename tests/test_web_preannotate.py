@@ -1,0 +1,123 @@
+"""Pre-annotations in the browser: a provider started with a trained segmenter's proposals; the annotator opens
+an unsaved image, sees the proposals, deletes one and classifies another, and the saved version holds exactly
+the corrected set (real Hypha server, real provider services, headless Chromium; see web_support)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import tifffile
+from web_support import CLASSES, browser, page, screenshot  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    """A small U-Net trained for ~1 minute of CPU on the DSB2018 image with its 125 hand-drawn nuclei."""
+    torch = pytest.importorskip("torch")
+    from colabel.services.training.segmenter_training import train_segmenter
+    from conftest import DATA
+
+    torch.set_num_threads(2)
+    image, mask = tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
+    model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), seed=0,
+                            tta=False, progress=False)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny-unet.pt")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def preannotate_stack(hypha_server, tmp_path, tiny_segmenter):
+    """A provider registered with a PreAnnotator over the tiny model (what `colabel serve --preannotate` does)."""
+    import secrets
+
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.preannotate import PreAnnotator
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+    from conftest import make_image_folder
+
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    provider = DataProvider(make_image_folder(tmp_path / "images"))
+    preannotator = PreAnnotator(provider, tiny_segmenter)
+    services = ProviderServices(provider, server, name=f"p{secrets.token_hex(3)}", public_url=hypha_server.url,
+                                preannotator=preannotator)
+    await services.register()
+    yield provider, services, preannotator
+    await server.disconnect()
+
+
+def _inside(feature: dict) -> tuple[float, float]:
+    from shapely.geometry import shape
+
+    point = shape(feature["geometry"]).representative_point()
+    return point.x, point.y
+
+
+async def _click_image(page, x: float, y: float) -> None:
+    px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+    await page.mouse.click(px, py)
+
+
+async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(preannotate_stack, page, tmp_path):
+    provider, services, preannotator = preannotate_stack
+    dsb = next(im.image_id for im in provider.list_images() if im.name == "dsb2018_nuclei.tif")
+    session, secret = provider.create_session(name="pre", classes=CLASSES, image_ids=[dsb])
+    proposed = (await preannotator.pre_annotation(session, dsb))["features"]  # what the page will be sent
+    assert len(proposed) >= 20, "the trained model should propose most of the 125 nuclei"
+    image_dir = tmp_path / "images" / "annotations" / "sessions" / session.session_id / "images" / dsb
+
+    await page.goto(services.share_url(secret))
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", "Pre Annotator")
+    await page.click("#join")
+    await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    await page.wait_for_function("document.getElementById('save-status').textContent.includes('pre-annotations')")
+    assert await page.text_content("#save-status") == f"{len(proposed)} pre-annotations: edit, then save"
+    assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed)
+    assert not list(image_dir.glob("*/*.geojson")), "proposals must not be stored before the annotator saves"
+    await screenshot(page, tmp_path, "preannotate-proposed")
+
+    # delete the largest proposal: the first save holds all the others
+    from shapely.geometry import shape
+
+    doomed = max(proposed, key=lambda f: shape(f["geometry"]).area)
+    await page.keyboard.press("e")
+    await _click_image(page, *_inside(doomed))
+    await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
+    await page.keyboard.press("Delete")
+    await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v1'",
+                                 timeout=15_000)
+    (annotator_dir,) = image_dir.iterdir()
+    first = json.loads((annotator_dir / "v000001.geojson").read_text())["features"]
+    assert len(first) == len(proposed) - 1
+    x, y = _inside(doomed)
+    labels = tifffile.imread(next(annotator_dir.glob("v000001-*.tif")))
+    assert labels[int(y), int(x)] == 0  # the deleted outline is gone from the label image too
+
+    # classify another proposal as "other": the second save holds it with that class
+    kept = next(f for f in proposed if f is not doomed and np.hypot(*np.subtract(_inside(f), (x, y))) > 20)
+    await _click_image(page, *_inside(kept))
+    await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
+    await page.keyboard.press("2")
+    await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v2'",
+                                 timeout=15_000)
+    await screenshot(page, tmp_path, "preannotate-corrected")
+    second = json.loads((annotator_dir / "v000002.geojson").read_text())["features"]
+    assert len(second) == len(proposed) - 1
+    classified = [f for f in second if (f["properties"].get("classification") or {}).get("name") == "other"]
+    assert len(classified) == 1
+    kx, ky = _inside(kept)
+    labels = tifffile.imread(next(annotator_dir.glob("v000002-*.tif")))
+    assert labels[int(ky), int(kx)] > 0
+    assert all(f["properties"]["objectType"] == "annotation" for f in second)  # a human's, once saved
+
+    # reopening the image shows the saved set, not the proposals again
+    await page.reload()
+    await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    assert await page.text_content("#save-status") == "saved v2"
+    assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed) - 1

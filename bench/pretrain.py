@@ -45,7 +45,6 @@ from colabel.services.training.segmenter_training import (  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "colabel" / "data"
 TRAIN_TILES = (0, 3, 5, 10, 12, 15)  # spread over the image: corners and the middle
-EDGE_MIN_SIZE = 4  # px: objects touching a tile edge kept down to this size (a nucleus cut by the edge)
 
 
 def tiles(image: np.ndarray, mask: np.ndarray, size: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -66,7 +65,7 @@ def fix_rate(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
             "f1": 2 * tp / max(2 * tp + fp + fn, 1)}
 
 
-def evaluate(model, test, *, members: list[int], tta: bool, rule: str, edge_min_size: int | None = None) -> dict:
+def evaluate(model, test, *, members: list[int], tta: bool, rule: str) -> dict:
     """Fix rate of the mean probabilities of ``members`` of ``model`` on the ``test`` tiles."""
     cfg = model.config
     pairs, start = [], time.perf_counter()
@@ -74,8 +73,7 @@ def evaluate(model, test, *, members: list[int], tta: bool, rule: str, edge_min_
         p = model.predict_probabilities(im, tta=tta)[members].mean(axis=0)
         centre = p[2] if rule == "centre" and len(p) > 2 else None
         pairs.append((m, probabilities_to_labels(p[0], p[1], centre, threshold=cfg["threshold"],
-                                                 min_size=cfg["min_size"], centre_h=cfg["centre_h"],
-                                                 edge_min_size=edge_min_size)))
+                                                 min_size=cfg["min_size"], centre_h=cfg["centre_h"])))
     return {**fix_rate(pairs), "predict_seconds_per_tile": (time.perf_counter() - start) / len(test)}
 
 
@@ -144,12 +142,11 @@ def main() -> None:
     results["single_fix_rate_max"] = float(np.max(rates))
     rows.append({"method": f"U-Net single, mean of {len(runs)}", "fix_rate": f"{np.mean(rates):.1%}",
                  "reduction": f"{1 - np.mean(rates):.1%}", "train_s": f"{train_s / args.ensemble:.0f}"})
-    variants = {"ensemble_flips": ("flips", True, rule, None), "ensemble_no_flips": ("no flips", False, rule, None),
-                "ensemble_flips_edge": ("flips, edge slivers kept", True, rule, EDGE_MIN_SIZE)}
+    variants = {"ensemble_flips": ("flips", True, rule), "ensemble_no_flips": ("no flips", False, rule)}
     if args.maps == 3:
-        variants["ensemble_flips_2map_rule"] = ("flips, 2-map rule", True, "boundary", None)
-    for key, (label, tta, how, edge) in variants.items():
-        result = evaluate(model, test, members=list(range(args.ensemble)), tta=tta, rule=how, edge_min_size=edge)
+        variants["ensemble_flips_2map_rule"] = ("flips, 2-map rule", True, "boundary")
+    for key, (label, tta, how) in variants.items():
+        result = evaluate(model, test, members=list(range(args.ensemble)), tta=tta, rule=how)
         results[key] = result
         rows.append({"method": f"U-Net ensemble K={args.ensemble}, {label}", **_row(result),
                      "train_s": f"{train_s:.0f}"})

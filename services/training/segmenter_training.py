@@ -198,7 +198,6 @@ def probabilities_to_labels(
     min_size: int = 20,
     h: float = 1.0,
     centre_h: float = 0.1,
-    edge_min_size: int | None = None,
 ) -> np.ndarray:
     """Instances from the predicted maps by a seeded watershed.
 
@@ -213,8 +212,7 @@ def probabilities_to_labels(
     watershed on the negated distance inside the foreground.
 
     Either way, foreground components without a seed become one object each, and objects smaller than
-    ``min_size`` pixels are dropped; objects touching the image border are kept down to ``edge_min_size``
-    pixels (the visible part of a nucleus cut by a tile edge can be a sliver).
+    ``min_size`` pixels are dropped.
 
     Parameters
     ----------
@@ -226,8 +224,6 @@ def probabilities_to_labels(
         2-map models: minimum height (pixels of distance) of a peak to seed its own object.
     centre_h : float, default 0.1
         3-map models: minimum height of a centre peak (in centre units, 0..1) to seed its own object.
-    edge_min_size : int, optional
-        Smallest object touching the image border, in pixels (default: ``min_size``).
 
     Returns
     -------
@@ -254,11 +250,7 @@ def probabilities_to_labels(
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     if labels.any():
         sizes = np.bincount(labels.ravel())
-        smallest = np.full(sizes.shape, min_size)
-        if edge_min_size is not None:
-            edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-            smallest[edge] = edge_min_size
-        labels[sizes[labels] < smallest[labels]] = 0
+        labels[sizes[labels] < min_size] = 0
     labels, _, _ = relabel_sequential(labels)
     return labels.astype(np.uint32)
 

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
+SMALL_RESULT = 1000  # outline vertices: results up to this size are "typical" (a nucleus or a cell)
 SMALL = {"image_size": 512, "embed_dim": 128, "depth": 4, "num_heads": 4, "global_attn_indexes": (1, 3),
          "window_size": 14}
 
@@ -132,8 +133,14 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     def prompt(k):
         return prompts[k % clicks]
 
+    vertices: dict[int, int] = {}  # round -> outline vertices in the result (what the transport carries)
+
+    async def in_process_click(k):
+        result = await asyncio.to_thread(local.segment, embedding_id, None, prompt(k), [1], None)
+        vertices[k] = _vertices(result)
+
     paths = await time_alternating_async({
-        "in_process": lambda k: asyncio.to_thread(local.segment, embedding_id, None, prompt(k), [1], None),
+        "in_process": in_process_click,
         "via_model_service": lambda k: sam.segment(embedding_id, None, prompt(k), [1], None),
         "via_annotator_service": lambda k: annotator.sam_segment(token, image_id, {"points": prompt(k), "labels": [1]}),
         "via_annotator_service_hypha_loopback": lambda k: annotator_looped.sam_segment(
@@ -142,6 +149,18 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     in_process, via_service, via_annotator, via_loopback = (
         paths[k] for k in ("in_process", "via_model_service", "via_annotator_service",
                            "via_annotator_service_hypha_loopback"))
+
+    # the overhead click by click (same prompt, same round), split by the size of the result: hypha-rpc's
+    # Python decoder walks nested lists element by element (about 1.5 us per coordinate)
+    rounds = sorted(vertices)[-len(in_process.samples_ms):]  # the timed rounds, after the warm-up
+    sizes = np.array([vertices[k] for k in rounds])
+    by_size = {}
+    for label, path in (("model_service", via_service), ("annotator_path", via_annotator)):
+        diff = np.subtract(path.samples_ms, in_process.samples_ms)
+        by_size[label] = {
+            f"vertices_le_{SMALL_RESULT}": Timing(list(diff[sizes <= SMALL_RESULT])).as_dict(),
+            f"vertices_gt_{SMALL_RESULT}": Timing(list(diff[sizes > SMALL_RESULT])).as_dict(),
+        }
 
     # ten annotators open the same new image at once: encoder passes
     other_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
@@ -189,12 +208,22 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "overhead_annotator_path_p95_ms": round(via_annotator.p95 - in_process.p95, 2),
         "overhead_annotator_path_hypha_loopback_median_ms": round(via_loopback.median - in_process.median, 2),
         "overhead_annotator_path_hypha_loopback_p95_ms": round(via_loopback.p95 - in_process.p95, 2),
+        "overhead_click_by_click_by_result_size": by_size,
+        "result_vertices_median": int(np.median(sizes)), "result_vertices_max": int(sizes.max()),
         "embedding_miss_ms": round(miss_ms, 1),
         "embedding_memory_hit": hit.as_dict(),
         "embedding_disk_hit_ms": round(disk_hit_ms, 1),
         "encoder_passes_for_10_annotators_same_image": passes,
         "concurrent_20_clients": {**crowd.as_dict(), "errors": errors, "clicks_per_s": round(len(latencies) / wall, 1)},
     }
+
+
+def _vertices(result: dict) -> int:
+    """Outline vertices in a segment result's GeoJSON features."""
+    def count(coords) -> int:
+        return len(coords) if coords and not isinstance(coords[0][0], list) else sum(count(c) for c in coords)
+
+    return sum(count(f["geometry"]["coordinates"]) for f in result.get("features", []))
 
 
 def bench_nuclei(repeats: int = 7, baseline: str | None = None) -> dict:
@@ -275,6 +304,10 @@ def print_sam(sam: dict) -> None:
         {"measure": "overhead vs in process, annotator path with the Hypha loopback",
          "median ms": sam["overhead_annotator_path_hypha_loopback_median_ms"],
          "p95 ms": sam["overhead_annotator_path_hypha_loopback_p95_ms"]},
+        *({"measure": f"overhead click by click, {path.replace('_', ' ')}, results "
+                      f"{'<=' if size.startswith('vertices_le') else '>'} {SMALL_RESULT} vertices (n={t['n']})",
+           "median ms": t["median_ms"], "p95 ms": t["p95_ms"]}
+          for path, split in sam["overhead_click_by_click_by_result_size"].items() for size, t in split.items()),
         {"measure": "embedding: miss (encoder pass)", "median ms": sam["embedding_miss_ms"], "p95 ms": ""},
         {"measure": "embedding: memory hit", "median ms": sam["embedding_memory_hit"]["median_ms"],
          "p95 ms": sam["embedding_memory_hit"]["p95_ms"]},
@@ -286,7 +319,8 @@ def print_sam(sam: dict) -> None:
          "median ms": sam["concurrent_20_clients"]["median_ms"], "p95 ms": sam["concurrent_20_clients"]["p95_ms"]},
     ]
     print_table(f"SAM service ({sam['backend']}; model image 512, random weights; CPU; clicks alternate between "
-                "the four paths)", rows, ["measure", "median ms", "p95 ms"])
+                f"the four paths; result outlines: median {sam['result_vertices_median']} vertices, max "
+                f"{sam['result_vertices_max']})", rows, ["measure", "median ms", "p95 ms"])
 
 
 def print_nuclei(n: dict) -> None:

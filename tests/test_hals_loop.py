@@ -23,8 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 CLASSES = [{"name": "positive", "color": "#8b4513"}, {"name": "negative", "color": "#1e90ff"}]
 
 
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def loop_stack(hypha_server, tmp_path_factory):
+async def start_hals_provider(hypha_server, tmp_path_factory, prefix: str) -> dict:
+    """A provider with the HALS functions registered on Hypha, backed by real nuclei, classifier and Coreset
+    services in this process; the caller disconnects ``server``."""
     from hypha_rpc import connect_to_server
 
     from colabel.apps.provider.assist import ModelAssist
@@ -36,21 +37,26 @@ async def loop_stack(hypha_server, tmp_path_factory):
     from colabel.services.nuclei.service import NucleiService
 
     folder = make_image_folder(tmp_path_factory.mktemp("images"))
-    name = f"h{secrets.token_hex(3)}"
+    name = f"{prefix}{secrets.token_hex(3)}"
     server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
     backends = {"nuclei": LocalBackend("nuclei", NucleiService()),
                 "classifier": LocalBackend("classifier", ClassifierService(str(tmp_path_factory.mktemp("hals")))),
                 "coreset": LocalBackend("coreset", CoresetService())}
     ids = await register_model_services(server, backends, prefix=name)
     provider = DataProvider(folder)
-    assist = ModelAssist(provider, server, ids)
-    hals = HalsAssist(assist)
-    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url, assist=assist, hals=hals)
+    hals = HalsAssist(ModelAssist(provider, server, ids))
+    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url, assist=hals.assist,
+                                hals=hals)
     await services.register()
-    session, token = provider.create_session(name="ki67", classes=CLASSES, mode="classification")
-    yield {"server": server, "services": services, "hals": hals, "token": token, "session": session,
-           "provider": provider, "folder": folder}
-    await server.disconnect()
+    return {"server": server, "services": services, "hals": hals, "provider": provider, "folder": folder}
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def loop_stack(hypha_server, tmp_path_factory):
+    stack = await start_hals_provider(hypha_server, tmp_path_factory, "h")
+    session, token = stack["provider"].create_session(name="ki67", classes=CLASSES, mode="classification")
+    yield {**stack, "token": token, "session": session}
+    await stack["server"].disconnect()
 
 
 def dab_truth(image: np.ndarray, cells: list[dict]) -> dict[int, str]:

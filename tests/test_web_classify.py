@@ -9,7 +9,7 @@ import secrets
 
 import pytest
 import pytest_asyncio
-from test_hals_loop import dab_truth
+from test_hals_loop import dab_truth, start_hals_provider
 from web_support import browser, new_page, page, screenshot  # noqa: F401 - fixtures
 
 from conftest import make_image_folder
@@ -23,30 +23,9 @@ CLASSES = [{"name": "positive", "color": "#8b4513"}, {"name": "negative", "color
 async def hals_stack(hypha_server, tmp_path_factory):
     """A provider with the HALS functions, backed by real nuclei, classifier and Coreset services in process."""
     pytest.importorskip("torch")
-    from hypha_rpc import connect_to_server
-
-    from colabel.apps.provider.assist import ModelAssist
-    from colabel.apps.provider.hals import HalsAssist
-    from colabel.apps.provider.provider import DataProvider
-    from colabel.apps.provider.rpc import ProviderServices
-    from colabel.services.gateway import LocalBackend, register_model_services
-    from colabel.services.hals.service import ClassifierService, CoresetService
-    from colabel.services.nuclei.service import NucleiService
-
-    folder = make_image_folder(tmp_path_factory.mktemp("images"))
-    name = f"c{secrets.token_hex(3)}"
-    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
-    backends = {"nuclei": LocalBackend("nuclei", NucleiService()),
-                "classifier": LocalBackend("classifier", ClassifierService(str(tmp_path_factory.mktemp("hals")))),
-                "coreset": LocalBackend("coreset", CoresetService())}
-    ids = await register_model_services(server, backends, prefix=name)
-    provider = DataProvider(folder)
-    hals = HalsAssist(ModelAssist(provider, server, ids))
-    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
-                                assist=hals.assist, hals=hals)
-    await services.register()
-    yield {"provider": provider, "services": services, "hals": hals, "folder": folder, "server": server}
-    await server.disconnect()
+    stack = await start_hals_provider(hypha_server, tmp_path_factory, "c")
+    yield stack
+    await stack["server"].disconnect()
 
 
 def events_of(folder, session_id: str) -> list[dict]:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from colabel.errors import InvalidInputError
+from colabel.files import atomic_write as _atomic_write
 
 __all__ = [
     "TrainedSegmenter",
@@ -420,19 +420,6 @@ class TrainedSegmenter:
         meta = json.loads(payload["meta_json"])  # JSON keeps tuples/lists/ints exactly as saved
         return cls(config=meta["config"], state_dicts=payload["state_dicts"],
                    training_set_version=meta["training_set_version"], metrics=meta["metrics"])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -296,7 +296,11 @@ async def test_sam_decoded_in_the_browser_matches_the_server_and_falls_back_to_i
     await page.wait_for_selector("body[data-sam-path=browser]", timeout=120_000)
     assert await page.text_content("#sam-status") == "SAM: in browser"
     await page.keyboard.press("s")
-    await sam_prompt(page, lambda: click_at(page, 250, 150))
+    # one point: an ambiguous prompt, answered on both paths with the best of SAM's three masks
+    single = await sam_prompt(page, lambda: click_at(page, 250, 150))
+    server_single = await services.assist.sam_segment(info, he, single["prompt"])
+    assert single["path"] == "browser" and server_single["features"]
+    assert iou(single["geometry"], server_single["features"][0]["geometry"]) > 0.97
     # two positive points (three prompt tokens with the padding point: SAM's single-mask output on both paths)
     browser_result = await sam_prompt(page, lambda: click_at(page, 320, 110))
     assert browser_result["path"] == "browser"

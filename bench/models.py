@@ -151,7 +151,7 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
                            "via_annotator_service_hypha_loopback"))
 
     # the overhead click by click (same prompt, same round), split by the size of the result: hypha-rpc's
-    # Python decoder walks nested lists element by element (about 1.5 us per coordinate)
+    # Python client munchifies received dicts, nested lists element by element (about 1.5 us per coordinate)
     rounds = sorted(vertices)[-len(in_process.samples_ms):]  # the timed rounds, after the warm-up
     sizes = np.array([vertices[k] for k in rounds])
     by_size = {}

@@ -59,7 +59,14 @@ def test_train_on_a_pulled_set_then_preannotate_an_unsaved_image(tmp_path):
     assert not list((folder / "annotations").rglob(f"images/{ihc}/*/*.geojson"))  # nothing stored
     with pytest.raises(Exception, match="unknown image id"):
         asyncio.run(preannotator.pre_annotation(info, "img-0000000000000000"))
-    assert np.isfinite(len(proposal["features"]))
+    # each image predicted once while it stays among the last max_cached
+    assert asyncio.run(preannotator.pre_annotation(info, ihc)) == proposal and preannotator.predictions == 1
+    small = PreAnnotator(provider, model, max_cached=1)
+    for image_id in (ihc, dsb, ihc):
+        asyncio.run(small.pre_annotation(info, image_id))
+    assert small.predictions == 3  # dsb pushed ihc out
+    asyncio.run(small.pre_annotation(info, ihc))
+    assert small.predictions == 3
 
 
 def _ihc_pulled_set(tmp_path, classes_named):

@@ -9,28 +9,38 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from .provider import DataProvider
 
 
 class PreAnnotator:
-    """Predictions of a saved :class:`~colabel.services.training.segmenter_training.TrainedSegmenter`."""
+    """Predictions of a saved :class:`~colabel.services.training.segmenter_training.TrainedSegmenter`.
 
-    def __init__(self, provider: DataProvider, model_path: str | Path) -> None:
+    Each image is predicted once; the last ``max_cached`` images' proposals are kept in memory (least
+    recently used dropped first). ``predictions`` counts the model runs.
+    """
+
+    def __init__(self, provider: DataProvider, model_path: str | Path, *, max_cached: int = 64) -> None:
         from colabel.services.training.segmenter_training import TrainedSegmenter
 
         self.provider = provider
         self.model_path = Path(model_path)
         self.model = TrainedSegmenter.load(self.model_path)
+        if max_cached < 1:
+            raise ValueError(f"max_cached must be at least 1, got {max_cached}")
+        self.max_cached = max_cached
+        self.predictions = 0
         self._lock = threading.Lock()
-        self._cache: dict[str, dict] = {}
+        self._cache: OrderedDict[str, dict] = OrderedDict()
 
     def _predict(self, session, image_id: str) -> dict:
         from colabel.services.nuclei import measure_nuclei
 
         with self._lock:
             if image_id in self._cache:
+                self._cache.move_to_end(image_id)
                 return self._cache[image_id]
             pixels = self.provider.get_image(image_id, session=session)
             image = self._match_channels(pixels)
@@ -40,7 +50,10 @@ class PreAnnotator:
                          "properties": {"objectType": "detection", "colabel_source": "preannotation"}}
                         for n in nuclei]
             result = {"type": "FeatureCollection", "features": features, "model": self.model_path.name}
+            self.predictions += 1
             self._cache[image_id] = result
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
             return result
 
     def _match_channels(self, pixels):

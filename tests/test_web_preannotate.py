@@ -95,6 +95,8 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     (annotator_dir,) = image_dir.iterdir()
     first = json.loads((annotator_dir / "v000001.geojson").read_text())["features"]
     assert len(first) == len(proposed) - 1
+    # the model's outlines carry no class: they take the current one (the session's first class)
+    assert {f["properties"]["classification"]["name"] for f in first} == {CLASSES[0]["name"]}
     x, y = _inside(doomed)
     labels = tifffile.imread(next(annotator_dir.glob("v000001-*.tif")))
     assert labels[int(y), int(x)] == 0  # the deleted outline is gone from the label image too
@@ -110,7 +112,7 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     second = json.loads((annotator_dir / "v000002.geojson").read_text())["features"]
     assert len(second) == len(proposed) - 1
     classified = [f for f in second if (f["properties"].get("classification") or {}).get("name") == "other"]
-    assert len(classified) == 1
+    assert len(classified) == 1 and CLASSES[1]["name"] == "other"
     kx, ky = _inside(kept)
     labels = tifffile.imread(next(annotator_dir.glob("v000002-*.tif")))
     assert labels[int(ky), int(kx)] > 0

@@ -611,7 +611,10 @@ async function showImage(assignment) {
     // a trained model's proposals, editable; stored only when the annotator saves
     try {
       const proposed = await api("pre_annotation", [state.ctx.token, image.image_id], TIMEOUT.image);
-      source.addFeatures(proposed.features.map(geoJSONToFeature).filter(Boolean));
+      const features = proposed.features.map(geoJSONToFeature).filter(Boolean);
+      // a class-less model's outlines take the current class (the first, on a new image); number keys change it
+      for (const f of features) if (!f.get("cls")) f.set("cls", state.classes[state.current]?.name);
+      source.addFeatures(features);
       saveStatus(`${proposed.features.length} pre-annotations: edit, then save`);
     } catch (err) {
       saveStatus("");

@@ -82,6 +82,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
         raise CliError(f"folder {folder} is not writable, and annotations are saved to {folder / 'annotations'}")
+    start_model = install_start_classifier(args, folder) if args.classifier else None
     provider = DataProvider(folder, config)
     unreadable = [r for r in provider.catalog.records() if r.error]
 
@@ -110,7 +111,7 @@ async def _serve(args: argparse.Namespace) -> int:
             if {"nuclei", "classifier", "coreset"} <= set(model_ids):
                 from .provider.hals import HalsAssist
 
-                hals = HalsAssist(assist)
+                hals = HalsAssist(assist, start_model=start_model)
         preannotator = None
         if args.preannotate:
             from .provider.preannotate import PreAnnotator
@@ -149,6 +150,28 @@ async def _serve(args: argparse.Namespace) -> int:
         if hypha is not None:
             await asyncio.to_thread(hypha.stop)
     return 0
+
+
+def install_start_classifier(args: argparse.Namespace, folder: Path):
+    """``--classifier HEAD``: put a classifier saved by ``colabel train-classifier`` into the store of the
+    classifier service this command runs; sessions with its classes start from it."""
+    from colabel.errors import ColabelError
+    from colabel.services.training.classifier_training import TrainedClassifier
+
+    from .provider.hals import StartModel
+
+    if args.models_url or "classifier" not in parse_models(args.models):
+        raise CliError("--classifier needs the classifier service to run here (--models with classifier, "
+                       "no --models-url)")
+    path = Path(args.classifier).expanduser()
+    try:
+        trained = TrainedClassifier.load(path)
+    except FileNotFoundError:
+        raise CliError(f"--classifier {path}: no such file") from None
+    except ColabelError as exc:
+        raise CliError(f"--classifier {path}: {exc}") from None
+    model_id = trained.install(Path(model_options(args, folder)["classifier"]["cache_dir"]))
+    return StartModel(model_id, tuple(trained.classes), path.name)
 
 
 def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
@@ -446,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")
     serve.add_argument("--preannotate", default=None, metavar="MODEL",
                        help="a segmenter saved by `colabel train`: its outlines are offered on unsaved images")
+    serve.add_argument("--classifier", default=None, metavar="HEAD",
+                       help="a classifier saved by `colabel train-classifier`: classification sessions with its "
+                       "classes (same names, same order) get suggestions from the first cell")
     add_model_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -149,6 +149,59 @@ def test_invalid_name_exits_with_one_sentence(tmp_path):
     assert result.stderr.strip().count("\n") == 0
 
 
+def test_a_start_classifier_that_is_missing_corrupt_or_remote_is_refused_before_anything_starts(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    port = str(free_port())
+    missing = run("serve", str(folder), "--port", port, "--classifier", str(tmp_path / "head.npz"))
+    assert missing.returncode == 2 and "head.npz: no such file" in missing.stderr
+    (tmp_path / "junk.npz").write_bytes(b"not a classifier")
+    corrupt = run("serve", str(folder), "--port", port, "--classifier", str(tmp_path / "junk.npz"))
+    assert corrupt.returncode == 2 and "is not a colabel classifier file" in corrupt.stderr
+    remote = run("serve", str(folder), "--port", port, "--classifier", str(tmp_path / "junk.npz"),
+                 "--models-url", "http://127.0.0.1:9")
+    assert remote.returncode == 2 and "no --models-url" in remote.stderr
+    assert not (folder / "annotations").exists()  # refused before anything was written
+
+
+def test_serve_starts_sessions_with_matching_classes_from_the_given_classifier(tmp_path, hypha_server):
+    import asyncio
+
+    import numpy as np
+    from hypha_rpc import connect_to_server
+
+    from colabel.services.training.classifier_training import train_classifier
+    from conftest import make_image_folder
+
+    rng = np.random.default_rng(0)  # the wiring, not the accuracy: random 1292-d cell features
+    head = train_classifier(rng.normal(size=(40, 1292)).astype(np.float32), np.repeat([0, 1], 20),
+                            ["tumour", "stroma"], n_members=2, training_set_version="wiring")
+    head.save(tmp_path / "head.npz")
+    folder = make_image_folder(tmp_path / "images")
+    process, printed = start_colabel(["serve", str(folder), "--server-url", hypha_server.url, "--token",
+                                      hypha_server.root_token, "--name", "started", "--no-ray", "--models",
+                                      "nuclei,classifier,coreset", "--classes", "tumour,stroma",
+                                      "--classifier", str(tmp_path / "head.npz")])
+    try:
+        assert "share_url" in printed, printed
+        token = printed["share_url"].split("#token=", 1)[1]
+
+        async def status():
+            client = await connect_to_server({"server_url": hypha_server.url})
+            service = await client.get_service(printed["annotator_service"])
+            result = await service.classifier_status(token)
+            await client.disconnect()
+            return result
+
+        result = asyncio.run(status())
+        assert result["ready"] and result["start_model"] == "head.npz" and result["n_labels"] == 0
+        assert list((folder / "annotations" / ".cache" / "hals" / "models").glob("pulled*.pkl"))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
 def test_serve_uses_model_services_run_elsewhere_with_models_url(tmp_path, hypha_server):
     """`colabel models` registers the models on one Hypha server; `colabel serve --models-url` uses them."""
     import asyncio

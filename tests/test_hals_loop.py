@@ -39,8 +39,9 @@ async def start_hals_provider(hypha_server, tmp_path_factory, prefix: str) -> di
     folder = make_image_folder(tmp_path_factory.mktemp("images"))
     name = f"{prefix}{secrets.token_hex(3)}"
     server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    hals_cache = tmp_path_factory.mktemp("hals")
     backends = {"nuclei": LocalBackend("nuclei", NucleiService()),
-                "classifier": LocalBackend("classifier", ClassifierService(str(tmp_path_factory.mktemp("hals")))),
+                "classifier": LocalBackend("classifier", ClassifierService(str(hals_cache))),
                 "coreset": LocalBackend("coreset", CoresetService())}
     ids = await register_model_services(server, backends, prefix=name)
     provider = DataProvider(folder)
@@ -48,7 +49,8 @@ async def start_hals_provider(hypha_server, tmp_path_factory, prefix: str) -> di
     services = ProviderServices(provider, server, name=name, public_url=hypha_server.url, assist=hals.assist,
                                 hals=hals)
     await services.register()
-    return {"server": server, "services": services, "hals": hals, "provider": provider, "folder": folder}
+    return {"server": server, "services": services, "hals": hals, "provider": provider, "folder": folder,
+            "hals_cache": hals_cache}
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -134,6 +136,46 @@ async def test_suggestions_start_at_the_threshold_and_retraining_follows_every_f
     assert len(patch["selected_cells"]) == 20
     assert patch["count"] == max(counts.values()) and counts[(patch["row"], patch["col"])] == patch["count"]
     assert all(truth.get(c) is not None and not any(c == d for d in start) for c in patch["selected_cells"])
+
+
+async def test_a_session_starts_from_an_installed_classifier_until_its_own_model_takes_over(loop_stack):
+    from colabel.apps.provider.hals import HalsAssist, StartModel
+    from colabel.services.training.classifier_training import train_classifier
+
+    provider, hals = loop_stack["provider"], loop_stack["hals"]
+    names = [c["name"] for c in CLASSES]
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    # a classifier trained beforehand on every other cell of the image (as `colabel train-classifier` on a
+    # pulled set does), installed into the classifier service's store
+    teach, _ = provider.create_session(name="teach", classes=CLASSES, mode="classification")
+    cells = await hals._cells(teach, image_id)
+    truth = dab_truth(provider.get_image(image_id), (await hals.cells(teach, image_id))["cells"])
+    taught, held_out = cells.ids[::2], set(cells.ids[1::2])
+    rows = [cells.index[c] for c in taught]
+    trained = train_classifier(cells.features[rows], np.array([names.index(truth[c]) for c in taught]), names,
+                               n_members=3, training_set_version="test")
+    start = StartModel(trained.install(loop_stack["hals_cache"]), tuple(names), "head.npz")
+    started = HalsAssist(hals.assist, start_model=start)
+
+    session, _ = provider.create_session(name="started", classes=CLASSES, mode="classification")
+    status = started.status(session)
+    assert status["ready"] and status["start_model"] == "head.npz" and status["n_labels"] == 0
+    shown = await started.suggestions(session, "a-1", image_id)
+    assert shown["ready"] and len(shown["suggestions"]) == len(cells.ids)  # from the first cell
+    held = [s for s in shown["suggestions"] if s["cell_id"] in held_out]
+    assert np.mean([s["class"] == truth[s["cell_id"]] for s in held]) > 0.85
+    # classes in another order: not this model's session
+    swapped, _ = provider.create_session(name="swapped", classes=CLASSES[::-1], mode="classification")
+    assert not started.status(swapped)["ready"]
+
+    # 10 labels per class: the session's own model takes over
+    by_class = {c: [i for i in cells.ids if truth[i] == c] for c in names}
+    for cell_id in [*by_class[names[0]][:10], *by_class[names[1]][:10]]:
+        result = await started.label(session, "a-1", image_id, cell_id, truth[cell_id])
+        assert result["event"] in ("suggestion_accepted", "suggestion_corrected")
+    await started.wait_for_training(session)
+    status = started.status(session)
+    assert status["ready"] and status["start_model"] is None and status["version"] == 1
 
 
 async def test_the_event_log_rebuilds_the_loop_and_feeds_the_report(loop_stack):

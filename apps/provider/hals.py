@@ -7,6 +7,11 @@ event log, which is the truth the state is rebuilt from after a restart.
 
 Policy (HALS): suggestions start once every class has ``min_labels_per_class`` labels; the classifier is
 retrained in the background after every ``retrain_every`` new labels, never blocking the annotator.
+
+A classifier trained beforehand on pulled labels (``colabel train-classifier``, installed in the classifier
+service's store) can start a session whose classes are the same, in the same order: suggestions come from
+the first cell; once the session has ``min_labels_per_class`` labels per class, the session's own model,
+trained on its labels, takes over and is retrained as usual.
 """
 
 from __future__ import annotations
@@ -37,12 +42,22 @@ class _Cells:
     index: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StartModel:
+    """A classifier installed in the classifier service's store, to start sessions with these classes."""
+
+    model_id: str
+    classes: tuple[str, ...]
+    name: str  # what the status shows, e.g. the file it came from
+
+
 @dataclass
 class _Loop:
     labels: dict[tuple[str, int], int] = field(default_factory=dict)
     order: list[tuple[str, int]] = field(default_factory=list)
     shown: dict[tuple[str, int], int] = field(default_factory=dict)
     model_id: str | None = None
+    start_model: str | None = None  # the StartModel's name while its model is the one suggesting
     version: int = 0
     changes_since_training: int = 0
     history: list[dict] = field(default_factory=list)
@@ -55,8 +70,9 @@ class HalsAssist:
     """Suggestions, labels and next-patch guidance for every session of a provider."""
 
     def __init__(self, assist: ModelAssist, *, min_labels_per_class: int = 10, retrain_every: int = 5,
-                 patch_size: int = 256, coreset_k: int = 20) -> None:
+                 patch_size: int = 256, coreset_k: int = 20, start_model: StartModel | None = None) -> None:
         self.assist = assist
+        self.start_model = start_model
         self.provider = assist.provider
         self.min_labels_per_class = min_labels_per_class
         self.retrain_every = retrain_every
@@ -96,6 +112,9 @@ class HalsAssist:
                 elif event["kind"] == "retrain":
                     loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "version") if k in event})
                     loop.version = event.get("version", loop.version)
+            start = self.start_model
+            if start is not None and start.classes == tuple(names):
+                loop.model_id, loop.start_model = start.model_id, start.name
             self._loops[session.session_id] = loop
         return loop
 
@@ -131,8 +150,9 @@ class HalsAssist:
 
     # -- training ---------------------------------------------------------------------------------
     def _maybe_retrain(self, session: SessionInfo, loop: _Loop) -> bool:
+        own = loop.model_id is not None and loop.start_model is None  # a model trained on this session
         due = self._threshold_reached(session, loop) and (
-            loop.model_id is None or loop.changes_since_training >= self.retrain_every)
+            not own or loop.changes_since_training >= self.retrain_every)
         if due and (loop.training is None or loop.training.done()):
             loop.training = asyncio.ensure_future(self._retrain(session, loop))
             return True
@@ -148,7 +168,7 @@ class HalsAssist:
             labels = np.asarray([loop.labels[k] for k in keys])
             loop.changes_since_training = 0
             report = await self.assist.call("classifier", "fit", features, labels, len(session.classes), 0)
-            loop.model_id = report["model_id"]
+            loop.model_id, loop.start_model = report["model_id"], None
             loop.version += 1
             entry = {"n_labels": len(keys), "val_accuracy": report["val_accuracy"], "version": loop.version}
             loop.history.append(entry)
@@ -283,6 +303,7 @@ class HalsAssist:
         """Live classifier state: ready, version, labels per class, validation accuracy history."""
         loop = self._loop(session)
         return {"ready": loop.model_id is not None, "version": loop.version, "n_labels": len(loop.labels),
+                "start_model": loop.start_model,
                 "per_class": self._counts(session, loop), "training": loop.training is not None,
                 "val_accuracy": loop.history[-1]["val_accuracy"] if loop.history else None,
                 "history": list(loop.history), "per_annotator": dict(loop.per_annotator),

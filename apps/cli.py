@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -186,13 +187,27 @@ def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
     sam = {"default_model": args.sam_model, "checkpoints": checkpoints}
     nuclei: dict = {"backend": args.nuclei_backend}
     if args.nuclei_checkpoint:
-        nuclei["backend_options"] = {"checkpoint": str(Path(args.nuclei_checkpoint).expanduser().resolve())}
+        nuclei["backend_options"] = {"checkpoint": nuclei_checkpoint(args.nuclei_checkpoint)}
     classifier: dict = {}
     if cache is not None:
         sam["embedding_dir"] = str(cache / "embeddings")
         nuclei["cache_dir"] = str(cache / "nuclei")
         classifier["cache_dir"] = str(cache / "hals")
     return {"sam": sam, "nuclei": nuclei, "classifier": classifier, "coreset": {}}
+
+
+def nuclei_checkpoint(text: str) -> str:
+    """``--nuclei-checkpoint``: a published name or an http(s) URL as given, a file as an absolute path."""
+    from colabel.services.nuclei.hovernet import HOVERNET_CHECKPOINTS
+
+    if text in HOVERNET_CHECKPOINTS or re.match(r"^https?://", text, flags=re.IGNORECASE):
+        return text
+    path = Path(text).expanduser().resolve()
+    if not path.is_file():
+        names = ", ".join(sorted(HOVERNET_CHECKPOINTS))
+        raise CliError(f"--nuclei-checkpoint {text!r} is neither a file, an http(s) URL, nor a published "
+                       f"checkpoint ({names})")
+    return str(path)
 
 
 def parse_models(text: str) -> list[str]:

@@ -149,6 +149,30 @@ def test_invalid_name_exits_with_one_sentence(tmp_path):
     assert result.stderr.strip().count("\n") == 0
 
 
+def test_nuclei_checkpoint_takes_a_published_name_a_url_or_an_existing_file(tmp_path):
+    from colabel.apps.cli import CliError, build_parser, model_options
+
+    def checkpoint(value):
+        args = build_parser().parse_args(["serve", str(tmp_path), "--nuclei-backend", "hovernet",
+                                          "--nuclei-checkpoint", value])
+        return model_options(args, tmp_path)["nuclei"]["backend_options"]["checkpoint"]
+
+    assert checkpoint("hovernet_pannuke_fast") == "hovernet_pannuke_fast"
+    assert checkpoint("https://example.org/w.pth") == "https://example.org/w.pth"
+    (tmp_path / "w.pth").write_bytes(b"weights")
+    assert checkpoint(str(tmp_path / "w.pth")) == str((tmp_path / "w.pth").resolve())
+    with pytest.raises(CliError, match="neither a file, an http"):
+        checkpoint(str(tmp_path / "missing.pth"))
+    folder = tmp_path / "images"
+    from conftest import make_image_folder
+
+    make_image_folder(folder)
+    refused = run("serve", str(folder), "--port", str(free_port()), "--nuclei-backend", "hovernet",
+                  "--nuclei-checkpoint", "pannuke.pth")
+    assert refused.returncode == 2 and "pannuke.pth" in refused.stderr
+    assert not (folder / "annotations").exists()
+
+
 def test_a_start_classifier_that_is_missing_corrupt_or_remote_is_refused_before_anything_starts(tmp_path):
     from conftest import make_image_folder
 

@@ -79,6 +79,7 @@ async def _serve(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
     parse_models(args.models)
     model_options(args, folder)
+    check_ray(args)
     if len(ImageCatalog(folder)) == 0:  # before anything is written into the folder
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
@@ -224,6 +225,16 @@ async def _nothing() -> None:
     return None
 
 
+def check_ray(args: argparse.Namespace) -> None:
+    """Refuse, in one sentence, to run model services on Ray when Ray Serve is not installed."""
+    import importlib.util
+
+    names = parse_models(args.models)
+    if names and not args.models_url and not args.no_ray and importlib.util.find_spec("ray") is None:
+        raise CliError("Ray Serve is not installed: pip install 'colabel[models]', or run the model services "
+                       "in this process with --no-ray")
+
+
 def start_model_backends(args: argparse.Namespace, folder: Path | None):
     """Start the model services this process runs; returns (name -> backend, async stop).
 
@@ -233,6 +244,7 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None):
     names = parse_models(args.models)
     if not names or args.models_url:
         return {}, _nothing
+    check_ray(args)
     from colabel.services.deployments import get_deployment
     from colabel.services.gateway import LocalBackend, RayBackend
 

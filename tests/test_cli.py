@@ -173,6 +173,18 @@ def test_nuclei_checkpoint_takes_a_published_name_a_url_or_an_existing_file(tmp_
     assert not (folder / "annotations").exists()
 
 
+def test_without_ray_serve_is_refused_in_one_sentence_unless_no_ray(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    no_ray = ("import sys; sys.modules['ray'] = None; from colabel.apps.cli import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", no_ray, "serve", str(folder), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Ray Serve is not installed" in result.stderr and "--no-ray" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (folder / "annotations").exists()
+
+
 def test_a_start_classifier_that_is_missing_corrupt_or_remote_is_refused_before_anything_starts(tmp_path):
     from conftest import make_image_folder
 

@@ -10,7 +10,9 @@ encoder and decoder times (random weights, same compute as the real model). One 
 alternating click by click: in process, through the model service, through the annotator service (which
 calls the model service's backend in its own process directly), and through the annotator service over
 the Hypha loopback (``ModelAssist(direct=False)``); the overheads are medians and 95th percentiles minus
-the in-process ones. Nucleus segmentation runs the real classical backend on the real DSB2018 image with
+the in-process ones, and click by click split by the size of the result. The same clicks are then sent
+through the annotator service from hypha-rpc's JavaScript client, as a browser sends them
+(``bench/sam_js_client.mjs``, Node with ``web/node_modules``; skipped when either is missing). Nucleus segmentation runs the real classical backend on the real DSB2018 image with
 its 125 hand-labelled nuclei and on scikit-image's IHC image, 512 px and tiled 2048 px; with
 ``--nuclei-baseline COMMIT`` that commit's ``services/nuclei`` is timed too, alternating call by call in
 the same process, and the ratio reported.
@@ -162,6 +164,19 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
             f"vertices_gt_{SMALL_RESULT}": Timing(list(diff[sizes > SMALL_RESULT])).as_dict(),
         }
 
+    # the annotator path as a browser takes it: the same clicks from hypha-rpc's JavaScript client (Node),
+    # after the alternating series, each against the same click's in-process time
+    js = await _js_clicks(hypha.url, services.annotator_service_id, token, image_id,
+                          [prompt(k)[0] for k in range(clicks + 2)])
+    js_client = None
+    if js is not None:
+        timing = Timing(js["latency_ms"])
+        diff = np.subtract(js["latency_ms"], in_process.samples_ms)
+        js_client = {**timing.as_dict(), "errors": js["errors"],
+                     "overhead_median_ms": round(timing.median - in_process.median, 2),
+                     "overhead_p95_ms": round(timing.p95 - in_process.p95, 2),
+                     "overhead_click_by_click": Timing(list(diff)).as_dict()}
+
     # ten annotators open the same new image at once: encoder passes
     other_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
     clients = [await (await connect_to_server({"server_url": hypha.url})).get_service(services.annotator_service_id)
@@ -209,6 +224,7 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "overhead_annotator_path_hypha_loopback_median_ms": round(via_loopback.median - in_process.median, 2),
         "overhead_annotator_path_hypha_loopback_p95_ms": round(via_loopback.p95 - in_process.p95, 2),
         "overhead_click_by_click_by_result_size": by_size,
+        "segment_via_annotator_service_js_client": js_client,
         "result_vertices_median": int(np.median(sizes)), "result_vertices_max": int(sizes.max()),
         "embedding_miss_ms": round(miss_ms, 1),
         "embedding_memory_hit": hit.as_dict(),
@@ -216,6 +232,31 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "encoder_passes_for_10_annotators_same_image": passes,
         "concurrent_20_clients": {**crowd.as_dict(), "errors": errors, "clicks_per_s": round(len(latencies) / wall, 1)},
     }
+
+
+async def _js_clicks(server_url: str, service_id: str, token: str, image_id: str, points: list) -> dict | None:
+    """Run ``bench/sam_js_client.mjs`` (Node, hypha-rpc's JavaScript client); None when Node or
+    ``web/node_modules`` is missing."""
+    import json
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("node") is None or not (root / "web" / "node_modules" / "hypha-rpc").is_dir():
+        print("Node or web/node_modules missing: the JavaScript client's clicks are not timed", flush=True)
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(points, f)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "node", "--experimental-websocket", str(root / "bench" / "sam_js_client.mjs"), server_url, service_id,
+            token, image_id, f.name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"sam_js_client.mjs failed: {err.decode()[-2000:]}")
+    (line,) = [line for line in out.decode().splitlines() if line.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def _vertices(result: dict) -> int:
@@ -308,6 +349,17 @@ def print_sam(sam: dict) -> None:
                       f"{'<=' if size.startswith('vertices_le') else '>'} {SMALL_RESULT} vertices (n={t['n']})",
            "median ms": t["median_ms"], "p95 ms": t["p95_ms"]}
           for path, split in sam["overhead_click_by_click_by_result_size"].items() for size, t in split.items()),
+        *([] if not sam.get("segment_via_annotator_service_js_client") else [
+            {"measure": "segment click, via annotator service, JavaScript client (Node, after the series; "
+                        f"errors {sam['segment_via_annotator_service_js_client']['errors']})",
+             "median ms": sam["segment_via_annotator_service_js_client"]["median_ms"],
+             "p95 ms": sam["segment_via_annotator_service_js_client"]["p95_ms"]},
+            {"measure": "overhead vs in process, annotator path, JavaScript client (target p95 <= 10 ms)",
+             "median ms": sam["segment_via_annotator_service_js_client"]["overhead_median_ms"],
+             "p95 ms": sam["segment_via_annotator_service_js_client"]["overhead_p95_ms"]},
+            {"measure": "overhead click by click, annotator path, JavaScript client",
+             "median ms": sam["segment_via_annotator_service_js_client"]["overhead_click_by_click"]["median_ms"],
+             "p95 ms": sam["segment_via_annotator_service_js_client"]["overhead_click_by_click"]["p95_ms"]}]),
         {"measure": "embedding: miss (encoder pass)", "median ms": sam["embedding_miss_ms"], "p95 ms": ""},
         {"measure": "embedding: memory hit", "median ms": sam["embedding_memory_hit"]["median_ms"],
          "p95 ms": sam["embedding_memory_hit"]["p95_ms"]},

@@ -12,7 +12,8 @@ calls the model service's backend in its own process directly), and through the 
 the Hypha loopback (``ModelAssist(direct=False)``); the overheads are medians and 95th percentiles minus
 the in-process ones, and click by click split by the size of the result. The same clicks are then sent
 through the annotator service from hypha-rpc's JavaScript client, as a browser sends them
-(``bench/sam_js_client.mjs``, Node with ``web/node_modules``; skipped when either is missing). Nucleus segmentation runs the real classical backend on the real DSB2018 image with
+(``bench/sam_js_client.mjs``, Node with ``web/node_modules``; skipped when either is missing).
+Nucleus segmentation runs the real classical backend on the real DSB2018 image with
 its 125 hand-labelled nuclei and on scikit-image's IHC image, 512 px and tiled 2048 px; with
 ``--nuclei-baseline COMMIT`` that commit's ``services/nuclei`` is timed too, alternating call by call in
 the same process, and the ratio reported.

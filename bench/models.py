@@ -6,8 +6,9 @@
 Everything runs on this machine against a real Hypha server subprocess. SAM uses a small model with
 random weights built here (no SAM weights can be downloaded offline; see shared/PLATFORM.md): the transport,
 caching and concurrency figures do not depend on the weights; ``--vit-b`` adds the ViT-B architecture's
-encoder and decoder times (random weights, same compute as the real model). One click is timed four ways,
-alternating click by click: in process, through the model service, through the annotator service (which
+encoder and decoder times (random weights, same compute as the real model). One click is timed five ways,
+alternating click by click: in process, through the model service (plain, and with its outlines packed as
+arrays as colabel's own callers receive them), through the annotator service (which
 calls the model service's backend in its own process directly), and through the annotator service over
 the Hypha loopback (``ModelAssist(direct=False)``); the overheads are medians and 95th percentiles minus
 the in-process ones, and click by click split by the size of the result. The same clicks are then sent
@@ -130,9 +131,10 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     annotator_looped = await annotator_client.get_service(looped.annotator_service_id)
     await annotator_looped.sam_prepare(token, image_id)
 
-    # the same clicks four ways, alternating click by click: in this process (in a worker thread, as the
-    # in-process backend runs it), through the model service, through the annotator service (which calls the
-    # model service's backend in this process directly), and through it with the Hypha loopback
+    # the same clicks five ways, alternating click by click: in this process (in a worker thread, as the
+    # in-process backend runs it), through the model service (plain, and packed as ModelAssist calls services
+    # running elsewhere), through the annotator service (which calls the model service's backend in this
+    # process directly), and through it with the Hypha loopback (ModelAssist over Hypha, packed)
     def prompt(k):
         return prompts[k % clicks]
 
@@ -145,12 +147,13 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
     paths = await time_alternating_async({
         "in_process": in_process_click,
         "via_model_service": lambda k: sam.segment(embedding_id, None, prompt(k), [1], None),
+        "via_model_service_packed": lambda k: _packed_segment(sam, embedding_id, prompt(k)),
         "via_annotator_service": lambda k: annotator.sam_segment(token, image_id, {"points": prompt(k), "labels": [1]}),
         "via_annotator_service_hypha_loopback": lambda k: annotator_looped.sam_segment(
             token, image_id, {"points": prompt(k), "labels": [1]}),
     }, clicks)
-    in_process, via_service, via_annotator, via_loopback = (
-        paths[k] for k in ("in_process", "via_model_service", "via_annotator_service",
+    in_process, via_service, via_packed, via_annotator, via_loopback = (
+        paths[k] for k in ("in_process", "via_model_service", "via_model_service_packed", "via_annotator_service",
                            "via_annotator_service_hypha_loopback"))
 
     # the overhead click by click (same prompt, same round), split by the size of the result: hypha-rpc's
@@ -220,6 +223,9 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "segment_via_annotator_service_hypha_loopback": via_loopback.as_dict(),
         "overhead_model_service_median_ms": round(via_service.median - in_process.median, 2),
         "overhead_model_service_p95_ms": round(via_service.p95 - in_process.p95, 2),
+        "segment_via_model_service_packed": via_packed.as_dict(),
+        "overhead_model_service_packed_median_ms": round(via_packed.median - in_process.median, 2),
+        "overhead_model_service_packed_p95_ms": round(via_packed.p95 - in_process.p95, 2),
         "overhead_annotator_path_median_ms": round(via_annotator.median - in_process.median, 2),
         "overhead_annotator_path_p95_ms": round(via_annotator.p95 - in_process.p95, 2),
         "overhead_annotator_path_hypha_loopback_median_ms": round(via_loopback.median - in_process.median, 2),
@@ -233,6 +239,14 @@ async def bench_transport(hypha, folder: Path, checkpoint: str, cache: Path, cli
         "encoder_passes_for_10_annotators_same_image": passes,
         "concurrent_20_clients": {**crowd.as_dict(), "errors": errors, "clicks_per_s": round(len(latencies) / wall, 1)},
     }
+
+
+async def _packed_segment(sam, embedding_id: str, points: list) -> dict:
+    """``segment`` as colabel's ModelAssist calls a model service running elsewhere: outlines packed as
+    arrays on the wire (``call_packed``), unpacked to the same JSON."""
+    from colabel.services.wire import unpack
+
+    return unpack(await sam.call_packed("segment", embedding_id, None, points, [1], None))
 
 
 async def _js_clicks(server_url: str, service_id: str, token: str, image_id: str, points: list) -> dict | None:
@@ -336,11 +350,14 @@ def bench_vit_b(repeats: int = 3) -> dict:
 def print_sam(sam: dict) -> None:
     rows = [{"measure": f"segment click, {k.removeprefix('segment_').replace('_', ' ')}",
              "median ms": sam[k]["median_ms"], "p95 ms": sam[k]["p95_ms"]}
-            for k in ("segment_in_process", "segment_via_model_service", "segment_via_annotator_service",
-                      "segment_via_annotator_service_hypha_loopback")]
+            for k in ("segment_in_process", "segment_via_model_service", "segment_via_model_service_packed",
+                      "segment_via_annotator_service", "segment_via_annotator_service_hypha_loopback")]
     rows += [
         {"measure": "overhead vs in process, model service (target p95 <= 10 ms)",
          "median ms": sam["overhead_model_service_median_ms"], "p95 ms": sam["overhead_model_service_p95_ms"]},
+        {"measure": "overhead vs in process, model service, packed outlines (colabel's own Python callers)",
+         "median ms": sam["overhead_model_service_packed_median_ms"],
+         "p95 ms": sam["overhead_model_service_packed_p95_ms"]},
         {"measure": "overhead vs in process, annotator path (target p95 <= 10 ms)",
          "median ms": sam["overhead_annotator_path_median_ms"], "p95 ms": sam["overhead_annotator_path_p95_ms"]},
         {"measure": "overhead vs in process, annotator path with the Hypha loopback",
@@ -372,7 +389,7 @@ def print_sam(sam: dict) -> None:
          "median ms": sam["concurrent_20_clients"]["median_ms"], "p95 ms": sam["concurrent_20_clients"]["p95_ms"]},
     ]
     print_table(f"SAM service ({sam['backend']}; model image 512, random weights; CPU; clicks alternate between "
-                f"the four paths; result outlines: median {sam['result_vertices_median']} vertices, max "
+                f"the five paths; result outlines: median {sam['result_vertices_median']} vertices, max "
                 f"{sam['result_vertices_max']})", rows, ["measure", "median ms", "p95 ms"])
 
 

@@ -179,6 +179,17 @@ async def test_the_provider_calls_its_own_model_services_directly_with_the_same_
                        ("detect_nuclei", (None, "no-such-backend"))]:
         assert await error(direct, call, *args) == await error(looped, call, *args)
 
+    # over Hypha the outlines travel packed as arrays (services/wire.py); unknown functions are refused
+    from colabel.services.wire import PACKED
+
+    nuclei_service = await in_process["server"].get_service(ids["nuclei"])
+    pixels = provider.get_image(image_id, session=session)
+    packed = await nuclei_service.call_packed("segment", pixels, region, None, None, False)
+    rings = [n["polygon"]["coordinates"][0] for n in packed["nuclei"]]
+    assert any(isinstance(r, dict) and PACKED in r for r in rings)
+    with pytest.raises(Exception, match="unknown function 'deployment_status'"):
+        await nuclei_service.call_packed("deployment_status")
+
 
 async def test_model_services_are_out_of_reach_of_share_link_holders(in_process, connect):
     client = await connect()

@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from colabel.errors import ColabelError, InvalidInputError, NotFoundError
+from colabel.services.wire import unpack
 
 from .provider import DataProvider
 
@@ -92,7 +93,8 @@ class ModelAssist:
             if backend is not None:
                 return await backend.call(method, *args)
             service = await self.service(name)
-            return await getattr(service, method)(*args)
+            # outlines come packed as arrays: hypha-rpc's Python client decodes long lists element by element
+            return unpack(await service.call_packed(method, *args))
         except ModelServiceUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -343,6 +343,32 @@ async def test_sam_decoded_in_the_browser_matches_the_server_and_falls_back_to_i
     await page.context.close()
 
 
+async def test_two_quick_sam_clicks_are_two_points_decoded_in_order_without_a_zoom(sam_stack, page, tmp_path):
+    provider, services = sam_stack
+    he, _ = he_image(provider)
+    session, secret = provider.create_session(name="quick", classes=CLASSES, image_ids=[he])
+    await join(page, services.share_url(secret) + "&decoder=full", "Quick Clicker")
+    await page.wait_for_selector("body[data-sam-path=browser]", timeout=120_000)
+    await page.keyboard.press("s")
+    resolution = await page.evaluate("window.colabel.map.getView().getResolution()")
+    (ax, ay), (bx, by) = await at(page, 250, 150), await at(page, 320, 110)
+    # within the 250 ms double-click delay: as map `singleclick`s both points were dropped and the view zoomed
+    await page.mouse.click(ax, ay)
+    await page.mouse.click(bx, by)
+    await page.wait_for_function("(window.colabel.lastSam?.prompt?.points || []).length === 2", timeout=60_000)
+    last = await page.evaluate("window.colabel.lastSam")
+    assert last["path"] == "browser" and last["geometry"], last
+    assert np.abs(np.array(last["prompt"]["points"]) - [[250, 150], [320, 110]]).max() < 1
+    assert last["prompt"]["labels"] == [1, 1]
+    assert await page.evaluate("window.colabel.map.getView().getResolution()") == resolution
+    await settled(page)
+    # one object from both points: the decode of the first point alone never replaced the newer result
+    assert await page.evaluate("window.colabel.source.getFeatures().length") == 1
+    info = provider.sessions.authorize(secret)
+    expected = await services.assist.sam_segment(info, he, last["prompt"])
+    assert iou(last["geometry"], expected["features"][0]["geometry"]) > 0.97
+
+
 def annotator_dirs(provider, session_id: str, image: str) -> dict[str, str]:
     """display name -> the annotator's folder name under the image."""
     annotators = provider.sessions.annotators(session_id)

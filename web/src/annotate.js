@@ -18,6 +18,7 @@ import Draw from "ol/interaction/Draw.js";
 import DragBox from "ol/interaction/DragBox.js";
 import Modify from "ol/interaction/Modify.js";
 import Select from "ol/interaction/Select.js";
+import DoubleClickZoom from "ol/interaction/DoubleClickZoom.js";
 import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
 import { Circle as CircleStyle, Fill, Stroke, Style } from "ol/style.js";
 import { getCenter, intersects } from "ol/extent.js";
@@ -137,10 +138,10 @@ const promptSource = new VectorSource();
 const vectorLayer = new VectorLayer({ source, style: (f) => styleOf(f) });
 const promptLayer = new VectorLayer({ source: promptSource, style: (f) => promptStyles[f.get("kind")] });
 const imageLayer = new ImageLayer();
-const map = new Map({
-  target: "map", layers: [imageLayer, vectorLayer, promptLayer],
-  interactions: defaultInteractions({ shiftDragZoom: false }), // shift-drag draws SAM boxes
-});
+const interactions = defaultInteractions({ shiftDragZoom: false }); // shift-drag draws SAM boxes
+// in SAM mode two quick clicks are two points, not a zoom
+const doubleClickZoom = interactions.getArray().find((i) => i instanceof DoubleClickZoom);
+const map = new Map({ target: "map", layers: [imageLayer, vectorLayer, promptLayer], interactions });
 // `click`, not the default `singleclick`: selects at once instead of after the double-click delay
 // hit detection uses the last rendered frame: a feature removed since then is never selected
 const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true), condition: click,
@@ -152,7 +153,8 @@ let draw = null;
 function setTool(tool) {
   if (tool === "sam" && $("tool-sam").hidden) return;
   state.tool = tool;
-  state.toolSince = performance.now(); // a click made before (reported late as a singleclick) is not a SAM point
+  state.toolSince = performance.now(); // a click made before (reported late) is not a SAM point
+  doubleClickZoom.setActive(tool !== "sam");
   for (const name of TOOLS) $(`tool-${name}`).classList.toggle("active", name === tool);
   if (draw) map.removeInteraction(draw);
   draw = null;
@@ -397,16 +399,27 @@ async function decodeSam(prompt, { browser = true } = {}) {
   return { path: "server", geometry: result.features.length ? result.features[0].geometry : null };
 }
 
-async function samUpdate() {
+// prompts are decoded one at a time, in order (a browser decoder runs one inference at a time); a prompt
+// superseded by a newer one while it waited or ran is not shown
+let samLatest = 0;
+let samQueue = Promise.resolve();
+function samUpdate() {
+  showPrompts();
+  const ticket = ++samLatest;
+  samQueue = samQueue.then(() => samDecode(ticket));
+  return samQueue;
+}
+
+async function samDecode(ticket) {
   const { points, labels, box } = state.sam;
   const seq = state.sam.seq;
   const prompt = { ...(points.length ? { points, labels } : {}), ...(box ? { box } : {}) };
-  showPrompts();
-  if (!points.length && !box) return;
+  if (ticket !== samLatest || (!points.length && !box)) return;
   $("sam-status").classList.add("busy");
   try {
     const { path, geometry } = await decodeSam(prompt);
-    if (seq !== state.sam.seq || !state.image) return; // the object was finished meanwhile
+    // the object was finished meanwhile, or a newer prompt follows
+    if (seq !== state.sam.seq || ticket !== samLatest || !state.image) return;
     window.colabel.lastSam = { path, prompt, geometry };
     window.colabel.samResults++;
     let f = state.sam.feature;
@@ -440,7 +453,9 @@ function samPoint(coordinate, negative) {
   state.sam.labels = [...state.sam.labels, negative ? 0 : 1];
   samUpdate();
 }
-map.on("singleclick", (e) => {
+// `click`, not `singleclick`: a point is decoded at once, not 250 ms later, and two clicks within the
+// double-click delay are two points (as a `singleclick` both were dropped)
+map.on("click", (e) => {
   if (e.originalEvent.timeStamp >= state.toolSince) samPoint(e.coordinate, e.originalEvent.altKey);
 });
 map.getViewport().addEventListener("contextmenu", (e) => {

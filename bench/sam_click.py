@@ -121,6 +121,7 @@ async def run(clicks: int, model: str, decoder: str = "quantized") -> dict:
                 if i >= 2:
                     timings["decoder"].samples_ms.append(decoder_ms)
                 agreement.append(_iou(answers["browser"]["geometry"], answers["server"]["geometry"]))
+            await _mouse_clicks(page, rng, clicks, width, height, timings)
             await browser.close()
         await server.disconnect()
     finally:
@@ -130,12 +131,47 @@ async def run(clicks: int, model: str, decoder: str = "quantized") -> dict:
         "model": model, "decoder": decoder, "image": [int(height), int(width)], "clicks": clicks,
         "server": server_t.as_dict(), "browser": browser_t.as_dict(),
         "browser_decoder_only": timings["decoder"].as_dict(),
+        "mouse_click_to_outline": timings["click"].as_dict(),
+        "one_point_decode_sam": timings["click_direct"].as_dict(),
         "ratio_browser_over_server_median": round(browser_t.median / server_t.median, 3),
         "page_ready_s": round(ready - start, 2),
         "browser_decoder_ready_after_page_s": round(browser_ready - ready, 2),
         "iou_browser_vs_server_median": round(float(np.median([a for a in agreement if a is not None] or [np.nan])),
                                               3),
     }
+
+
+async def _mouse_clicks(page, rng, clicks: int, width: int, height: int, timings: dict) -> None:
+    """One-point prompts by real mouse clicks in SAM mode, alternated with ``decodeSam`` on the same point.
+
+    ``click``: from the click's ``pointerdown`` (its event time) to the outline on the page, through the map's
+    event handling and the page's prompt queue; ``direct``: ``decodeSam`` called with the same prompt.
+    """
+    await page.evaluate("""() => window.colabel.map.getViewport().addEventListener(
+        "pointerdown", (e) => { window.benchDown = e.timeStamp; }, { capture: true })""")
+    await page.keyboard.press("s")
+    timings["click"], timings["click_direct"] = Timing(), Timing()
+    margin = 0.1
+    for i in range(clicks + 2):
+        x, y = float(rng.uniform(margin, 1 - margin) * width), float(rng.uniform(margin, 1 - margin) * height)
+        for kind in (("click", "direct") if i % 2 else ("direct", "click")):
+            if kind == "direct":
+                ms = await page.evaluate("""async (prompt) => {
+                    const t0 = performance.now();
+                    await window.colabel.decodeSam(prompt);
+                    return performance.now() - t0;
+                }""", {"points": [[x, y]], "labels": [1]})
+            else:
+                await page.keyboard.press("n")  # a new object: a one-point prompt
+                before = await page.evaluate("window.colabel.samResults")
+                px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+                await page.mouse.click(px, py)
+                await page.wait_for_function(f"window.colabel.samResults > {before}", timeout=60_000)
+                last = await page.evaluate("[window.colabel.lastSam, window.benchDown]")
+                assert last[0]["path"] == "browser", last[0]
+                ms = last[0]["at"] - last[1]
+            if i >= 2:
+                timings["click" if kind == "click" else "click_direct"].samples_ms.append(ms)
 
 
 def _iou(a: dict | None, b: dict | None) -> float | None:
@@ -165,6 +201,13 @@ def main() -> None:
          "ratio": result["ratio_browser_over_server_median"]},
         {"path": "  of which the ONNX decoder run", **result["browser_decoder_only"],
          "ratio": round(result["browser_decoder_only"]["median_ms"] / result["server"]["median_ms"], 3)},
+    ], ["path", "n", "median_ms", "p95_ms", "ratio"])
+    print_table("One-point prompts: a real mouse click in SAM mode (pointerdown -> outline on the page) vs "
+                "decodeSam on the same point, alternating", [
+        {"path": "decodeSam (baseline)", **result["one_point_decode_sam"], "ratio": 1.0},
+        {"path": "mouse click -> outline", **result["mouse_click_to_outline"],
+         "ratio": round(result["mouse_click_to_outline"]["median_ms"]
+                        / result["one_point_decode_sam"]["median_ms"], 3)},
     ], ["path", "n", "median_ms", "p95_ms", "ratio"])
     print(f"\npage ready {result['page_ready_s']} s; browser decoder and embedding ready "
           f"{result['browser_decoder_ready_after_page_s']} s later; median IoU browser vs server "

@@ -420,7 +420,7 @@ async function samDecode(ticket) {
     const { path, geometry } = await decodeSam(prompt);
     // the object was finished meanwhile, or a newer prompt follows
     if (seq !== state.sam.seq || ticket !== samLatest || !state.image) return;
-    window.colabel.lastSam = { path, prompt, geometry };
+    window.colabel.lastSam = { path, prompt, geometry, at: performance.now() };
     window.colabel.samResults++;
     let f = state.sam.feature;
     if (!geometry) {
@@ -437,7 +437,7 @@ async function samDecode(ticket) {
     }
     changed();
   } catch (err) {
-    window.colabel.lastSam = { path: null, prompt, error: errorText(err) };
+    window.colabel.lastSam = { path: null, prompt, error: errorText(err), at: performance.now() };
     window.colabel.samResults++;
     note(`SAM: ${errorText(err)}`, true);
   } finally {

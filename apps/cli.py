@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -48,25 +49,22 @@ def check_folder(folder: Path) -> None:
         raise CliError(f"folder {folder} is not readable")
 
 
-async def until_signalled() -> None:
-    """Wait for Ctrl-C or SIGTERM."""
+def stop_event() -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM; the handlers are installed now, before "Press Ctrl-C" is printed
+    (a SIGTERM right after that line stops the command cleanly, not by the default action)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from hypha_rpc import connect_to_server
     from pydantic import ValidationError
 
     from colabel.config import ColabelConfig
 
-    from .hypha_server import EmbeddedHypha
     from .provider.images import ImageCatalog
-    from .provider.provider import DataProvider
-    from .provider.rpc import ProviderServices
 
     try:
         config = ColabelConfig.from_env(host=args.host, port=args.port, server_url=args.server_url,
@@ -84,7 +82,37 @@ async def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
         raise CliError(f"folder {folder} is not writable, and annotations are saved to {folder / 'annotations'}")
-    start_model = install_start_classifier(args, folder) if args.classifier else None
+    trained = load_start_classifier(args) if args.classifier else None
+    with claim_folder(folder):
+        return await _run_provider(args, config, folder, classes, trained)
+
+
+@contextlib.contextmanager
+def claim_folder(folder: Path):
+    """One provider per folder (its sessions and version index live in its memory): a second ``serve`` of
+    the same folder is refused, naming the first, before it writes anything else."""
+    import datetime
+
+    from colabel.files import ClaimedElsewhere, claim_file
+
+    (folder / "annotations").mkdir(exist_ok=True)
+    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        with claim_file(folder / "annotations" / ".provider.lock", f"pid {os.getpid()}, since {since}"):
+            yield
+    except ClaimedElsewhere as held:
+        raise CliError(f"folder {folder} is already served by another colabel provider ({held.holder}); "
+                       "one provider per folder: stop that one first") from None
+
+
+async def _run_provider(args: argparse.Namespace, config, folder: Path, classes: list[dict], trained) -> int:
+    from hypha_rpc import connect_to_server
+
+    from .hypha_server import EmbeddedHypha
+    from .provider.provider import DataProvider
+    from .provider.rpc import ProviderServices
+
+    start_model = install_start_classifier(args, folder, trained) if trained is not None else None
     provider = DataProvider(folder, config)
     unreadable = [r for r in provider.catalog.records() if r.error]
 
@@ -142,8 +170,9 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"model_service_{model}: {service_id}")
         print(f"manage_url: {services.manage_url(provider_token)}")
         print(f"share_url: {services.share_url(secret)}  (session {session.name!r})")
+        stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
-        await until_signalled()
+        await stop.wait()
         print("stopping", flush=True)
         await server.disconnect()
         await stop_models()
@@ -154,26 +183,31 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def install_start_classifier(args: argparse.Namespace, folder: Path):
-    """``--classifier HEAD``: put a classifier saved by ``colabel train-classifier`` into the store of the
-    classifier service this command runs; sessions with its classes start from it."""
+def load_start_classifier(args: argparse.Namespace):
+    """``--classifier HEAD``: a classifier saved by ``colabel train-classifier``, checked before anything
+    is written (sessions with its classes start from it)."""
     from colabel.errors import ColabelError
     from colabel.services.training.classifier_training import TrainedClassifier
-
-    from .provider.hals import StartModel
 
     if args.models_url or "classifier" not in parse_models(args.models):
         raise CliError("--classifier needs the classifier service to run here (--models with classifier, "
                        "no --models-url)")
     path = Path(args.classifier).expanduser()
     try:
-        trained = TrainedClassifier.load(path)
+        return TrainedClassifier.load(path)
     except FileNotFoundError:
         raise CliError(f"--classifier {path}: no such file") from None
     except ColabelError as exc:
         raise CliError(f"--classifier {path}: {exc}") from None
+
+
+def install_start_classifier(args: argparse.Namespace, folder: Path, trained):
+    """Put ``trained`` (:func:`load_start_classifier`) into the store of the classifier service this command
+    runs; returns the :class:`StartModel` sessions start from."""
+    from .provider.hals import StartModel
+
     model_id = trained.install(Path(model_options(args, folder)["classifier"]["cache_dir"]))
-    return StartModel(model_id, tuple(trained.classes), path.name)
+    return StartModel(model_id, tuple(trained.classes), Path(args.classifier).name)
 
 
 def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
@@ -334,8 +368,9 @@ async def _models(args: argparse.Namespace) -> int:
         ids, _, _ = await register_models(args, server, backends)
         for name, service_id in ids.items():
             print(f"model_service_{name}: {service_id}", flush=True)
+        stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
-        await until_signalled()
+        await stop.wait()
         await server.disconnect()
     finally:
         await stop_backends()

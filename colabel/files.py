@@ -2,7 +2,8 @@
 
 * :func:`atomic_write`: temporary file beside the target, ``fsync``, rename (or no-clobber hard link), ``fsync``
   of the folder — readers see the old content or the new, never a part, and the write survives a crash;
-* :func:`file_lock`: an exclusive ``flock`` held across processes (and threads: one descriptor each).
+* :func:`file_lock`: an exclusive ``flock`` held across processes (and threads: one descriptor each);
+* :func:`claim_file`: the same taken without waiting, for a process's lifetime, naming its holder.
 """
 
 from __future__ import annotations
@@ -71,4 +72,39 @@ def file_lock(path: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class ClaimedElsewhere(Exception):
+    """:func:`claim_file` found the lock held; ``holder`` is what its holder wrote (``""`` if nothing)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def claim_file(path: Path, holder: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) without waiting for it.
+
+    While held, the file says ``holder`` (one line: who holds it, e.g. a pid and start time). The kernel
+    releases the lock when the holder exits, however it exits (a killed process leaves no stale claim).
+    Raises :class:`ClaimedElsewhere`, with the holder's line, when another descriptor holds it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path, encoding="utf-8", errors="replace") as held:
+                raise ClaimedElsewhere(path, held.read().strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8") + b"\n", 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
         os.close(fd)

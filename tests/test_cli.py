@@ -73,6 +73,33 @@ def test_port_in_use_exits_with_one_sentence(tmp_path):
     assert result.returncode == 2 and f"port {port}" in result.stderr and "in use" in result.stderr
 
 
+def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    serve = ["--no-ray", "--models", ""]
+    first, printed = start_colabel(["serve", str(folder), "--port", str(free_port()), *serve])
+    try:
+        assert "share_url" in printed, printed
+        written = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+        port = free_port()
+        second = run("serve", str(folder), "--port", str(port), *serve)
+        assert second.returncode == 2, second.stderr
+        assert "already served by another colabel provider" in second.stderr
+        assert f"pid {first.pid}" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert port_is_free("127.0.0.1", port)  # it started no server
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == written  # and wrote nothing
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == 0
+    third, printed = start_colabel(["serve", str(folder), "--port", str(free_port()), *serve])
+    try:
+        assert "share_url" in printed, printed  # the folder is free once the first has stopped
+    finally:
+        third.send_signal(signal.SIGTERM)
+        assert third.wait(60) == 0
+
+
 def test_token_without_server_url_is_refused(tmp_path):
     result = run("serve", str(tmp_path), "--token", "abc")
     assert result.returncode == 2 and "--server-url" in result.stderr

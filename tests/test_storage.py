@@ -127,3 +127,29 @@ def test_a_process_killed_mid_write_leaves_the_previous_content(tmp_path):
     process.wait()
     assert target.read_bytes() == b"previous version"
     assert len(list(tmp_path.glob(".manifest.json.*.tmp"))) == 1  # the torn write stayed in its temp file
+
+
+def test_a_claimed_file_names_its_holder_and_is_free_once_the_holder_is_killed(tmp_path):
+    from colabel.files import ClaimedElsewhere, claim_file
+
+    lock = tmp_path / ".provider.lock"
+    child = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from colabel.files import claim_file
+        with claim_file(Path({str(lock)!r}), "pid 1234, since noon"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(ClaimedElsewhere) as held, claim_file(lock, "second"):
+            pass
+        assert held.value.holder == "pid 1234, since noon"
+    finally:
+        process.kill()  # SIGKILL: no clean-up code runs; the kernel drops the lock
+        process.wait(10)
+    with claim_file(lock, "third"):
+        assert lock.read_text() == "third\n"
+    assert lock.read_text() == ""  # released: no holder named

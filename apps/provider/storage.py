@@ -12,8 +12,9 @@ A version is *committed* when its ``.geojson`` exists: the label TIFF is written
 each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber hard link, ``fsync`` of the
 folder). A crash at any point leaves every earlier version intact; a version number is never reused and a
 label file name is never reused, so a save can never overwrite another annotator's work or an older version.
-The record in the GeoJSON names its label file. One provider process serves a folder: the in-memory index
-sees other processes' versions only after a restart, though their writes can never collide.
+The record in the GeoJSON names its label file. One provider process serves a folder (``colabel serve``
+claims it: :func:`colabel.apps.cli.claim_folder`): the in-memory index sees other processes' versions only
+after a restart, though their writes can never collide.
 """
 
 from __future__ import annotations

@@ -278,7 +278,6 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None):
     names = parse_models(args.models)
     if not names or args.models_url:
         return {}, _nothing
-    check_ray(args)
     from colabel.services.deployments import get_deployment
     from colabel.services.gateway import LocalBackend, RayBackend
 
@@ -359,6 +358,7 @@ async def _models(args: argparse.Namespace) -> int:
     from hypha_rpc import connect_to_server
 
     args.models_url = None
+    check_ray(args)
     backends, stop_backends = start_model_backends(args, None)
     try:
         try:

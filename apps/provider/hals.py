@@ -55,7 +55,8 @@ class StartModel:
 class _Loop:
     labels: dict[tuple[str, int], int] = field(default_factory=dict)
     order: list[tuple[str, int]] = field(default_factory=list)
-    shown: dict[tuple[str, int], int] = field(default_factory=dict)
+    shown: dict[tuple[str, int], int] = field(default_factory=dict)  # the latest suggestion shown, per cell
+    offered: dict[tuple[str, int], set[int]] = field(default_factory=dict)  # every class ever suggested, per cell
     model_id: str | None = None
     start_model: str | None = None  # the StartModel's name while its model is the one suggesting
     version: int = 0
@@ -109,6 +110,7 @@ class HalsAssist:
                         loop.per_annotator[who] = loop.per_annotator.get(who, 0) + 1
                 elif event["kind"] == "suggestion_shown":
                     loop.shown[key] = names.index(event["class"]) if event.get("class") in names else -1
+                    loop.offered.setdefault(key, set()).add(loop.shown[key])
                 elif event["kind"] == "retrain":
                     loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "version") if k in event})
                     loop.version = event.get("version", loop.version)
@@ -245,14 +247,22 @@ class HalsAssist:
                                         image_id=image_id, cell_id=cells.ids[i], **{"class": names[cls]},
                                         confidence=float(prediction["confidence"][j]), version=loop.version)
                 loop.shown[key] = cls
+                loop.offered.setdefault(key, set()).add(cls)
             out.append({"cell_id": cells.ids[i], "class": names[cls],
                         "confidence": float(prediction["confidence"][j]),
                         "uncertainty": float(prediction["uncertainty"][j])})
         return {"ready": True, "version": loop.version, "labels_needed": needed, "suggestions": out}
 
     async def label(self, session: SessionInfo, annotator_id: str, image_id: str, cell_id: Any,
-                    class_name: str) -> dict:
+                    class_name: str, suggested_class: str | None = None) -> dict:
         """Label a cell: an accepted or corrected suggestion when one was shown for it, else a manual label.
+
+        ``suggested_class`` is the suggestion the annotator saw for the cell, when the client knows it (the
+        browser does): the label is recorded as accepting or correcting that one, even if the classifier has
+        retrained and suggested something else since (an "accept all" of 100 cells spans several retrainings).
+        It must be a class the provider has suggested for this cell (to any annotator, at any time: another
+        annotator may have labelled the cell since). Without it, the latest suggestion shown for the cell
+        counts.
 
         Returns ``{event, n_labels, retraining, version}``; retraining runs in the background.
         """
@@ -263,7 +273,14 @@ class HalsAssist:
             raise NotFoundError(f"unknown cell id {cell_id!r} in image {image_id!r}")
         loop = self._loop(session)
         key = (image_id, cell_id)
-        suggested = loop.shown.pop(key, None)
+        if suggested_class is not None:
+            suggested = self._class_index(session, suggested_class)
+            if suggested not in loop.offered.get(key, ()):
+                raise InvalidInputError(f"no {suggested_class!r} suggestion was ever shown for cell {cell_id} of "
+                                        f"image {image_id!r}")
+        else:
+            suggested = loop.shown.get(key)
+        loop.shown.pop(key, None)
         kind = "label" if suggested is None else (
             "suggestion_accepted" if suggested == cls else "suggestion_corrected")
         names = [c.name for c in session.classes]

@@ -333,11 +333,12 @@ class ProviderServices:
             annotator = sessions.identify(info.session_id, annotator_key)
             return await hals.suggestions(info, annotator.annotator_id, image_id, region)
 
-        async def label_cell(token, annotator_key, image_id, cell_id, class_name):
-            """Label a cell; accepting or correcting the suggestion shown for it is recorded as such."""
+        async def label_cell(token, annotator_key, image_id, cell_id, class_name, suggested_class=None):
+            """Label a cell; accepting or correcting the suggestion shown for it (``suggested_class``, the one
+            the annotator saw; else the latest shown) is recorded as such."""
             info = sessions.authorize(token, write=True)
             annotator = sessions.identify(info.session_id, annotator_key)
-            return await hals.label(info, annotator.annotator_id, image_id, cell_id, class_name)
+            return await hals.label(info, annotator.annotator_id, image_id, cell_id, class_name, suggested_class)
 
         async def next_patch(token, image_id, patch_size=None):
             """The patch to annotate next: the one holding most of the Coreset selection."""

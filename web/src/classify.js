@@ -301,7 +301,9 @@ function scheduleView() {
 
 // -- labelling ----------------------------------------------------------------------------------
 async function labelCells(items) {
-  // items: [{cell_id, class}]; optimistic: drawn labelled at once, undone when the provider refuses
+  // items: [{cell_id, class, suggested}]; `suggested` is the suggestion shown when the annotator acted (null for
+  // none), so an "accept all" stays an acceptance even when the classifier retrains while it is being saved.
+  // Optimistic: drawn labelled at once, undone when the provider refuses
   const imageId = S.image.image_id;
   const before = new globalThis.Map(items.map((it) => [it.cell_id, S.labels.get(it.cell_id)]));
   S.labelling++;
@@ -316,7 +318,8 @@ async function labelCells(items) {
     while (index < items.length) {
       const it = items[index++];
       try {
-        const result = await withTimeout(S.annotate.label_cell(S.ctx.token, S.key, imageId, it.cell_id, it.class),
+        const result = await withTimeout(S.annotate.label_cell(S.ctx.token, S.key, imageId, it.cell_id, it.class,
+          it.suggested ?? null),
           LIMITS.label, "the labelling service");
         S.events[result.event] = (S.events[result.event] || 0) + 1;
         S.labels.set(it.cell_id, it.class); // again: a cells answer may have overwritten it meanwhile
@@ -362,13 +365,14 @@ function labelSelected(classIndex) {
     say("select a cell first (click it), then press its class number");
     return;
   }
-  const items = [...S.selected].map((id) => ({ cell_id: id, class: cls.name }));
+  const items = [...S.selected].map((id) => ({ cell_id: id, class: cls.name,
+    suggested: S.suggestions.get(id)?.class ?? null }));
   S.selected.clear();
   labelCells(items);
 }
 
 function acceptAllVisible() {
-  const items = visibleSuggestions().map((s) => ({ cell_id: s.cell_id, class: s.class }));
+  const items = visibleSuggestions().map((s) => ({ cell_id: s.cell_id, class: s.class, suggested: s.class }));
   if (!items.length) {
     say("no suggestions in view");
     return;

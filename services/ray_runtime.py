@@ -84,54 +84,43 @@ def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0) -> 
     """Stop what this process started: all of Serve and Ray, or, on a shared cluster (``applications``
     given), only those Serve applications, then disconnect.
 
-    When this process started the Ray node, its processes are watched for ``grace_s`` seconds first: if any
-    exits (the stop signal went to the whole process group), Serve is not shut down gracefully (its controller
-    would wait 30 s for replicas that are gone) and ``ray.shutdown()`` stops what is left.
+    When this process started the Ray node and one of the node's processes exits within ``grace_s`` seconds
+    (the stop signal went to the whole process group), Serve is not shut down gracefully: its controller would
+    wait 30 s for replicas that are gone. ``ray.shutdown()`` stops what is left.
     """
-    import time
-
     import ray
     from ray import serve
 
     if ray.is_initialized():
         try:
-            deadline = time.monotonic() + (grace_s if _started_ray_node() else 0.0)
-            signalled = stopped_ray_processes()
-            while not signalled and time.monotonic() < deadline:
-                time.sleep(0.05)
-                signalled = stopped_ray_processes()
-            if signalled:
-                pass
-            elif applications is None:
-                serve.shutdown()
-            else:
-                for name in applications:
-                    serve.delete(name)
+            if not _local_node_stopping(grace_s):
+                if applications is None:
+                    serve.shutdown()
+                else:
+                    for name in applications:
+                        serve.delete(name)
         finally:
             ray.shutdown()
 
 
-def _started_ray_node() -> bool:
-    try:
-        from ray._private import worker
+def _local_node_stopping(grace_s: float) -> bool:
+    """Whether a process of the Ray node this process started (``gcs_server``, ``raylet``, ``dashboard``, ...)
+    has exited or exits within ``grace_s`` seconds: a SIGTERM to the whole process group (``timeout``,
+    systemd's ``KillMode=control-group``) stops them and Serve's replicas with this process. False at once when
+    connected to a cluster started elsewhere."""
+    import time
 
-        return bool(worker._global_node is not None and worker._global_node.all_processes)
-    except (ImportError, AttributeError):
-        return False
-
-
-def stopped_ray_processes() -> list[str]:
-    """Kinds of the Ray processes this process started (a local node: ``gcs_server``, ``raylet``, ``dashboard``,
-    ...) that have already exited; empty when connected to a cluster started elsewhere.
-
-    A SIGTERM sent to the whole process group (``timeout``, systemd's default ``KillMode``) stops some of them
-    and Serve's replicas before this process gets to shut Serve down; ``serve.shutdown()`` would then wait out
-    its 30 s controller timeout for replicas that are gone.
-    """
     try:
         from ray._private import worker
 
         node = worker._global_node
-        return sorted({kind for kind, _ in node.dead_processes()}) if node is not None else []
+        if node is None or not node.all_processes:
+            return False
+        deadline = time.monotonic() + grace_s
+        while not node.dead_processes():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
     except (ImportError, AttributeError):  # another Ray's internals: take the ordinary path
-        return []
+        return False

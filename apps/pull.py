@@ -260,65 +260,10 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
     return asyncio.run(main())
 
 
-class PulledDataset:
-    """A torch ``Dataset`` over a pulled set: random crops and flips of (image, instance mask) pairs.
+def __getattr__(name: str):
+    """``PulledDataset`` lives in :mod:`colabel.apps.pulled_dataset` (it imports torch; ``pull`` does not)."""
+    if name == "PulledDataset":
+        from .pulled_dataset import PulledDataset
 
-    Parameters
-    ----------
-    folder : the ``--out`` of ``colabel pull``.
-    crop : int
-        Side of the square crops in pixels (images smaller than that are padded with zeros).
-    annotator : str, optional
-        Whose masks; default: the consensus where it exists, else the first annotator.
-    length : int
-        Crops per epoch.
-
-    Items are ``(image float32 (C, crop, crop) scaled to 0..1 by dtype range, mask int64 (crop, crop))``.
-    """
-
-    def __init__(self, folder: Path, *, crop: int = 256, annotator: str | None = None, length: int = 1000,
-                 seed: int = 0) -> None:
-        import zarr
-
-        root = zarr.open_group(str(Path(folder) / "labels.zarr"), mode="r")
-        self.pairs = []
-        for image_id in root["instances"].group_keys():
-            image = np.asarray(root[f"images/{image_id}"][...])
-            if annotator is not None:
-                if annotator not in root[f"instances/{image_id}"]:
-                    continue
-                mask = root[f"instances/{image_id}/{annotator}"][...]
-            elif f"consensus/{image_id}" in root:
-                mask = root[f"consensus/{image_id}"][...]
-            else:
-                first = sorted(root[f"instances/{image_id}"].array_keys())[0]
-                mask = root[f"instances/{image_id}/{first}"][...]
-            self.pairs.append((image, np.asarray(mask)))
-        if not self.pairs:
-            raise InvalidInputError(f"no labelled images in {folder}")
-        self.crop, self.length = crop, length
-        self.rng = np.random.default_rng(seed)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int):
-        import torch
-
-        image, mask = self.pairs[index % len(self.pairs)]
-        h, w = mask.shape
-        c = self.crop
-        y = int(self.rng.integers(0, max(1, h - c + 1)))
-        x = int(self.rng.integers(0, max(1, w - c + 1)))
-        img = image[y:y + c, x:x + c].astype(np.float32)
-        if np.issubdtype(image.dtype, np.integer):
-            img /= np.iinfo(image.dtype).max
-        msk = mask[y:y + c, x:x + c].astype(np.int64)
-        pad = ((0, c - msk.shape[0]), (0, c - msk.shape[1]))
-        img = np.pad(img, (*pad, (0, 0)))
-        msk = np.pad(msk, pad)
-        if self.rng.random() < 0.5:
-            img, msk = img[:, ::-1], msk[:, ::-1]
-        if self.rng.random() < 0.5:
-            img, msk = img[::-1], msk[::-1]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), torch.from_numpy(msk.copy())
+        return PulledDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""The torch Dataset over a pulled set: crops and flips keep image and mask aligned; DataLoader workers differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import collection, square
+
+pytestmark = pytest.mark.integration
+
+SIDE = 200  # the image's pixel (r, c) holds r * SIDE + c, so every crop says where it came from
+
+
+@pytest.fixture(scope="module")
+def pulled(tmp_path_factory):
+    """A pulled set (local pull of a real session) of one coordinate-coded uint16 image with two squares."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.pull import run_pull
+
+    root = tmp_path_factory.mktemp("pulled_dataset")
+    folder = root / "images"
+    folder.mkdir()
+    coords = (np.arange(SIDE)[:, None] * SIDE + np.arange(SIDE)[None, :]).astype(np.uint16)
+    tifffile.imwrite(folder / "coords.tif", coords)
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="crops", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    image_id = next(r.image_id for r in provider.catalog.records())
+    provider.save_annotation(info, image_id, annotator.annotator_id,
+                             collection(square(20, 30, 40), square(120, 100, 60)))
+    out = root / "pulled"
+    run_pull(str(folder), out, session=info.session_id)
+    mask = tifffile.imread(next((out / "tiff").glob("*_mask.tif")))
+    assert mask.shape == (SIDE, SIDE) and mask.max() == 2
+    return out, mask
+
+
+def origin(image) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the source pixels of a crop of the coordinate-coded image (dtype scaling undone)."""
+    code = np.rint(image[0].numpy().astype(np.float64) * 65535).astype(np.int64)
+    return code // SIDE, code % SIDE
+
+
+def test_crops_and_flips_move_the_mask_with_the_image(pulled):
+    import torch
+
+    from colabel.apps.pull import PulledDataset
+
+    out, mask = pulled
+    dataset = PulledDataset(out, crop=48, length=64, seed=3)
+    assert isinstance(dataset, torch.utils.data.Dataset) and len(dataset) == 64
+    flipped_rows = flipped_cols = 0
+    for i in range(len(dataset)):
+        image, labels = dataset[i]
+        assert image.dtype == torch.float32 and tuple(image.shape) == (1, 48, 48)
+        assert labels.dtype == torch.int64 and tuple(labels.shape) == (48, 48)
+        rows, cols = origin(image)
+        np.testing.assert_array_equal(labels.numpy(), mask[rows, cols])
+        flipped_rows += bool(rows[0, 0] > rows[-1, 0])
+        flipped_cols += bool(cols[0, 0] > cols[0, -1])
+    assert 10 < flipped_rows < 54 and 10 < flipped_cols < 54  # each flip about half the time
+    with pytest.raises(IndexError):
+        dataset[64]
+
+
+def test_dataloader_workers_do_not_repeat_each_others_crops(pulled):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from colabel.apps.pull import PulledDataset
+
+    out, _ = pulled
+    dataset = PulledDataset(out, crop=32, length=8)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2)
+    torch.manual_seed(0)
+    epochs = [[tuple(int(v) for v in (origin(image[0])[0].min(), origin(image[0])[1].min())) for image, _ in loader]
+              for _ in range(2)]
+    assert len(set(epochs[0])) == 8, epochs[0]  # two workers with one generator state would give 4
+    assert epochs[0] != epochs[1]  # new workers, new seeds: a new epoch draws new crops
+
+
+def test_percentile_scaling_spreads_a_narrow_range(pulled):
+    from colabel.apps.pull import PulledDataset
+
+    out, _ = pulled
+    by_dtype = PulledDataset(out, crop=SIDE).pairs[0][0]
+    by_percentile = PulledDataset(out, crop=SIDE, normalize="percentile").pairs[0][0]
+    assert by_dtype.max() == pytest.approx((SIDE * SIDE - 1) / 65535)  # 0.61: the data use part of uint16
+    lo, hi = np.percentile(by_percentile, (1, 99.8))
+    assert lo == pytest.approx(0, abs=1e-4) and hi == pytest.approx(1, abs=1e-4)
+
+
+def test_bad_settings_and_folders_are_refused_by_name(pulled, tmp_path):
+    from colabel.apps.pull import PulledDataset
+    from colabel.errors import InvalidInputError
+
+    out, _ = pulled
+    with pytest.raises(InvalidInputError, match="crop must be a positive integer"):
+        PulledDataset(out, crop=0)
+    with pytest.raises(InvalidInputError, match="normalize must be one of dtype, percentile"):
+        PulledDataset(out, normalize="zscore")
+    with pytest.raises(InvalidInputError, match="no labels.zarr"):
+        PulledDataset(tmp_path)
+    with pytest.raises(InvalidInputError, match="no labelled images by annotator 'nobody'"):
+        PulledDataset(out, annotator="nobody")

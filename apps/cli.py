@@ -421,24 +421,13 @@ def training_image(image):
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package)."""
-    import zarr
-
     from colabel.services.training.segmenter_training import train_segmenter
 
-    root = zarr.open_group(str(Path(args.pulled) / "labels.zarr"), mode="r")
-    images, masks = [], []
-    for image_id in sorted(root["instances"].group_keys()):
-        if f"consensus/{image_id}" in root and args.annotator is None:
-            mask = root[f"consensus/{image_id}"][...]
-        else:
-            names = sorted(root[f"instances/{image_id}"].array_keys())
-            name = args.annotator or names[0]
-            if name not in names:
-                continue
-            mask = root[f"instances/{image_id}/{name}"][...]
-        image = root[f"images/{image_id}"][...]
-        images.append(training_image(image))
-        masks.append(mask)
+    from .pull import labelled_pairs
+
+    pairs = labelled_pairs(Path(args.pulled), args.annotator)
+    images = [training_image(image) for _, image, _ in pairs]
+    masks = [mask for _, _, mask in pairs]
     if not images:
         raise CliError(f"no labelled images in {args.pulled}")
     print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects) ...")

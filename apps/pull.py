@@ -260,6 +260,37 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
     return asyncio.run(main())
 
 
+def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(image_id, image (H, W, C) as stored, instance mask (H, W) uint32)`` of every labelled image of a pulled set,
+    in image-id order: ``annotator``'s masks (images they did not label are left out), or by default the consensus
+    where an image has one, else its first annotator's in sorted order.
+
+    Raises
+    ------
+    InvalidInputError
+        ``folder`` holds no ``labels.zarr`` (not a pulled set).
+    """
+    import zarr
+
+    store = Path(folder) / "labels.zarr"
+    if not store.is_dir():
+        raise InvalidInputError(f"{folder} is not a pulled set (no labels.zarr): run `colabel pull` first")
+    root = zarr.open_group(str(store), mode="r")
+    pairs = []
+    for image_id in sorted(root["instances"].group_keys()):
+        names = sorted(root[f"instances/{image_id}"].array_keys())
+        if annotator is not None:
+            if annotator not in names:
+                continue
+            mask = root[f"instances/{image_id}/{annotator}"][...]
+        elif f"consensus/{image_id}" in root:
+            mask = root[f"consensus/{image_id}"][...]
+        else:
+            mask = root[f"instances/{image_id}/{names[0]}"][...]
+        pairs.append((image_id, np.asarray(root[f"images/{image_id}"][...]), np.asarray(mask)))
+    return pairs
+
+
 def __getattr__(name: str):
     """``PulledDataset`` lives in :mod:`colabel.apps.pulled_dataset` (it imports torch; ``pull`` does not)."""
     if name == "PulledDataset":

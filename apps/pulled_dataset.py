@@ -13,6 +13,8 @@ from torch.utils.data import Dataset, get_worker_info
 
 from colabel.errors import InvalidInputError
 
+from .pull import labelled_pairs
+
 NORMALIZATIONS = ("dtype", "percentile")
 PERCENTILES = (1.0, 99.8)  # as colabel's own segmenter training (``normalize_image``) and bioimage.io's scale_range
 
@@ -54,30 +56,13 @@ class PulledDataset(Dataset):
 
     def __init__(self, folder: str | Path, *, crop: int = 256, annotator: str | None = None, length: int = 1000,
                  seed: int = 0, normalize: str = "dtype") -> None:
-        import zarr
-
         for name, value in (("crop", crop), ("length", length)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
         if normalize not in NORMALIZATIONS:
             raise InvalidInputError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
-        store = Path(folder) / "labels.zarr"
-        if not store.is_dir():
-            raise InvalidInputError(f"{folder} is not a pulled set (no labels.zarr): run `colabel pull` first")
-        root = zarr.open_group(str(store), mode="r")
-        self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
-        for image_id in sorted(root["instances"].group_keys()):
-            if annotator is not None:
-                if annotator not in root[f"instances/{image_id}"]:
-                    continue
-                mask = root[f"instances/{image_id}/{annotator}"][...]
-            elif f"consensus/{image_id}" in root:
-                mask = root[f"consensus/{image_id}"][...]
-            else:
-                first = sorted(root[f"instances/{image_id}"].array_keys())[0]
-                mask = root[f"instances/{image_id}/{first}"][...]
-            image = np.asarray(root[f"images/{image_id}"][...])
-            self.pairs.append((_scaled(image, normalize), np.asarray(mask)))
+        self.pairs: list[tuple[np.ndarray, np.ndarray]] = [
+            (_scaled(image, normalize), mask) for _, image, mask in labelled_pairs(folder, annotator)]
         if not self.pairs:
             whose = f" by annotator {annotator!r}" if annotator is not None else ""
             raise InvalidInputError(f"no labelled images{whose} in {folder}")

@@ -147,6 +147,14 @@ def test_train_classifier_refuses_a_class_without_cells_and_writes_nothing(tmp_p
     assert not_pulled.returncode == 2 and "not a pulled set" in not_pulled.stderr
 
 
+def test_train_refuses_a_folder_that_is_not_a_pulled_set_and_writes_nothing(tmp_path):
+    out = tmp_path / "unet.pt"
+    done = subprocess.run([*COLABEL, "train", str(tmp_path), "--out", str(out)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "is not a pulled set (no labels.zarr)" in done.stderr
+    assert not out.exists()
+
+
 def test_training_images_drop_a_single_channel_axis_and_an_opaque_alpha_only():
     import numpy as np
 

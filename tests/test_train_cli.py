@@ -69,6 +69,44 @@ def test_train_on_a_pulled_set_then_preannotate_an_unsaved_image(tmp_path):
     assert small.predictions == 3
 
 
+
+def test_train_holds_out_images_and_reports_the_objects_to_fix_on_them(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.services.nuclei import measure_nuclei, segment_nuclei
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="rgb", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    objects = {}
+    for record in provider.catalog.records():
+        if record.name in ("ihc_ki67.png", "sub/he_histo.jpg"):  # the two RGB images, labelled classically
+            _, nuclei = measure_nuclei(segment_nuclei(provider.get_image(record.image_id, session=info)).labels)
+            objects[record.image_id] = len(nuclei)
+            provider.save_annotation(info, record.image_id, annotator.annotator_id, {
+                "type": "FeatureCollection", "features": [
+                    {"type": "Feature", "geometry": n.polygon, "properties": {"classification": {"name": "nucleus"}}}
+                    for n in nuclei]})
+    assert len(objects) == 2
+    pulled, model = tmp_path / "pulled", tmp_path / "unet.pt"
+    done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    refused = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(model), "--hold-out", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--hold-out must be between 0 and 1" in refused.stderr
+    assert not model.exists()
+    trained = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(model), "--epochs", "2", "--crop", "64",
+                              "--hold-out", "1", "--no-flips"], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "training on 1 images" in trained.stdout and "held out 1 images" in trained.stdout
+    record = json.loads((tmp_path / "unet.pt.json").read_text())
+    validation = record["metrics"]["validation"]
+    assert record["metrics"]["n_images"] == 1 and len(validation["image_ids"]) == 1
+    held = validation["image_ids"][0]
+    assert validation["tp"] + validation["fn"] == objects[held]  # every annotated object of the held-out image
+    assert f"objects to fix {validation['objects_to_fix']:.1%}" in trained.stdout
+
 def _ihc_pulled_set(tmp_path, classes_named):
     """A real pulled set: the IHC image's classical nuclei, each classed by its mean DAB optical density
     (rgb2hed channel 2) against Otsu's threshold, saved by an annotator and pulled from the folder."""

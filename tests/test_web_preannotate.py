@@ -15,9 +15,8 @@ from web_support import CLASSES, browser, page, screenshot  # noqa: F401 - fixtu
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
-@pytest.fixture(scope="module")
-def tiny_segmenter(tmp_path_factory):
-    """A small U-Net trained for ~1 minute of CPU on the DSB2018 image with its 125 hand-drawn nuclei."""
+def _tiny_unet(folder, ensemble: int):
+    """Small U-Nets trained for ~1 minute of CPU each on the DSB2018 image with its 125 hand-drawn nuclei."""
     torch = pytest.importorskip("torch")
     from colabel.services.training.segmenter_training import train_segmenter
     from conftest import DATA
@@ -25,13 +24,34 @@ def tiny_segmenter(tmp_path_factory):
     torch.set_num_threads(2)
     image, mask = tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
     model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), encoder="none",
-                            seed=0, tta=False, progress=False)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny-unet.pt")
+                            seed=0, tta=False, ensemble=ensemble, progress=False)
+    return model.save(folder / f"tiny-unet-{ensemble}.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tmp_path_factory):
+    return _tiny_unet(tmp_path_factory.mktemp("model"), 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_ensemble(tmp_path_factory):
+    return _tiny_unet(tmp_path_factory.mktemp("model"), 2)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def preannotate_stack(hypha_server, tmp_path, tiny_segmenter):
     """A provider registered with a PreAnnotator over the tiny model (what `colabel serve --preannotate` does)."""
+    async for stack in _stack(hypha_server, tmp_path, tiny_segmenter):
+        yield stack
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ensemble_stack(hypha_server, tmp_path, tiny_ensemble):
+    async for stack in _stack(hypha_server, tmp_path, tiny_ensemble):
+        yield stack
+
+
+async def _stack(hypha_server, tmp_path, model_path):
     import secrets
 
     from hypha_rpc import connect_to_server
@@ -43,7 +63,7 @@ async def preannotate_stack(hypha_server, tmp_path, tiny_segmenter):
 
     server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
     provider = DataProvider(make_image_folder(tmp_path / "images"))
-    preannotator = PreAnnotator(provider, tiny_segmenter)
+    preannotator = PreAnnotator(provider, model_path)
     services = ProviderServices(provider, server, name=f"p{secrets.token_hex(3)}", public_url=hypha_server.url,
                                 preannotator=preannotator)
     await services.register()
@@ -69,6 +89,7 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     session, secret = provider.create_session(name="pre", classes=CLASSES, image_ids=[dsb])
     proposed = (await preannotator.pre_annotation(session, dsb))["features"]  # what the page will be sent
     assert len(proposed) >= 20, "the trained model should propose most of the 125 nuclei"
+    assert not any("colabel_uncertainty" in f["properties"] for f in proposed)  # one network: no spread
     image_dir = tmp_path / "images" / "annotations" / "sessions" / session.session_id / "images" / dsb
 
     await page.goto(services.share_url(secret))
@@ -123,3 +144,40 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
     assert await page.text_content("#save-status") == "saved v2"
     assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed) - 1
+
+
+async def test_proposals_the_ensemble_disagrees_on_are_dashed_until_the_annotator_classifies_them(ensemble_stack,
+                                                                                                   page):
+    provider, services, preannotator = ensemble_stack
+    dsb = next(im.image_id for im in provider.list_images() if im.name == "dsb2018_nuclei.tif")
+    session, secret = provider.create_session(name="unsure", classes=CLASSES, image_ids=[dsb])
+    proposed = (await preannotator.pre_annotation(session, dsb))["features"]
+    spread = [f["properties"]["colabel_uncertainty"] for f in proposed]
+    assert len(spread) == len(proposed) and all(0 <= u <= 0.5 for u in spread)
+    review = [f for f in proposed if f["properties"].get("colabel_review")]
+    assert [f for f in proposed if f["properties"]["colabel_uncertainty"] >= 0.03] == review
+    assert 0 < len(review) < len(proposed), "a two-network tiny ensemble disagrees on some outlines, not all"
+
+    await page.goto(services.share_url(secret))
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", "Careful Annotator")
+    await page.click("#join")
+    await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
+    await page.wait_for_function("document.getElementById('save-status').textContent.includes('pre-annotations')")
+    assert await page.text_content("#save-status") == (
+        f"{len(proposed)} pre-annotations ({len(review)} dashed: the models disagree, check them first): "
+        "edit, then save")
+    dashed = """() => window.colabel.source.getFeatures().filter((f) => {
+        const stroke = window.colabel.styleOf(f).getStroke();
+        return Boolean(f.get("review")) && (stroke.getLineDash() || []).length > 0;
+      }).length"""
+    assert await page.evaluate(dashed) == len(review)
+
+    # classifying one of them is checking it: it is drawn solid from then on
+    await page.keyboard.press("e")
+    await _click_image(page, *_inside(review[0]))
+    await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
+    await page.keyboard.press("2")
+    await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v1'",
+                                 timeout=15_000)
+    assert await page.evaluate(dashed) == len(review) - 1

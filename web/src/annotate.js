@@ -113,14 +113,18 @@ const has = (method) => state.annotate && typeof state.annotate[method] === "fun
 // -- map ---------------------------------------------------------------------------------------
 const source = new VectorSource();
 const styles = {};
+// a pre-annotation the ensemble is unsure of (colabel_review) is outlined dashed until the annotator edits
+// or classifies it
 function styleOf(feature, selected = false) {
   const cls = state.classes.find((c) => c.name === feature.get("cls"));
   const color = cls ? cls.color : "#f0e442";
-  const key = color + selected;
+  const review = !selected && Boolean(feature.get("review"));
+  const key = color + selected + review;
   if (!styles[key]) {
     const [r, g, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
     styles[key] = new Style({
-      stroke: new Stroke({ color: selected ? "#ffffff" : color, width: selected ? 3 : 2 }),
+      stroke: new Stroke({ color: selected ? "#ffffff" : color, width: selected ? 3 : 2,
+        lineDash: review ? [6, 4] : undefined }),
       fill: new Fill({ color: `rgba(${r},${g},${b},${selected ? 0.45 : 0.25})` }),
     });
   }
@@ -181,7 +185,10 @@ function setTool(tool) {
   } else if (tool === "sam") map.addInteraction(samBox);
   if (draw) map.addInteraction(draw);
 }
-modify.on("modifyend", () => changed());
+modify.on("modifyend", (e) => {
+  e.features.forEach((f) => f.unset("review"));
+  changed();
+});
 
 // -- coordinates: OpenLayers y points up, image rows down (row = H - y) --------------------------
 const clampX = (x) => Math.min(state.W, Math.max(0, x));
@@ -216,6 +223,7 @@ function geoJSONToFeature(f) {
   feature.setId(f.id ?? newId());
   const c = f.properties && f.properties.classification;
   feature.set("cls", typeof c === "string" ? c : c && c.name);
+  if (f.properties && f.properties.colabel_review) feature.set("review", true);
   return feature;
 }
 
@@ -306,7 +314,10 @@ function setClass(i) {
   const chosen = select.getFeatures().getArray().slice();
   if (state.sam.feature) chosen.push(state.sam.feature);
   if (chosen.length) {
-    for (const f of chosen) f.set("cls", state.classes[i].name);
+    for (const f of chosen) {
+      f.set("cls", state.classes[i].name);
+      f.unset("review");
+    }
     changed();
   }
 }
@@ -630,7 +641,9 @@ async function showImage(assignment) {
       // a class-less model's outlines take the current class (the first, on a new image); number keys change it
       for (const f of features) if (!f.get("cls")) f.set("cls", state.classes[state.current]?.name);
       source.addFeatures(features);
-      saveStatus(`${proposed.features.length} pre-annotations: edit, then save`);
+      const review = features.filter((f) => f.get("review")).length;
+      const unsure = review ? ` (${review} dashed: the models disagree, check them first)` : "";
+      saveStatus(`${proposed.features.length} pre-annotations${unsure}: edit, then save`);
     } catch (err) {
       saveStatus("");
       message(`pre-annotations unavailable: ${errorText(err)}`, true);
@@ -746,7 +759,7 @@ async function main() {
 
 // for tests and debugging: viewport pixel of an image point [x, y] (image rows down)
 window.colabel = {
-  state, map, source, select, history, saver, decodeSam, lastSam: null, samResults: 0,
+  state, map, source, select, history, saver, decodeSam, styleOf, lastSam: null, samResults: 0,
   pixelOf: (x, y) => {
     const [px, py] = map.getPixelFromCoordinate([x, state.H - y]);
     const r = map.getTargetElement().getBoundingClientRect();

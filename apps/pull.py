@@ -6,8 +6,12 @@ The pulled set (``--out DIR``)::
       images/<image_id>                 (H, W, C) in the file's dtype
       instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
       semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
-      consensus/<image_id>              (H, W) uint32, when two or more annotators labelled the image
-    agreement.json   per image with several annotators: F1 at IoU 0.5 per annotator pair
+      consensus/<image_id>              (H, W) uint32, when two or more annotators labelled the image; attrs:
+                                        support, annotators, classes (majority class per object), ties
+      consensus_semantic/<image_id>     (H, W) uint16 majority class index + 1 (0 = background / none / tie)
+    agreement.json   per image with several annotators: F1 at IoU 0.5 and Cohen's kappa of the classes per
+                     annotator pair, and the consensus's object, classified and tie counts
+    consensus_cells.csv  one row per consensus object: image, label, class, tie, support, each annotator's vote
     tiff/<image name>.tif, tiff/<image name>__<annotator>_mask.tif
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
     coco.json        COCO instance annotations (polygons in image pixels)
@@ -113,6 +117,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+
+def label_classes(fc: dict) -> dict[int, str | None]:
+    """Label id -> class name (``None``: unclassified) of a stored FeatureCollection's objects, in the label
+    image's numbering (label k = the k-th polygon feature)."""
+    return {o["label"]: o["class"] for o in _objects(fc, [])}
+
+
 def _objects(fc: dict, classes: list[str]) -> list[dict]:
     """Polygon features in rasterisation order (label k = k-th polygon feature), with class and geometry."""
     from shapely.geometry import shape
@@ -179,15 +190,31 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
             instances[annotator_id] = labels
             pulled += 1
         if len(instances) >= 2:
-            from colabel.services.training.consensus import agreement_report, consensus_instances
+            from colabel.services.training.consensus import image_consensus
 
-            result = consensus_instances([instances[a] for a in sorted(instances)])
+            names = sorted(instances)
+            found = image_consensus({a: instances[a] for a in names},
+                                    {a: {o["label"]: o["class"] for o in state["objects"][f"{image_id}/{a}"]}
+                                     for a in names})
+            result, n = found.result, found.result.n_objects
             root.create_array(f"consensus/{image_id}", data=result.labels.astype(np.uint32), overwrite=True)
-            root[f"consensus/{image_id}"].attrs.update({"support": result.support.tolist(),
-                                                        "annotators": sorted(instances)})
-            state.setdefault("agreement", {})[image_id] = agreement_report(instances)
+            root[f"consensus/{image_id}"].attrs.update({
+                "support": result.support.tolist(), "annotators": names,
+                "classes": [found.classes[i] for i in range(1, n + 1)], "ties": found.ties})
+            lut = np.zeros(n + 1, np.uint16)
+            for i, name in found.classes.items():
+                lut[i] = classes.index(name) + 1 if name in classes else 0
+            root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], overwrite=True)
+            state.setdefault("agreement", {})[image_id] = found.agreement
+            state.setdefault("consensus", {})[image_id] = [
+                {"image_id": image_id, "image_name": image["name"], "label": i, "class": found.classes[i] or "",
+                 "tie": i in found.ties, "support": int(result.support[i - 1]),
+                 "votes": ";".join(f"{a}={c or ''}" for a, c in found.votes[i].items())} for i in range(1, n + 1)]
     rows = [o for objects in state["objects"].values() for o in objects]
     _write_cells(out / "cells.csv", rows)
+    _write_rows(out / "consensus_cells.csv", [r for image_rows in state.get("consensus", {}).values()
+                                              for r in image_rows],
+                ["image_id", "image_name", "label", "class", "tie", "support", "votes"])
     atomic_write_json(out / "coco.json", _coco(meta, rows))
     atomic_write_json(out / "agreement.json", state.get("agreement", {}))
     atomic_write_json(state_path, state)
@@ -213,6 +240,17 @@ def _write_cells(path: Path, rows: list[dict]) -> None:
         writer.writerow([r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"], r["class"] or "",
                          round(r["area"], 3), *(round(v, 3) for v in r["centroid"]),
                          *(round(v, 3) for v in r["bbox"])])
+    atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
+
+def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
     atomic_write(path, buffer.getvalue().encode("utf-8"))
 
 

@@ -55,22 +55,27 @@ def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
 def session_agreement(folder: Path, session_id: str, events: list[dict] | None = None) -> dict:
     """Inter-annotator agreement (Segebarth et al. 2020) for images with two or more annotators.
 
-    Per image: F1 at IoU 0.5 for every annotator pair on their latest label images; for the session: Cohen's
-    kappa per annotator pair on the cells both labelled in the HALS loop (from the event log).
+    Per image (:func:`~colabel.services.training.consensus.image_consensus` on the annotators' latest versions):
+    F1 at IoU 0.5 and Cohen's kappa of the object classes (over the consensus objects both classed) per
+    annotator pair, and the consensus's object, classified and tie counts; for the session: Cohen's kappa per
+    annotator pair on the cells both labelled in the HALS loop (from the event log).
     """
     import tifffile
 
-    from colabel.services.training.consensus import agreement_report, pairwise_kappa
+    from colabel.services.training.consensus import image_consensus, pairwise_kappa
 
     from .provider.storage import AnnotationStore
+    from .pull import label_classes
 
     store = AnnotationStore(Path(folder) / "annotations")
     per_image = {}
     for image_id, counts in sorted(store.counts(session_id).items()):
         if len(counts) < 2:
             continue
-        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in sorted(counts)}
-        per_image[image_id] = agreement_report(masks)
+        names = sorted(counts)
+        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in names}
+        classes = {a: label_classes(store.load(session_id, image_id, a)) for a in names}
+        per_image[image_id] = image_consensus(masks, classes).agreement
     table: dict[str, dict] = {}
     for event in events or []:
         if event["kind"] in ("label", "suggestion_accepted", "suggestion_corrected") and event.get("annotator_id"):
@@ -94,7 +99,13 @@ def print_report(report: dict) -> None:
         print(f"    N = {n:4d}  validation accuracy {accuracy:.3f}")
     agreement = report.get("agreement") or {}
     for image_id, image in agreement.get("images", {}).items():
-        pairs = ", ".join(f"{p['a']}/{p['b']} F1 {p['f1']:.3f}" for p in image["pairs"])
-        print(f"  agreement on {image_id} (F1 at IoU 0.5): {pairs}")
+        pairs = ", ".join(f"{p['a']}/{p['b']} F1 {p['f1']:.3f}"
+                          + (f" kappa {p['kappa']:.3f}" if p.get("kappa") is not None else "") for p in image["pairs"])
+        print(f"  agreement on {image_id} (F1 at IoU 0.5, Cohen's kappa of classes): {pairs}")
+        consensus = image.get("consensus")
+        if consensus:
+            ties = f" (objects {', '.join(map(str, consensus['ties']))})" if consensus["ties"] else ""
+            print(f"    consensus: {consensus['objects']} objects, {consensus['classified']} with a majority class, "
+                  f"{len(consensus['ties'])} ties{ties}")
     for pair, kappa in agreement.get("class_kappa", {}).items():
         print(f"  class agreement {pair}: Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}")

@@ -274,3 +274,33 @@ def test_agreement_report_refuses_bad_input():
         agreement_report({"ann": A3, "bob": B3}, {"zed": {1: "a"}})
     with pytest.raises(InvalidInputError, match="same shape"):
         agreement_report({"ann": A3, "bob": B3[:5]})
+
+
+def test_image_consensus_classes_ties_and_kappa_computed_by_hand():
+    """Three annotators, four objects in a row: X (all three), Y (a and b), W (all three), Z (c only).
+
+    Classes: X tumor/tumor/stroma -> tumor; Y tumor/stroma -> a tie; W stroma x3 -> stroma; Z is no consensus
+    object (1 of 3). Kappa a/b over X, Y, W: a = (t, t, s), b = (t, s, s): p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3
+    = 4/9, kappa = (2/3 - 4/9) / (5/9) = 0.4; a/c and b/c over X and W: p_o = 1/2 = p_e, kappa 0.
+    """
+    from colabel.services.training.consensus import image_consensus
+
+    a, b, c = (np.zeros((4, 20), np.int32) for _ in range(3))
+    a[:, 0:4], a[:, 5:9], a[:, 10:14] = 1, 2, 3
+    b[:, 0:4], b[:, 5:9], b[:, 10:14] = 5, 6, 7
+    c[:, 0:4], c[:, 10:14], c[:, 15:19] = 2, 1, 9
+    found = image_consensus({"a": a, "b": b, "c": c}, {
+        "a": {1: "tumor", 2: "tumor", 3: "stroma"},
+        "b": {5: "tumor", 6: "stroma", 7: "stroma"},
+        "c": {2: "stroma", 1: "stroma", 9: "tumor"}})
+    assert found.result.n_objects == 3 and found.result.labels[0, 16] == 0  # Z: one annotator only
+    assert found.classes == {1: "tumor", 2: None, 3: "stroma"} and found.ties == [2]
+    assert found.votes[2] == {"a": "tumor", "b": "stroma"}
+    kappa = {(p["a"], p["b"]): p["kappa"] for p in found.agreement["pairs"]}
+    assert kappa[("a", "b")] == pytest.approx(0.4)
+    assert kappa[("a", "c")] == pytest.approx(0.0) and kappa[("b", "c")] == pytest.approx(0.0)
+    assert found.agreement["consensus"] == {"objects": 3, "classified": 2, "ties": [2]}
+    with pytest.raises(InvalidInputError, match="who has no label image"):
+        image_consensus({"a": a, "b": b}, {"mallory": {1: "tumor"}})
+    with pytest.raises(InvalidInputError, match="at least two annotators"):
+        image_consensus({"a": a})

@@ -166,3 +166,48 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     assert pair["f1"] == pytest.approx(2 / 3)  # one match (IoU 0.82), one object only A drew
     printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id], capture_output=True, text=True)
     assert printed.returncode == 0 and "F1 0.667" in printed.stdout
+
+
+def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_path):
+    """Two annotators class three squares: (nucleus, nucleus), (nucleus, other), (other, other). Consensus: three
+    objects, the second a tie. Kappa over them: A = (n, n, o), B = (n, o, o): p_o = 2/3, p_e = 4/9, kappa 0.4."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.report import session_report
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="classes", annotators_per_image=2, classes=[
+        {"name": "nucleus", "color": "#ff0000"}, {"name": "other", "color": "#0000ff"}])
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    a, _ = provider.sessions.join(info.session_id, "A")
+    b, _ = provider.sessions.join(info.session_id, "B")
+    provider.save_annotation(info, image_id, a.annotator_id, collection(
+        square(0, 0, 10, "nucleus"), square(40, 40, 10, "nucleus"), square(80, 80, 10, "other")))
+    provider.save_annotation(info, image_id, b.annotator_id, collection(
+        square(1, 0, 10, "nucleus"), square(40, 40, 10, "other"), square(80, 80, 10, "other")))
+
+    out = tmp_path / "pulled"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    import zarr
+
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    consensus = root[f"consensus/{image_id}"]
+    assert consensus.attrs["classes"] == ["nucleus", None, "other"] and consensus.attrs["ties"] == [2]
+    semantic = root[f"consensus_semantic/{image_id}"][...]
+    assert (semantic[5, 5], semantic[45, 45], semantic[85, 85], semantic[30, 30]) == (1, 0, 2, 0)
+    with open(out / "consensus_cells.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["label"], r["class"], r["tie"], r["support"]) for r in rows] == [
+        ("1", "nucleus", "False", "2"), ("2", "", "True", "2"), ("3", "other", "False", "2")]
+    votes = {a.annotator_id: "nucleus", b.annotator_id: "other"}
+    assert rows[1]["votes"] == ";".join(f"{k}={votes[k]}" for k in sorted(votes))  # annotators in id order
+    agreement = json.loads((out / "agreement.json").read_text())[image_id]
+    assert agreement["pairs"][0]["kappa"] == pytest.approx(0.4) and agreement["pairs"][0]["n_cells"] == 3
+    assert agreement["consensus"] == {"objects": 3, "classified": 2, "ties": [2]}
+
+    report = session_report(folder, info.session_id)["agreement"]["images"][image_id]
+    assert report["pairs"][0]["kappa"] == pytest.approx(0.4) and report["consensus"]["ties"] == [2]
+    printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id], capture_output=True, text=True)
+    assert printed.returncode == 0 and "F1 1.000 kappa 0.400" in printed.stdout
+    assert "consensus: 3 objects, 2 with a majority class, 1 ties (objects 2)" in printed.stdout

@@ -8,7 +8,10 @@ than from one of them, and the experts' agreement is reported next to it:
   annotators drew a matching object, outlines by pixel majority);
 - :func:`consensus_classes` takes the majority class per cell and reports ties;
 - :func:`pairwise_f1`, :func:`cohen_kappa`, :func:`pairwise_kappa` and :func:`agreement_report` measure
-  how much the annotators agree (object F1 at an IoU threshold, Cohen's kappa on cell classes).
+  how much the annotators agree (object F1 at an IoU threshold, Cohen's kappa on cell classes);
+- :func:`image_consensus` does all of it for one image: consensus objects, their majority classes (from each
+  annotator's class of the object matched into them) with ties, and the agreement with class kappa over
+  those objects.
 
 Label images are integer arrays, ``0`` = background, every other value one object (ids need not be
 contiguous); all images of one call have the same shape, (H, W) in (row, col) order (any N-D shape works).
@@ -35,6 +38,8 @@ __all__ = [
     "cohen_kappa",
     "pairwise_kappa",
     "agreement_report",
+    "ImageConsensus",
+    "image_consensus",
 ]
 
 
@@ -492,3 +497,82 @@ def agreement_report(
         "mean_f1": _mean([p["f1"] for p in pairs]),
         "mean_kappa": _mean([p["kappa"] for p in pairs]),
     }
+
+
+# ------------------------------------------------------------------------------------------- one image
+
+@dataclass(frozen=True)
+class ImageConsensus:
+    """Consensus objects, classes and agreement of one image (see :func:`image_consensus`).
+
+    Attributes
+    ----------
+    result : ConsensusResult
+        The consensus objects ``1..n``.
+    classes : dict int -> str or None
+        Consensus object id -> majority class; ``None`` where nobody classed it or on a tie.
+    ties : list of int
+        Consensus object ids whose top class count is shared.
+    votes : dict int -> dict str -> str or None
+        Consensus object id -> {annotator: the class they gave their object matched into it}.
+    agreement : dict
+        :func:`agreement_report` with class kappa per annotator pair over the consensus objects both classed,
+        plus ``"consensus": {"objects", "classified", "ties"}``.
+    """
+
+    result: ConsensusResult
+    classes: dict[int, str | None]
+    ties: list[int]
+    votes: dict[int, dict[str, str | None]]
+    agreement: dict
+
+
+def image_consensus(
+    masks_by_annotator: Mapping[str, np.ndarray],
+    label_classes: Mapping[str, Mapping[int, str | None]] | None = None,
+    *,
+    iou: float = 0.5,
+) -> ImageConsensus:
+    """Consensus instances, consensus classes and agreement of ``k >= 2`` annotators on one image.
+
+    The consensus objects are :func:`consensus_instances`'s (annotators in the mapping's order). Each
+    annotator whose object was matched into consensus object ``i`` votes that object's class
+    (``label_classes[annotator][label]``); :func:`consensus_classes` takes the majority and reports ties.
+    Cohen's kappa per annotator pair is computed over the consensus objects both of them classed (the same
+    cells, identified by the matching), next to the object F1 of :func:`agreement_report`.
+
+    Parameters
+    ----------
+    masks_by_annotator : mapping annotator -> ndarray of int, shape (H, W)
+        Instance label images, ``0`` = background.
+    label_classes : mapping annotator -> (mapping label id -> class name or None), optional
+        The class of each annotator's objects; annotators (or labels) left out vote no class.
+    iou : float, default 0.5
+
+    Examples
+    --------
+    >>> a = np.array([[1, 1, 0, 2, 2]]); b = np.array([[3, 3, 0, 4, 4]])
+    >>> c = image_consensus({"ann": a, "bob": b}, {"ann": {1: "tumor", 2: "stroma"}, "bob": {3: "tumor", 4: "tumor"}})
+    >>> c.classes, c.ties
+    ({1: 'tumor', 2: None}, [2])
+    """
+    if not isinstance(masks_by_annotator, Mapping):
+        raise InvalidInputError("masks_by_annotator must map annotator names to label images")
+    names = list(masks_by_annotator)
+    if len(names) < 2:
+        raise InvalidInputError(f"consensus needs at least two annotators, got {len(names)}")
+    label_classes = {} if label_classes is None else label_classes
+    if not isinstance(label_classes, Mapping):
+        raise InvalidInputError("label_classes must map annotator names to {label id: class}")
+    unknown = [n for n in label_classes if n not in masks_by_annotator]
+    if unknown:
+        raise InvalidInputError(f"label_classes names annotator {unknown[0]!r}, who has no label image")
+    result = consensus_instances([masks_by_annotator[n] for n in names], iou=iou)
+    votes = {i: {names[a]: label_classes.get(names[a], {}).get(label) for a, label in members.items()}
+             for i, members in enumerate(result.members, start=1)}
+    classes, ties = consensus_classes({i: list(v.values()) for i, v in votes.items()})
+    per_annotator = {n: {i: v[n] for i, v in votes.items() if n in v} for n in names if n in label_classes}
+    agreement = agreement_report({n: masks_by_annotator[n] for n in names}, per_annotator or None, iou=iou)
+    agreement["consensus"] = {"objects": result.n_objects,
+                              "classified": sum(c is not None for c in classes.values()), "ties": ties}
+    return ImageConsensus(result=result, classes=classes, ties=ties, votes=votes, agreement=agreement)

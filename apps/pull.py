@@ -13,6 +13,8 @@ The pulled set (``--out DIR``)::
                      annotator pair, and the consensus's object, classified and tie counts
     consensus_cells.csv  one row per consensus object: image, label, class, tie, support, each annotator's vote
     tiff/<image name>.tif, tiff/<image name>__<annotator>_mask.tif
+    geojson/<image name>__<annotator>.geojson  the annotator's latest FeatureCollection as stored (QuPath's
+                     conventions, image pixels; feature k is label k of the masks)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
     coco.json        COCO instance annotations (polygons in image pixels)
     pull_state.json  the version pulled per image and annotator: a later pull fetches only newer versions
@@ -157,6 +159,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
     root = zarr.open_group(str(out / "labels.zarr"), mode="a")
     root.attrs.update({"session": meta["session"], "classes": classes, "format": "colabel.pull/1"})
     (out / "tiff").mkdir(exist_ok=True)
+    (out / "geojson").mkdir(exist_ok=True)
     pulled = skipped = 0
     images = [i for i in meta["images"] if not i.get("error") and i.get("versions")]
     for image in tqdm(images, desc="pull", unit="image", disable=not progress):
@@ -175,7 +178,8 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
                 instances[annotator_id] = np.asarray(root[f"instances/{key}"][...])
                 continue
             labels = np.asarray(await source.labels(image_id, annotator_id, latest)).astype(np.uint32)
-            objects = _objects(await source.annotation(image_id, annotator_id, latest), classes)
+            collection = await source.annotation(image_id, annotator_id, latest)
+            objects = _objects(collection, classes)
             lut = np.zeros(labels.max() + 1 if labels.size else 1, np.uint16)
             for obj in objects:
                 if obj["label"] < len(lut) and obj["class_index"] >= 0:
@@ -183,6 +187,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
             root.create_array(f"instances/{key}", data=labels, overwrite=True)
             root.create_array(f"semantic/{key}", data=lut[labels], overwrite=True)
             atomic_write(out / "tiff" / f"{stem}__{_safe(annotator_id)}_mask.tif", _tiff_bytes(tifffile, labels))
+            atomic_write_json(out / "geojson" / f"{stem}__{_safe(annotator_id)}.geojson", collection)
             state["versions"][key] = latest
             state["objects"][key] = [{**{k: v for k, v in o.items() if k != "class_index"},
                                       "image_id": image_id, "image_name": image["name"], "annotator_id": annotator_id,

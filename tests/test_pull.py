@@ -202,6 +202,8 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
         ("1", "nucleus", "False", "2"), ("2", "", "True", "2"), ("3", "other", "False", "2")]
     votes = {a.annotator_id: "nucleus", b.annotator_id: "other"}
     assert rows[1]["votes"] == ";".join(f"{k}={votes[k]}" for k in sorted(votes))  # annotators in id order
+    drawn = json.loads((out / "geojson" / f"ihc_ki67__{b.annotator_id}.geojson").read_text())["features"]
+    assert [f["properties"]["classification"]["name"] for f in drawn] == ["nucleus", "other", "other"]
     agreement = json.loads((out / "agreement.json").read_text())[image_id]
     assert agreement["pairs"][0]["kappa"] == pytest.approx(0.4) and agreement["pairs"][0]["n_cells"] == 3
     assert agreement["consensus"] == {"objects": 3, "classified": 2, "ties": [2]}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-from web_support import CLASSES, browser, new_page, page, screenshot
+from web_support import CLASSES, browser, join, new_page, page, screenshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -191,14 +191,6 @@ async def test_sam_click_adds_a_classified_feature_and_saves(sam_stack, page, tm
 
 
 # -- helpers of the annotator-page tests -----------------------------------------------------------------------
-
-
-async def join(page, url: str, name: str) -> None:
-    await page.goto(url)
-    await page.wait_for_selector("#name-dialog[open]")
-    await page.fill("#display-name", name)
-    await page.click("#join")
-    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
 
 
 async def at(page, x: float, y: float) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import secrets
 import pytest
 import pytest_asyncio
 from test_hals_loop import dab_truth, start_hals_provider
-from web_support import browser, new_page, page, screenshot  # noqa: F401 - fixtures
+from web_support import browser, join, new_page, page, screenshot  # noqa: F401 - fixtures
 
 from conftest import make_image_folder
 
@@ -35,10 +35,7 @@ def events_of(folder, session_id: str) -> list[dict]:
 
 async def join_in_browser(page, url: str, name: str) -> str:
     """Open the share link, join, wait for the classification page's cells; returns the annotator id."""
-    await page.goto(url)
-    await page.wait_for_selector("#name-dialog[open]")
-    await page.fill("#display-name", name)
-    await page.click("#join")
+    await join(page, url, name, ready=None)
     await page.wait_for_function("Number(document.getElementById('classify')?.dataset.cells) > 0", timeout=240_000)
     await page.wait_for_function("window.colabelClassify.S.busy === 0")
     stored = await page.evaluate("Object.values(localStorage).map((v) => JSON.parse(v))")

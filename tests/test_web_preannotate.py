@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-from web_support import CLASSES, browser, page, screenshot  # noqa: F401 - fixtures
+from web_support import CLASSES, browser, join, page, screenshot  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -83,6 +83,12 @@ async def _click_image(page, x: float, y: float) -> None:
     await page.mouse.click(px, py)
 
 
+
+async def _join_and_wait(page, share_url: str, name: str) -> None:
+    """Open the share link, join under ``name`` and wait for the first image's pre-annotations."""
+    await join(page, share_url, name, timeout=60_000)
+    await page.wait_for_function("document.getElementById('save-status').textContent.includes('pre-annotations')")
+
 async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(preannotate_stack, page, tmp_path):
     provider, services, preannotator = preannotate_stack
     dsb = next(im.image_id for im in provider.list_images() if im.name == "dsb2018_nuclei.tif")
@@ -92,12 +98,7 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     assert not any("colabel_uncertainty" in f["properties"] for f in proposed)  # one network: no spread
     image_dir = tmp_path / "images" / "annotations" / "sessions" / session.session_id / "images" / dsb
 
-    await page.goto(services.share_url(secret))
-    await page.wait_for_selector("#name-dialog[open]")
-    await page.fill("#display-name", "Pre Annotator")
-    await page.click("#join")
-    await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-    await page.wait_for_function("document.getElementById('save-status').textContent.includes('pre-annotations')")
+    await _join_and_wait(page, services.share_url(secret), "Pre Annotator")
     assert await page.text_content("#save-status") == f"{len(proposed)} pre-annotations: edit, then save"
     assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed)
     assert not list(image_dir.glob("*/*.geojson")), "proposals must not be stored before the annotator saves"
@@ -158,12 +159,7 @@ async def test_proposals_the_ensemble_disagrees_on_are_dashed_until_the_annotato
     assert [f for f in proposed if f["properties"]["colabel_uncertainty"] >= 0.03] == review
     assert 0 < len(review) < len(proposed), "a two-network tiny ensemble disagrees on some outlines, not all"
 
-    await page.goto(services.share_url(secret))
-    await page.wait_for_selector("#name-dialog[open]")
-    await page.fill("#display-name", "Careful Annotator")
-    await page.click("#join")
-    await page.wait_for_selector("body[data-state=ready]", timeout=60_000)
-    await page.wait_for_function("document.getElementById('save-status').textContent.includes('pre-annotations')")
+    await _join_and_wait(page, services.share_url(secret), "Careful Annotator")
     assert await page.text_content("#save-status") == (
         f"{len(proposed)} pre-annotations ({len(review)} dashed: the models disagree, check them first): "
         "edit, then save")

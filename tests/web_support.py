@@ -70,3 +70,13 @@ async def screenshot(page, tmp_path: Path, name: str) -> Path:
     return path
 
 
+
+
+async def join(page, url: str, name: str, *, ready: str | None = "body[data-state=ready]", timeout: float = 30_000):
+    """Open a share link and join under ``name``; then wait for ``ready`` (a selector; ``None``: no wait)."""
+    await page.goto(url)
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", name)
+    await page.click("#join")
+    if ready:
+        await page.wait_for_selector(ready, timeout=timeout)

@@ -422,6 +422,17 @@ def pairwise_kappa(
     return out
 
 
+def _per_annotator(value, masks_by_annotator: Mapping, name: str, what: str) -> Mapping:
+    """``value`` (``None``: empty) checked to be a mapping whose keys are annotators of ``masks_by_annotator``."""
+    value = {} if value is None else value
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(f"{name} must map annotator names to {what}")
+    unknown = [n for n in value if n not in masks_by_annotator]
+    if unknown:
+        raise InvalidInputError(f"{name} names annotator {unknown[0]!r}, who has no label image")
+    return value
+
+
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return math.fsum(kept) / len(kept) if kept else None
@@ -469,12 +480,7 @@ def agreement_report(
     if len(names) < 2:
         raise InvalidInputError(f"agreement needs at least two annotators, got {len(names)}")
     f1 = pairwise_f1([masks_by_annotator[n] for n in names], iou=iou)
-    classes = {} if classes_by_annotator is None else classes_by_annotator
-    if not isinstance(classes, Mapping):
-        raise InvalidInputError("classes_by_annotator must map annotator names to {cell id: class}")
-    unknown = [n for n in classes if n not in masks_by_annotator]
-    if unknown:
-        raise InvalidInputError(f"classes_by_annotator names annotator {unknown[0]!r}, who has no label image")
+    classes = _per_annotator(classes_by_annotator, masks_by_annotator, "classes_by_annotator", "{cell id: class}")
     kappa = pairwise_kappa({n: classes[n] for n in names if n in classes})
 
     pairs = []
@@ -561,12 +567,7 @@ def image_consensus(
     names = list(masks_by_annotator)
     if len(names) < 2:
         raise InvalidInputError(f"consensus needs at least two annotators, got {len(names)}")
-    label_classes = {} if label_classes is None else label_classes
-    if not isinstance(label_classes, Mapping):
-        raise InvalidInputError("label_classes must map annotator names to {label id: class}")
-    unknown = [n for n in label_classes if n not in masks_by_annotator]
-    if unknown:
-        raise InvalidInputError(f"label_classes names annotator {unknown[0]!r}, who has no label image")
+    label_classes = _per_annotator(label_classes, masks_by_annotator, "label_classes", "{label id: class}")
     result = consensus_instances([masks_by_annotator[n] for n in names], iou=iou)
     votes = {i: {names[a]: label_classes.get(names[a], {}).get(label) for a, label in members.items()}
              for i, members in enumerate(result.members, start=1)}

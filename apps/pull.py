@@ -119,7 +119,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-
 def label_classes(fc: dict) -> dict[int, str | None]:
     """Label id -> class name (``None``: unclassified) of a stored FeatureCollection's objects, in the label
     image's numbering (label k = the k-th polygon feature)."""
@@ -246,7 +245,6 @@ def _write_cells(path: Path, rows: list[dict]) -> None:
                          round(r["area"], 3), *(round(v, 3) for v in r["centroid"]),
                          *(round(v, 3) for v in r["bbox"])])
     atomic_write(path, buffer.getvalue().encode("utf-8"))
-
 
 
 def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -616,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
     classify.add_argument("--out", required=True, help="classifier file to write (.npz)")
     classify.add_argument("--annotator", default=None,
-                          help="use this annotator's cells (default: the first annotator of each image)")
+                          help="use this annotator's cells (default: the first annotator of each image); "
+                          "'consensus': the consensus objects of images labelled by several annotators, with their "
+                          "majority classes (ties left out)")
     classify.add_argument("--members", type=int, default=5, help="heads in the ensemble (default 5)")
     classify.add_argument("--seed", type=int, default=0)
     classify.add_argument("--install", default=None, metavar="CACHE_DIR",

@@ -213,3 +213,31 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
     printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id], capture_output=True, text=True)
     assert printed.returncode == 0 and "F1 1.000 kappa 0.400" in printed.stdout
     assert "consensus: 3 objects, 2 with a majority class, 1 ties (objects 2)" in printed.stdout
+
+
+def test_classifier_cells_can_come_from_the_consensus_with_ties_left_out(tmp_path):
+    """The HALS classifier's training cells from the consensus: majority classes, the tie counted as unclassified,
+    centroids from the consensus outlines (the intersection of the two annotators' squares)."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.services.training.classifier_training import read_pulled_cells
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="classes", annotators_per_image=2, classes=[
+        {"name": "nucleus", "color": "#ff0000"}, {"name": "other", "color": "#0000ff"}])
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    a, _ = provider.sessions.join(info.session_id, "A")
+    b, _ = provider.sessions.join(info.session_id, "B")
+    provider.save_annotation(info, image_id, a.annotator_id, collection(
+        square(0, 0, 10, "nucleus"), square(40, 40, 10, "nucleus"), square(80, 80, 10, "other")))
+    provider.save_annotation(info, image_id, b.annotator_id, collection(
+        square(2, 0, 10, "nucleus"), square(40, 40, 10, "other"), square(80, 80, 10, "other")))
+    out = tmp_path / "pulled"
+    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+
+    cells = read_pulled_cells(out, annotator="consensus")
+    assert cells.class_counts() == {"nucleus": 1, "other": 1} and cells.skipped_unclassified == 1
+    np.testing.assert_allclose(cells.centroids[image_id], [[6.0, 5.0], [85.0, 85.0]])  # x 2..10 (both), y 0..10
+    assert cells.ids[image_id].tolist() == [1, 3] and cells.sources == [(image_id, "consensus", 0)]
+    first = read_pulled_cells(out)  # the default: the first annotator's own cells, the tie's square included
+    assert sum(first.class_counts().values()) == 3

@@ -42,6 +42,7 @@ __all__ = ["PulledCells", "read_pulled_cells", "cell_features", "check_class_cou
            "TrainedClassifier"]
 
 FORMAT = "colabel.hals-classifier/1"
+CONSENSUS = "consensus"  # read_pulled_cells(annotator=CONSENSUS): the consensus objects and majority classes
 INPUT_SIZE = 64  # the HALS classifier service's backbone input (ClassifierService(input_size=64))
 _HEAD_FIELDS = ("w1", "b1", "w2", "b2", "w3", "b3", "mean", "std")
 _HEAD_SCALARS = ("n_classes", "seed", "val_accuracy", "val_loss", "best_epoch", "epochs", "stopped_early",
@@ -108,8 +109,10 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
 
     Per image, the cells of one annotator's latest pulled version: ``annotator`` where given (images it
     did not label are skipped), else the first annotator id in sorted order (several annotators'
-    copies of the same cell would leak between training and validation splits). Objects without a
-    session class are skipped and counted.
+    copies of the same cell would leak between training and validation splits). ``annotator="consensus"``
+    takes the consensus objects of the images two or more annotators labelled instead, each with its majority
+    class (``consensus/<image_id>`` and its ``classes`` attribute; centroids from the consensus outlines); ties
+    count as unclassified. Objects without a session class are skipped and counted.
 
     Raises
     ------
@@ -127,6 +130,8 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
     classes = [str(c) for c in root.attrs.get("classes", [])]
     if len(classes) < 2:
         raise InvalidInputError(f"the session of {folder} has {len(classes)} class(es); a classifier needs >= 2")
+    if annotator == CONSENSUS:
+        return _consensus_cells(folder, root, classes)
     rows: dict[str, dict[str, list[dict]]] = {}
     with table.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
@@ -152,6 +157,36 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
     if not labels:
         who = f"annotator {annotator!r}" if annotator else "any annotator"
         raise InvalidInputError(f"no cells with a session class ({', '.join(classes)}) from {who} in {folder}")
+    return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped)
+
+
+def _consensus_cells(folder: Path, root, classes: list[str]) -> PulledCells:
+    """The consensus objects with a majority class of every image that has a consensus."""
+    from scipy import ndimage as ndi
+
+    images, centroids, labels, masks, ids, sources, skipped = {}, {}, {}, {}, {}, [], 0
+    image_ids = sorted(root["consensus"].array_keys()) if "consensus" in root else []
+    for image_id in image_ids:
+        array = root[f"consensus/{image_id}"]
+        if "classes" not in array.attrs:
+            raise InvalidInputError(f"the consensus of {image_id} in {folder} has no classes (pulled before colabel "
+                                    "kept them): pull into a new folder")
+        majority = list(array.attrs["classes"])
+        mask = np.asarray(array[...])
+        kept = [i for i, name in enumerate(majority, start=1) if name in classes]
+        skipped += len(majority) - len(kept)
+        if not kept:
+            continue
+        rows_cols = np.asarray(ndi.center_of_mass(np.ones(mask.shape), mask, index=kept), float).reshape(-1, 2)
+        images[image_id] = np.asarray(root[f"images/{image_id}"][...])
+        centroids[image_id] = rows_cols[:, ::-1] + 0.5  # [x, y], pixel-corner convention as cells.csv's
+        labels[image_id] = np.array([classes.index(majority[i - 1]) for i in kept], np.int64)
+        masks[image_id] = mask
+        ids[image_id] = np.array(kept, np.int64)
+        sources.append((image_id, CONSENSUS, 0))
+    if not labels:
+        raise InvalidInputError(f"no consensus cells with a majority session class ({', '.join(classes)}) in {folder}: "
+                                "consensus needs images labelled by two or more annotators")
     return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped)
 
 

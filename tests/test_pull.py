@@ -168,11 +168,11 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     assert printed.returncode == 0 and "F1 0.667" in printed.stdout
 
 
-def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_path):
-    """Two annotators class three squares: (nucleus, nucleus), (nucleus, other), (other, other). Consensus: three
-    objects, the second a tie. Kappa over them: A = (n, n, o), B = (n, o, o): p_o = 2/3, p_e = 4/9, kappa 0.4."""
+def _two_annotators_class_three_squares(tmp_path):
+    """A and B draw three 10 px squares of the IHC image, B's first 2 px to the right (IoU 0.67); classes
+    (nucleus, nucleus), (nucleus, other), (other, other); pulled from the folder.
+    Returns (folder, session, image id, A, B, pulled folder)."""
     from colabel.apps.provider.provider import DataProvider
-    from colabel.apps.report import session_report
 
     folder = make_image_folder(tmp_path / "images")
     provider = DataProvider(folder)
@@ -184,11 +184,19 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
     provider.save_annotation(info, image_id, a.annotator_id, collection(
         square(0, 0, 10, "nucleus"), square(40, 40, 10, "nucleus"), square(80, 80, 10, "other")))
     provider.save_annotation(info, image_id, b.annotator_id, collection(
-        square(1, 0, 10, "nucleus"), square(40, 40, 10, "other"), square(80, 80, 10, "other")))
-
+        square(2, 0, 10, "nucleus"), square(40, 40, 10, "other"), square(80, 80, 10, "other")))
     out = tmp_path / "pulled"
     done = pull(str(folder), "--session", info.session_id, "--out", str(out))
     assert done.returncode == 0, done.stderr
+    return folder, info, image_id, a, b, out
+
+
+def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_path):
+    """Two annotators class three squares: (nucleus, nucleus), (nucleus, other), (other, other). Consensus: three
+    objects, the second a tie. Kappa over them: A = (n, n, o), B = (n, o, o): p_o = 2/3, p_e = 4/9, kappa 0.4."""
+    from colabel.apps.report import session_report
+
+    folder, info, image_id, a, b, out = _two_annotators_class_three_squares(tmp_path)
     import zarr
 
     root = zarr.open_group(str(out / "labels.zarr"), mode="r")
@@ -218,22 +226,9 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
 def test_classifier_cells_can_come_from_the_consensus_with_ties_left_out(tmp_path):
     """The HALS classifier's training cells from the consensus: majority classes, the tie counted as unclassified,
     centroids from the consensus outlines (the intersection of the two annotators' squares)."""
-    from colabel.apps.provider.provider import DataProvider
     from colabel.services.training.classifier_training import read_pulled_cells
 
-    folder = make_image_folder(tmp_path / "images")
-    provider = DataProvider(folder)
-    info, _ = provider.create_session(name="classes", annotators_per_image=2, classes=[
-        {"name": "nucleus", "color": "#ff0000"}, {"name": "other", "color": "#0000ff"}])
-    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
-    a, _ = provider.sessions.join(info.session_id, "A")
-    b, _ = provider.sessions.join(info.session_id, "B")
-    provider.save_annotation(info, image_id, a.annotator_id, collection(
-        square(0, 0, 10, "nucleus"), square(40, 40, 10, "nucleus"), square(80, 80, 10, "other")))
-    provider.save_annotation(info, image_id, b.annotator_id, collection(
-        square(2, 0, 10, "nucleus"), square(40, 40, 10, "other"), square(80, 80, 10, "other")))
-    out = tmp_path / "pulled"
-    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+    _, _, image_id, _, _, out = _two_annotators_class_three_squares(tmp_path)
 
     cells = read_pulled_cells(out, annotator="consensus")
     assert cells.class_counts() == {"nucleus": 1, "other": 1} and cells.skipped_unclassified == 1

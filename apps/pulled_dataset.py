@@ -16,7 +16,6 @@ from colabel.errors import InvalidInputError
 from .pull import labelled_pairs
 
 NORMALIZATIONS = ("dtype", "percentile")
-PERCENTILES = (1.0, 99.8)  # as colabel's own segmenter training (``normalize_image``) and bioimage.io's scale_range
 
 
 class PulledDataset(Dataset):
@@ -108,10 +107,11 @@ def _scaled(image: np.ndarray, normalize: str) -> np.ndarray:
     """``(H, W, C)`` float32 image scaled as ``normalize`` says (see :class:`PulledDataset`)."""
     if image.ndim == 2:
         image = image[..., None]
+    if normalize == "percentile":  # colabel's segmenter training's own normalisation (bioimage.io's scale_range)
+        from colabel.services.training.segmenter_training import normalize_image
+
+        return np.moveaxis(normalize_image(image), 0, -1)
     out = image.astype(np.float32)
-    if normalize == "percentile":
-        lo, hi = np.percentile(out, PERCENTILES, axis=(0, 1))
-        return ((out - lo) / (hi - lo + 1e-6)).astype(np.float32)
     if np.issubdtype(image.dtype, np.integer):
         out /= np.iinfo(image.dtype).max
     return out

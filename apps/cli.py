@@ -462,6 +462,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Pre-annotate a folder's images with a segmenter of ``colabel train``."""
+    from .predict import predict_folder
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise CliError(f"model file {model} does not exist")
+    result = predict_folder(model, args.folder, args.out, overwrite=args.overwrite,
+                            review_uncertainty=args.review_uncertainty, progress=not args.quiet)
+    images = result["images"]
+    objects = sum(images[name]["objects"] for name in result["predicted"])
+    print(f"predicted {len(result['predicted'])} images ({objects} objects), {len(result['up_to_date'])} up to date, "
+          f"into {args.out}")
+    for name, reason in result["skipped"].items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     """Train the HALS classifier head on a pulled set's classified cells; save it with its record."""
     import time
@@ -605,6 +623,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", default="colabel-unet", help="model name in the bioimage.io package")
     train.add_argument("--author", default="colabel user", help="author in the bioimage.io package")
     train.set_defaults(func=cmd_train)
+
+    predict = commands.add_parser(
+        "predict", help="pre-annotate a folder's images with a trained segmenter, into files",
+        description="Segment every image of FOLDER (as `colabel serve` finds them) with a model of `colabel train` "
+        "and write, under --out at each image's relative path, NAME.labels.tif (instance labels), NAME.geojson "
+        "(outlines as QuPath detections) and, for ensembles, NAME.uncertainty.tif, plus predictions.json (model, "
+        "per-image counts, skipped images with the reason). Images already predicted by the same model and "
+        "unchanged since are skipped.")
+    predict.add_argument("model", metavar="MODEL", help="a model file written by colabel train")
+    predict.add_argument("folder", metavar="FOLDER", help="folder of images")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--review-uncertainty", type=float, default=None, metavar="U",
+                         help="ensembles: flag outlines whose mean pixel uncertainty is at least U for review "
+                         "(default 0.03)")
+    predict.add_argument("--overwrite", action="store_true", help="predict every image again")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(func=cmd_predict)
 
     classify = commands.add_parser(
         "train-classifier", help="train the HALS cell classifier on a pulled set's cell classes",

@@ -23,6 +23,32 @@ def hypha_server():
     server.stop()
 
 
+def _tiny_unet(folder: Path, ensemble: int) -> Path:
+    """Small U-Nets trained for ~1 minute of CPU each on the DSB2018 image with its 125 hand-drawn nuclei."""
+    torch = pytest.importorskip("torch")
+    import tifffile
+
+    from colabel.services.training.segmenter_training import train_segmenter
+
+    torch.set_num_threads(2)
+    image, mask = tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
+    model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), encoder="none",
+                            seed=0, tta=False, ensemble=ensemble, progress=False)
+    return model.save(folder / f"tiny-unet-{ensemble}.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory) -> Path:
+    """A one-network segmenter file (``colabel train``'s format), trained once per test session."""
+    return _tiny_unet(tmp_path_factory.mktemp("model"), 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory) -> Path:
+    """A two-network ensemble file, trained once per test session."""
+    return _tiny_unet(tmp_path_factory.mktemp("model"), 2)
+
+
 def make_image_folder(folder: Path) -> Path:
     """A mounted folder: real RGB IHC, 16-bit fluorescence, H&E JPEG, and a corrupt file."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,29 +15,6 @@ from web_support import CLASSES, browser, join, page, screenshot  # noqa: F401 -
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 
-def _tiny_unet(folder, ensemble: int):
-    """Small U-Nets trained for ~1 minute of CPU each on the DSB2018 image with its 125 hand-drawn nuclei."""
-    torch = pytest.importorskip("torch")
-    from colabel.services.training.segmenter_training import train_segmenter
-    from conftest import DATA
-
-    torch.set_num_threads(2)
-    image, mask = tifffile.imread(DATA / "dsb2018_nuclei.tif"), tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")
-    model = train_segmenter([image], [mask], epochs=8, crop=64, batch_size=8, channels=(8, 16, 32), encoder="none",
-                            seed=0, tta=False, ensemble=ensemble, progress=False)
-    return model.save(folder / f"tiny-unet-{ensemble}.pt")
-
-
-@pytest.fixture(scope="module")
-def tiny_segmenter(tmp_path_factory):
-    return _tiny_unet(tmp_path_factory.mktemp("model"), 1)
-
-
-@pytest.fixture(scope="module")
-def tiny_ensemble(tmp_path_factory):
-    return _tiny_unet(tmp_path_factory.mktemp("model"), 2)
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def preannotate_stack(hypha_server, tmp_path, tiny_segmenter):
     """A provider registered with a PreAnnotator over the tiny model (what `colabel serve --preannotate` does)."""

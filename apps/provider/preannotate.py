@@ -19,6 +19,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from colabel.services.training.proposals import REVIEW_UNCERTAINTY
+
 from .provider import DataProvider
 
 
@@ -30,7 +32,7 @@ class PreAnnotator:
     """
 
     def __init__(self, provider: DataProvider, model_path: str | Path, *, max_cached: int = 64,
-                 review_uncertainty: float = 0.03) -> None:
+                 review_uncertainty: float = REVIEW_UNCERTAINTY) -> None:
         from colabel.services.training.segmenter_training import TrainedSegmenter
 
         self.provider = provider
@@ -47,46 +49,20 @@ class PreAnnotator:
         self._cache: OrderedDict[str, dict] = OrderedDict()
 
     def _predict(self, session, image_id: str) -> dict:
-        import numpy as np
-
-        from colabel.services.nuclei import measure_nuclei
+        from colabel.services.training.proposals import propose
 
         with self._lock:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
                 return self._cache[image_id]
             pixels = self.provider.get_image(image_id, session=session)
-            image = self._match_channels(pixels)
-            labels, uncertainty = self.model.predict(image)
-            labels, nuclei = measure_nuclei(labels)
-            features = [{"type": "Feature", "geometry": n.polygon,
-                         "properties": {"objectType": "detection", "colabel_source": "preannotation"}}
-                        for n in nuclei]
-            if len(self.model.state_dicts) > 1 and nuclei:
-                from scipy import ndimage as ndi
-
-                per_object = ndi.mean(uncertainty, labels, index=np.arange(1, len(nuclei) + 1))
-                for feature, value in zip(features, per_object, strict=True):
-                    feature["properties"]["colabel_uncertainty"] = round(float(value), 4)
-                    if value >= self.review_uncertainty:
-                        feature["properties"]["colabel_review"] = True
-            result = {"type": "FeatureCollection", "features": features, "model": self.model_path.name}
+            proposals = propose(self.model, pixels, review_uncertainty=self.review_uncertainty)
+            result = {"type": "FeatureCollection", "features": proposals.features, "model": self.model_path.name}
             self.predictions += 1
             self._cache[image_id] = result
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
             return result
-
-    def _match_channels(self, pixels):
-        """(H, W, C) -> what the model was trained on: grey (mean of channels) or 3 channels."""
-        import numpy as np
-
-        wanted = int(self.model.config.get("in_channels", pixels.shape[-1]))
-        if wanted == 1:
-            return pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3].mean(axis=-1).astype(np.float32)
-        if pixels.shape[-1] == 1:
-            return np.repeat(pixels, wanted, axis=-1)
-        return pixels[..., :wanted]
 
     async def pre_annotation(self, session, image_id: str) -> dict:
         """A FeatureCollection of predicted outlines (image pixels) for an image of the session."""

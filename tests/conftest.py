@@ -1,5 +1,5 @@
 """Shared fixtures: a real Hypha server subprocess, a mounted folder of real images, a registered provider,
-and real hypha-rpc clients on their own connections."""
+real hypha-rpc clients on their own connections, and small trained segmenter files."""
 
 from __future__ import annotations
 

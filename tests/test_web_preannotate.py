@@ -60,7 +60,6 @@ async def _click_image(page, x: float, y: float) -> None:
     await page.mouse.click(px, py)
 
 
-
 async def _join_and_wait(page, share_url: str, name: str) -> None:
     """Open the share link, join under ``name`` and wait for the first image's pre-annotations."""
     await join(page, share_url, name, timeout=60_000)
@@ -76,7 +75,8 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     image_dir = tmp_path / "images" / "annotations" / "sessions" / session.session_id / "images" / dsb
 
     await _join_and_wait(page, services.share_url(secret), "Pre Annotator")
-    assert await page.text_content("#save-status") == f"{len(proposed)} pre-annotations: edit, then save"
+    assert await page.text_content("#save-status") == (
+        f"{len(proposed)} pre-annotations: correct them, or Next image keeps them")
     assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed)
     assert not list(image_dir.glob("*/*.geojson")), "proposals must not be stored before the annotator saves"
     await screenshot(page, tmp_path, "preannotate-proposed")
@@ -124,6 +124,31 @@ async def test_annotator_corrects_preannotations_and_saves_the_corrected_set(pre
     assert await page.evaluate("window.colabel.source.getFeatures().length") == len(proposed) - 1
 
 
+async def test_moving_on_without_a_change_keeps_every_proposal_as_the_annotators_version(preannotate_stack, page,
+                                                                                        tmp_path):
+    from shapely.geometry import shape
+
+    provider, services, preannotator = preannotate_stack
+    ids = {im.name: im.image_id for im in provider.list_images()}
+    dsb, he = ids["dsb2018_nuclei.tif"], ids["sub/he_histo.jpg"]
+    session, secret = provider.create_session(name="accept", classes=CLASSES, image_ids=[dsb, he])
+    proposed = (await preannotator.pre_annotation(session, dsb))["features"]
+
+    await _join_and_wait(page, services.share_url(secret), "Quick Annotator")
+    assert await page.evaluate("window.colabel.state.image.image_id") == dsb
+    image_dir = tmp_path / "images" / "annotations" / "sessions" / session.session_id / "images" / dsb
+    assert not list(image_dir.glob("*/*.geojson"))
+    await page.click("#next-image")
+    await page.wait_for_function(f"window.colabel.state.image?.image_id === '{he}'", timeout=30_000)
+
+    (annotator_dir,) = image_dir.iterdir()
+    (version,) = annotator_dir.glob("*.geojson")
+    saved = json.loads(version.read_text())["features"]
+    assert len(saved) == len(proposed) and all(f["properties"]["objectType"] == "annotation" for f in saved)
+    areas = sorted(shape(f["geometry"]).area for f in saved)
+    assert areas == pytest.approx(sorted(shape(f["geometry"]).area for f in proposed), abs=1.0)
+
+
 async def test_proposals_the_ensemble_disagrees_on_are_dashed_until_the_annotator_classifies_them(ensemble_stack,
                                                                                                    page):
     provider, services, preannotator = ensemble_stack
@@ -139,7 +164,7 @@ async def test_proposals_the_ensemble_disagrees_on_are_dashed_until_the_annotato
     await _join_and_wait(page, services.share_url(secret), "Careful Annotator")
     assert await page.text_content("#save-status") == (
         f"{len(proposed)} pre-annotations ({len(review)} dashed: the models disagree, check them first): "
-        "edit, then save")
+        "correct them, or Next image keeps them")
     dashed = """() => window.colabel.source.getFeatures().filter((f) => {
         const stroke = window.colabel.styleOf(f).getStroke();
         return Boolean(f.get("review")) && (stroke.getLineDash() || []).length > 0;

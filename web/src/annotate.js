@@ -643,7 +643,7 @@ async function showImage(assignment) {
       source.addFeatures(features);
       const review = features.filter((f) => f.get("review")).length;
       const unsure = review ? ` (${review} dashed: the models disagree, check them first)` : "";
-      saveStatus(`${proposed.features.length} pre-annotations${unsure}: edit, then save`);
+      saveStatus(`${proposed.features.length} pre-annotations${unsure}: correct them, or Next image keeps them`);
     } catch (err) {
       saveStatus("");
       message(`pre-annotations unavailable: ${errorText(err)}`, true);

@@ -438,9 +438,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     pairs = [pairs[i] for i in sorted(order[args.hold_out:])]
     images = [training_image(image) for _, image, _ in pairs]
     masks = [mask for _, _, mask in pairs]
-    print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects) ...")
+    init = None
+    if args.init:
+        from colabel.services.training.segmenter_training import TrainedSegmenter
+
+        if not Path(args.init).is_file():
+            raise CliError(f"--init model {args.init} does not exist")
+        init = TrainedSegmenter.load(args.init)
+    print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects)"
+          + (f", fine-tuning {args.init}" if init else "") + " ...")
     trained = train_segmenter(images, masks, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed,
-                              crop=args.crop, maps=args.maps, encoder=args.encoder, tta=not args.no_flips)
+                              crop=args.crop, maps=args.maps, encoder=args.encoder, tta=not args.no_flips, init=init)
+    if init:
+        trained.config["init"]["file"] = Path(args.init).name
     if held:
         from colabel.services.training.segmenter_training import validation_scores
 
@@ -613,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--encoder", default="efficientnet-lite0", choices=("efficientnet-lite0", "none"),
                        help="efficientnet-lite0: ImageNet-pretrained encoder, grey or RGB images (default); "
                        "none: a small plain U-Net from random weights, any channel count")
+    train.add_argument("--init", default=None, metavar="MODEL",
+                       help="fine-tune this model of an earlier colabel train (the previous round of annotation) "
+                       "instead of starting from ImageNet weights; its architecture is kept; fewer --epochs suffice")
     train.add_argument("--no-flips", action="store_true", help="predict without test-time flips (4x faster)")
     train.add_argument("--annotator", default=None, help="train on this annotator's masks instead of consensus")
     train.add_argument("--hold-out", type=int, default=0, metavar="K",

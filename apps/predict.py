@@ -129,6 +129,8 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
         atomic_write(out / outputs["geojson"], json.dumps(collection).encode())
         if ensemble:
             atomic_write(out / outputs["uncertainty"], _float_tiff(proposals.uncertainty))
+        else:  # an ensemble's map from an earlier run would not belong to these outlines
+            (out / output_names(record.name, ensemble=True)["uncertainty"]).unlink(missing_ok=True)
         images[record.name] = {"source": source, "outputs": outputs, "objects": len(proposals.features),
                                "review": proposals.n_review, "shape": list(pixels.shape),
                                "seconds": round(time.perf_counter() - start, 3)}

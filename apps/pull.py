@@ -36,7 +36,7 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .provider.storage import atomic_write, atomic_write_json
+from .provider.storage import atomic_write, atomic_write_json, encode_tiff
 
 
 class LocalSource:
@@ -145,7 +145,6 @@ def _objects(fc: dict, classes: list[str]) -> list[dict]:
 
 async def pull(source, out: Path, *, progress: bool = True) -> dict:
     """Pull new versions from ``source`` into ``out``; returns ``{images, pulled, skipped, cells}``."""
-    import tifffile
     import zarr
     from tqdm import tqdm
 
@@ -166,7 +165,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
         if f"images/{image_id}" not in root:
             pixels = await source.image(image_id)
             root.create_array(f"images/{image_id}", data=np.asarray(pixels), overwrite=True)
-            buffer = _tiff_bytes(tifffile, np.asarray(pixels))
+            buffer = encode_tiff(np.asarray(pixels))
             atomic_write(out / "tiff" / f"{stem}.tif", buffer)
         instances = {}
         for annotator_id, versions in image["versions"].items():
@@ -185,7 +184,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
                     lut[obj["label"]] = obj["class_index"] + 1
             root.create_array(f"instances/{key}", data=labels, overwrite=True)
             root.create_array(f"semantic/{key}", data=lut[labels], overwrite=True)
-            atomic_write(out / "tiff" / f"{stem}__{_safe(annotator_id)}_mask.tif", _tiff_bytes(tifffile, labels))
+            atomic_write(out / "tiff" / f"{stem}__{_safe(annotator_id)}_mask.tif", encode_tiff(labels))
             atomic_write_json(out / "geojson" / f"{stem}__{_safe(annotator_id)}.geojson", collection)
             state["versions"][key] = latest
             state["objects"][key] = [{**{k: v for k, v in o.items() if k != "class_index"},
@@ -225,26 +224,13 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
     return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows)}
 
 
-def _tiff_bytes(tifffile, array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, array, compression="zlib")
-    return buffer.getvalue()
-
-
 def _write_cells(path: Path, rows: list[dict]) -> None:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image_id", "image_name", "annotator_id", "version", "label", "class", "area", "centroid_x",
-                     "centroid_y", "xmin", "ymin", "xmax", "ymax"])
-    for r in rows:
-        writer.writerow([r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"], r["class"] or "",
-                         round(r["area"], 3), *(round(v, 3) for v in r["centroid"]),
-                         *(round(v, 3) for v in r["bbox"])])
-    atomic_write(path, buffer.getvalue().encode("utf-8"))
+    columns = ["image_id", "image_name", "annotator_id", "version", "label", "class", "area", "centroid_x",
+               "centroid_y", "xmin", "ymin", "xmax", "ymax"]
+    _write_rows(path, [dict(zip(columns, [r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"],
+                                          r["class"] or "", round(r["area"], 3),
+                                          *(round(v, 3) for v in r["centroid"]), *(round(v, 3) for v in r["bbox"])],
+                                strict=True)) for r in rows], columns)
 
 
 def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:

@@ -31,24 +31,11 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
-from pretrain import DATA, TRAIN_TILES, fix_rate, tile_borders, tiles  # noqa: E402
+from pretrain import DATA, TRAIN_TILES, evaluate, tile_borders, tiles  # noqa: E402
 
-from colabel.services.training.segmenter_training import (  # noqa: E402
-    TrainedSegmenter,
-    probabilities_to_labels,
-    train_segmenter,
-)
+from colabel.services.training.segmenter_training import TrainedSegmenter, train_segmenter  # noqa: E402
 
 ROUND2 = (6, 9, 13)  # tiles corrected in round 2: one per row of the image but the first, none beside another
-
-
-def score(model: TrainedSegmenter, test, borders) -> dict:
-    cfg, pairs = model.config, []
-    for image, mask in test:
-        p = model.predict_probabilities(image, tta=True).mean(axis=0)
-        pairs.append((mask, probabilities_to_labels(p[0], p[1], p[2], threshold=cfg["threshold"],
-                                                    min_size=cfg["min_size"], centre_h=cfg["centre_h"])))
-    return fix_rate(pairs, borders)
 
 
 def member(model: TrainedSegmenter, k: int) -> TrainedSegmenter:
@@ -91,7 +78,8 @@ def main() -> None:
         run = {"seed": seed}
         for name, model, seconds in (("round 1 (6 tiles)", round1, round1_s), ("round 2, new (9 tiles)", new, new_s),
                                      ("round 2, fine-tuned (9 tiles)", tuned, tuned_s)):
-            result = {**score(model, test, test_borders), "train_seconds": seconds, "steps": model.config["steps"]}
+            scores = evaluate(model, test, test_borders, members=[0], tta=True, rule="centre")
+            result = {**scores, "train_seconds": seconds, "steps": model.config["steps"]}
             run[name] = result
             rows.append({"method": f"{name}, seed {seed}", "gt": result["gt"], "tp": result["tp"],
                          "fp": result["fp"], "fn": result["fn"], "fix_rate": f"{result['fix_rate']:.1%}",

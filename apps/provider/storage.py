@@ -55,15 +55,20 @@ def check_id(value: object, kind: str) -> str:
     return value
 
 
-def tiff_bytes(labels: np.ndarray) -> bytes:
-    """Encode an instance-label image (H, W) uint16/uint32 as a zlib-compressed TIFF."""
+def encode_tiff(array: np.ndarray, *, axes: str | None = None) -> bytes:
+    """Any array as a zlib-compressed TIFF; ``axes`` (e.g. ``"YX"``) is written as tifffile's metadata."""
     import tifffile
 
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, compression="zlib", **({"metadata": {"axes": axes}} if axes else {}))
+    return buffer.getvalue()
+
+
+def tiff_bytes(labels: np.ndarray) -> bytes:
+    """Encode an instance-label image (H, W) uint16/uint32 as a zlib-compressed TIFF."""
     if labels.ndim != 2 or labels.dtype not in (np.uint16, np.uint32):
         raise InvalidInputError(f"label image must be 2-D uint16 or uint32, got {labels.shape} {labels.dtype}")
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, labels, compression="zlib", metadata={"axes": "YX"})
-    return buffer.getvalue()
+    return encode_tiff(labels, axes="YX")
 
 
 def _file_lock(folder: Path):

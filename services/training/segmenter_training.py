@@ -553,13 +553,12 @@ def _init_architecture(init: TrainedSegmenter, images: list[np.ndarray], *, enco
     if _channels(images[0]) != cfg["in_channels"]:
         raise InvalidInputError(f"the model to fine-tune takes {cfg['in_channels']} channel(s); the images have "
                                 f"{_channels(images[0])}")
-    wanted = {"encoder": (encoder, init.encoder), "maps": (maps, cfg["out_channels"]),
-              "channels": (list(channels) if channels else list(cfg["channels"]), list(cfg["channels"]))}
-    for name, (asked, has) in wanted.items():
-        # the defaults follow the model; anything else asked for must be what it is
-        default = {"encoder": "efficientnet-lite0", "maps": 3, "channels": list(cfg["channels"])}[name]
-        if asked != has and asked != default:
-            raise InvalidInputError(f"the model to fine-tune has {name} {has}, not {asked}")
+    has = {"encoder": init.encoder, "maps": cfg["out_channels"], "channels": list(cfg["channels"])}
+    asked = {"encoder": encoder, "maps": maps, "channels": list(channels) if channels else has["channels"]}
+    defaults = {"encoder": "efficientnet-lite0", "maps": 3, "channels": has["channels"]}
+    for name in has:  # the defaults follow the model; anything else asked for must be what it is
+        if asked[name] not in (has[name], defaults[name]):
+            raise InvalidInputError(f"the model to fine-tune has {name} {has[name]}, not {asked[name]}")
     return init.encoder, int(cfg["out_channels"]), [int(c) for c in cfg["channels"]]
 
 

@@ -60,7 +60,8 @@ class EmbeddedHypha:
     ----------
     host, port : where it listens.
     root_token : str, optional
-        The server's root token (>= 32 characters); a random one is made when omitted.
+        The server's root token (Hypha's rule: >= 64 characters, or >= 32 without a weak word such as "test",
+        "abc" or "123", in any case); a random one of 72 characters is made when omitted.
     msg_rate_limit : int
         Websocket messages per second (and burst) allowed per connection.
     ready_timeout : float
@@ -73,7 +74,9 @@ class EmbeddedHypha:
                  msg_rate_limit: int = 100_000, ready_timeout: float = 60.0, env: dict | None = None) -> None:
         self.host = host
         self.port = port
-        self.root_token = root_token or f"colabel-{secrets.token_urlsafe(32)}"
+        # 64+ characters: Hypha refuses shorter root tokens that contain, in any case, "abc", "123", "test",
+        # "root" or another of its weak words, which a random token of 51 characters did in ~1 start of 400
+        self.root_token = root_token or f"colabel-{secrets.token_urlsafe(48)}"
         self.msg_rate_limit = msg_rate_limit
         self.ready_timeout = ready_timeout
         self.extra_env = dict(env or {})

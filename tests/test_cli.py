@@ -90,6 +90,18 @@ def test_the_embedded_servers_log_is_removed_after_a_clean_stop_and_kept_after_a
         crashed.log_path.unlink(missing_ok=True)
 
 
+def test_root_tokens_are_long_enough_that_hypha_never_calls_them_weak():
+    """Hypha refuses a root token under 64 characters that holds "abc", "123", "test"... in any case; a random
+    one of 51 characters did in about 1 start of 400 (a CI run failed on it). A token with such words but 64+
+    characters starts."""
+    from colabel.apps.hypha_server import EmbeddedHypha
+
+    assert all(len(EmbeddedHypha().root_token) >= 64 for _ in range(100))
+    weak_words = "colabel-" + "AbC123TestRootAdminTokenSecretHyphaDefault" + "x" * 30
+    with EmbeddedHypha("127.0.0.1", free_port(), root_token=weak_words) as server:
+        assert server.process.poll() is None
+
+
 def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(tmp_path):
     from conftest import make_image_folder
 

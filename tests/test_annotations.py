@@ -69,6 +69,27 @@ def test_json_text_that_does_not_parse_is_refused():
         validate_feature_collection('{"type": "FeatureCollection", "features": [', image_shape=SHAPE)
 
 
+@pytest.mark.parametrize(("text", "why"), [
+    ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point", '
+     '"coordinates": [' + "1" * 5000 + ', 0]}}]}', "4300 digits"),
+    ("[" * 100_000, "recursion"),
+])
+def test_json_text_python_cannot_hold_is_refused_as_bad_json(text, why):
+    with pytest.raises(InvalidInputError, match=f"not valid JSON: .*{why}"):
+        validate_feature_collection(text, image_shape=SHAPE)
+
+
+def test_numbers_and_nesting_beyond_what_json_readers_hold_are_refused_not_crashed():
+    refused(feature(polygon([[0, 0], [10**400, 0], [3, 3]])), match="feature 0: coordinates must be finite")
+    refused(feature({"type": "Point", "coordinates": [10**5000, 0]}), match="finite numbers, got a value too large")
+    refused(feature(polygon(square(1, 1, 5, 5)), id=2**53 + 1), match="integer id must lie within")
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    refused(feature(polygon(square(1, 1, 5, 5)), properties=deep), match="feature 0: nested too deeply")
+    assert validate(feature(polygon(square(1, 1, 5, 5)), id=2**53))["features"][0]["id"] == 2**53
+
+
 def test_json_text_and_bytes_are_parsed():
     text = json.dumps(fc_of(GOOD))
     for obj in (text, text.encode()):
@@ -482,6 +503,46 @@ def test_rasterize_refuses_unsupported_geometry():
     fc = fc_of(feature({"type": "LineString", "coordinates": [[0, 0], [1, 1]]}))
     with pytest.raises(InvalidInputError, match="feature 0: geometry type 'LineString' cannot be rasterised"):
         rasterize(fc, shape=(3, 3))
+
+
+def test_outlines_too_costly_to_draw_are_refused_before_drawing():
+    # 2100 hairline triangles from top to bottom of a 2048 px image: 4200 edges crossing every row
+    thin = [feature(polygon([[x / 2, 0], [x / 2 + 0.01, 2048], [x / 2 + 0.02, 0]])) for x in range(2100)]
+    fc = validate(*thin, shape=(2048, 2048))
+    with pytest.raises(InvalidInputError, match=r"too complex to store: its outlines cross \d+ pixel rows in all, "
+                                                r"more than the limit of 8388608"):
+        rasterize(fc, shape=(2048, 2048))
+    assert not rasterize(validate(*thin[:900], shape=(2048, 2048)), shape=(2048, 2048)).any()  # hairlines: no centre
+
+
+def test_polygons_covering_the_image_too_many_times_over_are_refused():
+    whole = feature(polygon(square(0, 0, 2000, 2000)))
+    fc = validate(*[whole] * (annotations.MAX_COVERAGE + 1), shape=(2000, 2000))
+    with pytest.raises(InvalidInputError, match="cover 9.0 times the image's area in all, more than the limit of 8"):
+        rasterize(fc, shape=(2000, 2000))
+    assert (rasterize(validate(*[whole] * 8, shape=(2000, 2000)), shape=(2000, 2000)) == 8).all()
+
+
+def test_rasterize_gives_skimages_pixels_for_collections_with_holes_parts_and_overlaps():
+    from skimage.draw import polygon as skimage_polygon
+
+    rng = np.random.default_rng(0)
+    features, expected = [], np.zeros((60, 80), dtype=np.uint16)
+    for label in range(1, 41):
+        cx, cy, radius = rng.uniform(0, 80), rng.uniform(0, 60), rng.uniform(4, 15)
+        t = np.linspace(0, 2 * np.pi, int(rng.integers(5, 12)), endpoint=False)
+        shell = np.clip(np.c_[cx + radius * np.cos(t), cy + radius * np.sin(t)], 0, [80, 60])
+        shell = np.round(shell * 2) / 2 if label % 2 else shell  # half-integer vertices: boundary cases
+        hole = np.c_[cx + radius / 3 * np.cos(t), cy + radius / 3 * np.sin(t)]
+        inner = radius < cx < 80 - radius and radius < cy < 60 - radius  # a hole only where the shell is unclipped
+        rings = [shell.tolist(), hole.tolist()] if label % 3 == 0 and inner else [shell.tolist()]
+        features.append(feature(polygon(*rings)))
+        inside = np.zeros_like(expected, dtype=bool)
+        inside[skimage_polygon(shell[:, 1] - 0.5, shell[:, 0] - 0.5, expected.shape)] = True
+        if len(rings) == 2:
+            inside[skimage_polygon(hole[:, 1] - 0.5, hole[:, 0] - 0.5, expected.shape)] = False
+        expected[inside] = label
+    np.testing.assert_array_equal(rasterize(validate(*features, shape=(60, 80)), shape=(60, 80)), expected)
 
 
 def _mask_to_feature_collection(labels):

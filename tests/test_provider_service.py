@@ -344,6 +344,24 @@ async def test_errors_name_files_relative_to_the_folder_never_where_it_lives(sta
     assert "broken.png" in str(refused.value) and f"{stack.folder}/" not in str(refused.value)
 
 
+async def test_errors_do_not_reveal_where_colabel_or_the_folder_lives(annotating, stack):
+    from pathlib import Path
+
+    import colabel
+
+    annotator, token, aid, image = annotating
+    installed = str(Path(colabel.__file__).resolve().parents[1])
+    refusals = [annotator.session_info("not-a-token"),
+                annotator.save_annotation(token, aid, image["image_id"], "{not json"),
+                annotator.get_image(token, "img-0000000000000000")]
+    for call in refusals:
+        with pytest.raises(Exception) as refused:
+            await call
+        message = str(refused.value)
+        assert "<colabel provider>" in message  # the adapter's frame, under its neutral name
+        assert installed not in message and str(stack.folder) not in message
+
+
 async def test_holding_the_share_link_does_not_let_one_act_as_another_annotator(stack, connect):
     provider = await open_provider(stack, connect)
     created = await provider.create_session("impersonation", CLASSES)

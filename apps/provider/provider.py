@@ -124,7 +124,10 @@ class DataProvider:
         elif isinstance(feature_collection, str):
             size = len(feature_collection.encode("utf-8"))
         else:
-            size = len(json.dumps(feature_collection, default=str, ensure_ascii=False).encode("utf-8"))
+            try:
+                size = len(json.dumps(feature_collection, default=str, ensure_ascii=False).encode("utf-8"))
+            except (TypeError, ValueError, RecursionError) as exc:  # non-string keys, huge ints, deep nesting
+                raise InvalidInputError(f"annotations are not a JSON object: {str(exc)[:200]}") from None
         if size > self.config.max_annotation_bytes:
             raise PayloadTooLargeError(
                 f"annotation of {size} bytes exceeds the limit of {self.config.max_annotation_bytes} bytes"

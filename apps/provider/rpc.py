@@ -11,7 +11,7 @@ Three services are registered in the provider's workspace:
 
 Every function runs the provider's blocking work in a thread, returns plain JSON-able objects or numpy
 arrays, and turns errors into one clear sentence: the caller's traceback shows only the adapter's own
-frame, never colabel's internals.
+frame, under a neutral name, never colabel's internals or where the provider is installed.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def _public_session(provider: DataProvider, info: SessionInfo) -> AnnotatorSessi
     """What a token holder is told about its session: no tokens, no other sessions."""
     return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode, classes=info.classes,
                             state=info.state, n_images=len(provider.readable_image_ids(info)))
+
+
+#: The file name a remote caller's traceback shows for the adapter's frame.
+_FRAME_NAME = "<colabel provider>"
 
 
 class ServiceError(Exception):
@@ -88,6 +92,8 @@ def _remote(fn):
             logger.exception("internal error in %s", fn.__name__)
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
 
+    # hypha-rpc sends the caller the traceback from this frame down: name it, not where colabel is installed
+    wrapper.__code__ = wrapper.__code__.replace(co_filename=_FRAME_NAME)
     return wrapper
 
 

@@ -9,7 +9,7 @@ its input before it writes anything.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +112,13 @@ class DataProvider:
 
     # -- annotations ------------------------------------------------------------------------------
     def save_annotation(self, session: SessionInfo, image_id: str, annotator_id: str,
-                        feature_collection: object) -> AnnotationRecord:
-        """Validate, rasterise and commit a new version; nothing is written when any check fails."""
+                        feature_collection: object, *,
+                        still_allowed: Callable[[], object] | None = None) -> AnnotationRecord:
+        """Validate, rasterise and commit a new version; nothing is written when any check fails.
+
+        ``still_allowed`` is called right before the commit and may refuse it by raising (see
+        :meth:`AnnotationStore.save`): the session's state and the caller's token are checked again there.
+        """
         image_id = self._check_in_session(session, image_id)
         annotator = self.sessions.annotator(session.session_id, annotator_id)
         record = self.catalog.get(image_id)
@@ -140,7 +145,7 @@ class DataProvider:
         labels = rasterize(fc, shape=(height, width))
         return self.store.save(
             fc, labels, session_id=session.session_id, image_id=image_id, image_name=record.name,
-            annotator_id=annotator.annotator_id, display_name=annotator.display_name,
+            annotator_id=annotator.annotator_id, display_name=annotator.display_name, still_allowed=still_allowed,
         )
 
     def get_annotations(self, session: SessionInfo, image_id: str, *, annotator_id: str | None = None,

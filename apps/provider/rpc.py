@@ -21,6 +21,8 @@ import functools
 import inspect
 import logging
 import mimetypes
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,9 @@ def _public_session(provider: DataProvider, info: SessionInfo) -> AnnotatorSessi
     return AnnotatorSession(session_id=info.session_id, name=info.name, mode=info.mode, classes=info.classes,
                             state=info.state, n_images=len(provider.readable_image_ids(info)))
 
+
+#: Threads that validate, rasterise and write saves, apart from those serving every other call.
+SAVE_THREADS = 2
 
 #: The file name a remote caller's traceback shows for the adapter's frame.
 _FRAME_NAME = "<colabel provider>"
@@ -121,6 +126,8 @@ class ProviderServices:
         self.name = name
         self.public_url = public_url.rstrip("/")
         self.workspace = server.config.workspace
+        self._save_pool = ThreadPoolExecutor(max_workers=SAVE_THREADS, thread_name_prefix="colabel-save")
+        self._save_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     # -- URLs -------------------------------------------------------------------------------------
     @property
@@ -257,10 +264,15 @@ class ProviderServices:
             info = sessions.authorize(token, write=True)
             return p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
 
-        def save_annotation(token, annotator_key, image_id, annotation):
+        async def save_annotation(token, annotator_key, image_id, annotation):
+            """Commit a new version. One annotator's saves run one at a time, on threads of their own (a slow
+            save never holds up reads); the token and the session's state are checked again at the commit."""
             info = sessions.authorize(token, write=True)
             annotator = sessions.identify(info.session_id, annotator_key)
-            return p.save_annotation(info, image_id, annotator.annotator_id, annotation)
+            async with self._save_locks[(info.session_id, annotator.annotator_id)]:
+                save = functools.partial(p.save_annotation, info, image_id, annotator.annotator_id, annotation,
+                                         still_allowed=lambda: sessions.authorize(token, write=True))
+                return await asyncio.get_running_loop().run_in_executor(self._save_pool, save)
 
         def get_annotations(token, annotator_key, image_id, version=None):
             info = sessions.authorize(token)

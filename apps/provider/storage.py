@@ -25,6 +25,7 @@ import re
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -139,16 +140,21 @@ class AnnotationStore:
         image_name: str,
         annotator_id: str,
         display_name: str,
+        still_allowed: Callable[[], object] | None = None,
     ) -> AnnotationRecord:
         """Commit a new version of an annotator's annotation of an image and return its record.
 
         ``feature_collection`` must already be validated; ``labels`` is its (H, W) uint16/uint32
         rasterisation. The record is embedded in the GeoJSON as the foreign member ``"colabel"``.
+        ``still_allowed``, when given, is called under the lock right before anything is written and aborts
+        the save by raising (a session closed or a token revoked while the save was being checked).
         """
         folder = self._annotator_dir(session_id, image_id, annotator_id)
         key = (session_id, image_id, annotator_id)
         label_data = tiff_bytes(labels)
         with self._locks[key]:
+            if still_allowed is not None:
+                still_allowed()
             folder.mkdir(parents=True, exist_ok=True)
             with _file_lock(folder):
                 version = self._next_version(folder)

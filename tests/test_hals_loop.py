@@ -263,5 +263,9 @@ async def test_labels_with_unknown_cells_or_classes_are_refused(loop_stack, conn
         await annotator.label_cell(token, key, image_id, 1, "mitosis")
     with pytest.raises(Exception, match="unknown annotator key"):
         await annotator.label_cell(token, "someone-else", image_id, 1, "positive")
+    for region in [{"x": "a", "y": 0, "width": 10, "height": 10}, {"x": None, "y": 0, "width": 10, "height": 10},
+                   {"x": [1], "y": 0, "width": 10, "height": 10}, {"x": 0, "y": 0, "width": 0, "height": 10}]:
+        with pytest.raises(Exception, match="region x, y, width, height must be finite numbers"):
+            await annotator.cells(token, image_id, region)
     assert len(loop_stack["hals"].log(loop_stack["session"]).read()) == before
     await asyncio.sleep(0)

@@ -680,6 +680,33 @@ def test_link_swapped_to_outside_after_the_scan_is_refused(tmp_path):
         catalog.read(image_id_for("link.tif"))
 
 
+def test_link_into_the_annotations_folder_is_listed_with_an_error_and_never_read(tmp_path):
+    tifffile.imwrite(tmp_path / "image.tif", NUCLEI)
+    labels = tmp_path / "annotations" / "sessions" / "s-1"
+    labels.mkdir(parents=True)
+    tifffile.imwrite(labels / "v000001.tif", MASK)
+    os.symlink(labels / "v000001.tif", tmp_path / "leak.tif")
+    catalog = ImageCatalog(tmp_path)
+    record = by_name(catalog)["leak.tif"]
+    assert record.error == "'leak.tif' points into the annotations folder" and record.shape is None
+    with pytest.raises(UnreadableImageError, match="points into the annotations folder"):
+        catalog.read(record.image_id)
+    # an image listed while it was fine, swapped for a link to labels afterwards, is refused at reading
+    (tmp_path / "image.tif").unlink()
+    os.symlink(labels / "v000001.tif", tmp_path / "image.tif")
+    with pytest.raises(UnreadableImageError, match="now points into the annotations folder"):
+        catalog.read(image_id_for("image.tif"))
+
+
+def test_errors_name_a_corrupt_file_relative_to_a_folder_whose_path_holds_spaces(tmp_path):
+    folder = tmp_path / "John Smith" / "lab data"
+    folder.mkdir(parents=True)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    record = by_name(ImageCatalog(folder))["broken.png"]
+    assert record.error.startswith("'broken.png' cannot be read")
+    assert "John Smith" not in record.error and "lab data" not in record.error
+
+
 # ----------------------------------------------------------------------------- no writes
 
 

@@ -344,6 +344,16 @@ async def test_errors_name_files_relative_to_the_folder_never_where_it_lives(sta
     assert "broken.png" in str(refused.value) and f"{stack.folder}/" not in str(refused.value)
 
 
+async def test_versions_of_an_annotator_who_never_joined_are_not_found_rather_than_none(stack):
+    provider = stack.provider
+    session, _ = provider.create_session(name="versions", classes=CLASSES)
+    image_id = provider.readable_image_ids(session)[0]
+    with pytest.raises(Exception, match="unknown annotator id 'a-nobody'"):
+        provider.list_versions(session, image_id, "a-nobody")
+    annotator, _ = provider.sessions.join(session.session_id, "Joined")
+    assert provider.list_versions(session, image_id, annotator.annotator_id) == []
+
+
 async def test_errors_do_not_reveal_where_colabel_or_the_folder_lives(annotating, stack):
     from pathlib import Path
 

@@ -122,3 +122,29 @@ def test_unknown_ids_and_bad_arguments_are_refused(tmp_path):
         store.revoke_token(info.session_id, "t-nope")
     with pytest.raises(NotFoundError, match="unknown annotator id"):
         store.assign_next(info.session_id, "a-nobody", image_ids=["i"], saved={})
+
+
+def test_names_and_labels_with_control_characters_are_refused_and_nothing_is_written(tmp_path):
+    store = SessionStore(tmp_path)
+    for bad in ["x\x1b[31m", "two\nlines", "bell\x07"]:
+        with pytest.raises(InvalidInputError, match="session name must be .* printable characters"):
+            store.create(name=bad, classes=CLASSES)
+    assert store.list() == []
+    info, _ = store.create(name="fine", classes=CLASSES)
+    with pytest.raises(InvalidInputError, match="token label must be .* printable characters"):
+        store.issue_token(info.session_id, label="x\x1b[2J")
+    assert len(store.get(info.session_id).tokens) == 1
+
+
+def test_a_session_takes_a_bounded_number_of_annotators(tmp_path, monkeypatch):
+    from colabel.apps.provider import sessions
+
+    monkeypatch.setattr(sessions, "MAX_ANNOTATORS", 3)
+    store = SessionStore(tmp_path)
+    info, _ = store.create(name="crowd", classes=CLASSES)
+    for n in range(3):
+        store.join(info.session_id, f"A{n}")
+    with pytest.raises(InvalidInputError, match="has 3 annotators, the most one session takes"):
+        store.join(info.session_id, "One too many")
+    assert len(store.annotators(info.session_id)) == 3
+    assert len(SessionStore(tmp_path).annotators(info.session_id)) == 3  # nor was the manifest written

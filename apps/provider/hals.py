@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,8 +214,13 @@ class HalsAssist:
             return list(range(len(cells.ids)))
         if not isinstance(region, dict) or not {"x", "y", "width", "height"} <= set(region):
             raise InvalidInputError("region must be an object {x, y, width, height} in image pixels")
-        x0, y0 = float(region["x"]), float(region["y"])
-        x1, y1 = x0 + float(region["width"]), y0 + float(region["height"])
+        values = [region[k] for k in ("x", "y", "width", "height")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values) \
+                or values[2] <= 0 or values[3] <= 0:
+            raise InvalidInputError(f"region x, y, width, height must be finite numbers with a positive width and "
+                                    f"height, got {str(values)[:120]}")
+        x0, y0 = float(values[0]), float(values[1])
+        x1, y1 = x0 + float(values[2]), y0 + float(values[3])
         c = cells.centroids
         return np.flatnonzero((c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)).tolist()
 

@@ -323,7 +323,7 @@ class ImageCatalog:
             raise
         except Exception as exc:  # any decoder failure: corrupt or truncated data
             raise UnreadableImageError(
-                f"image '{record.name}' cannot be decoded: {_reason(exc)}"
+                f"image '{record.name}' cannot be decoded: {_reason(exc, self.folder)}"
             ) from None
         expected = (box[1] - box[0], box[3] - box[2], record.shape[2])
         if out.shape != expected or out.dtype != np.dtype(record.dtype):
@@ -335,10 +335,16 @@ class ImageCatalog:
 
     # ------------------------------------------------------------------ internals
 
+    def _excluded(self, real: Path) -> bool:
+        """Whether a resolved path lies in one of the excluded top-level folders (colabel's annotations)."""
+        return any(real.is_relative_to(self.folder / name) for name in self.exclude)
+
     def _check_inside(self, record: ImageRecord) -> None:
         real = Path(os.path.realpath(record.path))
         if not real.is_relative_to(self.folder):
             raise UnreadableImageError(f"image '{record.name}' now points outside the mounted folder")
+        if self._excluded(real):
+            raise UnreadableImageError(f"image '{record.name}' now points into the annotations folder")
         try:
             if not stat.S_ISREG(os.stat(real).st_mode):
                 raise UnreadableImageError(f"image '{record.name}' is no longer a regular file")
@@ -362,6 +368,8 @@ class ImageCatalog:
 
         if not real.is_relative_to(self.folder):
             return bad(f"'{name}' points outside the mounted folder")
+        if self._excluded(real):  # a link to labels (any session's) is not an image to annotate
+            return bad(f"'{name}' points into the annotations folder")
         try:
             mode = os.stat(real).st_mode
         except OSError:
@@ -377,7 +385,7 @@ class ImageCatalog:
             return bad(f"'{name}' {exc}")
         except Exception as exc:
             log.debug("cannot read %s", real, exc_info=True)
-            return bad(f"'{name}' cannot be read as {fmt.upper()}: {_reason(exc)}")
+            return bad(f"'{name}' cannot be read as {fmt.upper()}: {_reason(exc, self.folder)}")
         return ImageRecord(image_id, name, real, fmt, shape, dtype, levels, None)
 
 
@@ -388,12 +396,15 @@ class _Unsupported(Exception):
     """A readable file colabel does not serve; the message completes a sentence about the file."""
 
 
-def _reason(exc: BaseException) -> str:
-    """The first line of a decoder's message, with absolute paths cut to their file name.
+def _reason(exc: BaseException, folder: Path) -> str:
+    """The first line of a decoder's message, with paths in the folder made relative to it and other absolute
+    paths cut to their file name.
 
-    Callers are told the file's name relative to the folder, never where the folder lives.
+    Callers are told the file's name relative to the folder, never where the folder lives (even when its path
+    holds spaces, which the pattern for other paths stops at).
     """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.replace(f"{folder}{os.sep}", "")
     text = re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", text)
     return text[:200]
 

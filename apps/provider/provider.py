@@ -166,6 +166,7 @@ class DataProvider:
     def list_versions(self, session: SessionInfo, image_id: str, annotator_id: str) -> list[int]:
         """Version numbers of one annotator's annotation of one image, oldest first."""
         image_id = self._check_in_session(session, image_id)
+        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         return self.store.versions(session.session_id, image_id, annotator_id)
 
     # -- assignment and progress ------------------------------------------------------------------

@@ -25,6 +25,9 @@ from .storage import atomic_write_json, check_id, utc_now
 
 MAX_DISPLAY_NAME = 64
 
+#: The most annotators one session takes (every join is written to the session's manifest).
+MAX_ANNOTATORS = 1000
+
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
@@ -145,8 +148,8 @@ class SessionStore:
         image_ids: Sequence[str] | None = None,
     ) -> tuple[SessionInfo, str]:
         """Create a session and its first share token; return the session and the token's secret."""
-        if not isinstance(name, str) or not name.strip() or len(name) > 100:
-            raise InvalidInputError("session name must be a non-empty string of at most 100 characters")
+        if not isinstance(name, str) or not name.strip() or len(name) > 100 or not name.isprintable():
+            raise InvalidInputError("session name must be a non-empty string of at most 100 printable characters")
         parsed = [c if isinstance(c, LabelClass) else LabelClass.model_validate(c) for c in classes]
         if not parsed:
             raise InvalidInputError("a session needs at least one label class")
@@ -201,8 +204,8 @@ class SessionStore:
 
     def issue_token(self, session_id: str, *, label: str = "", role: str = "annotate") -> tuple[TokenInfo, str]:
         """A new token for a session (``role`` "annotate": a share link; "train": read-only trainer access)."""
-        if not isinstance(label, str) or len(label) > 100:
-            raise InvalidInputError("token label must be a string of at most 100 characters")
+        if not isinstance(label, str) or len(label) > 100 or not label.isprintable():
+            raise InvalidInputError("token label must be a string of at most 100 printable characters")
         if role not in ("annotate", "train"):
             raise InvalidInputError(f"token role must be 'annotate' or 'train', got {role!r}")
         with self._lock:
@@ -262,6 +265,9 @@ class SessionStore:
         name = clean_display_name(display_name)
         with self._lock:
             session = self._get(session_id)
+            if len(session.annotators) >= MAX_ANNOTATORS:
+                raise InvalidInputError(f"session {session.info.name!r} has {len(session.annotators)} annotators, the "
+                                        "most one session takes; ask its provider for another session")
             annotator = Annotator(annotator_id=f"a-{secrets.token_hex(5)}", display_name=name, joined=utc_now())
             key = secrets.token_urlsafe(24)
             session.annotators[annotator.annotator_id] = annotator
@@ -286,7 +292,7 @@ class SessionStore:
         with self._lock:
             session = self._get(session_id)
             if not isinstance(annotator_id, str) or annotator_id not in session.annotators:
-                raise NotFoundError(f"unknown annotator id {annotator_id!r} in this session")
+                raise NotFoundError(f"unknown annotator id {str(annotator_id)[:80]!r} in this session")
             return session.annotators[annotator_id].model_copy()
 
     def annotators(self, session_id: str) -> dict[str, Annotator]:
@@ -318,7 +324,7 @@ class SessionStore:
         with self._lock:
             session = self._get(session_id)
             if annotator_id not in session.annotators:
-                raise NotFoundError(f"unknown annotator id {annotator_id!r} in this session")
+                raise NotFoundError(f"unknown annotator id {str(annotator_id)[:80]!r} in this session")
             k = session.info.annotators_per_image
             for image_id in image_ids:
                 holders = session.assignments.get(image_id, [])

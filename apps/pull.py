@@ -1,6 +1,8 @@
 """``colabel pull``: a session's images and labels as a training set, from a provider URL or a local folder.
 
-The pulled set (``--out DIR``)::
+The pulled set (``--out DIR``) mirrors one session of one source: every pull fetches the versions newer than the
+last, and removes what the source no longer has (an image deleted or unreadable, an annotator's labels deleted),
+printing one ``dropped ...`` line per removal::
 
     labels.zarr/
       images/<image_id>                 (H, W, C) in the file's dtype
@@ -12,12 +14,31 @@ The pulled set (``--out DIR``)::
     agreement.json   per image with several annotators: F1 at IoU 0.5 and Cohen's kappa of the classes per
                      annotator pair, and the consensus's object, classified and tie counts
     consensus_cells.csv  one row per consensus object: image, label, class, tie, support, each annotator's vote
-    tiff/<image name>.tif, tiff/<image name>__<annotator>_mask.tif
-    geojson/<image name>__<annotator>.geojson  the annotator's latest FeatureCollection as stored (QuPath's
+    tiff/<stem>.tif                        the image as stored, (H, W, C)
+    tiff/<stem>__<annotator>_mask.tif      the annotator's instance labels (as ``instances/``)
+    tiff/<stem>__consensus_mask.tif        the consensus instance labels (as ``consensus/``), where there is one
+    geojson/<stem>__<annotator>.geojson    the annotator's latest FeatureCollection as stored (QuPath's
                      conventions, image pixels; feature k is label k of the masks)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
-    coco.json        COCO instance annotations (polygons in image pixels)
-    pull_state.json  the version pulled per image and annotator: a later pull fetches only newer versions
+                     (area, centroid and bbox of the polygon)
+    coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
+    coco_consensus.json  COCO instance annotations of the consensus objects (``attributes``: label, support, tie),
+                     of the images that have a consensus; written when one has
+    pull_state.json  the source and session pulled, and the version pulled per image and annotator: a later
+                     pull fetches only newer versions
+
+``<stem>`` is the image's name in the source with every run of characters other than letters, digits, ``.``,
+``_`` and ``-`` replaced by ``_``, extension kept (``sub/cell.png`` -> ``sub_cell.png``); images whose stems would
+be equal (ignoring case) get ``@<image_id>`` appended, so no two images share a file.
+
+COCO files: ``file_name`` is the image's TIFF relative to the COCO file (``tiff/<stem>.tif``); every labelled
+image is listed, those without objects too (negative examples). Categories: the session's classes, ids 1..n in
+session order, and ``object`` (id n + 1; ``object (unclassified)`` when a class is named ``object``) for
+unclassified objects and consensus objects without a majority class. ``segmentation`` is uncompressed RLE
+(``{"counts": [...], "size": [H, W]}``, runs over the pixels in column-major order, background first) of the
+object's pixels in the instance mask, so segmentation, ``area`` (pixels) and ``bbox`` (``[x, y, w, h]`` of those
+pixels) agree exactly with ``labels.zarr``; an object that later objects cover entirely has no pixels and no COCO
+annotation. The polygons are in ``geojson/``.
 
 Remote pulls use a *trainer token* (read-only: it cannot annotate), issued by the provider.
 """
@@ -28,6 +49,7 @@ import asyncio
 import csv
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,13 +60,21 @@ from colabel.errors import InvalidInputError
 
 from .provider.storage import atomic_write, atomic_write_json, encode_tiff
 
+STATE_FORMAT = 2
+"""``format`` of ``pull_state.json``. A state without it (written before pulls recorded their source, stems kept
+extensions and COCO used RLE) is not trusted: its versions are fetched again and its files renamed, once."""
+
+CONSENSUS_FILE = "consensus"
+"""The annotator part of the consensus mask's file name (annotator ids are ``a-<hex>``)."""
+
 
 class LocalSource:
-    """A session of a mounted folder, read directly (no server)."""
+    """A session of a mounted folder, read directly (no server). ``location``: the folder's absolute path."""
 
     def __init__(self, folder: Path, session_id: str) -> None:
         from .provider.provider import DataProvider
 
+        self.location = str(Path(folder).resolve())
         self.provider = DataProvider(folder)
         self.info = self.provider.sessions.get(session_id)
 
@@ -75,12 +105,13 @@ class LocalSource:
 
 
 class RemoteSource:
-    """A session of a running provider, through its annotator service with a trainer token."""
+    """A session of a running provider, through its annotator service with a trainer token. ``location``: the
+    provider's web URL (``<scheme>://<host>/<workspace>/apps/<name>-web``, no token)."""
 
     URL = re.compile(r"^/(?P<workspace>[^/]+)/apps/(?P<name>[a-z0-9][a-z0-9-]*)-web(?:/.*)?$")
 
-    def __init__(self, client: Any, service: Any, token: str) -> None:
-        self.client, self.service, self.token = client, service, token
+    def __init__(self, client: Any, service: Any, token: str, location: str) -> None:
+        self.client, self.service, self.token, self.location = client, service, token, location
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None) -> "RemoteSource":
@@ -97,7 +128,7 @@ class RemoteSource:
             raise InvalidInputError("a trainer token is needed: pass --token or a URL ending in #trainer=TOKEN")
         client = await connect_to_server({"server_url": f"{parts.scheme}://{parts.netloc}"})
         service = await client.get_service(f"{match['workspace']}/{match['name']}-annotate")
-        return cls(client, service, token)
+        return cls(client, service, token, f"{parts.scheme}://{parts.netloc}/{match['workspace']}/apps/{match['name']}-web")
 
     async def session(self) -> dict:
         return await self.service.trainer_session(self.token)
@@ -143,37 +174,217 @@ def _objects(fc: dict, classes: list[str]) -> list[dict]:
     return out
 
 
+def _stems(names: dict[str, str]) -> dict[str, str]:
+    """Image id -> file stem of the pulled files (see the module docstring): ``_safe(name)`` with its extension,
+    ``@<image_id>`` appended to every stem that two images would share, ignoring case (``_safe`` never writes
+    ``@``, so the stems are unique by construction)."""
+    safe = {image_id: _safe(name) for image_id, name in names.items()}
+    counts: dict[str, int] = {}
+    for stem in safe.values():
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    return {image_id: stem if counts[stem.casefold()] == 1 else f"{stem}@{image_id}" for image_id, stem in safe.items()}
+
+
+def instance_rle(labels: np.ndarray) -> dict[int, dict]:
+    """The pixels of every object of an instance-label image, as COCO uncompressed run-length encoding.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (H, W), integer
+        0 is background, every other value one object.
+
+    Returns
+    -------
+    dict
+        label -> ``{"counts": [int, ...], "area": int, "bbox": [x, y, w, h]}``: ``counts`` are the lengths of
+        the alternating runs of background and object over the pixels in column-major order (COCO's
+        convention), starting with background (possibly 0) and summing to ``H * W``; ``area`` the object's
+        pixel count; ``bbox`` the column, row, width and height in pixels of the box around its pixels (as
+        ``pycocotools.mask.toBbox``). Labels absent from ``labels`` are absent here.
+
+    Examples
+    --------
+    >>> instance_rle(np.array([[0, 1], [0, 1]]))
+    {1: {'counts': [2, 2], 'area': 2, 'bbox': [1.0, 0.0, 1.0, 2.0]}}
+    """
+    labels = np.asarray(labels)
+    height, width = labels.shape
+    flat = labels.ravel(order="F")
+    positions = np.flatnonzero(flat)
+    values = flat[positions]
+    order = np.argsort(values, kind="stable")  # by label; each label's positions stay ascending
+    positions, values = positions[order], values[order]
+    splits = np.flatnonzero(np.diff(values)) + 1
+    out = {}
+    for pixels in np.split(positions, splits) if positions.size else []:
+        breaks = np.flatnonzero(np.diff(pixels) != 1) + 1
+        starts, ends = pixels[np.r_[0, breaks]], pixels[np.r_[breaks - 1, -1]] + 1
+        counts = np.empty(2 * starts.size, np.int64)
+        counts[0::2] = starts - np.r_[0, ends[:-1]]
+        counts[1::2] = ends - starts
+        tail = height * width - int(ends[-1])
+        cols, rows = pixels // height, pixels % height
+        x, y = int(cols.min()), int(rows.min())
+        out[int(flat[pixels[0]])] = {
+            "counts": counts.tolist() + ([tail] if tail else []), "area": int(pixels.size),
+            "bbox": [float(x), float(y), float(cols.max() - x + 1), float(rows.max() - y + 1)]}
+    return out
+
+
+def _check_origin(out: Path, state: dict, origin: dict) -> None:
+    """Refuse to pull ``origin`` (``{source, session_id}``) into ``out`` when it holds a pull of another session
+    or source (recorded in ``state``, or for sets pulled before colabel recorded it, the session id in
+    ``labels.zarr``'s attributes)."""
+    recorded = {k: state.get(k) for k in ("source", "session_id")}
+    if recorded["session_id"] is None and (out / "labels.zarr").is_dir():
+        import zarr
+
+        session = zarr.open_group(str(out / "labels.zarr"), mode="r").attrs.get("session") or {}
+        recorded["session_id"] = session.get("session_id")
+    if recorded["session_id"] is None:
+        return
+    if recorded["session_id"] != origin["session_id"] or recorded["source"] not in (None, origin["source"]):
+        was = recorded["source"] or "an unrecorded source"
+        raise InvalidInputError(
+            f"{out} holds a pull of session {recorded['session_id']} from {was}, not of session "
+            f"{origin['session_id']} from {origin['source']}: a pulled set mirrors one session of one source, "
+            "pull into another --out")
+
+
+def _previous_files(state: dict, names: dict[str, str]) -> set[str]:
+    """The tiff/ and geojson/ files a previous pull wrote: recorded in its state, or for a state of colabel before
+    ``STATE_FORMAT`` named as it named them then (image names from its rows, else ``names``)."""
+    if "files" in state:
+        return set(state["files"])
+    files = set()
+    for key in state.get("versions", {}):
+        image_id, annotator_id = key.split("/", 1)
+        name = next((r["image_name"] for r in state.get("objects", {}).get(key, [])), names.get(image_id))
+        if name is not None:
+            stem, who = _safe(Path(name).with_suffix("").as_posix()), _safe(annotator_id)
+            files |= {f"tiff/{stem}.tif", f"tiff/{stem}__{who}_mask.tif", f"geojson/{stem}__{who}.geojson"}
+    return files
+
+
+def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[str, dict]) -> list[str]:
+    """One line per image, annotator's labels or consensus of the ``old`` state that ``state`` no longer has."""
+    names = {i: info["name"] for i, info in listed.items()}
+    for key, rows in old.get("objects", {}).items():
+        names.setdefault(key.split("/", 1)[0], next((r["image_name"] for r in rows), key.split("/", 1)[0]))
+    names.update({i: info["name"] for i, info in old.get("images", {}).items()})
+    by_image: dict[str, list[str]] = {}
+    for key in old.get("versions", {}):
+        image_id, annotator_id = key.split("/", 1)
+        by_image.setdefault(image_id, []).append(annotator_id)
+    lines = []
+    for image_id in sorted(set(by_image) | set(old.get("images", {})), key=lambda i: names.get(i, i)):
+        name = names.get(image_id, image_id)
+        if image_id not in state["images"]:
+            info = listed.get(image_id)
+            why = ("no longer in the source" if info is None else f"unreadable in the source ({info['error']})"
+                   if info.get("error") else "no longer labelled in the source")
+            n = len(by_image.get(image_id, []))
+            lines.append(f"dropped image {name}: {why}; its labels by {n} annotator{'s' * (n != 1)} removed")
+            continue
+        for annotator_id in sorted(by_image.get(image_id, [])):
+            if f"{image_id}/{annotator_id}" not in state["versions"]:
+                who = (annotators.get(annotator_id) or {}).get("display_name")
+                who = f"{who} ({annotator_id})" if who else annotator_id
+                lines.append(f"dropped the labels of annotator {who} on {name}: no longer in the source")
+        if image_id in old.get("consensus", {}) and image_id not in state["consensus"]:
+            lines.append(f"dropped the consensus of {name}: fewer than 2 annotators left")
+    return lines
+
+
+def _prune(root, state: dict) -> None:
+    """Delete from the zarr group every image, annotator's masks and consensus that ``state`` does not hold."""
+    if "images" in root:
+        for image_id in list(root["images"].array_keys()):
+            if image_id not in state["images"]:
+                del root[f"images/{image_id}"]
+    for group in ("instances", "semantic"):
+        for image_id in list(root[group].group_keys()) if group in root else []:
+            for annotator_id in list(root[f"{group}/{image_id}"].array_keys()):
+                if f"{image_id}/{annotator_id}" not in state["versions"]:
+                    del root[f"{group}/{image_id}/{annotator_id}"]
+            if not list(root[f"{group}/{image_id}"].keys()):
+                del root[f"{group}/{image_id}"]
+    for group in ("consensus", "consensus_semantic"):
+        for image_id in list(root[group].array_keys()) if group in root else []:
+            if image_id not in state["consensus"]:
+                del root[f"{group}/{image_id}"]
+
+
 async def pull(source, out: Path, *, progress: bool = True) -> dict:
-    """Pull new versions from ``source`` into ``out``; returns ``{images, pulled, skipped, cells}``."""
+    """Mirror ``source``'s session in ``out``: fetch the versions newer than the last pull's, remove what the source
+    no longer has (images deleted, unreadable or no longer labelled, annotators' labels deleted, consensus of
+    images left with fewer than 2 annotators), rewrite the tables and COCO files (layout: module docstring).
+
+    Parameters
+    ----------
+    source : LocalSource or RemoteSource
+    out : path
+        The pulled set; created when missing.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    dict
+        ``images`` (labelled images of the source), ``pulled`` (annotation versions fetched), ``skipped`` (up to
+        date), ``cells`` (rows of ``cells.csv``), ``dropped`` (one line per removal, ``dropped ...``).
+
+    Raises
+    ------
+    InvalidInputError
+        ``out`` holds a pull of another session or source; nothing is written.
+    """
     import zarr
     from tqdm import tqdm
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "pull_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"versions": {}, "objects": {}}
+    old = json.loads(state_path.read_text()) if state_path.exists() else {}
     meta = await source.session()
+    origin = {"source": source.location, "session_id": meta["session"]["session_id"]}
+    _check_origin(out, old, origin)
+    reusable = old if old.get("format") == STATE_FORMAT else {}
     classes = [c["name"] for c in meta["session"]["classes"]]
+    out.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(out / "labels.zarr"), mode="a")
     root.attrs.update({"session": meta["session"], "classes": classes, "format": "colabel.pull/1"})
     (out / "tiff").mkdir(exist_ok=True)
     (out / "geojson").mkdir(exist_ok=True)
+    state: dict[str, Any] = {"format": STATE_FORMAT, **origin, "images": {}, "versions": {}, "objects": {},
+                             "consensus": {}, "consensus_basis": {}, "agreement": {}}
+    files: set[str] = set()
+    listed = {i["image_id"]: i for i in meta["images"]}
+    images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
+    stems = _stems({i["image_id"]: i["name"] for i in images})
     pulled = skipped = 0
-    images = [i for i in meta["images"] if not i.get("error") and i.get("versions")]
     for image in tqdm(images, desc="pull", unit="image", disable=not progress):
-        image_id, stem = image["image_id"], _safe(Path(image["name"]).with_suffix("").as_posix())
+        image_id, stem = image["image_id"], stems[image["image_id"]]
+        image_file = f"tiff/{stem}.tif"
+        files.add(image_file)
         if f"images/{image_id}" not in root:
-            pixels = await source.image(image_id)
-            root.create_array(f"images/{image_id}", data=np.asarray(pixels), overwrite=True)
-            buffer = encode_tiff(np.asarray(pixels))
-            atomic_write(out / "tiff" / f"{stem}.tif", buffer)
-        instances = {}
+            pixels = np.asarray(await source.image(image_id))
+            root.create_array(f"images/{image_id}", data=pixels, overwrite=True)
+            atomic_write(out / image_file, encode_tiff(pixels))
+        elif not (out / image_file).is_file():
+            atomic_write(out / image_file, encode_tiff(np.asarray(root[f"images/{image_id}"][...])))
+        height, width = root[f"images/{image_id}"].shape[:2]
+        state["images"][image_id] = {"name": image["name"], "stem": stem, "height": height, "width": width}
         for annotator_id, versions in image["versions"].items():
-            latest = versions[-1]
-            key = f"{image_id}/{annotator_id}"
-            if state["versions"].get(key) == latest:
+            if not versions:
+                continue
+            latest, key, who = versions[-1], f"{image_id}/{annotator_id}", _safe(annotator_id)
+            mask_file, geojson_file = f"tiff/{stem}__{who}_mask.tif", f"geojson/{stem}__{who}.geojson"
+            files |= {mask_file, geojson_file}
+            state["versions"][key] = latest
+            if (reusable.get("versions", {}).get(key) == latest and f"instances/{key}" in root
+                    and f"semantic/{key}" in root and (out / mask_file).is_file() and (out / geojson_file).is_file()):
                 skipped += 1
-                instances[annotator_id] = np.asarray(root[f"instances/{key}"][...])
+                state["objects"][key] = reusable["objects"][key]
                 continue
             labels = np.asarray(await source.labels(image_id, annotator_id, latest)).astype(np.uint32)
             collection = await source.annotation(image_id, annotator_id, latest)
@@ -184,44 +395,74 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
                     lut[obj["label"]] = obj["class_index"] + 1
             root.create_array(f"instances/{key}", data=labels, overwrite=True)
             root.create_array(f"semantic/{key}", data=lut[labels], overwrite=True)
-            atomic_write(out / "tiff" / f"{stem}__{_safe(annotator_id)}_mask.tif", encode_tiff(labels))
-            atomic_write_json(out / "geojson" / f"{stem}__{_safe(annotator_id)}.geojson", collection)
-            state["versions"][key] = latest
+            atomic_write(out / mask_file, encode_tiff(labels))
+            atomic_write_json(out / geojson_file, collection)
+            masks = instance_rle(labels)
             state["objects"][key] = [{**{k: v for k, v in o.items() if k != "class_index"},
                                       "image_id": image_id, "image_name": image["name"], "annotator_id": annotator_id,
-                                      "version": latest} for o in objects]
-            instances[annotator_id] = labels
+                                      "version": latest, "mask": masks.get(o["label"])} for o in objects]
             pulled += 1
-        if len(instances) >= 2:
-            from colabel.services.training.consensus import image_consensus
-
-            names = sorted(instances)
-            found = image_consensus({a: instances[a] for a in names},
-                                    {a: {o["label"]: o["class"] for o in state["objects"][f"{image_id}/{a}"]}
-                                     for a in names})
-            result, n = found.result, found.result.n_objects
-            root.create_array(f"consensus/{image_id}", data=result.labels.astype(np.uint32), overwrite=True)
-            root[f"consensus/{image_id}"].attrs.update({
-                "support": result.support.tolist(), "annotators": names,
-                "classes": [found.classes[i] for i in range(1, n + 1)], "ties": found.ties})
-            lut = np.zeros(n + 1, np.uint16)
-            for i, name in found.classes.items():
-                lut[i] = classes.index(name) + 1 if name in classes else 0
-            root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], overwrite=True)
-            state.setdefault("agreement", {})[image_id] = found.agreement
-            state.setdefault("consensus", {})[image_id] = [
-                {"image_id": image_id, "image_name": image["name"], "label": i, "class": found.classes[i] or "",
-                 "tie": i in found.ties, "support": int(result.support[i - 1]),
-                 "votes": ";".join(f"{a}={c or ''}" for a, c in found.votes[i].items())} for i in range(1, n + 1)]
+        names = sorted(a for a, versions in image["versions"].items() if versions)
+        if len(names) >= 2:
+            consensus_file = f"tiff/{stem}__{CONSENSUS_FILE}_mask.tif"
+            files.add(consensus_file)
+            basis = {a: state["versions"][f"{image_id}/{a}"] for a in names}
+            if (reusable.get("consensus_basis", {}).get(image_id) == basis and image_id in reusable.get("consensus", {})
+                    and f"consensus/{image_id}" in root and f"consensus_semantic/{image_id}" in root
+                    and (out / consensus_file).is_file()):
+                for part in ("consensus", "consensus_basis", "agreement"):
+                    state[part][image_id] = reusable[part][image_id]
+                continue
+            _consensus(root, out, state, image, classes, basis, consensus_file)
+    dropped = _dropped(old, state, listed, meta.get("annotators", {}))
+    _prune(root, state)
+    for path in sorted(_previous_files(old, {i: info["name"] for i, info in listed.items()}) - files):
+        if Path(path).parent.as_posix() in ("tiff", "geojson"):
+            (out / path).unlink(missing_ok=True)
+    state["files"] = sorted(files)
     rows = [o for objects in state["objects"].values() for o in objects]
     _write_cells(out / "cells.csv", rows)
-    _write_rows(out / "consensus_cells.csv", [r for image_rows in state.get("consensus", {}).values()
-                                              for r in image_rows],
+    _write_rows(out / "consensus_cells.csv", [r for image_rows in state["consensus"].values() for r in image_rows],
                 ["image_id", "image_name", "label", "class", "tie", "support", "votes"])
-    atomic_write_json(out / "coco.json", _coco(meta, rows))
-    atomic_write_json(out / "agreement.json", state.get("agreement", {}))
+    atomic_write_json(out / "coco.json", _coco(meta["session"], state))
+    if state["consensus"]:
+        atomic_write_json(out / "coco_consensus.json", _coco(meta["session"], state, consensus=True))
+    else:
+        (out / "coco_consensus.json").unlink(missing_ok=True)
+    atomic_write_json(out / "agreement.json", state["agreement"])
     atomic_write_json(state_path, state)
-    return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows)}
+    return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped}
+
+
+def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], basis: dict[str, int],
+               consensus_file: str) -> None:
+    """Compute the consensus of an image's annotators (``basis``: annotator -> version pulled) from their pulled
+    instance masks; write it to the zarr group and ``consensus_file``, and its rows, agreement and basis to
+    ``state``."""
+    from colabel.services.training.consensus import image_consensus
+
+    image_id, names = image["image_id"], sorted(basis)
+    found = image_consensus({a: np.asarray(root[f"instances/{image_id}/{a}"][...]) for a in names},
+                            {a: {o["label"]: o["class"] for o in state["objects"][f"{image_id}/{a}"]} for a in names})
+    result, n = found.result, found.result.n_objects
+    labels = result.labels.astype(np.uint32)
+    root.create_array(f"consensus/{image_id}", data=labels, overwrite=True)
+    root[f"consensus/{image_id}"].attrs.update({
+        "support": result.support.tolist(), "annotators": names,
+        "classes": [found.classes[i] for i in range(1, n + 1)], "ties": found.ties})
+    lut = np.zeros(n + 1, np.uint16)
+    for i, name in found.classes.items():
+        lut[i] = classes.index(name) + 1 if name in classes else 0
+    root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], overwrite=True)
+    atomic_write(out / consensus_file, encode_tiff(labels))
+    masks = instance_rle(labels)
+    state["agreement"][image_id] = found.agreement
+    state["consensus_basis"][image_id] = basis
+    state["consensus"][image_id] = [
+        {"image_id": image_id, "image_name": image["name"], "label": i, "class": found.classes[i] or "",
+         "tie": i in found.ties, "support": int(result.support[i - 1]),
+         "votes": ";".join(f"{a}={c or ''}" for a, c in found.votes[i].items()), "mask": masks.get(i)}
+        for i in range(1, n + 1)]
 
 
 def _write_cells(path: Path, rows: list[dict]) -> None:
@@ -237,40 +478,52 @@ def _write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, buffer.getvalue().encode("utf-8"))
 
 
-def _coco(meta: dict, rows: list[dict]) -> dict:
-    """COCO instance segmentation: one category per session class, polygons as flat [x, y, ...] lists."""
-    classes = [c["name"] for c in meta["session"]["classes"]]
-    images = {i["image_id"]: i for i in meta["images"]}
-    image_index = {iid: n + 1 for n, iid in enumerate(sorted({r["image_id"] for r in rows}))}
+def _coco(session: dict, state: dict, *, consensus: bool = False) -> dict:
+    """COCO instance segmentation of a pull's ``state``: every annotator's objects, or with ``consensus`` the
+    consensus objects of the images that have one (categories, file names, RLE: the module docstring)."""
+    classes = [c["name"] for c in session["classes"]]
+    unclassified = "object" if "object" not in classes else "object (unclassified)"
+    categories = {name: n for n, name in enumerate(classes, start=1)}
+    index = {image_id: n for n, image_id in enumerate(sorted(state["images"]), start=1)}
+    listed = sorted(state["consensus"]) if consensus else sorted(state["images"])
+    rows = ([r for image_id in listed for r in state["consensus"][image_id]] if consensus
+            else sorted((r for rows in state["objects"].values() for r in rows),
+                        key=lambda r: (index[r["image_id"]], r["annotator_id"], r["label"])))
     annotations = []
-    for n, r in enumerate(rows, start=1):
-        geometry = r["geometry"]
-        polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
-        xmin, ymin, xmax, ymax = r["bbox"]
+    for r in rows:
+        if r["mask"] is None:
+            continue
+        image = state["images"][r["image_id"]]
+        attributes = ({"label": r["label"], "support": r["support"], "tie": r["tie"]} if consensus else
+                      {"annotator_id": r["annotator_id"], "version": r["version"], "label": r["label"]})
         annotations.append({
-            "id": n, "image_id": image_index[r["image_id"]],
-            "category_id": classes.index(r["class"]) + 1 if r["class"] in classes else 0,
-            "segmentation": [[v for point in poly[0] for v in point] for poly in polygons],
-            "area": r["area"], "bbox": [xmin, ymin, xmax - xmin, ymax - ymin], "iscrowd": 0,
-            "attributes": {"annotator_id": r["annotator_id"], "version": r["version"], "label": r["label"]},
-        })
+            "id": len(annotations) + 1, "image_id": index[r["image_id"]],
+            "category_id": categories.get(r["class"], len(classes) + 1),
+            "segmentation": {"counts": r["mask"]["counts"], "size": [image["height"], image["width"]]},
+            "area": r["mask"]["area"], "bbox": r["mask"]["bbox"], "iscrowd": 0, "attributes": attributes})
+    which = "consensus" if consensus else "every annotator's objects"
     return {
-        "info": {"description": f"colabel session {meta['session']['name']}", "version": "1"},
-        "categories": [{"id": n + 1, "name": c} for n, c in enumerate(classes)],
-        "images": [{"id": image_index[iid], "file_name": images[iid]["name"], "height": images[iid]["shape"][0],
-                    "width": images[iid]["shape"][1], "colabel_image_id": iid} for iid in image_index],
+        "info": {"description": f"colabel session {session['name']} ({which})", "version": "1"},
+        "categories": [{"id": n, "name": name} for name, n in categories.items()]
+        + [{"id": len(classes) + 1, "name": unclassified}],
+        "images": [{"id": index[image_id], "file_name": f"tiff/{state['images'][image_id]['stem']}.tif",
+                    "height": state["images"][image_id]["height"], "width": state["images"][image_id]["width"],
+                    "colabel_image_id": image_id, "colabel_image_name": state["images"][image_id]["name"]}
+                   for image_id in listed],
         "annotations": annotations,
     }
 
 
-def run_pull(source: str, out: Path, *, session: str | None = None, token: str | None = None) -> dict:
-    """Pull from a provider URL or a local folder (``session`` needed for a folder)."""
+def run_pull(source: str, out: Path, *, session: str | None = None, token: str | None = None,
+             echo: Callable[[str], object] | None = print) -> dict:
+    """Pull from a provider URL or a local folder (``session`` needed for a folder); ``echo`` gets each
+    ``dropped ...`` line of :func:`pull` (default: printed)."""
 
     async def main():
         if source.startswith(("http://", "https://")):
@@ -284,7 +537,10 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
         finally:
             await src.close()
 
-    return asyncio.run(main())
+    result = asyncio.run(main())
+    for line in result["dropped"] if echo is not None else []:
+        echo(line)
+    return result
 
 
 def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:

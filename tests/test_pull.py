@@ -96,10 +96,13 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
             rows = list(csv.DictReader(handle))
         assert len(rows) == 4 and {r["class"] for r in rows} == {"nucleus", "other"}
         coco = json.loads((out / "coco.json").read_text())
-        assert [c["name"] for c in coco["categories"]] == ["nucleus", "other"] and len(coco["annotations"]) == 4
-        square_ann = next(a for a in coco["annotations"] if a["area"] == 400.0)
-        assert square_ann["bbox"] == [10.0, 10.0, 20.0, 20.0]
-        assert len(list((out / "tiff").glob("*_mask.tif"))) == 3
+        assert [c["name"] for c in coco["categories"]] == ["nucleus", "other", "object"]
+        assert len(coco["annotations"]) == 4
+        squares = sorted(a["bbox"] for a in coco["annotations"] if a["area"] == 400)  # Ada's and Bob's
+        assert squares == [[10.0, 10.0, 20.0, 20.0], [11.0, 10.0, 20.0, 20.0]]
+        assert len(list((out / "tiff").glob("*__a-*_mask.tif"))) == 3
+        np.testing.assert_array_equal(tifffile.imread(out / "tiff" / "dsb2018_nuclei.tif__consensus_mask.tif"),
+                                      consensus)
         agreement = json.loads((out / "agreement.json").read_text())[dsb]
         # Ada drew 2 squares, Bob 1 matching one of them: F1 = 2 * 1 / (2 + 1)
         assert agreement["pairs"][0]["f1"] == pytest.approx(2 / 3)
@@ -210,7 +213,7 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
         ("1", "nucleus", "False", "2"), ("2", "", "True", "2"), ("3", "other", "False", "2")]
     votes = {a.annotator_id: "nucleus", b.annotator_id: "other"}
     assert rows[1]["votes"] == ";".join(f"{k}={votes[k]}" for k in sorted(votes))  # annotators in id order
-    drawn = json.loads((out / "geojson" / f"ihc_ki67__{b.annotator_id}.geojson").read_text())["features"]
+    drawn = json.loads((out / "geojson" / f"ihc_ki67.png__{b.annotator_id}.geojson").read_text())["features"]
     assert [f["properties"]["classification"]["name"] for f in drawn] == ["nucleus", "other", "other"]
     agreement = json.loads((out / "agreement.json").read_text())[image_id]
     assert agreement["pairs"][0]["kappa"] == pytest.approx(0.4) and agreement["pairs"][0]["n_cells"] == 3
@@ -236,3 +239,234 @@ def test_classifier_cells_can_come_from_the_consensus_with_ties_left_out(tmp_pat
     assert cells.ids[image_id].tolist() == [1, 3] and cells.sources == [(image_id, "consensus", 0)]
     first = read_pulled_cells(out)  # the default: the first annotator's own cells, the tie's square included
     assert sum(first.class_counts().values()) == 3
+
+
+def _session(folder, names=("A", "B"), classes=("nucleus",)):
+    """A provider over ``folder``, a session with ``classes``, and its annotators ``names``."""
+    from colabel.apps.provider.provider import DataProvider
+
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="mirror", annotators_per_image=2,
+                                      classes=[{"name": c, "color": "#ff0000"} for c in classes])
+    ids = {r.name: r.image_id for r in provider.catalog.records()}
+    return provider, info, ids, [provider.sessions.join(info.session_id, n)[0] for n in names]
+
+
+def _files(folder):
+    """Relative path -> bytes of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_pull_drops_images_and_annotators_the_source_no_longer_has(tmp_path):
+    """Pulled: A on three images, B too on the IHC one (a consensus). Then the H&E file is deleted, the DSB file
+    becomes junk and B's labels of the IHC image are deleted: the next pull says so and mirrors the folder, and
+    once the DSB file is back, its labels are pulled again."""
+    import shutil
+
+    import zarr
+
+    from conftest import DATA
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    for name in ("ihc_ki67.png", "dsb2018_nuclei.tif", "sub/he_histo.jpg"):
+        provider.save_annotation(info, ids[name], a.annotator_id, collection(square(10, 10, 20)))
+    provider.save_annotation(info, ids["ihc_ki67.png"], b.annotator_id, collection(square(11, 10, 20)))
+    out = tmp_path / "pulled"
+    first = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert first.returncode == 0 and "pulled 4 new annotation versions" in first.stdout, first.stderr
+    assert (out / "tiff" / "ihc_ki67.png__consensus_mask.tif").is_file() and (out / "coco_consensus.json").is_file()
+
+    (folder / "sub" / "he_histo.jpg").unlink()
+    (folder / "dsb2018_nuclei.tif").write_bytes(b"II*\x00 not a tiff any more")
+    shutil.rmtree(folder / "annotations" / "sessions" / info.session_id / "images" / ids["ihc_ki67.png"]
+                  / b.annotator_id)
+    second = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    lines = [line for line in second.stdout.splitlines() if line.startswith("dropped")]
+    assert len(lines) == 4, second.stdout
+    assert lines[0].startswith("dropped image dsb2018_nuclei.tif: unreadable in the source")
+    assert lines[1] == f"dropped the labels of annotator B ({b.annotator_id}) on ihc_ki67.png: no longer in the source"
+    assert lines[2] == "dropped the consensus of ihc_ki67.png: fewer than 2 annotators left"
+    assert lines[3] == "dropped image sub/he_histo.jpg: no longer in the source; its labels by 1 annotator removed"
+    assert "pulled 0 new annotation versions (1 up to date) of 1 images, 1 objects" in second.stdout
+
+    ihc, mask = ids["ihc_ki67.png"], f"ihc_ki67.png__{a.annotator_id}"
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    assert list(root["images"].array_keys()) == [ihc]
+    for group in ("instances", "semantic"):
+        assert list(root[group].group_keys()) == [ihc]
+        assert list(root[f"{group}/{ihc}"].array_keys()) == [a.annotator_id]
+    assert not list(root["consensus"].array_keys()) and not list(root["consensus_semantic"].array_keys())
+    assert sorted(_files(out / "tiff")) == ["ihc_ki67.png.tif", f"{mask}_mask.tif"]
+    assert sorted(_files(out / "geojson")) == [f"{mask}.geojson"]
+    assert json.loads((out / "agreement.json").read_text()) == {} and not (out / "coco_consensus.json").exists()
+    with open(out / "consensus_cells.csv") as handle:
+        assert list(csv.DictReader(handle)) == []
+    with open(out / "cells.csv") as handle:
+        assert [(r["image_id"], r["annotator_id"]) for r in csv.DictReader(handle)] == [(ihc, a.annotator_id)]
+    coco = json.loads((out / "coco.json").read_text())
+    assert [i["colabel_image_id"] for i in coco["images"]] == [ihc] and len(coco["annotations"]) == 1
+    from colabel.apps.pull import labelled_pairs
+
+    assert [image_id for image_id, _, _ in labelled_pairs(out)] == [ihc]  # trains on A's mask, not a stale consensus
+
+    shutil.copy(DATA / "dsb2018_nuclei.tif", folder / "dsb2018_nuclei.tif")
+    third = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert "pulled 1 new annotation versions (1 up to date) of 2 images" in third.stdout
+    assert "dropped" not in third.stdout
+    assert sorted(zarr.open_group(str(out / "labels.zarr"), mode="r")["images"].array_keys()) == sorted(
+        [ihc, ids["dsb2018_nuclei.tif"]])
+
+
+def rle_decode(segmentation) -> np.ndarray:
+    """A COCO uncompressed RLE (``{"counts": [...], "size": [h, w]}``, column-major, background first) as a
+    boolean (h, w) mask; asserts the runs cover the image exactly."""
+    h, w = segmentation["size"]
+    counts = segmentation["counts"]
+    assert sum(counts) == h * w and all(isinstance(c, int) and c >= 0 for c in counts)
+    values = np.zeros(len(counts), bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape((h, w), order="F")
+
+
+def test_coco_files_are_coco_that_agrees_exactly_with_the_pulled_masks(tmp_path):
+    """A draws a nucleus with a hole, an unclassified square and, in the DSB image, nothing; B a nucleus
+    overlapping A's. coco.json and coco_consensus.json: every category id exists (unclassified = "object"),
+    file names are the pulled TIFFs, the empty image is listed, and each RLE decodes to the zarr mask's object,
+    holes included, with its pixel area and box."""
+    import zarr
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    ring = [[20, 20], [60, 20], [60, 60], [20, 60], [20, 20]]
+    hole = [[30, 30], [30, 50], [50, 50], [50, 30], [30, 30]]
+    holed = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring, hole]},
+             "properties": {"classification": {"name": "nucleus"}}}
+    ihc, dsb = ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(holed, square(100, 100, 15, None)))
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(21, 20, 40)))
+    provider.save_annotation(info, dsb, a.annotator_id, collection())
+    out = tmp_path / "pulled"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+
+    def check(coco, masks):
+        """``masks``: colabel image id -> {annotator id or None: (H, W) labels}."""
+        assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "nucleus"), (2, "object")]
+        images = {i["id"]: i for i in coco["images"]}
+        assert sorted(i["colabel_image_id"] for i in images.values()) == sorted(masks)
+        for image in images.values():
+            pixels = tifffile.imread(out / image["file_name"])  # relative to the COCO file
+            stored = root[f"images/{image['colabel_image_id']}"][...]
+            np.testing.assert_array_equal(pixels.reshape(stored.shape), stored)
+            assert (image["height"], image["width"]) == stored.shape[:2]
+        assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+        seen = {image_id: {who: set() for who in by} for image_id, by in masks.items()}
+        for ann in coco["annotations"]:
+            image = images[ann["image_id"]]
+            who = ann["attributes"].get("annotator_id")
+            labels = masks[image["colabel_image_id"]][who]
+            assert ann["segmentation"]["size"] == [image["height"], image["width"]] and ann["iscrowd"] == 0
+            drawn = rle_decode(ann["segmentation"])
+            np.testing.assert_array_equal(drawn, labels == ann["attributes"]["label"])
+            rows, cols = np.nonzero(drawn)
+            assert ann["area"] == drawn.sum() and ann["bbox"] == [
+                cols.min(), rows.min(), cols.max() - cols.min() + 1, rows.max() - rows.min() + 1]
+            seen[image["colabel_image_id"]][who].add(ann["attributes"]["label"])
+        for image_id, by in masks.items():
+            for who, labels in by.items():
+                assert seen[image_id][who] == set(np.unique(labels[labels > 0]).tolist())
+        return {(images[ann["image_id"]]["colabel_image_id"], ann["attributes"].get("annotator_id"),
+                 ann["attributes"]["label"]): ann for ann in coco["annotations"]}
+
+    instances = {i: {w: root[f"instances/{i}/{w}"][...] for w in root[f"instances/{i}"].array_keys()}
+                 for i in (ihc, dsb)}
+    by_object = check(json.loads((out / "coco.json").read_text()), instances)
+    assert not instances[dsb][a.annotator_id].any() and dsb in instances  # listed without objects
+    holed_ann, plain = by_object[(ihc, a.annotator_id, 1)], by_object[(ihc, a.annotator_id, 2)]
+    assert holed_ann["category_id"] == 1 and holed_ann["area"] == 40 * 40 - 20 * 20  # the hole is not counted
+    assert not rle_decode(holed_ann["segmentation"])[40, 40]
+    assert plain["category_id"] == 2 and plain["area"] == 15 * 15
+    file_name = next(i["file_name"] for i in json.loads((out / "coco.json").read_text())["images"]
+                     if i["colabel_image_id"] == ihc)
+    assert file_name == "tiff/ihc_ki67.png.tif"
+    np.testing.assert_array_equal(tifffile.imread(out / file_name), np.asarray(Image.open(folder / "ihc_ki67.png")))
+
+    consensus = check(json.loads((out / "coco_consensus.json").read_text()),
+                      {ihc: {None: root[f"consensus/{ihc}"][...]}})
+    assert len(consensus) == 1 and next(iter(consensus.values()))["attributes"]["support"] == 2
+
+
+def test_images_that_differ_only_in_extension_or_spelling_get_files_of_their_own(tmp_path):
+    """cell.png and cell.tif, "a b.png" and "a_b.png": four image TIFFs and four mask TIFFs, each holding its own
+    image's pixels and labels; the consensus of cell.png has its mask TIFF too."""
+    import shutil
+
+    import zarr
+
+    from conftest import DATA
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(DATA / "ihc_ki67.png", folder / "cell.png")
+    shutil.copy(DATA / "dsb2018_nuclei.tif", folder / "cell.tif")
+    shutil.copy(DATA / "ihc_ki67.png", folder / "a b.png")
+    shutil.copy(DATA / "he_histo.jpg", folder / "a_b.png")  # a JPEG named .png is still read
+    provider, info, ids, (a, b) = _session(folder)
+    for n, image_id in enumerate(ids.values()):
+        provider.save_annotation(info, image_id, a.annotator_id, collection(square(5 + 10 * n, 5, 8)))
+    n = list(ids).index("cell.png")
+    provider.save_annotation(info, ids["cell.png"], b.annotator_id, collection(square(6 + 10 * n, 5, 8)))
+    out = tmp_path / "pulled"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert done.returncode == 0 and "pulled 5 new annotation versions" in done.stdout, done.stderr
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    stems = {"cell.png": "cell.png", "cell.tif": "cell.tif", "a b.png": f"a_b.png@{ids['a b.png']}",
+             "a_b.png": f"a_b.png@{ids['a_b.png']}"}
+    assert len(list((out / "tiff").glob("*"))) == 4 + 5 + 1
+    for name, stem in stems.items():
+        image_id = ids[name]
+        stored = root[f"images/{image_id}"][...]
+        np.testing.assert_array_equal(tifffile.imread(out / "tiff" / f"{stem}.tif").reshape(stored.shape), stored)
+        np.testing.assert_array_equal(tifffile.imread(out / "tiff" / f"{stem}__{a.annotator_id}_mask.tif"),
+                                      root[f"instances/{image_id}/{a.annotator_id}"][...])
+    consensus = tifffile.imread(out / "tiff" / "cell.png__consensus_mask.tif")
+    assert consensus.max() == 1
+    np.testing.assert_array_equal(consensus, root[f"consensus/{ids['cell.png']}"][...])
+    coco = json.loads((out / "coco.json").read_text())
+    assert len({i["file_name"] for i in coco["images"]}) == 4
+
+
+def test_pulling_another_session_or_source_into_a_pulled_set_is_refused_and_writes_nothing(tmp_path):
+    import shutil
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a,) = _session(folder, names=("A",))
+    other, _ = provider.create_session(name="other", classes=[{"name": "tumour", "color": "#00ff00"}])
+    ada, _ = provider.sessions.join(other.session_id, "Ada")
+    provider.save_annotation(info, ids["ihc_ki67.png"], a.annotator_id, collection(square(1, 1, 8)))
+    provider.save_annotation(other, ids["ihc_ki67.png"], ada.annotator_id, collection(square(1, 1, 8, "tumour")))
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    out = tmp_path / "pulled"
+    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+    before = _files(out)
+
+    refused = pull(str(folder), "--session", other.session_id, "--out", str(out))
+    assert refused.returncode == 2 and not refused.stdout, refused.stdout
+    assert f"holds a pull of session {info.session_id} from {folder.resolve()}" in refused.stderr
+    assert f"not of session {other.session_id} from {folder.resolve()}" in refused.stderr
+    assert "pull into another --out" in refused.stderr
+    moved = pull(str(copy), "--session", info.session_id, "--out", str(out))
+    assert moved.returncode == 2 and f"not of session {info.session_id} from {copy.resolve()}" in moved.stderr
+    assert _files(out) == before
+
+    (out / "pull_state.json").unlink()  # a set pulled before the source was recorded: its zarr names the session
+    assert pull(str(folder), "--session", other.session_id, "--out", str(out)).returncode == 2
+    again = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert again.returncode == 0 and "pulled 1 new annotation versions" in again.stdout
+    state = json.loads((out / "pull_state.json").read_text())
+    assert (state["source"], state["session_id"]) == (str(folder.resolve()), info.session_id)

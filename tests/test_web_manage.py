@@ -4,7 +4,13 @@ pages, playwright or Chromium: see web_support)."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
+import numpy as np
 import pytest
+import tifffile
 from web_support import CLASSES, browser, new_page, screenshot  # noqa: F401 - fixtures
 
 from conftest import collection, square
@@ -97,5 +103,72 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     with pytest.raises(Exception, match="invalid or revoked session token"):
         await annotate.session_info(secret)
     await screenshot(page, tmp_path, "manage-progress-revoked")
+    assert not page.errors, page.errors
+    await page.context.close()
+
+
+def colabel_pull(url: str, out) -> subprocess.CompletedProcess:
+    """``colabel pull URL --out OUT`` as a trainer runs it."""
+    return subprocess.run([sys.executable, "-m", "colabel.apps.cli", "pull", url, "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+
+
+async def test_trainer_link_issued_from_the_page_pulls_until_revoked_from_the_page(stack, browser, connect, tmp_path):
+    ids = image_ids(stack)
+    session, secret = stack.provider.create_session(name="nuclei for the U-Net", classes=CLASSES)
+    client = await connect()
+    annotate = await client.get_service(stack.services.annotator_service_id)
+    ada = await annotate.join(secret, "Ada")
+    await annotate.save_annotation(secret, ada["annotator_key"], ids["dsb2018_nuclei.tif"],
+                                   collection(square(10, 10, 20), square(100, 50, 10, "other")))
+
+    page = await new_page(browser)
+    await page.goto(stack.services.manage_url(stack.provider_token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    card = page.locator(".session", has_text="nuclei for the U-Net")
+
+    # issue a labelled trainer link: listed with its role and its URL, which is the trainer URL of that token
+    await card.locator("input.trainer-label").fill("U-Net round 1")
+    await card.locator("button.issue-trainer").click()
+    row = card.locator("table.tokens tr[data-role=train]")
+    await row.locator("input.token-url").wait_for(timeout=15_000)
+    cells = await row.locator("td").all_text_contents()
+    assert cells[:2] == ["U-Net round 1", "trainer, read-only"]
+    url = await row.locator("input.token-url").input_value()
+    (token,) = [t for t in stack.provider.sessions.get(session.session_id).tokens if t.role == "train"]
+    assert token.label == "U-Net round 1" and token.revoked is None
+    assert await row.get_attribute("data-token-id") == token.token_id
+    assert url == stack.services.trainer_url(stack.provider.sessions.secret(session.session_id, token.token_id))
+    # the annotators' link is listed beside it with its own role; the session's share link is unchanged
+    annotator_rows = card.locator("table.tokens tr[data-role=annotate]")
+    assert (await annotator_rows.locator("td.role").all_text_contents()) == ["annotator link"]
+    assert await card.locator("input.share-url").first.input_value() == stack.services.share_url(secret)
+    await screenshot(page, tmp_path, "manage-trainer-link")
+
+    # a trainer pulls with it: the annotated image and its labels
+    out = tmp_path / "pulled"
+    first = await asyncio.to_thread(colabel_pull, url, out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "pulled 1 new annotation versions (0 up to date)" in first.stdout
+    (mask_file,) = (out / "tiff").glob("dsb2018_nuclei*__*_mask.tif")
+    mask = tifffile.imread(mask_file)
+    assert mask.shape == (512, 512) and mask.dtype.itemsize >= 2
+    assert np.count_nonzero(mask == mask[20, 20]) == 400 and len(np.unique(mask)) == 3  # 2 squares + background
+    # the link cannot annotate
+    with pytest.raises(Exception, match="train token; it cannot be used to annotate"):
+        await annotate.join(url.split("#trainer=", 1)[1], "Mallory")
+
+    # revoke it from the page: the row says so, the annotators' link lives on, and the next pull is refused
+    await row.locator("button.revoke").click()
+    await row.locator("td.state", has_text="revoked").wait_for(timeout=15_000)
+    assert await row.locator("input.token-url").count() == 0
+    assert next(t for t in stack.provider.sessions.get(session.session_id).tokens
+               if t.token_id == token.token_id).revoked is not None
+    await annotate.session_info(secret)
+    again = await asyncio.to_thread(colabel_pull, url, tmp_path / "again")
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "colabel: pull failed: " in again.stderr and "invalid or revoked session token" in again.stderr, again.stderr
+    assert "pulled" not in again.stdout
+    await screenshot(page, tmp_path, "manage-trainer-link-revoked")
     assert not page.errors, page.errors
     await page.context.close()

@@ -42,10 +42,16 @@ function copyButton(text) {
   }, "copy");
 }
 
-function shareLink(url) {
-  return el("span", { class: "share" }, el("input", { class: "share-url", value: url, readonly: true, size: 60 }),
+function shareLink(url, inputClass = "share-url") {
+  return el("span", { class: "share" }, el("input", { class: inputClass, value: url, readonly: true, size: 60 }),
     copyButton(url));
 }
+
+// URLs of the tokens issued from this page, by token id: the provider lists tokens without their secrets, so a
+// trainer link (and any link but a session's first) can be shown only while the page that issued it is open.
+const issuedUrls = new Map();
+let newTokenId = null; // the token issued last: its row is highlighted
+const ROLES = { annotate: "annotator link", train: "trainer, read-only" };
 
 async function act(promise) {
   try {
@@ -112,8 +118,8 @@ function imageTable(images, p) {
 
 async function revokeSession(s) {
   const live = s.tokens.filter((t) => !t.revoked);
-  if (!window.confirm(`Revoke session "${s.name}"? Its ${live.length} live link(s) stop working at once and the `
-    + "session is closed; saved annotations are kept.")) return;
+  if (!window.confirm(`Revoke session "${s.name}"? Its ${live.length} live link(s), share and trainer links, `
+    + "stop working at once and the session is closed; saved annotations are kept.")) return;
   try {
     await provider.close_session(s.session_id);
     for (const t of live) await provider.revoke_token(s.session_id, t.token_id);
@@ -122,6 +128,50 @@ async function revokeSession(s) {
   } catch (err) {
     status(errorText(err), true);
   }
+}
+
+/** A new token of a session ("annotate": a share link; "train": a read-only trainer link), listed with its URL. */
+async function issueToken(s, label, role) {
+  try {
+    const issued = await provider.issue_token(s.session_id, label, role);
+    issuedUrls.set(issued.token_id, issued.share_url);
+    newTokenId = issued.token_id;
+    await refresh();
+    status(role === "train"
+      ? `trainer link "${issued.label}" issued: copy it now, it is shown only while this page is open`
+      : `share link "${issued.label}" issued`);
+  } catch (err) {
+    status(errorText(err), true);
+  }
+}
+
+/** Every token of a session: label, role, created, its URL when this page issued it, revoked or a revoke button. */
+function tokenTable(s) {
+  return el("table", { class: "tokens" },
+    el("tr", {}, ["link", "role", "created", "URL", ""].map((h) => el("th", {}, h))),
+    s.tokens.map((t) => {
+      const url = !t.revoked && issuedUrls.get(t.token_id);
+      return el("tr", { "data-token-id": t.token_id, "data-role": t.role,
+        class: `${t.revoked ? "revoked" : "live"}${t.token_id === newTokenId ? " new" : ""}` },
+        el("td", {}, t.label || t.token_id), el("td", { class: "role" }, ROLES[t.role] || t.role),
+        el("td", {}, shortTime(t.created)), el("td", {}, url ? shareLink(url, "token-url") : ""),
+        el("td", { class: "state" }, t.revoked ? `revoked ${shortTime(t.revoked)}` : el("button", {
+          class: "revoke", title: "every later call with this link is refused",
+          onclick: () => act(provider.revoke_token(s.session_id, t.token_id)) }, "revoke")));
+    }));
+}
+
+/** Issue a trainer link: what `colabel pull TRAINER_URL --out DIR` takes (read-only, revocable). */
+function trainerForm(s) {
+  const n = s.tokens.filter((t) => t.role === "train").length;
+  const label = el("input", { class: "trainer-label", maxlength: 100, size: 30, value: `trainer ${n + 1}`,
+    title: "who or what pulls with this link, e.g. U-Net round 2" });
+  return el("form", { class: "trainer", onsubmit: (e) => {
+    e.preventDefault();
+    issueToken(s, label.value.trim() || `trainer ${n + 1}`, "train");
+  } }, "Trainer link: ", label, " ", el("button", { class: "issue-trainer", type: "submit" }, "issue trainer link"),
+  el("small", {}, " read-only: ", el("code", {}, "colabel pull TRAINER_URL --out DIR"),
+    " pulls the session's images and labels; it cannot annotate"));
 }
 
 async function sessionCard(s, images) {
@@ -139,19 +189,11 @@ async function sessionCard(s, images) {
     annotatorTable(p, st),
     imageTable(images, p),
     s.share_url ? el("div", {}, "Share link: ", shareLink(s.share_url)) : null,
-    el("table", { class: "tokens" }, s.tokens.map((t) => el("tr", { "data-token-id": t.token_id },
-      el("td", {}, t.label || t.token_id), el("td", {}, shortTime(t.created)),
-      el("td", {}, t.revoked ? `revoked ${shortTime(t.revoked)}` :
-        el("button", { class: "revoke", onclick: () => act(provider.revoke_token(id, t.token_id)) }, "revoke"))))),
+    tokenTable(s),
+    trainerForm(s),
     el("div", { class: "actions" },
-      el("button", { class: "issue", onclick: async () => {
-        try {
-          const issued = await provider.issue_token(id, `link ${s.tokens.length + 1}`);
-          await refresh();
-          document.querySelector(`[data-session-id="${id}"]`)
-            ?.append(el("div", { class: "issued" }, "New link: ", shareLink(issued.share_url)));
-        } catch (err) { status(errorText(err), true); }
-      } }, "new share link"),
+      el("button", { class: "issue", onclick: () => issueToken(s, `link ${s.tokens.length + 1}`, "annotate") },
+        "new share link"),
       s.state === "open"
         ? el("button", { class: "close", onclick: () => act(provider.close_session(id)) }, "close")
         : el("button", { class: "reopen", onclick: () => act(provider.reopen_session(id)) }, "reopen"),

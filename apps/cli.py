@@ -49,6 +49,58 @@ def check_folder(folder: Path) -> None:
         raise CliError(f"folder {folder} is not readable")
 
 
+def warn(message: str) -> None:
+    """One line on stderr that the command goes on despite."""
+    print(f"colabel: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_public_url(url: str | None) -> None:
+    """Refuse a ``--public-url`` that is not an http(s) URL with a host: every printed link starts with it."""
+    from urllib.parse import urlsplit
+
+    if url is None:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise CliError(f"--public-url {url!r} is not an http(s) URL with a host, such as http://HOSTNAME:9527 or "
+                       "https://labels.example.org")
+
+
+def serve_warnings(config) -> list[str]:
+    """What makes the links ``serve`` prints unusable, said before it starts: web pages that are not built (a
+    source checkout), and an embedded server on every address (``--host 0.0.0.0``) without ``--public-url``."""
+    import socket
+
+    from .provider.rpc import WEB_DIST
+
+    warnings = []
+    missing = [name for name in ("index.html", "annotate.html") if not (WEB_DIST / name).is_file()]
+    if missing:
+        warnings.append(f"the web pages are not built ({WEB_DIST} has no {' or '.join(missing)}): the printed "
+                        "links answer 404 until you build them with scripts/build-web.sh (Node.js 18+ and npm)")
+    if config.server_url is None and config.public_url is None and config.host in ("0.0.0.0", "::"):
+        warnings.append(f"--host {config.host} without --public-url: the printed links name {config.host}, which "
+                        "other machines cannot open; pass --public-url with this machine's name, e.g. "
+                        f"--public-url http://{socket.gethostname()}:{config.port}")
+    return warnings
+
+
+def _not_connection_lost(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Connection lost")
+
+
+def hush_disconnect_warning(args: argparse.Namespace) -> None:
+    """hypha-rpc warns ``RPC: Connection lost`` when a client disconnects on purpose too (``serve`` stopping, the
+    end of a pull): from now on that line shows with -v only. A call that waits when a connection is lost still
+    fails with its own error."""
+    if not args.verbose:
+        logging.getLogger("RPC").addFilter(_not_connection_lost)
+
+
 def stop_event() -> asyncio.Event:
     """An event set by Ctrl-C or SIGTERM; the handlers are installed now, before "Press Ctrl-C" is printed
     (a SIGTERM right after that line stops the command cleanly, not by the default action)."""
@@ -72,17 +124,28 @@ async def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         error = exc.errors()[0]
         raise CliError(f"invalid {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    check_public_url(config.public_url)
     folder = Path(args.folder).expanduser().resolve()
-    check_folder(folder)
+    if not args.demo:  # --demo writes the folder once everything else is checked
+        check_folder(folder)
     classes = parse_classes(args.classes)
     parse_models(args.models)
     model_options(args, folder)
     check_ray(args)
+    trained = load_start_classifier(args) if args.classifier else None
+    if args.preannotate:
+        check_preannotate_model(args.preannotate)
+    if args.demo:
+        from .demo import write_demo_folder
+
+        write_demo_folder(folder)
+        check_folder(folder)
     if len(ImageCatalog(folder)) == 0:  # before anything is written into the folder
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
         raise CliError(f"folder {folder} is not writable, and annotations are saved to {folder / 'annotations'}")
-    trained = load_start_classifier(args) if args.classifier else None
+    for message in serve_warnings(config):
+        warn(message)
     with claim_folder(folder):
         return await _run_provider(args, config, folder, classes, trained)
 
@@ -124,7 +187,8 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         await asyncio.to_thread(hypha.start)
         # an ordinary user owning one workspace, not root: what it hands out reaches that workspace only
         server_url, token = hypha.url, hypha.user_token(f"colabel-{config.name}")
-    stop_backends = _nothing
+    server = None
+    stop_backends = stop_models = _nothing
     try:
         backends, stop_backends = start_model_backends(args, folder)
         try:
@@ -154,7 +218,8 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         secret = None
         if session is not None:
             secret = next((provider.sessions.secret(session.session_id, t.token_id) for t in session.tokens
-                           if provider.sessions.secret(session.session_id, t.token_id)), None)
+                           if t.role == "annotate" and provider.sessions.secret(session.session_id, t.token_id)),
+                          None)  # a live share link; never a trainer token
             if secret is None:
                 _, secret = provider.sessions.issue_token(session.session_id, label="colabel serve")
         else:
@@ -174,9 +239,11 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         print("Press Ctrl-C to stop.", flush=True)
         await stop.wait()
         print("stopping", flush=True)
-        await server.disconnect()
-        await stop_models()
     finally:
+        hush_disconnect_warning(args)
+        if server is not None:  # also after a failure: closed before its server stops, it does not try to reconnect
+            await server.disconnect()
+        await stop_models()
         await stop_backends()
         if hypha is not None:
             await asyncio.to_thread(hypha.stop)
@@ -199,6 +266,24 @@ def load_start_classifier(args: argparse.Namespace):
         raise CliError(f"--classifier {path}: no such file") from None
     except ColabelError as exc:
         raise CliError(f"--classifier {path}: {exc}") from None
+
+
+def check_preannotate_model(text: str) -> None:
+    """``--preannotate MODEL``: a segmenter saved by ``colabel train``, read once to refuse a missing or foreign
+    file before anything is written or started (the provider's pre-annotator reads it again)."""
+    from colabel.errors import ColabelError
+
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise CliError(f"--preannotate {path}: no such file")
+    try:
+        from colabel.services.training.segmenter_training import TrainedSegmenter
+
+        TrainedSegmenter.load(path)
+    except ImportError as exc:
+        raise CliError(f"--preannotate needs PyTorch ({exc}): pip install 'colabel[train]'") from None
+    except ColabelError as exc:
+        raise CliError(f"--preannotate {exc}") from None
 
 
 def install_start_classifier(args: argparse.Namespace, folder: Path, trained):
@@ -301,11 +386,11 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None):
 
     print("starting Ray Serve and the model deployments ...", flush=True)
     # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
-    ray_runtime.start_local_ray(address=args.ray_address)
+    ray_runtime.start_local_ray(address=args.ray_address, quiet=not args.verbose)
     handles = ray_runtime.deploy(names, options=options)
 
     async def stop():
-        ray_runtime.shutdown(applications=names if args.ray_address else None)
+        ray_runtime.shutdown(applications=names if args.ray_address else None, quiet=not args.verbose)
 
     return {n: RayBackend(n, handles[n]) for n in names}, stop
 
@@ -330,34 +415,39 @@ async def register_models(args: argparse.Namespace, server, backends: dict):
     return ids, server, _nothing
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, provider: bool = True) -> None:
+    """The model service options of ``serve`` (``provider``: a mounted FOLDER, and ``--models-url`` to use model
+    services run elsewhere) and of ``models`` (no folder; it runs the model services itself)."""
     group = parser.add_argument_group("model services")
     group.add_argument("--models", default="sam,nuclei,classifier,coreset",
                        help="model services to run, comma-separated (default sam,nuclei,classifier,coreset; "
                        "'' for none; the HALS loop needs nuclei, classifier and coreset)")
     group.add_argument("--no-ray", action="store_true", help="run the model services in this process, without Ray")
     group.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    group.add_argument("--models-url", default=None,
-                       help="use model services already registered on this Hypha server (e.g. a cluster)")
-    group.add_argument("--models-token", default=None, help="token for --models-url")
+    if provider:
+        group.add_argument("--models-url", default=None,
+                           help="use model services already registered on this Hypha server (e.g. a cluster)")
+        group.add_argument("--models-token", default=None, help="token for --models-url")
+    else:
+        parser.set_defaults(models_url=None, models_token=None)
     group.add_argument("--models-prefix", default="colabel", help="prefix of the model service ids (default colabel)")
     group.add_argument("--sam-model", default="sam_vit_b_lm", help="default SAM model id (default sam_vit_b_lm)")
     group.add_argument("--checkpoint", action="append", metavar="MODEL_ID=PATH",
                        help="use a local checkpoint file for a model id (repeatable; no download needed)")
     group.add_argument("--nuclei-backend", default="classical",
-                       help="nucleus segmentation backend: classical (no weights) or hovernet")
+                       help="nucleus segmentation backend: classical (no weights) or hovernet (default classical)")
     group.add_argument("--nuclei-checkpoint", default=None, metavar="PATH_OR_URL",
                        help="HoVer-Net weights for --nuclei-backend hovernet (a path, a URL, or a published name "
                        "such as hovernet_pannuke_fast)")
-    group.add_argument("--cache-dir", default=None,
-                       help="embedding and result cache (default FOLDER/annotations/.cache)")
+    cache = ("FOLDER/annotations/.cache" if provider else "SAM embeddings in $COLABEL_EMBEDDING_DIR or "
+             "~/.cache/colabel/embeddings, nucleus results in memory, classifier models in a temporary folder")
+    group.add_argument("--cache-dir", default=None, help=f"embedding and result cache (default {cache})")
 
 
 async def _models(args: argparse.Namespace) -> int:
     """Run only the model services and register them on a Hypha server (the cluster's gateway role)."""
     from hypha_rpc import connect_to_server
 
-    args.models_url = None
     check_ray(args)
     backends, stop_backends = start_model_backends(args, None)
     try:
@@ -371,6 +461,7 @@ async def _models(args: argparse.Namespace) -> int:
         stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
         await stop.wait()
+        hush_disconnect_warning(args)
         await server.disconnect()
     finally:
         await stop_backends()
@@ -384,10 +475,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.token is not None and args.server_url is None:
         raise CliError("--token needs --server-url")
-    if args.demo:
-        from .demo import write_demo_folder
-
-        write_demo_folder(Path(args.folder))
     return asyncio.run(_serve(args))
 
 
@@ -397,12 +484,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .provider.assist import remote_message
     from .pull import run_pull
 
+    if not args.source.startswith(("http://", "https://")):  # a mounted folder, said before --session is asked for
+        check_folder(Path(args.source).expanduser().resolve())
+    hush_disconnect_warning(args)
     try:
         result = run_pull(args.source, Path(args.out), session=args.session, token=args.token)
     except ColabelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a remote refusal or an unreachable server: one sentence
-        raise CliError(f"pull failed: {remote_message(exc)}") from None
+        raise CliError(f"pull failed: {remote_message(exc, kind=False)}") from None
     print(f"pulled {result['pulled']} new annotation versions ({result['skipped']} up to date) of "
           f"{result['images']} images, {result['cells']} objects, into {args.out}")
     return 0
@@ -419,25 +509,107 @@ def training_image(image):
     return image
 
 
+#: bioimage.io's rule for a model's name (``bioimageio.spec`` 0.5, ``ModelDescr.name``), checked before training.
+BIOIMAGEIO_NAME = re.compile(r"[A-Za-z0-9_+\- ()]{5,128}")
+_CONVERSIONS = {(1, 3): "grey repeated to RGB", (4, 3): "alpha dropped", (3, 1): "RGB averaged to grey",
+                (4, 1): "RGB averaged to grey, alpha dropped"}
+
+
+def training_sources(folder: Path, image_ids: list[str], annotator: str | None) -> dict:
+    """What each image's training mask is, for the model's record: ``sources`` in ``train-classifier``'s shape.
+
+    Returns
+    -------
+    dict
+        ``sources``: list of ``[image_id, annotator_id, version]``, the annotator's pulled (latest) version, as
+        ``labelled_pairs`` chose it (``annotator``; else the consensus where the image has one, else its first
+        annotator in sorted order); a consensus is ``[image_id, "consensus", 0]``, as ``train-classifier``
+        records it; ``version`` is ``None`` for a set pulled without ``pull_state.json``.
+        ``consensus_of`` (when a consensus is used): image_id -> {annotator_id: version} it was computed from.
+        ``image_names`` (when the pull recorded them): image_id -> the image's name in the source.
+    """
+    import json
+
+    import zarr
+
+    state_path = folder / "pull_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    versions, basis = state.get("versions", {}), state.get("consensus_basis", {})
+    names = {i: info["name"] for i, info in state.get("images", {}).items() if i in image_ids and "name" in info}
+    root = zarr.open_group(str(folder / "labels.zarr"), mode="r")
+    sources, consensus_of = [], {}
+    for image_id in image_ids:
+        if annotator is None and f"consensus/{image_id}" in root:
+            sources.append([image_id, "consensus", 0])
+            consensus_of[image_id] = basis.get(image_id) or {
+                a: versions.get(f"{image_id}/{a}") for a in root[f"consensus/{image_id}"].attrs.get("annotators", [])}
+            continue
+        who = annotator if annotator is not None else sorted(root[f"instances/{image_id}"].array_keys())[0]
+        sources.append([image_id, who, versions.get(f"{image_id}/{who}")])
+    return {"sources": sources, **({"consensus_of": consensus_of} if consensus_of else {}),
+            **({"image_names": names} if names else {})}
+
+
+def export_test_image(images: list, divisor: int) -> int:
+    """Index of the training image that gives the bioimage.io package the largest test input.
+
+    ``export_bioimageio`` crops its test image to multiples of ``divisor``, at most 256 px a side, and needs
+    ``2 * HALO + divisor`` rounded up to a multiple of ``divisor`` on each side; the image whose crop is
+    largest (the first of equals) is taken.
+
+    Raises
+    ------
+    CliError
+        No image is large enough (said before training, so nothing is trained or written).
+    """
+    from colabel.services.training.bioimageio_export import HALO
+
+    least = -(-(2 * HALO + divisor) // divisor) * divisor  # export_bioimageio's minimum test image side
+    sides = [tuple(min(256, s) // divisor * divisor for s in image.shape[:2]) for image in images]
+    fits = [i for i, (h, w) in enumerate(sides) if h >= least and w >= least]
+    if not fits:
+        largest = max(images, key=lambda im: im.shape[0] * im.shape[1]).shape[:2]
+        raise CliError(f"--bioimageio needs a training image of at least {least} x {least} pixels for the package's "
+                       f"test input; the largest is {largest[0]} x {largest[1]}")
+    return max(fits, key=lambda i: (sides[i][0] * sides[i][1], -i))
+
+
+def check_train_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before training, the ``--out`` and ``--bioimageio`` settings that would fail after it."""
+    if Path(args.out).is_dir():
+        raise CliError(f"--out {args.out} is a folder; give the model file to write")
+    if not args.bioimageio:
+        return
+    if not BIOIMAGEIO_NAME.fullmatch(args.name.strip()):
+        raise CliError(f"--name {args.name!r} is not a bioimage.io model name: 5 to 128 characters, letters, digits, "
+                       "spaces and _ + - ( ) only")
+    if not args.author.strip() or "/" in args.author:
+        raise CliError(f"--author {args.author!r} is not a bioimage.io author name: not empty, no '/'")
+    package = Path(args.bioimageio)
+    if package.exists() and (not package.is_dir() or any(package.iterdir())):
+        raise CliError(f"--bioimageio {package} exists and is not an empty folder")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package)."""
+    """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package).
+
+    Every check that can fail is made before training (export settings included), so a refused command writes
+    nothing. Images of mixed channel counts are converted to the model's (``model_channels`` /
+    ``to_model_channels``: prediction's own conversion) and the command says which.
+    """
     import numpy as np
 
-    from colabel.services.training.segmenter_training import train_segmenter
+    from colabel.services.training.segmenter_training import model_channels, to_model_channels, train_segmenter
 
     from .pull import labelled_pairs
 
+    check_train_outputs(args)
     pairs = labelled_pairs(Path(args.pulled), args.annotator)
     if not pairs:
         raise CliError(f"no labelled images in {args.pulled}")
     if not 0 <= args.hold_out < len(pairs):
         raise CliError(f"--hold-out must be between 0 and {len(pairs) - 1} (the set has {len(pairs)} labelled "
                        f"images), got {args.hold_out}")
-    order = np.random.default_rng(args.seed).permutation(len(pairs))
-    held = [pairs[i] for i in sorted(order[:args.hold_out])]
-    pairs = [pairs[i] for i in sorted(order[args.hold_out:])]
-    images = [training_image(image) for _, image, _ in pairs]
-    masks = [mask for _, _, mask in pairs]
     init = None
     if args.init:
         from colabel.services.training.segmenter_training import TrainedSegmenter
@@ -445,18 +617,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not Path(args.init).is_file():
             raise CliError(f"--init model {args.init} does not exist")
         init = TrainedSegmenter.load(args.init)
+    order = np.random.default_rng(args.seed).permutation(len(pairs))
+    held = [pairs[i] for i in sorted(order[:args.hold_out])]
+    pairs = [pairs[i] for i in sorted(order[args.hold_out:])]
+    stored = [training_image(image) for _, image, _ in pairs]
+    channels = model_channels(stored, encoder=args.encoder, init=init)
+    images = [to_model_channels(image, channels) for image in stored]
+    masks = [mask for _, _, mask in pairs]
+    counts = [1 if image.ndim == 2 else image.shape[2] for image in stored]
+    converted = {image_id: [count, channels] for (image_id, _, _), count in zip(pairs, counts, strict=True)
+                 if count != channels}
+    test_index = None
+    if args.bioimageio:
+        from colabel.services.training.unet import default_channels, divisor
+
+        test_index = export_test_image(images, init.divisor if init else divisor(default_channels(args.encoder),
+                                                                                   args.encoder))
+    record = training_sources(Path(args.pulled), [image_id for image_id, _, _ in pairs], args.annotator)
+    if converted:
+        kinds = sorted({_CONVERSIONS.get(tuple(c), f"{c[0]} -> {c[1]} channels") for c in converted.values()})
+        print(f"converted {len(converted)} of {len(images)} images to the model's {channels} channel(s) "
+              f"({', '.join(kinds)}), as prediction does")
     print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects)"
           + (f", fine-tuning {args.init}" if init else "") + " ...")
     trained = train_segmenter(images, masks, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed,
                               crop=args.crop, maps=args.maps, encoder=args.encoder, tta=not args.no_flips, init=init)
+    trained.metrics.update(record)
+    if converted:
+        trained.metrics["converted_channels"] = converted
     if init:
         trained.config["init"]["file"] = Path(args.init).name
     if held:
         from colabel.services.training.segmenter_training import validation_scores
 
-        scores = validation_scores(trained, [training_image(image) for _, image, _ in held],
+        scores = validation_scores(trained, [to_model_channels(training_image(im), channels) for _, im, _ in held],
                                    [mask for _, _, mask in held])
-        trained.metrics["validation"] = {**scores, "image_ids": [image_id for image_id, _, _ in held]}
+        trained.metrics["validation"] = {**scores, "image_ids": [image_id for image_id, _, _ in held],
+                                         **training_sources(Path(args.pulled), [i for i, _, _ in held], args.annotator)}
         print(f"held out {len(held)} images ({scores['tp'] + scores['fn']} objects): F1 {scores['f1']:.3f} at IoU "
               f"0.5 (precision {scores['precision']:.3f}, recall {scores['recall']:.3f}); objects to fix "
               f"{scores['objects_to_fix']:.1%} of drawing from scratch")
@@ -465,10 +662,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.bioimageio:
         from colabel.services.training.bioimageio_export import export_bioimageio
 
-        package = export_bioimageio(trained, args.bioimageio, name=args.name, authors=[args.author],
+        package = export_bioimageio(trained, args.bioimageio, name=args.name.strip(), authors=[args.author],
                                     description=f"U-Net nucleus segmenter trained with colabel on {len(images)} "
-                                    "annotated images", test_image=images[0])
-        print(f"bioimage.io package {package}")
+                                    "annotated images", test_image=images[test_index])
+        print(f"bioimage.io package {package} (test input: {pairs[test_index][0]})")
     return 0
 
 
@@ -591,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--attach", action="store_true",
                         help="use the Serve applications the cluster at --ray-address already runs (a RayService "
                         "from the Helm chart) instead of deploying; model options come from its serveConfigV2")
-    add_model_arguments(models)
+    add_model_arguments(models, provider=False)
     models.set_defaults(func=cmd_models)
 
     pull = commands.add_parser("pull", help="pull a session's images and labels as a training set",
@@ -611,7 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "rotations, CPU) on the images and masks of a pulled set (consensus masks where "
                                 "several annotators labelled an image). It predicts foreground, boundary and centre "
                                 "maps; nuclei are seeded on the centre map's peaks, so touching nuclei stay apart. "
-                                "`colabel serve --preannotate MODEL` then offers its outlines.")
+                                "`colabel serve --preannotate MODEL` then offers its outlines. Grey and RGB images "
+                                "may be mixed: each is given the model's channels as prediction does (grey repeated "
+                                "to RGB, alpha dropped). The record names each image's annotator and version.")
     train.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
     train.add_argument("--out", required=True, help="model file to write")
     train.add_argument("--epochs", type=int, default=300)
@@ -632,8 +831,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep K labelled images (drawn with --seed) out of training and report the model on "
                        "them: F1 at IoU 0.5, precision, recall and the objects an annotator would still fix; "
                        "stored in the model's metrics (default 0)")
-    train.add_argument("--bioimageio", default=None, metavar="DIR", help="also export a bioimage.io package")
-    train.add_argument("--name", default="colabel-unet", help="model name in the bioimage.io package")
+    train.add_argument("--bioimageio", default=None, metavar="DIR",
+                       help="also export a bioimage.io package (test input: the largest training image)")
+    train.add_argument("--name", default="colabel-unet",
+                       help="model name in the bioimage.io package: 5 to 128 letters, digits, spaces and _+-() "
+                       "(checked before training)")
     train.add_argument("--author", default="colabel user", help="author in the bioimage.io package")
     train.set_defaults(func=cmd_train)
 
@@ -687,7 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="write real demo images into a folder",
                                description="Write scikit-image's immunohistochemistry (Ki-67-like IHC) image and "
                                "the DSB2018 fluorescence nuclei image into FOLDER.")
-    demo.add_argument("folder", metavar="FOLDER")
+    demo.add_argument("folder", metavar="FOLDER",
+                      help="where to write them (created if missing; files of the same names are kept)")
     demo.set_defaults(func=cmd_demo)
 
     from .cluster import add_cluster_parser
@@ -713,4 +916,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m colabel.apps.cli` runs this file as __main__: run the imported module instead, whose CliError is
+    # the one that apps/cluster.py raises and main() catches
+    from colabel.apps.cli import main as module_main
+
+    sys.exit(module_main())

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,11 @@ def serve_config_yaml(*, gpu: bool = False, cache_dir: str = CACHE_DIR) -> str:
 
 
 def write_serve_config_files(chart_dir: Path = CHART_DIR) -> list[Path]:
-    """Write the CPU and GPU ``serveConfigV2`` files into ``chart_dir``; returns their paths."""
+    """Write the CPU and GPU ``serveConfigV2`` files into ``chart_dir``, a Helm chart (it has a ``Chart.yaml``);
+    returns their paths."""
+    if not (Path(chart_dir) / "Chart.yaml").is_file():
+        raise ClusterError(f"--chart {chart_dir} is not a Helm chart (it has no Chart.yaml); give the chart's folder, "
+                           "e.g. charts/colabel")
     written = []
     for gpu, relative in SERVE_CONFIG_FILES.items():
         path = Path(chart_dir) / relative
@@ -107,10 +113,27 @@ def api_client(*, server: str | None = None, kubeconfig: str | None = None, cont
             return client.ApiClient()
     except config.ConfigException:
         pass
+    import yaml
+
     try:
         return config.new_client_from_config(config_file=kubeconfig, context=context)
-    except (config.ConfigException, FileNotFoundError, TypeError) as exc:
-        raise ClusterError(f"no Kubernetes configuration found ({exc}); pass --kubeconfig or --server") from None
+    except (config.ConfigException, FileNotFoundError) as exc:
+        raise ClusterError(f"no Kubernetes configuration found ({one_line(exc)}); pass --kubeconfig or "
+                           "--server") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ClusterError(f"cannot read the kubeconfig {kubeconfig or '(default)'}: {one_line(exc)}") from None
+    except (TypeError, AttributeError) as exc:  # YAML, but not a mapping
+        raise ClusterError(f"the kubeconfig {kubeconfig or '(default)'} is not a kubeconfig ({one_line(exc)}); pass "
+                           "--kubeconfig or --server") from None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line, or its type when it has none. YAML's errors span lines and quote the text:
+    their problem and where it is."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _api_error(exc, what: str) -> ClusterError:
@@ -146,9 +169,12 @@ def load_manifest(path: Path) -> list[dict]:
 
     try:
         documents = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    except UnicodeDecodeError:
+        raise ClusterError(f"cannot read the manifest {path}: not a text file (render the chart with "
+                           "`helm template`)") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ClusterError(f"cannot read the manifest {path}: {exc}") from None
-    found = [d for d in documents if d.get("kind") == "RayService"]
+        raise ClusterError(f"cannot read the manifest {path}: {one_line(exc)}") from None
+    found = [d for d in documents if isinstance(d, dict) and d.get("kind") == "RayService"]
     if not found:
         raise ClusterError(f"{path} holds no RayService (render the chart with `helm template`)")
     return found
@@ -368,6 +394,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from .cli import CliError
 
     try:
+        from urllib3.exceptions import HTTPError as Unreachable  # the kubernetes client's transport
+    except ImportError:  # without the cluster extra: only serve-config runs
+        Unreachable = ()
+    if not args.verbose:  # urllib3 warns at each retry; the one sentence below says why it gave up
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    api = None
+    try:
         if args.cluster_command == "serve-config":
             if args.chart:
                 for path in write_serve_config_files(Path(args.chart)):
@@ -394,6 +427,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             print(f"{args.service}: autoscaling_config {json.dumps(scaling)}")
     except ClusterError as exc:
         raise CliError(str(exc)) from None
+    except Unreachable as exc:
+        host = f" {api.configuration.host}" if api is not None else ""
+        reason = one_line(getattr(exc, "reason", None) or exc)  # MaxRetryError: the last attempt's error
+        reason = re.sub(r"^\w*Connection\([^)]*\): ", "", reason)  # urllib3 names the host again
+        raise CliError(f"cannot reach the Kubernetes API server{host}: {reason}") from None
     return 0
 
 
@@ -436,8 +474,10 @@ def add_cluster_parser(commands) -> argparse.ArgumentParser:
                                     "deployments of this colabel version.")
     install_parser.add_argument("--manifest", default=None, help="rendered manifest holding a RayService")
     variant = install_parser.add_mutually_exclusive_group()
-    variant.add_argument("--gpu", action="store_true", help="without --manifest: the GPU serve config")
-    variant.add_argument("--cpu", action="store_true", help="without --manifest: the CPU serve config")
+    variant.add_argument("--gpu", action="store_true",
+                         help="without --manifest: the GPU serve config (default: the variant the RayService has)")
+    variant.add_argument("--cpu", action="store_true",
+                         help="without --manifest: the CPU serve config (default: the variant the RayService has)")
     _connection_arguments(install_parser)
 
     status_parser = sub.add_parser("status", help="Serve applications, deployments and replicas",

@@ -25,19 +25,32 @@ def data_path(name: str) -> Path:
 
 
 def write_demo_folder(folder: Path) -> list[Path]:
-    """Write the demo images into ``folder`` (created if needed); existing files are left as they are."""
+    """Write the demo images into ``folder`` (created if needed); existing files are left as they are.
+
+    Raises
+    ------
+    InvalidInputError
+        ``folder`` is a file, or cannot be created or written (the operating system's reason).
+    """
     import imageio.v3 as iio
     from skimage import data
 
+    from colabel.errors import InvalidInputError
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"{folder} is not a folder; the demo images need one")
     written = []
-    ihc = folder / "ihc_ki67.png"
-    if not ihc.exists():
-        iio.imwrite(ihc, data.immunohistochemistry())
-    written.append(ihc)
-    dsb = folder / "dsb2018_nuclei.tif"
-    if not dsb.exists():
-        shutil.copyfile(data_path("dsb2018_nuclei.tif"), dsb)
-    written.append(dsb)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        ihc = folder / "ihc_ki67.png"
+        if not ihc.exists():
+            iio.imwrite(ihc, data.immunohistochemistry())
+        written.append(ihc)
+        dsb = folder / "dsb2018_nuclei.tif"
+        if not dsb.exists():
+            shutil.copyfile(data_path("dsb2018_nuclei.tif"), dsb)
+        written.append(dsb)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write the demo images into {folder}: {exc.strerror or exc}") from None
     return written

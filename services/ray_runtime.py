@@ -2,11 +2,20 @@
 
 Set up for a laptop or a 2-core machine (see shared/PLATFORM.md): loopback only, no dashboard, a small
 object store, no HTTP proxy (handles only), fractional CPUs per replica.
+
+``quiet`` (the CLI without ``-v``) keeps Ray's routine lines off the terminal: Serve's INFO lines, the
+FutureWarning about accelerator environment variables, the warning each ``serve.run`` logs because it asks
+for HTTP proxies that this proxy-less Serve does not start, and the raylet's note that the Serve controller's
+``graceful_shutdown`` call failed because the controller ended itself (what a graceful shutdown does).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import warnings
 
 from .deployments import Autoscaling, build_deployment, get_deployment
 
@@ -20,19 +29,41 @@ def gpu_available() -> bool:
         return False
 
 
+class _QuietServe(logging.Filter):
+    """Serve's driver-side log without its INFO lines and without the warning that ``serve.run`` (which always
+    asks for proxies on every node) logs when Serve runs without a proxy, as here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "client HTTP config differs" not in record.getMessage()
+
+
+_QUIET_SERVE = _QuietServe()
+
+
 def start_local_ray(*, address: str | None = None, num_cpus: int | None = None,
-                    object_store_bytes: int = 256 * 2**20) -> None:
-    """Connect to ``address`` (a cluster) or start a local Ray on loopback, then start Serve without a proxy."""
+                    object_store_bytes: int = 256 * 2**20, quiet: bool = False) -> None:
+    """Connect to ``address`` (a cluster) or start a local Ray on loopback, then start Serve without a proxy.
+
+    ``quiet``: see the module's docstring; the filter stays on Serve's logger for this process.
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
 
+    serve_logger = logging.getLogger("ray.serve")
+    if quiet:
+        serve_logger.addFilter(_QUIET_SERVE)
+    else:
+        serve_logger.removeFilter(_QUIET_SERVE)
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
-                     log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
+        with warnings.catch_warnings():
+            if quiet:  # colabel relies on today's behaviour (replicas without GPUs do not see them)
+                warnings.filterwarnings("ignore", message=".*accelerator visible devices", category=FutureWarning)
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
+                         log_to_driver=False, configure_logging=False, _node_ip_address="127.0.0.1")
     serve.start(proxy_location="Disabled")
 
 
@@ -80,9 +111,10 @@ def attach(names: list[str], *, address: str, timeout: float = 600.0, progress=p
     return handles
 
 
-def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0) -> None:
+def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0, quiet: bool = False) -> None:
     """Stop what this process started: all of Serve and Ray, or, on a shared cluster (``applications``
-    given), only those Serve applications, then disconnect.
+    given), only those Serve applications, then disconnect. ``quiet``: Ray's notes printed meanwhile (the
+    raylet's ``graceful_shutdown failed`` line) are dropped.
 
     When this process started the Ray node and one of the node's processes exits within ``grace_s`` seconds
     (the stop signal went to the whole process group), Serve is not shut down gracefully: its controller would
@@ -91,7 +123,10 @@ def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0) -> 
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        return
+    # Ray prints what its raylet reports (a "(raylet)" line) on stdout, from a thread that ray.shutdown() ends
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         try:
             if not _local_node_stopping(grace_s):
                 if applications is None:

@@ -129,6 +129,28 @@ def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(
         assert third.wait(60) == 0
 
 
+def test_serve_prints_a_share_link_of_the_open_session_never_its_trainer_link(tmp_path):
+    from conftest import make_image_folder
+
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    session, _ = provider.create_session(name="kept", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    provider.sessions.revoke_token(session.session_id, session.tokens[0].token_id)
+    _, trainer = provider.sessions.issue_token(session.session_id, label="round 1", role="train")
+    del provider
+    process, printed = start_colabel(["serve", str(folder), "--port", str(free_port()), "--no-ray", "--models", ""])
+    try:
+        token = printed["share_url"].split("#token=", 1)[1]
+        assert token != trainer
+        reopened = DataProvider(folder).sessions
+        assert reopened.authorize(token).session_id == session.session_id  # an annotator link of that session
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
 def test_token_without_server_url_is_refused(tmp_path):
     result = run("serve", str(tmp_path), "--token", "abc")
     assert result.returncode == 2 and "--server-url" in result.stderr

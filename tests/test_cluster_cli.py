@@ -232,6 +232,10 @@ def test_status_lists_applications_replicas_and_deployments(api_server, api, man
 def test_serve_config_command_prints_and_writes(tmp_path, capsys):
     code, out, _ = cli(capsys, "serve-config", "--gpu")
     assert code == 0 and yaml.safe_load(out) == cluster.cluster_serve_config(gpu=True)
+    code, _, err = cli(capsys, "serve-config", "--chart", str(tmp_path / "nope"))
+    assert code == 2 and "is not a Helm chart (it has no Chart.yaml)" in err and err.count("\n") == 1
+    assert not (tmp_path / "nope").exists()  # nothing created where no chart is
+    (tmp_path / "Chart.yaml").write_text((cluster.CHART_DIR / "Chart.yaml").read_text())
     code, out, _ = cli(capsys, "serve-config", "--chart", str(tmp_path))
     assert code == 0
     for relative in cluster.SERVE_CONFIG_FILES.values():
@@ -244,3 +248,27 @@ def test_cluster_help_is_fast_and_needs_no_cluster():
     assert result.returncode == 0
     for command in ("serve-config", "install", "status", "scale"):
         assert command in result.stdout
+
+
+def test_unreachable_servers_and_unreadable_files_are_refused_in_one_sentence(tmp_path):
+    """Run as a user would (a subprocess): exit code 2, one line on stderr, no traceback, no retry warnings."""
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    (tmp_path / "text.yaml").write_text("hello\n")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    unreachable = ["--server", "http://127.0.0.1:1"]
+    cases = [
+        (["status", *unreachable], "cannot reach the Kubernetes API server http://127.0.0.1:1: "),
+        (["scale", "sam", "--min", "1", "--max", "2", *unreachable], "cannot reach the Kubernetes API server"),
+        (["install", *unreachable], "cannot reach the Kubernetes API server"),
+        (["status", "--kubeconfig", tmp_path / "bad.yaml"], "cannot read the kubeconfig"),
+        (["status", "--kubeconfig", tmp_path / "text.yaml"], "is not a kubeconfig"),
+        (["install", "--manifest", tmp_path / "binary.yaml", *unreachable], "binary.yaml: not a text file"),
+        (["install", "--manifest", tmp_path / "bad.yaml", *unreachable], "at line 2, column 1"),
+        (["install", "--manifest", tmp_path / "text.yaml", *unreachable], "holds no RayService"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "-m", "colabel.apps.cli", "cluster", *map(str, args)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("colabel: ") and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)

@@ -139,11 +139,22 @@ async def test_bad_prompts_are_refused_with_a_clear_error(in_process, connect, p
         await annotator.sam_segment(in_process["token"], ids["ihc_ki67.png"], prompt)
 
 
-async def test_unknown_model_id_is_refused(in_process, connect):
+async def test_annotators_cannot_pick_a_sam_model_other_than_the_providers(in_process, connect):
     annotator = await annotator_for(connect, in_process["services"])
-    ids = await image_ids(annotator, in_process["token"])
-    with pytest.raises(Exception, match="unknown SAM model .sam_vit_z."):
-        await annotator.sam_segment(in_process["token"], ids["ihc_ki67.png"], {"box": [1, 1, 50, 50]}, "sam_vit_z")
+    token = in_process["token"]
+    ids = await image_ids(annotator, token)
+    for model in ["sam_vit_z", "sam_vit_h"]:  # unknown, and a real one of 2.4 GB the provider did not choose
+        with pytest.raises(Exception, match=f"segments with the SAM model '{TINY_ID}', not '{model}'"):
+            await annotator.sam_segment(token, ids["ihc_ki67.png"], {"box": [1, 1, 50, 50]}, model)
+        with pytest.raises(Exception, match="not '"):
+            await annotator.sam_prepare(token, ids["ihc_ki67.png"], model)
+    assert (await annotator.sam_segment(token, ids["ihc_ki67.png"], {"box": [1, 1, 50, 50]}, TINY_ID))["features"]
+    # refused image ids leave nothing behind (no lock per id asked for)
+    locks = dict(in_process["services"].assist._embedding_locks)
+    for n in range(20):
+        with pytest.raises(Exception, match="unknown image id"):
+            await annotator.sam_prepare(token, f"img-{n:016x}")
+    assert in_process["services"].assist._embedding_locks == locks
 
 
 async def test_the_provider_calls_its_own_model_services_directly_with_the_same_answers_and_errors(in_process):

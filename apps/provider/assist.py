@@ -27,13 +27,21 @@ class ModelServiceUnavailable(ColabelError):
     """A model service that is not running or failed."""
 
 
-def remote_message(exc: BaseException) -> str:
-    """The one-sentence reason of a remote error: the last line of hypha-rpc's message."""
+def remote_message(exc: BaseException, *, kind: bool = True) -> str:
+    """The one-sentence reason of a remote error: the last line of hypha-rpc's message, without the wrappers
+    hypha-rpc and the provider add (``Exception: ``, ``[colabel.apps.provider.rpc.]ServiceError: ``).
+
+    With ``kind`` (default) the error's own name stays in front (``NotFoundError: no image x``, what
+    :meth:`ModelAssist.call` maps back to an error); without, every leading exception name, qualified or not,
+    is removed too (``no image x``): what a user reads.
+    """
+    import re
+
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(exc).__name__
-    for prefix in ("Exception: ", "ServiceError: "):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
+    text = re.sub(r"^(?:(?:Exception|(?:[A-Za-z_]\w*\.)*ServiceError): )+", "", text)
+    if not kind:
+        text = re.sub(r"^(?:(?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception): )+", "", text) or type(exc).__name__
     return text
 
 
@@ -111,9 +119,17 @@ class ModelAssist:
         return await asyncio.to_thread(self.provider.get_image, image_id, session=session)
 
     # -- SAM ------------------------------------------------------------------------------------
+    def _sam_model(self, model_id: object) -> str:
+        """The provider's SAM model: annotators may name it (or pass None), not choose another (which could make
+        the model service fetch and load gigabytes of weights)."""
+        if model_id is None or model_id == self.sam_model:
+            return self.sam_model
+        raise InvalidInputError(f"this provider segments with the SAM model {self.sam_model!r}, not {str(model_id)[:80]!r}")
+
     async def sam_prepare(self, session, image_id: str, model_id: str | None = None) -> dict:
         """Make sure the image's embedding exists (computed once for everyone); returns its description."""
-        model_id = model_id or self.sam_model
+        model_id = self._sam_model(model_id)
+        image_id = self.provider._check_in_session(session, image_id)  # before any lock is made for the id
         key = (image_id, model_id)
         lock = self._embedding_locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -132,8 +148,8 @@ class ModelAssist:
         unknown = set(prompt) - {"points", "labels", "box"}
         if unknown:
             raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
-        model_id = model_id or self.sam_model
-        self.provider._check_in_session(session, image_id)
+        model_id = self._sam_model(model_id)
+        image_id = self.provider._check_in_session(session, image_id)
         embedding_id = self._embeddings.get((image_id, model_id))
         if embedding_id is None:
             embedding_id = (await self.sam_prepare(session, image_id, model_id))["embedding_id"]
@@ -146,12 +162,13 @@ class ModelAssist:
 
     async def sam_embedding(self, session, image_id: str, model_id: str | None = None) -> dict:
         """The image embedding in BioImage.IO Colab's form, for decoding clicks in the browser."""
+        model_id = self._sam_model(model_id)
         pixels = await self._pixels(session, image_id)
-        return await self.call("sam", "compute_embedding", pixels, model_id or self.sam_model)
+        return await self.call("sam", "compute_embedding", pixels, model_id)
 
     async def sam_decoder(self, model_id: str | None = None, quantize: bool = True) -> bytes:
         """The ONNX prompt decoder of a SAM model, for onnxruntime-web."""
-        return await self.call("sam", "get_onnx_model", model_id or self.sam_model, quantize)
+        return await self.call("sam", "get_onnx_model", self._sam_model(model_id), quantize)
 
     # -- nuclei ---------------------------------------------------------------------------------
     async def detect_nuclei(self, session, image_id: str, region: Any = None, backend: str | None = None) -> dict:

@@ -16,6 +16,7 @@ from colabel.errors import InvalidInputError
 from .pull import labelled_pairs
 
 NORMALIZATIONS = ("dtype", "percentile")
+CHANNELS = (None, 1, 3)
 
 
 class PulledDataset(Dataset):
@@ -38,30 +39,51 @@ class PulledDataset(Dataset):
         Seeds the crops and flips. In the main process one generator runs on across epochs; in a
         ``DataLoader`` worker the generator is seeded from ``seed`` and the worker's own seed (which the
         loader draws afresh per epoch from torch's generator), so workers never repeat each other's crops.
-    normalize : {"dtype", "percentile"}, default "dtype"
-        ``"dtype"``: integer images divided by their dtype's maximum (uint8 / 255, uint16 / 65535), float
-        images as stored. ``"percentile"``: per image and channel ``(x - p1) / (p99.8 - p1)``, not clipped
-        (what colabel's segmenter training and bioimage.io's ``scale_range`` use; suits 12-bit data in uint16).
+    normalize : {"percentile", "dtype"}, default "percentile"
+        ``"percentile"``: per image and channel ``(x - p1) / (p99.8 - p1 + 1e-6)``, not clipped: exactly what
+        colabel's segmenter training does (:func:`~colabel.services.training.segmenter_training.normalize_image`,
+        bioimage.io's ``scale_range``), whatever range of its dtype an image uses (a 16-bit image holding 0-235
+        spans 0-1 as an 8-bit one does). ``"dtype"``: integer images divided by their dtype's maximum
+        (uint8 / 255, uint16 / 65535), float images as stored.
+    channels : {None, 1, 3}, default None
+        ``None``: each image's channels as stored (a set mixing grey and RGB then gives items of 1 and 3
+        channels, which a ``DataLoader`` cannot batch). ``1`` or ``3``: every image converted as colabel's
+        training and prediction convert it for a model of that many channels
+        (:func:`~colabel.services.training.segmenter_training.to_model_channels`: grey repeated to RGB, RGBA
+        to RGB, colour to grey as the mean of its first three channels), before ``"percentile"`` scaling
+        (after ``"dtype"`` scaling).
 
     Items are ``(image, mask)``: image float32 tensor ``(C, crop, crop)``, mask int64 tensor ``(crop, crop)``
-    (0 = background, each other value one object).
+    (0 = background, each other value one object). ``image_ids`` lists the images, in the order of ``pairs``.
 
     Raises
     ------
     InvalidInputError
         No labelled image in the set (or none by ``annotator``), ``crop`` or ``length`` not a positive integer,
-        an unknown ``normalize``.
+        an unknown ``normalize``, ``channels`` other than None, 1 or 3, an image that cannot be converted to
+        ``channels`` (2 channels to 3).
+
+    Examples
+    --------
+    >>> loader = DataLoader(PulledDataset("pulled", crop=128, channels=3), batch_size=8)  # doctest: +SKIP
+    >>> next(iter(loader))[0].shape                                                      # doctest: +SKIP
+    torch.Size([8, 3, 128, 128])
     """
 
     def __init__(self, folder: str | Path, *, crop: int = 256, annotator: str | None = None, length: int = 1000,
-                 seed: int = 0, normalize: str = "dtype") -> None:
+                 seed: int = 0, normalize: str = "percentile", channels: int | None = None) -> None:
         for name, value in (("crop", crop), ("length", length)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
         if normalize not in NORMALIZATIONS:
             raise InvalidInputError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
+        if isinstance(channels, bool) or channels not in CHANNELS:
+            raise InvalidInputError(f"channels must be None (as stored), 1 or 3, got {channels!r}")
+        channels = None if channels is None else int(channels)
+        pulled = labelled_pairs(folder, annotator)
+        self.image_ids: list[str] = [image_id for image_id, _, _ in pulled]
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = [
-            (_scaled(image, normalize), mask) for _, image, mask in labelled_pairs(folder, annotator)]
+            (_scaled(image, normalize, channels), mask) for _, image, mask in pulled]
         if not self.pairs:
             whose = f" by annotator {annotator!r}" if annotator is not None else ""
             raise InvalidInputError(f"no labelled images{whose} in {folder}")
@@ -103,15 +125,16 @@ class PulledDataset(Dataset):
         return self._rng
 
 
-def _scaled(image: np.ndarray, normalize: str) -> np.ndarray:
-    """``(H, W, C)`` float32 image scaled as ``normalize`` says (see :class:`PulledDataset`)."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if normalize == "percentile":  # colabel's segmenter training's own normalisation (bioimage.io's scale_range)
-        from colabel.services.training.segmenter_training import normalize_image
+def _scaled(image: np.ndarray, normalize: str, channels: int | None = None) -> np.ndarray:
+    """``(H, W, C)`` float32 image converted to ``channels`` and scaled as ``normalize`` says (see
+    :class:`PulledDataset`); colabel's training's own functions, so the two see an image alike."""
+    from colabel.services.training.segmenter_training import normalize_image, to_model_channels
 
+    if normalize == "percentile":
+        image = image if channels is None else to_model_channels(image, channels)
         return np.moveaxis(normalize_image(image), 0, -1)
     out = image.astype(np.float32)
     if np.issubdtype(image.dtype, np.integer):
         out /= np.iinfo(image.dtype).max
-    return out
+    out = out if channels is None else to_model_channels(out, channels).astype(np.float32)
+    return out[..., None] if out.ndim == 2 else out

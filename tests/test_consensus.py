@@ -304,3 +304,52 @@ def test_image_consensus_classes_ties_and_kappa_computed_by_hand():
         image_consensus({"a": a, "b": b}, {"mallory": {1: "tumor"}})
     with pytest.raises(InvalidInputError, match="at least two annotators"):
         image_consensus({"a": a})
+
+
+def four_annotators():
+    """Label images (4 x 20) and classes of four annotators. A and B draw the same 4 objects (columns 0-3, 5-8,
+    10-13, 15-18); C and D draw only the first two. A and B class the first two "tumor" and disagree on the
+    other two (A "stroma", B "tumor"); C and D class theirs "tumor"."""
+    masks = {n: np.zeros((4, 20), np.int32) for n in "ABCD"}
+    for n, labels in (("A", (1, 2, 3, 4)), ("B", (5, 6, 7, 8))):
+        for k, label in enumerate(labels):
+            masks[n][:, 5 * k : 5 * k + 4] = label
+    for n in "CD":
+        masks[n][:, 0:4], masks[n][:, 5:9] = 9, 3
+    classes = {"A": {1: "tumor", 2: "tumor", 3: "stroma", 4: "stroma"},
+               "B": {5: "tumor", 6: "tumor", 7: "tumor", 8: "tumor"},
+               "C": {9: "tumor", 3: "tumor"}, "D": {9: "tumor", 3: "tumor"}}
+    return masks, classes
+
+
+def test_kappa_of_a_pair_counts_the_cells_they_both_drew_outside_the_consensus():
+    """Four annotators (a consensus object needs 3 of them), :func:`four_annotators`: only the first two objects
+    become consensus objects. Kappa of A/B is over their own 4 matched cells, not the 2 consensus ones:
+    a = (t, t, s, s), b = (t, t, t, t): p_o = 2/4, p_e = 2/4 * 4/4 + 2/4 * 0/4 = 1/2, kappa = (1/2 - 1/2) / (1/2)
+    = 0 (over the 2 consensus cells alone both said "tumor" for everything: 1.0). A/C: 2 matched cells, t/t each:
+    1.0, F1 2 * 2 / (4 + 2).
+    """
+    from colabel.services.training.consensus import image_consensus
+
+    masks, classes = four_annotators()
+    found = image_consensus(masks, classes)
+    assert found.result.n_objects == 2 and found.result.support.tolist() == [4, 4]
+    pairs = {(p["a"], p["b"]): p for p in found.agreement["pairs"]}
+    assert pairs[("A", "B")] == {"a": "A", "b": "B", "f1": 1.0, "kappa": 0.0, "n_cells": 4}
+    assert pairs[("A", "C")]["kappa"] == 1.0 and pairs[("A", "C")]["n_cells"] == 2
+    assert pairs[("A", "C")]["f1"] == pytest.approx(2 / 3)
+    assert pairs[("C", "D")] == {"a": "C", "b": "D", "f1": 1.0, "kappa": 1.0, "n_cells": 2}
+    assert found.agreement["per_annotator"]["A"]["mean_kappa"] == pytest.approx(2 / 3)  # (0 + 1 + 1) / 3
+    assert json.loads(json.dumps(found.agreement)) == found.agreement
+
+
+def test_matched_class_kappa_skips_unclassed_objects_and_is_none_without_matches():
+    """A / B of :func:`four_annotators` with A's objects 2 and 4 unclassed: items (t, t) and (s, t) -> p_o = 1/2,
+    p_e = 1/2 * 1 = 1/2, kappa 0 over 2 cells."""
+    from colabel.services.training.consensus import matched_class_kappa
+
+    masks, classes = four_annotators()
+    assert matched_class_kappa(masks["A"], masks["B"], {1: "tumor", 3: "stroma"}, classes["B"]) == (0.0, 2)
+    assert matched_class_kappa(masks["A"], np.zeros_like(masks["A"]), classes["A"], {}) == (None, 0)
+    with pytest.raises(InvalidInputError, match="same shape"):
+        matched_class_kappa(masks["A"], masks["B"][:2], classes["A"], classes["B"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import collection, square
+from conftest import collection, make_image_folder, square
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_crops_and_flips_move_the_mask_with_the_image(pulled):
     from colabel.apps.pull import PulledDataset
 
     out, mask = pulled
-    dataset = PulledDataset(out, crop=48, length=64, seed=3)
+    dataset = PulledDataset(out, crop=48, length=64, seed=3, normalize="dtype")
     assert isinstance(dataset, torch.utils.data.Dataset) and len(dataset) == 64
     flipped_rows = flipped_cols = 0
     for i in range(len(dataset)):
@@ -72,7 +72,7 @@ def test_dataloader_workers_do_not_repeat_each_others_crops(pulled):
     from colabel.apps.pull import PulledDataset
 
     out, _ = pulled
-    dataset = PulledDataset(out, crop=32, length=8)
+    dataset = PulledDataset(out, crop=32, length=8, normalize="dtype")
     loader = DataLoader(dataset, batch_size=1, num_workers=2)
     torch.manual_seed(0)
     epochs = [[tuple(int(v) for v in (origin(image[0])[0].min(), origin(image[0])[1].min())) for image, _ in loader]
@@ -85,7 +85,7 @@ def test_percentile_scaling_spreads_a_narrow_range(pulled):
     from colabel.apps.pull import PulledDataset
 
     out, _ = pulled
-    by_dtype = PulledDataset(out, crop=SIDE).pairs[0][0]
+    by_dtype = PulledDataset(out, crop=SIDE, normalize="dtype").pairs[0][0]
     by_percentile = PulledDataset(out, crop=SIDE, normalize="percentile").pairs[0][0]
     assert by_dtype.max() == pytest.approx((SIDE * SIDE - 1) / 65535)  # 0.61: the data use part of uint16
     lo, hi = np.percentile(by_percentile, (1, 99.8))
@@ -105,3 +105,70 @@ def test_bad_settings_and_folders_are_refused_by_name(pulled, tmp_path):
         PulledDataset(tmp_path)
     with pytest.raises(InvalidInputError, match="no labelled images by annotator 'nobody'"):
         PulledDataset(out, annotator="nobody")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A pulled set of the test images as they come: the 16-bit grey DSB2018 image (values 0-235 of uint16) and the
+    RGB IHC and H&E images, each with two squares saved by one annotator."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.pull import run_pull
+
+    root = tmp_path_factory.mktemp("pulled_mixed")
+    folder = make_image_folder(root / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="mixed", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    names = {}
+    for record in provider.catalog.records():
+        if record.name != "broken.png":
+            provider.save_annotation(info, record.image_id, annotator.annotator_id,
+                                     collection(square(10, 10, 20), square(60, 40, 30)))
+            names[record.image_id] = record.name
+    out = root / "pulled"
+    run_pull(str(folder), out, session=info.session_id)
+    return out, names
+
+
+def test_default_scaling_is_the_percentile_normalisation_training_uses(mixed):
+    """The DSB2018 image holds 0-235 in uint16: divided by 65535 its brightest pixel would be 0.0036."""
+    from colabel.apps.pull import PulledDataset, labelled_pairs
+    from colabel.services.training.segmenter_training import normalize_image
+
+    out, names = mixed
+    dataset = PulledDataset(out, crop=64)
+    index = [names[image_id] for image_id, _, _ in labelled_pairs(out)].index("dsb2018_nuclei.tif")
+    stored = labelled_pairs(out)[index][1]
+    assert stored.dtype == np.uint16 and stored.max() == 235
+    image = dataset.pairs[index][0]
+    np.testing.assert_allclose(image, np.moveaxis(normalize_image(stored), 0, -1))  # training's own function
+    assert image.max() > 1.0 and np.percentile(image, 99.8) == pytest.approx(1, abs=1e-4)
+    assert PulledDataset(out, crop=64, normalize="dtype").pairs[index][0].max() == pytest.approx(235 / 65535)
+
+
+def test_channels_option_lets_a_dataloader_batch_grey_and_rgb_images(mixed):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from colabel.apps.pull import PulledDataset
+    from colabel.errors import InvalidInputError
+
+    out, names = mixed
+    as_stored = PulledDataset(out, crop=64, length=3)
+    assert sorted(image.shape[2] for image, _ in as_stored.pairs) == [1, 3, 3]
+    with pytest.raises(RuntimeError):  # what channels=None leaves a mixed set with
+        next(iter(DataLoader(as_stored, batch_size=3)))
+    for channels in (3, 1):
+        dataset = PulledDataset(out, crop=64, length=3, channels=channels)
+        images, masks = next(iter(DataLoader(dataset, batch_size=3)))
+        assert images.dtype == torch.float32 and tuple(images.shape) == (3, channels, 64, 64)
+        assert tuple(masks.shape) == (3, 64, 64)
+    dsb = [names[i] for i in as_stored.image_ids].index("dsb2018_nuclei.tif")
+    grey = PulledDataset(out, crop=64, channels=3).pairs[dsb][0]
+    for channel in range(3):  # grey repeated, as training does for the pretrained encoder
+        np.testing.assert_array_equal(grey[..., channel], as_stored.pairs[dsb][0][..., 0])
+    by_dtype = PulledDataset(out, crop=64, channels=3, normalize="dtype")
+    assert all(image.shape[2] == 3 and image.dtype == np.float32 for image, _ in by_dtype.pairs)
+    for bad in (2, 4, True, "rgb"):
+        with pytest.raises(InvalidInputError, match="channels must be None"):
+            PulledDataset(out, channels=bad)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import DATA, make_image_folder
+from conftest import DATA, collection, make_image_folder, square
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +105,8 @@ def test_train_holds_out_images_and_reports_the_objects_to_fix_on_them(tmp_path)
     assert record["metrics"]["n_images"] == 1 and len(validation["image_ids"]) == 1
     held = validation["image_ids"][0]
     assert validation["tp"] + validation["fn"] == objects[held]  # every annotated object of the held-out image
+    assert validation["sources"] == [[held, annotator.annotator_id, 1]]  # whose annotation it was scored against
+    assert record["metrics"]["sources"] == [[i, annotator.annotator_id, 1] for i in objects if i != held]
     assert f"objects to fix {validation['objects_to_fix']:.1%}" in trained.stdout
 
     # the next round fine-tunes this model (--init) and says so in its record
@@ -218,3 +220,105 @@ def test_training_images_drop_a_single_channel_axis_and_an_opaque_alpha_only():
     rgba[0, 0, 3] = 0
     assert training_image(rgba).shape == (4, 5, 4)  # a real alpha (or a 4th channel) is kept
     assert training_image(np.zeros((4, 5, 3), np.uint8)).shape == (4, 5, 3)
+
+
+@pytest.fixture(scope="module")
+def small_first(tmp_path_factory):
+    """A pulled set whose first image (by id) is small and grey, the second large and RGB: ``tiny.tif``, 48 x 40
+    pixels of the 16-bit DSB2018 image with its hand-drawn nuclei (Ada, saved twice), and the 512 x 512 IHC image
+    with six squares by Ada and by Bob (so it has a consensus)."""
+    from colabel.apps.provider.images import image_id_for
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.services.nuclei import measure_nuclei
+
+    root = tmp_path_factory.mktemp("small_first")
+    folder = root / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "tiny.tif", tifffile.imread(DATA / "dsb2018_nuclei.tif")[:48, :40])
+    (folder / "ihc_ki67.png").write_bytes((DATA / "ihc_ki67.png").read_bytes())
+    tiny, ihc = image_id_for("tiny.tif"), image_id_for("ihc_ki67.png")
+    assert tiny < ihc  # the small image is images[0]
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="mixed", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    ada, _ = provider.sessions.join(info.session_id, "Ada")
+    bob, _ = provider.sessions.join(info.session_id, "Bob")
+    _, nuclei = measure_nuclei(tifffile.imread(DATA / "dsb2018_nuclei_mask.tif")[:48, :40])
+    drawn = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": n.polygon, "properties": {"classification": {"name": "nucleus"}}}
+        for n in nuclei]}
+    provider.save_annotation(info, tiny, ada.annotator_id, {**drawn, "features": drawn["features"][:1]})
+    versions = {"tiny": provider.save_annotation(info, tiny, ada.annotator_id, drawn).version}
+    squares = collection(*(square(40 + 70 * k, 60 + 50 * (k % 2), 24) for k in range(6)))
+    for who in (ada, bob):
+        versions[who.display_name] = provider.save_annotation(info, ihc, who.annotator_id, squares).version
+    pulled = root / "pulled"
+    done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {"pulled": pulled, "tiny": tiny, "ihc": ihc, "ada": ada.annotator_id, "bob": bob.annotator_id,
+            "versions": versions, "root": root}
+
+
+def test_train_converts_grey_to_rgb_records_sources_and_exports_the_largest_image(small_first):
+    """The reviewer's set: grey and RGB mixed (refused before: "same number of channels"), and a 48 x 40 first image
+    (the export's test input was images[0]: "test_image must be at least 64 x 64 pixels", exit 2, after training)."""
+    s = small_first
+    model, package = s["root"] / "unet.pt", s["root"] / "package"
+    trained = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(model), "--epochs", "1", "--crop",
+                              "64", "--no-flips", "--bioimageio", str(package), "--name", "colabel mixed set"],
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert "converted 1 of 2 images to the model's 3 channel(s) (grey repeated to RGB)" in trained.stdout
+    record = json.loads((s["root"] / "unet.pt.json").read_text())
+    assert record["config"]["in_channels"] == 3
+    metrics = record["metrics"]
+    assert metrics["sources"] == [[s["tiny"], s["ada"], s["versions"]["tiny"]], [s["ihc"], "consensus", 0]]
+    assert s["versions"]["tiny"] == 2  # the latest version pulled, not the first
+    assert metrics["consensus_of"] == {s["ihc"]: {s["ada"]: s["versions"]["Ada"], s["bob"]: s["versions"]["Bob"]}}
+    assert metrics["image_names"] == {s["tiny"]: "tiny.tif", s["ihc"]: "ihc_ki67.png"}
+    assert metrics["converted_channels"] == {s["tiny"]: [1, 3]}
+    # the test input is the IHC image, cropped to 256 px, with the model's 3 channels
+    assert np.load(package / "test_input.npy").shape == (1, 3, 256, 256)
+    assert f"(test input: {s['ihc']})" in trained.stdout
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--name", "rgb"], "--name 'rgb' is not a bioimage.io model name"),
+    (["--name", "colabel/unet"], "is not a bioimage.io model name"),
+    (["--author", "a/b"], "is not a bioimage.io author name"),
+    (["--hold-out", "1", "--seed", "SEED"], "64 x 64 pixels for the package's test input; the largest is 48 x 40"),
+])
+def test_train_refuses_export_settings_that_would_fail_before_training_and_writes_nothing(small_first, tmp_path,
+                                                                                          extra, message):
+    s = small_first
+    if "SEED" in extra:  # a seed that holds the IHC image out: only the 48 x 40 image is trained on
+        seed = next(k for k in range(100) if np.random.default_rng(k).permutation(2)[0] == 1)
+        extra = [str(seed) if e == "SEED" else e for e in extra]
+    model, package = tmp_path / "unet.pt", tmp_path / "package"
+    done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(model), "--epochs", "1", "--crop", "64",
+                           "--bioimageio", str(package), *extra], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
+    assert "training on" not in done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_a_package_folder_in_use_or_a_folder_as_model_before_training(small_first, tmp_path):
+    s = small_first
+    (tmp_path / "package").mkdir()
+    (tmp_path / "package" / "keep.txt").write_text("mine")
+    for out, package, message in ((tmp_path / "unet.pt", tmp_path / "package", "exists and is not an empty folder"),
+                                  (tmp_path / "package", tmp_path / "new", "is a folder; give the model file")):
+        done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(out), "--bioimageio", str(package)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
+        assert "training on" not in done.stdout
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "package"]
+
+
+def test_training_sources_follow_the_annotator_asked_for(small_first):
+    from colabel.apps.cli import training_sources
+
+    s = small_first
+    assert training_sources(s["pulled"], [s["ihc"]], s["bob"]) == {
+        "sources": [[s["ihc"], s["bob"], s["versions"]["Bob"]]], "image_names": {s["ihc"]: "ihc_ki67.png"}}
+    assert training_sources(s["pulled"], [s["tiny"]], None)["sources"] == [[s["tiny"], s["ada"], s["versions"]["tiny"]]]

@@ -7,11 +7,12 @@ than from one of them, and the experts' agreement is reported next to it:
 - :func:`consensus_instances` merges k instance label images into one (objects kept where a majority of
   annotators drew a matching object, outlines by pixel majority);
 - :func:`consensus_classes` takes the majority class per cell and reports ties;
-- :func:`pairwise_f1`, :func:`cohen_kappa`, :func:`pairwise_kappa` and :func:`agreement_report` measure
-  how much the annotators agree (object F1 at an IoU threshold, Cohen's kappa on cell classes);
+- :func:`pairwise_f1`, :func:`cohen_kappa`, :func:`pairwise_kappa`, :func:`matched_class_kappa` and
+  :func:`agreement_report` measure how much the annotators agree (object F1 at an IoU threshold, Cohen's kappa
+  on cell classes);
 - :func:`image_consensus` does all of it for one image: consensus objects, their majority classes (from each
-  annotator's class of the object matched into them) with ties, and the agreement with class kappa over
-  those objects.
+  annotator's class of the object matched into them) with ties, and the agreement with class kappa per pair
+  over the objects that pair matched one-to-one.
 
 Label images are integer arrays, ``0`` = background, every other value one object (ids need not be
 contiguous); all images of one call have the same shape, (H, W) in (row, col) order (any N-D shape works).
@@ -37,6 +38,7 @@ __all__ = [
     "pairwise_f1",
     "cohen_kappa",
     "pairwise_kappa",
+    "matched_class_kappa",
     "agreement_report",
     "ImageConsensus",
     "image_consensus",
@@ -482,15 +484,23 @@ def agreement_report(
     f1 = pairwise_f1([masks_by_annotator[n] for n in names], iou=iou)
     classes = _per_annotator(classes_by_annotator, masks_by_annotator, "classes_by_annotator", "{cell id: class}")
     kappa = pairwise_kappa({n: classes[n] for n in names if n in classes})
+    cells = {}
+    for x, a in enumerate(names):
+        for b in names[x + 1 :]:
+            ca, cb = classes.get(a, {}), classes.get(b, {})
+            cells[(a, b)] = (kappa.get((a, b)), sum(1 for c in ca if ca[c] is not None and cb.get(c) is not None))
+    return _report(names, f1, cells, iou)
 
+
+def _report(names: list[str], f1: np.ndarray, kappa: Mapping[tuple[str, str], tuple[float | None, int]],
+            iou: float) -> dict:
+    """:func:`agreement_report`'s dict from the pairwise F1 ``(k, k)`` and ``(a, b) -> (kappa, n_cells)``."""
     pairs = []
     per: dict[str, dict[str, list[float | None]]] = {n: {"f1": [], "kappa": []} for n in names}
     for x, a in enumerate(names):
         for y in range(x + 1, len(names)):
             b = names[y]
-            k = kappa.get((a, b))
-            ca, cb = classes.get(a, {}), classes.get(b, {})
-            n_cells = sum(1 for c in ca if ca[c] is not None and cb.get(c) is not None)
+            k, n_cells = kappa.get((a, b), (None, 0))
             pairs.append({"a": a, "b": b, "f1": float(f1[x, y]), "kappa": k, "n_cells": n_cells})
             for name in (a, b):
                 per[name]["f1"].append(float(f1[x, y]))
@@ -503,6 +513,49 @@ def agreement_report(
         "mean_f1": _mean([p["f1"] for p in pairs]),
         "mean_kappa": _mean([p["kappa"] for p in pairs]),
     }
+
+
+def matched_class_kappa(
+    mask_a: np.ndarray,
+    mask_b: np.ndarray,
+    classes_a: Mapping[int, str | None],
+    classes_b: Mapping[int, str | None],
+    *,
+    iou: float = 0.5,
+) -> tuple[float | None, int]:
+    """Cohen's kappa of two annotators' classes over the objects they both drew, matched one-to-one.
+
+    The objects of ``mask_a`` and ``mask_b`` are matched one-to-one at IoU ``>= iou`` (as in
+    :func:`consensus_instances`'s step 1, for this pair alone: what the other annotators drew plays no part);
+    every matched pair both annotators classed is one item rated by both.
+
+    Parameters
+    ----------
+    mask_a, mask_b : ndarray of int, shape (H, W)
+        The two annotators' instance label images, ``0`` = background.
+    classes_a, classes_b : mapping label id -> class name or None
+        Each annotator's class of their objects; labels left out (or ``None``) are unclassed.
+    iou : float, default 0.5
+
+    Returns
+    -------
+    kappa : float or None
+        :func:`cohen_kappa` over those items; ``None`` when there is none.
+    n_cells : int
+        The number of items: matched objects both annotators classed.
+
+    Examples
+    --------
+    >>> a = np.array([[1, 1, 0, 2, 2]]); b = np.array([[7, 7, 0, 8, 8]])
+    >>> matched_class_kappa(a, b, {1: "x", 2: "y"}, {7: "x", 8: "x"})
+    (0.0, 2)
+    """
+    arrays = _check_masks([mask_a, mask_b], minimum=2)
+    items = [(classes_a.get(la), classes_b.get(lb)) for _, la, lb in _one_to_one(*arrays, _check_iou(iou))]
+    items = [(x, y) for x, y in items if x is not None and y is not None]
+    if not items:
+        return None, 0
+    return cohen_kappa([x for x, _ in items], [y for _, y in items]), len(items)
 
 
 # ------------------------------------------------------------------------------------------- one image
@@ -522,8 +575,9 @@ class ImageConsensus:
     votes : dict int -> dict str -> str or None
         Consensus object id -> {annotator: the class they gave their object matched into it}.
     agreement : dict
-        :func:`agreement_report` with class kappa per annotator pair over the consensus objects both classed,
-        plus ``"consensus": {"objects", "classified", "ties"}``.
+        :func:`agreement_report`'s dict, class kappa and ``n_cells`` per annotator pair from
+        :func:`matched_class_kappa` (over the pair's own matched objects both classed), plus
+        ``"consensus": {"objects", "classified", "ties"}``.
     """
 
     result: ConsensusResult
@@ -544,8 +598,11 @@ def image_consensus(
     The consensus objects are :func:`consensus_instances`'s (annotators in the mapping's order). Each
     annotator whose object was matched into consensus object ``i`` votes that object's class
     (``label_classes[annotator][label]``); :func:`consensus_classes` takes the majority and reports ties.
-    Cohen's kappa per annotator pair is computed over the consensus objects both of them classed (the same
-    cells, identified by the matching), next to the object F1 of :func:`agreement_report`.
+    Cohen's kappa per annotator pair is computed over the objects *that pair* drew and matched one-to-one
+    (:func:`matched_class_kappa`, IoU ``>= iou``) and both classed, whether or not the object became a consensus
+    object: with 4 annotators (3 needed for a consensus object) two who drew the same cells that the other two
+    did not still disagree or agree on them. ``n_cells`` is the number of those objects. Object F1 as in
+    :func:`agreement_report`.
 
     Parameters
     ----------
@@ -567,13 +624,22 @@ def image_consensus(
     names = list(masks_by_annotator)
     if len(names) < 2:
         raise InvalidInputError(f"consensus needs at least two annotators, got {len(names)}")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise InvalidInputError(f"annotator names must be strings, got {bad[0]!r}")
     label_classes = _per_annotator(label_classes, masks_by_annotator, "label_classes", "{label id: class}")
+    bad = [n for n, v in label_classes.items() if not isinstance(v, Mapping)]
+    if bad:
+        raise InvalidInputError(f"label_classes[{bad[0]!r}] must map label ids to class names")
     result = consensus_instances([masks_by_annotator[n] for n in names], iou=iou)
     votes = {i: {names[a]: label_classes.get(names[a], {}).get(label) for a, label in members.items()}
              for i, members in enumerate(result.members, start=1)}
     classes, ties = consensus_classes({i: list(v.values()) for i, v in votes.items()})
-    per_annotator = {n: {i: v[n] for i, v in votes.items() if n in v} for n in names if n in label_classes}
-    agreement = agreement_report({n: masks_by_annotator[n] for n in names}, per_annotator or None, iou=iou)
+    f1 = pairwise_f1([masks_by_annotator[n] for n in names], iou=iou)
+    kappa = {(a, b): matched_class_kappa(masks_by_annotator[a], masks_by_annotator[b], label_classes[a],
+                                         label_classes[b], iou=iou)
+             for x, a in enumerate(names) for b in names[x + 1:] if a in label_classes and b in label_classes}
+    agreement = _report(names, f1, kappa, iou)
     agreement["consensus"] = {"objects": result.n_objects,
                               "classified": sum(c is not None for c in classes.values()), "ties": ties}
     return ImageConsensus(result=result, classes=classes, ties=ties, votes=votes, agreement=agreement)

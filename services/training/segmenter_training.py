@@ -44,6 +44,8 @@ __all__ = [
     "TrainedSegmenter",
     "train_segmenter",
     "normalize_image",
+    "model_channels",
+    "to_model_channels",
     "training_targets",
     "probabilities_to_labels",
     "training_set_version",
@@ -95,10 +97,106 @@ def _check_training_data(images, masks) -> tuple[list[np.ndarray], list[np.ndarr
         labs.append(mask)
     channels = {_channels(im) for im in imgs}
     if len(channels) > 1:
-        raise InvalidInputError(f"all images must have the same number of channels, got {sorted(channels)}")
+        raise InvalidInputError(f"all images must have the same number of channels, got {sorted(channels)}; "
+                                "convert them with to_model_channels(image, model_channels(images)) first "
+                                "(colabel train does)")
     if not any(m.any() for m in labs):
         raise InvalidInputError("the masks contain no objects; annotate at least one object")
     return imgs, labs
+
+
+def model_channels(images: Sequence[np.ndarray], *, encoder: str = "efficientnet-lite0",
+                   init: TrainedSegmenter | None = None) -> int:
+    """The number of input channels of the model to train on ``images``, which may mix channel counts.
+
+    * fine-tuning (``init``): the model's own count;
+    * every image grey: 1;
+    * the images mix grey (1), RGB (3) and RGBA (4) channels, or (``encoder="efficientnet-lite0"``, which
+      takes grey or RGB) are all RGBA: 3 -- grey images are repeated to RGB and alpha is dropped by
+      :func:`to_model_channels`;
+    * otherwise (``encoder="none"``, every image with the same count, e.g. 2 or 4 channels): that count.
+
+    Parameters
+    ----------
+    images : sequence of ndarray (H, W) or (H, W, C)
+        ``(H, W)`` and ``(H, W, 1)`` are grey. Only the shapes are read.
+    encoder : {"efficientnet-lite0", "none"}
+    init : TrainedSegmenter, optional
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    InvalidInputError
+        No image, or channel counts that cannot be brought to one: another mix than grey / RGB / RGBA, or
+        2 or more than 4 channels for the pretrained encoder.
+
+    Examples
+    --------
+    >>> model_channels([np.zeros((8, 8), np.uint16), np.zeros((8, 8, 3), np.uint8)])
+    3
+    """
+    counts = [1 if np.ndim(im) == 2 else int(np.shape(im)[2]) for im in images]
+    if not counts:
+        raise InvalidInputError("at least one image is needed")
+    if init is not None:
+        return int(init.config["in_channels"])
+    found = set(counts)
+    if found == {1}:
+        return 1
+    if found <= {1, 3, 4} and (len(found) > 1 or encoder != "none"):
+        return 3
+    if len(found) == 1 and encoder == "none":
+        return counts[0]
+    odd = next(i for i, c in enumerate(counts) if c not in (1, 3, 4))
+    if encoder != "none" and len(found) == 1:
+        raise InvalidInputError(f"the EfficientNet-Lite0 encoder takes grey or RGB images, got {counts[odd]} "
+                                "channels; use encoder='none' for other channel counts")
+    raise InvalidInputError(f"cannot train one model on images of {sorted(found)} channels (images[{odd}] has "
+                            f"{counts[odd]}): only grey, RGB and RGBA images can be brought to RGB")
+
+
+def to_model_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``image`` as a model with ``channels`` input channels takes it: the conversion prediction applies.
+
+    This *is* prediction's conversion (:func:`colabel.services.training.proposals.model_input`, called here),
+    so training and pre-annotation see an image alike: for 1 channel, grey as it is and the mean of the first
+    three channels of a colour image (float32); for ``channels >= 2``, a grey image repeated ``channels`` times
+    and the first ``channels`` channels of others (RGBA to RGB: alpha dropped).
+
+    Parameters
+    ----------
+    image : ndarray (H, W) or (H, W, C)
+        Any dtype (kept, except the float32 mean). Not mutated.
+    channels : int
+        The model's input channels (:func:`model_channels`).
+
+    Returns
+    -------
+    ndarray (H, W) for ``channels == 1``, else (H, W, channels)
+
+    Raises
+    ------
+    InvalidInputError
+        An image with fewer channels than ``channels`` that is not grey (e.g. 2 channels for an RGB model).
+
+    Examples
+    --------
+    >>> to_model_channels(np.zeros((4, 5), np.uint16), 3).shape
+    (4, 5, 3)
+    >>> to_model_channels(np.zeros((4, 5, 4), np.uint8), 3).shape
+    (4, 5, 3)
+    """
+    from types import SimpleNamespace
+
+    from .proposals import model_input
+
+    out = model_input(SimpleNamespace(config={"in_channels": int(channels)}), image)  # model_input reads only this
+    if _channels(out) != channels:
+        raise InvalidInputError(f"an image of shape {np.shape(image)} cannot be given {channels} channel(s)")
+    return out
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
@@ -430,8 +528,10 @@ class TrainedSegmenter:
             payload = torch.load(Path(path), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
-        except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-            raise InvalidInputError(f"{path} is not a colabel segmenter file: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - corrupt or foreign file; torch's text can be empty or pages long
+            empty = Path(path).stat().st_size == 0
+            reason = "it is empty" if empty else f"torch.load cannot read it ({type(exc).__name__})"
+            raise InvalidInputError(f"{path} is not a colabel segmenter file: {reason}") from None
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise InvalidInputError(f"{path} is not a colabel segmenter file (format {FORMAT})")
         meta = json.loads(payload["meta_json"])  # JSON keeps tuples/lists/ints exactly as saved

@@ -6,7 +6,8 @@
 # Roles (the first argument; anything else is run as a command):
 #   docker run -p 9527:9527 -e HYPHA_ROOT_TOKEN=... colabel hypha     # Hypha server
 #   docker run colabel gateway --server-url URL --token T --ray-address ray://HEAD:10001 [--attach]
-#   docker run -v /data:/data colabel provider /data --host 0.0.0.0   # `colabel serve`
+#   docker run -p 9527:9527 -v /data:/data colabel provider /data --host 0.0.0.0 --public-url http://HOST:9527
+#                                                                     # `colabel serve`; HOST: this machine's name
 # Ray is installed through the package's single pin (pyproject.toml, the models extra), which the chart's
 # rayVersion equals; the Ray head and workers of the chart run this image too.
 

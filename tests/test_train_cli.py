@@ -211,7 +211,7 @@ def test_train_refuses_a_folder_that_is_not_a_pulled_set_and_writes_nothing(tmp_
 def test_training_images_drop_a_single_channel_axis_and_an_opaque_alpha_only():
     import numpy as np
 
-    from colabel.apps.cli import training_image
+    from colabel.apps.train import training_image
 
     grey = np.zeros((4, 5, 1), np.uint16)
     assert training_image(grey).shape == (4, 5)
@@ -316,7 +316,7 @@ def test_train_refuses_a_package_folder_in_use_or_a_folder_as_model_before_train
 
 
 def test_training_sources_follow_the_annotator_asked_for(small_first):
-    from colabel.apps.cli import training_sources
+    from colabel.apps.train import training_sources
 
     s = small_first
     assert training_sources(s["pulled"], [s["ihc"]], s["bob"]) == {

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -44,6 +45,30 @@ __all__ = ["export_bioimageio", "validate_bioimageio", "FORMAT_VERSION", "DESCRI
 FORMAT_VERSION = "0.5.14"
 DESCRIPTION_FILE = "bioimageio.yaml"
 HALO = 16  # output pixels at each tile edge that tiled inference should discard
+
+#: bioimage.io's rule for a model's name (``bioimageio.spec`` 0.5, ``ModelDescr.name``).
+MODEL_NAME = re.compile(r"[A-Za-z0-9_+\- ()]{5,128}")
+
+TEST_SIDE = 256  # the package's test input: at most this many pixels a side
+
+
+def check_model_name(name: object) -> str:
+    """``name`` without surrounding spaces, if bioimage.io takes it as a model's name; else InvalidInputError."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name.strip()):
+        raise InvalidInputError(f"{name!r} is not a bioimage.io model name: 5 to 128 characters, letters, digits, "
+                                "spaces and _ + - ( ) only")
+    return name.strip()
+
+
+def input_crop_shape(shape: tuple[int, ...], divisor: int) -> tuple[int, int]:
+    """``(height, width)`` of the test input cut from an image of ``shape``: multiples of ``divisor`` (the
+    network's), at most :data:`TEST_SIDE` a side."""
+    return tuple(min(TEST_SIDE, int(s)) // divisor * divisor for s in shape[:2])
+
+
+def min_input_side(divisor: int) -> int:
+    """The least side of a test input: more than the output halo on both sides, a multiple of ``divisor``."""
+    return -(-(2 * HALO + divisor) // divisor) * divisor
 UNET_CITATION = {
     "text": "Ronneberger, Fischer and Brox. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
             "MICCAI 2015.",
@@ -241,8 +266,7 @@ def export_bioimageio(
     """
     import torch
 
-    if not name or not name.strip():
-        raise InvalidInputError("name must not be empty")
+    name = check_model_name(name)
     if not authors:
         raise InvalidInputError("at least one author is needed")
     folder = Path(folder)
@@ -256,8 +280,8 @@ def export_bioimageio(
     n_channels = 1 if image.ndim == 2 else image.shape[2]
     if n_channels != cfg["in_channels"]:
         raise InvalidInputError(f"test_image has {n_channels} channel(s), the model expects {cfg['in_channels']}")
-    min_size = -(-(2 * HALO + div) // div) * div  # larger than the output halo on both sides
-    h, w = (min(256, s) // div * div for s in image.shape[:2])
+    min_size = min_input_side(div)
+    h, w = input_crop_shape(image.shape, div)
     if h < min_size or w < min_size:
         raise InvalidInputError(f"test_image must be at least {min_size} x {min_size} pixels, got {image.shape[:2]}")
     image = image[:h, :w]

@@ -130,9 +130,8 @@ def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(
 
 
 def test_serve_prints_a_share_link_of_the_open_session_never_its_trainer_link(tmp_path):
-    from conftest import make_image_folder
-
     from colabel.apps.provider.provider import DataProvider
+    from conftest import make_image_folder
 
     folder = make_image_folder(tmp_path / "images")
     provider = DataProvider(folder)

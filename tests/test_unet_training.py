@@ -241,7 +241,8 @@ def test_export_bioimageio_package(trained, dsb, tmp_path):
     ok, report = validate_bioimageio(rdf)
     assert ok, report
     with pytest.raises(InvalidInputError, match="not an empty folder"):
-        export_bioimageio(trained, folder, name="colabel again", description="x", authors=["a"], test_image=dsb[0][:64, :64])
+        export_bioimageio(trained, folder, name="colabel again", description="x", authors=["a"],
+                          test_image=dsb[0][:64, :64])
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from shapely.validation import explain_validity
 
 from colabel.coords import xy_to_rc
-from colabel.scanline import edge_rows, ring_areas, rings_pixels
 from colabel.errors import InvalidInputError
+from colabel.scanline import edge_rows, ring_areas, rings_pixels
 
 from .models import LabelClass
 

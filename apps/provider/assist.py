@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from colabel.errors import ColabelError, InvalidInputError, NotFoundError
@@ -35,8 +36,6 @@ def remote_message(exc: BaseException, *, kind: bool = True) -> str:
     :meth:`ModelAssist.call` maps back to an error); without, every leading exception name, qualified or not,
     is removed too (``no image x``): what a user reads.
     """
-    import re
-
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(exc).__name__
     text = re.sub(r"^(?:(?:Exception|(?:[A-Za-z_]\w*\.)*ServiceError): )+", "", text)
@@ -124,7 +123,8 @@ class ModelAssist:
         the model service fetch and load gigabytes of weights)."""
         if model_id is None or model_id == self.sam_model:
             return self.sam_model
-        raise InvalidInputError(f"this provider segments with the SAM model {self.sam_model!r}, not {str(model_id)[:80]!r}")
+        raise InvalidInputError(f"this provider segments with the SAM model {self.sam_model!r}, "
+                                f"not {str(model_id)[:80]!r}")
 
     async def sam_prepare(self, session, image_id: str, model_id: str | None = None) -> dict:
         """Make sure the image's embedding exists (computed once for everyone); returns its description."""

@@ -647,10 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "may be mixed: each is given the model's channels as prediction does (grey repeated "
                                 "to RGB, alpha dropped). The record names each image's annotator and version.")
     train.add_argument("pulled", metavar="PULLED", help="the --out folder of colabel pull")
-    train.add_argument("--out", required=True, help="model file to write")
-    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--out", required=True, help="model file to write (with MODEL.json, its record)")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--epochs", type=int, default=300,
+                       help="epochs of random crops; one epoch covers every training image once (default 300)")
     train.add_argument("--ensemble", type=int, default=1, help="K models for pixel uncertainty (default 1)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the crops, the augmentation, the initial weights and --hold-out (default 0); "
+                       "ensemble member k uses seed + k")
     train.add_argument("--crop", type=int, default=128, help="training crop side in pixels (default 128)")
     train.add_argument("--maps", type=int, default=3, choices=(2, 3),
                        help="3: foreground, boundary and centre maps (default); 2: foreground and boundary only")

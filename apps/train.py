@@ -89,6 +89,8 @@ def check_train_outputs(args: argparse.Namespace) -> None:
     """Refuse, before training, the ``--out`` and ``--bioimageio`` settings that would fail after it."""
     if Path(args.out).is_dir():
         raise InvalidInputError(f"--out {args.out} is a folder; give the model file to write")
+    if Path(args.out).exists() and not args.overwrite:
+        raise InvalidInputError(f"{args.out} exists; pass --overwrite to replace it")
     if not args.bioimageio:
         return
     from colabel.services.training.bioimageio_export import check_model_name

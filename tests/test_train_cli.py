@@ -302,17 +302,20 @@ def test_train_refuses_export_settings_that_would_fail_before_training_and_write
     assert list(tmp_path.iterdir()) == []
 
 
-def test_train_refuses_a_package_folder_in_use_or_a_folder_as_model_before_training(small_first, tmp_path):
+def test_train_refuses_a_package_folder_in_use_a_folder_or_an_existing_model_before_training(small_first, tmp_path):
     s = small_first
     (tmp_path / "package").mkdir()
     (tmp_path / "package" / "keep.txt").write_text("mine")
+    (tmp_path / "round1.pt").write_bytes(b"a model of the last round")
     for out, package, message in ((tmp_path / "unet.pt", tmp_path / "package", "exists and is not an empty folder"),
-                                  (tmp_path / "package", tmp_path / "new", "is a folder; give the model file")):
+                                  (tmp_path / "package", tmp_path / "new", "is a folder; give the model file"),
+                                  (tmp_path / "round1.pt", tmp_path / "new", "exists; pass --overwrite to replace it")):
         done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(out), "--bioimageio", str(package)],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stdout + done.stderr
         assert "training on" not in done.stdout
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "package"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "package", "round1.pt"]
+    assert (tmp_path / "round1.pt").read_bytes() == b"a model of the last round"
 
 
 def test_training_sources_follow_the_annotator_asked_for(small_first):

@@ -55,33 +55,50 @@ def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
 def session_agreement(folder: Path, session_id: str, events: list[dict] | None = None) -> dict:
     """Inter-annotator agreement (Segebarth et al. 2020) for images with two or more annotators.
 
-    Per image (:func:`~colabel.services.training.consensus.image_consensus` on the annotators' latest versions):
-    F1 at IoU 0.5 and Cohen's kappa of the object classes (over the consensus objects both classed) per
-    annotator pair, and the consensus's object, classified and tie counts; for the session: Cohen's kappa per
-    annotator pair on the cells both labelled in the HALS loop (from the event log).
+    ``images``: per image (:func:`~colabel.services.training.consensus.image_consensus` on the annotators' latest
+    versions), F1 at IoU 0.5 and Cohen's kappa of the object classes (over the objects the pair matched
+    one-to-one and both classed) per annotator pair, and the consensus's object, classified and tie counts.
+    ``pairs``: per annotator pair over every image both labelled, the same figures with the objects pooled
+    (:func:`~colabel.services.training.consensus.pooled_pair_agreement`). ``class_kappa``: Cohen's kappa per
+    annotator pair on the cells both labelled in the HALS loop (from the event log). ``names``: annotator id ->
+    display name, image id -> image name, for printing.
     """
+    import itertools
+
     import tifffile
 
-    from colabel.services.training.consensus import image_consensus, pairwise_kappa
+    from colabel.services.training.consensus import image_consensus, pairwise_kappa, pooled_pair_agreement
 
     from .provider.storage import AnnotationStore
     from .pull import label_classes
 
     store = AnnotationStore(Path(folder) / "annotations")
-    per_image = {}
+    per_image, labelled = {}, {}
+    names: dict[str, str] = {}
     for image_id, counts in sorted(store.counts(session_id).items()):
         if len(counts) < 2:
             continue
-        names = sorted(counts)
-        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in names}
-        classes = {a: label_classes(store.load(session_id, image_id, a)) for a in names}
+        annotators = sorted(counts)
+        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in annotators}
+        collections = {a: store.load(session_id, image_id, a) for a in annotators}
+        classes = {a: label_classes(collections[a]) for a in annotators}
         per_image[image_id] = image_consensus(masks, classes).agreement
+        labelled[image_id] = (masks, classes)
+        for a, collection in collections.items():
+            record = collection.get("colabel", {})
+            names.setdefault(a, record.get("display_name") or a)
+            names.setdefault(image_id, record.get("image_name") or image_id)
+    pairs = []
+    for a, b in itertools.combinations(sorted({a for masks, _ in labelled.values() for a in masks}), 2):
+        both = [(m[a], m[b], c[a], c[b]) for m, c in labelled.values() if a in m and b in m]
+        if both:
+            pairs.append({"a": a, "b": b, **pooled_pair_agreement(both)})
     table: dict[str, dict] = {}
     for event in events or []:
         if event["kind"] in ("label", "suggestion_accepted", "suggestion_corrected") and event.get("annotator_id"):
             table.setdefault(event["annotator_id"], {})[f"{event['image_id']}/{event['cell_id']}"] = event["class"]
     kappa = {f"{a} / {b}": v for (a, b), v in pairwise_kappa(table).items()} if len(table) >= 2 else {}
-    return {"images": per_image, "class_kappa": kappa}
+    return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names}
 
 
 def print_report(report: dict) -> None:
@@ -98,10 +115,22 @@ def print_report(report: dict) -> None:
     for n, accuracy in report["curve"]:
         print(f"    N = {n:4d}  validation accuracy {accuracy:.3f}")
     agreement = report.get("agreement") or {}
+    names = agreement.get("names", {})
+
+    def who(annotator_id: str) -> str:
+        name = names.get(annotator_id, annotator_id)
+        return name if name == annotator_id else f"{name} ({annotator_id})"
+
+    def figures(p: dict) -> str:
+        return f"F1 {p['f1']:.3f}" + (f" kappa {p['kappa']:.3f}" if p.get("kappa") is not None else "")
+
+    for pair in agreement.get("pairs", []):
+        print(f"  agreement {who(pair['a'])} / {who(pair['b'])} over {pair['images']} images: {figures(pair)} "
+              f"({pair['matched']} objects matched at IoU 0.5, {pair['only_a']} drawn by the first only, "
+              f"{pair['only_b']} by the second only; kappa over {pair['n_cells']} classed)")
     for image_id, image in agreement.get("images", {}).items():
-        pairs = ", ".join(f"{p['a']}/{p['b']} F1 {p['f1']:.3f}"
-                          + (f" kappa {p['kappa']:.3f}" if p.get("kappa") is not None else "") for p in image["pairs"])
-        print(f"  agreement on {image_id} (F1 at IoU 0.5, Cohen's kappa of classes): {pairs}")
+        pairs = ", ".join(f"{who(p['a'])}/{who(p['b'])} {figures(p)}" for p in image["pairs"])
+        print(f"  agreement on {names.get(image_id, image_id)} (F1 at IoU 0.5, Cohen's kappa of classes): {pairs}")
         consensus = image.get("consensus")
         if consensus:
             ties = f" (objects {', '.join(map(str, consensus['ties']))})" if consensus["ties"] else ""

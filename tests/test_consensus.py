@@ -353,3 +353,19 @@ def test_matched_class_kappa_skips_unclassed_objects_and_is_none_without_matches
     assert matched_class_kappa(masks["A"], np.zeros_like(masks["A"]), classes["A"], {}) == (None, 0)
     with pytest.raises(InvalidInputError, match="same shape"):
         matched_class_kappa(masks["A"], masks["B"][:2], classes["A"], classes["B"])
+
+
+def test_pooled_pair_agreement_counts_objects_over_images_by_hand():
+    """Image 1: A draws objects 1, 2; B draws one matching A's 1 (classes x / x). Image 2: both draw the same two
+    objects, classed (x, y) by A and (y, y) by B. Pooled: 3 matched, 1 by A only, 0 by B only:
+    F1 = 6 / 7. Kappa over 3 rated cells, A = (x, x, y), B = (x, y, y): p_o = 2/3, p_e = 4/9, kappa = 0.4."""
+    from colabel.services.training.consensus import pooled_pair_agreement
+
+    a, b = np.array([[1, 1, 0, 2, 2]]), np.array([[7, 7, 0, 0, 0]])
+    result = pooled_pair_agreement([(a, b, {1: "x", 2: "y"}, {7: "x"}),
+                                    (a, a, {1: "x", 2: "y"}, {1: "y", 2: "y"})])
+    assert result == {"images": 2, "matched": 3, "only_a": 1, "only_b": 0, "f1": pytest.approx(6 / 7),
+                      "kappa": pytest.approx(0.4), "n_cells": 3}
+    empty = np.zeros((1, 5), int)
+    assert pooled_pair_agreement([(empty, empty, {}, {})])["f1"] == 1.0  # nothing to disagree on
+    assert pooled_pair_agreement([(a, b, {}, {})])["kappa"] is None  # nobody classed anything

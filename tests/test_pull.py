@@ -164,11 +164,22 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     b, _ = provider.sessions.join(info.session_id, "B")
     provider.save_annotation(info, image_id, a.annotator_id, collection(square(0, 0, 10), square(40, 40, 10)))
     provider.save_annotation(info, image_id, b.annotator_id, collection(square(1, 0, 10)))
+    other = next(r.image_id for r in provider.catalog.records() if r.name == "sub/he_histo.jpg")
+    provider.save_annotation(info, other, a.annotator_id, collection(square(5, 5, 10)))
+    provider.save_annotation(info, other, b.annotator_id, collection(square(5, 5, 10)))
     report = session_report(folder, info.session_id)
     pair = report["agreement"]["images"][image_id]["pairs"][0]
     assert pair["f1"] == pytest.approx(2 / 3)  # one match (IoU 0.82), one object only A drew
+    assert report["agreement"]["images"][other]["pairs"][0]["f1"] == 1.0
+    # over the session the objects are pooled: 2 matched, 1 drawn by A only -> F1 4 / 5 (not the mean, 5 / 6)
+    (session,) = report["agreement"]["pairs"]
+    assert (session["a"], session["b"]) == tuple(sorted([a.annotator_id, b.annotator_id]))
+    assert (session["images"], session["matched"], session["f1"]) == (2, 2, pytest.approx(0.8))
+    assert sorted([session["only_a"], session["only_b"]]) == [0, 1]
     printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id], capture_output=True, text=True)
     assert printed.returncode == 0 and "F1 0.667" in printed.stdout
+    assert f"A ({a.annotator_id})" in printed.stdout and "over 2 images: F1 0.800" in printed.stdout
+    assert "agreement on ihc_ki67.png" in printed.stdout and "agreement on sub/he_histo.jpg" in printed.stdout
 
 
 def _two_annotators_class_three_squares(tmp_path):

@@ -558,6 +558,52 @@ def matched_class_kappa(
     return cohen_kappa([x for x, _ in items], [y for _, y in items]), len(items)
 
 
+def pooled_pair_agreement(
+    images: Sequence[tuple[np.ndarray, np.ndarray, Mapping[int, str | None], Mapping[int, str | None]]],
+    *,
+    iou: float = 0.5,
+) -> dict:
+    """Agreement of one annotator pair over every image both labelled: object counts pooled, not averaged.
+
+    Parameters
+    ----------
+    images : sequence of ``(mask_a, mask_b, classes_a, classes_b)``
+        Per image, the two annotators' instance label images (int, shape (H, W), ``0`` = background) and
+        their classes (label id -> class name or None).
+    iou : float, default 0.5
+
+    Returns
+    -------
+    dict
+        ``images`` (how many), ``matched`` (objects matched one-to-one at IoU ``>= iou``), ``only_a``,
+        ``only_b`` (objects of one annotator without a match), ``f1`` = 2 matched / (2 matched + only_a +
+        only_b), 1.0 when neither drew anything; ``kappa``: :func:`cohen_kappa` over every matched object
+        both classed (None when there is none) and ``n_cells``, their number.
+
+    Examples
+    --------
+    >>> a, b = np.array([[1, 1, 0, 2, 2]]), np.array([[7, 7, 0, 0, 0]])
+    >>> pooled_pair_agreement([(a, b, {1: "x", 2: "y"}, {7: "x"}), (a, a, {1: "x", 2: "y"}, {1: "y", 2: "y"})])
+    {'images': 2, 'matched': 3, 'only_a': 1, 'only_b': 0, 'f1': 0.8571428571428571, 'kappa': 0.4, 'n_cells': 3}
+    """
+    iou = _check_iou(iou)
+    matched = only_a = only_b = 0
+    rated: list[tuple[str, str]] = []
+    for mask_a, mask_b, classes_a, classes_b in images:
+        a, b = _check_masks([mask_a, mask_b], minimum=2)
+        pairs = _one_to_one(a, b, iou)
+        n_a, n_b = len(np.setdiff1d(np.unique(a), [0])), len(np.setdiff1d(np.unique(b), [0]))
+        matched += len(pairs)
+        only_a += n_a - len(pairs)
+        only_b += n_b - len(pairs)
+        rated += [(classes_a.get(la), classes_b.get(lb)) for _, la, lb in pairs
+                  if classes_a.get(la) is not None and classes_b.get(lb) is not None]
+    total = 2 * matched + only_a + only_b
+    kappa = cohen_kappa([x for x, _ in rated], [y for _, y in rated]) if rated else None
+    return {"images": len(images), "matched": matched, "only_a": only_a, "only_b": only_b,
+            "f1": 1.0 if total == 0 else 2 * matched / total, "kappa": kappa, "n_cells": len(rated)}
+
+
 # ------------------------------------------------------------------------------------------- one image
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """An embedded Hypha server: a subprocess on loopback, started, awaited and stopped cleanly.
 
-Started with websocket compression off (5-10x faster image transfers) and message rate limits raised
-(large arrays travel as many chunks, each counted), as measured in ``shared/PLATFORM.md``.
+Started with websocket compression off (a 1 MB array took 91 ms with it, 16 ms without, between two
+processes here) and message rate limits raised (Hypha's default, 200 messages/s per connection, kicks a busy
+worker: large arrays travel as many chunks, each counted).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
                            [--nuclei-baseline COMMIT] [--repeats 7] [--out bench/results/models.json]
 
 Everything runs on this machine against a real Hypha server subprocess. SAM uses a small model with
-random weights built here (no SAM weights can be downloaded offline; see shared/PLATFORM.md): the transport,
+random weights built here (no SAM weights can be downloaded offline): the transport,
 caching and concurrency figures do not depend on the weights; ``--vit-b`` adds the ViT-B architecture's
 encoder and decoder times (random weights, same compute as the real model). One click is timed five ways,
 alternating click by click: in process, through the model service (plain, and with its outlines packed as

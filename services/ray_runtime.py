@@ -1,6 +1,6 @@
 """Local Ray and Ray Serve for `colabel serve`: start, deploy the model services, stop.
 
-Set up for a laptop or a 2-core machine (see shared/PLATFORM.md): loopback only, no dashboard, a small
+Set up for a laptop or a 2-core machine: loopback only, no dashboard, a small
 object store, no HTTP proxy (handles only), fractional CPUs per replica.
 
 ``quiet`` (the CLI without ``-v``) keeps Ray's routine lines off the terminal: Serve's INFO lines, the

@@ -39,7 +39,7 @@ def ihc():
 
 def test_dsb2018_accuracy(dsb, dsb_result):
     """Default parameters, no tuning on this image: F1@0.5 = 0.906, AJI = 0.764 measured (0.898 / 0.764
-    before the Gaussians were cut at 3 sigma; PLATFORM.md's plain Otsu watershed: F1 0.755)."""
+    before the Gaussians were cut at 3 sigma; a plain Otsu watershed: F1 0.755)."""
     _, gt = dsb
     assert f1_at(gt, dsb_result.labels, 0.5) >= 0.85
     assert aji(gt, dsb_result.labels) >= 0.70

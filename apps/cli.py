@@ -171,7 +171,9 @@ def claim_folder(folder: Path):
 async def _run_provider(args: argparse.Namespace, config, folder: Path, classes: list[dict], trained) -> int:
     from hypha_rpc import connect_to_server
 
-    from .hypha_server import EmbeddedHypha
+    from colabel.config import annotations_dir
+
+    from .hypha_server import EmbeddedHypha, kept_signing_key
     from .provider.provider import DataProvider
     from .provider.rpc import ProviderServices
 
@@ -182,8 +184,10 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
     hypha = None
     server_url, token = config.server_url, config.token
     if server_url is None:
+        # the signing key outlives a restart, so open pages and manage URLs reconnect instead of failing
         hypha = EmbeddedHypha(config.host, config.port, msg_rate_limit=config.ws_msg_rate_limit,
-                              ready_timeout=config.ready_timeout)
+                              ready_timeout=config.ready_timeout,
+                              jwt_secret=kept_signing_key(annotations_dir(folder) / ".colabel-server.json"))
         await asyncio.to_thread(hypha.start)
         # an ordinary user owning one workspace, not root: what it hands out reaches that workspace only
         server_url, token = hypha.url, hypha.user_token(f"colabel-{config.name}")

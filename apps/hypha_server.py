@@ -54,6 +54,30 @@ TOKEN_AUDIENCE = "https://colabel.invalid/api/"
 TOKEN_NAMESPACE = "https://colabel.invalid/"
 
 
+def kept_signing_key(path: Path) -> str:
+    """The key the embedded server signs its tokens with, kept in ``path`` (JSON, mode 0600) across restarts.
+
+    Tokens the server issued (an open annotator page's connection, a manage URL) stay valid when the provider
+    restarts: a page reconnects by itself instead of failing with "Signature verification failed". Anyone
+    who can read the file can make tokens for the server, as with the share secrets beside it; made on first
+    use, 43 characters of ``secrets.token_urlsafe(32)``.
+    """
+    import json
+
+    from colabel.files import atomic_write_json
+
+    path = Path(path)
+    try:
+        key = json.loads(path.read_text()).get("hypha_jwt_secret")
+    except (OSError, ValueError, AttributeError):
+        key = None
+    if not isinstance(key, str) or len(key) < 32:
+        key = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"hypha_jwt_secret": key}, mode=0o600)
+    return key
+
+
 class EmbeddedHypha:
     """A Hypha server subprocess.
 
@@ -69,10 +93,14 @@ class EmbeddedHypha:
         Seconds to wait for ``/health/readiness`` before giving up and killing the process.
     env : dict, optional
         Extra ``HYPHA_*`` environment variables.
+    jwt_secret : str, optional
+        The key tokens are signed with (:func:`kept_signing_key` keeps one across restarts); a new random one
+        when omitted, which makes every token of an earlier run invalid.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9527, *, root_token: str | None = None,
-                 msg_rate_limit: int = 100_000, ready_timeout: float = 60.0, env: dict | None = None) -> None:
+                 msg_rate_limit: int = 100_000, ready_timeout: float = 60.0, env: dict | None = None,
+                 jwt_secret: str | None = None) -> None:
         self.host = host
         self.port = port
         # 64+ characters: Hypha refuses shorter root tokens that contain, in any case, "abc", "123", "test",
@@ -81,7 +109,7 @@ class EmbeddedHypha:
         self.msg_rate_limit = msg_rate_limit
         self.ready_timeout = ready_timeout
         self.extra_env = dict(env or {})
-        self.jwt_secret = secrets.token_urlsafe(32)
+        self.jwt_secret = jwt_secret or secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
 

@@ -102,6 +102,36 @@ def test_root_tokens_are_long_enough_that_hypha_never_calls_them_weak():
         assert server.process.poll() is None
 
 
+def test_tokens_of_the_embedded_server_outlive_a_restart_with_the_kept_signing_key(tmp_path):
+    """What an open page or a manage URL holds was signed by the server's key: kept in the folder, a restarted
+    server accepts it (the page reconnects); with a new key it is refused ("Signature verification failed")."""
+    import asyncio
+    import stat
+
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.hypha_server import EmbeddedHypha, kept_signing_key
+
+    kept = tmp_path / "annotations" / ".colabel-server.json"
+    key = kept_signing_key(kept)
+    assert kept_signing_key(kept) == key and stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+    async def workspace(url, token):
+        client = await connect_to_server({"server_url": url, "token": token})
+        try:
+            return client.config.workspace
+        finally:
+            await client.disconnect()
+
+    with EmbeddedHypha("127.0.0.1", free_port(), jwt_secret=key) as first:
+        token = first.user_token("colabel-kept")
+    with EmbeddedHypha("127.0.0.1", free_port(), jwt_secret=kept_signing_key(kept)) as restarted:
+        assert asyncio.run(workspace(restarted.url, token)) == "ws-user-colabel-kept"
+    with EmbeddedHypha("127.0.0.1", free_port()) as fresh:
+        with pytest.raises(Exception, match="(?i)signature|authenticat|token"):
+            asyncio.run(workspace(fresh.url, token))
+
+
 def test_a_second_provider_of_the_same_folder_is_refused_while_the_first_serves(tmp_path):
     from conftest import make_image_folder
 

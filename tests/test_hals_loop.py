@@ -79,6 +79,18 @@ def dab_truth(image: np.ndarray, cells: list[dict]) -> dict[int, str]:
 
 
 async def test_suggestions_start_at_the_threshold_and_retraining_follows_every_five_labels(loop_stack, connect):
+    await labelled_to_the_second_model(loop_stack, connect)
+
+
+async def labelled_to_the_second_model(loop_stack, connect) -> None:
+    """The module's scenario, run once whichever test needs it first: 20 labels reach the threshold (model 1),
+    5 more retrain (model 2), and the next patch holds most of the Coreset selection; checked on the way."""
+    if not loop_stack.get("labelled"):
+        await _label_to_the_second_model(loop_stack, connect)
+        loop_stack["labelled"] = True
+
+
+async def _label_to_the_second_model(loop_stack, connect) -> None:
     token, hals, session = loop_stack["token"], loop_stack["hals"], loop_stack["session"]
     client = await connect()
     annotator = await client.get_service(loop_stack["services"].annotator_service_id)
@@ -222,10 +234,11 @@ async def test_a_label_reviews_the_suggestion_the_annotator_saw_even_after_the_c
     assert result["event"] == "suggestion_accepted"
 
 
-async def test_the_event_log_rebuilds_the_loop_and_feeds_the_report(loop_stack):
+async def test_the_event_log_rebuilds_the_loop_and_feeds_the_report(loop_stack, connect):
     from colabel.apps.provider.hals import HalsAssist
     from colabel.apps.report import session_report
 
+    await labelled_to_the_second_model(loop_stack, connect)  # also when this test runs alone
     session, folder = loop_stack["session"], loop_stack["folder"]
     events = loop_stack["hals"].log(session).read()
     kinds = [e["kind"] for e in events]

@@ -116,6 +116,17 @@ async def test_annotator_labels_cells_then_accepts_and_corrects_suggestions_and_
     assert {k: shown[k] for k in ("x0", "y0", "x1", "y1")} == {k: expected[k] for k in ("x0", "y0", "x1", "y1")}
     await page.wait_for_function("window.colabelClassify.S.busy === 0 && window.colabelClassify.viewRegion().width"
                                  f" < {shown['x1'] - shown['x0'] + 200}")
+    # the cells and suggestions of the patch's view are in: the status line still describes the patch, with the
+    # suggestions in its box and in view, and both it and the button say that "Accept all visible" takes all in view
+    await page.wait_for_function("JSON.stringify(window.colabelClassify.S.shown) === "
+                                 "JSON.stringify(window.colabelClassify.viewRegion())")
+    await page.wait_for_function("window.colabelClassify.S.busy === 0")
+    status_line = await page.text_content("#classify-status")
+    in_view = len(await page.evaluate("window.colabelClassify.visibleSuggestions()"))
+    assert status_line.startswith(f"next patch (dashed box) x {shown['x0']}–{shown['x1']}, "
+                                  f"y {shown['y0']}–{shown['y1']}: holds {shown['count']} of the "), status_line
+    assert f" in the box, {in_view} in view" in status_line and "Accept all visible" in status_line, status_line
+    assert await page.text_content("#classify-accept") == f"Accept all visible ({in_view})"
     view = await page.evaluate("window.colabelClassify.viewRegion()")
     assert view["x"] <= shown["x0"] and view["y"] <= shown["y0"]
     assert view["x"] + view["width"] >= shown["x1"] and view["y"] + view["height"] >= shown["y1"]
@@ -141,6 +152,79 @@ async def test_annotator_labels_cells_then_accepts_and_corrects_suggestions_and_
     await page.wait_for_function(f"document.getElementById('classify-progress').textContent"
                                  f".includes('{n_labelled} of {len(cells)} cells')")
     await screenshot(page, tmp_path, "classify-accepted")
+
+
+async def test_switching_to_an_image_of_the_same_size_loads_its_cells_without_moving_the_map(hals_stack, page, connect):
+    provider, services = hals_stack["provider"], hals_stack["services"]
+    ids = {im.name: im.image_id for im in provider.list_images()}
+    both = [ids["dsb2018_nuclei.tif"], ids["ihc_ki67.png"]]
+    assert {provider.get_image(i).shape[:2] for i in both} == {(512, 512)}  # the same view fits both
+    session, secret = provider.create_session(name="two images", classes=CLASSES, mode="classification",
+                                              image_ids=both)
+    # each image segmented beforehand, so the browser's cells requests answer at once
+    client = await connect()
+    annotator = await client.get_service(services.annotator_service_id)
+    n_cells = {i: len((await annotator.cells(secret, i))["cells"]) for i in both}
+    assert all(n_cells.values())
+
+    await join_in_browser(page, services.share_url(secret), "Switcher")
+    first = await page.evaluate("window.colabelClassify.S.image.image_id")
+    view = await page.evaluate("window.colabelClassify.viewRegion()")
+    for image_id in [next(i for i in both if i != first), first]:
+        await page.select_option("#classify-image", image_id)
+        # no pan or zoom: the page loads the new image's cells by itself (no moveend follows an unchanged view)
+        await page.wait_for_function(
+            "(id) => window.colabelClassify.S.image.image_id === id && window.colabelClassify.S.cells.size > 0 "
+            "&& window.colabelClassify.S.busy === 0", arg=image_id, timeout=20_000)
+        assert await page.evaluate("window.colabelClassify.S.cells.size") == n_cells[image_id]
+        assert await page.evaluate("window.colabelClassify.viewRegion()") == view
+        assert f"0 of {n_cells[image_id]} cells" in await page.text_content("#classify-progress")
+
+
+# cells at least `gap` viewport pixels from each other (and from the map's edges): [[id, x, y], ...]
+SPREAD_CELLS = """([n, gap]) => {
+    const c = window.colabelClassify;
+    const box = c.map.getTargetElement().getBoundingClientRect();
+    const out = [];
+    for (const id of c.S.cells.keys()) {
+        const [x, y] = c.cellPixel(id);
+        if (x < box.left + gap || x > box.right - gap || y < box.top + gap || y > box.bottom - gap) continue;
+        if (out.every(([, u, v]) => Math.hypot(x - u, y - v) >= gap)) out.push([id, x, y]);
+        if (out.length === n) break;
+    }
+    return out;
+}"""
+VIEW_STATE = "((v) => [v.getResolution(), ...v.getCenter()])(window.colabelClassify.map.getView())"
+
+
+async def test_quick_clicks_and_shift_clicks_on_different_cells_select_them_without_zooming(hals_stack, page):
+    provider, services = hals_stack["provider"], hals_stack["services"]
+    ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
+    session, secret = provider.create_session(name="quick clicks", classes=CLASSES, mode="classification",
+                                              image_ids=[ihc])
+    await join_in_browser(page, services.share_url(secret), "Quick Clicker")
+    cells = await page.evaluate(SPREAD_CELLS, [6, 40])
+    assert len(cells) == 6
+    before = await page.evaluate(VIEW_STATE)
+
+    # two plain clicks on two cells well within OpenLayers' 250 ms double-click time: the second cell selected
+    await page.mouse.click(*cells[0][1:])
+    await page.mouse.click(*cells[1][1:])
+    await page.wait_for_timeout(600)  # a double-click zoom animates for 250 ms
+    assert await page.evaluate("[...window.colabelClassify.S.selected]") == [cells[1][0]]
+    assert await page.evaluate(VIEW_STATE) == before
+
+    # four shift-clicks 100 ms apart (the multi-select): all five selected, the map neither zoomed out nor in
+    await page.keyboard.down("Shift")
+    try:
+        for _, x, y in cells[2:]:
+            await page.mouse.click(x, y)
+            await page.wait_for_timeout(100)
+    finally:
+        await page.keyboard.up("Shift")
+    await page.wait_for_timeout(600)
+    assert sorted(await page.evaluate("[...window.colabelClassify.S.selected]")) == sorted(c[0] for c in cells[1:])
+    assert await page.evaluate(VIEW_STATE) == before
 
 
 async def test_manager_shows_the_live_classifier_and_cell_labels_per_annotator_of_a_classification_session(

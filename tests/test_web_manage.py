@@ -107,6 +107,52 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     await page.context.close()
 
 
+async def test_manager_page_polls_the_progress_without_losing_what_the_provider_types(
+        stack, browser, connect, tmp_path):
+    ids = image_ids(stack)
+    session, secret = stack.provider.create_session(name="watched live", classes=CLASSES)
+    page = await new_page(browser)
+    console_errors = []
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    await page.goto(stack.services.manage_url(stack.provider_token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    card = page.locator(".session", has_text="watched live")
+    assert await card.locator("div.annotators").text_content() == "nobody joined yet"
+    assert "0 of 3 images done" in await card.locator(".progress").text_content()
+    first_update = await page.text_content("#updated")
+    assert first_update.startswith("updated ")
+
+    # the provider half-types a new session's name, then a trainer label (the focus stays in it)
+    await page.fill("#session-name", "ki67 ro")
+    await card.locator("input.trainer-label").fill("U-Net rou")
+
+    # an annotator joins and saves through the API; the open page shows it by its own poll (every 10 s)
+    client = await connect()
+    annotate = await client.get_service(stack.services.annotator_service_id)
+    ada = await annotate.join(secret, "Ada")
+    await annotate.save_annotation(secret, ada["annotator_key"], ids["ihc_ki67.png"], collection(square(10, 10, 20)))
+    await card.locator("table.annotators tr[data-annotator-id]").wait_for(timeout=15_000)
+    assert await card.locator("table.annotators tr[data-annotator-id] td").all_text_contents() == ["Ada", "1", "1"]
+    assert "1 of 3 images done" in await card.locator(".progress").text_content()
+    assert await page.text_content("#updated") != first_update
+    # what was being typed survived the refresh, and typing goes on where it stopped
+    assert await page.input_value("#session-name") == "ki67 ro"
+    assert await card.locator("input.trainer-label").input_value() == "U-Net rou"
+    await page.keyboard.type("nd 2")
+    assert await card.locator("input.trainer-label").input_value() == "U-Net round 2"
+
+    # just after a poll, the refresh button shows a second save at once (the next poll is ~10 s away)
+    await annotate.save_annotation(secret, ada["annotator_key"], ids["dsb2018_nuclei.tif"],
+                                   collection(square(30, 30, 20)))
+    await page.click("#refresh")
+    await card.locator(".progress", has_text="2 of 3 images done").wait_for(timeout=5_000)
+    assert await card.locator("input.trainer-label").input_value() == "U-Net round 2"
+    await screenshot(page, tmp_path, "manage-polled")
+    assert not page.errors, page.errors
+    assert not console_errors, console_errors  # no favicon.ico 404 either
+    await page.context.close()
+
+
 def colabel_pull(url: str, out) -> subprocess.CompletedProcess:
     """``colabel pull URL --out OUT`` as a trainer runs it."""
     return subprocess.run([sys.executable, "-m", "colabel.apps.cli", "pull", url, "--out", str(out)],

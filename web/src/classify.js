@@ -14,6 +14,7 @@ import VectorLayer from "ol/layer/Vector.js";
 import ImageStatic from "ol/source/ImageStatic.js";
 import VectorSource from "ol/source/Vector.js";
 import Projection from "ol/proj/Projection.js";
+import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
 import Polygon from "ol/geom/Polygon.js";
 import MultiPolygon from "ol/geom/MultiPolygon.js";
 import { Fill, Stroke, Style } from "ol/style.js";
@@ -67,6 +68,7 @@ const S = {
   nCells: null, nLabelled: null, cellsError: false,
   version: 0, status: null, patch: null, events: { label: 0, suggestion_accepted: 0, suggestion_corrected: 0 },
   generation: 0, busy: 0,
+  shown: null, // the view region whose cells and suggestions were loaded last
   staleSuggestions: false,
   labelling: 0, // label batches in flight: suggestions are not refetched meanwhile (what was seen is accepted)
 };
@@ -168,9 +170,36 @@ function showProgress() {
   $("classify-model").classList.toggle("error", Boolean(st && st.error));
   const root = $("classify");
   root.dataset.version = String(S.version);
-  root.dataset.suggestions = String(visibleSuggestions().length);
+  const visible = visibleSuggestions().length;
+  root.dataset.suggestions = String(visible);
   root.dataset.cells = String(S.cells.size);
-  $("classify-accept").disabled = !visibleSuggestions().length;
+  const accept = $("classify-accept");
+  accept.disabled = !visible;
+  // the count says what a click takes: every suggestion in view, also outside a next patch's dashed box
+  accept.textContent = visible ? `Accept all visible (${visible})` : "Accept all visible";
+  accept.title = `label the ${visible} suggested cells in view with their suggestions (A)`
+    + (S.patch ? ", also those outside the dashed patch box" : "");
+}
+
+/** The status line while a next patch is shown: where it is, what it holds, what "Accept all visible" takes. */
+function patchText() {
+  const p = S.patch;
+  if (!p) return "";
+  const box = { x: p.x0, y: p.y0, width: p.x1 - p.x0, height: p.y1 - p.y0 };
+  const visible = visibleSuggestions();
+  let inBox = 0;
+  for (const id of S.suggestions.keys()) {
+    const entry = S.cells.get(id);
+    if (entry && !S.labels.has(id) && inRegion(entry.cell.centroid, box)) inBox++;
+  }
+  const k = Array.isArray(p.selected_cells) ? p.selected_cells.length : null;
+  const picked = `holds ${p.count} of the ${k ? `${k} ` : ""}cells most worth labelling`;
+  const accept = visible.length > inBox
+    ? `"Accept all visible" takes all ${visible.length} in view, also those outside the box`
+    : `"Accept all visible" takes these ${visible.length}`;
+  const suggested = visible.length || inBox
+    ? `; suggestions: ${inBox} in the box, ${visible.length} in view. ${accept}.` : "";
+  return `next patch (dashed box) x ${p.x0}–${p.x1}, y ${p.y0}–${p.y1}: ${picked}${suggested}`;
 }
 
 // -- cells and suggestions of the viewport ------------------------------------------------------
@@ -230,8 +259,12 @@ async function loadView() {
       S.nLabelled = result.n_labelled;
     }
     overlay("");
-    await loadSuggestions(region, generation);
-    if (generation === S.generation) say("");
+    const suggested = await loadSuggestions(region, generation);
+    // back to the resting line (a shown patch's description), unless the suggestions' failure is being shown
+    if (generation === S.generation) {
+      S.shown = region;
+      if (suggested) say(patchText());
+    }
   } catch (err) {
     if (generation === S.generation) {
       S.cellsError = true;
@@ -273,21 +306,24 @@ function mergeCells(cells, region) {
   cellLayer.changed();
 }
 
+/** Fetches the suggestions of `region`; false when that failed (the status line then says why). */
 async function loadSuggestions(region = viewRegion(), generation = S.generation) {
-  if (!region || !S.image || typeof S.annotate.suggestions !== "function") return;
+  if (!region || !S.image || typeof S.annotate.suggestions !== "function") return true;
   const imageId = S.image.image_id;
   try {
     const result = await withTimeout(S.annotate.suggestions(S.ctx.token, S.key, imageId, region),
       LIMITS.suggestions, "the classifier");
-    if (generation !== S.generation || !S.image || S.image.image_id !== imageId) return;
+    if (generation !== S.generation || !S.image || S.image.image_id !== imageId) return true;
     for (const [id, entry] of S.cells) if (inRegion(entry.cell.centroid, region)) S.suggestions.delete(id);
     for (const s of result.suggestions) {
       S.suggestions.set(s.cell_id, { class: s.class, confidence: s.confidence, uncertainty: s.uncertainty });
     }
     S.version = Math.max(S.version, result.version);
     cellLayer.changed();
+    return true;
   } catch (err) {
     say(`suggestions unavailable: ${errorText(err)}`, true);
+    return false;
   } finally {
     showProgress();
   }
@@ -391,6 +427,9 @@ async function nextPatch() {
     const patch = await withTimeout(S.annotate.next_patch(S.ctx.token, imageId), LIMITS.patch, "the Coreset service");
     if (!S.image || S.image.image_id !== imageId) return;
     if (!patch.count || patch.x0 === undefined || patch.x0 === null) {
+      S.patch = null;
+      patchSource.clear();
+      showProgress();
       say("every cell of this image is labelled");
       return;
     }
@@ -401,7 +440,7 @@ async function nextPatch() {
       [extent[0], extent[1]], [extent[2], extent[1]], [extent[2], extent[3]], [extent[0], extent[3]], [extent[0], extent[1]],
     ]])));
     map.getView().fit(extent, { padding: [20, 20, 20, 20] });
-    say(`patch x ${patch.x0}–${patch.x1}, y ${patch.y0}–${patch.y1}: ${patch.count} suggested cells`);
+    say(patchText()); // said again with the counts of the new view once its cells and suggestions are in
   } catch (err) {
     say(`next patch unavailable: ${errorText(err)}`, true);
   } finally {
@@ -441,6 +480,7 @@ async function showImage(image) {
   S.selected.clear();
   S.nCells = S.nLabelled = null;
   S.patch = null;
+  S.shown = null;
   cellSource.clear();
   patchSource.clear();
   $("classify-image").value = image.image_id;
@@ -461,7 +501,9 @@ async function showImage(image) {
   }));
   const view = new View({ projection, center: getCenter(extent), maxZoom: 10 });
   map.setView(view);
-  view.fit(extent, { padding: [10, 10, 10, 10] }); // its moveend loads the cells of the view
+  view.fit(extent, { padding: [10, 10, 10, 10] });
+  // load the cells now: a moveend follows only when the view changed, not after an image of the same size
+  scheduleView();
   overlay("");
   showProgress();
   if (typeof S.annotate.cells !== "function") {
@@ -506,7 +548,10 @@ export async function runClassification({ ctx, annotate, session, key, assignmen
   $("classify").hidden = false;
   $("session-name").textContent = session.name;
   $("position").textContent = "cell classification";
-  map = new Map({ target: "classify-map", layers: [imageLayer, cellLayer, patchLayer] });
+  // no double-click zoom: OpenLayers takes any two clicks within 250 ms as one, so quick clicks on two cells
+  // (or shift-clicks selecting several) zoomed the map in (or out)
+  map = new Map({ target: "classify-map", layers: [imageLayer, cellLayer, patchLayer],
+    interactions: defaultInteractions({ doubleClickZoom: false }) });
   map.on("click", onClick);
   map.on("moveend", scheduleView);
   document.addEventListener("keydown", onKey);

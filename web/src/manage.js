@@ -8,6 +8,8 @@ let server = null;
 let ctx = null;
 let annotate = null; // the annotator service: live classifier status of classification sessions
 const STATUS_TIMEOUT_MS = 15_000;
+/** The page reloads the sessions and images this often while it is visible (annotators save meanwhile). */
+export const POLL_MS = 10_000;
 
 function status(text, isError = false) {
   $("status").textContent = text;
@@ -64,6 +66,11 @@ async function act(promise) {
 
 const shortTime = (t) => t.slice(0, 16).replace("T", " ");
 
+// What the provider typed or opened in the cards, by session id: the cards are rebuilt on every refresh (also the
+// polled ones), from this state, so a refresh keeps a half-typed trainer label and an opened image list.
+const typedLabels = new Map();
+const openImages = new Map();
+
 /** The live classifier of a classification session, through the annotator service with the session's link. */
 async function classifierStatus(s) {
   if (s.mode !== "classification" || !s.share_url) return null;
@@ -103,12 +110,14 @@ function annotatorTable(p, st) {
       el("td", {}, a.images), el("td", {}, a.versions), cells ? el("td", {}, cells[id] || 0) : null)));
 }
 
-function imageTable(images, p) {
+function imageTable(id, images, p) {
   const names = Object.fromEntries(Object.entries(p.per_annotator).map(([id, a]) => [id, a.display_name]));
   const counts = {};
   for (const im of images) counts[im.status] = (counts[im.status] || 0) + 1;
   const summary = Object.entries(counts).map(([k, n]) => `${n} ${k.replace("_", " ")}`).join(", ");
-  return el("details", { class: "image-progress", ...(images.length <= 12 ? { open: true } : {}) },
+  const open = openImages.get(id) ?? images.length <= 12;
+  return el("details", { class: "image-progress", ...(open ? { open: true } : {}),
+    ontoggle: (e) => openImages.set(id, e.target.open) },
     el("summary", {}, `Images: ${summary || "none"}`),
     el("table", {}, images.map((im) => el("tr", { class: im.status, "data-image-id": im.image_id },
       el("td", {}, im.name), el("td", { class: "status" }, im.status.replace("_", " ")),
@@ -136,6 +145,7 @@ async function issueToken(s, label, role) {
     const issued = await provider.issue_token(s.session_id, label, role);
     issuedUrls.set(issued.token_id, issued.share_url);
     newTokenId = issued.token_id;
+    if (role === "train") typedLabels.delete(s.session_id); // used: the form offers the next default label
     await refresh();
     status(role === "train"
       ? `trainer link "${issued.label}" issued: copy it now, it is shown only while this page is open`
@@ -165,7 +175,9 @@ function tokenTable(s) {
 function trainerForm(s) {
   const n = s.tokens.filter((t) => t.role === "train").length;
   const label = el("input", { class: "trainer-label", maxlength: 100, size: 30, value: `trainer ${n + 1}`,
-    title: "who or what pulls with this link, e.g. U-Net round 2" });
+    title: "who or what pulls with this link, e.g. U-Net round 2",
+    oninput: (e) => typedLabels.set(s.session_id, e.target.value) });
+  if (typedLabels.has(s.session_id)) label.value = typedLabels.get(s.session_id);
   return el("form", { class: "trainer", onsubmit: (e) => {
     e.preventDefault();
     issueToken(s, label.value.trim() || `trainer ${n + 1}`, "train");
@@ -187,7 +199,7 @@ async function sessionCard(s, images) {
       ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress`),
     classifierLine(st),
     annotatorTable(p, st),
-    imageTable(images, p),
+    imageTable(id, images, p),
     s.share_url ? el("div", {}, "Share link: ", shareLink(s.share_url)) : null,
     tokenTable(s),
     trainerForm(s),
@@ -213,16 +225,75 @@ function folderStatus(image, sessions, perSession) {
   return parts.length ? parts.join("; ") : image.status;
 }
 
+/** Where the focus is in the session cards (session, element, caret), to put it back into the rebuilt cards. */
+function focusInCards() {
+  const active = document.activeElement;
+  const card = active && active.closest && active.closest("#sessions .session");
+  if (!card) return null;
+  const selector = active.tagName.toLowerCase() + [...active.classList].map((c) => `.${CSS.escape(c)}`).join("");
+  const caret = typeof active.selectionStart === "number"
+    ? [active.selectionStart, active.selectionEnd, active.selectionDirection] : null;
+  return { id: card.dataset.sessionId, selector, index: [...card.querySelectorAll(selector)].indexOf(active), caret };
+}
+
+function restoreFocus(kept) {
+  if (!kept) return;
+  const card = [...$("sessions").children].find((c) => c.dataset.sessionId === kept.id);
+  const target = card && card.querySelectorAll(kept.selector)[kept.index];
+  if (!target) return;
+  target.focus({ preventScroll: true });
+  if (kept.caret) target.setSelectionRange(...kept.caret);
+}
+
+let refreshes = 0; // refreshes started: one that finishes after a later one started is not shown
+let refreshing = 0; // refreshes in flight
+let updated = 0; // when the page last showed the provider's state (ms since the epoch)
+
+/** Reloads the images and sessions from the provider and rebuilds the page, keeping what is being typed. */
 async function refresh() {
-  const [images, sessions] = await Promise.all([provider.list_images(), provider.list_sessions()]);
-  const perSession = await Promise.all(sessions.map((s) => provider.list_images(s.session_id)));
-  $("images").tBodies[0].replaceChildren(...images.map((im) => el("tr", { class: im.status },
-    el("td", {}, im.name), el("td", {}, im.format), el("td", {}, im.shape ? im.shape.join(" × ") : ""),
-    el("td", {}, im.dtype || ""), el("td", { title: im.error || "" }, folderStatus(im, sessions, perSession)))));
-  const cards = await Promise.all(sessions.map((s, i) => sessionCard(s, perSession[i])));
-  cards.reverse(); // newest first
-  $("sessions").replaceChildren(...(cards.length ? cards : [el("p", {}, "no sessions yet")]));
-  document.body.dataset.state = "ready";
+  const mine = ++refreshes;
+  refreshing++;
+  try {
+    const [images, sessions] = await Promise.all([provider.list_images(), provider.list_sessions()]);
+    const perSession = await Promise.all(sessions.map((s) => provider.list_images(s.session_id)));
+    const cards = await Promise.all(sessions.map((s, i) => sessionCard(s, perSession[i])));
+    if (mine !== refreshes) return; // a later refresh shows a newer state
+    $("images").tBodies[0].replaceChildren(...images.map((im) => el("tr", { class: im.status },
+      el("td", {}, im.name), el("td", {}, im.format), el("td", {}, im.shape ? im.shape.join(" × ") : ""),
+      el("td", {}, im.dtype || ""), el("td", { title: im.error || "" }, folderStatus(im, sessions, perSession)))));
+    cards.reverse(); // newest first
+    const focus = focusInCards();
+    $("sessions").replaceChildren(...(cards.length ? cards : [el("p", {}, "no sessions yet")]));
+    restoreFocus(focus);
+    updated = Date.now();
+    $("updated").textContent = `updated ${new Date(updated).toTimeString().slice(0, 8)}`;
+    $("updated").classList.remove("error");
+    document.body.dataset.state = "ready";
+  } finally {
+    refreshing--;
+  }
+}
+
+/** A refresh from the button or the poll: a failure is shown beside the time of the last update. */
+async function refreshNow() {
+  try {
+    await refresh();
+  } catch (err) {
+    $("updated").textContent = `not updated since ${updated ? new Date(updated).toTimeString().slice(0, 8) : "loading"}: `
+      + errorText(err);
+    $("updated").classList.add("error");
+  }
+}
+
+// polled while the page is visible (a hidden tab asks nothing), and at once when it is shown again
+function poll() {
+  if (document.visibilityState === "visible" && !refreshing) refreshNow();
+}
+function startPolling() {
+  setInterval(poll, POLL_MS);
+  document.addEventListener("visibilitychange", () => {
+    if (Date.now() - updated >= POLL_MS) poll();
+  });
 }
 
 function previewClasses() {
@@ -258,6 +329,9 @@ async function main() {
     $("provider-info").textContent = `${info.name}: folder ${info.folder}, ${info.n_images} images`;
     await refresh();
     status("");
+    $("refresh").addEventListener("click", refreshNow);
+    $("refresh").disabled = false;
+    startPolling();
   } catch (err) {
     document.body.dataset.state = "error";
     status(errorText(err), true);

@@ -1,6 +1,7 @@
 // The annotator page (the share URL): join once, get images one by one, draw classified polygons (by hand,
 // with SAM points and boxes, cut and subtract), every change saved as a new version of the whole
-// FeatureCollection (autosave with retry), undo/redo.
+// FeatureCollection (autosave with retry, on a new connection after a server restart; the unsaved drawing kept in
+// localStorage until the server has it), undo/redo.
 import "ol/ol.css";
 import "./annotate.css";
 import Map from "ol/Map.js";
@@ -23,7 +24,7 @@ import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
 import { Circle as CircleStyle, Fill, Stroke, Style } from "ol/style.js";
 import { getCenter, intersects } from "ol/extent.js";
 import { click, shiftKeyOnly } from "ol/events/condition.js";
-import { connect, errorText, el, pageContext } from "./common.js";
+import { connect, errorText, el, pageContext, textColorOn } from "./common.js";
 import { pickLevel, toCanvas } from "./pixels.js";
 import { History } from "./history.js";
 import { AutoSaver } from "./autosave.js";
@@ -41,11 +42,17 @@ const BROWSER_SAM_MAX_SIDE = 2048;
 // the colabel sentence of an error raised by the provider (not a transport failure: never retried as one)
 const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError|PayloadTooLargeError|AccessDeniedError|"
   + "SessionClosedError|UnreadableImageError|ModelServiceUnavailable|internal error)\\b");
+// errors a retry cannot mend: saves stop, and the annotator is told (with the drawing to download)
+const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError)\b/;
+// the Hypha connection itself is gone (a restarted server refuses the old connection's token): a fresh one
+const DEAD_CONNECTION = /Authentication error|Signature verification|Connection is closed|ConnectionAbortedError/i;
+// a model service that is not running, or cannot load its model (no weights on the server, no such file)
+const MODEL_UNAVAILABLE = /^(ModelServiceUnavailable\b|NotFoundError: (checkpoint file|unknown SAM model))/;
 const state = {
   ctx: null, server: null, annotate: null, key: null, session: null, classes: [], current: 0,
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
   sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
-  samPath: null, decoder: null, options: {},
+  samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false,
 };
 let uid = 0;
 const newId = () => `f${Date.now().toString(36)}-${uid++}`;
@@ -65,10 +72,16 @@ function note(text, isError = false) {
   noteTimer = setTimeout(() => { if ($("message").textContent === text) message(""); }, 4000);
 }
 
+/** Header text that may be cut off with an ellipsis: the full text in its tooltip too. */
+function setText(id, text) {
+  const node = $(id);
+  node.textContent = text;
+  node.title = text;
+}
+
 function saveStatus(text, kind = "") {
   const s = $("save-status");
-  s.textContent = text;
-  s.title = text;
+  setText("save-status", text);
   s.classList.toggle("error", kind === "failed");
   s.dataset.state = kind;
 }
@@ -82,27 +95,90 @@ function withTimeout(promise, ms, what) {
   return Promise.race([promise, late]).finally(() => clearTimeout(timer));
 }
 
-async function refreshService() {
+let serviceOn = null; // the connection state.annotate was found on
+async function refreshService(timeout = TIMEOUT.default) {
   const id = `${state.ctx.workspace}/${state.ctx.name}-annotate`;
-  state.annotate = await withTimeout(state.server.getService(id), TIMEOUT.default, "getService");
+  const server = state.server;
+  state.annotate = await withTimeout(server.getService(id), timeout, "getService");
+  serviceOn = server;
+}
+
+/** A new Hypha connection (the page's first, or one replacing a connection that is gone). */
+async function openConnection() {
+  const pending = connect({ server_url: state.ctx.serverUrl });
+  try {
+    return await withTimeout(pending, TIMEOUT.default, "connect");
+  } catch (err) {
+    pending.then((late) => late.disconnect()).catch(() => {}); // one that opens too late is closed again
+    throw err;
+  }
+}
+
+/** False while hypha-rpc's connection is closed or trying to reconnect by itself (its own state, if it has one). */
+function connectionAlive() {
+  const c = state.server && state.server.rpc && state.server.rpc._connection;
+  return Boolean(state.server) && !(c && (c._closed || c._reconnecting));
+}
+
+let reconnecting = null;
+/**
+ * Replace the connection by a fresh one and find the service on it. The old connection is closed first:
+ * after a server restart it may try forever with a token the new server refuses ("Signature verification
+ * failed"), and its calls never come back.
+ */
+function reconnect() {
+  if (!reconnecting) {
+    reconnecting = (async () => {
+      const old = state.server;
+      if (old) Promise.resolve().then(() => old.disconnect()).catch(() => {});
+      state.server = await openConnection();
+      await refreshService();
+      console.info(`colabel: reconnected to ${state.ctx.serverUrl}`);
+    })().finally(() => { reconnecting = null; });
+  }
+  return reconnecting;
+}
+
+/**
+ * After a transport failure of a call made on connection `used`: the service found again on a live
+ * connection (the provider re-registered), else on a fresh connection (the server restarted, or refuses the
+ * old connection). Nothing to do when the page has reconnected since that call.
+ */
+async function recover(error, used = state.server) {
+  if (reconnecting) {
+    await reconnecting;
+    return;
+  }
+  if (used !== state.server && serviceOn === state.server) return;
+  if (connectionAlive() && !DEAD_CONNECTION.test(String((error && error.message) || error))) {
+    try {
+      await refreshService(10_000);
+      return;
+    } catch (err) {
+      console.warn("colabel: the annotator service is not found on this connection; opening a new one:", err);
+    }
+  }
+  await reconnect();
 }
 
 /**
  * Call an annotator function with a time limit. A transport failure (not a colabel error) re-resolves the
- * service (the provider may have restarted) and, for calls that can safely run twice, retries once.
+ * service, on a new connection when the old one is gone (the server may have restarted), and, for calls that
+ * can safely run twice, retries once.
  */
 async function api(method, args, timeout = TIMEOUT.default, { retry = true, quiet = false } = {}) {
   // a slow answer is said so (the page stays usable meanwhile); background loads stay quiet
   const slow = quiet ? null : setTimeout(() => note(`waiting for the server (${method})…`), SLOW_MS);
+  const used = state.server;
   try {
     return await withTimeout(state.annotate[method](...args), timeout, method);
   } catch (err) {
     if (COLABEL_ERROR.test(errorText(err))) throw err;
     if (!retry) {
-      refreshService().catch(() => {});
+      recover(err, used).catch(() => {});
       throw err;
     }
-    await refreshService();
+    await recover(err, used);
     return await withTimeout(state.annotate[method](...args), timeout, method);
   } finally {
     clearTimeout(slow);
@@ -155,7 +231,7 @@ const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
 let draw = null;
 
 function setTool(tool) {
-  if (tool === "sam" && $("tool-sam").hidden) return;
+  if (tool === "sam" && ($("tool-sam").hidden || $("tool-sam").disabled)) return;
   state.tool = tool;
   state.toolSince = performance.now(); // a click made before (reported late) is not a SAM point
   doubleClickZoom.setActive(tool !== "sam");
@@ -240,7 +316,7 @@ function changed() {
   if (!state.image) return Promise.resolve();
   history.push(snapshot());
   showUndo();
-  return saver.changed();
+  return edited();
 }
 
 function restore(text) {
@@ -261,7 +337,7 @@ function restore(text) {
     }
   }
   showUndo();
-  saver.changed();
+  edited();
 }
 const undo = () => restore(history.undo());
 const redo = () => restore(history.redo());
@@ -270,25 +346,89 @@ function showUndo() {
   $("redo").disabled = !history.canRedo;
 }
 
+// -- the unsaved drawing kept in this browser until the server acknowledges it -----------------------
+// One entry per (session link, annotator, image): {base_version, saved_at, annotation}. A reload (or the tab
+// opened again) restores it when the server has no version newer than the one it was drawn on.
+function draftKey(imageId) {
+  return state.storeKey && state.key ? `${state.storeKey}:draft:${state.key}:${imageId}` : null;
+}
+
+function keepDraft() {
+  const key = state.image && draftKey(state.image.image_id);
+  if (!key) return;
+  try {
+    localStorage.setItem(key, JSON.stringify({ base_version: state.version, saved_at: Date.now(),
+      annotation: collection() }));
+  } catch (err) {
+    console.warn("colabel: the unsaved drawing could not be kept in this browser:", err);
+  }
+}
+
+function dropDraft(imageId) {
+  const key = draftKey(imageId);
+  if (key) localStorage.removeItem(key);
+}
+
+/** The kept drawing of an image when it is newer than the server's latest version, else null (and forgotten). */
+function usableDraft(imageId, latest) {
+  const key = draftKey(imageId);
+  let draft = null;
+  try {
+    draft = key && JSON.parse(localStorage.getItem(key) || "null");
+  } catch {
+    draft = null;
+  }
+  if (!draft) return null;
+  if (!(draft.base_version >= latest) || !Array.isArray(draft.annotation?.features)) {
+    // saved since (the answer to a committed save was lost, or another tab saved): the server's is newer
+    dropDraft(imageId);
+    return null;
+  }
+  return draft;
+}
+
+/** A change to save: kept in this browser first, then saved. */
+function edited() {
+  keepDraft();
+  return saver.changed();
+}
+
 // -- autosave: the latest drawing always saved last; failures retried with backoff, never dropped ----
+let saveOn = null; // the connection of the last save call
 const saver = new AutoSaver({
   save: async () => {
     const imageId = state.image.image_id;
+    saveOn = state.server;
     // not retried here: the saver retries with backoff (a save that timed out may have been committed)
     const record = await api("save_annotation", [state.ctx.token, state.key, imageId, collection()],
       TIMEOUT.default, { retry: false });
-    if (state.image && state.image.image_id === imageId) state.version = record.version;
+    if (state.image && state.image.image_id === imageId) {
+      state.version = record.version;
+      if (saver.pending) keepDraft(); // a newer change, drawn on this version
+      else dropDraft(imageId);
+    }
     return record;
   },
-  beforeRetry: async () => { await refreshService(); },
+  beforeRetry: (error) => recover(error, saveOn),
+  isFinal: (error) => FINAL_ERROR.test(errorText(error)),
   onState: ({ state: s, record, error, retryIn }) => {
-    if (s === "saving") saveStatus("saving…", "saving");
-    else if (s === "saved") saveStatus(`saved v${record.version}`, "saved");
-    else if (s === "failed") {
+    if (s !== "stopped") showBanner(null);
+    if (s === "saving") saveStatus(state.restored ? "saving the changes restored from this browser…" : "saving…",
+      "saving");
+    else if (s === "saved") {
+      saveStatus(state.restored ? `saved v${record.version}: the changes restored from this browser`
+        : `saved v${record.version}`, "saved");
+      state.restored = false;
+    } else if (s === "failed") {
       const text = errorText(error);
       const why = COLABEL_ERROR.test(text) ? text : "provider unreachable";
       saveStatus(`not saved: ${why}; retry in ${retryIn} s`, "failed");
       $("save-status").title = `${text} (click to retry now)`;
+    } else if (s === "stopped") {
+      const why = finalReason(errorText(error));
+      saveStatus(`not saved: ${why}`, "failed");
+      $("save-status").title = `${errorText(error)} (click to try again)`;
+      showBanner(`${why[0].toUpperCase()}${why.slice(1)}: your last changes were not saved.`);
     }
   },
 });
@@ -299,11 +439,36 @@ window.addEventListener("beforeunload", (e) => {
   e.returnValue = ""; // the browser asks before closing the tab with unsaved work
 });
 
+/** What an error that stops the saves means for the annotator. */
+function finalReason(text) {
+  if (/^SessionClosedError\b/.test(text)) return "the session is closed";
+  if (/revoked/i.test(text)) return "this link was revoked";
+  return `access denied (${text.replace(/^AccessDeniedError: /, "")})`;
+}
+
+/** The banner over the image (null hides it), with the unsaved drawing to download. */
+function showBanner(text) {
+  $("banner").hidden = !text;
+  $("banner-text").textContent = text || "";
+}
+
+function downloadUnsaved() {
+  const blob = new Blob([JSON.stringify(collection(), null, 1)], { type: "application/geo+json" });
+  const name = (state.image ? state.image.name : "drawing").replace(/[^\w.-]+/g, "_");
+  const link = el("a", { href: URL.createObjectURL(blob), download: `${name}.unsaved.geojson` });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+}
+$("banner-download").addEventListener("click", downloadUnsaved);
+
 // -- classes ---------------------------------------------------------------------------------
 function showClasses() {
   const box = $("classes");
   box.replaceChildren(...state.classes.map((c, i) => el("button", {
-    class: "class" + (i === state.current ? " active" : ""), style: `--c:${c.color}`,
+    // the selected chip's text is black or white, whichever reads better on the class colour (WCAG contrast)
+    class: "class" + (i === state.current ? " active" : ""), style: `--c:${c.color};--fg:${textColorOn(c.color)}`,
     title: `key ${i + 1}`, onclick: () => setClass(i),
   }, `${i + 1} ${c.name}`)));
 }
@@ -366,8 +531,21 @@ function setSamPath(path, note = "") {
   document.body.dataset.samPath = path || "";
   const s = $("sam-status");
   s.hidden = !path;
-  s.textContent = path === "browser" ? "SAM: in browser" : path === "server" ? "SAM: on server" : `SAM: ${path}`;
+  s.textContent = path === "browser" ? "SAM: in browser" : path === "server" ? "SAM: on server"
+    : path === "unavailable" ? "SAM: not available" : `SAM: ${path}`;
   s.title = note;
+}
+
+/** The server cannot segment (no model weights, model service down): the SAM tool is switched off. */
+function samUnavailable(err) {
+  console.warn("colabel: SAM is not available on this server:", errorText(err));
+  const why = "SAM is not available on this server (reload the page to try again)";
+  state.samOff = true;
+  const tool = $("tool-sam");
+  tool.disabled = true;
+  tool.title = why;
+  if (state.tool === "sam") setTool("draw");
+  setSamPath("unavailable", why);
 }
 
 function resetSam() {
@@ -448,9 +626,16 @@ async function samDecode(ticket) {
     }
     changed();
   } catch (err) {
-    window.colabel.lastSam = { path: null, prompt, error: errorText(err), at: performance.now() };
+    const text = errorText(err);
+    window.colabel.lastSam = { path: null, prompt, error: text, at: performance.now() };
     window.colabel.samResults++;
-    note(`SAM: ${errorText(err)}`, true);
+    if (MODEL_UNAVAILABLE.test(text)) {
+      samUnavailable(err);
+      note("SAM is not available on this server", true);
+    } else {
+      console.warn("colabel: SAM failed:", text);
+      note(`SAM: ${text.length > 160 ? `${text.slice(0, 160)}… (more in the browser console)` : text}`, true);
+    }
   } finally {
     $("sam-status").classList.remove("busy");
   }
@@ -499,10 +684,13 @@ function loadDecoder() {
 
 /** Once an image is shown: the browser decoder and the image's embedding, else the server path. */
 async function prepareSam(image) {
-  if (!has("sam_segment")) return;
+  if (!has("sam_segment") || state.samOff) return;
   const serverPath = (note) => {
     setSamPath("server", note);
-    api("sam_prepare", [state.ctx.token, image.image_id], TIMEOUT.samLoad, { quiet: true }).catch(() => {});
+    api("sam_prepare", [state.ctx.token, image.image_id], TIMEOUT.samLoad, { quiet: true }).catch((err) => {
+      // the model cannot run at all (e.g. its weights are not on the server): no SAM on this page
+      if (MODEL_UNAVAILABLE.test(errorText(err)) && !state.samOff) samUnavailable(err);
+    });
   };
   if (state.options.decoder === "server" || !has("sam_decoder") || !has("sam_embedding")) {
     serverPath("the browser decoder is off");
@@ -601,16 +789,23 @@ async function showImage(assignment) {
   select.getFeatures().clear();
   state.image = image;
   state.version = 0;
+  state.restored = false;
+  showBanner(null);
   if (!image) {
     imageLayer.setSource(null);
-    $("position").textContent = total ? `all ${total} images done` : "no images";
     $("next-image").disabled = true;
+    if (total && await savedNothing()) {
+      setText("position", "no images left for you");
+      message("No images are left for you in this session: every image already has all the annotators it needs.");
+    } else {
+      setText("position", total ? `all ${total} images done` : "no images");
+      message("No more images for you in this session. Thank you!");
+    }
     document.body.dataset.state = "done";
-    message("No more images for you in this session. Thank you!");
     return;
   }
   document.body.dataset.state = "loading";
-  $("position").textContent = `image ${position} of ${total}: ${image.name}`;
+  setText("position", `image ${position} of ${total}: ${image.name}`);
   message("loading image…");
   const [H, W] = image.shape;
   state.W = W;
@@ -628,9 +823,17 @@ async function showImage(assignment) {
   map.setView(view);
   view.fit(extent, { padding: [10, 10, 10, 10] });
   const versions = await api("list_versions", [state.ctx.token, state.key, image.image_id]);
-  if (versions.length) {
+  const latest = versions.length ? versions[versions.length - 1] : 0;
+  // what this browser drew and could not save (the provider was down, the tab was closed meanwhile)
+  const draft = usableDraft(image.image_id, latest);
+  if (draft) {
+    state.version = latest;
+    source.addFeatures(draft.annotation.features.map(geoJSONToFeature).filter(Boolean));
+    state.restored = true;
+    saveStatus("restored the changes this browser had not saved", "saving");
+  } else if (versions.length) {
     const stored = await api("get_annotations", [state.ctx.token, state.key, image.image_id]);
-    state.version = versions[versions.length - 1];
+    state.version = latest;
     source.addFeatures(stored.features.map(geoJSONToFeature).filter(Boolean));
     saveStatus(`saved v${state.version}`, "saved");
   } else if (has("pre_annotation")) {
@@ -655,7 +858,24 @@ async function showImage(assignment) {
   message("");
   $("next-image").disabled = false;
   document.body.dataset.state = "ready";
+  if (draft) {
+    console.info(`colabel: restored the unsaved drawing of ${image.name} kept since ${new Date(draft.saved_at)}`);
+    edited(); // saved as the next version
+  }
   prepareSam(image);
+}
+
+/** True when this annotator has saved no image of the session (false when that cannot be told). */
+async function savedNothing() {
+  if (!state.annotatorId) return false;
+  try {
+    const progress = await api("progress", [state.ctx.token], TIMEOUT.default, { quiet: true });
+    const mine = (progress.per_annotator || {})[state.annotatorId];
+    return !mine || !mine.images;
+  } catch (err) {
+    console.warn("colabel: progress unavailable:", errorText(err));
+    return false;
+  }
 }
 
 async function nextImage() {
@@ -663,7 +883,16 @@ async function nextImage() {
   try {
     if (saver.running) await saver.running;
     // an image never saved is saved as it is (possibly empty: "nothing to annotate here")
-    if (state.image && !state.version && !saver.dirty) await saver.changed();
+    let empty = null;
+    if (state.image && !state.version && !saver.dirty) {
+      if (!source.getFeatures().length) empty = state.image.name;
+      await saver.changed();
+    }
+    if (state.image && saver.stopped) {
+      showBanner($("banner-text").textContent || "Your last changes were not saved.");
+      $("next-image").disabled = false;
+      return;
+    }
     if (state.image && (saver.dirty || !state.version)) {
       message("this image is not saved yet (retrying); the next image comes once it is", true);
       $("next-image").disabled = false;
@@ -671,6 +900,12 @@ async function nextImage() {
     }
     message("");
     await showImage(await api("next_image", [state.ctx.token, state.key]));
+    if (empty !== null) {
+      // said, not asked: an empty version records "nothing to annotate here"
+      const said = `no objects drawn on ${empty}: saved as empty`;
+      if (state.image) note(said);
+      else message(`${said}. ${$("message").textContent}`);
+    }
   } catch (err) {
     message(errorText(err), true);
     $("next-image").disabled = false;
@@ -682,12 +917,16 @@ $("next-image").addEventListener("click", nextImage);
 function askName() {
   return new Promise((resolve) => {
     const dialog = $("name-dialog");
+    let joined = null;
+    // the dialog is the only way in: Escape does not close it (and if the browser closes it anyway, it opens again)
+    dialog.oncancel = (e) => e.preventDefault();
+    dialog.onclose = () => { if (!joined) dialog.showModal(); };
     $("name-form").onsubmit = async (e) => {
       e.preventDefault();
       const name = $("display-name").value.trim();
       if (!name) return;
       try {
-        const joined = await api("join", [state.ctx.token, name], TIMEOUT.default, { retry: false }); // once
+        joined = await api("join", [state.ctx.token, name], TIMEOUT.default, { retry: false }); // once
         dialog.close();
         resolve(joined);
       } catch (err) {
@@ -710,12 +949,12 @@ async function main() {
     state.options = pageOptions();
     if (!state.ctx.token) throw new Error("this link has no session token (#token=...)");
     message("connecting…");
-    state.server = await withTimeout(connect({ server_url: state.ctx.serverUrl }), TIMEOUT.default, "connect");
+    state.server = await openConnection();
     await refreshService();
     $("tool-sam").hidden = typeof state.annotate.sam_segment !== "function";
     state.session = await api("session_info", [state.ctx.token]);
     state.classes = state.session.classes;
-    $("session-name").textContent = state.session.name;
+    setText("session-name", state.session.name);
     showClasses();
     const storeKey = `colabel:${state.ctx.workspace}/${state.ctx.name}:${state.ctx.token}`;
     const stored = JSON.parse(localStorage.getItem(storeKey) || "null");
@@ -723,6 +962,7 @@ async function main() {
     state.storeKey = storeKey;
     if (stored && stored.annotator_key) {
       state.key = stored.annotator_key;
+      state.annotatorId = stored.annotator_id || null;
       try {
         // back to the image this browser was on (next_image moves on once an image is saved)
         const current = stored.current;
@@ -741,6 +981,7 @@ async function main() {
       document.body.dataset.state = "joining";
       const joined = await askName();
       state.key = joined.annotator_key;
+      state.annotatorId = joined.annotator.annotator_id;
       localStorage.setItem(storeKey, JSON.stringify({
         annotator_key: joined.annotator_key, annotator_id: joined.annotator.annotator_id,
         display_name: joined.annotator.display_name,

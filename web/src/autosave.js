@@ -1,25 +1,29 @@
-// Autosave: one save at a time, the latest drawing always saved last, failed saves retried with backoff.
+// Autosave: one save at a time, the latest drawing always saved last, failed saves retried with backoff
+// (except after a final error, e.g. a revoked link: then the saver stops until the next change or retryNow).
 // No DOM: the page passes `save()` and `onState(state)`.
 
 /**
  * @param {object} opts
  * @param {() => Promise<object>} opts.save saves the current drawing (read at call time); resolves to the record
- * @param {(s: {state: "saved"|"saving"|"failed"|"idle", record?: object, error?: any, retryIn?: number}) => void}
- *   opts.onState
+ * @param {(s: {state: "saved"|"saving"|"failed"|"stopped", record?: object, error?: any, retryIn?: number})
+ *   => void} opts.onState "stopped": a final error, not retried (the change stays unsaved: `dirty`, `stopped`)
  * @param {number[]} [opts.backoff] seconds before each retry; the last value repeats
  * @param {(error: any) => Promise<void>} [opts.beforeRetry] e.g. re-resolve the service after a failure
+ * @param {(error: any) => boolean} [opts.isFinal] errors that retrying cannot mend (default: none)
  */
 export class AutoSaver {
-  constructor({ save, onState, backoff = [1, 2, 4, 8, 15, 30], beforeRetry = async () => {} }) {
+  constructor({ save, onState, backoff = [1, 2, 4, 8, 15, 30], beforeRetry = async () => {}, isFinal = () => false }) {
     this.save = save;
     this.onState = onState;
     this.backoff = backoff;
     this.beforeRetry = beforeRetry;
+    this.isFinal = isFinal;
     this.pending = false; // a change not saved yet
     this.running = null; // the promise of the save loop
     this.failures = 0;
     this.timer = null;
     this.lastError = null;
+    this.stopped = null; // the final error that stopped the retries
     this.generation = 0; // bumped by reset(): a loop of an older image stops quietly
   }
 
@@ -48,11 +52,13 @@ export class AutoSaver {
     this.timer = null;
     this.pending = false;
     this.failures = 0;
+    this.stopped = null;
     this.running = null;
   }
 
   async _loop() {
     const generation = this.generation;
+    this.stopped = null;
     while (this.pending && generation === this.generation) {
       this.pending = false;
       this.onState({ state: "saving" });
@@ -67,6 +73,11 @@ export class AutoSaver {
         if (generation !== this.generation) return;
         this.pending = true; // the drawing is kept and saved again
         this.lastError = error;
+        if (this.isFinal(error)) { // no retry: the next change (or retryNow) tries once more
+          this.stopped = error;
+          this.onState({ state: "stopped", error });
+          break;
+        }
         const wait = this.backoff[Math.min(this.failures, this.backoff.length - 1)];
         this.failures++;
         this.onState({ state: "failed", error, retryIn: wait });

@@ -30,6 +30,25 @@ export function errorText(err) {
   return lines.length ? lines[lines.length - 1] : text;
 }
 
+/** WCAG 2 relative luminance of a `#rrggbb` or `#rgb` colour (0 black .. 1 white); null for anything else. */
+export function luminance(color) {
+  let hex = /^#([0-9a-f]{3}|[0-9a-f]{6})$/i.exec(String(color).trim())?.[1];
+  if (!hex) return null;
+  if (hex.length === 3) hex = [...hex].map((c) => c + c).join("");
+  const [r, g, b] = [0, 2, 4].map((i) => {
+    const c = parseInt(hex.slice(i, i + 2), 16) / 255;
+    return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+  });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+
+/** Black or white, whichever has the higher WCAG contrast on `background` (white when it cannot be read). */
+export function textColorOn(background) {
+  const L = luminance(background);
+  if (L === null) return "#ffffff";
+  return (L + 0.05) / 0.05 > 1.05 / (L + 0.05) ? "#000000" : "#ffffff";
+}
+
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {

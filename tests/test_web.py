@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-from web_support import CLASSES, browser, join, new_page, page, screenshot
+from web_support import CLASSES, browser, join, new_page, page, sam_provider, screenshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -136,32 +136,17 @@ async def test_manager_lists_images_and_creates_a_session_with_a_share_url(stack
 async def sam_stack(hypha_server, tmp_path):
     """A provider whose annotator service has the AI functions, backed by a tiny random-weight SAM in process."""
     pytest.importorskip("torch")
-    import secrets
-
-    from hypha_rpc import connect_to_server
     from sam_fixtures import TINY_ID, build_tiny
 
-    from colabel.apps.provider.assist import ModelAssist
-    from colabel.apps.provider.provider import DataProvider
-    from colabel.apps.provider.rpc import ProviderServices
-    from colabel.services.gateway import LocalBackend, register_model_services
     from colabel.services.sam.registry import save_checkpoint
     from colabel.services.sam.service import SamService
-    from conftest import make_image_folder
 
     checkpoint = str(save_checkpoint(build_tiny(), tmp_path / "tiny.pt"))
     # one tile for the test images (<= 512 px): the server decodes the same whole-image embedding as the browser
     sam = SamService(default_model=TINY_ID, checkpoints={TINY_ID: checkpoint}, embedding_dir=str(tmp_path / "emb"),
                      tile_size=512)
-    name = f"w{secrets.token_hex(3)}"
-    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
-    ids = await register_model_services(server, {"sam": LocalBackend("sam", sam)}, prefix=name)
-    provider = DataProvider(make_image_folder(tmp_path / "images"))
-    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
-                                assist=ModelAssist(provider, server, ids, sam_model=TINY_ID))
-    await services.register()
-    yield provider, services
-    await server.disconnect()
+    async for stack in sam_provider(hypha_server, tmp_path, sam, TINY_ID, "w"):
+        yield stack
 
 
 async def test_sam_click_adds_a_classified_feature_and_saves(sam_stack, page, tmp_path):

@@ -13,7 +13,7 @@ import secrets
 import pytest
 import pytest_asyncio
 from test_web import draw_polygon, he_image, near, saved, settled
-from web_support import CLASSES, browser, join, new_page, page  # noqa: F401 - fixtures
+from web_support import CLASSES, browser, join, new_page, page, sam_provider  # noqa: F401 - fixtures
 
 from conftest import make_image_folder
 
@@ -298,13 +298,7 @@ async def no_weights_stack(hypha_server, tmp_path, monkeypatch):
     pytest.importorskip("torch")
     import dataclasses
 
-    from hypha_rpc import connect_to_server
-
     from colabel.apps.hypha_server import free_port
-    from colabel.apps.provider.assist import ModelAssist
-    from colabel.apps.provider.provider import DataProvider
-    from colabel.apps.provider.rpc import ProviderServices
-    from colabel.services.gateway import LocalBackend, register_model_services
     from colabel.services.sam.registry import MODELS
     from colabel.services.sam.service import SamService
 
@@ -312,15 +306,8 @@ async def no_weights_stack(hypha_server, tmp_path, monkeypatch):
     offline = dataclasses.replace(MODELS[model], url=f"http://127.0.0.1:{free_port()}/weights/vit_b_lm.pt")
     monkeypatch.setitem(MODELS, model, offline)
     sam = SamService(default_model=model, weights_dir=str(tmp_path / "weights"), embedding_dir=str(tmp_path / "emb"))
-    name = f"n{secrets.token_hex(3)}"
-    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
-    ids = await register_model_services(server, {"sam": LocalBackend("sam", sam)}, prefix=name)
-    provider = DataProvider(make_image_folder(tmp_path / "images"))
-    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
-                                assist=ModelAssist(provider, server, ids, sam_model=model))
-    await services.register()
-    yield provider, services
-    await server.disconnect()
+    async for stack in sam_provider(hypha_server, tmp_path, sam, model, "n"):
+        yield stack
 
 
 async def test_sam_without_weights_on_the_server_is_switched_off_with_a_short_reason(no_weights_stack, page):

@@ -80,3 +80,30 @@ async def join(page, url: str, name: str, *, ready: str | None = "body[data-stat
     await page.click("#join")
     if ready:
         await page.wait_for_selector(ready, timeout=timeout)
+
+
+async def sam_provider(hypha_server, tmp_path: Path, sam, model_id: str, prefix: str):
+    """Yield ``(provider, services)``: a DataProvider on a fresh copy of the test images whose annotator service
+    has the AI functions, backed by the SAM service ``sam`` in this process (registered under a unique name);
+    disconnected afterwards."""
+    import secrets
+
+    from hypha_rpc import connect_to_server
+
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.provider.rpc import ProviderServices
+    from colabel.services.gateway import LocalBackend, register_model_services
+    from conftest import make_image_folder
+
+    name = f"{prefix}{secrets.token_hex(3)}"
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    ids = await register_model_services(server, {"sam": LocalBackend("sam", sam)}, prefix=name)
+    provider = DataProvider(make_image_folder(tmp_path / "images"))
+    services = ProviderServices(provider, server, name=name, public_url=hypha_server.url,
+                                assist=ModelAssist(provider, server, ids, sam_model=model_id))
+    await services.register()
+    try:
+        yield provider, services
+    finally:
+        await server.disconnect()

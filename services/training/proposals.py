@@ -46,15 +46,10 @@ class Proposals:
 def model_input(model, pixels: np.ndarray) -> np.ndarray:
     """``(H, W, C)`` pixels as ``model`` was trained on them: grey (the mean of the first three channels when
     the image has more) for 1-channel models, else the first ``in_channels`` channels (a grey image repeated)."""
+    from .segmenter_training import to_model_channels
+
     pixels = np.asarray(pixels)
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    wanted = int(model.config.get("in_channels", pixels.shape[-1]))
-    if wanted == 1:
-        return pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3].mean(axis=-1).astype(np.float32)
-    if pixels.shape[-1] == 1:
-        return np.repeat(pixels, wanted, axis=-1)
-    return pixels[..., :wanted]
+    return to_model_channels(pixels, int(model.config.get("in_channels", 1 if pixels.ndim == 2 else pixels.shape[-1])))
 
 
 def propose(model, pixels: np.ndarray, *, review_uncertainty: float = REVIEW_UNCERTAINTY) -> Proposals:

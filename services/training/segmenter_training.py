@@ -161,8 +161,8 @@ def model_channels(images: Sequence[np.ndarray], *, encoder: str = "efficientnet
 def to_model_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """``image`` as a model with ``channels`` input channels takes it: the conversion prediction applies.
 
-    This *is* prediction's conversion (:func:`colabel.services.training.proposals.model_input`, called here),
-    so training and pre-annotation see an image alike: for 1 channel, grey as it is and the mean of the first
+    Prediction converts with it too (:func:`colabel.services.training.proposals.model_input`), so training and
+    pre-annotation see an image alike: for 1 channel, grey as it is and the mean of the first
     three channels of a colour image (float32); for ``channels >= 2``, a grey image repeated ``channels`` times
     and the first ``channels`` channels of others (RGBA to RGB: alpha dropped).
 
@@ -189,11 +189,15 @@ def to_model_channels(image: np.ndarray, channels: int) -> np.ndarray:
     >>> to_model_channels(np.zeros((4, 5, 4), np.uint8), 3).shape
     (4, 5, 3)
     """
-    from types import SimpleNamespace
-
-    from .proposals import model_input
-
-    out = model_input(SimpleNamespace(config={"in_channels": int(channels)}), image)  # model_input reads only this
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if channels == 1:
+        out = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3].mean(axis=-1).astype(np.float32)
+    elif pixels.shape[-1] == 1:
+        out = np.repeat(pixels, channels, axis=-1)
+    else:
+        out = pixels[..., :channels]
     if _channels(out) != channels:
         raise InvalidInputError(f"an image of shape {np.shape(image)} cannot be given {channels} channel(s)")
     return out

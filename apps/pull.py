@@ -4,7 +4,7 @@ The pulled set (``--out DIR``) mirrors one session of one source: every pull fet
 last, and removes what the source no longer has (an image deleted or unreadable, an annotator's labels deleted),
 printing one ``dropped ...`` line per removal::
 
-    labels.zarr/
+    labels.zarr/                        (zarr format 3; every array in chunks of 512 x 512 pixels, one grid per image)
       images/<image_id>                 (H, W, C) in the file's dtype
       instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
       semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
@@ -183,6 +183,16 @@ def _stems(names: dict[str, str]) -> dict[str, str]:
     for stem in safe.values():
         counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
     return {image_id: stem if counts[stem.casefold()] == 1 else f"{stem}@{image_id}" for image_id, stem in safe.items()}
+
+
+CHUNK = 512
+"""Side in pixels of the zarr chunks: an image and its masks share one chunk grid, so a crop reads the same chunks
+of each."""
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Zarr chunks of ``CHUNK`` x ``CHUNK`` pixels (fewer at a smaller image), every channel in one chunk."""
+    return (min(shape[0], CHUNK), min(shape[1], CHUNK), *shape[2:])
 
 
 def instance_rle(labels: np.ndarray) -> dict[int, dict]:
@@ -368,7 +378,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
         files.add(image_file)
         if f"images/{image_id}" not in root:
             pixels = np.asarray(await source.image(image_id))
-            root.create_array(f"images/{image_id}", data=pixels, overwrite=True)
+            root.create_array(f"images/{image_id}", data=pixels, chunks=_chunks(pixels.shape), overwrite=True)
             atomic_write(out / image_file, encode_tiff(pixels))
         elif not (out / image_file).is_file():
             atomic_write(out / image_file, encode_tiff(np.asarray(root[f"images/{image_id}"][...])))
@@ -393,8 +403,8 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
             for obj in objects:
                 if obj["label"] < len(lut) and obj["class_index"] >= 0:
                     lut[obj["label"]] = obj["class_index"] + 1
-            root.create_array(f"instances/{key}", data=labels, overwrite=True)
-            root.create_array(f"semantic/{key}", data=lut[labels], overwrite=True)
+            root.create_array(f"instances/{key}", data=labels, chunks=_chunks(labels.shape), overwrite=True)
+            root.create_array(f"semantic/{key}", data=lut[labels], chunks=_chunks(labels.shape), overwrite=True)
             atomic_write(out / mask_file, encode_tiff(labels))
             atomic_write_json(out / geojson_file, collection)
             masks = instance_rle(labels)
@@ -446,14 +456,15 @@ def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], ba
                             {a: {o["label"]: o["class"] for o in state["objects"][f"{image_id}/{a}"]} for a in names})
     result, n = found.result, found.result.n_objects
     labels = result.labels.astype(np.uint32)
-    root.create_array(f"consensus/{image_id}", data=labels, overwrite=True)
+    root.create_array(f"consensus/{image_id}", data=labels, chunks=_chunks(labels.shape), overwrite=True)
     root[f"consensus/{image_id}"].attrs.update({
         "support": result.support.tolist(), "annotators": names,
         "classes": [found.classes[i] for i in range(1, n + 1)], "ties": found.ties})
     lut = np.zeros(n + 1, np.uint16)
     for i, name in found.classes.items():
         lut[i] = classes.index(name) + 1 if name in classes else 0
-    root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], overwrite=True)
+    root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], chunks=_chunks(labels.shape),
+                      overwrite=True)
     atomic_write(out / consensus_file, encode_tiff(labels))
     masks = instance_rle(labels)
     state["agreement"][image_id] = found.agreement

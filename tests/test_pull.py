@@ -481,3 +481,32 @@ def test_pulling_another_session_or_source_into_a_pulled_set_is_refused_and_writ
     assert again.returncode == 0 and "pulled 1 new annotation versions" in again.stdout
     state = json.loads((out / "pull_state.json").read_text())
     assert (state["source"], state["session_id"]) == (str(folder.resolve()), info.session_id)
+
+
+def test_an_image_its_masks_and_its_consensus_share_one_zarr_chunk_grid(tmp_path):
+    """A crop of a large image reads the same chunks of the image, each annotator's masks and the consensus."""
+    import imageio.v3 as iio
+    import zarr
+
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    ihc = iio.imread(folder / "ihc_ki67.png")
+    iio.imwrite(folder / "large.png", np.tile(ihc, (3, 2, 1))[:1200, :900])  # the real IHC image, tiled
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="large", classes=[{"name": "nucleus", "color": "#ff0000"}],
+                                      annotators_per_image=2)
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "large.png")
+    for name, x in (("A", 600), ("B", 602)):
+        annotator, _ = provider.sessions.join(info.session_id, name)
+        provider.save_annotation(info, image_id, annotator.annotator_id, collection(square(x, 700, 30)))
+    out = tmp_path / "pulled"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    grids = {path: root[path].chunks[:2] for path in
+             [f"images/{image_id}", f"consensus/{image_id}", f"consensus_semantic/{image_id}",
+              *(f"{group}/{image_id}/{a}" for group in ("instances", "semantic")
+                for a in root[f"instances/{image_id}"].array_keys())]}
+    assert len(grids) == 7 and set(grids.values()) == {(512, 512)}, grids
+    assert root[f"images/{image_id}"].chunks == (512, 512, 3)

@@ -46,8 +46,10 @@ const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError
 const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError)\b/;
 // the Hypha connection itself is gone (a restarted server refuses the old connection's token): a fresh one
 const DEAD_CONNECTION = /Authentication error|Signature verification|Connection is closed|ConnectionAbortedError/i;
-// a model service that is not running, or cannot load its model (no weights on the server, no such file)
-const MODEL_UNAVAILABLE = /^(ModelServiceUnavailable\b|NotFoundError: (checkpoint file|unknown SAM model))/;
+// a model service that is not running, or cannot load its model (no weights on the server, no such file); not a
+// transient failure (a call that timed out or a service briefly unreachable), after which SAM is tried again
+const MODEL_UNAVAILABLE = new RegExp("^(ModelServiceUnavailable: (the \\w+ model service is not running|.*\\bWeightsUnavailableError\\b)"
+  + "|NotFoundError: (checkpoint file|unknown SAM model))");
 const state = {
   ctx: null, server: null, annotate: null, key: null, session: null, classes: [], current: 0,
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,

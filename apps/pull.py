@@ -572,17 +572,22 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tup
     root = zarr.open_group(str(store), mode="r")
     pairs = []
     for image_id in sorted(root["instances"].group_keys()):
-        names = sorted(root[f"instances/{image_id}"].array_keys())
-        if annotator is not None:
-            if annotator not in names:
-                continue
-            mask = root[f"instances/{image_id}/{annotator}"][...]
-        elif f"consensus/{image_id}" in root:
-            mask = root[f"consensus/{image_id}"][...]
-        else:
-            mask = root[f"instances/{image_id}/{names[0]}"][...]
+        source = mask_source(root, image_id, annotator)
+        if source is None:
+            continue
+        mask = root[f"consensus/{image_id}" if source == CONSENSUS_FILE else f"instances/{image_id}/{source}"][...]
         pairs.append((image_id, np.asarray(root[f"images/{image_id}"][...]), np.asarray(mask)))
     return pairs
+
+
+def mask_source(root, image_id: str, annotator: str | None = None) -> str | None:
+    """Whose mask of an image a pulled set's ``labels.zarr`` group ``root`` trains on: ``annotator``'s (None when
+    they did not label it), else ``"consensus"`` where the image has one, else its first annotator in sorted
+    order."""
+    names = sorted(root[f"instances/{image_id}"].array_keys())
+    if annotator is not None:
+        return annotator if annotator in names else None
+    return CONSENSUS_FILE if f"consensus/{image_id}" in root else names[0]
 
 
 def __getattr__(name: str):

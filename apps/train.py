@@ -45,6 +45,8 @@ def training_sources(folder: Path, image_ids: list[str], annotator: str | None) 
 
     import zarr
 
+    from .pull import CONSENSUS_FILE, mask_source
+
     state_path = folder / "pull_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     versions, basis = state.get("versions", {}), state.get("consensus_basis", {})
@@ -52,12 +54,12 @@ def training_sources(folder: Path, image_ids: list[str], annotator: str | None) 
     root = zarr.open_group(str(folder / "labels.zarr"), mode="r")
     sources, consensus_of = [], {}
     for image_id in image_ids:
-        if annotator is None and f"consensus/{image_id}" in root:
+        who = mask_source(root, image_id, annotator)
+        if who == CONSENSUS_FILE:
             sources.append([image_id, "consensus", 0])
             consensus_of[image_id] = basis.get(image_id) or {
                 a: versions.get(f"{image_id}/{a}") for a in root[f"consensus/{image_id}"].attrs.get("annotators", [])}
             continue
-        who = annotator if annotator is not None else sorted(root[f"instances/{image_id}"].array_keys())[0]
         sources.append([image_id, who, versions.get(f"{image_id}/{who}")])
     return {"sources": sources, **({"consensus_of": consensus_of} if consensus_of else {}),
             **({"image_names": names} if names else {})}

@@ -24,8 +24,9 @@ printing one ``dropped ...`` line per removal::
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
     coco_consensus.json  COCO instance annotations of the consensus objects (``attributes``: label, support, tie),
                      of the images that have a consensus; written when one has
-    pull_state.json  the source and session pulled, and the version pulled per image and annotator: a later
-                     pull fetches only newer versions
+    pull_state.json  the source and session pulled, the version pulled per image and annotator, and each image
+                     file's revision (size and modification time): a later pull fetches only newer versions, and
+                     the pixels again of an image whose file was rewritten or replaced under the same name
 
 ``<stem>`` is the image's name in the source with every run of characters other than letters, digits, ``.``,
 ``_`` and ``-`` replaced by ``_``, extension kept (``sub/cell.png`` -> ``sub_cell.png``); images whose stems would
@@ -376,14 +377,16 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
         image_id, stem = image["image_id"], stems[image["image_id"]]
         image_file = f"tiff/{stem}.tif"
         files.add(image_file)
-        if f"images/{image_id}" not in root:
+        replaced = image.get("revision") != reusable.get("images", {}).get(image_id, {}).get("revision")
+        if f"images/{image_id}" not in root or replaced:
             pixels = np.asarray(await source.image(image_id))
             root.create_array(f"images/{image_id}", data=pixels, chunks=_chunks(pixels.shape), overwrite=True)
             atomic_write(out / image_file, encode_tiff(pixels))
         elif not (out / image_file).is_file():
             atomic_write(out / image_file, encode_tiff(np.asarray(root[f"images/{image_id}"][...])))
         height, width = root[f"images/{image_id}"].shape[:2]
-        state["images"][image_id] = {"name": image["name"], "stem": stem, "height": height, "width": width}
+        state["images"][image_id] = {"name": image["name"], "stem": stem, "height": height, "width": width,
+                                     "revision": image.get("revision")}
         for annotator_id, versions in image["versions"].items():
             if not versions:
                 continue

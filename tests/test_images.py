@@ -207,6 +207,7 @@ def test_refresh_lists_new_files_and_forgets_removed_ones(tmp_path):
 def test_record_info_is_the_wire_model_without_the_path(records):
     info = records["dsb2018_nuclei.tif"].info()
     assert isinstance(info, ImageInfo)
+    st = records["dsb2018_nuclei.tif"].path.stat()
     assert info.model_dump(mode="json") == {
         "image_id": records["dsb2018_nuclei.tif"].image_id,
         "name": "dsb2018_nuclei.tif",
@@ -216,11 +217,13 @@ def test_record_info_is_the_wire_model_without_the_path(records):
         "channels": 1,
         "levels": [[512, 512]],
         "error": None,
+        "revision": f"{st.st_size:x}-{st.st_mtime_ns:x}",
         "status": "unannotated",
         "annotations": {},
     }
     broken = records["bad/garbage.png"].info()
     assert broken.status == "unreadable" and broken.error and broken.shape is None and broken.levels == []
+    assert broken.revision is None
     dumped = str(records["links/outside.png"].info().model_dump(mode="json"))
     assert "secret" not in dumped and str(records["links/outside.png"].path) not in dumped
 

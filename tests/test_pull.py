@@ -330,6 +330,33 @@ def test_a_pull_drops_images_and_annotators_the_source_no_longer_has(tmp_path):
         [ihc, ids["dsb2018_nuclei.tif"]])
 
 
+def test_an_image_rewritten_under_the_same_name_is_pulled_again_and_an_unchanged_one_is_not(tmp_path):
+    """The IHC image is labelled and pulled; its file is then rewritten with other pixels of the same shape and
+    dtype (the provider's catalog sees the same name, id and shape): the next pull fetches the new pixels into the
+    zarr array and the TIFF, and a pull after that rewrites neither."""
+    import os
+
+    import zarr
+    from PIL import Image
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, _) = _session(folder)
+    ihc = ids["ihc_ki67.png"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20)))
+    out = tmp_path / "pulled"
+    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+    before = np.asarray(Image.open(folder / "ihc_ki67.png").convert("RGB"))
+    Image.fromarray(255 - before).save(folder / "ihc_ki67.png")
+    second = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert second.returncode == 0 and "pulled 0 new annotation versions (1 up to date)" in second.stdout, second.stderr
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    np.testing.assert_array_equal(root[f"images/{ihc}"][...], 255 - before)
+    np.testing.assert_array_equal(tifffile.imread(out / "tiff" / "ihc_ki67.png.tif"), 255 - before)
+    stamp = os.stat(out / "tiff" / "ihc_ki67.png.tif").st_mtime_ns
+    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+    assert os.stat(out / "tiff" / "ihc_ki67.png.tif").st_mtime_ns == stamp
+
+
 def rle_decode(segmentation) -> np.ndarray:
     """A COCO uncompressed RLE (``{"counts": [...], "size": [h, w]}``, column-major, background first) as a
     boolean (h, w) mask; asserts the runs cover the image exactly."""

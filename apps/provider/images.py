@@ -125,8 +125,25 @@ class ImageRecord:
             channels=self.shape[2] if self.shape else None,
             levels=[list(level) for level in self.levels],
             error=self.error,
+            revision=None if self.error else file_revision(self.path),
             status="unreadable" if self.error else "unannotated",
         )
+
+
+def file_revision(path: Path) -> str | None:
+    """An opaque string that changes whenever the file at ``path`` is rewritten or replaced: its size and
+    modification time in nanoseconds, read now (not at scan time). None when the file cannot be stat'ed.
+
+    Examples
+    --------
+    >>> file_revision(Path("/no/such/file")) is None
+    True
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
 def image_id_for(name: str) -> str:

@@ -49,6 +49,8 @@ class ImageInfo(BaseModel):
     channels: int | None = None
     levels: list[list[int]] = Field(default_factory=list)
     error: str | None = None
+    revision: str | None = Field(None, description="changes whenever the file is rewritten or replaced (its size "
+                                 "and modification time); None when the file cannot be read")
     status: Literal["unannotated", "in_progress", "annotated", "unreadable"] = "unannotated"
     annotations: dict[str, int] = Field(default_factory=dict)
 

@@ -133,8 +133,7 @@ async def _serve(args: argparse.Namespace) -> int:
     model_options(args, folder)
     check_ray(args)
     trained = load_start_classifier(args) if args.classifier else None
-    if args.preannotate:
-        check_preannotate_model(args.preannotate)
+    segmenter = check_preannotate_model(args.preannotate) if args.preannotate else None
     if args.demo:
         from .demo import write_demo_folder
 
@@ -147,7 +146,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for message in serve_warnings(config):
         warn(message)
     with claim_folder(folder):
-        return await _run_provider(args, config, folder, classes, trained)
+        return await _run_provider(args, config, folder, classes, trained, segmenter)
 
 
 @contextlib.contextmanager
@@ -168,7 +167,8 @@ def claim_folder(folder: Path):
                        "one provider per folder: stop that one first") from None
 
 
-async def _run_provider(args: argparse.Namespace, config, folder: Path, classes: list[dict], trained) -> int:
+async def _run_provider(args: argparse.Namespace, config, folder: Path, classes: list[dict], trained,
+                        segmenter) -> int:
     from hypha_rpc import connect_to_server
 
     from colabel.config import annotations_dir
@@ -214,7 +214,7 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         if args.preannotate:
             from .provider.preannotate import PreAnnotator
 
-            preannotator = PreAnnotator(provider, args.preannotate)
+            preannotator = PreAnnotator(provider, args.preannotate, model=segmenter)
         services = ProviderServices(provider, server, name=config.name, public_url=config.public_url or server_url,
                                     assist=assist, hals=hals, preannotator=preannotator)
         await services.register()
@@ -272,9 +272,9 @@ def load_start_classifier(args: argparse.Namespace):
         raise CliError(f"--classifier {path}: {exc}") from None
 
 
-def check_preannotate_model(text: str) -> None:
-    """``--preannotate MODEL``: a segmenter saved by ``colabel train``, read once to refuse a missing or foreign
-    file before anything is written or started (the provider's pre-annotator reads it again)."""
+def check_preannotate_model(text: str):
+    """``--preannotate MODEL``: the segmenter saved by ``colabel train``, read once, before anything is written
+    or started, to refuse a missing or foreign file; the provider's pre-annotator uses the model read here."""
     from colabel.errors import ColabelError
 
     path = Path(text).expanduser()
@@ -283,7 +283,7 @@ def check_preannotate_model(text: str) -> None:
     try:
         from colabel.services.training.segmenter_training import TrainedSegmenter
 
-        TrainedSegmenter.load(path)
+        return TrainedSegmenter.load(path)
     except ImportError as exc:
         raise CliError(f"--preannotate needs PyTorch ({exc}): pip install 'colabel[train]'") from None
     except ColabelError as exc:

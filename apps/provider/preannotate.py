@@ -28,16 +28,17 @@ class PreAnnotator:
     """Predictions of a saved :class:`~colabel.services.training.segmenter_training.TrainedSegmenter`.
 
     Each image is predicted once; the last ``max_cached`` images' proposals are kept in memory (least
-    recently used dropped first). ``predictions`` counts the model runs.
+    recently used dropped first). ``predictions`` counts the model runs. ``model``: the segmenter already
+    loaded from ``model_path`` (``colabel serve`` reads it once to check it), or None to load it here.
     """
 
     def __init__(self, provider: DataProvider, model_path: str | Path, *, max_cached: int = 64,
-                 review_uncertainty: float = REVIEW_UNCERTAINTY) -> None:
+                 review_uncertainty: float = REVIEW_UNCERTAINTY, model=None) -> None:
         from colabel.services.training.segmenter_training import TrainedSegmenter
 
         self.provider = provider
         self.model_path = Path(model_path)
-        self.model = TrainedSegmenter.load(self.model_path)
+        self.model = model if model is not None else TrainedSegmenter.load(self.model_path)
         if max_cached < 1:
             raise ValueError(f"max_cached must be at least 1, got {max_cached}")
         self.max_cached = max_cached

@@ -153,6 +153,33 @@ async def test_manager_page_polls_the_progress_without_losing_what_the_provider_
     await page.context.close()
 
 
+async def test_a_poll_while_the_mouse_is_held_on_a_card_waits_for_the_release_so_the_click_lands(
+        stack, browser, connect):
+    """The provider presses "new share link" just as a poll is due: the cards are not rebuilt under the held
+    button (that would drop the click), the poll's news shows after the release, and the link is issued."""
+    session, secret = stack.provider.create_session(name="held click", classes=CLASSES)
+    page = await new_page(browser)
+    await page.goto(stack.services.manage_url(stack.provider_token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    card = page.locator(".session", has_text="held click")
+    before = await page.text_content("#updated")
+    box = await card.locator("button.issue").bounding_box()
+    await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    await page.mouse.down()
+    client = await connect()
+    annotate = await client.get_service(stack.services.annotator_service_id)
+    await annotate.join(secret, "Ada")
+    await asyncio.sleep(12)  # a poll (every 10 s) came due while the button was held
+    assert await page.text_content("#updated") == before
+    assert await card.locator("div.annotators").text_content() == "nobody joined yet"
+    await page.mouse.up()
+    await card.locator("table.annotators tr[data-annotator-id]").wait_for(timeout=15_000)
+    await card.locator("table.tokens tr[data-role=annotate]").nth(1).wait_for(timeout=15_000)
+    assert len(stack.provider.sessions.get(session.session_id).tokens) == 2
+    assert not page.errors, page.errors
+    await page.context.close()
+
+
 def colabel_pull(url: str, out) -> subprocess.CompletedProcess:
     """``colabel pull URL --out OUT`` as a trainer runs it."""
     return subprocess.run([sys.executable, "-m", "colabel.apps.cli", "pull", url, "--out", str(out)],

@@ -245,6 +245,27 @@ function restoreFocus(kept) {
   if (kept.caret) target.setSelectionRange(...kept.caret);
 }
 
+// A rebuild of the cards under a held mouse button would drop the click (the button pressed is gone at release)
+// and a rebuild clears a selection being copied: a refresh waits for the release, and polls skip a selection.
+let pointerHeld = false;
+let onRelease = [];
+document.addEventListener("pointerdown", (e) => {
+  if (e.target.closest && e.target.closest("#sessions")) pointerHeld = true;
+}, true);
+for (const type of ["pointerup", "pointercancel"]) {
+  window.addEventListener(type, () => {
+    if (!pointerHeld) return;
+    pointerHeld = false;
+    // after the click event that follows this pointerup has run
+    setTimeout(() => { const waiting = onRelease; onRelease = []; waiting.forEach((resolve) => resolve()); }, 0);
+  }, true);
+}
+const released = () => (pointerHeld ? new Promise((resolve) => onRelease.push(resolve)) : null);
+function selectingInCards() {
+  const selection = document.getSelection();
+  return Boolean(selection && !selection.isCollapsed && $("sessions").contains(selection.anchorNode));
+}
+
 let refreshes = 0; // refreshes started: one that finishes after a later one started is not shown
 let refreshing = 0; // refreshes in flight
 let updated = 0; // when the page last showed the provider's state (ms since the epoch)
@@ -257,6 +278,7 @@ async function refresh() {
     const [images, sessions] = await Promise.all([provider.list_images(), provider.list_sessions()]);
     const perSession = await Promise.all(sessions.map((s) => provider.list_images(s.session_id)));
     const cards = await Promise.all(sessions.map((s, i) => sessionCard(s, perSession[i])));
+    while (pointerHeld) await released();
     if (mine !== refreshes) return; // a later refresh shows a newer state
     $("images").tBodies[0].replaceChildren(...images.map((im) => el("tr", { class: im.status },
       el("td", {}, im.name), el("td", {}, im.format), el("td", {}, im.shape ? im.shape.join(" × ") : ""),
@@ -287,7 +309,7 @@ async function refreshNow() {
 
 // polled while the page is visible (a hidden tab asks nothing), and at once when it is shown again
 function poll() {
-  if (document.visibilityState === "visible" && !refreshing) refreshNow();
+  if (document.visibilityState === "visible" && !refreshing && !selectingInCards()) refreshNow();
 }
 function startPolling() {
   setInterval(poll, POLL_MS);

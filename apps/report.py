@@ -1,11 +1,15 @@
-"""``colabel report``: a session's HALS workload and effectiveness, read from its event log.
+"""``colabel report``: a session's HALS workload and the live classifier's self-validation, from its event log.
 
 * workload = fraction of shown suggestions the annotator changed: corrected / (accepted + corrected)
   (:func:`colabel.services.hals.metrics.workload_report`); workload reduction = 1 - workload, against
   labelling every cell by hand;
-* effectiveness = area under the live classifier's validation accuracy vs the number of labels N, for
-  N = 0..200 (HALS's range), from the ``retrain`` events; N = 0 is chance (1 / number of classes); the area is
-  normalised by the N range, so it reads as a mean accuracy.
+* self-validation AUC = area under the live ensemble's validation accuracy vs the number of labels N, from
+  the ``retrain`` events with N <= 200 (:func:`retrain_curve`); N = 0 is chance (1 / number of classes); the
+  area is normalised by the N range the session reached (0..N of its last retrain), so it reads as a mean
+  accuracy over that range. Each point is the ensemble's accuracy on a 25% split of *its own* labels (a
+  different split at each retrain, a few cells early on), not on held-out cells, and there is no control
+  curve: it is **not** the HALS paper's effectiveness (``bench/hals.py`` measures that with a simulated
+  annotator), and sessions that stop at different N are not comparable.
 """
 
 from __future__ import annotations
@@ -18,8 +22,45 @@ from colabel.errors import NotFoundError
 from .provider.events import EventLog
 
 
+def retrain_curve(events: list[dict], n_classes: int, *, n_max: int = 200) -> list[tuple[int, float]]:
+    """The live classifier's validation accuracy vs the number of labels, from a session's ``retrain`` events.
+
+    Starts at ``(0, 1 / n_classes)`` (chance). Retrains are taken in log order with ``n_labels <= n_max``: of
+    several retrains with the same N (relabels retrain without a new cell; a restarted provider may retrain
+    on the same labels) the last one counts, and a retrain with fewer labels than an earlier one (labels left
+    out because their cells left the segmentation) is dropped, so N is strictly increasing.
+
+    Returns
+    -------
+    list of (N, accuracy)
+        N in labels, accuracy in [0, 1].
+
+    Examples
+    --------
+    >>> retrain_curve([{"kind": "retrain", "n_labels": 20, "val_accuracy": 0.8},
+    ...                {"kind": "retrain", "n_labels": 20, "val_accuracy": 0.9},
+    ...                {"kind": "retrain", "n_labels": 25, "val_accuracy": 0.95},
+    ...                {"kind": "retrain", "n_labels": 24, "val_accuracy": 0.7}], 2)
+    [(0, 0.5), (20, 0.9), (25, 0.95)]
+    """
+    curve = [(0, 1 / n_classes)]
+    for event in events:
+        if event.get("kind") != "retrain" or not 0 < event.get("n_labels", 0) <= n_max:
+            continue
+        point = (int(event["n_labels"]), float(event["val_accuracy"]))
+        if point[0] == curve[-1][0]:
+            curve[-1] = point
+        elif point[0] > curve[-1][0]:
+            curve.append(point)
+    return curve
+
+
 def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
-    """Workload and effectiveness of one session of the mounted ``folder``."""
+    """Workload and live self-validation of one session of the mounted ``folder``.
+
+    ``self_validation_auc`` is the area under :func:`retrain_curve` normalised by its N range, ``n_range``
+    that range ``[0, N of the last retrain counted]`` (None without a retrain).
+    """
     from colabel.services.hals.metrics import area_under_curve, workload_report
 
     session_dir = Path(folder) / "annotations" / "sessions" / session_id
@@ -39,14 +80,15 @@ def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
     else:
         out.update(shown=sum(e["kind"] == "suggestion_shown" for e in review), accepted=0, corrected=0,
                    workload=None, workload_reduction=None)
-    retrains = [e for e in events if e["kind"] == "retrain" and e["n_labels"] <= n_max]
-    if retrains:
-        n = [0] + [e["n_labels"] for e in retrains]
-        accuracy = [1 / len(classes)] + [e["val_accuracy"] for e in retrains]
-        out["effectiveness_auc"] = area_under_curve(n, accuracy)
-        out["curve"] = list(zip(n, accuracy, strict=True))
+    curve = retrain_curve(events, len(classes), n_max=n_max)
+    if len(curve) > 1:
+        n, accuracy = zip(*curve, strict=True)
+        out["self_validation_auc"] = area_under_curve(list(n), list(accuracy))
+        out["n_range"] = [0, n[-1]]
+        out["curve"] = curve
     else:
-        out["effectiveness_auc"] = None
+        out["self_validation_auc"] = None
+        out["n_range"] = None
         out["curve"] = []
     out["agreement"] = session_agreement(folder, session_id, events)
     return out
@@ -109,11 +151,14 @@ def print_report(report: dict) -> None:
     print(f"  suggestions shown {report['shown']}, accepted {report['accepted']}, corrected {report['corrected']}")
     print(f"  workload (corrected / reviewed suggestions): {pct(report['workload'])}")
     print(f"  workload reduction vs labelling by hand:     {pct(report['workload_reduction'])}  (HALS paper: 90.6%)")
-    auc = report["effectiveness_auc"]
-    print(f"  effectiveness (area under validation accuracy vs N, N <= 200): "
-          f"{'n/a' if auc is None else f'{auc:.4f}'}")
+    auc = report["self_validation_auc"]
+    reached = "" if report["n_range"] is None else f" over the N range reached, N = 0..{report['n_range'][1]}"
+    print(f"  self-validation accuracy AUC{reached}: {'n/a' if auc is None else f'{auc:.4f}'}")
+    if auc is not None:
+        print("    (the live classifier's accuracy on a 25% split of its own labels at each retrain, N = 0 at "
+              "chance; not the HALS paper's effectiveness, which compares held-out learning curves with a control)")
     for n, accuracy in report["curve"]:
-        print(f"    N = {n:4d}  validation accuracy {accuracy:.3f}")
+        print(f"    N = {n:4d}  self-validation accuracy {accuracy:.3f}")
     agreement = report.get("agreement") or {}
     names = agreement.get("names", {})
 

@@ -156,8 +156,9 @@ def test_ensemble_is_the_mean_of_its_members(cells):
     member = np.stack([h.predict_proba(x[200:]) for h in ens.members])
     np.testing.assert_allclose(ens.predict_proba(x[200:]), member.mean(axis=0), rtol=1e-4, atol=1e-5)
     emb = np.stack([h.embed(x[200:]) for h in ens.members])
-    np.testing.assert_allclose(ens.embed(x[200:]), emb.mean(axis=0), rtol=1e-4, atol=1e-4)
-    assert ens.embed(x[200:], how="concat").shape == (len(x) - 200, 96)
+    np.testing.assert_allclose(ens.embed(x[200:], how="mean"), emb.mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ens.embed(x[200:]), np.concatenate(list(emb), axis=1), rtol=1e-4, atol=1e-4)
+    assert ens.embed(x[200:]).shape == (len(x) - 200, 96)  # concat is the default
     assert ens.validation_accuracy == pytest.approx(np.mean([h.val_accuracy for h in ens.members]))
     u = ens.uncertainty(x[200:])
     d = ens.uncertainty(x[200:], kind="disagreement")
@@ -169,6 +170,39 @@ def test_ensemble_is_the_mean_of_its_members(cells):
     # Same seeds, same data: the same ensemble.
     again = Ensemble().fit(x[:200], y[:200], n_classes=2, seeds=[11, 12, 13])
     np.testing.assert_array_equal(again.predict_proba(x[200:]), ens.predict_proba(x[200:]))
+
+
+def test_coreset_features_do_not_depend_on_the_order_of_each_members_hidden_units(tmp_path):
+    """Permuting a head's hidden units leaves the network's function as it is: the features ClassifierService
+    gives Coreset (``predict``'s ``embedding``), their distances and the Coreset selection must not change."""
+    import dataclasses
+
+    from colabel.services.hals.coreset import k_center_greedy
+    from colabel.services.hals.service import ClassifierService, store_model
+
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    x = rng.normal(0, 1, (200, 16)).astype(np.float32)
+    x[:, :4] += 1.5 * y[:, None]
+    ens = Ensemble().fit(x[:60], y[:60], n_classes=2, n_members=2, seed=0)
+    h = ens.members[1]
+    p1, p2 = rng.permutation(32), rng.permutation(32)
+    permuted = dataclasses.replace(h, w1=h.w1[:, p1], b1=h.b1[p1], w2=h.w2[p1][:, p2], b2=h.b2[p2], w3=h.w3[p2])
+    same = Ensemble.from_members([ens.members[0], permuted])
+    np.testing.assert_allclose(same.predict_proba(x), ens.predict_proba(x), atol=1e-5)
+
+    service = ClassifierService(str(tmp_path), n_members=2)
+    store_model(tmp_path, "original", ens)
+    store_model(tmp_path, "permuted", same)
+    a, b = (service.predict(m, x)["embedding"] for m in ("original", "permuted"))
+    assert a.shape == (200, 64)
+
+    def distances(e):
+        return np.linalg.norm(e[:, None] - e[None], axis=-1)
+
+    np.testing.assert_allclose(distances(a), distances(b), atol=1e-4)
+    labelled = np.arange(60)
+    assert k_center_greedy(a, labelled, 10).tolist() == k_center_greedy(b, labelled, 10).tolist()
 
 
 def test_mini_batches_work_too(cells):
@@ -255,6 +289,34 @@ def test_online_policy_thresholds_hand_computed(cells):
     for extra in order[26:29]:
         clf.add_label(int(extra), int(y[extra]))
     assert clf.should_retrain()  # 2 + 3 = 5 changes
+
+
+def test_suggestions_pause_below_the_threshold_after_relabels_and_a_retrain_is_due_once_it_is_back(cells):
+    x, y, _ = cells
+    clf = OnlineClassifier(2, features=x, n_members=2)
+    zeros, ones = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    for cell in [*zeros[:10], *ones[:10]]:
+        clf.add_label(int(cell), int(y[cell]))
+    clf.retrain()
+    assert clf.ready and not clf.should_retrain()
+
+    clf.add_label(int(zeros[0]), 1)  # relabelled: class 0 has 9
+    assert not clf.ready and not clf.should_retrain() and clf.class_counts().tolist() == [9, 11]
+    with pytest.raises(NotReadyError, match="paused"):
+        clf.suggest([int(zeros[20])])
+    clf.remove_label(int(zeros[1]))  # 8
+    assert not clf.ready and not clf.should_retrain()
+
+    clf.add_label(int(zeros[10]), 0)
+    clf.add_label(int(zeros[11]), 0)  # 10 again after 4 changes: due at once, not after 5
+    assert clf.threshold_reached and clf.should_retrain()
+    clf.retrain()
+    assert clf.ready and not clf.should_retrain() and clf.suggest([int(zeros[20])])[0].cls in (0, 1)
+    for cell in ones[10:14]:  # then every 5 changes, as usual
+        clf.add_label(int(cell), 1)
+    assert not clf.should_retrain()
+    clf.add_label(int(ones[14]), 1)
+    assert clf.should_retrain()
 
 
 def test_suggestions_carry_class_confidence_and_uncertainty(cells):

@@ -90,6 +90,33 @@ def test_labelled_points_are_never_picked_even_if_listed_as_candidates():
     assert sorted(sel.tolist()) == [200, 201, 202, 203, 204]
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_so_labelled_rows_are_never_selected(bad):
+    from colabel.services.hals.service import CoresetService
+
+    x = np.array([[0, 0], [1, 0], [2, 0], [5, 0], [3, 0]], dtype=np.float32)
+    in_pool = x.copy()
+    in_pool[2, 0] = bad
+    with pytest.raises(InvalidInputError, match="features must be finite: 1 candidate row.*first at row 2"):
+        k_center_greedy(in_pool, [0], 2)
+    with pytest.raises(InvalidInputError, match="features must be finite: 1 candidate row"):
+        CoresetService().select(in_pool, [True, False, False, False, False], 3)  # the public RPC
+    with pytest.raises(InvalidInputError, match="features must be finite: 1 labelled row.*first at row 2"):
+        k_center_greedy(in_pool, [2], 2)
+    with pytest.raises(InvalidInputError, match="features must be finite"):
+        coverage_radius(in_pool, [0])
+    # a row outside the pool is never read, on the dense path (most rows are candidates) and the sparse one
+    assert k_center_greedy(in_pool, [0], 2, candidates=[1, 3, 4]).tolist() == [3, 4]
+    big = np.random.default_rng(0).standard_normal((400, 3)).astype(np.float32)
+    big[7] = bad
+    pool = np.setdiff1d(np.arange(400), [0, 7])
+    expected = k_center_greedy(np.delete(big, 7, axis=0), [0], 5, candidates=np.arange(1, 399))
+    got = k_center_greedy(big, [0], 5, candidates=pool)
+    assert got.tolist() == [i + (i >= 7) for i in expected.tolist()]
+    with pytest.raises(InvalidInputError, match="features must be finite: 1 projected row.*first at row 7"):
+        k_center_greedy(big, [0], 5, reduce_dim=2)
+
+
 def test_k_larger_than_pool_raises_and_k_equal_returns_the_pool():
     x = np.arange(10, dtype=np.float32)[:, None]
     with pytest.raises(InvalidInputError, match="larger than the unlabelled pool"):

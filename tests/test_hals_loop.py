@@ -3,14 +3,20 @@
 The real image is scikit-image's IHC image; a cell's true class is derived from its stain (DAB-positive vs
 negative: mean DAB optical density inside the nucleus above the Otsu threshold over cells), so the simulated
 annotator below always answers with that class.
+
+The last part runs the provider's loop (``HalsAssist``) in process, without Hypha: a real ``DataProvider`` and
+event log, the real classifier and Coreset services, and a nucleus service of 120 synthetic cells whose
+segmentation a test can change; a restarted provider is a new ``HalsAssist`` on the same folder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -146,7 +152,7 @@ async def _label_to_the_second_model(loop_stack, connect) -> None:
     for cell_id in patch["selected_cells"]:
         x, y = centroids[cell_id]
         counts[(int(y // 128), int(x // 128))] = counts.get((int(y // 128), int(x // 128)), 0) + 1
-    assert len(patch["selected_cells"]) == 20
+    assert len(patch["selected_cells"]) == 10  # the default Coreset k, as bench/hals.py
     assert patch["count"] == max(counts.values()) and counts[(patch["row"], patch["col"])] == patch["count"]
     assert all(truth.get(c) is not None and not any(c == d for d in start) for c in patch["selected_cells"])
 
@@ -256,10 +262,11 @@ async def test_the_event_log_rebuilds_the_loop_and_feeds_the_report(loop_stack, 
     n = [0, retrains[0]["n_labels"], retrains[1]["n_labels"]]
     acc = [0.5, retrains[0]["val_accuracy"], retrains[1]["val_accuracy"]]
     by_hand = ((n[1] - n[0]) * (acc[0] + acc[1]) / 2 + (n[2] - n[1]) * (acc[1] + acc[2]) / 2) / (n[2] - n[0])
-    assert report["effectiveness_auc"] == pytest.approx(by_hand)
+    assert report["self_validation_auc"] == pytest.approx(by_hand) and report["n_range"] == [0, 25]
     printed = subprocess.run([sys.executable, "-m", "colabel.apps.cli", "report", str(folder), session.session_id],
                              capture_output=True, text=True, timeout=60)
     assert printed.returncode == 0 and "workload reduction" in printed.stdout
+    assert "self-validation accuracy AUC over the N range reached, N = 0..25" in printed.stdout
     assert f"{100 * (1 - corrected / 5):.1f}%" in printed.stdout
 
 
@@ -282,3 +289,346 @@ async def test_labels_with_unknown_cells_or_classes_are_refused(loop_stack, conn
             await annotator.cells(token, image_id, region)
     assert len(loop_stack["hals"].log(loop_stack["session"]).read()) == before
     await asyncio.sleep(0)
+
+
+# ------------------------------------------------------------------------- in process: HalsAssist alone
+
+N_CELLS = 120
+_rng = np.random.default_rng(0)
+CELL_XY = _rng.uniform(0, 512, (N_CELLS + 1, 2))  # row i: cell id i (0 unused); the IHC image is 512 x 512
+CELL_FEATURES = _rng.normal(0, 1, (N_CELLS + 1, 16)).astype(np.float32)
+CELL_FEATURES[:, :4] += 2.0 * (np.arange(N_CELLS + 1) % 2)[:, None]  # odd ids: "positive"
+NAMES = [c["name"] for c in CLASSES]
+
+
+def truth_of(cell_id: int) -> str:
+    return "positive" if cell_id % 2 else "negative"
+
+
+class InProcessModels:
+    """What ``HalsAssist`` needs of ``ModelAssist``: ``provider`` and ``call(name, method, *args)``, answered by a
+    nucleus service of synthetic cells (``ids``: the current segmentation's cell ids; features and centroids
+    follow the id) and the real ``ClassifierService`` (2 heads) and ``CoresetService``. ``fit_error``, when
+    set, is raised by ``classifier.fit``; ``fits`` records the features of every fit."""
+
+    def __init__(self, provider, cache_dir, ids=range(1, N_CELLS + 1)) -> None:
+        from colabel.services.hals.service import ClassifierService, CoresetService
+
+        self.provider = provider
+        self.ids = list(ids)
+        self.classifier = ClassifierService(str(cache_dir), n_members=2)
+        self.coreset = CoresetService()
+        self.fit_error: Exception | None = None
+        self.fits: list[np.ndarray] = []
+        self.calls: dict[tuple[str, str], int] = {}
+
+    async def call(self, name, method, *args):
+        self.calls[(name, method)] = self.calls.get((name, method), 0) + 1
+        if (name, method) == ("nuclei", "segment"):
+            nuclei = [{"id": i, "centroid": CELL_XY[i].tolist(), "bbox": [0, 0, 1, 1], "polygon": None}
+                      for i in self.ids]
+            return {"nuclei": nuclei, "labels": np.zeros((4, 4), np.int32)}
+        if (name, method) == ("classifier", "features"):
+            return CELL_FEATURES[np.asarray(args[3], np.int64)]
+        if (name, method) == ("classifier", "fit"):
+            if self.fit_error is not None:
+                raise self.fit_error
+            self.fits.append(np.asarray(args[0]))
+            return await asyncio.to_thread(self.classifier.fit, *args)
+        if (name, method) == ("classifier", "predict"):
+            return self.classifier.predict(*args)
+        if (name, method) == ("coreset", "next_patch"):
+            return self.coreset.next_patch(*args)
+        raise KeyError((name, method))
+
+    @property
+    def n_fits(self) -> int:
+        return self.calls.get(("classifier", "fit"), 0)
+
+
+@pytest.fixture
+def inproc(tmp_path):
+    """A provider with a classification session over the IHC image and an in-process ``HalsAssist``."""
+    from colabel.apps.provider.hals import HalsAssist
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    session, _ = provider.create_session(name="in process", classes=CLASSES, mode="classification")
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    models = InProcessModels(provider, tmp_path / "hals")
+    return {"provider": provider, "folder": folder, "session": session, "image": image_id, "models": models,
+            "hals": HalsAssist(models), "tmp": tmp_path}
+
+
+async def settle(hals, session, seconds: float = 0.0) -> None:
+    """Wait for the background retrain (at most 20 s: a retry loop would never end), then ``seconds`` more."""
+    await asyncio.wait_for(hals.wait_for_training(session), 20)
+    await asyncio.sleep(seconds)
+    await asyncio.wait_for(hals.wait_for_training(session), 20)
+
+
+async def label_all(hals, session, image_id, cell_ids, annotator="a-1") -> None:
+    for cell_id in cell_ids:
+        await hals.label(session, annotator, image_id, cell_id, truth_of(cell_id))
+
+
+FIRST_20 = list(range(1, 21))  # 10 negative, 10 positive
+
+
+async def test_a_failing_retrain_is_retried_on_the_next_label_change_not_in_a_loop(inproc, caplog):
+    from colabel.apps.provider.assist import ModelServiceUnavailable
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    models.fit_error = ModelServiceUnavailable("classifier.fit failed: the service is down")
+    with caplog.at_level(logging.ERROR, logger="colabel.apps.provider.hals"):
+        await label_all(hals, session, image, FIRST_20)
+        await settle(hals, session, 0.3)
+        assert models.n_fits == 1  # no retry without a label change (the backoff is 10 s)
+        status = hals.status(session)
+        assert not status["ready"] and status["version"] == 0
+        assert status["retrain_error"] == "ModelServiceUnavailable: classifier.fit failed: the service is down"
+        assert not (await hals.suggestions(session, "a-1", image))["ready"]
+        await settle(hals, session)
+        assert models.n_fits == 1
+        await label_all(hals, session, image, [21])  # a label change retries once
+        await settle(hals, session, 0.2)
+        assert models.n_fits == 2
+        await hals.label(session, "a-1", image, 21, truth_of(21))  # the same label again: no change, no retry
+        await settle(hals, session)
+        assert models.n_fits == 2
+    failures = [r for r in caplog.records if "retraining the HALS classifier" in r.getMessage()]
+    assert len(failures) == 1 and "the service is down" in failures[0].getMessage()  # logged once
+
+    models.fit_error = None  # the service is back: the next label change trains
+    await label_all(hals, session, image, [22])
+    await settle(hals, session)
+    status = hals.status(session)
+    assert status["ready"] and status["version"] == 1 and status["retrain_error"] is None
+    assert models.n_fits == 3
+
+
+async def test_a_failed_retrain_is_retried_after_a_backoff_without_new_labels(inproc):
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    hals.retry_backoff_s = 1.0
+    models.fit_error = RuntimeError("disk full")
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    assert models.n_fits == 1 and hals.status(session)["retrain_error"] == "RuntimeError: disk full"
+    await hals.suggestions(session, "a-1", image)  # within the backoff: no retry
+    await settle(hals, session)
+    assert models.n_fits == 1
+    models.fit_error = None
+    await asyncio.sleep(max(0.0, hals._loop(session).retry_at - time.monotonic()) + 0.05)
+    assert not (await hals.suggestions(session, "a-1", image))["ready"]  # after it: retried in the background
+    await settle(hals, session)
+    assert models.n_fits == 2 and hals.status(session)["ready"]
+
+
+async def test_labels_on_cells_gone_from_the_segmentation_are_left_out_of_training_and_counts(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    labelled = [120, *range(2, 20, 2), *range(1, 21, 2)]  # 10 negative (cell 120 among them), 10 positive
+    await label_all(hals, session, image, labelled)
+    await settle(hals, session)
+    assert hals.status(session)["version"] == 1
+
+    # a restart, and the image is segmented again: cell 120 is gone
+    models.ids = list(range(1, N_CELLS))
+    restarted = HalsAssist(models)
+    assert len((await restarted.cells(session, image))["cells"]) == N_CELLS - 1
+    status = restarted.status(session)
+    assert status["stale_labels"] == 1 and status["n_labels"] == 19
+    assert status["per_class"] == {"positive": 10, "negative": 9} and not status["ready"]
+    shown = await restarted.suggestions(session, "a-1", image)
+    assert not shown["ready"] and shown["labels_needed"] == {"positive": 0, "negative": 1}
+
+    fits = models.n_fits
+    await label_all(restarted, session, image, [40])  # the 10th live negative label: training goes on
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert models.n_fits == fits + 1 and status["retrain_error"] is None
+    assert status["ready"] and status["version"] == 2 and status["history"][-1]["n_labels"] == 20
+    trained = models.fits[-1]
+    assert len(trained) == 20 and not (trained == CELL_FEATURES[120]).all(axis=1).any()
+    assert (await restarted.suggestions(session, "a-1", image))["ready"]
+
+
+async def test_a_restarted_provider_restores_the_trained_model_instead_of_retraining(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, [*FIRST_20, 21, 22])
+    await settle(hals, session)
+    model_id = hals._loop(session).model_id
+    (retrain,) = [e for e in hals.log(session).read() if e["kind"] == "retrain"]
+    assert retrain["model_id"] == model_id and retrain["label_events"] == 20
+
+    restarted = HalsAssist(models)
+    assert restarted.status(session)["ready"] and restarted.status(session)["version"] == 1
+    shown = await restarted.suggestions(session, "a-1", image)
+    await settle(restarted, session)
+    assert shown["ready"] and len(shown["suggestions"]) == N_CELLS - 22
+    assert models.n_fits == 1 and restarted._loop(session).model_id == model_id
+    # the two labels after the retrain still count: three more changes retrain (5 since the snapshot)
+    await label_all(restarted, session, image, [23, 24])
+    await settle(restarted, session)
+    assert models.n_fits == 1
+    await label_all(restarted, session, image, [25])
+    await settle(restarted, session)
+    assert models.n_fits == 2 and restarted.status(session)["version"] == 2
+
+
+async def test_a_restart_retrains_when_the_classifier_service_lost_the_model(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    fresh = InProcessModels(inproc["provider"], inproc["tmp"] / "another-store")  # the store was cleared
+    restarted = HalsAssist(fresh)
+    assert not (await restarted.suggestions(session, "a-1", image))["ready"]  # the model is gone: retraining
+    await settle(restarted, session)
+    assert fresh.n_fits == 1 and (await restarted.suggestions(session, "a-1", image))["ready"]
+    assert restarted.status(session)["version"] == 2
+
+
+async def test_an_event_log_without_model_ids_still_loads_and_retrains(inproc):
+    from colabel.apps.provider.events import EventLog
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    log = hals.log(session)
+    old = [{k: v for k, v in e.items() if k not in ("model_id", "label_events")} for e in log.read()]
+    log.path.unlink()
+    for event in old:  # as an older provider wrote it
+        EventLog(log.path).append(event.pop("kind"), **{k: v for k, v in event.items() if k != "time"})
+    restarted = HalsAssist(models)
+    status = restarted.status(session)
+    assert status["n_labels"] == 20 and status["version"] == 1 and not status["ready"]
+    await restarted.suggestions(session, "a-1", image)
+    await settle(restarted, session)
+    assert models.n_fits == 2 and restarted.status(session)["ready"] and restarted.status(session)["version"] == 2
+
+
+async def test_the_report_keeps_the_last_retrain_per_label_count_and_drops_counts_that_go_down(inproc, capsys):
+    from colabel.apps.report import print_report, retrain_curve, session_report
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    log = hals.log(session)
+    # after the real retrain (N = 20): a relabel retrain at 20, two at 22, one at 21 (a label left the
+    # segmentation), one at 30
+    for n, accuracy in [(20, 0.9), (22, 0.8), (22, 0.85), (21, 0.7), (30, 0.95)]:
+        log.append("retrain", n_labels=n, val_accuracy=accuracy, version=0, seconds=0.1)
+    report = session_report(inproc["folder"], session.session_id)
+    assert report["curve"] == [(0, 0.5), (20, 0.9), (22, 0.85), (30, 0.95)]
+    assert report["curve"] == retrain_curve(log.read(), 2)
+    by_hand = (20 * (0.5 + 0.9) / 2 + 2 * (0.9 + 0.85) / 2 + 8 * (0.85 + 0.95) / 2) / 30
+    assert report["self_validation_auc"] == pytest.approx(by_hand) and report["n_range"] == [0, 30]
+    print_report(report)
+    printed = capsys.readouterr().out
+    assert "self-validation accuracy AUC over the N range reached, N = 0..30" in printed
+    assert "not the HALS paper's effectiveness" in printed and "effectiveness (" not in printed
+
+
+async def test_a_cell_being_labelled_is_never_shown_again_as_a_suggestion(inproc, monkeypatch):
+    from colabel.apps.provider.events import EventLog
+    from colabel.services.hals.metrics import workload_report
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, "a", image))["suggestions"]}
+    append = EventLog.append
+
+    def slow_append(self, kind, **fields):  # a slow fsync widens the window
+        if kind != "suggestion_shown":
+            time.sleep(0.05)
+        return append(self, kind, **fields)
+
+    monkeypatch.setattr(EventLog, "append", slow_append)
+    accepted, other = await asyncio.gather(hals.label(session, "a", image, 50, seen[50], suggested_class=seen[50]),
+                                           hals.suggestions(session, "b", image))
+    monkeypatch.setattr(EventLog, "append", append)
+    assert accepted["event"] == "suggestion_accepted"
+    assert 50 not in {s["cell_id"] for s in other["suggestions"]}
+    assert (image, 50) not in hals._loop(session).shown
+    events = [e["kind"] for e in hals.log(session).read() if e.get("cell_id") == 50]
+    assert events == ["suggestion_shown", "suggestion_accepted"]
+    report = workload_report([e for e in hals.log(session).read() if e["kind"] != "retrain"])
+    assert (report.accepted, report.corrected) == (1, 0)
+    # changing one's mind later, with no suggestion on screen, is a plain label
+    flipped = "positive" if seen[50] == "negative" else "negative"
+    assert (await hals.label(session, "a", image, 50, flipped))["event"] == "label"
+
+
+async def test_a_label_whose_event_cannot_be_written_changes_nothing(inproc, monkeypatch):
+    from colabel.apps.provider.events import EventLog
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, "a", image))["suggestions"]}
+    before = hals.status(session)
+
+    def failing_append(self, kind, **fields):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(EventLog, "append", failing_append)
+    with pytest.raises(OSError, match="no space left"):
+        await hals.label(session, "a", image, 50, seen[50])
+    monkeypatch.undo()
+    loop = hals._loop(session)
+    assert (image, 50) not in loop.labels and loop.shown[(image, 50)] == NAMES.index(seen[50])
+    assert hals.status(session)["n_labels"] == before["n_labels"] == 20
+    assert hals.status(session)["per_annotator"] == before["per_annotator"]
+    # the suggestion is still open: the next try is recorded as accepting it
+    assert (await hals.label(session, "a", image, 50, seen[50]))["event"] == "suggestion_accepted"
+
+
+async def test_suggestions_pause_when_relabels_take_a_class_below_ten_and_resume_with_a_retrain(inproc):
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    assert (await hals.suggestions(session, "a", image))["ready"]
+
+    await hals.label(session, "a", image, 2, "positive")  # a negative cell re-classed: 9 negative labels
+    await settle(hals, session)
+    shown = await hals.suggestions(session, "a", image)
+    assert not shown["ready"] and shown["suggestions"] == [] and shown["labels_needed"]["negative"] == 1
+    assert not hals.status(session)["ready"] and models.n_fits == 1
+    patch = await hals.next_patch(session, image)  # guidance goes on, on the cell features
+    assert len(patch["selected_cells"]) == 10
+
+    await label_all(hals, session, image, [22])  # 10 negative again: retrained at once (2 changes, not 5)
+    await settle(hals, session)
+    assert models.n_fits == 2 and hals.status(session)["version"] == 2
+    assert (await hals.suggestions(session, "a", image))["ready"]
+    await label_all(hals, session, image, [23, 24, 25, 26])  # then every 5 changes, as usual
+    await settle(hals, session)
+    assert models.n_fits == 2
+    await label_all(hals, session, image, [27])
+    await settle(hals, session)
+    assert models.n_fits == 3
+
+
+async def test_next_patch_uses_the_benchmarks_grid_and_coreset_size_by_default(inproc):
+    import inspect
+
+    from colabel.services.hals.service import CoresetService
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    assert (hals.patch_size, hals.coreset_k) == (128, 10)  # bench/hals.py --grid 128 --k 10
+    defaults = inspect.signature(CoresetService.next_patch).parameters
+    assert (defaults["patch_size"].default, defaults["k"].default) == (128, 10)
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    patch = await hals.next_patch(session, image)
+    assert len(patch["selected_cells"]) == 10 and not set(patch["selected_cells"]) & set(FIRST_20)
+    assert patch["x1"] - patch["x0"] <= 128 and patch["y1"] - patch["y0"] <= 128
+    assert patch["x0"] % 128 == 0 and patch["y0"] % 128 == 0

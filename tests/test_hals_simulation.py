@@ -172,6 +172,33 @@ def test_first_selection_uses_backbone_features_before_a_classifier_exists(case,
     assert hals.patches[0].selected.tolist() == expected.tolist()
 
 
+def test_coreset_selects_on_the_members_concatenated_activations_once_a_classifier_exists(case, hals):
+    """Each visit's selection, recomputed: the same online classifier fed the same labels (retrained at the same
+    points), k-center greedy on ``Ensemble.embed(how="concat")``, which does not depend on the order of each
+    member's hidden units (the mean of the members' activations does)."""
+    from colabel.services.hals.classifier import OnlineClassifier
+
+    x, truth, pool = case["features"], case["truth"], case["pool"]
+    clf = OnlineClassifier(2, features=x, seed=1)
+    order = hals.label_order.tolist()
+    done, checked = 0, 0
+    for visit in hals.patches:
+        first = order.index(int(visit.cells[0]))
+        for cell in order[done:first]:
+            clf.add_label(cell, int(truth[cell]))
+            if clf.should_retrain():
+                clf.retrain()
+        done = first
+        if not clf.ready:
+            continue
+        unlabelled = np.setdiff1d(pool, order[:first])
+        expected = k_center_greedy(clf.model.embed(x, how="concat"), np.asarray(order[:first]),
+                                   min(6, len(unlabelled)), candidates=unlabelled)
+        assert visit.selected.tolist() == expected.tolist()
+        checked += 1
+    assert checked >= 3
+
+
 def test_hals_visits_a_patch_once_and_labels_all_its_pool_cells(case, hals):
     in_pool = set(case["pool"].tolist())
     for visit in hals.patches[:-1]:  # the last visit may be cut short by max_labels

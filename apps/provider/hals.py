@@ -6,7 +6,18 @@ order, suggestions shown and not yet reviewed, the current model — and writes 
 event log, which is the truth the state is rebuilt from after a restart.
 
 Policy (HALS): suggestions start once every class has ``min_labels_per_class`` labels; the classifier is
-retrained in the background after every ``retrain_every`` new labels, never blocking the annotator.
+retrained in the background after every ``retrain_every`` label changes, never blocking the annotator.
+Suggestions pause while relabels take a class below the threshold again, and the classifier retrains as
+soon as it is reached again. Labels on cells that the image's current segmentation no longer has (the image
+was segmented again, e.g. by another segmenter version) are left out of training and of the class counts
+(``stale_labels`` in the status). A retrain that fails is retried on the next label change, or after a
+backoff (``retry_backoff_s``, doubled after every further failure, at most 5 min) when the
+annotator asks for suggestions or a patch; the status tells why it failed, and each distinct failure is
+logged once.
+
+Concurrency: a session's mutations (a label, a suggestion shown) are serialised by the session's lock and
+take effect in memory only once their event is on disk, so a label call returns after its event is written,
+a failed write changes nothing, and a cell being labelled is never shown as a suggestion again.
 
 A classifier trained beforehand on pulled labels (``colabel train-classifier``, installed in the classifier
 service's store) can start a session whose classes are the same, in the same order: suggestions come from
@@ -19,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +44,11 @@ from .events import EventLog
 from .models import SessionInfo
 
 logger = logging.getLogger(__name__)
+
+#: Event kinds that set a cell's label.
+LABEL_KINDS = ("label", "suggestion_accepted", "suggestion_corrected")
+#: Longest wait, in seconds, before a failed retrain is retried without a new label.
+_MAX_BACKOFF_S = 300.0
 
 
 @dataclass
@@ -61,18 +79,125 @@ class _Loop:
     model_id: str | None = None
     start_model: str | None = None  # the StartModel's name while its model is the one suggesting
     version: int = 0
-    changes_since_training: int = 0
+    changes: int = 0  # label changes ever (a new cell or another class)
+    label_events: int = 0  # label events in the log (re-sends of the same class included)
+    trained_changes: int | None = None  # ``changes`` at the snapshot the current own model was trained on
+    threshold_lost: bool = False  # a class fell below the threshold after the current model's snapshot
     history: list[dict] = field(default_factory=list)
     per_annotator: dict[str, int] = field(default_factory=dict)  # labels given, by annotator id
     training: asyncio.Task | None = None
     cells: dict[str, _Cells] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises the session's logged mutations
+    error: str | None = None  # why the last retrain failed; None once one succeeds
+    failed_changes: int = 0  # ``changes`` at the snapshot of the last failed retrain
+    failures: int = 0  # consecutive failed retrains
+    retry_at: float = 0.0  # time.monotonic() after which a failed retrain may run without a new label change
+    logged_errors: set[str] = field(default_factory=set)  # failures already logged since the last success
+
+    @property
+    def changes_since_training(self) -> int:
+        return self.changes - (self.trained_changes or 0)
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    """``"<ErrorName>: <first line of its message>"``, at most ``limit`` characters (for a status line).
+
+    Examples
+    --------
+    >>> short_error(KeyError(120))
+    'KeyError: 120'
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def retry_delay(failures: int, base: float) -> float:
+    """Seconds to wait before retrying after ``failures`` consecutive failed retrains: ``base * 2 ** (failures
+    - 1)``, at most :data:`_MAX_BACKOFF_S`.
+
+    Examples
+    --------
+    >>> [retry_delay(n, 10.0) for n in (1, 2, 3, 10)]
+    [10.0, 20.0, 40.0, 300.0]
+    """
+    return min(_MAX_BACKOFF_S, base * 2.0 ** max(0, failures - 1))
+
+
+def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _Loop:
+    """The loop state an event log describes (what a restarted provider starts from).
+
+    Labels, suggestions shown, per-annotator counts and the retrain history are replayed in order. The last
+    ``retrain`` event names the session's current model (``model_id``, trained on the labels of the first
+    ``label_events`` label events of the log). Logs written before retrain events carried ``model_id`` still
+    load: their model is unknown, so the next suggestions call retrains. Cells are not checked here: the
+    segmentation is only known once an image's cells are loaded.
+    """
+    loop = _Loop()
+    counts = [0] * len(names)  # labels per class
+    changes_after: list[int] = [0]  # changes after the first i label events
+    lost_after = -1  # the last label-event count after which a class was below the threshold
+    trained_at = 0  # label events the current model was trained on
+    for event in events:
+        key = (event.get("image_id"), event.get("cell_id"))
+        if event["kind"] in LABEL_KINDS:
+            if event.get("class") in names:
+                cls = names.index(event["class"])
+                if key not in loop.labels:
+                    loop.order.append(key)
+                if loop.labels.get(key) != cls:
+                    if key in loop.labels:
+                        counts[loop.labels[key]] -= 1
+                    counts[cls] += 1
+                    loop.labels[key] = cls
+                    loop.changes += 1
+                loop.shown.pop(key, None)
+                who = event.get("annotator_id")
+                loop.per_annotator[who] = loop.per_annotator.get(who, 0) + 1
+            loop.label_events += 1
+            changes_after.append(loop.changes)
+            if min(counts) < min_labels_per_class:
+                lost_after = loop.label_events
+        elif event["kind"] == "suggestion_shown":
+            loop.shown[key] = names.index(event["class"]) if event.get("class") in names else -1
+            loop.offered.setdefault(key, set()).add(loop.shown[key])
+        elif event["kind"] == "retrain":
+            loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "version") if k in event})
+            loop.version = event.get("version", loop.version)
+            seen = event.get("label_events")
+            seen = loop.label_events if not isinstance(seen, int) or not 0 <= seen <= loop.label_events else seen
+            loop.model_id = event.get("model_id") if isinstance(event.get("model_id"), str) else None
+            loop.trained_changes = changes_after[seen] if loop.model_id else None
+            trained_at = seen
+    loop.threshold_lost = lost_after > trained_at
+    return loop
 
 
 class HalsAssist:
-    """Suggestions, labels and next-patch guidance for every session of a provider."""
+    """Suggestions, labels and next-patch guidance for every session of a provider.
+
+    Parameters
+    ----------
+    assist : ModelAssist
+        Reaches the nuclei, classifier and coreset model services.
+    min_labels_per_class : int
+        Labels every class needs before suggestions start (HALS: 10).
+    retrain_every : int
+        Label changes between retrains (HALS: 5).
+    patch_size : int
+        Side of the guidance grid's patches in pixels (``next_patch``'s default; ``bench/hals.py --grid``).
+    coreset_k : int
+        Cells in the Coreset selection of ``next_patch`` (``bench/hals.py --k``).
+    start_model : StartModel, optional
+        A classifier to start sessions with these classes from.
+    retry_backoff_s : float
+        Seconds before a failed retrain is retried without a new label change (doubled after every further
+        consecutive failure, at most 300 s). A label change retries at once.
+    """
 
     def __init__(self, assist: ModelAssist, *, min_labels_per_class: int = 10, retrain_every: int = 5,
-                 patch_size: int = 256, coreset_k: int = 20, start_model: StartModel | None = None) -> None:
+                 patch_size: int = 128, coreset_k: int = 10, start_model: StartModel | None = None,
+                 retry_backoff_s: float = 10.0) -> None:
         self.assist = assist
         self.start_model = start_model
         self.provider = assist.provider
@@ -80,6 +205,7 @@ class HalsAssist:
         self.retrain_every = retrain_every
         self.patch_size = patch_size
         self.coreset_k = coreset_k
+        self.retry_backoff_s = float(retry_backoff_s)
         self._loops: dict[str, _Loop] = {}
         self._cell_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -96,27 +222,10 @@ class HalsAssist:
     def _loop(self, session: SessionInfo) -> _Loop:
         loop = self._loops.get(session.session_id)
         if loop is None:  # rebuild from the event log
-            loop = _Loop()
             names = [c.name for c in session.classes]
-            for event in self.log(session).read():
-                key = (event.get("image_id"), event.get("cell_id"))
-                if event["kind"] in ("label", "suggestion_accepted", "suggestion_corrected"):
-                    if event.get("class") in names:
-                        if key not in loop.labels:
-                            loop.order.append(key)
-                        loop.labels[key] = names.index(event["class"])
-                        loop.shown.pop(key, None)
-                        loop.changes_since_training += 1
-                        who = event.get("annotator_id")
-                        loop.per_annotator[who] = loop.per_annotator.get(who, 0) + 1
-                elif event["kind"] == "suggestion_shown":
-                    loop.shown[key] = names.index(event["class"]) if event.get("class") in names else -1
-                    loop.offered.setdefault(key, set()).add(loop.shown[key])
-                elif event["kind"] == "retrain":
-                    loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "version") if k in event})
-                    loop.version = event.get("version", loop.version)
+            loop = replay(self.log(session).read(), names, self.min_labels_per_class)
             start = self.start_model
-            if start is not None and start.classes == tuple(names):
+            if loop.model_id is None and start is not None and start.classes == tuple(names):
                 loop.model_id, loop.start_model = start.model_id, start.name
             self._loops[session.session_id] = loop
         return loop
@@ -137,57 +246,147 @@ class HalsAssist:
                 features = (await self.assist.call("classifier", "features", pixels, centroids,
                                                    np.asarray(result["labels"]), np.asarray(ids, np.int64))
                             if len(nuclei) else np.zeros((0, 1292), np.float32))
-                loop.cells[image_id] = _Cells(ids, centroids, nuclei, np.asarray(features, np.float32),
-                                              tuple(pixels.shape[:2]), {c: i for i, c in enumerate(ids)})
+                cells = _Cells(ids, centroids, nuclei, np.asarray(features, np.float32),
+                               tuple(pixels.shape[:2]), {c: i for i, c in enumerate(ids)})
+                reached = self._threshold_reached(session, loop)
+                loop.cells[image_id] = cells
+                stale = sum(1 for i, c in loop.labels if i == image_id and c not in cells.index)
+                if stale:
+                    logger.warning("session %s: %d labelled cell(s) of image %s are not in its current "
+                                   "segmentation; they are left out of training", session.session_id, stale,
+                                   image_id)
+                    if reached and not self._threshold_reached(session, loop):
+                        loop.threshold_lost = True
         return loop.cells[image_id]
+
+    @staticmethod
+    def _is_stale(loop: _Loop, key: tuple[str, int]) -> bool:
+        """A label on a cell that its image's current segmentation lacks (False while the image is not loaded)."""
+        cells = loop.cells.get(key[0])
+        return cells is not None and key[1] not in cells.index
+
+    def _live(self, loop: _Loop) -> list[tuple[str, int]]:
+        """Labelled cells in annotation order, without the stale ones."""
+        return [k for k in loop.order if k in loop.labels and not self._is_stale(loop, k)]
 
     def _counts(self, session: SessionInfo, loop: _Loop) -> dict[str, int]:
         names = [c.name for c in session.classes]
         counts = dict.fromkeys(names, 0)
-        for cls in loop.labels.values():
-            counts[names[cls]] += 1
+        for key in self._live(loop):
+            counts[names[loop.labels[key]]] += 1
         return counts
 
     def _threshold_reached(self, session: SessionInfo, loop: _Loop) -> bool:
         return min(self._counts(session, loop).values()) >= self.min_labels_per_class
 
+    def _suggesting(self, session: SessionInfo, loop: _Loop) -> bool:
+        """Suggestions are on: a start model, or the session's own model while every class has enough labels."""
+        return loop.model_id is not None and (loop.start_model is not None or self._threshold_reached(session, loop))
+
+    async def _logged(self, session: SessionInfo, kind: str, fields: dict, apply: Callable[[], None]) -> None:
+        """Append an event, then ``apply`` its effect on the in-memory state: the state never holds what the log
+        lacks, and a failed write changes nothing. Cancelled while writing, the state follows once the write
+        lands."""
+        write = asyncio.ensure_future(asyncio.to_thread(self.log(session).append, kind, **fields))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            write.add_done_callback(lambda t: None if t.cancelled() or t.exception() is not None else apply())
+            raise
+        apply()
+
     # -- training ---------------------------------------------------------------------------------
-    def _maybe_retrain(self, session: SessionInfo, loop: _Loop) -> bool:
+    def _retrain_due(self, session: SessionInfo, loop: _Loop) -> bool:
+        if not self._threshold_reached(session, loop):
+            return False
+        if loop.error is not None and loop.changes == loop.failed_changes and time.monotonic() < loop.retry_at:
+            return False  # failed on these very labels: wait for a label change or the backoff
         own = loop.model_id is not None and loop.start_model is None  # a model trained on this session
-        due = self._threshold_reached(session, loop) and (
-            not own or loop.changes_since_training >= self.retrain_every)
-        if due and (loop.training is None or loop.training.done()):
+        return (not own or loop.trained_changes is None or loop.threshold_lost
+                or loop.changes_since_training >= self.retrain_every)
+
+    def _maybe_retrain(self, session: SessionInfo, loop: _Loop) -> bool:
+        if (loop.training is None or loop.training.done()) and self._retrain_due(session, loop):
             loop.training = asyncio.ensure_future(self._retrain(session, loop))
             return True
         return False
 
-    async def _retrain(self, session: SessionInfo, loop: _Loop) -> None:
-        try:
-            keys = list(loop.order)
-            images = sorted({image_id for image_id, _ in keys})
-            for image_id in images:
+    async def _load_labelled_images(self, session: SessionInfo, loop: _Loop) -> None:
+        """Until the cells of every image with a label are loaded (labels may arrive meanwhile)."""
+        while True:
+            missing = sorted({image_id for image_id, _ in loop.order} - set(loop.cells))
+            if not missing:
+                return
+            for image_id in missing:
                 await self._cells(session, image_id)
-            features = np.stack([loop.cells[i].features[loop.cells[i].index[c]] for i, c in keys])
-            labels = np.asarray([loop.labels[k] for k in keys])
-            loop.changes_since_training = 0
-            report = await self.assist.call("classifier", "fit", features, labels, len(session.classes), 0)
-            loop.model_id, loop.start_model = report["model_id"], None
-            loop.version += 1
-            entry = {"n_labels": len(keys), "val_accuracy": report["val_accuracy"], "version": loop.version}
-            loop.history.append(entry)
-            await asyncio.to_thread(self.log(session).append, "retrain", seconds=report["seconds"], **entry)
-        except Exception:  # noqa: BLE001 - the loop goes on; the next label retries
-            logger.exception("retraining the HALS classifier of session %s failed", session.session_id)
-            loop.changes_since_training = max(loop.changes_since_training, self.retrain_every)
+
+    async def _retrain(self, session: SessionInfo, loop: _Loop) -> None:
+        snapshot_changes, lost = loop.changes, loop.threshold_lost
+        try:
+            await self._load_labelled_images(session, loop)
+            # the snapshot, synchronously: labels that arrive during fit count towards the next retrain
+            snapshot_changes, lost = loop.changes, loop.threshold_lost
+            if self._threshold_reached(session, loop):  # else stale labels took a class below it: wait for labels
+                await self._fit(session, loop, self._live(loop))
+        except Exception as exc:  # noqa: BLE001 - the loop goes on; a label change or the backoff retries
+            loop.threshold_lost = loop.threshold_lost or lost
+            self._failed(session, loop, exc, snapshot_changes)
         finally:
             loop.training = None
         self._maybe_retrain(session, loop)  # labels that came in meanwhile
+
+    async def _fit(self, session: SessionInfo, loop: _Loop, keys: list[tuple[str, int]]) -> None:
+        """Train on the labels of ``keys`` (loaded, live cells), log the ``retrain`` event (with the model id and
+        the label events it learnt from, so a restart restores the model), then make the model current."""
+        snapshot_changes, label_events = loop.changes, loop.label_events
+        loop.threshold_lost = False
+        features = np.stack([loop.cells[i].features[loop.cells[i].index[c]] for i, c in keys])
+        labels = np.asarray([loop.labels[k] for k in keys])
+        report = await self.assist.call("classifier", "fit", features, labels, len(session.classes), 0)
+        entry = {"n_labels": len(keys), "val_accuracy": report["val_accuracy"], "version": loop.version + 1}
+
+        def apply() -> None:
+            if loop.error is not None:
+                logger.info("retraining the HALS classifier of session %s works again", session.session_id)
+            loop.model_id, loop.start_model = report["model_id"], None
+            loop.version = entry["version"]
+            loop.trained_changes = snapshot_changes
+            loop.history.append(entry)
+            loop.error, loop.failures = None, 0
+            loop.logged_errors.clear()
+
+        await self._logged(session, "retrain", {"seconds": report["seconds"], **entry,
+                                                "model_id": report["model_id"], "label_events": label_events}, apply)
+
+    def _failed(self, session: SessionInfo, loop: _Loop, exc: Exception, snapshot_changes: int) -> None:
+        message = short_error(exc)
+        loop.error, loop.failed_changes = message, snapshot_changes
+        loop.failures += 1
+        loop.retry_at = time.monotonic() + retry_delay(loop.failures, self.retry_backoff_s)
+        if message not in loop.logged_errors:  # each distinct failure once, with its traceback
+            loop.logged_errors.add(message)
+            logger.error("retraining the HALS classifier of session %s failed (retried on the next label change "
+                         "or after a backoff): %s", session.session_id, message, exc_info=exc)
 
     async def wait_for_training(self, session: SessionInfo) -> None:
         """Until no retraining of the session is running (for tests and benchmarks)."""
         loop = self._loop(session)
         while loop.training is not None:
             await asyncio.shield(loop.training)
+
+    async def _predict(self, session: SessionInfo, loop: _Loop, features: np.ndarray) -> dict | None:
+        """The current model's ``predict``; None (and a retrain when due) when the classifier service no longer
+        has the model, e.g. one restored from the event log after a restart whose store was cleared."""
+        model_id = loop.model_id
+        try:
+            return await self.assist.call("classifier", "predict", model_id, features)
+        except NotFoundError:
+            if loop.model_id == model_id:
+                logger.warning("session %s: the classifier service has no model %s any more; retraining",
+                               session.session_id, model_id)
+                loop.model_id, loop.start_model, loop.trained_changes = None, None, None
+                self._maybe_retrain(session, loop)
+            return None
 
     # -- annotator functions ----------------------------------------------------------------------
     async def cells(self, session: SessionInfo, image_id: str, region: Any = None) -> dict:
@@ -225,39 +424,49 @@ class HalsAssist:
         return np.flatnonzero((c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)).tolist()
 
     async def suggestions(self, session: SessionInfo, annotator_id: str, image_id: str, region: Any = None) -> dict:
-        """Class suggestions for the unlabelled cells of an image or region, once the classifier is ready.
+        """Class suggestions for the unlabelled cells of an image or region, while the classifier is ready.
 
         Each one shown is recorded as a ``suggestion_shown`` event. Returns ``{ready, version,
         labels_needed, suggestions: [{cell_id, class, confidence, uncertainty}]}``.
         """
         self.provider._check_in_session(session, image_id)
-        loop = self._loop(session)
-        counts = self._counts(session, loop)
-        needed = {k: max(0, self.min_labels_per_class - v) for k, v in counts.items()}
-        self._maybe_retrain(session, loop)
-        if loop.model_id is None:
-            return {"ready": False, "version": 0, "labels_needed": needed, "suggestions": []}
         cells = await self._cells(session, image_id)
+        loop = self._loop(session)
+        self._maybe_retrain(session, loop)
+
+        def needed() -> dict[str, int]:
+            return {k: max(0, self.min_labels_per_class - v) for k, v in self._counts(session, loop).items()}
+
+        if not self._suggesting(session, loop):
+            return {"ready": False, "version": loop.version, "labels_needed": needed(), "suggestions": []}
         rows = [i for i in self._in_region(cells, region) if (image_id, cells.ids[i]) not in loop.labels]
         if not rows:
-            return {"ready": True, "version": loop.version, "labels_needed": needed, "suggestions": []}
-        prediction = await self.assist.call("classifier", "predict", loop.model_id, cells.features[rows])
+            return {"ready": True, "version": loop.version, "labels_needed": needed(), "suggestions": []}
+        prediction = await self._predict(session, loop, cells.features[rows])
+        if prediction is None:
+            return {"ready": False, "version": loop.version, "labels_needed": needed(), "suggestions": []}
         names = [c.name for c in session.classes]
         out = []
-        log = self.log(session)
         for j, i in enumerate(rows):
             cls = int(prediction["classes"][j])
             key = (image_id, cells.ids[i])
-            if loop.shown.get(key) != cls:
-                await asyncio.to_thread(log.append, "suggestion_shown", annotator_id=annotator_id,
-                                        image_id=image_id, cell_id=cells.ids[i], **{"class": names[cls]},
-                                        confidence=float(prediction["confidence"][j]), version=loop.version)
-                loop.shown[key] = cls
-                loop.offered.setdefault(key, set()).add(cls)
+            async with loop.lock:  # a label of this cell in flight is written (and applied) first
+                if key in loop.labels:
+                    continue  # labelled since the rows were chosen: no suggestion for it
+
+                def show(key=key, cls=cls) -> None:
+                    loop.shown[key] = cls
+                    loop.offered.setdefault(key, set()).add(cls)
+
+                if loop.shown.get(key) != cls:
+                    await self._logged(session, "suggestion_shown", {
+                        "annotator_id": annotator_id, "image_id": image_id, "cell_id": cells.ids[i],
+                        "class": names[cls], "confidence": float(prediction["confidence"][j]),
+                        "version": loop.version}, show)
             out.append({"cell_id": cells.ids[i], "class": names[cls],
                         "confidence": float(prediction["confidence"][j]),
                         "uncertainty": float(prediction["uncertainty"][j])})
-        return {"ready": True, "version": loop.version, "labels_needed": needed, "suggestions": out}
+        return {"ready": True, "version": loop.version, "labels_needed": needed(), "suggestions": out}
 
     async def label(self, session: SessionInfo, annotator_id: str, image_id: str, cell_id: Any,
                     class_name: str, suggested_class: str | None = None) -> dict:
@@ -270,51 +479,65 @@ class HalsAssist:
         annotator may have labelled the cell since). Without it, the latest suggestion shown for the cell
         counts.
 
-        Returns ``{event, n_labels, retraining, version}``; retraining runs in the background.
+        Returns ``{event, n_labels, retraining, version}`` once the event is on disk; retraining runs in the
+        background. ``n_labels`` leaves out stale labels (cells the current segmentation lacks).
         """
         self.provider._check_in_session(session, image_id)
         cls = self._class_index(session, class_name)
+        if suggested_class is not None:
+            suggested_index = self._class_index(session, suggested_class)
         cells = await self._cells(session, image_id)
         if isinstance(cell_id, bool) or not isinstance(cell_id, int) or cell_id not in cells.index:
             raise NotFoundError(f"unknown cell id {cell_id!r} in image {image_id!r}")
         loop = self._loop(session)
         key = (image_id, cell_id)
-        if suggested_class is not None:
-            suggested = self._class_index(session, suggested_class)
-            if suggested not in loop.offered.get(key, ()):
-                raise InvalidInputError(f"no {suggested_class!r} suggestion was ever shown for cell {cell_id} of "
-                                        f"image {image_id!r}")
-        else:
-            suggested = loop.shown.get(key)
-        loop.shown.pop(key, None)
-        kind = "label" if suggested is None else (
-            "suggestion_accepted" if suggested == cls else "suggestion_corrected")
-        names = [c.name for c in session.classes]
-        fields = {"annotator_id": annotator_id, "image_id": image_id, "cell_id": cell_id, "class": class_name}
-        if suggested is not None and suggested >= 0:
-            fields["suggested"] = names[suggested]
-        await asyncio.to_thread(self.log(session).append, kind, **fields)
-        loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
-        if key not in loop.labels:
-            loop.order.append(key)
-        if loop.labels.get(key) != cls:
-            loop.labels[key] = cls
-            loop.changes_since_training += 1
+        async with loop.lock:  # decided and applied against the state no other mutation is changing
+            if suggested_class is not None:
+                suggested = suggested_index
+                if suggested not in loop.offered.get(key, ()):
+                    raise InvalidInputError(f"no {suggested_class!r} suggestion was ever shown for cell {cell_id} "
+                                            f"of image {image_id!r}")
+            else:
+                suggested = loop.shown.get(key)
+            kind = "label" if suggested is None else (
+                "suggestion_accepted" if suggested == cls else "suggestion_corrected")
+            names = [c.name for c in session.classes]
+            fields = {"annotator_id": annotator_id, "image_id": image_id, "cell_id": cell_id, "class": class_name}
+            if suggested is not None and suggested >= 0:
+                fields["suggested"] = names[suggested]
+
+            def apply() -> None:
+                loop.shown.pop(key, None)
+                loop.label_events += 1
+                loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
+                if key not in loop.labels:
+                    loop.order.append(key)
+                if loop.labels.get(key) != cls:
+                    loop.labels[key] = cls
+                    loop.changes += 1
+                    if not self._threshold_reached(session, loop):
+                        loop.threshold_lost = True  # suggestions pause; the next training is due on reaching it
+
+            await self._logged(session, kind, fields, apply)
         retraining = self._maybe_retrain(session, loop) or loop.training is not None
-        return {"event": kind, "n_labels": len(loop.labels), "retraining": retraining, "version": loop.version}
+        return {"event": kind, "n_labels": len(self._live(loop)), "retraining": retraining, "version": loop.version}
 
     async def next_patch(self, session: SessionInfo, image_id: str, patch_size: int | None = None,
                          k: int | None = None) -> dict:
-        """The patch holding most of the Coreset S of unlabelled cells (k-center greedy on the classifier's
-        features once trained, else on the backbone's)."""
+        """The patch holding most of the Coreset S of unlabelled cells of this image (k-center greedy on the
+        classifier's features while suggestions are on, else on the cell features). Only this image's labelled
+        cells are Coreset's initial centres."""
         self.provider._check_in_session(session, image_id)
         cells = await self._cells(session, image_id)
         loop = self._loop(session)
         if not cells.ids:
             return {"count": 0, "selected_cells": [], "cells_in_patch": [], "row": None, "col": None}
+        self._maybe_retrain(session, loop)
         features = cells.features
-        if loop.model_id is not None:
-            features = (await self.assist.call("classifier", "predict", loop.model_id, features))["embedding"]
+        if self._suggesting(session, loop):
+            prediction = await self._predict(session, loop, features)
+            if prediction is not None:
+                features = prediction["embedding"]
         labelled = np.asarray([(image_id, c) in loop.labels for c in cells.ids])
         choice = await self.assist.call("coreset", "next_patch", features, labelled, cells.centroids,
                                         list(cells.image_shape), patch_size or self.patch_size, k or self.coreset_k, 0)
@@ -323,11 +546,15 @@ class HalsAssist:
         return choice
 
     def status(self, session: SessionInfo) -> dict:
-        """Live classifier state: ready, version, labels per class, validation accuracy history."""
+        """Live classifier state: ready, version, labels per class, validation accuracy history, the last
+        retrain's failure, stale labels."""
         loop = self._loop(session)
-        return {"ready": loop.model_id is not None, "version": loop.version, "n_labels": len(loop.labels),
+        live = self._live(loop)
+        return {"ready": self._suggesting(session, loop), "version": loop.version, "n_labels": len(live),
+                "stale_labels": len(loop.labels) - len(live),
                 "start_model": loop.start_model,
                 "per_class": self._counts(session, loop), "training": loop.training is not None,
+                "retrain_error": loop.error,
                 "val_accuracy": loop.history[-1]["val_accuracy"] if loop.history else None,
                 "history": list(loop.history), "per_annotator": dict(loop.per_annotator),
                 "min_labels_per_class": self.min_labels_per_class,

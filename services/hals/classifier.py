@@ -8,7 +8,8 @@ improvement. It retrains while the annotator labels, and suggests classes once e
 
 Following Segebarth et al. (eLife 2020), results are made reliable with an :class:`Ensemble` of heads
 trained from different seeds (each with its own split); the spread of the ensemble gives the uncertainty
-used to rank suggestions and the penultimate activations feed Coreset active learning.
+used to rank suggestions and the members' penultimate activations, concatenated (:meth:`Ensemble.embed`),
+feed Coreset active learning.
 
 Speed: the members of an ensemble are trained **together**, as one batched network (``torch.bmm`` over a
 leading member axis), so an ensemble of 5 costs about as much as one head trained on 5x the rows. With
@@ -74,7 +75,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 class NotReadyError(ColabelError):
-    """Suggestions asked for before the classifier was trained (fewer than the minimum labels per class)."""
+    """Suggestions asked for before the classifier was trained, or while a class has fewer than the minimum
+    labels per class."""
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -502,7 +504,7 @@ class Ensemble:
     >>> ens = Ensemble().fit(x, np.repeat([0, 1], 40), n_classes=2, n_members=3)
     >>> classes, confidence = ens.predict(x[:2])
     >>> ens.predict_proba(x).shape, ens.embed(x).shape, ens.uncertainty(x).shape
-    ((80, 2), (80, 32), (80,))
+    ((80, 2), (80, 96), (80,))
     """
 
     def __init__(self) -> None:
@@ -635,12 +637,16 @@ class Ensemble:
         self._require()
         return float(np.mean([h.val_accuracy for h in self.members]))
 
-    def embed(self, features: ArrayLike, *, how: str = "mean") -> np.ndarray:
+    def embed(self, features: ArrayLike, *, how: str = "concat") -> np.ndarray:
         """Classifier features for Coreset (k-center greedy on classifier features).
 
-        ``how="mean"`` (default): ``(N, 32)``, the members' penultimate activations averaged. ``"concat"``:
-        ``(N, 32 * M)``; squared distances are then the sum of the members' own squared distances (hidden
-        units of independently trained members are not aligned, so the mean mixes unrelated units).
+        ``how="concat"`` (default): ``(N, 32 * M)`` float32, the members' penultimate activations side by side
+        (member 0's 32 units first). Squared distances are the sum of the members' own squared distances, so
+        they depend only on what each member computes: permuting a member's hidden units (the same network)
+        changes no distance. This is what Coreset selects on (the live ``ClassifierService.predict`` and the
+        simulation). ``"mean"``: ``(N, 32)``, the activations averaged over members; hidden units of
+        independently trained members are not aligned, so the mean mixes unrelated units and its distances
+        depend on their arbitrary order -- not for distances.
         """
         e = self._member_embeddings(features)
         if how == "mean":
@@ -720,7 +726,10 @@ class OnlineClassifier:
       changes (a new cell, a changed class or a removed label) since the labels the last training used.
     * :meth:`retrain` trains a new :class:`Ensemble` of ``n_members`` heads on a snapshot of the labels and
       swaps it in atomically; it does not start threads (the service runs it in the background).
-    * :attr:`ready` once trained; :meth:`suggest` returns ``(class, confidence, uncertainty)`` per cell.
+    * :attr:`ready` once trained while every class has ``min_labels_per_class`` labels; :meth:`suggest`
+      returns ``(class, confidence, uncertainty)`` per cell. When relabels or removals take a class below the
+      threshold, suggestions pause (:attr:`ready` is False) until it is reached again, and a retrain is then
+      due at once (the model was trained on labels that no longer hold).
 
     Parameters
     ----------
@@ -780,6 +789,8 @@ class OnlineClassifier:
         self._retrain_lock = threading.Lock()  # one retrain at a time; suggest() never waits for it
         self._changes = 0  # label changes ever made
         self._trained_changes: int | None = None  # self._changes at the snapshot of the last training
+        self._counts = np.zeros(self.n_classes, dtype=np.int64)  # labels per class
+        self._threshold_lost = False  # a class fell below the threshold after the last training's snapshot
         self._model: Ensemble | None = None
         self.version = 0
         self.last_report: TrainReport | None = None
@@ -793,15 +804,28 @@ class OnlineClassifier:
         if not isinstance(cell_id, Hashable):
             raise InvalidInputError(f"cell id must be hashable, got {type(cell_id).__name__}")
         with self._lock:
-            if self._labels.get(cell_id) != int(cls):
+            before = self._labels.get(cell_id)
+            if before != int(cls):
+                if before is not None:
+                    self._counts[before] -= 1
+                self._counts[int(cls)] += 1
                 self._labels[cell_id] = int(cls)
                 self._changes += 1
+                self._note_threshold()
 
     def remove_label(self, cell_id: Hashable) -> None:
         """Forget the label of *cell_id* (a change); unknown ids are ignored."""
         with self._lock:
-            if self._labels.pop(cell_id, None) is not None:
+            before = self._labels.pop(cell_id, None)
+            if before is not None:
+                self._counts[before] -= 1
                 self._changes += 1
+                self._note_threshold()
+
+    def _note_threshold(self) -> None:
+        """After a change (lock held): remember that a class went below the threshold."""
+        if (self._counts < self.min_labels_per_class).any():
+            self._threshold_lost = True
 
     @property
     def labels(self) -> dict[Hashable, int]:
@@ -816,8 +840,7 @@ class OnlineClassifier:
     def class_counts(self) -> np.ndarray:
         """Labels per class, ``(n_classes,)`` int."""
         with self._lock:
-            values = np.fromiter(self._labels.values(), dtype=np.int64, count=len(self._labels))
-        return np.bincount(values, minlength=self.n_classes)
+            return self._counts.copy()
 
     @property
     def threshold_reached(self) -> bool:
@@ -830,11 +853,12 @@ class OnlineClassifier:
         return self._changes - (self._trained_changes or 0)
 
     def should_retrain(self) -> bool:
-        """True when the threshold is reached and either no model exists yet or ``retrain_every`` label
-        changes have accumulated since the labels the current model was trained on."""
+        """True when the threshold is reached and either no model exists yet, a class fell below the threshold
+        since the labels the current model was trained on, or ``retrain_every`` label changes have
+        accumulated since then."""
         if not self.threshold_reached:
             return False
-        if self._trained_changes is None:
+        if self._trained_changes is None or self._threshold_lost:
             return True
         return self._changes - self._trained_changes >= self.retrain_every
 
@@ -842,8 +866,9 @@ class OnlineClassifier:
 
     @property
     def ready(self) -> bool:
-        """Suggestions are allowed: a model has been trained at least once."""
-        return self._model is not None
+        """Suggestions are allowed: a model has been trained and every class has ``min_labels_per_class``
+        labels now (relabels or removals that take a class below pause suggestions)."""
+        return self._model is not None and self.threshold_reached
 
     @property
     def model(self) -> Ensemble | None:
@@ -870,20 +895,26 @@ class OnlineClassifier:
         with self._lock:
             snapshot = dict(self._labels)
             changes = self._changes
+            lost, self._threshold_lost = self._threshold_lost, False
         ids = list(snapshot)
         y = np.fromiter(snapshot.values(), dtype=np.int64, count=len(snapshot))
         counts = np.bincount(y, minlength=self.n_classes)
-        if (counts < self.min_labels_per_class).any():
-            few = [f"class {c} has {counts[c]}" for c in np.flatnonzero(counts < self.min_labels_per_class)]
-            raise InvalidInputError(
-                f"retraining needs {self.min_labels_per_class} labels per class; " + ", ".join(few[:5])
-            )
-        t0 = time.perf_counter()
-        x = _lookup(source, ids)
-        version = self.version + 1
-        seeds = [self.seed + 1000 * version + i for i in range(self.n_members)]
-        model = Ensemble().fit(x, y, n_classes=self.n_classes, seeds=seeds, **self.train_options)
-        seconds = time.perf_counter() - t0
+        try:
+            if (counts < self.min_labels_per_class).any():
+                few = [f"class {c} has {counts[c]}" for c in np.flatnonzero(counts < self.min_labels_per_class)]
+                raise InvalidInputError(
+                    f"retraining needs {self.min_labels_per_class} labels per class; " + ", ".join(few[:5])
+                )
+            t0 = time.perf_counter()
+            x = _lookup(source, ids)
+            version = self.version + 1
+            seeds = [self.seed + 1000 * version + i for i in range(self.n_members)]
+            model = Ensemble().fit(x, y, n_classes=self.n_classes, seeds=seeds, **self.train_options)
+            seconds = time.perf_counter() - t0
+        except BaseException:
+            with self._lock:
+                self._threshold_lost = self._threshold_lost or lost
+            raise
         # Publish: one assignment each, so a concurrent suggest() sees the old or the new model.
         if features_by_cell is not None:
             self.features = features_by_cell
@@ -902,13 +933,18 @@ class OnlineClassifier:
         Raises
         ------
         NotReadyError
-            Before the first :meth:`retrain`.
+            Before the first :meth:`retrain`, or while a class has fewer than ``min_labels_per_class`` labels.
         """
         model = self._model  # read once: a concurrent retrain swaps the attribute, not the object
+        counts = self.class_counts()
         if model is None:
-            counts = self.class_counts()
             raise NotReadyError(
                 f"no suggestions before the first training: needs {self.min_labels_per_class} labels per class, "
+                f"have {counts.tolist()}"
+            )
+        if (counts < self.min_labels_per_class).any():
+            raise NotReadyError(
+                f"suggestions are paused: relabels took a class below {self.min_labels_per_class} labels, "
                 f"have {counts.tolist()}"
             )
         ids = list(cell_ids)

@@ -28,6 +28,10 @@ default. :func:`reduce_features` is public so that a service can project once an
 
 Distances are computed in the dtype of ``features`` (float32 normally) and clipped at 0; ties in the greedy
 ``argmax`` go to the lowest row index, so a selection is deterministic for a given input and ``seed``.
+The rows that take part (candidates and labelled centres) must be finite: a NaN or inf row raises
+:class:`~colabel.errors.InvalidInputError` naming it (a NaN distance would win every ``argmax`` and select
+labelled or already chosen rows). The check reuses the squared norms the selection computes anyway, so it
+costs no extra pass over the features; rows outside the pool are never read.
 
 Patches
 -------
@@ -112,6 +116,16 @@ def _as_indices(selection: ArrayLike | None, n: int, name: str) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[array] = True
     return np.flatnonzero(mask).astype(np.int64)
+
+
+def _require_finite(values: np.ndarray, rows: np.ndarray | None, what: str) -> None:
+    """Raise if ``values`` (one number per row, e.g. squared norms) has a NaN or inf: that row of the features
+    has one (or values whose square overflows the dtype). ``rows`` maps positions to rows of ``features``."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        first = int(bad[0] if rows is None else rows[bad[0]])
+        raise InvalidInputError(f"features must be finite: {bad.size} {what} row(s) contain NaN or inf (or values "
+                                f"too large to square), first at row {first}")
 
 
 def _block_rows(n_cols: int, cap: int | None) -> int:
@@ -212,11 +226,14 @@ def reduce_features(
         raise InvalidInputError(f"method must be 'pca' or 'random', got {method!r}")
     out = np.empty((n_out, dim), dtype=np.float32)
     block = _block_rows(d, batch_rows)
-    for start, stop, xb in _row_blocks(features, row_idx, block):
-        if xb.dtype == np.float32:
-            np.matmul(xb, matrix, out=out[start:stop])
-        else:
-            out[start:stop] = xb @ matrix
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are refused just below
+        for start, stop, xb in _row_blocks(features, row_idx, block):
+            if xb.dtype == np.float32:
+                np.matmul(xb, matrix, out=out[start:stop])
+            else:
+                out[start:stop] = xb @ matrix
+    # a NaN / inf row projects to a non-finite row, which the centring below would spread to every row
+    _require_finite(out.sum(axis=1), row_idx, "projected")
     out -= out.mean(axis=0, dtype=np.float64).astype(np.float32)
     return out
 
@@ -256,7 +273,8 @@ class CoresetSelection:
 
 
 def _min_dist_to_set(
-    x: np.ndarray, rows: np.ndarray | None, sq_rows: np.ndarray, centre_idx: np.ndarray, block_cap: int | None
+    x: np.ndarray, rows: np.ndarray | None, sq_rows: np.ndarray, centre_idx: np.ndarray, block_cap: int | None,
+    centres_are: str = "labelled",
 ) -> np.ndarray:
     """Squared distance of every row of ``x`` (or of ``x[rows]``) to its nearest row of ``x[centre_idx]``.
 
@@ -270,6 +288,7 @@ def _min_dist_to_set(
     for c0 in range(0, len(centre_idx), centre_block):
         centres = x[centre_idx[c0:c0 + centre_block]]
         sq_c = np.einsum("ij,ij->i", centres, centres)
+        _require_finite(sq_c, centre_idx[c0:c0 + centre_block], centres_are)
         minus_2c = np.ascontiguousarray((-2 * centres).T)
         for start, stop, xb in _row_blocks(x, rows, row_block):
             # min_c ||x - c||^2 = ||x||^2 + min_c (||c||^2 - 2 x.c): ||x||^2 is added once, after the min
@@ -301,6 +320,11 @@ def _greedy(
     rows = cand if sparse else None
     block = _block_rows(d, block_cap)
     sq = _sq_norms(x, rows, block)
+    if not sparse and not np.isfinite(sq).all() and np.isfinite(sq[cand]).all():
+        # a non-finite row outside the pool would turn the masked distances into NaN: work on the pool only
+        sparse, rows = True, cand
+        sq = sq[cand]
+    _require_finite(sq if sparse else sq[cand], cand, "candidate")
     m = len(sq)
     mask_out = None
     if not sparse and len(cand) < n:
@@ -380,7 +404,8 @@ def select_coreset(
     Parameters
     ----------
     features : ndarray, shape (N, D), floating (float32 normally)
-        Classifier features of every cell; read in place, never copied whole (a ``np.memmap`` works).
+        Classifier features of every cell; read in place, never copied whole (a ``np.memmap`` works). The
+        candidate and labelled rows must be finite (else :class:`~colabel.errors.InvalidInputError`).
     labelled : bool mask (N,) or index array or None
         Rows already labelled: the initial centres. Never selected.
     k : int
@@ -555,7 +580,8 @@ def coverage_radius(
         return math.inf
     rows = None if len(cand) == n else cand
     sq = _sq_norms(features, rows, _block_rows(features.shape[1], batch_rows))
-    return math.sqrt(float(_min_dist_to_set(features, rows, sq, cen, batch_rows).max()))
+    _require_finite(sq, rows, "candidate")
+    return math.sqrt(float(_min_dist_to_set(features, rows, sq, cen, batch_rows, "centre").max()))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -171,13 +171,15 @@ class ClassifierService:
     def predict(self, model_id: str, features: np.ndarray) -> dict:
         """Suggestions for ``features`` (N, D): ``classes`` (N,) int32, ``confidence`` (N,) float32 in [0, 1],
         ``uncertainty`` (N,) float32 in [0, 1] (normalised entropy of the ensemble mean), and ``embedding``
-        (N, 32) float32, the heads' penultimate activations that Coreset selects on."""
+        (N, 32 * n_members) float32, the heads' penultimate activations side by side
+        (:meth:`~colabel.services.hals.classifier.Ensemble.embed`, ``how="concat"``), which Coreset selects on:
+        its distances do not depend on the arbitrary order of each head's hidden units."""
         ensemble = self._model(model_id)
         features = np.asarray(features, dtype=np.float32)
         classes, confidence = ensemble.predict(features)
         return {"classes": classes.astype(np.int32), "confidence": confidence.astype(np.float32),
                 "uncertainty": ensemble.uncertainty(features).astype(np.float32),
-                "embedding": ensemble.embed(features).astype(np.float32)}
+                "embedding": ensemble.embed(features, how="concat").astype(np.float32)}
 
 
 class CoresetService:
@@ -196,8 +198,9 @@ class CoresetService:
     def select(self, features: np.ndarray, labelled: Any, k: int, seed: int = 0) -> np.ndarray:
         """Indices (k,) of the unlabelled rows that best cover the unlabelled pool given ``labelled`` (N,) bool.
 
-        Features are randomly projected to ``reduce_dim`` dimensions above ``reduce_above`` cells (the
-        bench measures the cost in coverage radius).
+        Unlabelled and labelled rows must be finite (else ``InvalidInputError``). Features are randomly projected
+        to ``reduce_dim`` dimensions above ``reduce_above`` cells (the bench measures the cost in coverage
+        radius).
         """
         features = np.asarray(features, dtype=np.float32)
         labelled = np.asarray(labelled, dtype=bool)
@@ -210,8 +213,9 @@ class CoresetService:
         return k_center_greedy(features, labelled, k, seed=seed, reduce_dim=reduce)
 
     def next_patch(self, features: np.ndarray, labelled: Any, centroids: Any, image_shape: Any,
-                   patch_size: int = 256, k: int = 20, seed: int = 0) -> dict:
-        """The grid patch holding most of the Coreset S of ``k`` cells.
+                   patch_size: int = 128, k: int = 10, seed: int = 0) -> dict:
+        """The grid patch holding most of the Coreset S of ``k`` cells (defaults: those ``bench/hals.py`` measures,
+        a 128 px grid and k = 10).
 
         Returns ``{row, col, x0, y0, x1, y1, count, selected, selected_in_patch}`` in image pixels; ``None``
         fields when every cell is labelled.

@@ -12,8 +12,9 @@ Policies of :func:`simulate`
     1. *Start*: ``initial_per_class`` cells of each class (default 20), drawn at random from the pool,
        labelled in random order (the paper starts from a small random set).
     2. *Loop*: Coreset picks ``k`` cells S by greedy k-center (:func:`~colabel.services.hals.coreset.k_center_greedy`)
-       over the unlabelled pool, on the classifier's penultimate features (:meth:`Ensemble.embed`) once a
-       classifier exists, else on the backbone ``features``; the guidance picks the grid patch
+       over the unlabelled pool, on the classifier's penultimate features (:meth:`Ensemble.embed`, the
+       members' activations concatenated, as the live service) once a classifier exists, else on the
+       backbone ``features``; the guidance picks the grid patch
        (``patch_size`` pixels) holding most of S (:func:`~colabel.services.hals.coreset.select_patch`);
        the annotator labels the unlabelled pool cells of that patch (at most ``max_per_patch``): first
        the cells of S in the patch in Coreset order, then the others by image distance to the nearest of
@@ -434,7 +435,7 @@ def simulate(
             candidates = np.flatnonzero(unlabelled)
             if not len(candidates):
                 break
-            space = clf.model.embed(x) if clf is not None and clf.ready else x
+            space = clf.model.embed(x, how="concat") if clf is not None and clf.ready else x
             labelled = np.asarray(order, dtype=np.int64)
             selected = k_center_greedy(space, labelled, min(int(k), len(candidates)), candidates=candidates)
             choice = select_patch(xy, selected, image_shape=image_shape, patch_size=patch_size)

@@ -17,9 +17,11 @@ No ray or hypha_rpc import here: this is plain model-side code.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -37,12 +39,16 @@ __all__ = [
     "file_checksum",
     "verify_checksum",
     "require_local",
+    "load_error_reason",
+    "discard_unreadable",
 ]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _ALGORITHMS = ("sha256", "xxh128")
+#: Hex digits of a digest per algorithm (256 and 128 bits).
+_DIGEST_LENGTHS = {"sha256": 64, "xxh128": 32}
 
 # Files verified by this process: (path, size, mtime_ns, checksum). Re-hashing a 2.5 GB checkpoint on
 # every load costs seconds; a changed size or mtime (a rewrite, a corruption by another tool) misses.
@@ -71,6 +77,11 @@ def _parse_checksum(checksum: str) -> tuple[str, str]:
     if not sep or algorithm not in _ALGORITHMS or not digest or any(c not in "0123456789abcdef" for c in digest):
         raise InvalidInputError(
             f"checksum {checksum!r} must be 'sha256:<hex>' or 'xxh128:<hex>'"
+        )
+    if len(digest) != _DIGEST_LENGTHS[algorithm]:
+        raise InvalidInputError(
+            f"checksum {checksum!r} must have {_DIGEST_LENGTHS[algorithm]} hex digits for {algorithm}, "
+            f"got {len(digest)}"
         )
     return algorithm, digest
 
@@ -119,6 +130,66 @@ def verify_checksum(path: str | os.PathLike, checksum: str | None) -> bool:
     return ok
 
 
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """One line saying why ``torch.load`` could not read a file, without torch's advice to retry with
+    ``weights_only=False`` (which runs arbitrary code from the file) or to allowlist its classes.
+
+    Examples
+    --------
+    >>> load_error_reason(RuntimeError("PytorchStreamReader failed reading zip archive"))
+    'RuntimeError: PytorchStreamReader failed reading zip archive'
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\n\s*\n|$)", text, flags=re.S)
+    detail = match.group(1) if match else text
+    detail = " ".join(detail.split())
+    detail = re.split(r"(?<=\.) (?:Please|Re-running|Check|Do it|Alternatively)\b", detail)[0]
+    if not detail or "weights_only" in detail or "add_safe_globals" in detail:
+        detail = "not a file of tensors torch.load can read safely"
+    return f"{type(exc).__name__}: {detail[:300]}"
+
+
+def discard_unreadable(path: str | os.PathLike, *, url: str, model: str | None, reason: str) -> WeightsUnavailableError:
+    """Delete a file :func:`fetch` placed in the cache that turned out unreadable, and return the error to raise.
+
+    A download that is not the weights (an HTML error page served with HTTP 200, say) would otherwise stay
+    cached for ever when no checksum is known: the next :func:`fetch` downloads it again instead.
+
+    Parameters
+    ----------
+    path : path-like
+        The cached file (the path :func:`fetch` returned).
+    url : str
+        Where it was downloaded from.
+    model : str, optional
+        Model id named in the message.
+    reason : str
+        Why it cannot be read (e.g. :func:`load_error_reason`).
+
+    Returns
+    -------
+    WeightsUnavailableError
+        Naming the cache path and the URL, and saying that the file was deleted and will be downloaded
+        again next time.
+    """
+    path = Path(path)
+    deleted = True
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        deleted = False
+    with _verified_lock:
+        resolved = str(path.resolve())
+        _verified.difference_update({m for m in _verified if m[0] == resolved})
+    what = f"the weights of model {model!r}" if model else "the weights"
+    outcome = ("it was deleted and will be downloaded again next time" if deleted
+               else "delete it to download it again")
+    return WeightsUnavailableError(
+        f"{what} downloaded from {url} into the cache file {path} cannot be loaded ({reason}); {outcome}. "
+        f"If this repeats, download the file yourself and point the configuration at the local file."
+    )
 
 
 def _local_source(url: str) -> Path | None:
@@ -216,9 +287,17 @@ def fetch(
         Network failure, HTTP error, truncated download, missing local file; the message names the model
         and URL and says that a local checkpoint file can be configured instead.
     ChecksumMismatchError
-        The downloaded file does not match *checksum* (the file is deleted).
+        The downloaded file does not match *checksum* (the file is deleted). When *url* is a local path
+        that is the cache file itself (``cache_dir / filename``), that file is verified where it is and
+        never deleted or replaced.
     InvalidInputError
-        A malformed *checksum* or *filename*.
+        A malformed *checksum* (also a digest of the wrong length: 64 hex digits for sha256, 32 for
+        xxh128) or *filename*, before any download.
+
+    Notes
+    -----
+    Temporary files ``.<filename>.*.part`` left by a download that was killed (SIGKILL, OOM) are deleted
+    by the next download of the same file, once it holds the file's lock.
 
     Examples
     --------
@@ -233,11 +312,15 @@ def fetch(
         raise InvalidInputError(f"filename {filename!r} must be a plain file name")
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / filename
+    source = _local_source(url)
+    if source is not None and _same_file(source, target):  # the user's own file: verify it, never replace it
+        return _verify_in_place(target, checksum, model=model)
 
     if verify_checksum(target, checksum):  # fast path, no lock: a file at target is always complete
         return target
 
     with file_lock(cache_dir / f".{filename}.lock"):
+        _remove_stale_parts(cache_dir, filename)
         if target.exists():
             if verify_checksum(target, checksum):  # another process finished while we waited
                 return target
@@ -248,7 +331,6 @@ def fetch(
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as dest:
-                source = _local_source(url)
                 if source is not None:
                     if not source.is_file():
                         raise _unavailable(model, url, f"no file at {source}")
@@ -275,6 +357,48 @@ def fetch(
             tmp.unlink(missing_ok=True)
             raise
     return target
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """True when *source* and *target* name one file (same path after resolving links, or hard links)."""
+    try:
+        if source.expanduser().resolve() == target.resolve():
+            return True
+        return source.exists() and target.exists() and os.path.samefile(source, target)
+    except OSError:
+        return False
+
+
+def _verify_in_place(target: Path, checksum: str | None, *, model: str | None) -> Path:
+    """*target* when it exists and matches *checksum*; never deletes or rewrites it.
+
+    Raises
+    ------
+    WeightsUnavailableError
+        No file at *target*.
+    ChecksumMismatchError
+        The file does not match; it is left as it is.
+    """
+    if not target.is_file():
+        raise _unavailable(model, str(target), f"no file at {target}")
+    if not verify_checksum(target, checksum):
+        algorithm, _ = _parse_checksum(checksum)
+        raise ChecksumMismatchError(
+            f"the file {target} given for {model or 'the model'} has checksum {file_checksum(target, algorithm)}, "
+            f"not the expected {checksum}; it was left as it is"
+        )
+    return target
+
+
+def _remove_stale_parts(cache_dir: Path, filename: str) -> None:
+    """Delete ``.<filename>.*.part`` left by a download that was killed (SIGKILL, OOM) before its cleanup ran.
+
+    Called with the file's lock held: only the lock holder writes these files, so none is in use.
+    """
+    for part in cache_dir.glob(glob.escape(f".{filename}.") + "*.part"):
+        with contextlib.suppress(OSError):
+            part.unlink()
+            logger.info("removed %s, left by an interrupted download", part)
 
 
 def require_local(path: str | os.PathLike, *, model: str | None = None) -> Path:

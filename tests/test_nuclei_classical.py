@@ -186,3 +186,19 @@ def test_import_does_not_load_torch():
     code = "import sys, colabel.services.nuclei as n; n.segment_nuclei([[0, 1], [1, 0]]); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_implausible_mpp_is_refused_and_the_radius_is_clamped_to_the_image():
+    image = np.zeros((64, 48), np.uint8)
+    image[20:30, 20:30] = 200
+    for mpp in (1e-6, 0.0099, 101.0):
+        with pytest.raises(InvalidInputError, match="mpp must be between 0.01 and 100 microns per pixel"):
+            segment_nuclei(image, mpp=mpp)
+    backend = ClassicalSegmenter()
+    assert backend.radius_px(0.01) == pytest.approx(400.0)  # 4 um at 0.01 um/px
+    assert backend.radius_px(0.01, image.shape) == 64.0  # but no larger than the image
+    assert backend.radius_px(100.0, image.shape) == 1.5
+    assert ClassicalSegmenter(radius=500).radius_px(None, (20, 30)) == 30.0
+    _, context = backend.prepare(image, mpp=0.01)
+    assert context["radius"] == 64.0
+    segment_nuclei(image, mpp=0.01)  # runs, at the clamped radius

@@ -331,3 +331,22 @@ def test_random_weights_end_to_end_on_a_300px_crop(monkeypatch):
     validate_feature_collection(result.to_geojson(), image_shape=image.shape[:2])
     info = hn.HoVerNetSegmenter(model=Oracle()).info()
     assert info["patch_input"] == 256 and info["patch_output"] == 164
+
+
+def test_a_service_refuses_a_backend_that_needs_weights_it_was_not_configured_with(fast6, tmp_path, caplog):
+    from colabel.services.nuclei.base import backend_needs_weights
+    from colabel.services.nuclei.service import NucleiService
+
+    assert backend_needs_weights("hovernet") and not backend_needs_weights("classical")
+    image = np.zeros((64, 64, 3), np.uint8)
+    service = NucleiService()  # classical by default, as `colabel serve` starts it
+    with pytest.raises(InvalidInputError, match="nucleus backend 'hovernet' is not configured on this service"):
+        service.segment(image, None, "hovernet", None, False)
+    assert service._backends == {} and "random weights" not in caplog.text  # nothing built
+    assert service.segment(image, None, "classical", None, False)["count"] == 0
+    # the default backend with its checkpoint is what it was configured for
+    path = tmp_path / "hovernet.pth"
+    torch.save(fast6.state_dict(), path)
+    configured = NucleiService(backend="hovernet", backend_options={"checkpoint": str(path)})
+    assert configured._backend(None) is configured._backend("hovernet")
+    assert configured._backend("classical").name == "classical"  # needs no weights: built with no options

@@ -338,3 +338,25 @@ def test_bad_images(image, message):
 def test_bad_arguments(dsb, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         segment_nuclei(dsb, **kwargs)
+
+
+def test_a_region_missing_a_key_names_the_key():
+    from colabel.services.nuclei.base import parse_region
+
+    with pytest.raises(InvalidInputError, match="region is missing 'height'; give x, y, width and height"):
+        parse_region({"x": 0, "y": 0, "width": 10}, (100, 100))
+    with pytest.raises(InvalidInputError, match="region is missing 'x', 'y'"):
+        parse_region({"width": 10, "height": 10}, (100, 100))
+    assert parse_region({"x": 1, "y": 2, "width": 10, "height": 20}, (100, 100)) == (1, 2, 10, 20)
+
+
+def test_the_nuclei_service_wants_include_labels_as_a_bool():
+    from colabel.services.nuclei.service import NucleiService
+
+    service = NucleiService()
+    image = np.zeros((32, 32), np.uint8)
+    for value in ("no", 0, None):
+        with pytest.raises(InvalidInputError, match="include_labels must be true or false"):
+            service.segment(image, None, None, None, value)
+    assert "labels" not in service.segment(image, None, None, None, False)
+    assert service.segment(image, None, None, None, np.bool_(True))["labels"].shape == (32, 32)

@@ -164,3 +164,29 @@ def test_service_picks_masks_as_the_browser_decoder_does(colab, tiny_checkpoints
     forced = service.segment(embedded["embedding_id"], points=same.tolist(), labels=labels.astype(int).tolist(),
                              multimask=n_points > 1)  # the other choice: a different mask's score
     assert forced["score"] != pytest.approx(float(iou[0, 0]), abs=1e-3)
+
+
+def test_a_none_model_id_uses_the_services_default_model(tiny_checkpoints, tmp_path):
+    from colabel.services.sam.service import SamService
+
+    service = SamService(default_model=TINY_ID, checkpoints=tiny_checkpoints, embedding_dir=str(tmp_path / "s"))
+    out = service.compute_embedding(IMAGE, None)
+    np.testing.assert_array_equal(out["features"], service.compute_embedding(IMAGE, TINY_ID)["features"])
+    assert service.segment_image(IMAGE[:64, :64], None, 2, 0.0, 0.0, 0)["mask"].shape == (64, 64)
+    assert service.get_onnx_model(None, False) is service.get_onnx_model(TINY_ID, False)  # one export, one id
+    colab = ColabSam(ModelPool(checkpoints=tiny_checkpoints, embedding_dir=tmp_path / "c", device="cpu"))
+    with pytest.raises(InvalidInputError, match="model_id is required: this service has no default model"):
+        colab.compute_embedding(IMAGE, None)
+
+
+def test_the_embedding_memory_budget_is_configurable_on_the_service(tiny_checkpoints, tmp_path):
+    from colabel.services.sam.embeddings import DEFAULT_MAX_BYTES
+    from colabel.services.sam.service import SamService
+
+    assert SamService(embedding_dir=str(tmp_path / "a")).models.store.max_bytes == DEFAULT_MAX_BYTES == 2 << 30
+    service = SamService(default_model=TINY_ID, checkpoints=tiny_checkpoints, embedding_dir=str(tmp_path / "b"),
+                         embedding_memory_bytes=1000)
+    service.embed(IMAGE)  # 256 x 16 x 16 float32 features: 256 KiB, over the budget
+    assert service.models.store.memory_bytes() == 0 and service.encoder_passes() == 1
+    service.embed(IMAGE)  # read from disk, not encoded again
+    assert service.encoder_passes() == 1

@@ -155,3 +155,73 @@ def test_segmenter_embeds_same_content_once(segmenter, tmp_path):
 
 def segmenter_checkpoints(seg) -> dict:
     return {seg.model_id: seg.spec.local_path}
+
+
+# -- model recorded in the embedding, byte budget, incremental pass count (review D16, D18) ----------------
+
+def test_an_embedding_made_by_another_model_is_refused_naming_both(tiny_sam, tmp_path):
+    from colabel.errors import NotFoundError
+    from colabel.services.sam.segmenter import SamSegmenter
+
+    store = EmbeddingStore(tmp_path)
+    a = SamSegmenter.from_sam(tiny_sam, model_id="tiny_a", fingerprint="weights-a", store=store)
+    b = SamSegmenter.from_sam(tiny_sam, model_id="tiny_b", fingerprint="weights-b", store=store)
+    a_new_weights = SamSegmenter.from_sam(tiny_sam, model_id="tiny_a", fingerprint="weights-a2", store=store)
+    image = np.random.default_rng(1).integers(0, 255, (64, 80), dtype=np.uint8)
+    key = a.embed(image).key
+    assert a.load_embedding(key).model_id == "tiny_a"
+    with pytest.raises(NotFoundError, match="made by model 'tiny_a', not by model 'tiny_b'"):
+        b.load_embedding(key)
+    with pytest.raises(NotFoundError, match="made by other weights of model 'tiny_a'"):
+        a_new_weights.load_embedding(key)
+    with np.load(store.path(key)) as npz:
+        assert str(npz["model_id"]) == "tiny_a" and str(npz["fingerprint"]) == "weights-a"
+
+
+def test_an_embedding_stored_without_its_model_counts_as_missing_and_is_recomputed(segmenter):
+    image = np.random.default_rng(2).integers(0, 255, (64, 80), dtype=np.uint8)
+    key = segmenter.embed(image).key
+    path = segmenter.store.path(key)
+    with np.load(path) as npz:  # rewrite it as an older colabel stored it: no model_id, no fingerprint
+        old = {k: npz[k] for k in npz.files if k not in ("model_id", "fingerprint")}
+    np.savez(path, **old)
+    segmenter.store.clear_memory()
+    assert segmenter.load_embedding(key) is None  # SamService.segment answers NotFoundError: embed again
+    again = segmenter.embed(image)
+    assert again.key == key and segmenter.store.computed_total(key) == 2
+    assert segmenter.load_embedding(key).model_id == segmenter.model_id
+
+
+def test_the_memory_lru_is_bounded_by_bytes_as_well_as_entries(tmp_path):
+    def entry(mib: int) -> dict[str, np.ndarray]:
+        return {"features": np.zeros((mib, 1 << 18), np.float32)}  # mib MiB
+
+    store = EmbeddingStore(tmp_path, max_items=8, max_bytes=3 << 20)
+    for key in ("a", "b", "c"):
+        store.get_or_compute(key, lambda: entry(1))
+    assert list(store._memory) == ["a", "b", "c"] and store.memory_bytes() == 3 << 20
+    store.get_or_compute("d", lambda: entry(2))  # 5 MiB > 3 MiB: a and b go
+    assert list(store._memory) == ["c", "d"] and store.memory_bytes() == 3 << 20
+    store.get_or_compute("big", lambda: entry(4))  # over the whole budget: on disk only
+    assert list(store._memory) == ["c", "d"] and (tmp_path / "big.npz").exists()
+    assert store.get("big")["features"].shape == (4, 1 << 18)
+    store.clear_memory()
+    assert store.memory_bytes() == 0
+    with pytest.raises(InvalidInputError, match="max_bytes"):
+        EmbeddingStore(tmp_path, max_bytes=-1)
+
+
+def test_encoder_passes_reads_only_what_was_appended_to_the_log(tmp_path):
+    store = EmbeddingStore(tmp_path)
+    for key in ("k1", "k2", "k1"):
+        store._log_computed(key)
+    assert store.computed_total() == 3 and store.computed_total("k1") == 2
+    log = tmp_path / "computed.log"
+    # an in-place edit of lines already counted is not read again (a full re-read would count k3)
+    log.write_bytes(log.read_bytes().replace(b"k2", b"k3"))
+    store._log_computed("k2")
+    assert store.computed_total("k2") == 2 and store.computed_total("k3") == 0 and store.computed_total() == 4
+    log.write_text("k9\n")  # a replaced or truncated log is counted from its start
+    assert store.computed_total() == 1 and store.computed_total("k9") == 1
+    log.unlink()
+    assert store.computed_total() == 0

@@ -275,3 +275,82 @@ def test_from_sam_wraps_a_built_model(tiny_sam, tmp_path):
     assert seg.segment(WIDE, box=[0, 0, 50, 50]).mask.shape == (150, 240)  # an image array is embedded first
     with pytest.raises(InvalidInputError, match="overlap"):
         SamSegmenter.from_sam(tiny_sam, model_id="w", embedding_dir=tmp_path, overlap=300)
+
+
+# -- limits (review D1, D2, D17) -----------------------------------------------------------------------
+
+def test_a_prompt_with_more_than_max_points_is_refused_naming_the_limit(segmenter):
+    from colabel.services.sam.segmenter import MAX_POINTS
+
+    emb = segmenter.embed(WIDE)
+    many = np.tile([[100.5, 70.5]], (MAX_POINTS + 1, 1))
+    with pytest.raises(InvalidInputError, match=f"at most {MAX_POINTS} points, got {MAX_POINTS + 1}"):
+        segmenter.segment(emb, points=many, point_labels=np.ones(MAX_POINTS + 1))
+    pts, labels, _, _ = validate_prompts((150, 240), points=many[:MAX_POINTS], point_labels=np.ones(MAX_POINTS))
+    assert pts.shape == (MAX_POINTS, 2) and labels.shape == (MAX_POINTS,)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"points_per_side": 65}, "points_per_side must be an int from 1 to 64, got 65"),
+    ({"points_per_side": 10**6}, "points_per_side must be an int from 1 to 64"),
+    ({"points_per_batch": 257}, "points_per_batch must be an int from 1 to 256"),
+    ({"points_per_side": True}, "points_per_side must be an int"),
+])
+def test_generate_grid_parameters_have_an_upper_bound(segmenter, kwargs, match):
+    encoded = segmenter.store.stats()["computed"]
+    with pytest.raises(InvalidInputError, match=match):
+        segmenter.generate(WIDE, **kwargs)
+    assert segmenter.store.stats()["computed"] == encoded  # refused before any encoder pass
+
+
+def test_a_click_during_generate_is_decoded_between_its_decoder_batches(segmenter):
+    """generate takes the lock per decoder batch: a segment call made while generate runs is decoded before
+    generate's later batches (order of decoder calls, not timings)."""
+    emb = segmenter.embed(WIDE)
+    segmenter.embed(WIDE)  # generate finds the embedding stored
+    calls: list[str] = []
+    generating = threading.Event()
+
+    def record(module, args, output):
+        name = threading.current_thread().name
+        calls.append(name)
+        if name == "generate":
+            generating.set()
+
+    handle = segmenter.sam.mask_decoder.register_forward_hook(record)
+    errors: list[BaseException] = []
+
+    def run_generate():
+        try:  # 16 x 16 prompts in batches of 4: 64 decoder batches
+            segmenter.generate(WIDE, points_per_side=16, points_per_batch=4, pred_iou_thresh=0.0,
+                               stability_score_thresh=0.0)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    worker = threading.Thread(target=run_generate, name="generate")
+    try:
+        worker.start()
+        assert generating.wait(60), "generate never reached its decoder"
+        segmenter.segment(emb, points=[[100.5, 70.5]], point_labels=[1])
+        clicked_at = calls.index("MainThread")
+        worker.join(120)
+    finally:
+        handle.remove()
+    assert not errors and not worker.is_alive()
+    assert calls.count("generate") == 64
+    later = calls[clicked_at + 1:]
+    assert later.count("generate") > 0, "the click waited for the whole generate"
+
+
+def test_a_channels_first_stack_is_refused_with_a_hint(segmenter):
+    with pytest.raises(InvalidInputError, match=r"64 channels last, more than 16.*np\.moveaxis\(image, 0, -1\)"):
+        segmenter.embed(np.zeros((3, 64, 64), np.uint8))
+    assert segmenter.embed(np.zeros((64, 64, 16), np.uint16)).image_shape == (64, 64)  # 16 markers: averaged
+
+
+def test_a_flat_point_counts_as_one_point_for_the_ambiguity_rule():
+    from colabel.services.sam.segmenter import ambiguous_prompt
+
+    assert ambiguous_prompt([10, 20], None) == ambiguous_prompt([[10, 20]], None) is True
+    assert ambiguous_prompt([[10, 20], [30, 40]], None) is False
+    assert ambiguous_prompt(None, [0, 0, 5, 5]) is True

@@ -8,6 +8,7 @@ import multiprocessing
 import socket
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(PAYLOAD)))
             self.end_headers()
             self.wfile.write(PAYLOAD)
+        elif self.path.startswith("/html"):  # a rate-limit page served with status 200
+            body = b"<html>Rate limit exceeded, try later</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif self.path.startswith("/truncated"):
             self.send_response(200)
             self.send_header("Content-Length", str(len(PAYLOAD)))
@@ -222,3 +229,69 @@ def test_two_processes_download_once(server, tmp_path):
     assert all(r.startswith("ok ") for r in results), results
     assert server.hits == ["/good-slow/sam.pt"]
     assert leftovers(tmp_path / "cache") == ["sam.pt"]
+
+
+# -- review D7-D10 ------------------------------------------------------------------------------------------
+
+def test_a_checksum_with_a_digest_of_the_wrong_length_is_refused_before_any_request(server, tmp_path):
+    for checksum, digits in [("sha256:abc", 64), ("xxh128:" + "0" * 64, 32)]:
+        with pytest.raises(InvalidInputError, match=f"must have {digits} hex digits"):
+            fetch(f"{server.url}/good/sam.pt", checksum=checksum, cache_dir=tmp_path, progress=False)
+    assert server.hits == [] and leftovers(tmp_path) == []
+
+
+def test_a_local_file_that_is_the_cache_target_is_verified_in_place_and_never_deleted(tmp_path):
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"my weights")
+    wrong = "sha256:" + "1" * 64
+    for url in (str(mine), mine.as_uri()):
+        with pytest.raises(ChecksumMismatchError, match=f"{mine}.*not the expected {wrong}; it was left as it is"):
+            fetch(url, checksum=wrong, cache_dir=tmp_path, progress=False)
+        assert mine.read_bytes() == b"my weights"
+    right = "sha256:" + hashlib.sha256(b"my weights").hexdigest()
+    assert fetch(str(mine), checksum=right, cache_dir=tmp_path, progress=False) == mine
+    assert fetch(str(mine), checksum=None, cache_dir=tmp_path, progress=False) == mine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt"]  # no copy, no lock, no temporary file
+
+
+def test_part_files_of_a_killed_download_are_removed_by_the_next_download(server, tmp_path):
+    stale = [tmp_path / ".sam.pt.7jgvznix.part", tmp_path / ".sam.pt.abc.part"]
+    for part in stale:
+        part.write_bytes(b"half a download")
+    other = tmp_path / ".other.pt.x1.part"  # another file's: not this lock's business
+    other.write_bytes(b"x")
+    path = fetch(f"{server.url}/good/sam.pt", checksum=SHA, cache_dir=tmp_path, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert leftovers(tmp_path) == [".other.pt.x1.part", "sam.pt"]
+
+
+def test_an_unloadable_hovernet_download_is_deleted_and_downloaded_again(server, tmp_path):
+    pytest.importorskip("torch")
+    from colabel.services.nuclei.hovernet import load_hovernet
+
+    url = f"{server.url}/html/hovernet_fast_pannuke_type_tf2pytorch.tar"
+    cached = tmp_path / "hovernet_fast_pannuke_type_tf2pytorch.tar"
+    for attempt in (1, 2):
+        with pytest.raises(WeightsUnavailableError) as info:
+            load_hovernet(url, cache_dir=tmp_path, progress=False)
+        message = str(info.value)
+        assert str(cached) in message and url in message
+        assert "deleted and will be downloaded again next time" in message
+        assert "weights_only" not in message and "add_safe_globals" not in message
+        assert not cached.exists() and leftovers(tmp_path) == []
+        assert len(server.hits) == attempt  # the bad file was not kept: each load downloads again
+
+
+def test_load_error_reason_drops_torchs_advice_to_load_unsafely(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    html = tmp_path / "page.pt"
+    html.write_bytes(b"<html>Rate limit exceeded</html>")
+    pickled = tmp_path / "objects.pt"
+    torch.save({"a": Fraction(1, 3)}, pickled)  # a class outside torch's allowlist
+    for path in (html, pickled):
+        with pytest.raises(Exception) as info:
+            torch.load(path, weights_only=True)
+        assert "weights_only" in str(info.value)
+        reason = weights.load_error_reason(info.value)
+        assert "weights_only" not in reason and "\n" not in reason and reason.startswith(type(info.value).__name__)

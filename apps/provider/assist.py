@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from colabel.errors import ColabelError, InvalidInputError, NotFoundError
+from colabel.services.sam.segmenter import MAX_POINTS
 from colabel.services.wire import unpack
 
 from .provider import DataProvider
@@ -54,18 +55,22 @@ class ModelAssist:
     service_ids : dict
         Model service name (``"sam"``, ``"nuclei"``) -> full Hypha service id.
     sam_model : str
-        Default SAM model id.
+        The SAM model id annotators' calls use (they may name it or pass None, not choose another).
+    nuclei_backend : str, optional
+        The nucleus backend annotators' calls use (they may name it or pass None, not choose another). By
+        default the nuclei service's own default backend, read once from its ``info()``.
     direct : bool, default True
         Call a model service that this process registered (``colabel serve`` running the models itself) on
         its backend directly, skipping the loopback through the Hypha server; False always goes over Hypha.
     """
 
     def __init__(self, provider: DataProvider, server: Any, service_ids: dict[str, str], *,
-                 sam_model: str = "sam_vit_b_lm", direct: bool = True) -> None:
+                 sam_model: str = "sam_vit_b_lm", nuclei_backend: str | None = None, direct: bool = True) -> None:
         self.provider = provider
         self.server = server
         self.service_ids = dict(service_ids)
         self.sam_model = sam_model
+        self.nuclei_backend = nuclei_backend
         self.direct = bool(direct)
         self._services: dict[str, Any] = {}
         self._embeddings: dict[tuple[str, str], str] = {}  # (image id, model id) -> embedding id
@@ -126,6 +131,21 @@ class ModelAssist:
         raise InvalidInputError(f"this provider segments with the SAM model {self.sam_model!r}, "
                                 f"not {str(model_id)[:80]!r}")
 
+    @staticmethod
+    def _check_prompt(prompt: object) -> dict:
+        """The prompt's form, and at most ``MAX_POINTS`` points, checked here before anything is sent (the
+        model service checks everything again)."""
+        if not isinstance(prompt, dict):
+            raise InvalidInputError("prompt must be an object {points, labels, box}")
+        unknown = set(prompt) - {"points", "labels", "box"}
+        if unknown:
+            raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
+        points = prompt.get("points")
+        if points is not None and not isinstance(points, (str, bytes, dict)) and hasattr(points, "__len__"):
+            if len(points) > MAX_POINTS:
+                raise InvalidInputError(f"a prompt may have at most {MAX_POINTS} points, got {len(points)}")
+        return prompt
+
     async def sam_prepare(self, session, image_id: str, model_id: str | None = None) -> dict:
         """Make sure the image's embedding exists (computed once for everyone); returns its description."""
         model_id = self._sam_model(model_id)
@@ -143,11 +163,7 @@ class ModelAssist:
 
         Returns ``{features: GeoJSON Features in image pixels, score, tiles_used, bbox}``.
         """
-        if not isinstance(prompt, dict):
-            raise InvalidInputError("prompt must be an object {points, labels, box}")
-        unknown = set(prompt) - {"points", "labels", "box"}
-        if unknown:
-            raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
+        prompt = self._check_prompt(prompt)
         model_id = self._sam_model(model_id)
         image_id = self.provider._check_in_session(session, image_id)
         embedding_id = self._embeddings.get((image_id, model_id))
@@ -171,8 +187,23 @@ class ModelAssist:
         return await self.call("sam", "get_onnx_model", self._sam_model(model_id), quantize)
 
     # -- nuclei ---------------------------------------------------------------------------------
+    async def _nuclei_backend(self, backend: object) -> str | None:
+        """The provider's nucleus backend: annotators may name it (or pass None), not choose another (one the
+        service was not configured for would run without its weights, or load a model into every replica)."""
+        if backend is None:
+            return None
+        configured = self.nuclei_backend
+        if configured is None:
+            configured = self.nuclei_backend = (await self.call("nuclei", "info"))["default_backend"]
+        if backend == configured:
+            return configured
+        raise InvalidInputError(f"this provider detects nuclei with the backend {configured!r}, "
+                                f"not {str(backend)[:80]!r}")
+
     async def detect_nuclei(self, session, image_id: str, region: Any = None, backend: str | None = None) -> dict:
         """Every nucleus of the image (or region): ``count`` and ``nuclei`` (id, bbox, centroid, polygon,
-        area, type), full-image pixel coordinates; no label image (polygons are what the browser draws)."""
+        area, type), full-image pixel coordinates; no label image (polygons are what the browser draws).
+        ``backend`` may be None or the provider's backend (see :meth:`_nuclei_backend`)."""
+        backend = await self._nuclei_backend(backend)
         pixels = await self._pixels(session, image_id)
         return await self.call("nuclei", "segment", pixels, region, backend, None, False)

@@ -51,6 +51,7 @@ __all__ = [
     "register_backend",
     "get_backend",
     "available_backends",
+    "backend_needs_weights",
     "validate_image",
     "parse_region",
     "tile_grid",
@@ -91,6 +92,9 @@ class NucleusSegmenter:
     name: ClassVar[str] = "base"
     #: ``{type: name}`` when the backend classifies nuclei.
     type_names: dict[int, str] | None = None
+    #: True when the backend is meaningless without weights given in its options (e.g. HoVer-Net's
+    #: ``checkpoint``): a service then refuses it unless it was configured with them.
+    needs_weights: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -184,6 +188,17 @@ def available_backends() -> list[str]:
         return sorted(_BACKENDS)
 
 
+def backend_needs_weights(name: str) -> bool:
+    """Whether the registered backend *name* needs weights in its options (its ``needs_weights``), read from
+    its class without building it. False for an unknown name or a factory that does not say."""
+    with _BACKENDS_LOCK:
+        factory = _BACKENDS.get(name)
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return bool(getattr(factory, "needs_weights", False))
+
+
 def get_backend(name: str, **options) -> NucleusSegmenter:
     """A new backend instance: ``get_backend("classical", stain="he")``.
 
@@ -251,6 +266,11 @@ def parse_region(region: Any, image_shape: tuple[int, int]) -> tuple[int, int, i
         If it is malformed, empty or not inside the image.
     """
     if isinstance(region, dict):
+        missing = [k for k in ("x", "y", "width", "height") if k not in region]
+        if missing:
+            raise InvalidInputError(
+                f"region is missing {', '.join(repr(k) for k in missing)}; give x, y, width and height"
+            )
         values = [region.get(k) for k in ("x", "y", "width", "height")]
     elif all(hasattr(region, k) for k in ("x", "y", "width", "height")):
         values = [getattr(region, k) for k in ("x", "y", "width", "height")]
@@ -271,12 +291,25 @@ def parse_region(region: Any, image_shape: tuple[int, int]) -> tuple[int, int, i
     return x, y, w, h
 
 
+#: Plausible resolutions in microns per pixel: from beyond super-resolution microscopy (0.01) to far below
+#: any whole-slide scan thumbnail in which nuclei are still visible (100). Backends scale their filters
+#: with ``1 / mpp``, so a value far outside costs minutes of CPU for nothing.
+MPP_RANGE = (0.01, 100.0)
+
+
 def _check_mpp(mpp: Any) -> float | None:
+    """*mpp* as a float in :data:`MPP_RANGE` microns per pixel, or None; else InvalidInputError."""
     if mpp is None:
         return None
     number = isinstance(mpp, (int, float, np.floating, np.integer)) and not isinstance(mpp, bool)
     if not number or not np.isfinite(mpp) or mpp <= 0:
         raise InvalidInputError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+    lo, hi = MPP_RANGE
+    if not lo <= mpp <= hi:
+        raise InvalidInputError(
+            f"mpp must be between {lo:g} and {hi:g} microns per pixel, got {mpp:g}; "
+            f"pass None when the resolution is unknown"
+        )
     return float(mpp)
 
 

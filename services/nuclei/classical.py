@@ -234,18 +234,36 @@ class ClassicalSegmenter(NucleusSegmenter):
             "needs_weights": False,
         }
 
-    def radius_px(self, mpp: float | None = None) -> float:
-        """The expected nucleus radius in pixels for a resolution (see ``radius`` / ``radius_um``)."""
+    def radius_px(self, mpp: float | None = None, shape: tuple[int, ...] | None = None) -> float:
+        """The expected nucleus radius in pixels for a resolution (see ``radius`` / ``radius_um``).
+
+        Parameters
+        ----------
+        mpp : float, optional
+            Microns per pixel.
+        shape : tuple of int, optional
+            ``(H, W, ...)`` of the image: the radius is then at most ``max(H, W)`` pixels (a nucleus larger
+            than the image finds nothing, and the filters' cost grows with the radius, not the image).
+
+        Returns
+        -------
+        radius : float
+            Pixels, at least 1.5.
+        """
         if self.radius is not None:
-            return self.radius
-        if mpp is not None:
-            return max(1.5, self.radius_um / float(mpp))
-        return DEFAULT_RADIUS_PX
+            radius = self.radius
+        elif mpp is not None:
+            radius = self.radius_um / float(mpp)
+        else:
+            radius = DEFAULT_RADIUS_PX
+        if shape is not None:
+            radius = min(radius, float(max(shape[0], shape[1])))
+        return max(1.5, radius)
 
     def prepare(self, image: np.ndarray, *, mpp: float | None = None) -> tuple[np.ndarray, dict]:
         """Nuclear signal, smoothed, plus the global threshold statistics (run once per image)."""
         stain = detect_stain(image) if self.stain == "auto" else self.stain
-        radius = self.radius_px(mpp)
+        radius = self.radius_px(mpp, image.shape)
         signal = nuclear_signal(image, stain, include_dab=self.include_dab)
         smooth = gaussian(signal, max(0.5, radius / 5), truncate=TRUNCATE)
         sample = _subsample(smooth).ravel()

@@ -407,6 +407,11 @@ def build_hovernet(*, mode: str = "fast", nr_types: int | None = None, input_ch:
 # --------------------------------------------------------------------------------------------------
 
 
+def _is_url(text: str) -> bool:
+    """True for an ``http://`` or ``https://`` URL (downloaded into the weights cache)."""
+    return re.match(r"^https?://", text, flags=re.IGNORECASE) is not None
+
+
 def resolve_checkpoint(
     path_or_url: str | os.PathLike,
     *,
@@ -445,7 +450,7 @@ def resolve_checkpoint(
         If a download fails (no network, HTTP error, checksum mismatch).
     """
     text = os.fspath(path_or_url)
-    if re.match(r"^https?://", text, flags=re.IGNORECASE):
+    if _is_url(text):
         from colabel.services.weights import fetch
 
         return Path(fetch(text, checksum=checksum, cache_dir=cache_dir, progress=progress, model=model))
@@ -570,6 +575,14 @@ def load_hovernet(
     Returns
     -------
     model : torch.nn.Module
+
+    Raises
+    ------
+    colabel.services.weights.WeightsUnavailableError
+        The download failed, or the downloaded file cannot be read by ``torch.load``: it is then deleted
+        from the cache (the message names it) and downloaded again by the next load.
+    InvalidInputError
+        A local file that cannot be read as tensors, or that is not a HoVer-Net state dict.
     """
     import torch
 
@@ -583,7 +596,12 @@ def load_hovernet(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for corrupt files
-        raise InvalidInputError(f"checkpoint {path.name!r} cannot be read as tensors: {exc}") from None
+        from colabel.services.weights import discard_unreadable, load_error_reason
+
+        reason = load_error_reason(exc)
+        if _is_url(name):  # a download in the cache (an error page, say): delete it so the next load fetches again
+            raise discard_unreadable(path, url=name, model=label or "hovernet", reason=reason) from None
+        raise InvalidInputError(f"checkpoint {path.name!r} cannot be read as tensors ({reason})") from None
     state = _extract_state_dict(obj)
     inferred_mode, inferred_types = _infer_architecture(state)
     model = build_hovernet(mode=mode or inferred_mode, nr_types=inferred_types if nr_types == "auto" else nr_types)
@@ -876,6 +894,7 @@ class HoVerNetSegmenter(NucleusSegmenter):
     """
 
     name = "hovernet"
+    needs_weights = True
 
     def __init__(
         self,

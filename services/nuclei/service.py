@@ -14,7 +14,7 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .base import NucleusCache, available_backends, get_backend, segment_nuclei
+from .base import NucleusCache, available_backends, backend_needs_weights, get_backend, segment_nuclei
 
 
 class NucleiService:
@@ -46,6 +46,13 @@ class NucleiService:
         name = name or self.default_backend
         if not isinstance(name, str) or name not in available_backends():
             raise InvalidInputError(f"unknown nucleus backend {name!r}; known: {available_backends()}")
+        if name != self.default_backend and backend_needs_weights(name):
+            # built with no options it would run random weights and present their output as results
+            raise InvalidInputError(
+                f"nucleus backend {name!r} is not configured on this service (it needs weights, e.g. a "
+                f"checkpoint); use the default backend {self.default_backend!r}, or start the service with "
+                f"backend={name!r} and its weights"
+            )
         with self._lock:
             if name not in self._backends:
                 options = self.backend_options if name == self.default_backend else {}
@@ -63,6 +70,10 @@ class NucleiService:
         Returns :meth:`NucleusResult.to_dict`: ``count``, ``nuclei`` (id, bbox ``[xmin, ymin, xmax, ymax]``,
         centroid ``[x, y]``, GeoJSON polygon, area px², type), ``origin``, ``image_shape`` and, with
         ``include_labels``, ``labels`` (h, w) uint32 of the region. Coordinates are full-image pixels.
+        A backend other than the default is built with no options, so one that needs weights
+        (``hovernet``) is refused unless it is the default (configured with its checkpoint).
         """
+        if not isinstance(include_labels, (bool, np.bool_)):
+            raise InvalidInputError(f"include_labels must be true or false, got {include_labels!r}")
         result = segment_nuclei(image, backend=self._backend(backend), region=region, mpp=mpp, cache=self.cache)
-        return result.to_dict(include_labels=include_labels)
+        return result.to_dict(include_labels=bool(include_labels))

@@ -14,10 +14,12 @@ outputs ``masks, iou_predictions, low_res_masks``), and
 ``segment_image(image, model_id, points_per_side, pred_iou_thresh, stability_score_thresh,
 min_mask_region_area)`` -> ``{"mask": (H, W) uint32 label image}`` (Colab used uint16).
 
-As in Colab, ``compute_embedding`` embeds the whole image resized to the model input (no tiling), and the
-client maps clicks with ``[x, y] * sam_scale``. Unlike Colab's export, the exported decoder crops the
-padding for the real ``orig_im_size`` (see :func:`_exportable_onnx_model`), so masks of non-square images
-are not stretched. Plain class: no ray, no hypha_rpc.
+As in Colab, ``compute_embedding`` embeds the whole image resized to the model input (no tiling). Colab's
+client maps clicks with ``[x, y] * sam_scale``; the exact mapping, which the server uses
+(:func:`~colabel.services.sam.transforms.points_to_model`) and colabel's page too, is
+``[x * round(W*s)/W - 0.5, y * round(H*s)/H - 0.5]`` with ``s = sam_scale``. Unlike Colab's export, the
+exported decoder crops the padding for the real ``orig_im_size`` (see :func:`_exportable_onnx_model`), so
+masks of non-square images are not stretched. Plain class: no ray, no hypha_rpc.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .embeddings import EmbeddingStore
+from .embeddings import DEFAULT_MAX_BYTES, EmbeddingStore
 from .segmenter import SamSegmenter, default_embedding_dir
 
 __all__ = ["ModelPool", "ColabSam", "export_onnx_decoder"]
@@ -59,6 +61,8 @@ class ModelPool:
     progress : bool, default True
     factory : callable, optional
         ``(model_id) -> SamSegmenter``, replacing the default loader (e.g. to wrap prebuilt models).
+    embedding_memory_bytes : int, default 2 GiB
+        Byte budget of the embedding store's in-memory LRU (see :class:`EmbeddingStore` ``max_bytes``).
     """
 
     def __init__(
@@ -73,12 +77,13 @@ class ModelPool:
         overlap: int = 64,
         progress: bool = True,
         factory: Callable[[str], SamSegmenter] | None = None,
+        embedding_memory_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if not isinstance(max_models, int) or max_models < 1:
             raise InvalidInputError(f"max_models must be an int >= 1, got {max_models!r}")
         self.checkpoints = dict(checkpoints or {})
         self.weights_dir = weights_dir
-        self.store = EmbeddingStore(embedding_dir or default_embedding_dir())
+        self.store = EmbeddingStore(embedding_dir or default_embedding_dir(), max_bytes=embedding_memory_bytes)
         self.device = device
         self.max_models = max_models
         self.tile_size = tile_size
@@ -198,9 +203,11 @@ def export_onnx_decoder(sam, *, quantize: bool = True, opset: int = 17) -> bytes
     -------
     model : bytes
         An ONNX model with inputs ``image_embeddings (1, C, g, g)``, ``point_coords (1, N, 2)`` (model
-        frame, ``[x, y] * scale``), ``point_labels (1, N)`` (1 pos, 0 neg, -1 padding, 2/3 box corners),
-        ``mask_input (1, 1, 4g, 4g)``, ``has_mask_input (1,)``, ``orig_im_size (2,)`` ``[H, W]``, all
-        float32; outputs ``masks (1, 1, H, W)`` logits, ``iou_predictions (1, 1)``, ``low_res_masks``.
+        frame: ``[x * round(W*s)/W - 0.5, y * round(H*s)/H - 0.5]``, see
+        :func:`~colabel.services.sam.transforms.points_to_model`), ``point_labels (1, N)`` (1 pos, 0 neg,
+        -1 padding, 2/3 box corners), ``mask_input (1, 1, 4g, 4g)``, ``has_mask_input (1,)``,
+        ``orig_im_size (2,)`` ``[H, W]``, all float32; outputs ``masks (1, 1, H, W)`` logits,
+        ``iou_predictions (1, 1)``, ``low_res_masks``.
     """
     import torch
 
@@ -259,6 +266,8 @@ class ColabSam:
     Parameters
     ----------
     models : ModelPool
+    default_model : str, optional
+        Model id used when a call passes ``model_id=None``; without it ``None`` is refused.
 
     Examples
     --------
@@ -268,10 +277,23 @@ class ColabSam:
     ((1, 256, 64, 64), True)
     """
 
-    def __init__(self, models: ModelPool) -> None:
+    def __init__(self, models: ModelPool, default_model: str | None = None) -> None:
         self.models = models
+        self.default_model = default_model
         self._onnx: dict[tuple[str, bool], bytes] = {}
         self._onnx_lock = threading.Lock()
+
+    def _model_id(self, model_id: str | None) -> str:
+        """*model_id*, or the default model for None (InvalidInputError when there is none)."""
+        if model_id is not None:
+            return model_id
+        if self.default_model is None:
+            raise InvalidInputError("model_id is required: this service has no default model")
+        return self.default_model
+
+    def _model(self, model_id: str | None) -> SamSegmenter:
+        """The segmenter of *model_id* (None: the default model), loaded on first use."""
+        return self.models.get(self._model_id(model_id))
 
     def hello(self) -> str:
         return "Welcome to the Interactive Segmentation service!"
@@ -289,8 +311,8 @@ class ColabSam:
             models[model_id] = info
         return {"status": "ready", "loaded": loaded, "models": models}
 
-    def compute_embedding(self, image: np.ndarray, model_id: str) -> dict[str, Any]:
-        """The whole-image embedding in Colab's format.
+    def compute_embedding(self, image: np.ndarray, model_id: str | None = None) -> dict[str, Any]:
+        """The whole-image embedding in Colab's format (``model_id`` None: the default model).
 
         Returns
         -------
@@ -298,7 +320,7 @@ class ColabSam:
             ``features`` ndarray (1, C, g, g) float32; ``original_image_shape`` [H, W];
             ``sam_scale`` float = model input size / max(H, W); ``mask_threshold`` float (0.0).
         """
-        segmenter = self.models.get(model_id)
+        segmenter = self._model(model_id)
         embedding = segmenter.embed(image, tiling=False)
         height, width = embedding.image_shape
         return {
@@ -308,10 +330,12 @@ class ColabSam:
             "mask_threshold": segmenter.mask_threshold,
         }
 
-    def get_onnx_model(self, model_id: str, quantize: bool = True) -> bytes:
-        """ONNX bytes of the prompt decoder of *model_id* (exported once per id and quantisation)."""
+    def get_onnx_model(self, model_id: str | None = None, quantize: bool = True) -> bytes:
+        """ONNX bytes of the prompt decoder of *model_id* (None: the default model; exported once per id and
+        quantisation)."""
         if not isinstance(quantize, (bool, np.bool_)):
             raise InvalidInputError(f"quantize must be true or false, got {quantize!r}")
+        model_id = self._model_id(model_id)
         key = (model_id, bool(quantize))
         with self._onnx_lock:
             if key in self._onnx:
@@ -325,14 +349,15 @@ class ColabSam:
     def segment_image(
         self,
         image: np.ndarray,
-        model_id: str,
+        model_id: str | None = None,
         points_per_side: int | None = 32,
         pred_iou_thresh: float | None = 0.88,
         stability_score_thresh: float | None = 0.95,
         min_mask_region_area: int | None = 0,
     ) -> dict[str, np.ndarray]:
-        """Automatic segmentation: ``{"mask": (H, W) uint32 label image}`` (0 background)."""
-        segmenter = self.models.get(model_id)
+        """Automatic segmentation: ``{"mask": (H, W) uint32 label image}`` (0 background); ``model_id`` None is
+        the default model."""
+        segmenter = self._model(model_id)
         labels = segmenter.generate(
             image,
             points_per_side=32 if points_per_side is None else points_per_side,

@@ -9,6 +9,14 @@ the second blocks on the lock, re-checks the disk after acquiring it, and loads 
 Keys come from :func:`embedding_key`: sha256 over the image bytes, shape and dtype, the model id, the
 tile grid parameters and a format version, so the same pixels under another model or tiling never
 collide, and a changed pixel always misses.
+
+Bounds: the in-memory LRU holds at most ``max_items`` entries and ``max_bytes`` bytes of arrays (one SAM
+ViT embedding is 4 MiB per tile, so one large tiled image can take hundreds of MiB). The folder is **not
+pruned**: every distinct image adds ``<key>.npz`` (4 MiB per tile for the published models) and
+``<key>.lock``, and ``computed.log`` one line per encoder pass. Old ``.npz`` files may be deleted at any
+time, e.g. ``find DIR -name '*.npz' -mtime +30 -delete``: a deleted embedding is computed again by the next
+``embed`` of its image (``segment`` with its id answers NotFoundError, and the provider then sends the image
+again).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import tempfile
 import threading
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,10 +35,13 @@ import numpy as np
 from colabel.errors import InvalidInputError
 from colabel.files import file_lock
 
-__all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION"]
+__all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION", "DEFAULT_MAX_BYTES"]
 
 #: Bumped whenever the meaning of a stored embedding changes (normalisation, layout).
 KEY_VERSION = "colabel-sam-embedding-v1"
+
+#: Default byte budget of the in-memory LRU of :class:`EmbeddingStore` (2 GiB: about 500 ViT tiles).
+DEFAULT_MAX_BYTES = 2 << 30
 
 Arrays = dict[str, np.ndarray]
 
@@ -77,6 +88,11 @@ def _check_key(key: str) -> str:
 
 
 
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes held by the arrays of one entry."""
+    return sum(int(np.asarray(a).nbytes) for a in arrays.values())
+
+
 class EmbeddingStore:
     """Embeddings on disk (one ``.npz`` per key) with a bounded in-memory LRU in front.
 
@@ -86,7 +102,11 @@ class EmbeddingStore:
         Folder of the ``.npz`` files and their ``.lock`` files; created when missing. Several processes
         may share it.
     max_items : int, default 8
-        In-memory LRU capacity (entries, not bytes: one SAM ViT embedding is 4 MiB per tile).
+        In-memory LRU capacity in entries.
+    max_bytes : int, default :data:`DEFAULT_MAX_BYTES` (2 GiB)
+        In-memory LRU capacity in bytes of arrays (one SAM ViT embedding is 4 MiB per tile); least recently
+        used entries are dropped until both bounds hold, and an entry larger than the budget is not kept in
+        memory at all (it is read from disk when needed again). The files on disk are not pruned.
 
     Examples
     --------
@@ -96,15 +116,21 @@ class EmbeddingStore:
     {'hits_memory': 0, 'hits_disk': 0, 'computed': 1}
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, *, max_items: int = 8) -> None:
-        if not isinstance(max_items, int) or max_items < 0:
-            raise InvalidInputError(f"max_items must be a non-negative int, got {max_items!r}")
+    def __init__(self, cache_dir: str | os.PathLike, *, max_items: int = 8, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
         self.cache_dir = Path(cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._memory: OrderedDict[str, Arrays] = OrderedDict()
+        self._memory_bytes = 0
         self._lock = threading.Lock()
         self._stats = {"hits_memory": 0, "hits_disk": 0, "computed": 0}
+        self._log_lock = threading.Lock()
+        self._log_seen = (0, 0)  # (inode, bytes of computed.log counted so far)
+        self._log_counts: Counter[str] = Counter()
 
     # -- paths ------------------------------------------------------------------------------------
 
@@ -117,14 +143,27 @@ class EmbeddingStore:
 
     # -- memory -----------------------------------------------------------------------------------
 
-    def _remember(self, key: str, arrays: Arrays) -> None:
-        if self.max_items == 0:
-            return
+    def memory_bytes(self) -> int:
+        """Bytes of arrays held by the in-memory LRU now."""
         with self._lock:
+            return self._memory_bytes
+
+    def _forget(self, key: str) -> None:
+        """Drop *key* from memory (caller holds ``self._lock``)."""
+        arrays = self._memory.pop(key, None)
+        if arrays is not None:
+            self._memory_bytes -= _nbytes(arrays)
+
+    def _remember(self, key: str, arrays: Arrays) -> None:
+        size = _nbytes(arrays)
+        with self._lock:
+            self._forget(key)
+            if self.max_items == 0 or size > self.max_bytes:
+                return
             self._memory[key] = arrays
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.max_items:
-                self._memory.popitem(last=False)
+            self._memory_bytes += size
+            while len(self._memory) > self.max_items or self._memory_bytes > self.max_bytes:
+                self._forget(next(iter(self._memory)))
 
     def _from_memory(self, key: str) -> Arrays | None:
         with self._lock:
@@ -174,7 +213,13 @@ class EmbeddingStore:
             self._remember(key, arrays)
         return arrays
 
-    def get_or_compute(self, key: str, compute_fn: Callable[[], Mapping[str, np.ndarray]]) -> Arrays:
+    def get_or_compute(
+        self,
+        key: str,
+        compute_fn: Callable[[], Mapping[str, np.ndarray]],
+        *,
+        accept: Callable[[Arrays], bool] | None = None,
+    ) -> Arrays:
         """Return the arrays of *key*, calling *compute_fn* only if no process has stored them yet.
 
         Parameters
@@ -184,18 +229,25 @@ class EmbeddingStore:
         compute_fn : callable
             ``() -> {name: ndarray}``; called at most once per key across all processes sharing
             *cache_dir* (while the result stays on disk). Arrays must not be object arrays.
+        accept : callable, optional
+            ``(arrays) -> bool``: stored arrays it rejects (e.g. a file of an older format) count as
+            missing, and are computed again and replaced.
 
         Returns
         -------
         arrays : dict of str to ndarray
             Shared with the in-memory cache: treat as read-only.
         """
+
+        def usable(found: Arrays | None) -> bool:
+            return found is not None and (accept is None or bool(accept(found)))
+
         arrays = self.get(key)
-        if arrays is not None:
+        if usable(arrays):
             return arrays
         with file_lock(self._lock_path(key)):
             arrays = self._read(key)  # someone else may have finished while we waited
-            if arrays is not None:
+            if usable(arrays):
                 with self._lock:
                     self._stats["hits_disk"] += 1
                 self._remember(key, arrays)
@@ -221,12 +273,28 @@ class EmbeddingStore:
             os.close(fd)
 
     def computed_total(self, key: str | None = None) -> int:
-        """Encoder passes recorded by every process sharing this folder (for ``key`` only, if given)."""
+        """Encoder passes recorded by every process sharing this folder (for ``key`` only, if given).
+
+        Reads only what was appended to ``computed.log`` since the previous call (the whole file again if it
+        was replaced or truncated)."""
         path = self.cache_dir / "computed.log"
-        if not path.exists():
-            return 0
-        lines = path.read_text().split()
-        return len(lines) if key is None else lines.count(key)
+        with self._log_lock:
+            try:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    inode, offset = self._log_seen
+                    if st.st_ino != inode or st.st_size < offset:  # a new or truncated log: count from the start
+                        self._log_counts.clear()
+                        offset = 0
+                    f.seek(offset)
+                    chunk = f.read(st.st_size - offset)
+            except FileNotFoundError:
+                self._log_seen, self._log_counts = (0, 0), Counter()
+                return 0
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being appended is counted next time
+            self._log_counts.update(complete.decode(errors="replace").split())
+            self._log_seen = (st.st_ino, offset + len(complete))
+            return sum(self._log_counts.values()) if key is None else self._log_counts[key]
 
     def stats(self) -> dict[str, int]:
         """Counters since construction: ``hits_memory``, ``hits_disk``, ``computed`` (encoder passes)."""
@@ -237,6 +305,7 @@ class EmbeddingStore:
         """Forget the in-memory entries (the files stay)."""
         with self._lock:
             self._memory.clear()
+            self._memory_bytes = 0
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
@@ -245,4 +314,4 @@ class EmbeddingStore:
         return self.path(key).exists()
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({str(self.cache_dir)!r}, max_items={self.max_items})"
+        return f"EmbeddingStore({str(self.cache_dir)!r}, max_items={self.max_items}, max_bytes={self.max_bytes})"

@@ -4,7 +4,8 @@ Rules (channels are last; a ``(C, H, W)`` stack is *not* guessed):
 
 * ``(H, W)`` and ``(H, W, 1)``: grey, replicated to three channels.
 * ``(H, W, 3)``: RGB as is. ``(H, W, 4)``: RGBA, alpha dropped (first three channels).
-* ``(H, W, 2)`` or more than 4 channels (multiplexed fluorescence): the mean over channels, as grey.
+* ``(H, W, 2)`` or 5 to 16 channels (multiplexed fluorescence): the mean over channels, as grey.
+* More than 16 channels last is refused: almost always a ``(C, H, W)`` stack given channels-first.
 * ``uint8`` values are used unchanged; ``bool`` becomes 0 / 255.
 * Every other dtype (uint16, int, float): intensities are rescaled linearly so the 0.5th percentile
   becomes 0 and the 99.5th percentile 255 (clipped), computed over all kept channels together so colour
@@ -18,7 +19,11 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-__all__ = ["to_uint8_rgb", "LOW_PERCENTILE", "HIGH_PERCENTILE"]
+__all__ = ["to_uint8_rgb", "LOW_PERCENTILE", "HIGH_PERCENTILE", "MAX_CHANNELS"]
+
+#: Most channels (last axis) accepted. Multiplexed panels of up to 16 markers are averaged to grey; more is
+#: almost always a ``(C, H, W)`` stack passed channels-first (its H rows would be read as channels).
+MAX_CHANNELS = 16
 
 LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
@@ -54,7 +59,8 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
     Raises
     ------
     InvalidInputError
-        Wrong number of dimensions, an empty image, or a non-numeric / complex dtype.
+        Wrong number of dimensions, an empty image, more than :data:`MAX_CHANNELS` channels last, or a
+        non-numeric / complex dtype.
 
     Examples
     --------
@@ -70,6 +76,11 @@ def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
         raise InvalidInputError(f"image must have shape (H, W) or (H, W, C), got {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0 or (array.ndim == 3 and array.shape[2] == 0):
         raise InvalidInputError(f"image must not be empty, got shape {array.shape}")
+    if array.ndim == 3 and array.shape[2] > MAX_CHANNELS:
+        raise InvalidInputError(
+            f"image of shape {array.shape} has {array.shape[2]} channels last, more than {MAX_CHANNELS}: give "
+            f"(H, W) or (H, W, C) with the channels last; a (C, H, W) stack needs np.moveaxis(image, 0, -1)"
+        )
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):

@@ -463,14 +463,18 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = True) -> tuple[d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError of a corrupt zip, ...
+        from colabel.services.weights import load_error_reason
+
         if not trusted:
             raise InvalidInputError(
-                f"checkpoint {path.name} holds more than tensors and is not trusted: {exc}"
+                f"checkpoint {path.name} holds more than tensors and is not trusted ({load_error_reason(exc)})"
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
         except Exception as exc2:  # noqa: BLE001
-            raise InvalidInputError(f"checkpoint {path.name} cannot be read by torch.load: {exc2}") from None
+            raise InvalidInputError(
+                f"checkpoint {path.name} cannot be read by torch.load ({load_error_reason(exc2)})"
+            ) from None
     config = None
     state: Any = obj
     if isinstance(obj, Mapping):

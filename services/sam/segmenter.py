@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from colabel.errors import InvalidInputError
+from colabel.errors import InvalidInputError, NotFoundError
 
 from .embeddings import EmbeddingStore, embedding_key
 from .normalize import to_uint8_rgb
@@ -45,16 +45,34 @@ from .tiling import Tile, frontier_tiles, interior_point, merge_into, route_prom
 from .transforms import box_to_model, points_to_model
 
 __all__ = [
+    "MAX_POINTS",
+    "MAX_POINTS_PER_SIDE",
+    "MAX_POINTS_PER_BATCH",
     "ImageEmbedding",
     "SegmentResult",
     "SamSegmenter",
     "validate_prompts",
+    "check_point_count",
     "paint_labels",
     "default_embedding_dir",
     "mask_to_features",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Most point prompts in one ``segment`` call. Interactive SAM is a handful of clicks per object (the SAM
+#: paper evaluates 1 to 9 points and trains with 11 rounds of prompts); 64 leaves ample room for scripted
+#: prompts while bounding the decoder, whose token attention grows with the square of the number of points
+#: (8000 points took 4 GiB and 20 s even on the tiny test model).
+MAX_POINTS = 64
+
+#: Largest ``points_per_side`` of :meth:`SamSegmenter.generate`: the grid has ``points_per_side ** 2`` prompts
+#: per tile and the time grows with it (SAM's automatic mask generator uses 32; 64 is four times as dense).
+MAX_POINTS_PER_SIDE = 64
+
+#: Largest ``points_per_batch`` of :meth:`SamSegmenter.generate` (prompts decoded at once; memory grows with
+#: it; segment_anything's default is 64).
+MAX_POINTS_PER_BATCH = 256
 
 
 def default_embedding_dir() -> Path:
@@ -153,9 +171,10 @@ def validate_prompts(
     Raises
     ------
     InvalidInputError
-        With one sentence: no prompt at all, empty point list, wrong shapes, NaN or infinity, labels other
-        than 0 / 1, labels without points or of another length, points or box outside
-        ``[0, W] x [0, H]``, a box with ``x1 <= x0`` or ``y1 <= y0``, a mask_input of the wrong shape.
+        With one sentence: no prompt at all, empty point list, more than :data:`MAX_POINTS` points, wrong
+        shapes, NaN or infinity, labels other than 0 / 1, labels without points or of another length,
+        points or box outside ``[0, W] x [0, H]``, a box with ``x1 <= x0`` or ``y1 <= y0``, a mask_input
+        of the wrong shape.
     """
     height, width = image_shape
     pts = labels = bx = mask = None
@@ -167,6 +186,7 @@ def validate_prompts(
             pts = pts[None, :]
         if pts.ndim != 2 or pts.shape[1] != 2:
             raise InvalidInputError(f"points must have shape (N, 2) of [x, y] pixels, got shape {pts.shape}")
+        check_point_count(pts.shape[0])
         outside = (pts[:, 0] < 0) | (pts[:, 0] > width) | (pts[:, 1] < 0) | (pts[:, 1] > height)
         if outside.any():
             i = int(np.argmax(outside))
@@ -210,6 +230,12 @@ def validate_prompts(
             )
         mask = m
     return pts, labels, bx, mask
+
+
+def check_point_count(n: int) -> None:
+    """Raise :class:`InvalidInputError` when a prompt has more than :data:`MAX_POINTS` points (*n*)."""
+    if n > MAX_POINTS:
+        raise InvalidInputError(f"a prompt may have at most {MAX_POINTS} points, got {n}")
 
 
 def keep_object(mask: np.ndarray, positives: np.ndarray | None) -> np.ndarray:
@@ -320,14 +346,31 @@ def _postprocess_small_regions(mask_data, min_area: int, nms_thresh: float):
     return mask_data
 
 
+def _check_int(name: str, value: Any, lo: int, hi: int | None) -> int:
+    """*value* as an int in ``lo..hi`` (no upper bound when *hi* is None), else InvalidInputError."""
+    integer = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not integer or value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"from {lo} to {hi}"
+        raise InvalidInputError(f"{name} must be an int {bounds}, got {value!r}")
+    return int(value)
+
+
 def ambiguous_prompt(points: Any, box: Any) -> bool:
     """SAM's rule for when one prompt may mean several objects, as its exported ONNX decoder applies it.
 
     The decoder counts prompt points with the padding point (added when there is no box) or the two box
     corners, and picks the best of its three masks when that count is below 2.5: one point without a box,
-    or a box alone. ``points`` is (N, 2) array-like or None; ``box`` 4 numbers or None.
+    or a box alone. ``points`` is (N, 2) array-like, one ``[x, y]``, or None; ``box`` 4 numbers or None.
+    Malformed points count as one (:func:`validate_prompts` refuses them afterwards).
     """
-    n = 0 if points is None else len(points)
+    if points is None:
+        n = 0
+    else:
+        try:
+            shape = np.shape(points)
+        except ValueError:  # ragged
+            shape = ()
+        n = int(shape[0]) if len(shape) >= 2 else 1  # a flat [x, y] is one point, as validate_prompts reads it
     return n + (2 if box is not None else 1) < 2.5
 
 
@@ -359,7 +402,8 @@ class SamSegmenter:
     Notes
     -----
     Torch calls run under a per-instance lock, so one segmenter may be shared by threads (calls are
-    serialised); for parallelism use one segmenter per worker.
+    serialised); for parallelism use one segmenter per worker. :meth:`generate` takes the lock once per
+    decoder batch, not for the whole call, so prompts from other threads are decoded between its batches.
 
     Examples
     --------
@@ -478,7 +522,8 @@ class SamSegmenter:
         ----------
         image : ndarray, shape (H, W) or (H, W, C), any dtype
             Normalised with :func:`colabel.services.sam.normalize.to_uint8_rgb` (grey -> RGB; 16-bit
-            and float by 0.5-99.5 percentiles; RGBA drops alpha; 2 or >4 channels are averaged).
+            and float by 0.5-99.5 percentiles; RGBA drops alpha; 2 or 5-16 channels are averaged; more than
+            16 channels last are refused: a channels-first stack).
         tiling : bool, default True
             False embeds the whole image resized to the model input, whatever its size (as BioImage.IO
             Colab does).
@@ -509,9 +554,11 @@ class SamSegmenter:
                 "input_sizes": np.asarray(sizes, dtype=np.int64),
                 "tile_boxes": np.asarray([t.box for t in tiles], dtype=np.int64),
                 "image_shape": np.asarray([height, width], dtype=np.int64),
+                **self._origin(),
             }
 
-        arrays = self.store.get_or_compute(key, compute)
+        # a file of an older format (no model recorded) is computed again and replaced
+        arrays = self.store.get_or_compute(key, compute, accept=lambda stored: self._made_here(stored) is True)
         return ImageEmbedding(
             model_id=self.model_id,
             key=key,
@@ -521,15 +568,43 @@ class SamSegmenter:
             input_sizes=arrays["input_sizes"],
         )
 
+    def _origin(self) -> dict[str, np.ndarray]:
+        """What an embedding records of the model that made it: ``model_id`` and ``fingerprint`` (0-d str)."""
+        return {"model_id": np.asarray(str(self.model_id)), "fingerprint": np.asarray(str(self.fingerprint))}
+
+    def _made_here(self, arrays: Mapping[str, np.ndarray]) -> bool | None:
+        """True when *arrays* were made by this model and weights, False when by another, None when they do not
+        say (an embedding stored before the model was recorded)."""
+        if "model_id" not in arrays or "fingerprint" not in arrays:
+            return None
+        return str(arrays["model_id"]) == str(self.model_id) and str(arrays["fingerprint"]) == str(self.fingerprint)
+
     def load_embedding(self, key: str) -> ImageEmbedding | None:
         """The embedding stored under ``key`` (by this or any replica sharing the store), or None.
 
         Lets a prompt carry only the embedding's key instead of the image: tiles are rebuilt from the stored
-        tile boxes and image shape.
+        tile boxes and image shape. An embedding stored without its model (an older format) counts as
+        missing: :meth:`embed` computes it again.
+
+        Raises
+        ------
+        NotFoundError
+            The embedding was made by another model (or other weights under the same id): decoding it with
+            this model's decoder would give silently wrong masks.
         """
         arrays = self.store.get(key)
         if arrays is None:
             return None
+        made_here = self._made_here(arrays)
+        if made_here is None:
+            return None
+        if not made_here:
+            other = str(arrays["model_id"])
+            what = f"model {other!r}" if other != self.model_id else f"other weights of model {other!r}"
+            raise NotFoundError(
+                f"embedding {key[:16]}... was made by {what}, not by model {self.model_id!r}; call embed with "
+                f"the image and model {self.model_id!r}"
+            )
         height, width = (int(v) for v in arrays["image_shape"])
         boxes = [tuple(int(v) for v in box) for box in arrays["tile_boxes"]]
         for tile_size in (self.tile_size, max(height, width, 16)):
@@ -738,12 +813,14 @@ class SamSegmenter:
         ----------
         image : ndarray, shape (H, W) or (H, W, C)
         points_per_side : int, default 32
-            Grid of point prompts per tile.
+            Grid of point prompts per tile, 1 to :data:`MAX_POINTS_PER_SIDE` (64).
         pred_iou_thresh, stability_score_thresh : float
             SAM's quality filters (defaults as segment_anything / BioImage.IO Colab).
         min_mask_region_area : int, default 0
             Remove islands and fill holes smaller than this (pixels), as SAM does, without OpenCV.
         points_per_batch : int, default 64
+            Prompts decoded at once, 1 to :data:`MAX_POINTS_PER_BATCH` (256). The segmenter's lock is held
+            for one batch at a time, so :meth:`segment` calls from other threads are served between batches.
         tiling : bool, default True
             Run per tile for large images (masks are kept by the tile whose core holds their box centre).
 
@@ -757,10 +834,9 @@ class SamSegmenter:
 
         from colabel.services.torchvision_compat import install
 
-        for name, value, lo in (("points_per_side", points_per_side, 1), ("points_per_batch", points_per_batch, 1),
-                                ("min_mask_region_area", min_mask_region_area, 0)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
-                raise InvalidInputError(f"{name} must be an int >= {lo}, got {value!r}")
+        _check_int("points_per_side", points_per_side, 1, MAX_POINTS_PER_SIDE)
+        _check_int("points_per_batch", points_per_batch, 1, MAX_POINTS_PER_BATCH)
+        _check_int("min_mask_region_area", min_mask_region_area, 0, None)
         for name, value in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh)):
             if not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
                 raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
@@ -770,8 +846,11 @@ class SamSegmenter:
         install()
         from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 
+        lock = self._lock
+
         class _PresetPredictor(SamPredictor):
-            """A SamPredictor whose set_image uses a stored embedding instead of running the encoder."""
+            """A SamPredictor whose set_image uses a stored embedding instead of running the encoder, and whose
+            decoder batches take the segmenter's lock one at a time (interactive calls run between them)."""
 
             preset: tuple[Any, tuple[int, int]]
 
@@ -780,6 +859,10 @@ class SamSegmenter:
                 self.features, self.input_size = self.preset
                 self.original_size = tuple(image.shape[:2])
                 self.is_image_set = True
+
+            def predict_torch(self, *args: Any, **kwargs: Any):
+                with lock:
+                    return super().predict_torch(*args, **kwargs)
 
         class _Generator(SamAutomaticMaskGenerator):
             postprocess_small_regions = staticmethod(_postprocess_small_regions)
@@ -803,8 +886,7 @@ class SamSegmenter:
                 tuple(int(v) for v in embedding.input_sizes[tile.index]),
             )
             generator.predictor = predictor
-            with self._lock:
-                annotations = generator.generate(rgb[tile.slices()])
+            annotations = generator.generate(rgb[tile.slices()])  # the lock is taken per decoder batch
             for ann in annotations:
                 bx, by, bw, bh = ann["bbox"]
                 cx, cy = tile.box[0] + bx + bw / 2, tile.box[1] + by + bh / 2

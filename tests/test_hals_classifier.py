@@ -247,6 +247,182 @@ def test_bad_input_is_a_clear_error(cells):
         Ensemble().predict(x)
 
 
+def small_set(n: int = 40, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, d) float32, labels (n,) of 2 classes) that a 2-head ensemble trains on in milliseconds."""
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 2
+    return (rng.normal(0, 1, (n, d)) + y[:, None]).astype(np.float32), y
+
+
+def test_n_classes_above_the_limit_is_refused_before_anything_is_allocated(tmp_path):
+    """``n_classes=10**12`` used to reach ``np.bincount(minlength=n_classes)``: a 7 TiB MemoryError (or, just
+    under the machine's memory, a real allocation that gets the replica OOM-killed)."""
+    from colabel.services.hals.classifier import MAX_CLASSES
+    from colabel.services.hals.service import ClassifierService
+
+    x, y = small_set()
+    assert MAX_CLASSES == 1000
+    for n_classes in (10**12, 10**9, MAX_CLASSES + 1):
+        with pytest.raises(InvalidInputError, match=f"n_classes must be at most 1000, got {n_classes}"):
+            Ensemble().fit(x, y, n_classes=n_classes)
+        with pytest.raises(InvalidInputError, match="n_classes must be at most 1000"):
+            ClassifierService(str(tmp_path), n_members=2).fit(x, y, n_classes)
+    # 1000 itself is allowed: the call goes on to the label checks
+    with pytest.raises(InvalidInputError, match="class 2 has 0"):
+        Ensemble().fit(x, y, n_classes=MAX_CLASSES)
+
+
+#: case -> (method, its arguments from (features x, labels y, model id m), the sentence expected)
+MALFORMED_CLASSIFIER_CALLS = {
+    "fit-features-str": ("fit", lambda x, y, m: ("abc", y, 2), r"features must be a numeric \(N, D\) array: could not"),
+    "fit-features-ragged": ("fit", lambda x, y, m: ([[1, 2], [3]], [0, 1], 2), r"\(N, D\) array: .*inhomogeneous"),
+    "fit-labels-ragged": ("fit", lambda x, y, m: (x, [[0, 1], [1]], 2), r"labels must be a vector \(N,\)"),
+    "fit-labels-1e30": ("fit", lambda x, y, m: (x, np.full(len(y), 1e30), 2), r"lie in 0\.\.1 .*found 1e\+30"),
+    "fit-seed-str": ("fit", lambda x, y, m: (x, y, 2, "x"), "seed must be an integer, got 'x'"),
+    "fit-seed-2**70": ("fit", lambda x, y, m: (x, y, 2, 2**70), r"seed must lie in 0\.\.281474976710655"),
+    "fit-seed-negative": ("fit", lambda x, y, m: (x, y, 2, -1), r"seed must lie in 0\.\."),
+    "fit-seed-None": ("fit", lambda x, y, m: (x, y, 2, None), "seed must be an integer, got None"),
+    "fit-n_classes-bool": ("fit", lambda x, y, m: (x, y, True), "n_classes must be an integer"),
+    "predict-features-str": ("predict", lambda x, y, m: (m, "abc"), r"\(N, D\) array: could not convert"),
+    "predict-features-ragged": ("predict", lambda x, y, m: (m, [[1.0] * 8, [2.0]]), "inhomogeneous"),
+    "predict-wrong-width": ("predict", lambda x, y, m: (m, np.zeros((2, 5))), "must have 8 columns"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CLASSIFIER_CALLS))
+def test_malformed_service_arguments_are_invalid_input_sentences_not_numpy_errors(tmp_path, case):
+    """Each of these used to escape as numpy's or int()'s raw ValueError / TypeError, which the provider reports
+    as ``ModelServiceUnavailable: classifier.fit failed`` (retry) instead of "fix the input"."""
+    from colabel.services.hals.service import ClassifierService
+
+    method, arguments, message = MALFORMED_CLASSIFIER_CALLS[case]
+    x, y = small_set()
+    service = ClassifierService(str(tmp_path), n_members=2)
+    model_id = service.fit(x, y, 2)["model_id"]
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        getattr(service, method)(*arguments(x, y, model_id))
+    assert "\n" not in str(caught.value)  # a remote caller reads the last line only
+
+
+def test_service_fit_ids_are_unchanged_and_predict_answers_zero_rows(tmp_path):
+    """The checks convert exactly as before (model ids are logged by the provider and must stay the same), and
+    ``predict`` on no cells returns empty arrays (``embed`` used to fail reshaping 0 rows to ``(0, -1)``)."""
+    from colabel.services.hals.service import ClassifierService, _digest
+
+    x, y = small_set()
+    service = ClassifierService(str(tmp_path), n_members=2)
+    fit = service.fit(x.astype(np.float64).tolist(), y.tolist(), 2, 3)
+    assert fit["model_id"] == _digest(x, y.astype(np.int64), extra="2|3|2")
+    out = service.predict(fit["model_id"], np.zeros((0, 8)))
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+        "classes": ((0,), np.int32), "confidence": ((0,), np.float32), "uncertainty": ((0,), np.float32),
+        "embedding": ((0, 64), np.float32)}
+
+
+@pytest.mark.parametrize(("centroids", "shape"), [
+    ([[10, 10, 1], [30, 40, 1]], r"\(2, 3\)"),  # 2 cells, 3 numbers each: used to become 3 made-up cells
+    ([10, 10, 1], r"\(3,\)"),  # used to be numpy's "cannot reshape array of size 3"
+    ([[10, 10, 20, 20]], r"\(1, 4\)"),  # used to become 2 cells
+    (np.zeros((2, 0)), r"\(2, 0\)"),
+    (np.zeros((0, 3)), r"\(0, 3\)"),
+])
+def test_service_features_refuses_centroids_not_n_by_2_instead_of_reshaping_them(tmp_path, centroids, shape):
+    from colabel.services.hals.service import ClassifierService
+
+    image = np.zeros((64, 64), np.uint8)
+    expected = r"centroids_xy must have shape \(N, 2\) as \[x, y\], got shape " + shape
+    with pytest.raises(InvalidInputError, match=expected):
+        ClassifierService(str(tmp_path)).features(image, centroids)
+
+
+def test_service_features_of_no_centroids_is_an_empty_array_without_the_backbone(tmp_path):
+    """N = 0 used to fail inside the cache key (``memoryview: cannot cast view with zeros in shape``)."""
+    from colabel.services.hals.service import CNN_DIM, ClassifierService
+
+    service = ClassifierService(str(tmp_path))
+    image = np.zeros((64, 48, 3), np.uint8)
+    labels = np.zeros((64, 48), np.int32)
+    for centroids in ([], np.zeros((0, 2)), np.zeros(0)):
+        out = service.features(image, centroids)
+        assert out.shape == (0, CNN_DIM) and out.dtype == np.float32
+        cell = service.features(image, centroids, labels, [])
+        assert cell.shape == (0, CNN_DIM + 12) and cell.dtype == np.float32
+    assert service._extractor is None  # nothing to compute, so no backbone was loaded
+    with pytest.raises(InvalidInputError, match="1 nucleus ids for 0 centroids"):
+        service.features(image, [], labels, [3])
+    with pytest.raises(InvalidInputError, match="ids were given without labels"):
+        service.features(image, [], None, [])
+
+
+@pytest.mark.parametrize(("image", "labels", "ids", "message"), [
+    ("abc", None, None, "image must be a numeric array"),
+    ([[1, 2], [3]], None, None, r"image must be a numeric \(H, W\) or \(H, W, C\) array: .*inhomogeneous"),
+    (np.zeros((64, 64)), np.zeros((64, 64), np.int32), "ab", r"ids must be a vector \(N,\) of integer nucleus"),
+    (np.zeros((64, 64)), np.zeros((64, 64), np.int32), [[1], [2, 3]], "ids must be a vector"),
+    (np.zeros((64, 64)), np.zeros((64, 64), np.int32), [1.5], "ids must be a vector"),
+    (np.zeros((64, 64)), [[1, 2], [3]], [1], r"labels must be an \(H, W\) integer label image: .*inhomogeneous"),
+])
+def test_service_features_malformed_image_labels_or_ids_are_invalid_input(tmp_path, image, labels, ids, message):
+    from colabel.services.hals.service import ClassifierService
+
+    with pytest.raises(InvalidInputError, match=message):
+        ClassifierService(str(tmp_path)).features(image, [[10.0, 10.0]], labels, ids)
+
+
+async def test_malformed_hals_arguments_reach_model_assist_as_invalid_input(tmp_path):
+    """Through the provider's ModelAssist, directly on the in-process backend and over the (simulated) Hypha
+    path, a malformed argument is ``InvalidInputError`` with the service's sentence (``fix the input``), not
+    ``ModelServiceUnavailable: classifier.fit failed`` (``retry``)."""
+    import types
+
+    from colabel.apps.provider.assist import ModelAssist
+    from colabel.services.gateway import LocalBackend, register_model_services
+    from colabel.services.hals.service import ClassifierService, CoresetService
+
+    class Server:
+        """What register_model_services and ModelAssist use of a Hypha connection: a registered function
+        raises as hypha-rpc delivers a remote error (its text, ``<Kind>: <sentence>``)."""
+
+        def __init__(self) -> None:
+            self.services: dict[str, dict] = {}
+
+        async def register_service(self, spec: dict) -> dict:
+            self.services[f"ws/gateway:{spec['id']}"] = spec
+            return {"id": f"ws/gateway:{spec['id']}"}
+
+        async def get_service(self, service_id: str):
+            return types.SimpleNamespace(**self.services[service_id])
+
+    server = Server()
+    backends = {"classifier": LocalBackend("classifier", ClassifierService(str(tmp_path), n_members=2)),
+                "coreset": LocalBackend("coreset", CoresetService())}
+    ids = await register_model_services(server, backends, prefix="t")
+    x, y = small_set()
+    rng = np.random.default_rng(1)
+    centroids = rng.uniform(0, 100, (len(x), 2))
+    labelled = np.zeros(len(x), bool)
+    calls = [
+        ("classifier", "fit", ("abc", y, 2), "features must be a numeric"),
+        ("classifier", "fit", ([[1, 2], [3]], [0, 1], 2), "inhomogeneous"),
+        ("classifier", "fit", (x, y, 2, "x"), "seed must be an integer"),
+        ("classifier", "fit", (x, y, 2, 2**70), "seed must lie in"),
+        ("classifier", "fit", (x, y, 10**12), "n_classes must be at most 1000"),
+        ("classifier", "features", (np.zeros((64, 64), np.uint8), [[10, 10, 1], [30, 40, 1]]), r"got shape \(2, 3\)"),
+        ("coreset", "select", (x, labelled, None), "k must be an integer"),
+        ("coreset", "select", (x, labelled, float("nan")), "k must be an integer"),
+        ("coreset", "select", (x, labelled, True), "k must be an integer"),
+        ("coreset", "select", ("abc", labelled, 3), "features must be a numeric"),
+        ("coreset", "next_patch", (x, labelled, centroids, None, 64, 3), "image_shape must be"),
+        ("coreset", "next_patch", (x, labelled, centroids, [100, 100], "x", 3), "patch_size must be"),
+    ]
+    for direct in (True, False):
+        assist = ModelAssist(None, server, ids, direct=direct)
+        for name, method, args, message in calls:
+            with pytest.raises(InvalidInputError, match=message):
+                await assist.call(name, method, *args)
+    del backends  # the registration's backends live as long as this test
+
+
 # ------------------------------------------------------------------------------------- online policy
 
 

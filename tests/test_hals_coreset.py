@@ -363,3 +363,136 @@ def test_coreset_then_patch_end_to_end():
     assert set(sel.tolist()) == set(odd.tolist())
     choice = select_patch(xy, sel, image_shape=(1000, 1000), patch_size=250)
     assert (choice.row, choice.col, choice.count) == (0, 3, 6)
+
+
+# ------------------------------------------------------------------------------------------- bounds and input
+
+
+def test_select_patch_memory_does_not_depend_on_the_number_of_patches():
+    """1 px patches over a 10^6 x 10^6 (or 10^9 x 10^9) image used to allocate a count per patch: numpy's
+    MemoryError for 7.28 TiB (6.94 EiB); just under the machine's memory, a real allocation and an OOM kill."""
+    import tracemalloc
+
+    xy = np.array([[10.5, 10.5], [10.2, 10.9], [999_999.5, 3.5], [20.5, 999_999.0]])
+    tracemalloc.start()
+    try:
+        for side in (10**6, 10**9):
+            choice = select_patch(xy, [0, 1, 2, 3], image_shape=(side, side), patch_size=1)
+            assert (choice.row, choice.col, choice.count) == (10, 10, 2)
+            assert (choice.x0, choice.y0, choice.x1, choice.y1) == (10, 10, 11, 11)
+            assert choice.selected_in_patch.tolist() == [0, 1]
+            tie = select_patch(xy, [3, 2], image_shape=(side, side), patch_size=1)
+            assert (tie.row, tie.col) == (3, 999_999)  # ties: first in reading order, as before
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # under 1 MiB: counts grow with the selection, not the grid
+    multi = select_patch_multi({"a": xy}, {"a": [0, 1, 2]}, image_shapes={"a": (10**6, 10**6)}, patch_size=1)
+    assert (multi.image_id, multi.row, multi.col, multi.count) == ("a", 10, 10, 2)
+
+
+def test_grid_refuses_more_than_a_million_patches():
+    from colabel.services.hals.coreset import MAX_GRID_PATCHES
+
+    assert MAX_GRID_PATCHES == 1_000_000
+    assert len(grid((1000, 1000), 1)) == 1_000_000
+    with pytest.raises(InvalidInputError, match=r"a grid of 1002001 patches is more than 1000000: use a larger "
+                                                r"patch_size than \(1, 1\) for a 1001 x 1001 image"):
+        grid((1001, 1001), 1)
+    with pytest.raises(InvalidInputError, match="more than 1000000"):
+        grid((10**9, 10**9), 1)
+
+
+@pytest.mark.parametrize("image_shape", [None, "ab", "12", 100, (100,), (0, 10), (-5, 10), (100.0, 100), (100, 12.5),
+                                         (True, 100), (2**31 + 1, 10), (10**12, 10**12), (None, 100), {"h": 1, "w": 2}])
+def test_image_shape_must_be_positive_whole_pixels(image_shape):
+    xy = np.array([[1.0, 1.0]])
+    with pytest.raises(InvalidInputError, match=r"image_shape must be \(H, W\), whole numbers of pixels from 1 to "
+                                                r"2147483648, got "):
+        select_patch(xy, [0], image_shape=image_shape, patch_size=8)
+    with pytest.raises(InvalidInputError, match=r"image_shape must be \(H, W\)"):
+        grid(image_shape, 8)
+
+
+@pytest.mark.parametrize("patch_size", [None, "x", "8", 0, -1, 12.5, float("nan"), True, (8,), (8, 8, 8), (8, 0),
+                                        (8.0, 8), 2**31 + 1])
+def test_patch_size_must_be_positive_whole_pixels(patch_size):
+    xy = np.array([[1.0, 1.0]])
+    with pytest.raises(InvalidInputError, match=r"patch_size must be an integer or \(h, w\), whole numbers of "
+                                                r"pixels from 1 to 2147483648, got "):
+        select_patch(xy, [0], image_shape=(100, 100), patch_size=patch_size)
+
+
+def test_valid_shapes_and_patch_sizes_of_every_integer_kind_still_work():
+    xy = np.array([[50.0, 20.0]])
+    for image_shape, patch_size in [((100, 100, 3), 32), (np.array([100, 100]), np.int64(32)),
+                                    ([np.int32(100), 100], (np.int16(32), 32)), ((100, 100), np.array(32)),
+                                    ((100, 100), np.array([32, 32]))]:
+        choice = select_patch(xy, [0], image_shape=image_shape, patch_size=patch_size)
+        assert (choice.row, choice.col, choice.x0, choice.y0, choice.x1, choice.y1) == (0, 1, 32, 0, 64, 32)
+
+
+#: case -> (method, its arguments from (features f, labelled mask b, centroids c), the sentence expected)
+MALFORMED_CORESET_CALLS = {
+    "select-k-None": ("select", lambda f, b, c: (f, b, None), "k must be an integer number of cells, got None"),
+    "select-k-nan": ("select", lambda f, b, c: (f, b, float("nan")), "k must be an integer number of cells, got nan"),
+    "select-k-bool": ("select", lambda f, b, c: (f, b, True), "k must be an integer number of cells, got True"),
+    "select-k-str": ("select", lambda f, b, c: (f, b, "x"), "k must be an integer number of cells, got 'x'"),
+    "select-k-float": ("select", lambda f, b, c: (f, b, 2.5), "k must be an integer number of cells, got 2.5"),
+    "select-seed-str": ("select", lambda f, b, c: (f, b, 3, "x"), "seed must be a non-negative integer, got 'x'"),
+    "select-seed-negative": ("select", lambda f, b, c: (f, b, 3, -1), "seed must be a non-negative integer"),
+    "select-features-str": ("select", lambda f, b, c: ("abc", b, 3), r"features must be a numeric \(N, D\) array"),
+    "select-features-ragged": ("select", lambda f, b, c: ([[1.0, 2.0], [3.0]], [False, False], 1), "inhomogeneous"),
+    "select-labelled-indices": ("select", lambda f, b, c: (f, [0, 1, 2], 3), "labelled must be a bool vector of len"),
+    "select-labelled-strings": ("select", lambda f, b, c: (f, ["a"] * len(f), 3), "labelled must be a bool vector"),
+    "select-labelled-ragged": ("select", lambda f, b, c: (f, [[True], [False, True]], 3), "labelled must be a bool"),
+    "select-labelled-None": ("select", lambda f, b, c: (f, None, 3), "labelled must be a bool vector"),
+    "next_patch-image_shape-None": ("next_patch", lambda f, b, c: (f, b, c, None, 64, 3), r"image_shape must be \("),
+    "next_patch-patch_size-str": ("next_patch", lambda f, b, c: (f, b, c, [100, 100], "x", 3), "patch_size must be"),
+    "next_patch-patch_size-float": ("next_patch", lambda f, b, c: (f, b, c, [100, 100], 12.5, 3), "patch_size must"),
+    "next_patch-centroids-str": ("next_patch", lambda f, b, c: (f, b, "ab", [100, 100], 64, 3), "centroids_xy must"),
+    "next_patch-k-None": ("next_patch", lambda f, b, c: (f, b, c, [100, 100], 64, None), "k must be an integer"),
+    # checked even when every cell is labelled (nothing to select, so nothing else would look at them)
+    "next_patch-all-labelled-bad-shape": ("next_patch", lambda f, b, c: (f, np.ones(len(f), bool), c, None, 64, 3),
+                                          r"image_shape must be \("),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_CORESET_CALLS))
+def test_malformed_coreset_service_arguments_are_invalid_input_sentences(case):
+    """Each of these used to escape as numpy's or int()'s raw ValueError / TypeError (or, for a float k or patch
+    size, a bool k, an index list or strings as ``labelled``, to be silently reinterpreted)."""
+    from colabel.services.hals.service import CoresetService
+
+    method, arguments, message = MALFORMED_CORESET_CALLS[case]
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 4)).astype(np.float32)
+    labelled = np.zeros(50, bool)
+    labelled[:5] = True
+    centroids = rng.uniform(0, 100, (50, 2))
+    with pytest.raises(InvalidInputError, match=message) as caught:
+        getattr(CoresetService(), method)(*arguments(features, labelled, centroids))
+    assert "\n" not in str(caught.value)  # a remote caller reads the last line only
+
+
+def test_coreset_service_still_takes_what_the_provider_sends():
+    """The provider's own call (bool mask, list image shape, int patch size, k, seed) and 0 / 1 integers as the
+    mask, float64 or integer features (used as float32, as before), and k <= 0 or k above the pool."""
+    from colabel.services.hals.service import CoresetService
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 4))
+    labelled = np.zeros(50, bool)
+    labelled[:5] = True
+    centroids = rng.uniform(0, 100, (50, 2))
+    service = CoresetService()
+    expected = k_center_greedy(features.astype(np.float32), labelled, 3)
+    assert service.select(features, labelled, 3).tolist() == expected.tolist()
+    assert service.select(features.astype(np.float32), labelled.astype(int), np.int64(3)).tolist() == expected.tolist()
+    assert service.select(features, labelled.tolist(), 3, None).tolist() == expected.tolist()
+    assert service.select((features * 100).astype(np.int32), labelled, 3).shape == (3,)
+    assert service.select(features, labelled, 0).tolist() == [] and service.select(features, labelled, -2).size == 0
+    assert len(service.select(features, labelled, 10**30)) == 45
+    patch = service.next_patch(features, labelled, centroids, [100, 100], 64, 3, 0)
+    assert patch["selected"] == expected.tolist() and patch["count"] >= 1
+    assert service.next_patch(features, np.ones(50, bool), centroids, (100, 100, 3))["row"] is None

@@ -45,6 +45,8 @@ from colabel.errors import ColabelError, InvalidInputError
 
 __all__ = [
     "HIDDEN_UNITS",
+    "MAX_CLASSES",
+    "MAX_SEED",
     "Head",
     "Ensemble",
     "OnlineClassifier",
@@ -57,6 +59,15 @@ __all__ = [
 
 #: Units of each of the two hidden layers (HALS).
 HIDDEN_UNITS = 32
+
+#: Largest ``n_classes``: the output layer, the per-class splits and the class counts grow with it, so one
+#: absurd number (``10**12``) must not allocate terabytes.
+MAX_CLASSES = 1000
+
+#: Largest seed (of a member): seeds feed numpy (non-negative) and torch (``seed * 7919 + ...`` must fit in
+#: 64 bits); ``2**48 - 1`` leaves room for ``seed + member`` and :class:`OnlineClassifier`'s
+#: ``seed + 1000 * version``.
+MAX_SEED = 2**48 - 1
 
 #: Training defaults (see :func:`train_head`), chosen so that a 5-member ensemble retrains on 200 labels
 #: of 1280-d features well inside 200 ms on 2 CPU cores (see :func:`bench_retrain`).
@@ -82,19 +93,37 @@ class NotReadyError(ColabelError):
 # ------------------------------------------------------------------------------------------- inputs
 
 
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (a remote caller reads an error's last line only)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _check_n_classes(n_classes: Any) -> int:
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
+    """``n_classes`` as an int in ``2 .. MAX_CLASSES`` (else :class:`InvalidInputError`)."""
+    if isinstance(n_classes, (bool, np.bool_)) or not isinstance(n_classes, (int, np.integer)):
         raise InvalidInputError(f"n_classes must be an integer, got {n_classes!r}")
     if n_classes < 2:
         raise InvalidInputError(f"a classifier needs at least 2 classes, got n_classes={n_classes}")
+    if n_classes > MAX_CLASSES:
+        raise InvalidInputError(f"n_classes must be at most {MAX_CLASSES}, got {n_classes}")
     return int(n_classes)
 
 
+def _check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` as an int in ``0 .. MAX_SEED`` (else :class:`InvalidInputError`)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise InvalidInputError(f"{name} must be an integer, got {repr(seed)[:80]}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"{name} must lie in 0..{MAX_SEED} (2**48 - 1), got {seed}")
+    return int(seed)
+
+
 def _check_features(features: ArrayLike, *, dim: int | None = None, name: str = "features") -> np.ndarray:
+    """``features`` as a finite ``(N, D)`` float32 array (no copy when it is one already); ``dim``: required D."""
     try:
         x = np.asarray(features, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{name} must be a numeric (N, D) array: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"{name} must be a numeric (N, D) array: {_one_line(exc)}") from None
     if x.ndim != 2:
         raise InvalidInputError(f"{name} must have shape (N, D), got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
@@ -106,20 +135,24 @@ def _check_features(features: ArrayLike, *, dim: int | None = None, name: str = 
 
 
 def _check_labels(labels: ArrayLike, n: int, n_classes: int, *, min_per_class: int = 2) -> np.ndarray:
-    y = np.asarray(labels)
+    """``labels`` as ``(n,)`` int64 class indices in ``0 .. n_classes - 1``, every class ``min_per_class`` times."""
+    try:
+        y = np.asarray(labels)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"labels must be a vector (N,) of class indices: {_one_line(exc)}") from None
     if y.ndim != 1:
         raise InvalidInputError(f"labels must have shape (N,), got shape {y.shape}")
     if len(y) != n:
         raise InvalidInputError(f"labels and features disagree: {len(y)} labels for {n} feature rows")
     if y.size and not (np.issubdtype(y.dtype, np.integer) or
-                       (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+                       (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(np.mod(y, 1) == 0))):
         raise InvalidInputError(f"labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    out = (y < 0) | (y >= n_classes)
+    out = (y < 0) | (y >= n_classes)  # before the cast: 1e30 must not wrap around to a valid class
     if out.any():
         raise InvalidInputError(
-            f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), found {int(y[out][0])}"
+            f"labels must lie in 0..{n_classes - 1} (n_classes={n_classes}), found {y[out][0].item():g}"
         )
+    y = y.astype(np.int64)
     counts = np.bincount(y, minlength=n_classes)
     few = np.flatnonzero(counts < min_per_class)
     if few.size:
@@ -441,9 +474,10 @@ def train_head(
         Class indices in ``0 .. n_classes - 1``; every class needs at least 2 labels (one to train,
         one to validate).
     n_classes : int
-        At least 2.
+        ``2 .. MAX_CLASSES`` (1000).
     seed : int
-        Seeds the split, the oversampling, the initialisation and the batch order.
+        ``0 .. MAX_SEED`` (``2**48 - 1``). Seeds the split, the oversampling, the initialisation and the batch
+        order.
     lr : float
         SGD learning rate (momentum 0.9, weight decay 1e-4); default 0.1.
     max_epochs : int
@@ -468,8 +502,9 @@ def train_head(
     Raises
     ------
     InvalidInputError
-        NaN / inf features, shape mismatches, labels out of range, fewer than 2 classes or fewer than
-        2 labels in a class.
+        Non-numeric or NaN / inf features, shape mismatches, labels out of range, fewer than 2 or more than
+        :data:`MAX_CLASSES` classes, fewer than 2 labels in a class, a seed that is not an integer in
+        ``0 .. MAX_SEED``.
 
     Notes
     -----
@@ -487,8 +522,9 @@ def train_head(
     c = _check_n_classes(n_classes)
     x = _check_features(features)
     y = _check_labels(labels, len(x), c)
+    seed = _check_seed(seed)
     kw = _train_kwargs({"lr": lr, "max_epochs": max_epochs, "batch_size": batch_size, **options})
-    return _fit_members(x, y, c, [int(seed)], **kw)[0]
+    return _fit_members(x, y, c, [seed], **kw)[0]
 
 
 # ------------------------------------------------------------------------------------------ ensemble
@@ -538,9 +574,9 @@ class Ensemble:
         n_members : int
             Number of heads (ignored when *seeds* is given).
         seeds : sequence of int, optional
-            One seed per member; default ``seed, seed + 1, ...``.
+            One distinct seed per member, each in ``0 .. MAX_SEED``; default ``seed, seed + 1, ...``.
         seed : int
-            Base seed when *seeds* is not given.
+            Base seed when *seeds* is not given (``0 .. MAX_SEED``).
         **train_options
             ``lr``, ``max_epochs``, ``batch_size``, ``momentum``, ``weight_decay``, ``patience``,
             ``min_delta``, ``val_fraction`` (see :func:`train_head`).
@@ -551,8 +587,10 @@ class Ensemble:
         if seeds is None:
             if isinstance(n_members, bool) or not isinstance(n_members, (int, np.integer)) or n_members < 1:
                 raise InvalidInputError(f"n_members must be a positive integer, got {n_members!r}")
-            seeds = [int(seed) + i for i in range(int(n_members))]
-        seeds = [int(s) for s in seeds]
+            seeds = [_check_seed(seed) + i for i in range(int(n_members))]
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+            raise InvalidInputError(f"seeds must be a sequence of integers, got {repr(seeds)[:80]}")
+        seeds = [_check_seed(s, "every seed") for s in seeds]
         if not seeds or len(set(seeds)) != len(seeds):
             raise InvalidInputError(f"seeds must be distinct and non-empty, got {seeds}")
         kw = _train_kwargs(train_options)
@@ -652,7 +690,8 @@ class Ensemble:
         if how == "mean":
             return e.mean(axis=0).astype(np.float32)
         if how == "concat":
-            return np.ascontiguousarray(e.transpose(1, 0, 2).reshape(e.shape[1], -1), dtype=np.float32)
+            m, n, h = e.shape  # explicit sizes: -1 is ambiguous for 0 rows
+            return np.ascontiguousarray(e.transpose(1, 0, 2).reshape(n, m * h), dtype=np.float32)
         raise InvalidInputError(f"how must be 'mean' or 'concat', got {how!r}")
 
 
@@ -734,7 +773,7 @@ class OnlineClassifier:
     Parameters
     ----------
     n_classes : int
-        At least 2.
+        ``2 .. MAX_CLASSES`` (1000).
     features : callable, array or mapping, optional
         Where cell features come from: ``f(cell_ids) -> (n, D)``, an ``(n_cells, D)`` array indexed by
         integer cell id, or a ``{cell_id: (D,)}`` mapping. Can also be given to each call.
@@ -782,7 +821,7 @@ class OnlineClassifier:
         self.min_labels_per_class = int(min_labels_per_class)
         self.retrain_every = int(retrain_every)
         self.n_members = int(n_members)
-        self.seed = int(seed)
+        self.seed = _check_seed(seed)
         self.train_options = dict(_train_kwargs(train_options))
         self._labels: dict[Hashable, int] = {}
         self._lock = threading.Lock()  # guards the label set (held for microseconds)

@@ -37,6 +37,9 @@ Patches
 -------
 :func:`select_patch` lays a regular grid of ``patch_size`` pixels over an image (edge patches are clipped
 to the image) and returns the patch holding most selected cells, ties broken in reading order (row-major).
+Only the patches holding a selected cell are counted, so its memory does not depend on the size of the grid.
+Image sizes and patch sizes are whole pixels (integers, at most :data:`MAX_IMAGE_SIDE`); :func:`grid`, which
+lists every patch, refuses more than :data:`MAX_GRID_PATCHES`.
 Centroids use colabel's ``xy`` convention (:mod:`colabel.coords`): ``x`` = column, ``y`` = row, origin at
 the top-left corner of the top-left pixel, so the image spans ``[0, W] x [0, H]``.
 """
@@ -63,6 +66,8 @@ __all__ = [
     "reduce_features",
     "coverage_radius",
     "grid",
+    "MAX_GRID_PATCHES",
+    "MAX_IMAGE_SIDE",
     "select_patch",
     "select_patch_multi",
     "synthetic_features",
@@ -75,6 +80,11 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 22
 # Below this fraction of rows, the candidate pool is gathered block by block instead of scanning every row.
 _SPARSE_FRACTION = 0.25
+#: Largest image side (pixels) of a patch grid: grid positions stay far inside int64.
+MAX_IMAGE_SIDE = 1 << 31
+#: Most patches :func:`grid` lists (it builds one object per patch); :func:`select_patch` counts only the
+#: patches that hold a selected cell, so its memory does not depend on the grid.
+MAX_GRID_PATCHES = 1_000_000
 
 FirstCentre = Literal["farthest_from_mean", "random"]
 ReduceMethod = Literal["pca", "random"]
@@ -85,14 +95,40 @@ ReduceMethod = Literal["pca", "random"]
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _short(value) -> str:
+    """``repr(value)``, at most 80 characters (for error messages)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_features(features: np.ndarray) -> np.ndarray:
     if not isinstance(features, np.ndarray):
-        features = np.asarray(features)  # a list is copied once; an ndarray / memmap never is
+        try:
+            features = np.asarray(features)  # a list is copied once; an ndarray / memmap never is
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"features must be a numeric (N, D) array: {' '.join(str(exc).split())}") from None
     if features.ndim != 2:
         raise InvalidInputError(f"features must have shape (N, D), got shape {features.shape}")
     if features.dtype.kind != "f":
         raise InvalidInputError(f"features must be floating point, got dtype {features.dtype}")
     return features
+
+
+def _check_k(k) -> int:
+    """``k`` as an int (not a bool, a float, NaN or None), else :class:`InvalidInputError`."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise InvalidInputError(f"k must be an integer number of cells, got {_short(k)}")
+    return int(k)
+
+
+def _check_seed(seed) -> int | None:
+    """``seed`` as None or a non-negative int (what ``np.random.default_rng`` takes), else
+    :class:`InvalidInputError`."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InvalidInputError(f"seed must be a non-negative integer, got {_short(seed)}")
+    return int(seed)
 
 
 def _as_indices(selection: ArrayLike | None, n: int, name: str) -> np.ndarray:
@@ -409,12 +445,12 @@ def select_coreset(
     labelled : bool mask (N,) or index array or None
         Rows already labelled: the initial centres. Never selected.
     k : int
-        Number of rows to select, ``0 <= k <= len(pool)``; more than the pool raises
-        :class:`~colabel.errors.InvalidInputError`.
+        Number of rows to select, an integer ``0 <= k <= len(pool)``; more than the pool, or not an integer
+        (a float, a bool, None), raises :class:`~colabel.errors.InvalidInputError`.
     candidates : bool mask (N,) or index array, optional
         The unlabelled pool to select from and to cover. Default: every row not in ``labelled``. Labelled rows
         in ``candidates`` are removed from it.
-    seed : int or None
+    seed : int >= 0 or None
         Seeds ``first="random"`` and the projection of ``reduce_dim``.
     first : {"farthest_from_mean", "random"}
         Only used when nothing is labelled: the first centre is the candidate farthest from the candidates'
@@ -454,11 +490,12 @@ def select_coreset(
         cand = np.flatnonzero(keep).astype(np.int64)
     else:
         cand = np.setdiff1d(_as_indices(candidates, n, "candidates"), lab, assume_unique=True)
-    k = int(k)
+    k = _check_k(k)
     if k < 0:
         raise InvalidInputError(f"k must be >= 0, got {k}")
     if k > len(cand):
         raise InvalidInputError(f"k={k} is larger than the unlabelled pool ({len(cand)} candidates)")
+    seed = _check_seed(seed)
     rng = np.random.default_rng(seed)
     extra: dict = {}
 
@@ -619,19 +656,31 @@ class PatchChoice(Patch):
     image_id: Hashable | None = None
 
 
-def _shape_and_patch(image_shape, patch_size) -> tuple[int, int, int, int]:
-    try:
-        height, width = (int(v) for v in tuple(image_shape)[:2])
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"image_shape must be (H, W), got {image_shape!r}") from None
-    if np.ndim(patch_size) == 0:
-        ph = pw = int(patch_size)
+def _pixel_pair(value, name: str, *, scalar: bool) -> tuple[int, int]:
+    """The first two entries of ``value`` (``(value, value)`` for a single number when ``scalar``) as whole
+    numbers of pixels in ``1 .. MAX_IMAGE_SIDE``; else :class:`InvalidInputError` naming ``name`` and ``value``."""
+    item = value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if scalar and not isinstance(item, (str, bytes, dict)) and not hasattr(item, "__len__"):
+        items: tuple = (item, item)
+    elif isinstance(item, (str, bytes, dict)) or not hasattr(item, "__len__"):
+        items = ()
     else:
-        ph, pw = (int(v) for v in patch_size)
-    if height <= 0 or width <= 0:
-        raise InvalidInputError(f"image_shape must be positive, got {(height, width)}")
-    if ph <= 0 or pw <= 0:
-        raise InvalidInputError(f"patch_size must be positive, got {(ph, pw)}")
+        items = tuple(item)
+    ok = len(items) == 2 if scalar else len(items) >= 2
+    ok = ok and all(not isinstance(v, (bool, np.bool_)) and isinstance(v, (int, np.integer))
+                    and 1 <= v <= MAX_IMAGE_SIDE for v in items[:2])
+    if not ok:
+        form = "an integer or (h, w)" if scalar else "(H, W)"
+        raise InvalidInputError(f"{name} must be {form}, whole numbers of pixels from 1 to {MAX_IMAGE_SIDE}, "
+                                f"got {_short(value)}")
+    return int(items[0]), int(items[1])
+
+
+def _shape_and_patch(image_shape, patch_size) -> tuple[int, int, int, int]:
+    """``(H, W, h, w)`` from ``image_shape`` ``(H, W, ...)`` and ``patch_size`` ``h`` or ``(h, w)``: positive
+    whole pixels, else :class:`InvalidInputError` naming the argument."""
+    height, width = _pixel_pair(image_shape, "image_shape", scalar=False)
+    ph, pw = _pixel_pair(patch_size, "patch_size", scalar=True)
     return height, width, ph, pw
 
 
@@ -648,7 +697,8 @@ def grid(image_shape: tuple[int, int], patch_size: int | tuple[int, int]) -> lis
     Returns
     -------
     patches : list of Patch
-        ``ceil(H / h) * ceil(W / w)`` patches.
+        ``ceil(H / h) * ceil(W / w)`` patches, at most :data:`MAX_GRID_PATCHES` (one million; more raises
+        :class:`~colabel.errors.InvalidInputError`).
 
     Examples
     --------
@@ -656,6 +706,10 @@ def grid(image_shape: tuple[int, int], patch_size: int | tuple[int, int]) -> lis
     [(0, 0, 3, 3), (0, 1, 5, 3)]
     """
     height, width, ph, pw = _shape_and_patch(image_shape, patch_size)
+    n = -(-height // ph) * -(-width // pw)
+    if n > MAX_GRID_PATCHES:
+        raise InvalidInputError(f"a grid of {n} patches is more than {MAX_GRID_PATCHES}: use a larger patch_size "
+                                f"than {(ph, pw)} for a {height} x {width} image")
     return [
         Patch(row=r, col=c, x0=c * pw, y0=r * ph, x1=min((c + 1) * pw, width), y1=min((r + 1) * ph, height))
         for r in range(-(-height // ph))
@@ -664,13 +718,25 @@ def grid(image_shape: tuple[int, int], patch_size: int | tuple[int, int]) -> lis
 
 
 def _patch_counts(centroids_xy, selected, image_shape, patch_size):
+    """The occupied patches: ``(cells, counts, flat, sel, geometry)`` with ``cells`` the sorted reading-order
+    indices of the patches holding a selected cell and ``counts`` their counts (``np.unique``: memory grows with
+    the selection, not with the grid), ``flat`` each selected cell's patch."""
     height, width, ph, pw = _shape_and_patch(image_shape, patch_size)
-    xy = np.asarray(centroids_xy, dtype=np.float64)
-    if xy.size == 0:
+    try:
+        xy = np.asarray(centroids_xy, dtype=np.float64)
+        sel = np.asarray(selected if selected is not None else [])
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"centroids_xy must be numbers of shape (N, 2) and selected integer indices: "
+                                f"{' '.join(str(exc).split())}") from None
+    if xy.size == 0 and xy.ndim == 1:
         xy = xy.reshape(0, 2)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise InvalidInputError(f"centroids_xy must have shape (N, 2), got {xy.shape}")
-    sel = np.asarray(selected if selected is not None else [], dtype=np.int64).ravel()
+    if sel.size == 0:
+        sel = sel.astype(np.int64)
+    if sel.dtype.kind not in "iu":
+        raise InvalidInputError(f"selected must be integer indices, got dtype {sel.dtype}")
+    sel = sel.astype(np.int64).ravel()
     if sel.size and (sel.min() < 0 or sel.max() >= len(xy)):
         raise InvalidInputError(f"selected has indices outside [0, {len(xy)})")
     pts = xy[sel]
@@ -682,16 +748,19 @@ def _patch_counts(centroids_xy, selected, image_shape, patch_size):
     col = np.minimum((pts[:, 0] // pw).astype(np.int64), n_cols - 1)
     row = np.minimum((pts[:, 1] // ph).astype(np.int64), n_rows - 1)
     flat = row * n_cols + col
-    counts = np.bincount(flat, minlength=n_rows * n_cols)
-    return counts, flat, sel, (height, width, ph, pw, n_cols)
+    cells, counts = np.unique(flat, return_counts=True)
+    return cells, counts, flat, sel, (height, width, ph, pw, n_cols)
 
 
-def _choice(counts, flat, sel, geometry, best: int, image_id=None) -> PatchChoice:
+def _choice(cells, counts, flat, sel, geometry, image_id=None) -> PatchChoice:
+    """The occupied patch with most selected cells; ties: first in reading order (``cells`` is sorted)."""
     height, width, ph, pw, n_cols = geometry
-    r, c = divmod(int(best), n_cols)
+    top = int(np.argmax(counts))
+    best = int(cells[top])
+    r, c = divmod(best, n_cols)
     return PatchChoice(
         row=r, col=c, x0=c * pw, y0=r * ph, x1=min((c + 1) * pw, width), y1=min((r + 1) * ph, height),
-        count=int(counts[best]), selected_in_patch=sel[flat == best], image_id=image_id,
+        count=int(counts[top]), selected_in_patch=sel[flat == best], image_id=image_id,
     )
 
 
@@ -713,14 +782,20 @@ def select_patch(
     selected : array-like of int
         Indices into ``centroids_xy`` (e.g. a Coreset selection restricted to this image). Must be non-empty.
     image_shape : (H, W)
-        Image size in pixels.
+        Image size in pixels: integers in ``1 .. MAX_IMAGE_SIDE`` (extra trailing entries are ignored).
     patch_size : int or (h, w)
-        Patch size in pixels; edge patches are clipped to the image.
+        Patch size in pixels (integers, at least 1); edge patches are clipped to the image.
 
     Returns
     -------
     PatchChoice
         Grid position, pixel box (end-exclusive), count and the selected indices inside it.
+
+    Notes
+    -----
+    Only the patches that hold a selected cell are counted (``np.unique`` of their grid positions), so time and
+    memory grow with ``selected``, whatever the number of patches in the grid (1 px patches over a
+    40,000 x 40,000 image cost as little as 128 px ones).
 
     Examples
     --------
@@ -729,10 +804,10 @@ def select_patch(
     >>> (p.row, p.col, p.count, p.selected_in_patch.tolist())
     (0, 1, 2, [1, 2])
     """
-    counts, flat, sel, geometry = _patch_counts(centroids_xy, selected, image_shape, patch_size)
+    cells, counts, flat, sel, geometry = _patch_counts(centroids_xy, selected, image_shape, patch_size)
     if sel.size == 0:
         raise InvalidInputError("selected is empty: there is no patch to guide the annotator to")
-    return _choice(counts, flat, sel, geometry, int(np.argmax(counts)))
+    return _choice(cells, counts, flat, sel, geometry)
 
 
 def select_patch_multi(
@@ -773,10 +848,9 @@ def select_patch_multi(
             continue
         if image_id not in image_shapes:
             raise InvalidInputError(f"image_shapes has no entry for image {image_id!r}")
-        counts, flat, sel_idx, geometry = _patch_counts(xy, sel, image_shapes[image_id], patch_size)
-        top = int(np.argmax(counts))
-        if best is None or counts[top] > best.count:
-            best = _choice(counts, flat, sel_idx, geometry, top, image_id=image_id)
+        cells, counts, flat, sel_idx, geometry = _patch_counts(xy, sel, image_shapes[image_id], patch_size)
+        if best is None or int(counts.max()) > best.count:
+            best = _choice(cells, counts, flat, sel_idx, geometry, image_id=image_id)
     unknown = set(selected_by_image) - set(centroids_by_image)
     if unknown:
         raise InvalidInputError(f"selected_by_image names images without centroids: {sorted(map(str, unknown))}")

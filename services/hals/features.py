@@ -187,11 +187,13 @@ def _reflect(index: np.ndarray, n: int) -> np.ndarray:
 
 
 def _centroids(centroids_xy: ArrayLike, height: int, width: int) -> np.ndarray:
+    """``centroids_xy`` as a new finite ``(N, 2)`` float64 array of ``[x, y]`` inside ``[0, W] x [0, H]``;
+    ``[]`` (shape ``(0,)``) is ``(0, 2)``. Never reshaped: ``(2, 3)`` or ``(3,)`` is an error, not 3 centroids."""
     try:
         xy = np.array(centroids_xy, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"centroids_xy must be numbers of shape (N, 2): {exc}") from None
-    if xy.size == 0:
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"centroids_xy must be numbers of shape (N, 2): {' '.join(str(exc).split())}") from None
+    if xy.shape == (0,):
         return xy.reshape(0, 2)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise InvalidInputError(f"centroids_xy must have shape (N, 2) as [x, y], got shape {xy.shape}")

@@ -22,8 +22,9 @@ import numpy as np
 from colabel.errors import InvalidInputError, NotFoundError
 from colabel.files import atomic_write
 
-from .classifier import Ensemble
-from .coreset import k_center_greedy, select_patch
+from .classifier import Ensemble, _check_features, _check_labels, _check_n_classes, _check_seed, _one_line
+from .coreset import _check_k, _shape_and_patch, k_center_greedy, select_patch
+from .coreset import _check_seed as _check_coreset_seed
 from .measurements import MEASUREMENT_NAMES, N_MEASUREMENTS, PATCH_DIAMETERS, column_weights
 
 #: Width of the backbone's features (EfficientNet-Lite0).
@@ -38,6 +39,40 @@ def _digest(*arrays: np.ndarray, extra: str = "") -> str:
         h.update(memoryview(a).cast("B"))
     h.update(extra.encode())
     return h.hexdigest()
+
+
+def _array(value: Any, name: str, what: str) -> np.ndarray:
+    """``np.asarray(value)``, or :class:`InvalidInputError` ``"<name> must be <what>: <numpy's reason>"`` for a
+    ragged or otherwise unconvertible value."""
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidInputError(f"{name} must be {what}: {_one_line(exc)}") from None
+
+
+def _check_ids(ids: Any, n: int) -> np.ndarray:
+    """``ids`` as ``(n,)`` int64 nucleus label values (integers, one per centroid)."""
+    array = _array(ids, "ids", "a vector (N,) of integer nucleus label values")
+    if array.size == 0:
+        array = array.astype(np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise InvalidInputError(f"ids must be a vector (N,) of integer nucleus label values, got dtype "
+                                f"{array.dtype} and shape {array.shape}")
+    if len(array) != n:
+        raise InvalidInputError(f"{len(array)} nucleus ids for {n} centroids: one id per centroid")
+    return array.astype(np.int64)
+
+
+def _check_labelled(labelled: Any, n: int) -> np.ndarray:
+    """``labelled`` as an ``(n,)`` bool mask: bools, or integers 0 / 1 (not indices, not strings)."""
+    array = _array(labelled, "labelled", f"a bool vector of length {n}")
+    if array.size == 0 and n == 0:
+        array = array.astype(bool)
+    zero_one = array.dtype.kind in "iu" and bool(((array == 0) | (array == 1)).all())
+    if array.shape != (n,) or not (array.dtype == bool or zero_one):
+        raise InvalidInputError(f"labelled must be a bool vector of length {n} (True = labelled), got dtype "
+                                f"{array.dtype} and shape {array.shape}")
+    return array.astype(bool, copy=False)
 
 
 def feature_column_weights(dim: int) -> np.ndarray | None:
@@ -96,53 +131,100 @@ class ClassifierService:
                 "patch_diameters": PATCH_DIAMETERS, "patch_size_without_labels": 40, "input_size": self.input_size}
 
     def features(self, image: np.ndarray, centroids: Any, labels: Any = None, ids: Any = None) -> np.ndarray:
-        """Cell features of the nuclei at ``centroids`` (N, 2) ``[x, y]``.
+        """Cell features of the nuclei at ``centroids``.
 
-        With ``labels`` (H, W) int (the nucleus service's label image) and ``ids`` (N,) (each nucleus'
-        label value): the HALS cell features, ``(N, 1292)`` float32 -- EfficientNet-Lite0 on patches of
-        1.6 median nucleus diameters, then 12 nucleus measurements
-        (:func:`~colabel.services.hals.measurements.cell_features`). Without them: ``(N, 1280)`` CNN
-        features of fixed 40 x 40 px patches (HALS' original features). Use one kind per session:
-        :meth:`fit` and :meth:`predict` need the same columns.
+        With ``labels`` and ``ids``: the HALS cell features -- EfficientNet-Lite0 on patches of 1.6 median
+        nucleus diameters, then 12 nucleus measurements
+        (:func:`~colabel.services.hals.measurements.cell_features`). Without them: CNN features of fixed
+        40 x 40 px patches (HALS' original features). Use one kind per session: :meth:`fit` and :meth:`predict`
+        need the same columns. The CNN block is computed once per (image content, nuclei set, patch size) and
+        kept in the shared cache.
 
-        The CNN block is computed once per (image content, nuclei set, patch size) and kept in the
-        shared cache.
+        Parameters
+        ----------
+        image : array (H, W) or (H, W, C), numeric
+        centroids : array-like (N, 2), float
+            ``[x, y]`` pixels inside ``[0, W] x [0, H]``, exactly this shape: nothing is reshaped, so ``(N, 3)``
+            or ``(3,)`` is refused. ``N = 0`` (``[]``) returns an empty ``(0, dim)`` array without running the
+            backbone.
+        labels : array (H, W) of int, optional
+            The nucleus service's label image.
+        ids : array-like (N,) of int, optional
+            Each nucleus' label value, in the order of ``centroids``; given together with ``labels``.
+
+        Returns
+        -------
+        ndarray (N, 1292) float32 with ``labels`` and ``ids``, else (N, 1280) float32
+
+        Raises
+        ------
+        InvalidInputError
+            One sentence for a non-numeric or badly shaped image, centroids not ``(N, 2)``, non-finite or outside
+            the image, ``labels`` without ``ids`` (or the converse), ids that are not N integers.
         """
-        from .features import EfficientNetLite0Features, FeatureStore
+        from .features import EfficientNetLite0Features, FeatureStore, _as_hwc, _centroids
         from .measurements import cell_features
 
+        image = _array(image, "image", "a numeric (H, W) or (H, W, C) array")
+        hwc = _as_hwc(image)
+        # checked as given, never reshaped: (2, 3) is an error, not 3 made-up centroids
+        xy = _centroids(centroids, hwc.shape[0], hwc.shape[1])
+        if labels is None and ids is not None:
+            raise InvalidInputError("ids were given without labels: pass the nuclei's label image too")
+        if labels is not None and ids is None:
+            raise InvalidInputError("labels were given without ids: pass each nucleus' label value")
+        if ids is not None:
+            ids = _check_ids(ids, len(xy))
+            labels = _array(labels, "labels", "an (H, W) integer label image")
+        if len(xy) == 0:
+            return np.zeros((0, CNN_DIM if labels is None else CNN_DIM + N_MEASUREMENTS), np.float32)
         with self._lock:
             if self._extractor is None:
                 self._extractor = EfficientNetLite0Features(input_size=self.input_size, progress=False)
                 self._store = FeatureStore(self.cache_dir / "features")
-        centroids = np.asarray(centroids, dtype=np.float64).reshape(-1, 2)
         if labels is None:
-            if ids is not None:
-                raise InvalidInputError("ids were given without labels: pass the nuclei's label image too")
-            return self._store.get_or_compute(image, centroids, self._extractor, progress=False)
-        if ids is None:
-            raise InvalidInputError("labels were given without ids: pass each nucleus' label value")
-        return cell_features(image, labels, ids, centroids, self._extractor, store=self._store, progress=False)
+            return self._store.get_or_compute(image, xy, self._extractor, progress=False)
+        return cell_features(image, labels, ids, xy, self._extractor, store=self._store, progress=False)
 
     def _model_path(self, model_id: str) -> Path:
         return _model_file(self.cache_dir, model_id)
 
     def fit(self, features: np.ndarray, labels: Any, n_classes: int, seed: int = 0) -> dict:
-        """Train the ensemble on ``features`` (N, D) with ``labels`` (N,) in ``0..n_classes-1``.
+        """Train the ensemble; the model is stored for :meth:`predict`.
 
-        Features of :meth:`features`; the cell features (D = 1292) train with their CNN and measurement
-        blocks balanced (:func:`~colabel.services.hals.measurements.column_weights`).
+        Parameters
+        ----------
+        features : array-like (N, D), numeric, finite
+            Features of :meth:`features`; the cell features (D = 1292) train with their CNN and measurement
+            blocks balanced (:func:`~colabel.services.hals.measurements.column_weights`).
+        labels : array-like (N,) of int
+            Class indices in ``0 .. n_classes - 1``, every class at least twice.
+        n_classes : int
+            ``2 .. 1000`` (:data:`~colabel.services.hals.classifier.MAX_CLASSES`).
+        seed : int
+            ``0 .. 2**48 - 1``; member ``i`` trains from ``seed + i``.
 
-        Returns ``{model_id, val_accuracy, n_labels, seconds}``; the model is stored for :meth:`predict`.
+        Returns
+        -------
+        dict
+            ``{model_id: str, val_accuracy: float, n_labels: int, seconds: float}``.
+
+        Raises
+        ------
+        InvalidInputError
+            One sentence for any argument that is malformed (not numeric, ragged, of the wrong shape, NaN / inf,
+            out of range), before any training.
         """
-        features = np.asarray(features, dtype=np.float32)
-        labels = np.asarray(labels)
+        # every argument checked before any work: a malformed one is an InvalidInputError sentence, never numpy's
+        n_classes = _check_n_classes(n_classes)
+        seed = _check_seed(seed)
+        features = _check_features(features)
+        labels = _check_labels(labels, len(features), n_classes)
         start = time.perf_counter()
-        weights = feature_column_weights(features.shape[1]) if features.ndim == 2 else None
         ensemble = Ensemble().fit(features, labels, n_classes=n_classes, n_members=self.n_members, seed=seed,
-                                  column_weights=weights)
+                                  column_weights=feature_column_weights(features.shape[1]))
         seconds = time.perf_counter() - start
-        model_id = _digest(features, labels.astype(np.int64), extra=f"{n_classes}|{seed}|{self.n_members}")
+        model_id = _digest(features, labels, extra=f"{n_classes}|{seed}|{self.n_members}")
         store_model(self.cache_dir, model_id, ensemble)
         self._remember(model_id, ensemble)
         return {"model_id": model_id, "val_accuracy": float(ensemble.validation_accuracy),
@@ -169,13 +251,16 @@ class ClassifierService:
         return ensemble
 
     def predict(self, model_id: str, features: np.ndarray) -> dict:
-        """Suggestions for ``features`` (N, D): ``classes`` (N,) int32, ``confidence`` (N,) float32 in [0, 1],
-        ``uncertainty`` (N,) float32 in [0, 1] (normalised entropy of the ensemble mean), and ``embedding``
-        (N, 32 * n_members) float32, the heads' penultimate activations side by side
-        (:meth:`~colabel.services.hals.classifier.Ensemble.embed`, ``how="concat"``), which Coreset selects on:
-        its distances do not depend on the arbitrary order of each head's hidden units."""
+        """Suggestions for ``features`` (N, D) numeric, finite, D = the training width (N = 0 allowed).
+
+        Returns ``classes`` (N,) int32, ``confidence`` (N,) float32 in [0, 1], ``uncertainty`` (N,) float32 in
+        [0, 1] (normalised entropy of the ensemble mean), and ``embedding`` (N, 32 * n_members) float32, the heads'
+        penultimate activations side by side (:meth:`~colabel.services.hals.classifier.Ensemble.embed`,
+        ``how="concat"``), which Coreset selects on: its distances do not depend on the arbitrary order of each
+        head's hidden units. ``NotFoundError`` for an unknown ``model_id``; ``InvalidInputError`` for malformed
+        features."""
         ensemble = self._model(model_id)
-        features = np.asarray(features, dtype=np.float32)
+        features = _check_features(features, dim=ensemble.dim)  # one clear sentence before any inference
         classes, confidence = ensemble.predict(features)
         return {"classes": classes.astype(np.int32), "confidence": confidence.astype(np.float32),
                 "uncertainty": ensemble.uncertainty(features).astype(np.float32),
@@ -196,18 +281,40 @@ class CoresetService:
                 "reduce_above_cells": self.reduce_above}
 
     def select(self, features: np.ndarray, labelled: Any, k: int, seed: int = 0) -> np.ndarray:
-        """Indices (k,) of the unlabelled rows that best cover the unlabelled pool given ``labelled`` (N,) bool.
+        """The unlabelled rows that best cover the unlabelled pool (k-center greedy), in pick order.
 
-        Unlabelled and labelled rows must be finite (else ``InvalidInputError``). Features are randomly projected
-        to ``reduce_dim`` dimensions above ``reduce_above`` cells (the bench measures the cost in coverage
-        radius).
+        Parameters
+        ----------
+        features : array-like (N, D), numeric
+            Used as float32. Unlabelled and labelled rows must be finite. Randomly projected to ``reduce_dim``
+            dimensions above ``reduce_above`` rows (the bench measures the cost in coverage radius).
+        labelled : array-like (N,) of bool
+            True for a labelled row (integers 0 / 1 are read as bools; an index list is refused).
+        k : int
+            Rows to pick; ``min(k, unlabelled rows)`` are returned, none for ``k <= 0``.
+        seed : int >= 0 or None
+
+        Returns
+        -------
+        ndarray (k',) int64
+
+        Raises
+        ------
+        InvalidInputError
+            One sentence for a malformed argument (non-numeric or ragged features, a ``labelled`` that is not N
+            bools, a ``k`` that is not an integer -- None, NaN, a float, a bool --, a negative or non-integer
+            seed) or non-finite features in the rows that take part.
         """
-        features = np.asarray(features, dtype=np.float32)
-        labelled = np.asarray(labelled, dtype=bool)
-        if labelled.shape != (len(features),):
-            raise InvalidInputError(f"labelled must be a bool vector of length {len(features)}")
+        features = _array(features, "features", "a numeric (N, D) array")
+        if features.ndim != 2 or features.dtype.kind not in "biuf":
+            raise InvalidInputError(f"features must be a numeric (N, D) array, got dtype {features.dtype} and "
+                                    f"shape {features.shape}")
+        features = features.astype(np.float32, copy=False)  # a float32 array (or memmap) is not copied
+        labelled = _check_labelled(labelled, len(features))
+        k = _check_k(k)
+        seed = _check_coreset_seed(seed)
         reduce = self.reduce_dim if len(features) > self.reduce_above else None
-        k = min(int(k), int((~labelled).sum()))
+        k = min(k, int((~labelled).sum()))
         if k <= 0:
             return np.empty(0, np.int64)
         return k_center_greedy(features, labelled, k, seed=seed, reduce_dim=reduce)
@@ -217,14 +324,19 @@ class CoresetService:
         """The grid patch holding most of the Coreset S of ``k`` cells (defaults: those ``bench/hals.py`` measures,
         a 128 px grid and k = 10).
 
+        ``features``, ``labelled``, ``k`` and ``seed`` as for :meth:`select`; ``centroids`` (N, 2) ``[x, y]``
+        pixels; ``image_shape`` ``(H, W)`` and ``patch_size`` (``h`` or ``(h, w)``) whole pixels (integers,
+        1 .. 2**31), checked first, even when every cell is labelled. Only the patches holding a selected cell
+        are counted, so memory does not depend on the number of patches in the grid.
+
         Returns ``{row, col, x0, y0, x1, y1, count, selected, selected_in_patch}`` in image pixels; ``None``
-        fields when every cell is labelled.
+        fields when every cell is labelled. Malformed arguments raise ``InvalidInputError``.
         """
+        _shape_and_patch(image_shape, patch_size)  # checked even when every cell is labelled
         selected = self.select(features, labelled, k, seed)
         if selected.size == 0:
             return {"count": 0, "selected": [], "selected_in_patch": [], "row": None, "col": None}
-        choice = select_patch(np.asarray(centroids, dtype=np.float64), selected,
-                              image_shape=tuple(image_shape)[:2], patch_size=patch_size)
+        choice = select_patch(centroids, selected, image_shape=image_shape, patch_size=patch_size)
         return {"row": choice.row, "col": choice.col, "x0": choice.x0, "y0": choice.y0, "x1": choice.x1,
                 "y1": choice.y1, "count": int(choice.count), "selected": selected.tolist(),
                 "selected_in_patch": np.asarray(choice.selected_in_patch).tolist()}

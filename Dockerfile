@@ -4,8 +4,9 @@
 #   docker build -t colabel:0.1.0-cu128 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # CUDA torch (GPU worker pools)
 # Roles (the first argument; anything else is run as a command):
-#   docker run -p 9527:9527 -e HYPHA_ROOT_TOKEN=... colabel hypha     # Hypha server
-#   docker run colabel gateway --server-url URL --token T --ray-address ray://HEAD:10001 [--attach]
+#   docker run -p 9527:9527 -e HYPHA_ROOT_TOKEN=... -e HYPHA_JWT_SECRET=... colabel hypha   # Hypha server
+#   docker run -e COLABEL_TOKEN=T colabel gateway --attach --server-url URL --ray-address ray://HEAD:10001
+#                                                                     # --attach: a RayService's Serve applications
 #   docker run -p 9527:9527 -v /data:/data colabel provider /data --host 0.0.0.0 --public-url http://HOST:9527
 #                                                                     # `colabel serve`; HOST: this machine's name
 # Ray is installed through the package's single pin (pyproject.toml, the models extra), which the chart's
@@ -38,13 +39,26 @@ ENV PATH=/opt/colabel/bin:$PATH
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The dependencies of colabel[server,models,hals], read from pyproject.toml alone: this layer is rebuilt only when
+# pyproject.toml changes, not on every change of the sources below.
+COPY pyproject.toml ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -c "import importlib, sys; \
+toml = importlib.import_module('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli'); \
+p = toml.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [d for e in ('server', 'models', 'hals') for d in p['optional-dependencies'][e]]; \
+deps = [d for d in p['dependencies'] + extras if not d.startswith('colabel')]; \
+print('\n'.join(dict.fromkeys(deps)))" > /tmp/requirements.txt \
+    && cat /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}"
+# colabel itself; its dependencies (those of .[server,models,hals]) are the ones installed above
+COPY README.md ./
 COPY colabel/ colabel/
 COPY apps/ apps/
 COPY services/ services/
 COPY --from=web /src/colabel/web_dist/ colabel/web_dist/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install ".[server,models,hals]" "torch==${TORCH_VERSION}" \
+    pip install --no-deps . \
     && pip check
 
 # ---- runtime -----------------------------------------------------------------------------------------------------

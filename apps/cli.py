@@ -228,8 +228,7 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
                 _, secret = provider.sessions.issue_token(session.session_id, label="colabel serve")
         else:
             session, secret = provider.create_session(name="session 1", classes=classes)
-        provider_token = await server.generate_token({"workspace": services.workspace, "permission": "read_write",
-                                                      "expires_in": 30 * 24 * 3600})
+        provider_token = await manage_token(server, services.workspace, token)
         print(f"colabel {__version__}: serving {folder} ({len(provider.catalog)} images"
               f"{f', {len(unreadable)} unreadable' if unreadable else ''})", flush=True)
         print(f"hypha_server: {server_url} (workspace {services.workspace})")
@@ -252,6 +251,19 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         if hypha is not None:
             await asyncio.to_thread(hypha.stop)
     return 0
+
+
+async def manage_token(server, workspace: str, token: str) -> str:
+    """The token of the manage URL: a new one of the provider's workspace, valid 30 days; or, when the
+    provider's token may not make tokens (a read-write token of ``colabel token``), that token itself, which
+    reaches the same workspace and nothing else."""
+    try:
+        return await server.generate_token({"workspace": workspace, "permission": "read_write",
+                                            "expires_in": 30 * 24 * 3600})
+    except Exception as exc:  # noqa: BLE001 - hypha-rpc carries the server's PermissionError as a RemoteException
+        if not token or ("admin" not in str(exc).lower() and "permission" not in str(exc).lower()):
+            raise
+        return token
 
 
 def load_start_classifier(args: argparse.Namespace):
@@ -376,7 +388,9 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None):
 
         if not args.ray_address:
             raise CliError("--attach needs --ray-address (the cluster whose Serve applications to use)")
-        handles = ray_runtime.attach(names, address=args.ray_address)
+        handles = ray_runtime.attach(names, address=args.ray_address,
+                                     timeout=getattr(args, "attach_timeout", 0.0) or 0.0,
+                                     progress=lambda line: print(line, flush=True))
 
         async def stop():  # the applications belong to the cluster: only disconnect
             import ray
@@ -448,12 +462,60 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, provider: bool = Tru
     group.add_argument("--cache-dir", default=None, help=f"embedding and result cache (default {cache})")
 
 
+def models_health_monitor(args: argparse.Namespace, on_pass=None):
+    """The health check of ``colabel models``: through the cluster (``--attach``), the local Serve applications
+    (Ray), or nothing to check (``--no-ray``, no models: the services run in this process)."""
+    from colabel.services.gateway import HealthMonitor, Unrecoverable
+
+    names = parse_models(args.models)
+    if not names or args.no_ray:
+        return HealthMonitor(lambda: None, target="the model services", on_pass=on_pass)
+    from colabel.services import ray_runtime
+
+    def check():
+        try:
+            return ray_runtime.serve_health(names)
+        except ray_runtime.ClusterGone as exc:
+            raise Unrecoverable(str(exc)) from None
+
+    target = (f"the Ray cluster at {args.ray_address}" if args.attach else
+              f"Ray Serve {'at ' + args.ray_address if args.ray_address else 'of this process'}")
+    return HealthMonitor(check, target=target, on_pass=on_pass, gone=ray_runtime.connection_lost)
+
+
+def _exit_lost(message: str) -> None:
+    """End the process at once with status 1 after one line on stderr: Ray's threads (a Ray Client whose
+    cluster is gone) may never return, and an orderly exit would wait for them; an exit lets the pod's
+    restart policy start a new gateway."""
+    print(f"colabel: {message}; exiting", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
 async def _models(args: argparse.Namespace) -> int:
-    """Run only the model services and register them on a Hypha server (the cluster's gateway role)."""
+    """Run only the model services and register them on a Hypha server (the cluster's gateway role).
+
+    Health: every 10 s a check through the cluster (:func:`models_health_monitor`); while it passes, the
+    ``--heartbeat`` file is rewritten. When the cluster is lost (3 failed checks in a row, or a Ray Client
+    disconnected for good) calls waiting on it fail, and the process exits with status 1 (:func:`_exit_lost`).
+    """
     from hypha_rpc import connect_to_server
 
+    from colabel.services.gateway import Heartbeat, RayBackend
+
     check_ray(args)
+    if args.attach_timeout < 0:
+        raise CliError(f"--attach-timeout {args.attach_timeout:g}: give seconds >= 0 (0: wait as long as it takes)")
+    heartbeat = Heartbeat(args.heartbeat) if args.heartbeat else None
+    if heartbeat is not None:
+        heartbeat.check()
+        heartbeat.remove()  # a file of an earlier run must not say "ready" before this one is
+    monitor = models_health_monitor(args, on_pass=heartbeat.beat if heartbeat is not None else None)
     backends, stop_backends = start_model_backends(args, None)
+    for backend in backends.values():
+        if isinstance(backend, RayBackend):
+            backend.monitor = monitor
+    server = checking = None
     try:
         try:
             server = await connect_to_server({"server_url": args.server_url, "token": args.token})
@@ -462,17 +524,45 @@ async def _models(args: argparse.Namespace) -> int:
         ids, _, _ = await register_models(args, server, backends)
         for name, service_id in ids.items():
             print(f"model_service_{name}: {service_id}", flush=True)
+        if heartbeat is not None:
+            heartbeat.beat()
         stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
-        await stop.wait()
+        checking = asyncio.create_task(monitor.run())
+        stopping, losing = asyncio.create_task(stop.wait()), asyncio.create_task(monitor.lost.wait())
+        await asyncio.wait({checking, stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        losing.cancel()
+        if checking.done() and not checking.cancelled() and checking.exception() is not None:
+            raise checking.exception()  # a bug in the monitor: never go on unmonitored
+        if monitor.lost.is_set():
+            if heartbeat is not None:
+                heartbeat.remove()
+            await asyncio.sleep(0.5)  # the calls that just failed send their errors back
+            hush_disconnect_warning(args)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.disconnect(), 5)
+            if backends and not args.attach and not args.no_ray:  # the Ray node this process started, if any
+                import ray
+
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+            _exit_lost(monitor.reason)
+        checking.cancel()
         hush_disconnect_warning(args)
         await server.disconnect()
     finally:
+        if checking is not None:
+            checking.cancel()
+        if heartbeat is not None:
+            heartbeat.remove()
         await stop_backends()
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.token is None:
+        args.token = os.environ.get("COLABEL_TOKEN") or None
     return asyncio.run(_models(args))
 
 
@@ -602,7 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="address of the embedded Hypha server (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port of the embedded Hypha server (default 9527)")
     serve.add_argument("--server-url", default=None, help="use this Hypha server instead of starting one")
-    serve.add_argument("--token", default=None, help="token for --server-url")
+    serve.add_argument("--token", default=None,
+                       help="token for --server-url (default: the environment variable COLABEL_TOKEN; prefer it, "
+                       "the command line shows in ps), e.g. one made by `colabel token`")
     serve.add_argument("--name", default=None, help="provider name, prefix of its service ids (default colabel)")
     serve.add_argument("--public-url", default=None,
                        help="base URL annotators use to reach the Hypha server, for the printed links "
@@ -623,10 +715,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  "deployments and register them as Hypha services: the gateway role of a cluster. "
                                  "Providers use them with `colabel serve --models-url`.")
     models.add_argument("--server-url", required=True, help="the Hypha server to register on")
-    models.add_argument("--token", default=None, help="token of the workspace to register in")
+    models.add_argument("--token", default=None,
+                        help="token of the workspace to register in (default: the environment variable "
+                        "COLABEL_TOKEN; prefer it, the command line shows in ps)")
     models.add_argument("--attach", action="store_true",
                         help="use the Serve applications the cluster at --ray-address already runs (a RayService "
-                        "from the Helm chart) instead of deploying; model options come from its serveConfigV2")
+                        "from the Helm chart) instead of deploying; model options come from its serveConfigV2. "
+                        "Never starts a local Ray; exits with status 1 when the cluster stops answering (3 health "
+                        "checks, 10 s apart), so that Kubernetes restarts it")
+    models.add_argument("--attach-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="with --attach: how long to wait for the cluster and its Serve applications at start, "
+                        "saying every 30 s which are missing (default 0: as long as it takes)")
+    models.add_argument("--heartbeat", default=None, metavar="FILE",
+                        help="write FILE once the services are registered on Hypha, and again every 10 s while the "
+                        "model services answer (the cluster with --attach, else the local Serve applications): "
+                        "for readiness and liveness probes on its age. Its folder must exist; removed at exit")
     add_model_arguments(models, provider=False)
     models.set_defaults(func=cmd_models)
 
@@ -737,7 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from .cluster import add_cluster_parser
+    from .workspace_token import add_token_parser
 
+    add_token_parser(commands)
     add_cluster_parser(commands)
     return parser
 

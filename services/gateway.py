@@ -9,14 +9,26 @@ A caller in the same process (the provider's :class:`~colabel.apps.provider.assi
 ``colabel serve`` runs the model services itself) finds the backend behind a service id with
 :func:`in_process_backend` and calls it directly: the same backend, replicas and checks, without the
 loopback through the Hypha server (two websocket legs and two msgpack round trips per call).
+
+:class:`HealthMonitor` checks every 10 s that the model services answer (for Ray: ``serve.status()`` through
+the cluster); after 3 failures in a row, or when the Ray Client has lost its cluster for good, it declares
+them lost: calls waiting on them fail at once with a clear error and ``colabel models`` exits (status 1) so
+that Kubernetes restarts it. :class:`Heartbeat` is the file whose modification time tells the probes that the
+checks pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import logging
+import os
+import threading
 import time
 import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from colabel.errors import ColabelError
@@ -29,6 +41,185 @@ logger = logging.getLogger(__name__)
 
 class ModelServiceError(ColabelError):
     """A model replica failed while serving a call (it is restarted; the call may be retried)."""
+
+
+HEALTH_INTERVAL_S = 10.0  # a health check (and a heartbeat) every 10 s: the chart's probes count on it
+HEALTH_TIMEOUT_S = 10.0  # a check without an answer within 10 s has failed
+HEALTH_FAILURES = 3  # failures in a row that declare the model services lost
+
+
+class Unrecoverable(Exception):
+    """A health check failure that no retry can mend (e.g. the Ray Client lost its cluster for good)."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:limit]
+
+
+async def in_daemon_thread(fn: Callable[[], Any], timeout: float) -> Any:
+    """``fn()`` in a daemon thread of its own, awaited at most ``timeout`` seconds (:class:`TimeoutError`).
+
+    For blocking Ray calls that may never return when the cluster is gone: a thread of the event loop's
+    default executor would hang there, and ``asyncio.run`` waits for those threads before it returns; a
+    daemon thread is left behind and ends with the process.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = {"error": exc}
+        else:
+            outcome = {"result": result}
+        try:
+            loop.call_soon_threadsafe(lambda: settle(**outcome))
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"colabel-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    try:
+        return await asyncio.wait_for(future, timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"no answer within {timeout:g} s") from None
+
+
+def ray_client_disconnected(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the Ray Client has lost (or is losing) its cluster."""
+    text = str(exc)
+    return isinstance(exc, ConnectionError) or "Ray Client is not connected" in text or (
+        "Ray client has already been disconnected" in text)
+
+
+class HealthMonitor:
+    """Checks every ``interval`` seconds that the model services answer; declares them lost after ``failures``
+    failed checks in a row, at once on an :class:`Unrecoverable` failure, or as soon as ``gone`` says so.
+
+    ``check`` is blocking (a Ray call), run in a daemon thread for at most ``timeout`` seconds; it raises when
+    the services do not answer. ``gone``, polled every second, is a cheap local test that returns a reason
+    when the connection is lost for good (a Ray Client past its reconnect grace period), else None.
+    ``target`` names what is checked in messages ("the Ray cluster at ray://.."). ``on_pass`` runs after each
+    check that passed (the heartbeat). Once lost, :attr:`lost` is set and :attr:`reason` is one sentence
+    naming ``target``.
+    """
+
+    def __init__(self, check: Callable[[], Any], *, target: str, interval: float = HEALTH_INTERVAL_S,
+                 timeout: float = HEALTH_TIMEOUT_S, failures: int = HEALTH_FAILURES,
+                 on_pass: Callable[[], None] | None = None, gone: Callable[[], str | None] | None = None,
+                 gone_every_s: float = 1.0) -> None:
+        self.check = check
+        self.target = target
+        self.interval = interval
+        self.timeout = timeout
+        self.failures = failures
+        self.on_pass = on_pass
+        self.gone = gone
+        self.gone_every_s = gone_every_s
+        self.lost = asyncio.Event()
+        self.reason: str | None = None
+
+    def declare_lost(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.reason = f"{self.target} does not answer: {why}"
+            self.lost.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when the services are declared lost meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.lost.wait(), max(0.0, seconds))
+
+    async def _watch(self) -> None:
+        while not self.lost.is_set():
+            await self._sleep(self.gone_every_s)
+            try:
+                why = self.gone()
+            except Exception:  # noqa: BLE001 - the periodic check decides then
+                why = None
+            if why:
+                self.declare_lost(why)
+
+    async def run(self) -> None:
+        """Check until the services are lost (then return) or the task is cancelled."""
+        watcher = asyncio.create_task(self._watch()) if self.gone is not None else None
+        failed, last = 0, ""
+        next_check = time.monotonic() + self.interval
+        try:
+            while not self.lost.is_set():
+                await self._sleep(next_check - time.monotonic())
+                next_check += self.interval
+                if self.lost.is_set():
+                    break
+                try:
+                    await in_daemon_thread(self.check, self.timeout)
+                except Unrecoverable as exc:
+                    self.declare_lost(one_line(exc))
+                    break
+                except Exception as exc:  # noqa: BLE001 - any failure of the check, a timeout included
+                    failed, last = failed + 1, one_line(exc)
+                    if failed >= self.failures:
+                        self.declare_lost(f"{failed} health checks failed in a row, {self.interval:g} s apart "
+                                          f"(the last: {last})")
+                        break
+                    logger.warning("health check %d of %d in a row failed: %s: %s", failed, self.failures,
+                                   self.target, last)
+                    next_check = max(next_check, time.monotonic())
+                else:
+                    if failed:
+                        logger.warning("health check passed again: %s", self.target)
+                    failed = 0
+                    if self.on_pass is not None and not self.lost.is_set():
+                        self.on_pass()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+
+class Heartbeat:
+    """A file whose modification time says that the gateway is registered on Hypha and its model services
+    answer: written once they are registered, rewritten after each passing health check (every 10 s), and
+    removed at start and at exit. Probes read its age: ready under 30 s, alive under 60 s.
+
+    Each write is atomic (a temporary file beside it, renamed onto it): a probe never sees it half written.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self._failing = False
+
+    def check(self) -> None:
+        """Refuse, in one sentence, a path whose file cannot be written (before anything starts)."""
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise ColabelError(f"--heartbeat {self.path}: folder {folder} does not exist")
+        if self.path.is_dir():
+            raise ColabelError(f"--heartbeat {self.path} is a folder; give a file name in it")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ColabelError(f"--heartbeat {self.path}: folder {folder} is not writable")
+
+    def beat(self) -> None:
+        from colabel.files import atomic_write
+
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        try:
+            atomic_write(self.path, f"{stamp} pid {os.getpid()}\n".encode())
+        except OSError as exc:  # the probes then see a stale file: said once, until a write works again
+            if not self._failing:
+                logger.warning("cannot write the heartbeat file %s: %s", self.path, exc)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot remove the heartbeat file %s: %s", self.path, exc)
 
 
 class Backend(Protocol):
@@ -56,17 +247,52 @@ class LocalBackend:
 
 
 class RayBackend:
-    """Calls a Ray Serve deployment through its handle; maps replica deaths to :class:`ModelServiceError`."""
+    """Calls a Ray Serve deployment through its handle; maps replica deaths to :class:`ModelServiceError`.
 
-    def __init__(self, name: str, handle: Any) -> None:
+    With a ``monitor`` (set by ``colabel models``), a call fails at once with the monitor's reason when the
+    cluster is declared lost, also a call already waiting for a replica (which Ray would otherwise let hang
+    until the caller's timeout, retrying a replica it cannot reach).
+    """
+
+    def __init__(self, name: str, handle: Any, monitor: HealthMonitor | None = None) -> None:
         self.name = name
         self.handle = handle
+        self.monitor = monitor
+
+    def _lost_error(self, method: str) -> ModelServiceError:
+        return ModelServiceError(f"{self.name}.{method} cannot run: {self.monitor.reason}; the gateway is "
+                                 "restarting, retry in a minute")
+
+    async def _unless_lost(self, response: Any, method: str) -> Any:
+        async def result():
+            return await response
+
+        call = asyncio.ensure_future(result())
+        lost = asyncio.ensure_future(self.monitor.lost.wait())
+        try:
+            await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not call.done():
+                call.cancel()
+        if call.done() and not call.cancelled():
+            return call.result()
+        try:
+            response.cancel()
+        except Exception:  # noqa: BLE001 - the cluster is gone: nothing to cancel there
+            pass
+        raise self._lost_error(method)
 
     async def call(self, method: str, *args: Any) -> Any:
         from ray import exceptions as ray_errors
 
+        if self.monitor is not None and self.monitor.lost.is_set():
+            raise self._lost_error(method)
         try:
-            return await getattr(self.handle, method).remote(*args)
+            response = getattr(self.handle, method).remote(*args)
+            if self.monitor is None:
+                return await response
+            return await self._unless_lost(response, method)
         except ColabelError:
             raise
         except (ray_errors.RayActorError, ray_errors.ActorDiedError, ray_errors.ActorUnavailableError) as exc:
@@ -79,6 +305,16 @@ class RayBackend:
             if isinstance(cause, ColabelError):
                 raise cause from None
             raise ModelServiceError(f"{self.name}.{method} failed: {cause or exc}") from None
+        except Exception as exc:
+            if not ray_client_disconnected(exc):
+                raise
+            if self.monitor is not None:
+                if "not connected" in str(exc) or "already been disconnected" in str(exc):
+                    self.monitor.declare_lost(f"the Ray client has lost its connection ({one_line(exc)})")
+                if self.monitor.lost.is_set():
+                    raise self._lost_error(method) from None
+            raise ModelServiceError(f"{self.name}.{method} cannot reach the Ray cluster ({one_line(exc)}); retry "
+                                    "in a minute") from None
 
     async def status(self) -> dict:
         from ray import serve
@@ -95,7 +331,13 @@ class RayBackend:
                              for k, v in (deployment.replica_states if deployment else {}).items()},
             }
 
-        return await asyncio.to_thread(read)
+        if self.monitor is not None and self.monitor.lost.is_set():
+            raise self._lost_error("deployment_status")
+        try:
+            return await in_daemon_thread(read, HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            raise ModelServiceError(f"{self.name}.deployment_status: the Ray cluster did not answer within "
+                                    f"{HEALTH_TIMEOUT_S:g} s") from None
 
 
 # full service id -> the backend registered under it by this process (weak: the registration keeps it alive)

@@ -23,10 +23,17 @@ def run(*args, timeout=60):
     return subprocess.run([*COLABEL, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["demo"], ["models"], ["token"]])
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: colabel" in result.stdout
+
+
+def test_the_help_of_serve_models_and_token_says_the_token_can_come_from_colabel_token():
+    for command in ("serve", "models", "token"):
+        result = run(command, "--help")
+        assert "COLABEL_TOKEN" in " ".join(result.stdout.split()), command
+    assert "HYPHA_JWT_SECRET" in " ".join(run("token", "--help").stdout.split())
 
 
 def test_missing_folder_exits_with_one_sentence(tmp_path):
@@ -380,6 +387,175 @@ def test_serve_uses_model_services_run_elsewhere_with_models_url(tmp_path, hypha
                 result = await service.detect_nuclei(token, images["dsb2018_nuclei.tif"]["image_id"])
                 await client.disconnect()
                 return result
+
+            assert asyncio.run(annotate())["count"] >= 100
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(60) == 0
+    finally:
+        models.send_signal(signal.SIGTERM)
+        assert models.wait(60) == 0
+
+
+def test_models_takes_its_token_from_colabel_token(hypha_server):
+    """The chart passes the gateway's token in the environment, not on the command line (where ps shows it)."""
+    process, printed = start_colabel(["models", "--server-url", hypha_server.url, "--no-ray", "--models", "coreset",
+                                      "--models-prefix", "envtoken"],
+                                     env={**os.environ, "COLABEL_TOKEN": hypha_server.root_token})
+    try:
+        assert printed["model_service_coreset"].split("/")[0] == "ws-user-root", printed  # the root token's workspace
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
+def token_command(hypha_server, *args, **env):
+    """``colabel token ARGS`` with the server's admin token and signing key in the environment (``env`` overrides;
+    a value None removes the variable)."""
+    environment = {**os.environ, "COLABEL_TOKEN": hypha_server.root_token, "HYPHA_JWT_SECRET": hypha_server.jwt_secret}
+    for name, value in env.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return subprocess.run([*COLABEL, "token", "--server-url", hypha_server.url, *args], capture_output=True, text=True,
+                          timeout=60, env=environment)
+
+
+def test_token_makes_a_token_for_one_workspace_that_a_provider_serves_with(tmp_path, hypha_server):
+    """`colabel token`: the workspace is created (persistent); the printed token registers services in it, reaches
+    nothing else (no admin role, no other workspace, no tokens for another one), and `colabel serve --server-url`
+    runs a provider with it, read from COLABEL_TOKEN."""
+    import asyncio
+    import secrets
+
+    from hypha_rpc import connect_to_server
+
+    from conftest import make_image_folder
+
+    workspace = f"lab-{secrets.token_hex(3)}"
+    made = token_command(hypha_server, "--workspace", workspace, "--expires-days", "2")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert made.stdout == token + "\n" and token.count(".") == 2  # only the token on stdout: TOKEN=$(colabel token)
+    assert made.stderr.startswith(f"created the persistent workspace {workspace}; ") and made.stderr.count("\n") == 1
+    assert f"read-write in workspace {workspace} only" in made.stderr
+    again = token_command(hypha_server, "--workspace", workspace)
+    assert again.returncode == 0 and "created" not in again.stderr and again.stdout.strip() != token
+
+    url = hypha_server.url
+
+    async def check():
+        root = await connect_to_server({"server_url": url, "token": hypha_server.root_token})
+        provider = await connect_to_server({"server_url": url, "token": token})
+        try:
+            assert (await root.get_workspace_info(workspace))["persistent"] is True
+            # a protected service of another workspace: the root's, where the chart's gateway registers the models
+            await root.register_service({"id": f"private-{workspace}", "config": {"visibility": "protected"},
+                                         "ping": lambda: "pong"})
+            assert provider.config.workspace == workspace
+            assert "admin" not in (provider.config.user or {}).get("roles", [])
+            info = await provider.register_service({"id": "probe", "config": {"visibility": "protected"},
+                                                    "ping": lambda: "pong"})
+            service_id = info["id"] if isinstance(info, dict) else info.id
+            assert service_id.startswith(f"{workspace}/")
+            assert await (await provider.get_service(service_id)).ping() == "pong"
+            with pytest.raises(Exception, match="(?i)permission|denied|not found|access"):
+                await provider.get_service(f"ws-user-root/private-{workspace}")
+            with pytest.raises(Exception, match="(?i)permission|admin"):
+                await provider.generate_token({"workspace": "ws-user-root", "permission": "read_write"})
+            with pytest.raises(Exception, match="(?i)permission|admin"):
+                await provider.generate_token({"workspace": workspace, "permission": "admin"})
+            with pytest.raises(Exception, match="(?i)workspace|permission"):
+                await connect_to_server({"server_url": url, "token": token, "workspace": "ws-user-root"})
+        finally:
+            await provider.disconnect()
+            await root.disconnect()
+
+    asyncio.run(check())
+
+    folder = make_image_folder(tmp_path / "images")
+    serve, printed = start_colabel(["serve", str(folder), "--server-url", url, "--name", "scoped", "--no-ray",
+                                    "--models", ""], env={**os.environ, "COLABEL_TOKEN": token})
+    try:
+        assert printed["provider_service"] == f"{workspace}/scoped-provider", printed
+        manage_token = printed["manage_url"].split("#token=", 1)[1]
+
+        async def manage():
+            manager = await connect_to_server({"server_url": url, "token": manage_token})
+            try:
+                assert manager.config.workspace == workspace
+                return (await (await manager.get_service(printed["provider_service"])).info())["n_images"]
+            finally:
+                await manager.disconnect()
+
+        assert asyncio.run(manage()) >= 3  # the folder's images, read through the manage URL's token
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+
+
+def test_token_refuses_in_one_sentence(hypha_server):
+    ordinary = hypha_server.user_token("colabel-someone")
+    cases = [
+        ({"COLABEL_TOKEN": None}, [], "colabel token needs the server's admin token: --token, or the environment"),
+        ({"HYPHA_JWT_SECRET": None}, [], "needs the server's token-signing key in the environment variable "
+                                         "HYPHA_JWT_SECRET"),
+        ({}, ["--workspace", "Lab_One"], "--workspace 'Lab_One' is not a workspace name for providers"),
+        ({}, ["--workspace", "public"], "--workspace 'public' is not a workspace name for providers"),
+        ({}, ["--expires-days", "0"], "--expires-days 0: give days > 0"),
+        ({"COLABEL_TOKEN": "not-a-token"}, [], f"the Hypha server at {hypha_server.url} refused the admin token"),
+        ({"COLABEL_TOKEN": ordinary}, [], "is not an admin token of the Hypha server"),
+        ({"HYPHA_JWT_SECRET": "x" * 43}, [], "HYPHA_JWT_SECRET is not the token-signing key of the Hypha server"),
+    ]
+    for env, args, message in cases:
+        args = args if any(a == "--workspace" for a in args) else ["--workspace", "lab-refusals", *args]
+        result = token_command(hypha_server, *args, **env)
+        assert result.returncode == 2, (env, args, result.stderr)
+        assert result.stderr.startswith("colabel: ") and result.stderr.count("\n") == 1, (env, args, result.stderr)
+        assert message in result.stderr and result.stdout == "", (env, args, result.stderr)
+    unreachable = subprocess.run([*COLABEL, "token", "--server-url", "http://127.0.0.1:1", "--workspace", "lab-one"],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "COLABEL_TOKEN": "t" * 64, "HYPHA_JWT_SECRET": "k" * 43})
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1, unreachable.stderr
+    assert unreachable.stderr.startswith("colabel: cannot connect to the Hypha server at http://127.0.0.1:1: ")
+
+
+def test_a_provider_with_a_token_of_the_gateways_workspace_uses_its_model_services(tmp_path, hypha_server):
+    """The chart's flow: the gateway registers the model services with the root token (workspace ws-user-root);
+    the operator gives a provider `colabel token --workspace ws-user-root`; the provider serves a folder with
+    that token alone and its annotators get nuclei from the gateway's services."""
+    import asyncio
+
+    from hypha_rpc import connect_to_server
+
+    from conftest import make_image_folder
+
+    made = token_command(hypha_server, "--workspace", "ws-user-root")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    models, printed = start_colabel(["models", "--server-url", hypha_server.url, "--no-ray", "--models", "nuclei",
+                                     "--models-prefix", "viatoken"],
+                                    env={**os.environ, "COLABEL_TOKEN": hypha_server.root_token})
+    try:
+        assert "model_service_nuclei" in printed, printed
+        folder = make_image_folder(tmp_path / "images")
+        serve, printed = start_colabel(["serve", str(folder), "--server-url", hypha_server.url, "--name", "viatoken",
+                                        "--models", "nuclei", "--models-url", hypha_server.url, "--models-token",
+                                        token, "--models-prefix", "viatoken"],
+                                       env={**os.environ, "COLABEL_TOKEN": token})
+        try:
+            assert printed["provider_service"] == "ws-user-root/viatoken-provider", printed
+            share = printed["share_url"].split("#token=", 1)[1]
+
+            async def annotate():
+                client = await connect_to_server({"server_url": hypha_server.url})
+                try:
+                    service = await client.get_service(printed["annotator_service"])
+                    images = {i["name"]: i for i in await service.list_images(share)}
+                    return await service.detect_nuclei(share, images["dsb2018_nuclei.tif"]["image_id"])
+                finally:
+                    await client.disconnect()
 
             assert asyncio.run(annotate())["count"] >= 100
         finally:

@@ -37,6 +37,24 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The Ray head's and workers' image: ray.image.repository / ray.image.tag, each defaulting to the global one.
+  Values added after 0.1.0 are read with dig/default: `helm upgrade --reuse-values` renders with the values of the
+  release's older chart, which lack them. */}}
+{{- define "colabel.rayImage" -}}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) (dig "image" "tag" "" .Values.ray) -}}
+{{ printf "%s:%s" (default .Values.image.repository (dig "image" "repository" "" .Values.ray)) $tag }}
+{{- end }}
+
+{{- define "colabel.jwtSecretKey" -}}
+{{ default "jwt-secret" .Values.hypha.rootToken.jwtSecretKey }}
+{{- end }}
+
+{{/* ray.networkPolicy with its defaults (see colabel.rayImage about --reuse-values) */}}
+{{- define "colabel.networkPolicy" -}}
+{{- $values := dig "networkPolicy" dict .Values.ray -}}
+{{- dict "enabled" (dig "enabled" true $values) "operatorNamespace" (dig "operatorNamespace" "default" $values) "operatorPodLabels" (dig "operatorPodLabels" dict $values) "extraIngress" (dig "extraIngress" list $values) | toJson -}}
+{{- end }}
+
 {{- define "colabel.hyphaServiceName" -}}
 {{ include "colabel.fullname" . }}-hypha
 {{- end }}
@@ -64,7 +82,7 @@ ray://{{ include "colabel.rayServiceName" . }}-head-svc:10001
 {{- end }}
 
 {{/* An environment variable holding the root token, from the Secret (never a literal):
-  include "colabel.rootTokenEnv" (list $ "ROOT_TOKEN") */}}
+  include "colabel.rootTokenEnv" (list $ "COLABEL_TOKEN") */}}
 {{- define "colabel.rootTokenEnv" -}}
 {{- $root := index . 0 -}}
 - name: {{ index . 1 }}
@@ -72,6 +90,56 @@ ray://{{ include "colabel.rayServiceName" . }}-head-svc:10001
     secretKeyRef:
       name: {{ include "colabel.rootTokenSecretName" $root }}
       key: {{ $root.Values.hypha.rootToken.secretKey }}
+{{- end }}
+
+{{/* HYPHA_JWT_SECRET, the key Hypha signs its tokens with, from the same Secret: include "colabel.jwtSecretEnv" $ */}}
+{{- define "colabel.jwtSecretEnv" -}}
+- name: HYPHA_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "colabel.rootTokenSecretName" . }}
+      key: {{ include "colabel.jwtSecretKey" . }}
+{{- end }}
+
+{{/* The data of the Secret NAME in the release namespace, as JSON: {} when there is none, and always under
+  `helm template`, Argo CD or Flux, where lookup has no cluster to ask.
+  include "colabel.secretData" (list $ NAME) | fromJson */}}
+{{- define "colabel.secretData" -}}
+{{- $root := index . 0 -}}
+{{- $found := lookup "v1" "Secret" $root.Release.Namespace (index . 1) | default dict -}}
+{{- $found.data | default dict | toJson -}}
+{{- end }}
+
+{{/* The gateway's heartbeat file (`colabel models --heartbeat`), on an emptyDir: made once its services are
+  registered on Hypha, touched every 10 s while its Ray cluster answers. */}}
+{{- define "colabel.heartbeatDir" -}}
+/run/colabel
+{{- end }}
+
+{{- define "colabel.heartbeatFile" -}}
+{{ include "colabel.heartbeatDir" . }}/alive
+{{- end }}
+
+{{/* An exec probe command: the heartbeat file exists and was modified less than SECONDS ago (/bin/sh, test, stat
+  and date of the image's Debian base): include "colabel.heartbeatProbe" (list $ 30) */}}
+{{- define "colabel.heartbeatProbe" -}}
+{{- $file := include "colabel.heartbeatFile" (index . 0) -}}
+exec:
+  command:
+    - /bin/sh
+    - -c
+    - {{ printf "test -f %s && test $(( $(date +%%s) - $(stat -c %%Y %s) )) -lt %d" $file $file (int (index . 1)) | quote }}
+{{- end }}
+
+{{/* The Ray pods of this release (head and worker groups), for the NetworkPolicy. */}}
+{{- define "colabel.rayPodSelector" -}}
+matchLabels:
+  app.kubernetes.io/name: {{ include "colabel.name" . }}
+  app.kubernetes.io/instance: {{ .Release.Name }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [ray-head, ray-cpu, ray-gpu]
 {{- end }}
 
 {{/*
@@ -86,7 +154,9 @@ metadata:
     {{- include "colabel.labels" $root | nindent 4 }}
     app.kubernetes.io/component: ray-{{ .group }}
 spec:
-  automountServiceAccountToken: false
+  {{- /* The autoscaler sidecar KubeRay adds to the head (enableInTreeAutoscaling) lists and patches the cluster's
+    pods with the head's ServiceAccount token (KubeRay makes its RBAC); no other Ray pod talks to the API server. */}}
+  automountServiceAccountToken: {{ and (eq .group "head") $values.ray.enableInTreeAutoscaling }}
   {{- with $values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -95,7 +165,7 @@ spec:
     {{- toYaml $values.podSecurityContext | nindent 4 }}
   containers:
     - name: ray-{{ .group }}
-      image: {{ include "colabel.image" $root }}
+      image: {{ include "colabel.rayImage" $root }}
       imagePullPolicy: {{ $values.image.pullPolicy }}
       securityContext:
         {{- toYaml (merge (dict "readOnlyRootFilesystem" $values.ray.readOnlyRootFilesystem) (omit $values.containerSecurityContext "readOnlyRootFilesystem")) | nindent 8 }}

@@ -265,25 +265,23 @@ def test_no_ray_call_of_an_attached_gateway_can_start_a_local_ray():
 
 # -- waiting for the cluster at start (M5) ------------------------------------------------------------------
 
-async def test_attach_says_every_30_s_which_applications_are_missing_and_gives_up_after_attach_timeout(
+async def test_attach_says_which_applications_are_missing_and_gives_up_after_attach_timeout(
         cluster, hypha_server, tmp_path):
     heartbeat = tmp_path / "alive"
     gateway = Gateway(["--server-url", hypha_server.url, "--attach", "--ray-address", cluster.client_address,
-                       "--models", "coreset,sam", "--attach-timeout", "35", "--heartbeat", str(heartbeat)],
+                       "--models", "coreset,sam", "--attach-timeout", "5", "--heartbeat", str(heartbeat)],
                       env={"COLABEL_TOKEN": hypha_server.root_token})
     try:
         code = await gateway.wait(120)
     finally:
         gateway.stop()
     waiting = [line for line in gateway.lines if line.startswith("waiting for the Ray cluster")]
-    assert len(waiting) == 2, gateway.output  # at once, then 30 s later
+    assert len(waiting) == 1, gateway.output  # at once (then every 30 s: this one gives up first)
     assert re.fullmatch(re.escape(f"waiting for the Ray cluster at {cluster.client_address}: Serve application(s) not "
                                   "running yet: sam not deployed (the cluster runs: coreset) (") + r"\d s so far\)",
                         waiting[0]), waiting
-    seconds = [int(re.search(r"\((\d+) s so far\)$", line).group(1)) for line in waiting]
-    assert 30 <= seconds[1] - seconds[0] <= 32, waiting
     assert code == 2
-    assert re.fullmatch(r"colabel: gave up after 3\d s \(--attach-timeout 35\): Serve application\(s\) not running "
+    assert re.fullmatch(r"colabel: gave up after \d+ s \(--attach-timeout 5\): Serve application\(s\) not running "
                         r"yet: sam not deployed \(the cluster runs: coreset\)", gateway.lines[-1]), gateway.lines[-1]
     assert not heartbeat.exists()  # never registered: never ready
 

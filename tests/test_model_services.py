@@ -259,7 +259,7 @@ async def on_ray(ray_serve, hypha_server, tmp_path_factory, tiny_checkpoint_path
     await server.disconnect()
 
 
-def test_a_running_local_ray_node_is_not_taken_for_one_being_stopped(ray_serve):
+async def test_a_running_local_ray_node_is_not_taken_for_one_being_stopped(ray_serve):
     # shutdown() skips Serve's graceful stop only when the node's own processes are exiting (a SIGTERM to the
     # process group, tested in test_cli); while they run, Serve is stopped gracefully
     assert ray_serve._local_node_stopping(0.2) is False

@@ -548,7 +548,6 @@ async def _models(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     ray.shutdown()
             _exit_lost(monitor.reason)
-        checking.cancel()
         hush_disconnect_warning(args)
         await server.disconnect()
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from colabel.errors import NotFoundError
 
-from .provider.events import EventLog
+from .provider.events import LABEL_KINDS, EventLog
 
 
 def retrain_curve(events: list[dict], n_classes: int, *, n_max: int = 200) -> list[tuple[int, float]]:
@@ -137,7 +137,7 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
             pairs.append({"a": a, "b": b, **pooled_pair_agreement(both)})
     table: dict[str, dict] = {}
     for event in events or []:
-        if event["kind"] in ("label", "suggestion_accepted", "suggestion_corrected") and event.get("annotator_id"):
+        if event["kind"] in LABEL_KINDS and event.get("annotator_id"):
             table.setdefault(event["annotator_id"], {})[f"{event['image_id']}/{event['cell_id']}"] = event["class"]
     kappa = {f"{a} / {b}": v for (a, b), v in pairwise_kappa(table).items()} if len(table) >= 2 else {}
     return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names}

@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from colabel.errors import ColabelError, InvalidInputError, NotFoundError
-from colabel.services.sam.segmenter import MAX_POINTS
+from colabel.services.sam.segmenter import check_point_count
 from colabel.services.wire import unpack
 
 from .provider import DataProvider
@@ -133,8 +133,8 @@ class ModelAssist:
 
     @staticmethod
     def _check_prompt(prompt: object) -> dict:
-        """The prompt's form, and at most ``MAX_POINTS`` points, checked here before anything is sent (the
-        model service checks everything again)."""
+        """The prompt's form, and at most ``MAX_POINTS`` points (``check_point_count``), checked here before
+        anything is sent (the model service checks everything again)."""
         if not isinstance(prompt, dict):
             raise InvalidInputError("prompt must be an object {points, labels, box}")
         unknown = set(prompt) - {"points", "labels", "box"}
@@ -142,8 +142,7 @@ class ModelAssist:
             raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
         points = prompt.get("points")
         if points is not None and not isinstance(points, (str, bytes, dict)) and hasattr(points, "__len__"):
-            if len(points) > MAX_POINTS:
-                raise InvalidInputError(f"a prompt may have at most {MAX_POINTS} points, got {len(points)}")
+            check_point_count(len(points))
         return prompt
 
     async def sam_prepare(self, session, image_id: str, model_id: str | None = None) -> dict:

@@ -15,6 +15,8 @@ from pathlib import Path
 from .storage import utc_now
 
 KINDS = ("label", "suggestion_shown", "suggestion_accepted", "suggestion_corrected", "retrain")
+#: Event kinds that set a cell's label.
+LABEL_KINDS = ("label", "suggestion_accepted", "suggestion_corrected")
 
 
 class EventLog:

@@ -40,13 +40,11 @@ import numpy as np
 from colabel.errors import InvalidInputError, NotFoundError
 
 from .assist import ModelAssist
-from .events import EventLog
+from .events import LABEL_KINDS, EventLog
 from .models import SessionInfo
 
 logger = logging.getLogger(__name__)
 
-#: Event kinds that set a cell's label.
-LABEL_KINDS = ("label", "suggestion_accepted", "suggestion_corrected")
 #: Longest wait, in seconds, before a failed retrain is retried without a new label.
 _MAX_BACKOFF_S = 300.0
 

@@ -260,8 +260,7 @@ class ClassifierService:
         head's hidden units. ``NotFoundError`` for an unknown ``model_id``; ``InvalidInputError`` for malformed
         features."""
         ensemble = self._model(model_id)
-        features = _check_features(features, dim=ensemble.dim)  # one clear sentence before any inference
-        classes, confidence = ensemble.predict(features)
+        classes, confidence = ensemble.predict(features)  # checks the features first (one clear sentence)
         return {"classes": classes.astype(np.int32), "confidence": confidence.astype(np.float32),
                 "uncertainty": ensemble.uncertainty(features).astype(np.float32),
                 "embedding": ensemble.embed(features, how="concat").astype(np.float32)}

@@ -231,7 +231,7 @@ class ClassicalSegmenter(NucleusSegmenter):
             "description": "stain separation + Gaussian + adaptive threshold + distance-transform watershed",
             "options": self.options(),
             "type_names": None,
-            "needs_weights": False,
+            "needs_weights": self.needs_weights,
         }
 
     def radius_px(self, mpp: float | None = None, shape: tuple[int, ...] | None = None) -> float:

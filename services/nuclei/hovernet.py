@@ -953,7 +953,7 @@ class HoVerNetSegmenter(NucleusSegmenter):
             "patch_input": size_in,
             "patch_output": size_out,
             "type_names": self.type_names,
-            "needs_weights": True,
+            "needs_weights": self.needs_weights,
             "random_weights": self._weights.startswith("random:"),
         }
 

@@ -515,6 +515,12 @@ def _report(names: list[str], f1: np.ndarray, kappa: Mapping[tuple[str, str], tu
     }
 
 
+def _classed_pairs(pairs, classes_a: dict, classes_b: dict) -> list[tuple[str, str]]:
+    """``(class by a, class by b)`` of the matched objects (``_one_to_one``'s pairs) that both annotators classed."""
+    items = [(classes_a.get(la), classes_b.get(lb)) for _, la, lb in pairs]
+    return [(x, y) for x, y in items if x is not None and y is not None]
+
+
 def matched_class_kappa(
     mask_a: np.ndarray,
     mask_b: np.ndarray,
@@ -551,8 +557,7 @@ def matched_class_kappa(
     (0.0, 2)
     """
     arrays = _check_masks([mask_a, mask_b], minimum=2)
-    items = [(classes_a.get(la), classes_b.get(lb)) for _, la, lb in _one_to_one(*arrays, _check_iou(iou))]
-    items = [(x, y) for x, y in items if x is not None and y is not None]
+    items = _classed_pairs(_one_to_one(*arrays, _check_iou(iou)), classes_a, classes_b)
     if not items:
         return None, 0
     return cohen_kappa([x for x, _ in items], [y for _, y in items]), len(items)
@@ -596,8 +601,7 @@ def pooled_pair_agreement(
         matched += len(pairs)
         only_a += n_a - len(pairs)
         only_b += n_b - len(pairs)
-        rated += [(classes_a.get(la), classes_b.get(lb)) for _, la, lb in pairs
-                  if classes_a.get(la) is not None and classes_b.get(lb) is not None]
+        rated += _classed_pairs(pairs, classes_a, classes_b)
     total = 2 * matched + only_a + only_b
     kappa = cohen_kappa([x for x, _ in rated], [y for _, y in rated]) if rated else None
     return {"images": len(images), "matched": matched, "only_a": only_a, "only_b": only_b,

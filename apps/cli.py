@@ -581,7 +581,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
         check_folder(Path(args.source).expanduser().resolve())
     hush_disconnect_warning(args)
     try:
-        result = run_pull(args.source, Path(args.out), session=args.session, token=args.token)
+        result = run_pull(args.source, Path(args.out), session=args.session, token=args.token,
+                          zarr_format=args.zarr_format)
     except ColabelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a remote refusal or an unreachable server: one sentence
@@ -741,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--out", required=True, help="output folder")
     pull.add_argument("--session", default=None, help="session id, for a local folder")
     pull.add_argument("--token", default=None, help="trainer token, if not in the URL")
+    pull.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
+                      help="format of labels.zarr: 3, or 2 for readers that predate zarr v3 (default: an existing "
+                           "pull's format, else 3; the other format rewrites labels.zarr whole)")
     pull.set_defaults(func=cmd_pull)
 
     train = commands.add_parser("train", help="train a segmenter on a pulled set, for pre-annotation",

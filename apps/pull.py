@@ -4,7 +4,8 @@ The pulled set (``--out DIR``) mirrors one session of one source: every pull fet
 last, and removes what the source no longer has (an image deleted or unreadable, an annotator's labels deleted),
 printing one ``dropped ...`` line per removal::
 
-    labels.zarr/                        (zarr format 3; every array in chunks of 512 x 512 pixels, one grid per image)
+    labels.zarr/                        (zarr format 3, or 2 with ``--zarr-format 2`` for readers that predate zarr v3;
+                                        every array in chunks of 512 x 512 pixels, one grid per image)
       images/<image_id>                 (H, W, C) in the file's dtype
       instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
       semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
@@ -326,7 +327,28 @@ def _prune(root, state: dict) -> None:
                 del root[f"{group}/{image_id}"]
 
 
-async def pull(source, out: Path, *, progress: bool = True) -> dict:
+def _open_labels(out: Path, zarr_format: int | None) -> tuple[Any, list[str]]:
+    """``out/labels.zarr`` opened for writing in ``zarr_format`` (2 or 3; None: the existing store's format, else 3),
+    and the ``dropped ...`` lines. A store of the other format is removed first (every array is then fetched again:
+    the pull's checks find them missing)."""
+    import shutil
+
+    import zarr
+
+    store, lines = out / "labels.zarr", []
+    existing = None
+    if (store / "zarr.json").is_file():
+        existing = 3
+    elif (store / ".zgroup").is_file():
+        existing = 2
+    if existing is not None and zarr_format is not None and existing != zarr_format:
+        shutil.rmtree(store)
+        lines.append(f"dropped labels.zarr in zarr format {existing}: rewriting it in format {zarr_format}")
+        existing = None
+    return zarr.open_group(str(store), mode="a", zarr_format=zarr_format or existing or 3), lines
+
+
+async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | None = None) -> dict:
     """Mirror ``source``'s session in ``out``: fetch the versions newer than the last pull's, remove what the source
     no longer has (images deleted, unreadable or no longer labelled, annotators' labels deleted, consensus of
     images left with fewer than 2 annotators), rewrite the tables and COCO files (layout: module docstring).
@@ -338,6 +360,9 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
         The pulled set; created when missing.
     progress : bool
         Show a progress bar.
+    zarr_format : {2, 3} or None
+        Format of ``labels.zarr``; None keeps an existing store's format (3 for a new one). Asking for the other
+        format than the existing store's rewrites it whole.
 
     Returns
     -------
@@ -348,9 +373,9 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
     Raises
     ------
     InvalidInputError
-        ``out`` holds a pull of another session or source; nothing is written.
+        ``out`` holds a pull of another session or source, or ``zarr_format`` is not 2, 3 or None; nothing is
+        written.
     """
-    import zarr
     from tqdm import tqdm
 
     out = Path(out)
@@ -359,10 +384,12 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
     meta = await source.session()
     origin = {"source": source.location, "session_id": meta["session"]["session_id"]}
     _check_origin(out, old, origin)
+    if zarr_format not in (None, 2, 3):
+        raise InvalidInputError(f"zarr format must be 2 or 3, got {zarr_format!r}")
     reusable = old if old.get("format") == STATE_FORMAT else {}
     classes = [c["name"] for c in meta["session"]["classes"]]
     out.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(out / "labels.zarr"), mode="a")
+    root, rewritten = _open_labels(out, zarr_format)
     root.attrs.update({"session": meta["session"], "classes": classes, "format": "colabel.pull/1"})
     (out / "tiff").mkdir(exist_ok=True)
     (out / "geojson").mkdir(exist_ok=True)
@@ -427,7 +454,7 @@ async def pull(source, out: Path, *, progress: bool = True) -> dict:
                     state[part][image_id] = reusable[part][image_id]
                 continue
             _consensus(root, out, state, image, classes, basis, consensus_file)
-    dropped = _dropped(old, state, listed, meta.get("annotators", {}))
+    dropped = rewritten + _dropped(old, state, listed, meta.get("annotators", {}))
     _prune(root, state)
     for path in sorted(_previous_files(old, {i: info["name"] for i, info in listed.items()}) - files):
         if Path(path).parent.as_posix() in ("tiff", "geojson"):
@@ -535,9 +562,9 @@ def _coco(session: dict, state: dict, *, consensus: bool = False) -> dict:
 
 
 def run_pull(source: str, out: Path, *, session: str | None = None, token: str | None = None,
-             echo: Callable[[str], object] | None = print) -> dict:
+             echo: Callable[[str], object] | None = print, zarr_format: int | None = None) -> dict:
     """Pull from a provider URL or a local folder (``session`` needed for a folder); ``echo`` gets each
-    ``dropped ...`` line of :func:`pull` (default: printed)."""
+    ``dropped ...`` line of :func:`pull` (default: printed); ``zarr_format`` as :func:`pull`'s."""
 
     async def main():
         if source.startswith(("http://", "https://")):
@@ -547,7 +574,7 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
                 raise InvalidInputError("pulling from a local folder needs --session SESSION_ID")
             src = LocalSource(Path(source), session)
         try:
-            return await pull(src, out)
+            return await pull(src, out, zarr_format=zarr_format)
         finally:
             await src.close()
 

@@ -537,3 +537,53 @@ def test_an_image_its_masks_and_its_consensus_share_one_zarr_chunk_grid(tmp_path
                 for a in root[f"instances/{image_id}"].array_keys())]}
     assert len(grids) == 7 and set(grids.values()) == {(512, 512)}, grids
     assert root[f"images/{image_id}"].chunks == (512, 512, 3)
+
+
+def test_zarr_format_2_holds_the_same_arrays_and_a_later_switch_rewrites_the_store(tmp_path):
+    """`--zarr-format 2` (for readers that predate zarr v3) writes the arrays and attributes a format 3 pull writes;
+    a later pull keeps the store's format, and asking for the other one rewrites the store whole."""
+    import zarr
+
+    from colabel.apps.pull import labelled_pairs
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    image_id = ids["ihc_ki67.png"]
+    provider.save_annotation(info, image_id, a.annotator_id, collection(square(10, 10, 12), square(40, 40, 9)))
+    provider.save_annotation(info, image_id, b.annotator_id, collection(square(11, 10, 12)))
+    v3, v2 = tmp_path / "v3", tmp_path / "v2"
+    assert pull(str(folder), "--session", info.session_id, "--out", str(v3)).returncode == 0
+    done = pull(str(folder), "--session", info.session_id, "--out", str(v2), "--zarr-format", "2")
+    assert done.returncode == 0, done.stderr
+    assert (v2 / "labels.zarr" / ".zgroup").is_file() and not (v2 / "labels.zarr" / "zarr.json").exists()
+    array_meta = json.loads((v2 / "labels.zarr" / "consensus" / image_id / ".zarray").read_text())
+    assert array_meta["zarr_format"] == 2 and array_meta["dtype"] == "<u4"
+
+    def arrays(out):
+        root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+        found = {path: (node[...], dict(node.attrs)) for path, node in root.members(max_depth=None)
+                 if isinstance(node, zarr.Array)}
+        return found, dict(root.attrs)
+
+    (got, got_attrs), (want, want_attrs) = arrays(v2), arrays(v3)
+    assert sorted(got) == sorted(want) and len(got) == 7 and got_attrs == want_attrs
+    for path, (data, attrs) in want.items():
+        np.testing.assert_array_equal(got[path][0], data)
+        assert got[path][0].dtype == data.dtype and got[path][1] == attrs, path
+    (pair,), (want_pair,) = labelled_pairs(v2), labelled_pairs(v3)  # the consensus: the square both drew
+    assert pair[0] == want_pair[0] == image_id and pair[2].max() == 1
+    np.testing.assert_array_equal(pair[2], want_pair[2])
+
+    again = pull(str(folder), "--session", info.session_id, "--out", str(v2))
+    assert again.returncode == 0 and "pulled 0 new annotation versions (2 up to date)" in again.stdout
+    assert (v2 / "labels.zarr" / ".zgroup").is_file()
+    switched = pull(str(folder), "--session", info.session_id, "--out", str(v2), "--zarr-format", "3")
+    assert switched.returncode == 0 and "pulled 2 new annotation versions" in switched.stdout, switched.stdout
+    assert "dropped labels.zarr in zarr format 2: rewriting it in format 3" in switched.stdout
+    assert (v2 / "labels.zarr" / "zarr.json").is_file() and not (v2 / "labels.zarr" / ".zgroup").exists()
+    got, _ = arrays(v2)
+    assert sorted(got) == sorted(want)
+
+    before = _files(v2)
+    refused = pull(str(folder), "--session", info.session_id, "--out", str(v2), "--zarr-format", "4")
+    assert refused.returncode == 2 and "invalid choice: 4" in refused.stderr and _files(v2) == before

@@ -321,7 +321,7 @@ def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
             raise CliError(f"--checkpoint {item!r} must be MODEL_ID=PATH")
         checkpoints[model_id] = str(Path(path).expanduser().resolve())
     sam = {"default_model": args.sam_model, "checkpoints": checkpoints}
-    nuclei: dict = {"backend": args.nuclei_backend}
+    nuclei: dict = {"backend": nuclei_backend(args)}
     if args.nuclei_checkpoint:
         nuclei["backend_options"] = {"checkpoint": nuclei_checkpoint(args.nuclei_checkpoint)}
     classifier: dict = {}
@@ -330,6 +330,24 @@ def model_options(args: argparse.Namespace, folder: Path | None) -> dict:
         nuclei["cache_dir"] = str(cache / "nuclei")
         classifier["cache_dir"] = str(cache / "hals")
     return {"sam": sam, "nuclei": nuclei, "classifier": classifier, "coreset": {}}
+
+
+def nuclei_backend(args: argparse.Namespace) -> str:
+    """``--nuclei-backend``, refused when unknown, when it needs weights and ``--nuclei-checkpoint`` is missing
+    (HoVer-Net with random weights outlines noise), or when a checkpoint is given to a backend without weights."""
+    from colabel.services.nuclei.base import available_backends, backend_needs_weights
+
+    name = args.nuclei_backend
+    if name not in available_backends():
+        raise CliError(f"--nuclei-backend {name!r} is not a nucleus backend; known: {', '.join(available_backends())}")
+    needs = backend_needs_weights(name)
+    if needs and not args.nuclei_checkpoint:
+        raise CliError(f"--nuclei-backend {name} needs its weights: give --nuclei-checkpoint (a file, an http(s) URL "
+                       f"or a published name such as hovernet_pannuke_fast); without them it would outline noise")
+    if args.nuclei_checkpoint and not needs:
+        raise CliError(f"--nuclei-checkpoint is for a backend with weights (hovernet); --nuclei-backend {name} "
+                       f"takes none")
+    return name
 
 
 def nuclei_checkpoint(text: str) -> str:
@@ -495,27 +513,31 @@ def _exit_lost(message: str) -> None:
 async def _models(args: argparse.Namespace) -> int:
     """Run only the model services and register them on a Hypha server (the cluster's gateway role).
 
-    Health: every 10 s a check through the cluster (:func:`models_health_monitor`); while it passes, the
+    Health: every 10 s a check through the cluster (:func:`models_health_monitor`), and one through the Hypha
+    connection that its services are still registered (``hypha_health_monitor``); while both pass, the
     ``--heartbeat`` file is rewritten. When the cluster is lost (3 failed checks in a row, or a Ray Client
-    disconnected for good) calls waiting on it fail, and the process exits with status 1 (:func:`_exit_lost`).
+    disconnected for good) calls waiting on it fail, and the process exits with status 1 (:func:`_exit_lost`);
+    so it does when the Hypha server fails its checks for ``--hypha-grace`` seconds in a row.
     """
     from hypha_rpc import connect_to_server
 
-    from colabel.services.gateway import Heartbeat, RayBackend
+    from colabel.services.gateway import Heartbeat, RayBackend, hypha_health_monitor
 
     check_ray(args)
     if args.attach_timeout < 0:
         raise CliError(f"--attach-timeout {args.attach_timeout:g}: give seconds >= 0 (0: wait as long as it takes)")
+    if not args.hypha_grace > 0:
+        raise CliError(f"--hypha-grace {args.hypha_grace:g}: give seconds > 0")
     heartbeat = Heartbeat(args.heartbeat) if args.heartbeat else None
     if heartbeat is not None:
         heartbeat.check()
         heartbeat.remove()  # a file of an earlier run must not say "ready" before this one is
-    monitor = models_health_monitor(args, on_pass=heartbeat.beat if heartbeat is not None else None)
+    monitor = models_health_monitor(args)
     backends, stop_backends = start_model_backends(args, None)
     for backend in backends.values():
         if isinstance(backend, RayBackend):
             backend.monitor = monitor
-    server = checking = None
+    server, checking = None, []
     try:
         try:
             server = await connect_to_server({"server_url": args.server_url, "token": args.token})
@@ -524,18 +546,22 @@ async def _models(args: argparse.Namespace) -> int:
         ids, _, _ = await register_models(args, server, backends)
         for name, service_id in ids.items():
             print(f"model_service_{name}: {service_id}", flush=True)
+        hypha = hypha_health_monitor(server, args.server_url, ids.values(), grace=args.hypha_grace)
         if heartbeat is not None:
+            heartbeat.follow(monitor, hypha)
             heartbeat.beat()
         stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
-        checking = asyncio.create_task(monitor.run())
-        stopping, losing = asyncio.create_task(stop.wait()), asyncio.create_task(monitor.lost.wait())
-        await asyncio.wait({checking, stopping, losing}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        losing.cancel()
-        if checking.done() and not checking.cancelled() and checking.exception() is not None:
-            raise checking.exception()  # a bug in the monitor: never go on unmonitored
-        if monitor.lost.is_set():
+        checking = [asyncio.create_task(m.run()) for m in (monitor, hypha)]
+        waiting = [asyncio.create_task(stop.wait()), *(asyncio.create_task(m.lost.wait()) for m in (monitor, hypha))]
+        await asyncio.wait({*checking, *waiting}, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiting:
+            task.cancel()
+        for task in checking:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # a bug in a monitor: never go on unmonitored
+        lost = next((m for m in (monitor, hypha) if m.lost.is_set()), None)
+        if lost is not None:
             if heartbeat is not None:
                 heartbeat.remove()
             await asyncio.sleep(0.5)  # the calls that just failed send their errors back
@@ -547,12 +573,12 @@ async def _models(args: argparse.Namespace) -> int:
 
                 with contextlib.suppress(Exception):
                     ray.shutdown()
-            _exit_lost(monitor.reason)
+            _exit_lost(lost.reason)
         hush_disconnect_warning(args)
         await server.disconnect()
     finally:
-        if checking is not None:
-            checking.cancel()
+        for task in checking:
+            task.cancel()
         if heartbeat is not None:
             heartbeat.remove()
         await stop_backends()
@@ -728,8 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "saying every 30 s which are missing (default 0: as long as it takes)")
     models.add_argument("--heartbeat", default=None, metavar="FILE",
                         help="write FILE once the services are registered on Hypha, and again every 10 s while the "
-                        "model services answer (the cluster with --attach, else the local Serve applications): "
+                        "model services answer (the cluster with --attach, else the local Serve applications) and "
+                        "the Hypha server still holds them: "
                         "for readiness and liveness probes on its age. Its folder must exist; removed at exit")
+    models.add_argument("--hypha-grace", type=float, default=60.0, metavar="SECONDS",
+                        help="how long the Hypha server may fail the health checks in a row (a call through the "
+                        "connection that its services are still registered, every 10 s) before the process exits "
+                        "with status 1, so that Kubernetes restarts it; meanwhile hypha-rpc reconnects and "
+                        "registers them again, and the heartbeat file is not rewritten (default 60)")
     add_model_arguments(models, provider=False)
     models.set_defaults(func=cmd_models)
 

@@ -291,6 +291,28 @@ def test_nuclei_checkpoint_takes_a_published_name_a_url_or_an_existing_file(tmp_
     assert not (folder / "annotations").exists()
 
 
+def test_hovernet_without_weights_an_unknown_backend_and_weights_for_classical_are_refused(tmp_path):
+    """HoVer-Net without --nuclei-checkpoint would outline noise with random weights: refused before anything
+    starts, as are a backend that does not exist and a checkpoint for the classical backend (it takes none)."""
+    from colabel.apps.cli import CliError, build_parser, model_options
+    from conftest import make_image_folder
+
+    def options(*flags):
+        return model_options(build_parser().parse_args(["serve", str(tmp_path), *flags]), tmp_path)["nuclei"]
+
+    assert options()["backend"] == "classical"
+    with pytest.raises(CliError, match="hovernet needs its weights: give --nuclei-checkpoint"):
+        options("--nuclei-backend", "hovernet")
+    with pytest.raises(CliError, match="'stardist' is not a nucleus backend; known: classical, hovernet"):
+        options("--nuclei-backend", "stardist")
+    with pytest.raises(CliError, match="--nuclei-backend classical takes none"):
+        options("--nuclei-checkpoint", "hovernet_pannuke_fast")
+    folder = make_image_folder(tmp_path / "images")
+    refused = run("serve", str(folder), "--port", str(free_port()), "--nuclei-backend", "hovernet", "--no-ray")
+    assert refused.returncode == 2 and "needs its weights" in refused.stderr, refused.stderr
+    assert not (folder / "annotations").exists()
+
+
 def test_without_ray_serve_is_refused_in_one_sentence_unless_no_ray(tmp_path):
     from conftest import make_image_folder
 

@@ -298,6 +298,7 @@ _rng = np.random.default_rng(0)
 CELL_XY = _rng.uniform(0, 512, (N_CELLS + 1, 2))  # row i: cell id i (0 unused); the IHC image is 512 x 512
 CELL_FEATURES = _rng.normal(0, 1, (N_CELLS + 1, 16)).astype(np.float32)
 CELL_FEATURES[:, :4] += 2.0 * (np.arange(N_CELLS + 1) % 2)[:, None]  # odd ids: "positive"
+CELL_RADIUS = 6.0  # half the side of a synthetic cell's box, px
 NAMES = [c["name"] for c in CLASSES]
 
 
@@ -307,25 +308,31 @@ def truth_of(cell_id: int) -> str:
 
 class InProcessModels:
     """What ``HalsAssist`` needs of ``ModelAssist``: ``provider`` and ``call(name, method, *args)``, answered by a
-    nucleus service of synthetic cells (``ids``: the current segmentation's cell ids; features and centroids
-    follow the id) and the real ``ClassifierService`` (2 heads) and ``CoresetService``. ``fit_error``, when
-    set, is raised by ``classifier.fit``; ``fits`` records the features of every fit."""
+    nucleus service of synthetic cells (``ids``: the current segmentation's cell ids; ``xy``: their centroids by
+    id, each in a box of ``CELL_RADIUS`` around it; features follow the id) and the real ``ClassifierService``
+    (2 heads) and ``CoresetService``. ``fit_error`` and ``segment_error``, when set, are raised by
+    ``classifier.fit`` and ``nuclei.segment``; ``fits`` records the features of every fit."""
 
     def __init__(self, provider, cache_dir, ids=range(1, N_CELLS + 1)) -> None:
         from colabel.services.hals.service import ClassifierService, CoresetService
 
         self.provider = provider
         self.ids = list(ids)
+        self.xy = CELL_XY.copy()
         self.classifier = ClassifierService(str(cache_dir), n_members=2)
         self.coreset = CoresetService()
         self.fit_error: Exception | None = None
+        self.segment_error: Exception | None = None
         self.fits: list[np.ndarray] = []
         self.calls: dict[tuple[str, str], int] = {}
 
     async def call(self, name, method, *args):
         self.calls[(name, method)] = self.calls.get((name, method), 0) + 1
         if (name, method) == ("nuclei", "segment"):
-            nuclei = [{"id": i, "centroid": CELL_XY[i].tolist(), "bbox": [0, 0, 1, 1], "polygon": None}
+            if self.segment_error is not None:
+                raise self.segment_error
+            nuclei = [{"id": i, "centroid": self.xy[i].tolist(), "polygon": None,
+                       "bbox": [*(self.xy[i] - CELL_RADIUS).tolist(), *(self.xy[i] + CELL_RADIUS).tolist()]}
                       for i in self.ids]
             return {"nuclei": nuclei, "labels": np.zeros((4, 4), np.int32)}
         if (name, method) == ("classifier", "features"):
@@ -453,6 +460,153 @@ async def test_labels_on_cells_gone_from_the_segmentation_are_left_out_of_traini
     trained = models.fits[-1]
     assert len(trained) == 20 and not (trained == CELL_FEATURES[120]).all(axis=1).any()
     assert (await restarted.suggestions(session, "a-1", image))["ready"]
+
+
+def image_named(provider, name: str) -> str:
+    return next(r.image_id for r in provider.catalog.records() if r.name == name)
+
+
+def trained_on(fit: np.ndarray, cell_id: int) -> bool:
+    """Whether a fit's features hold the synthetic cell ``cell_id``'s."""
+    return bool((fit == CELL_FEATURES[cell_id]).all(axis=1).any())
+
+
+async def test_labels_of_a_deleted_image_are_stale_retraining_goes_on_and_they_count_again_when_it_is_back(
+        inproc, caplog):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    other = image_named(inproc["provider"], "dsb2018_nuclei.tif")
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    await label_all(hals, session, other, range(21, 26))  # 5 labels on a second image: retrained (version 2)
+    await settle(hals, session)
+    assert hals.status(session)["version"] == 2 and hals.status(session)["n_labels"] == 25
+
+    path = inproc["folder"] / "dsb2018_nuclei.tif"
+    saved = path.read_bytes()
+    path.unlink()  # the second image's file is deleted; a restarted provider has not loaded its cells
+    restarted = HalsAssist(models)
+    with caplog.at_level(logging.WARNING, logger="colabel.apps.provider.hals"):
+        for version, cell_ids in ((3, range(31, 36)), (4, range(36, 41))):  # 5 label changes: a retrain each
+            await label_all(restarted, session, image, cell_ids)
+            await settle(restarted, session)
+            status = restarted.status(session)
+            assert status["retrain_error"] is None and status["version"] == version
+            assert status["stale_labels"] == 5 and status["n_labels"] == 5 * version + 10
+            assert status["history"][-1]["n_labels"] == status["n_labels"]
+            assert not any(trained_on(models.fits[-1], c) for c in range(21, 26))
+    gone = [r.getMessage() for r in caplog.records if "cannot be read any more" in r.getMessage()]
+    assert len(gone) == 1 and other in gone[0] and "dsb2018_nuclei.tif" in gone[0]  # warned once
+
+    path.write_bytes(saved)  # the same file again: the next retrain reads it, and its labels count again
+    await label_all(restarted, session, image, range(41, 46))
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["retrain_error"] is None and status["version"] == 5
+    assert status["stale_labels"] == 0 and status["n_labels"] == status["history"][-1]["n_labels"] == 40
+    assert all(trained_on(models.fits[-1], c) for c in range(21, 26))
+
+
+async def test_an_unreadable_image_that_a_class_needs_is_tried_again_at_the_next_label_change(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    other = image_named(inproc["provider"], "dsb2018_nuclei.tif")
+    await label_all(hals, session, image, [*range(2, 21, 2), 1, 3, 5, 7, 9])  # 10 negative, 5 positive
+    await label_all(hals, session, other, [11, 13, 15, 17, 19])  # the other 5 positive labels
+    await settle(hals, session)
+    assert hals.status(session)["version"] == 1
+
+    path = inproc["folder"] / "dsb2018_nuclei.tif"
+    saved = path.read_bytes()
+    path.write_bytes(b"II*\x00 no longer a TIFF")  # corrupt now
+    restarted = HalsAssist(models)
+    await label_all(restarted, session, image, [22, 24, 26, 28, 30])  # a retrain, which cannot read it
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["retrain_error"] is None and status["stale_labels"] == 5 and status["version"] == 1
+    assert status["per_class"] == {"positive": 5, "negative": 15} and not status["ready"]
+    assert models.n_fits == 1
+
+    path.write_bytes(saved)  # back: the next label change reads it again, and the class has 10 labels again
+    await label_all(restarted, session, image, [32])
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["stale_labels"] == 0 and status["per_class"] == {"positive": 10, "negative": 16}
+    assert status["ready"] and status["version"] == 2 and models.n_fits == 2
+
+
+async def test_a_nucleus_service_error_while_loading_a_labelled_image_fails_the_retrain_and_loses_no_labels(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+    from colabel.errors import NotFoundError
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    other = image_named(inproc["provider"], "dsb2018_nuclei.tif")
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    await label_all(hals, session, other, range(21, 26))
+    await settle(hals, session)
+
+    restarted = HalsAssist(models)
+    await restarted.cells(session, image)
+    # the service's own "not found" (ModelAssist maps a remote NotFoundError back): not the provider's image
+    models.segment_error = NotFoundError("nuclei.segment: unknown model 'nuclei-v2'")
+    await label_all(restarted, session, image, range(31, 36))
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["retrain_error"] == "NotFoundError: nuclei.segment: unknown model 'nuclei-v2'"
+    assert status["stale_labels"] == 0 and status["n_labels"] == 30 and status["version"] == 2
+
+    models.segment_error = None  # the service is back: the next label change retrains on every label
+    await label_all(restarted, session, image, [36])
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["retrain_error"] is None and status["version"] == 3
+    assert status["n_labels"] == status["history"][-1]["n_labels"] == 31
+
+
+async def test_a_label_whose_cell_id_is_another_nucleus_after_segmenting_again_is_stale(inproc):
+    from colabel.apps.provider.events import EventLog
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    log = hals.log(session)
+    labelled = {e["cell_id"]: e["centroid"] for e in log.read() if e["kind"] == "label"}
+    assert labelled == {c: CELL_XY[c].tolist() for c in FIRST_20}  # every label records its cell's centroid
+    events = log.read()
+    log.path.unlink()
+    for event in events:  # cell 6's label as an older provider wrote it: without a centroid
+        fields = {k: v for k, v in event.items()
+                  if k not in ("kind", "time") and not (k == "centroid" and event.get("cell_id") == 6)}
+        EventLog(log.path).append(event["kind"], **fields)
+
+    # segmented again: id 2 names another nucleus 40 px away, id 4 the same nucleus outlined a little differently
+    # (centroid 3.6 px off, inside its box); id 6 moved as far as id 2, but its old event has no centroid to check
+    models.xy[2] = CELL_XY[2] + (40.0, 0.0)
+    models.xy[4] = CELL_XY[4] + (3.0, -2.0)
+    models.xy[6] = CELL_XY[6] + (40.0, 0.0)
+    restarted = HalsAssist(models)
+    cells = {c["cell_id"]: c for c in (await restarted.cells(session, image))["cells"]}
+    assert cells[2]["label"] is None and cells[4]["label"] == cells[6]["label"] == "negative"
+    status = restarted.status(session)
+    assert status["stale_labels"] == 1 and status["n_labels"] == 19
+    assert status["per_class"] == {"positive": 10, "negative": 9} and not status["ready"]
+    assert not (await restarted.suggestions(session, "a-1", image))["ready"]
+
+    # the annotator labels the nucleus that id 2 is now: a label change; the class has 10 again, retrained on it
+    await restarted.label(session, "a-1", image, 2, "negative")
+    await settle(restarted, session)
+    status = restarted.status(session)
+    assert status["stale_labels"] == 0 and status["n_labels"] == 20 and status["ready"] and status["version"] == 2
+    relabel = [e for e in restarted.log(session).read() if e["kind"] == "label"][-1]
+    assert relabel["cell_id"] == 2 and relabel["centroid"] == models.xy[2].tolist()
+    again = HalsAssist(models)  # the log replays to the same state
+    await again.cells(session, image)
+    assert again.status(session)["stale_labels"] == 0 and again.status(session)["n_labels"] == 20
+    assert again._loop(session).changes == restarted._loop(session).changes == 21
 
 
 async def test_a_restarted_provider_restores_the_trained_model_instead_of_retraining(inproc):

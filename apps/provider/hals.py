@@ -8,12 +8,23 @@ event log, which is the truth the state is rebuilt from after a restart.
 Policy (HALS): suggestions start once every class has ``min_labels_per_class`` labels; the classifier is
 retrained in the background after every ``retrain_every`` label changes, never blocking the annotator.
 Suggestions pause while relabels take a class below the threshold again, and the classifier retrains as
-soon as it is reached again. Labels on cells that the image's current segmentation no longer has (the image
-was segmented again, e.g. by another segmenter version) are left out of training and of the class counts
-(``stale_labels`` in the status). A retrain that fails is retried on the next label change, or after a
-backoff (``retry_backoff_s``, doubled after every further failure, at most 5 min) when the
-annotator asks for suggestions or a patch; the status tells why it failed, and each distinct failure is
-logged once.
+soon as it is reached again. Stale labels are left out of training and of the class counts (``stale_labels`` in
+the status), and their cells show as unlabelled:
+
+* labels on cells that the image's current segmentation no longer has (the image was segmented again, e.g. by
+  another segmenter version);
+* labels whose cell id the current segmentation still has, but for another nucleus: every label event records
+  the labelled cell's centroid ``[x, y]`` (px), and it must lie inside the current cell's box or within 2 px of
+  its centroid (:func:`same_nucleus`); events without a centroid (older providers) are trusted;
+* labels of an image that the provider can no longer read (deleted, corrupt, gone from the catalog:
+  ``get_image`` raises ``NotFoundError``, ``InvalidInputError`` or ``UnreadableImageError``), warned about once;
+  training goes on with the other labels, and the image is tried again at every retrain (and at every label
+  change while a class lacks labels), so its labels count again once it is back. A model service failing while
+  an image is loaded is a failed retrain, never a lost image.
+
+A retrain that fails is retried on the next label change, or after a backoff (``retry_backoff_s``, doubled
+after every further failure, at most 5 min) when the annotator asks for suggestions or a patch; the status
+tells why it failed, and each distinct failure is logged once.
 
 Concurrency: a session's mutations (a label, a suggestion shown) are serialised by the session's lock and
 take effect in memory only once their event is on disk, so a label call returns after its event is written,
@@ -37,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from colabel.errors import InvalidInputError, NotFoundError
+from colabel.errors import InvalidInputError, NotFoundError, UnreadableImageError
 
 from .assist import ModelAssist
 from .events import LABEL_KINDS, EventLog
@@ -47,6 +58,14 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait, in seconds, before a failed retrain is retried without a new label.
 _MAX_BACKOFF_S = 300.0
+
+#: Distance in pixels within which a label's recorded centroid names the current cell of the same id whatever
+#: that cell's box (see :func:`same_nucleus`).
+_CENTROID_TOLERANCE_PX = 2.0
+
+#: What ``DataProvider.get_image`` raises for an image it cannot give any more (the file was deleted, is corrupt
+#: or unreadable now, or left the catalog); a model service's errors are never among these here.
+_IMAGE_UNREADABLE = (NotFoundError, InvalidInputError, UnreadableImageError)
 
 
 @dataclass
@@ -72,6 +91,8 @@ class StartModel:
 class _Loop:
     labels: dict[tuple[str, int], int] = field(default_factory=dict)
     order: list[tuple[str, int]] = field(default_factory=list)
+    # the labelled cell's centroid [x, y] (px) when its latest label event was written; None: an older event
+    centroids: dict[tuple[str, int], tuple[float, float] | None] = field(default_factory=dict)
     shown: dict[tuple[str, int], int] = field(default_factory=dict)  # the latest suggestion shown, per cell
     offered: dict[tuple[str, int], set[int]] = field(default_factory=dict)  # every class ever suggested, per cell
     model_id: str | None = None
@@ -85,6 +106,8 @@ class _Loop:
     per_annotator: dict[str, int] = field(default_factory=dict)  # labels given, by annotator id
     training: asyncio.Task | None = None
     cells: dict[str, _Cells] = field(default_factory=dict)
+    gone: dict[str, str] = field(default_factory=dict)  # labelled images the provider could not read: why
+    gone_checked: int = -1  # ``changes`` when the labelled images were last loaded (gone ones tried again)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # serialises the session's logged mutations
     error: str | None = None  # why the last retrain failed; None once one succeeds
     failed_changes: int = 0  # ``changes`` at the snapshot of the last failed retrain
@@ -122,14 +145,69 @@ def retry_delay(failures: int, base: float) -> float:
     return min(_MAX_BACKOFF_S, base * 2.0 ** max(0, failures - 1))
 
 
+def recorded_centroid(value: object) -> tuple[float, float] | None:
+    """A label event's ``centroid`` as ``(x, y)`` pixels; None when absent or malformed (an older event).
+
+    Examples
+    --------
+    >>> recorded_centroid([12, 7.5]), recorded_centroid(None), recorded_centroid(["a", 1])
+    ((12.0, 7.5), None, None)
+    """
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        return None
+    return float(value[0]), float(value[1])
+
+
+def same_nucleus(recorded: tuple[float, float], centroid: Any, bbox: Any) -> bool:
+    """Whether a label given to a cell whose centroid was ``recorded`` (``[x, y]`` px) still names the current
+    cell of that id: centroid ``centroid`` (``[x, y]`` px), pixel-corner box ``bbox`` (``[xmin, ymin, xmax,
+    ymax]`` px, as the nucleus service gives it; None or malformed when unknown).
+
+    The recorded centroid must lie inside the current cell's box (edges included), or within
+    :data:`_CENTROID_TOLERANCE_PX` (2 px) of its centroid. Why this tolerance:
+
+    * the same segmenter on the same image gives the very same centroid (distance 0);
+    * a nucleus's centroid (the mean of its pixel centres) lies inside its own box, and another segmenter's mask
+      of the same nucleus differs from the first along the boundary (a pixel or a few), which moves the centroid
+      by a fraction of the nucleus's radius: the old centroid stays well inside the new box, which would have to
+      lie entirely on one side of it, i.e. hold another object, to miss it. The box scales the tolerance with
+      the nucleus (a large nucleus outlined differently may move its centroid by more than a fixed few pixels);
+    * another nucleus's centroid lies among that nucleus's pixels, which the current cell's do not overlap, so it
+      falls outside the current cell's box except around a strongly concave or diagonal elongated cell (rare);
+    * 2 px covers a cell without a usable box and the tiniest boxes: two different nuclei have centroids at
+      least about the radius of either apart, so both would need a radius under 2 px (area under ~13 px²),
+      smaller than nucleus segmenters keep.
+
+    Examples
+    --------
+    >>> same_nucleus((20.5, 30.5), [20.5, 30.5], [14, 25, 27, 36])  # the same segmentation
+    True
+    >>> same_nucleus((23.0, 27.0), [20.5, 30.5], [14, 25, 27, 36])  # re-segmented: moved 4.3 px, inside the box
+    True
+    >>> same_nucleus((34.0, 31.0), [20.5, 30.5], [14, 25, 27, 36])  # a neighbour's centroid, outside the box
+    False
+    >>> same_nucleus((21.5, 31.5), [20.5, 30.5], None), same_nucleus((24.0, 30.5), [20.5, 30.5], None)
+    (True, False)
+    """
+    x, y = recorded
+    if math.hypot(x - float(centroid[0]), y - float(centroid[1])) <= _CENTROID_TOLERANCE_PX:
+        return True
+    box = recorded_centroid(bbox[:2]) if isinstance(bbox, (list, tuple)) and len(bbox) == 4 else None
+    end = recorded_centroid(bbox[2:]) if box is not None else None
+    return box is not None and end is not None and box[0] <= x <= end[0] and box[1] <= y <= end[1]
+
+
 def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _Loop:
     """The loop state an event log describes (what a restarted provider starts from).
 
     Labels, suggestions shown, per-annotator counts and the retrain history are replayed in order. The last
     ``retrain`` event names the session's current model (``model_id``, trained on the labels of the first
     ``label_events`` label events of the log). Logs written before retrain events carried ``model_id`` still
-    load: their model is unknown, so the next suggestions call retrains. Cells are not checked here: the
-    segmentation is only known once an image's cells are loaded.
+    load: their model is unknown, so the next suggestions call retrains. Each label keeps the centroid its latest
+    label event recorded (None for events without one). Cells are not checked here: the segmentation is only
+    known once an image's cells are loaded.
     """
     loop = _Loop()
     counts = [0] * len(names)  # labels per class
@@ -143,7 +221,10 @@ def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _
                 cls = names.index(event["class"])
                 if key not in loop.labels:
                     loop.order.append(key)
-                if loop.labels.get(key) != cls:
+                centroid = recorded_centroid(event.get("centroid"))
+                moved = _moved(loop.centroids.get(key), centroid)
+                loop.centroids[key] = centroid
+                if loop.labels.get(key) != cls or moved:
                     if key in loop.labels:
                         counts[loop.labels[key]] -= 1
                     counts[cls] += 1
@@ -169,6 +250,12 @@ def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _
             trained_at = seen
     loop.threshold_lost = lost_after > trained_at
     return loop
+
+
+def _moved(before: tuple[float, float] | None, after: tuple[float, float] | None) -> bool:
+    """A label event on a cell whose recorded centroid differs from its previous label event's: the cell id of
+    another segmentation, so the label may name another nucleus now (a label change, as another class is)."""
+    return before is not None and after is not None and before != after
 
 
 class HalsAssist:
@@ -228,14 +315,26 @@ class HalsAssist:
             self._loops[session.session_id] = loop
         return loop
 
-    async def _cells(self, session: SessionInfo, image_id: str) -> _Cells:
+    async def _cells(self, session: SessionInfo, image_id: str, *, skip_unreadable: bool = False) -> _Cells | None:
+        """An image's cells: segmented and their features computed on first use, then cached for the session.
+
+        With ``skip_unreadable`` (training), an image that the provider cannot give any more (``get_image`` raises
+        one of :data:`_IMAGE_UNREADABLE`) is recorded as gone, its labels stale, and None is returned; the model
+        services' errors raise whatever the flag. Without it (annotator calls), the provider's error raises.
+        """
         loop = self._loop(session)
         if image_id in loop.cells:
             return loop.cells[image_id]
         lock = self._cell_locks.setdefault((session.session_id, image_id), asyncio.Lock())
         async with lock:
             if image_id not in loop.cells:
-                pixels = await asyncio.to_thread(self.provider.get_image, image_id, session=session)
+                try:
+                    pixels = await asyncio.to_thread(self.provider.get_image, image_id, session=session)
+                except _IMAGE_UNREADABLE as exc:
+                    if not skip_unreadable:
+                        raise
+                    self._image_gone(session, loop, image_id, exc)
+                    return None
                 result = await self.assist.call("nuclei", "segment", pixels, None, None, None, True)
                 nuclei = result["nuclei"]
                 centroids = np.asarray([n["centroid"] for n in nuclei], dtype=np.float64).reshape(-1, 2)
@@ -248,20 +347,52 @@ class HalsAssist:
                                tuple(pixels.shape[:2]), {c: i for i, c in enumerate(ids)})
                 reached = self._threshold_reached(session, loop)
                 loop.cells[image_id] = cells
-                stale = sum(1 for i, c in loop.labels if i == image_id and c not in cells.index)
-                if stale:
-                    logger.warning("session %s: %d labelled cell(s) of image %s are not in its current "
-                                   "segmentation; they are left out of training", session.session_id, stale,
-                                   image_id)
-                    if reached and not self._threshold_reached(session, loop):
-                        loop.threshold_lost = True
+                if loop.gone.pop(image_id, None) is not None:
+                    logger.info("session %s: image %s can be read again; its labels count again",
+                                session.session_id, image_id)
+                keys = [k for k in loop.labels if k[0] == image_id]
+                missing = sum(1 for k in keys if k[1] not in cells.index)
+                moved = sum(1 for k in keys if k[1] in cells.index and self._is_stale(loop, k))
+                if missing or moved:
+                    logger.warning("session %s: %d labelled cell(s) of image %s are stale (%d not in its current "
+                                   "segmentation, %d another nucleus there now: centroid moved); they are left out "
+                                   "of training", session.session_id, missing + moved, image_id, missing, moved)
+                if reached and not self._threshold_reached(session, loop):
+                    loop.threshold_lost = True
         return loop.cells[image_id]
+
+    def _image_gone(self, session: SessionInfo, loop: _Loop, image_id: str, exc: Exception) -> None:
+        """Leave the labels of an image the provider could not read out (stale) until it can be read again;
+        warns once per disappearance."""
+        reached = self._threshold_reached(session, loop)
+        if image_id not in loop.gone:
+            n = sum(1 for i, _ in loop.labels if i == image_id)
+            logger.warning("session %s: labelled image %s cannot be read any more (%s); its %d label(s) are left "
+                           "out of training until it can be read again (tried again at every retrain)",
+                           session.session_id, image_id, short_error(exc), n)
+        loop.gone[image_id] = short_error(exc)
+        if reached and not self._threshold_reached(session, loop):
+            loop.threshold_lost = True
 
     @staticmethod
     def _is_stale(loop: _Loop, key: tuple[str, int]) -> bool:
-        """A label on a cell that its image's current segmentation lacks (False while the image is not loaded)."""
+        """A label left out of training: its image could not be read at the last try; or the image's current
+        segmentation lacks the cell, or has a cell of that id that is another nucleus than the one labelled (see
+        :func:`same_nucleus`; a label without a recorded centroid is trusted). False while the image is not
+        loaded (not known yet)."""
         cells = loop.cells.get(key[0])
-        return cells is not None and key[1] not in cells.index
+        if cells is None:
+            return key[0] in loop.gone
+        row = cells.index.get(key[1])
+        if row is None:
+            return True
+        recorded = loop.centroids.get(key)
+        return recorded is not None and not same_nucleus(recorded, cells.centroids[row],
+                                                         cells.nuclei[row].get("bbox"))
+
+    def _labelled(self, loop: _Loop, key: tuple[str, int]) -> bool:
+        """The cell has a label that counts (a stale label's cell is unlabelled to annotators and suggestions)."""
+        return key in loop.labels and not self._is_stale(loop, key)
 
     def _live(self, loop: _Loop) -> list[tuple[str, int]]:
         """Labelled cells in annotation order, without the stale ones."""
@@ -296,7 +427,9 @@ class HalsAssist:
     # -- training ---------------------------------------------------------------------------------
     def _retrain_due(self, session: SessionInfo, loop: _Loop) -> bool:
         if not self._threshold_reached(session, loop):
-            return False
+            # the labels of an image that could not be read may be what a class lacks: a label change tries it
+            # again (the retrain fits only if the threshold is reached then)
+            return bool(loop.gone) and loop.changes != loop.gone_checked
         if loop.error is not None and loop.changes == loop.failed_changes and time.monotonic() < loop.retry_at:
             return False  # failed on these very labels: wait for a label change or the backoff
         own = loop.model_id is not None and loop.start_model is None  # a model trained on this session
@@ -310,13 +443,17 @@ class HalsAssist:
         return False
 
     async def _load_labelled_images(self, session: SessionInfo, loop: _Loop) -> None:
-        """Until the cells of every image with a label are loaded (labels may arrive meanwhile)."""
+        """Until the cells of every image with a label are loaded (labels may arrive meanwhile), or the provider
+        could not read the image this time (its labels stay stale; tried again at the next retrain)."""
+        loop.gone_checked = loop.changes
+        tried: set[str] = set()
         while True:
-            missing = sorted({image_id for image_id, _ in loop.order} - set(loop.cells))
+            missing = sorted({image_id for image_id, _ in loop.order} - set(loop.cells) - tried)
             if not missing:
                 return
             for image_id in missing:
-                await self._cells(session, image_id)
+                tried.add(image_id)
+                await self._cells(session, image_id, skip_unreadable=True)
 
     async def _retrain(self, session: SessionInfo, loop: _Loop) -> None:
         snapshot_changes, lost = loop.changes, loop.threshold_lost
@@ -324,7 +461,7 @@ class HalsAssist:
             await self._load_labelled_images(session, loop)
             # the snapshot, synchronously: labels that arrive during fit count towards the next retrain
             snapshot_changes, lost = loop.changes, loop.threshold_lost
-            if self._threshold_reached(session, loop):  # else stale labels took a class below it: wait for labels
+            if self._threshold_reached(session, loop):  # else stale labels keep a class below it: wait for labels
                 await self._fit(session, loop, self._live(loop))
         except Exception as exc:  # noqa: BLE001 - the loop goes on; a label change or the backoff retries
             loop.threshold_lost = loop.threshold_lost or lost
@@ -388,8 +525,9 @@ class HalsAssist:
 
     # -- annotator functions ----------------------------------------------------------------------
     async def cells(self, session: SessionInfo, image_id: str, region: Any = None) -> dict:
-        """Cells of an image (or of a region ``{x, y, width, height}``, by centroid) with their labels, and the
-        whole image's ``n_cells`` and ``n_labelled``."""
+        """Cells of an image (or of a region ``{x, y, width, height}``, by centroid) with their labels (None for a
+        stale one: the cell of that id is another nucleus now), and the whole image's ``n_cells`` and
+        ``n_labelled``."""
         self.provider._check_in_session(session, image_id)
         cells = await self._cells(session, image_id)
         loop = self._loop(session)
@@ -398,10 +536,11 @@ class HalsAssist:
         out = []
         for i in keep:
             nucleus = cells.nuclei[i]
-            label = loop.labels.get((image_id, cells.ids[i]))
+            key = (image_id, cells.ids[i])
+            label = loop.labels[key] if self._labelled(loop, key) else None
             out.append({"cell_id": cells.ids[i], "centroid": nucleus["centroid"], "bbox": nucleus["bbox"],
                         "polygon": nucleus["polygon"], "label": None if label is None else names[label]})
-        n_labelled = sum((image_id, c) in loop.labels for c in cells.ids)
+        n_labelled = sum(self._labelled(loop, (image_id, c)) for c in cells.ids)
         return {"image_id": image_id, "image_shape": list(cells.image_shape), "cells": out,
                 "n_cells": len(cells.ids), "n_labelled": n_labelled}  # whole image, for progress
 
@@ -437,7 +576,7 @@ class HalsAssist:
 
         if not self._suggesting(session, loop):
             return {"ready": False, "version": loop.version, "labels_needed": needed(), "suggestions": []}
-        rows = [i for i in self._in_region(cells, region) if (image_id, cells.ids[i]) not in loop.labels]
+        rows = [i for i in self._in_region(cells, region) if not self._labelled(loop, (image_id, cells.ids[i]))]
         if not rows:
             return {"ready": True, "version": loop.version, "labels_needed": needed(), "suggestions": []}
         prediction = await self._predict(session, loop, cells.features[rows])
@@ -449,7 +588,7 @@ class HalsAssist:
             cls = int(prediction["classes"][j])
             key = (image_id, cells.ids[i])
             async with loop.lock:  # a label of this cell in flight is written (and applied) first
-                if key in loop.labels:
+                if self._labelled(loop, key):
                     continue  # labelled since the rows were chosen: no suggestion for it
 
                 def show(key=key, cls=cls) -> None:
@@ -500,7 +639,11 @@ class HalsAssist:
             kind = "label" if suggested is None else (
                 "suggestion_accepted" if suggested == cls else "suggestion_corrected")
             names = [c.name for c in session.classes]
-            fields = {"annotator_id": annotator_id, "image_id": image_id, "cell_id": cell_id, "class": class_name}
+            # the cell's centroid (px) as labelled: a later segmentation's cell of this id must match it
+            x, y = cells.centroids[cells.index[cell_id]]
+            centroid = (float(x), float(y))
+            fields = {"annotator_id": annotator_id, "image_id": image_id, "cell_id": cell_id, "class": class_name,
+                      "centroid": list(centroid)}
             if suggested is not None and suggested >= 0:
                 fields["suggested"] = names[suggested]
 
@@ -510,7 +653,9 @@ class HalsAssist:
                 loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
                 if key not in loop.labels:
                     loop.order.append(key)
-                if loop.labels.get(key) != cls:
+                moved = _moved(loop.centroids.get(key), centroid)
+                loop.centroids[key] = centroid
+                if loop.labels.get(key) != cls or moved:
                     loop.labels[key] = cls
                     loop.changes += 1
                     if not self._threshold_reached(session, loop):
@@ -536,7 +681,7 @@ class HalsAssist:
             prediction = await self._predict(session, loop, features)
             if prediction is not None:
                 features = prediction["embedding"]
-        labelled = np.asarray([(image_id, c) in loop.labels for c in cells.ids])
+        labelled = np.asarray([self._labelled(loop, (image_id, c)) for c in cells.ids], dtype=bool)
         choice = await self.assist.call("coreset", "next_patch", features, labelled, cells.centroids,
                                         list(cells.image_shape), patch_size or self.patch_size, k or self.coreset_k, 0)
         choice["selected_cells"] = [cells.ids[i] for i in choice.pop("selected")]

@@ -190,3 +190,110 @@ def test_the_embedding_memory_budget_is_configurable_on_the_service(tiny_checkpo
     assert service.models.store.memory_bytes() == 0 and service.encoder_passes() == 1
     service.embed(IMAGE)  # read from disk, not encoded again
     assert service.encoder_passes() == 1
+
+
+
+# -- the ONNX export does not hold the model (review: clicks waited for an export) ----------------------------
+
+class Paused:
+    """Replaces a function by one that counts its calls, signals the first, and waits for ``release`` before
+    running the real one (the SAM model and the export stay real; only their timing is controlled)."""
+
+    def __init__(self, monkeypatch, owner, name: str) -> None:
+        import threading
+
+        self.real = getattr(owner, name)
+        self.calls = 0
+        self.started, self.release = threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+        monkeypatch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.calls += 1
+        self.started.set()
+        assert self.release.wait(120), "the test never released the paused call"
+        return self.real(*args, **kwargs)
+
+
+def _start(fn, *args, **kwargs):
+    import threading
+
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _finish(thread, result):
+    thread.join(120)
+    assert not thread.is_alive()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_a_prompt_on_the_model_is_decoded_while_its_onnx_decoder_is_exported(colab, monkeypatch):
+    import torch
+
+    segmenter = colab.models.get(TINY_ID)
+    embedding = segmenter.embed(IMAGE, tiling=False)
+    export = Paused(monkeypatch, torch.onnx, "export")
+    exporting = _start(colab.get_onnx_model, TINY_ID, quantize=False)
+    try:
+        assert export.started.wait(60)  # the export is in progress (paused inside torch.onnx.export)
+        clicked = _start(segmenter.segment, embedding, points=[[60.5, 90.5]], point_labels=[1])
+        clicked[0].join(30)
+        assert not clicked[0].is_alive(), "a SAM prompt waited for the ONNX export of its model"
+        assert _finish(*clicked).mask.shape == (180, 120)
+    finally:
+        export.release.set()
+    data = _finish(*exporting)
+    assert export.calls == 1 and colab.get_onnx_model(TINY_ID, quantize=False) is data
+    ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # the export from the copy is a model
+
+
+def test_another_decoder_is_exported_while_one_is_quantised(colab, monkeypatch):
+    """Two (model, quantize) keys do not queue behind one lock: only torch's exporter call itself is serialised
+    (it keeps process-wide state), so the unquantised decoder is exported while the quantised one is in
+    onnxruntime's quantize_dynamic."""
+    import onnxruntime.quantization
+
+    quantizing = Paused(monkeypatch, onnxruntime.quantization, "quantize_dynamic")
+    small = _start(colab.get_onnx_model, TINY_ID, quantize=True)
+    try:
+        assert quantizing.started.wait(60)
+        full = _start(colab.get_onnx_model, TINY_ID, quantize=False)
+        full[0].join(60)
+        assert not full[0].is_alive(), "the export of another key waited for the quantisation of the first"
+        full = _finish(*full)
+    finally:
+        quantizing.release.set()
+    small = _finish(*small)
+    assert quantizing.calls == 1 and len(small) < len(full) / 2
+
+
+def test_concurrent_requests_for_one_decoder_export_it_once(colab, monkeypatch):
+    import time
+
+    import torch
+
+    export = Paused(monkeypatch, torch.onnx, "export")
+    first = _start(colab.get_onnx_model, TINY_ID, quantize=False)
+    try:
+        assert export.started.wait(60)
+        others = [_start(colab.get_onnx_model, TINY_ID, False) for _ in range(3)]
+        time.sleep(0.3)  # they reach the export of the same key and wait for it
+        assert all(thread.is_alive() for thread, _ in others)
+    finally:
+        export.release.set()
+    data = _finish(*first)
+    assert isinstance(data, bytes) and all(_finish(*other) is data for other in others)
+    assert export.calls == 1 and colab.get_onnx_model(TINY_ID, quantize=False) is data

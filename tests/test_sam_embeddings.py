@@ -225,3 +225,149 @@ def test_encoder_passes_reads_only_what_was_appended_to_the_log(tmp_path):
     assert store.computed_total() == 1 and store.computed_total("k9") == 1
     log.unlink()
     assert store.computed_total() == 0
+
+
+# -- the folder is kept within a byte budget, least recently used first ------------------------------------
+
+def entry_of(kib: int, value: float = 1.0) -> dict[str, np.ndarray]:
+    return {"features": np.full((kib, 256), value, np.float32)}  # kib KiB of arrays, a bit more as .npz
+
+
+def _age(store: EmbeddingStore, keys: list[str]) -> None:
+    """Give *keys* increasing last-use times an hour ago, in order (file times tick only every few ms)."""
+    import os
+
+    now = time.time()
+    for i, key in enumerate(keys):
+        os.utime(store.path(key), (now - 3600 + i, now - 3600 + i))
+
+
+def test_the_disk_budget_deletes_the_least_recently_used_files_and_keeps_one_just_read(tmp_path):
+    one = EmbeddingStore(tmp_path / "x", max_disk_bytes=None)
+    one.get_or_compute("x", lambda: entry_of(100))
+    size = one.path("x").stat().st_size  # every entry below makes a file of this size
+    store = EmbeddingStore(tmp_path / "s", max_items=0, max_disk_bytes=3 * size + size // 2)
+    for key in ("a", "b", "c"):
+        store.get_or_compute(key, lambda: entry_of(100))
+    _age(store, ["a", "b", "c"])  # written in this order, an hour ago
+    assert store.get("a") is not None  # read from disk: a is now the most recently used
+    store.get_or_compute("d", lambda: entry_of(100))  # 4 files > 3.5: the least recently used, b, goes
+    assert sorted(p.name for p in store.cache_dir.glob("*.npz")) == ["a.npz", "c.npz", "d.npz"]
+    assert not (store.cache_dir / "b.lock").exists() and (store.cache_dir / "a.lock").exists()
+    assert store.disk_bytes() == 3 * size
+    # a hit in memory (in any process sharing the folder) counts as a use too
+    shared = EmbeddingStore(store.cache_dir, max_items=4, max_disk_bytes=3 * size + size // 2)
+    assert shared.get("c") is not None
+    _age(store, ["c", "a", "d"])
+    assert shared.get("c") is not None and shared.stats()["hits_memory"] == 1
+    store.get_or_compute("e", lambda: entry_of(100))
+    assert sorted(p.name for p in store.cache_dir.glob("*.npz")) == ["c.npz", "d.npz", "e.npz"]
+    # the file just written is kept even when it alone is over the budget; all older ones go
+    assert store.get_or_compute("big", lambda: entry_of(400))["features"].shape == (400, 256)
+    assert [p.name for p in store.cache_dir.glob("*.npz")] == ["big.npz"]
+    assert shared.get("c") is not None and shared.stats()["hits_memory"] == 2  # still in shared's memory
+    assert store.get_or_compute("c", lambda: entry_of(100, 7.0))["features"][0, 0] == 7.0  # recomputed
+    assert sorted(p.name for p in store.cache_dir.glob("*.npz")) == ["c.npz"]
+    assert sorted(p.name for p in store.cache_dir.iterdir()) == ["c.lock", "c.npz", "computed.log"]
+
+
+def test_a_file_whose_lock_another_holder_has_is_not_deleted(tmp_path):
+    import fcntl
+    import os
+
+    store = EmbeddingStore(tmp_path, max_items=0, max_disk_bytes=1)  # every older file is over the budget
+    store.get_or_compute("old", lambda: entry_of(10))
+    store.get_or_compute("busy", lambda: entry_of(10))  # old goes: its lock was free
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["busy.npz"]
+    _age(store, ["busy"])
+    (tmp_path / "ghost.lock").touch()  # a lock left without its .npz (a failed compute) is removed...
+    computing = os.open(tmp_path / "computing.lock", os.O_RDWR | os.O_CREAT)  # ...unless held: being computed
+    fcntl.flock(computing, fcntl.LOCK_EX)
+    holder = os.open(tmp_path / "busy.lock", os.O_RDWR)  # another process computing or rewriting busy
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        store.get_or_compute("new", lambda: entry_of(10))
+        assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["busy.npz", "new.npz"]
+        assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["busy.lock", "computing.lock", "new.lock"]
+    finally:
+        os.close(holder)
+        os.close(computing)
+    store.get_or_compute("newer", lambda: entry_of(10))  # released: the least recently used files go now
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["newer.npz"]
+    assert sorted(p.name for p in tmp_path.glob("*.lock")) == ["newer.lock"]
+
+
+def test_a_lock_file_deleted_by_the_pruner_is_not_held_by_two_at_once(tmp_path):
+    """A process waiting on ``<key>.lock`` while the pruner deletes it must lock the new file, not the deleted
+    one, else it and a newcomer would both compute the key."""
+    import fcntl
+    import os
+
+    from colabel.services.sam.embeddings import _key_lock
+
+    path = tmp_path / "k.lock"
+    pruner = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(pruner, fcntl.LOCK_EX)
+    inside = []
+
+    def wait_for_the_lock():
+        with _key_lock(path):
+            inside.append(os.fstat(os.open(path, os.O_RDONLY)).st_ino)
+
+    waiting = threading.Thread(target=wait_for_the_lock, daemon=True)
+    waiting.start()
+    time.sleep(0.2)  # it opened the file and waits for its lock
+    path.unlink()  # the pruner deletes the file it holds, then releases it
+    newcomer = os.open(path, os.O_RDWR | os.O_CREAT)  # another process locks the new file at the path
+    fcntl.flock(newcomer, fcntl.LOCK_EX)
+    os.close(pruner)
+    waiting.join(0.5)
+    assert inside == [] and waiting.is_alive()  # it waits for the newcomer, not holding the deleted file
+    os.close(newcomer)
+    waiting.join(10)
+    assert inside == [os.stat(path).st_ino]  # it held the file at the path, after the newcomer
+
+
+def test_pruning_tolerates_files_deleted_by_another_process_meanwhile(tmp_path, monkeypatch):
+    store = EmbeddingStore(tmp_path, max_items=0, max_disk_bytes=None)
+    for key in ("a", "b", "c"):
+        store.get_or_compute(key, lambda: entry_of(10))
+    _age(store, ["a", "b", "c"])
+    (tmp_path / "ghost.lock").touch()  # left by a failed compute: no .npz
+    real_scan = store._scan
+
+    def scan_then_another_replica_prunes():
+        found = real_scan()
+        for name in ("a.npz", "a.lock", "ghost.lock"):
+            (tmp_path / name).unlink()  # after our scan, before our deletions
+        return found
+
+    monkeypatch.setattr(store, "_scan", scan_then_another_replica_prunes)
+    store.max_disk_bytes = 1
+    store.get_or_compute("d", lambda: entry_of(10))  # no FileNotFoundError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["computed.log", "d.lock", "d.npz"]
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_an_unbounded_disk_budget_keeps_every_file(tmp_path, budget):
+    store = EmbeddingStore(tmp_path, max_items=0, max_disk_bytes=budget)
+    for key in "abcdef":
+        store.get_or_compute(key, lambda: entry_of(10))
+    assert len(list(tmp_path.glob("*.npz"))) == 6 and store.prune() == 0 and store.max_disk_bytes is None
+    with pytest.raises(InvalidInputError, match="max_disk_bytes"):
+        EmbeddingStore(tmp_path, max_disk_bytes=-1)
+
+
+def test_the_default_disk_budget_is_20_gib_and_the_model_pool_passes_its_own(tmp_path):
+    from colabel.services.sam.colab import ModelPool
+    from colabel.services.sam.embeddings import DEFAULT_MAX_DISK_BYTES
+
+    assert EmbeddingStore(tmp_path / "a").max_disk_bytes == DEFAULT_MAX_DISK_BYTES == 20 << 30
+    assert ModelPool(embedding_dir=tmp_path / "b").store.max_disk_bytes == 20 << 30
+    assert ModelPool(embedding_dir=tmp_path / "c", embedding_disk_bytes=5 << 20).store.max_disk_bytes == 5 << 20
+    assert ModelPool(embedding_dir=tmp_path / "d", embedding_disk_bytes=None).store.max_disk_bytes is None
+    from colabel.services.sam.service import SamService
+
+    assert SamService(embedding_dir=str(tmp_path / "e")).models.store.max_disk_bytes == 20 << 30
+    assert SamService(embedding_dir=str(tmp_path / "f"), embedding_disk_bytes=3 << 20).models.store.max_disk_bytes \
+        == 3 << 20

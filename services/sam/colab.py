@@ -38,10 +38,16 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .embeddings import DEFAULT_MAX_BYTES, EmbeddingStore
+from .embeddings import DEFAULT_MAX_BYTES, DEFAULT_MAX_DISK_BYTES, EmbeddingStore
 from .segmenter import SamSegmenter, default_embedding_dir
 
 __all__ = ["ModelPool", "ColabSam", "export_onnx_decoder"]
+
+#: torch's TorchScript ONNX exporter keeps process-wide state (``GLOBALS.in_onnx_export``, export options):
+#: two ``torch.onnx.export`` calls at once in one process break each other ("GLOBALS.in_onnx_export must be
+#: True"), so that call, and only that call, is serialised across threads. Copying the decoder before it and
+#: the quantisation after it run in parallel.
+_TORCH_ONNX_EXPORT_LOCK = threading.Lock()
 
 
 class ModelPool:
@@ -63,6 +69,9 @@ class ModelPool:
         ``(model_id) -> SamSegmenter``, replacing the default loader (e.g. to wrap prebuilt models).
     embedding_memory_bytes : int, default 2 GiB
         Byte budget of the embedding store's in-memory LRU (see :class:`EmbeddingStore` ``max_bytes``).
+    embedding_disk_bytes : int or None, default 20 GiB
+        Byte budget of the embedding store's ``.npz`` files on disk, least recently used deleted first;
+        ``None`` or 0: unbounded (see :class:`EmbeddingStore` ``max_disk_bytes``).
     """
 
     def __init__(
@@ -78,12 +87,14 @@ class ModelPool:
         progress: bool = True,
         factory: Callable[[str], SamSegmenter] | None = None,
         embedding_memory_bytes: int = DEFAULT_MAX_BYTES,
+        embedding_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES,
     ) -> None:
         if not isinstance(max_models, int) or max_models < 1:
             raise InvalidInputError(f"max_models must be an int >= 1, got {max_models!r}")
         self.checkpoints = dict(checkpoints or {})
         self.weights_dir = weights_dir
-        self.store = EmbeddingStore(embedding_dir or default_embedding_dir(), max_bytes=embedding_memory_bytes)
+        self.store = EmbeddingStore(embedding_dir or default_embedding_dir(), max_bytes=embedding_memory_bytes,
+                                    max_disk_bytes=embedding_disk_bytes)
         self.device = device
         self.max_models = max_models
         self.tile_size = tile_size
@@ -149,10 +160,20 @@ class ModelPool:
 
 
 def _decoder_only(sam):
-    """What ``SamOnnxModel`` reads from a Sam, on the CPU, without copying the (large) image encoder."""
+    """What ``SamOnnxModel`` reads from a Sam, on the CPU, without copying the (large) image encoder.
+
+    A deep copy (the prompt encoder and mask decoder: a few MiB even for ViT-H), so the caller may hold the
+    segmenter's lock only while this runs and export from the copy outside it. A result of this function
+    passed again is returned as is.
+    """
     import torch
 
+    if getattr(sam, "colabel_decoder_only", False):
+        return sam
+
     class DecoderOnly(torch.nn.Module):
+        colabel_decoder_only = True
+
         def __init__(self) -> None:
             super().__init__()
             self.prompt_encoder = copy.deepcopy(sam.prompt_encoder).cpu().eval()
@@ -195,6 +216,7 @@ def export_onnx_decoder(sam, *, quantize: bool = True, opset: int = 17) -> bytes
     Parameters
     ----------
     sam : segment_anything.modeling.Sam
+        Or what :func:`_decoder_only` made of one (then used without another copy).
     quantize : bool, default True
         Dynamic uint8 weight quantisation with onnxruntime (about 4x smaller, as Colab serves it).
     opset : int, default 17
@@ -216,12 +238,13 @@ def export_onnx_decoder(sam, *, quantize: bool = True, opset: int = 17) -> bytes
     install()
     from segment_anything.utils.onnx import SamOnnxModel
 
+    decoder = _decoder_only(sam)
     onnx_model = _exportable_onnx_model(SamOnnxModel)(
-        model=_decoder_only(sam), return_single_mask=True, use_stability_score=False, return_extra_metrics=False
+        model=decoder, return_single_mask=True, use_stability_score=False, return_extra_metrics=False
     )
-    embed_dim = sam.prompt_encoder.embed_dim
-    embed_size = tuple(sam.prompt_encoder.image_embedding_size)
-    img_size = int(sam.image_encoder.img_size)
+    embed_dim = decoder.prompt_encoder.embed_dim
+    embed_size = tuple(decoder.prompt_encoder.image_embedding_size)
+    img_size = int(decoder.image_encoder.img_size)
     mask_size = [4 * x for x in embed_size]
     dummy = {
         "image_embeddings": torch.randn(1, embed_dim, *embed_size, dtype=torch.float),
@@ -233,7 +256,7 @@ def export_onnx_decoder(sam, *, quantize: bool = True, opset: int = 17) -> bytes
     }
     with tempfile.TemporaryDirectory(prefix="colabel-onnx-") as tmp:
         path = Path(tmp) / "decoder.onnx"
-        with warnings.catch_warnings():
+        with _TORCH_ONNX_EXPORT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 onnx_model,
@@ -252,10 +275,10 @@ def export_onnx_decoder(sam, *, quantize: bool = True, opset: int = 17) -> bytes
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantized = Path(tmp) / "decoder_quantized.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quantize_dynamic(model_input=str(path), model_output=str(quantized), per_channel=False,
-                                 reduce_range=False, weight_type=QuantType.QUInt8)
+            # no warnings.catch_warnings() here: it swaps the process-wide filters and is not thread-safe, so it
+            # is used only under the export lock above (quantize_dynamic emits no Python warnings anyway)
+            quantize_dynamic(model_input=str(path), model_output=str(quantized), per_channel=False,
+                             reduce_range=False, weight_type=QuantType.QUInt8)
             path = quantized
         return path.read_bytes()
 
@@ -281,7 +304,8 @@ class ColabSam:
         self.models = models
         self.default_model = default_model
         self._onnx: dict[tuple[str, bool], bytes] = {}
-        self._onnx_lock = threading.Lock()
+        self._onnx_lock = threading.Lock()  # guards the two dicts only, never held during an export
+        self._onnx_exporting: dict[tuple[str, bool], threading.Lock] = {}  # one export at a time per key
 
     def _model_id(self, model_id: str | None) -> str:
         """*model_id*, or the default model for None (InvalidInputError when there is none)."""
@@ -332,7 +356,13 @@ class ColabSam:
 
     def get_onnx_model(self, model_id: str | None = None, quantize: bool = True) -> bytes:
         """ONNX bytes of the prompt decoder of *model_id* (None: the default model; exported once per id and
-        quantisation)."""
+        quantisation).
+
+        Concurrent calls for one (model, quantize) wait for a single export; calls for other keys go on in
+        parallel, except for torch's exporter call itself, which is not thread-safe (one at a time per
+        process). The segmenter's lock is held only to copy the prompt encoder and mask decoder, so prompts and
+        embeddings on the model go on during the export (seconds) and quantisation.
+        """
         if not isinstance(quantize, (bool, np.bool_)):
             raise InvalidInputError(f"quantize must be true or false, got {quantize!r}")
         model_id = self._model_id(model_id)
@@ -340,10 +370,19 @@ class ColabSam:
         with self._onnx_lock:
             if key in self._onnx:
                 return self._onnx[key]
-            segmenter = self.models.get(model_id)
-            with segmenter._lock:
-                data = export_onnx_decoder(segmenter.sam, quantize=bool(quantize))
-            self._onnx[key] = data
+        segmenter = self.models.get(model_id)  # unknown ids raise here, so only real keys get an export lock
+        with self._onnx_lock:
+            exporting = self._onnx_exporting.setdefault(key, threading.Lock())
+        with exporting:
+            with self._onnx_lock:
+                if key in self._onnx:  # exported by the call we waited for
+                    return self._onnx[key]
+            with segmenter._lock:  # a consistent copy: no torch call on this model runs meanwhile
+                decoder = _decoder_only(segmenter.sam)
+            data = export_onnx_decoder(decoder, quantize=bool(quantize))
+            with self._onnx_lock:
+                self._onnx[key] = data
+                self._onnx_exporting.pop(key, None)
             return data
 
     def segment_image(

@@ -11,37 +11,49 @@ tile grid parameters and a format version, so the same pixels under another mode
 collide, and a changed pixel always misses.
 
 Bounds: the in-memory LRU holds at most ``max_items`` entries and ``max_bytes`` bytes of arrays (one SAM
-ViT embedding is 4 MiB per tile, so one large tiled image can take hundreds of MiB). The folder is **not
-pruned**: every distinct image adds ``<key>.npz`` (4 MiB per tile for the published models) and
-``<key>.lock``, and ``computed.log`` one line per encoder pass. Old ``.npz`` files may be deleted at any
-time, e.g. ``find DIR -name '*.npz' -mtime +30 -delete``: a deleted embedding is computed again by the next
-``embed`` of its image (``segment`` with its id answers NotFoundError, and the provider then sends the image
-again).
+ViT embedding is 4 MiB per tile, so one large tiled image can take hundreds of MiB). On disk, the ``.npz``
+files of the folder are kept within ``max_disk_bytes`` (default :data:`DEFAULT_MAX_DISK_BYTES`, 20 GiB;
+``None`` or 0: unbounded): after each write, the least recently used files are deleted until the folder is
+within the budget. A file's mtime is its last use: writing it, reading it from disk, or a hit in any
+process's memory LRU (``os.utime``; atime is unreliable, often ``noatime``/``relatime``). Never deleted:
+the file just written, and a file whose ``<key>.lock`` another process or thread holds (being computed or
+rewritten). A deleted file's ``<key>.lock`` goes with it; locking re-checks that the ``.lock`` it holds is
+still the one in the folder, so that removal cannot let two processes compute one key at once. Every
+process sharing the folder prunes, and tolerates files another one deleted meanwhile. Files may also be
+deleted by hand at any time (e.g. ``find DIR -name '*.npz' -mtime +30 -delete``): a deleted embedding is
+computed again by the next ``embed`` of its image (``segment`` with its id answers NotFoundError, and the
+provider then sends the image again). ``computed.log`` grows by one line per encoder pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
 import threading
 import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from colabel.errors import InvalidInputError
-from colabel.files import file_lock
 
-__all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION", "DEFAULT_MAX_BYTES"]
+__all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DISK_BYTES"]
 
 #: Bumped whenever the meaning of a stored embedding changes (normalisation, layout).
 KEY_VERSION = "colabel-sam-embedding-v1"
 
 #: Default byte budget of the in-memory LRU of :class:`EmbeddingStore` (2 GiB: about 500 ViT tiles).
 DEFAULT_MAX_BYTES = 2 << 30
+
+#: Default byte budget of the ``.npz`` files on disk of :class:`EmbeddingStore` (20 GiB: about 5,000 ViT
+#: tiles of 4 MiB, i.e. thousands of images up to 1024 px, or a few hundred large tiled ones, while leaving
+#: room on a typical cache disk; one encoder pass, about 0.2 s on a GPU, recomputes an evicted one).
+DEFAULT_MAX_DISK_BYTES = 20 << 30
 
 Arrays = dict[str, np.ndarray]
 
@@ -88,6 +100,45 @@ def _check_key(key: str) -> str:
 
 
 
+def _try_flock(path: Path, *, blocking: bool) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on the file now at *path* (created if missing), or None when
+    *blocking* is false and another descriptor holds it. Closing the descriptor releases the lock.
+
+    Same semantics as :func:`colabel.files.file_lock`, plus a check that the locked file is still the one at
+    *path*: the pruner deletes ``<key>.lock`` files while holding them, and a process that was waiting on the
+    deleted file must not believe it holds the lock of the new one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # the file was deleted (pruned) while we waited: lock the one at path now
+
+
+@contextlib.contextmanager
+def _key_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of *path*, waiting for it (see :func:`_try_flock`)."""
+    fd = _try_flock(path, blocking=True)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes held by the arrays of one entry."""
     return sum(int(np.asarray(a).nbytes) for a in arrays.values())
@@ -106,7 +157,11 @@ class EmbeddingStore:
     max_bytes : int, default :data:`DEFAULT_MAX_BYTES` (2 GiB)
         In-memory LRU capacity in bytes of arrays (one SAM ViT embedding is 4 MiB per tile); least recently
         used entries are dropped until both bounds hold, and an entry larger than the budget is not kept in
-        memory at all (it is read from disk when needed again). The files on disk are not pruned.
+        memory at all (it is read from disk when needed again).
+    max_disk_bytes : int or None, default :data:`DEFAULT_MAX_DISK_BYTES` (20 GiB)
+        Budget of the ``.npz`` files in *cache_dir*, enforced after each write by deleting the least recently
+        used files (see :meth:`prune`); ``None`` or 0: unbounded. Processes sharing the folder should use
+        the same budget (each enforces its own).
 
     Examples
     --------
@@ -116,14 +171,25 @@ class EmbeddingStore:
     {'hits_memory': 0, 'hits_disk': 0, 'computed': 1}
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, *, max_items: int = 8, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        *,
+        max_items: int = 8,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES,
+    ) -> None:
+        for name, value in (("max_items", max_items), ("max_bytes", max_bytes), ("max_disk_bytes", max_disk_bytes)):
+            if name == "max_disk_bytes" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
         self.cache_dir = Path(cache_dir).expanduser()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.max_disk_bytes = max_disk_bytes or None  # 0 and None: unbounded
+        self._prune_lock = threading.Lock()
         self._memory: OrderedDict[str, Arrays] = OrderedDict()
         self._memory_bytes = 0
         self._lock = threading.Lock()
@@ -171,21 +237,31 @@ class EmbeddingStore:
             if arrays is not None:
                 self._memory.move_to_end(key)
                 self._stats["hits_memory"] += 1
-            return arrays
+        if arrays is not None:
+            self._touch(self.path(key))  # a use here keeps the file from other processes' pruning too
+        return arrays
 
     # -- disk -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Mark *path* as used now (its mtime orders pruning); a file pruned meanwhile is no error."""
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
     def _read(self, key: str) -> Arrays | None:
         path = self.path(key)
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}
+                arrays = {name: npz[name] for name in npz.files}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             # unreadable despite the atomic write (disk trouble, a foreign file): drop it and recompute
             path.unlink(missing_ok=True)
             return None
+        self._touch(path)
+        return arrays
 
     def _write(self, key: str, arrays: Arrays) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".npz.part")
@@ -245,7 +321,7 @@ class EmbeddingStore:
         arrays = self.get(key)
         if usable(arrays):
             return arrays
-        with file_lock(self._lock_path(key)):
+        with _key_lock(self._lock_path(key)):
             arrays = self._read(key)  # someone else may have finished while we waited
             if usable(arrays):
                 with self._lock:
@@ -261,7 +337,111 @@ class EmbeddingStore:
             with self._lock:
                 self._stats["computed"] += 1
         self._remember(key, arrays)
+        self.prune(keep=key)
         return arrays
+
+    # -- pruning ----------------------------------------------------------------------------------
+
+    def disk_bytes(self) -> int:
+        """Bytes of the ``.npz`` files in the folder now (all processes' files)."""
+        return sum(size for _, _, size in self._scan()[0])
+
+    def _scan(self) -> tuple[list[tuple[int, str, int]], set[str]]:
+        """``([(mtime_ns, key, size) of each .npz], {keys of .lock files}))``; files vanishing meanwhile are
+        skipped, as are temporary files (``.<key>.*.part``) and names that are not keys."""
+        files: list[tuple[int, str, int]] = []
+        locks: set[str] = set()
+        try:
+            entries = list(os.scandir(self.cache_dir))
+        except FileNotFoundError:
+            return files, locks
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            stem, dot, suffix = name.rpartition(".")
+            if not dot or suffix not in ("npz", "lock"):
+                continue
+            try:
+                _check_key(stem)
+            except InvalidInputError:
+                continue
+            if suffix == "lock":
+                locks.add(stem)
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime_ns, stem, st.st_size))
+        return files, locks
+
+    def _remove_unused(self, key: str, mtime_ns: int | None) -> bool | None:
+        """Delete ``<key>.npz`` and ``<key>.lock`` unless another holder has the lock, or the file was used
+        since it was seen with *mtime_ns* (None: remove only a ``.lock`` whose ``.npz`` is missing).
+
+        Returns True when this call deleted the file (for a stale lock: the lock), False when the ``.npz`` was
+        gone already (another process pruned it after the scan; its lock is removed), None when kept.
+        """
+        path, lock_path = self.path(key), self._lock_path(key)
+        try:
+            fd = _try_flock(lock_path, blocking=False)
+        except OSError:
+            return None
+        if fd is None:  # being computed or written by another process or thread
+            return None
+        try:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            if mtime_ns is None:
+                if st is not None:  # written since the scan: not stale
+                    return None
+            else:
+                if st is None:  # deleted by another process meanwhile: its bytes are gone too
+                    lock_path.unlink(missing_ok=True)
+                    return False
+                if st.st_mtime_ns != mtime_ns:  # read or rewritten since the scan: recently used
+                    return None
+                path.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)  # while held: see _try_flock
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def prune(self, keep: str | None = None) -> int:
+        """Delete least recently used ``.npz`` files (and their ``.lock``) until the folder's ``.npz`` files fit
+        ``max_disk_bytes``; also removes ``.lock`` files left without an ``.npz``. Never deletes *keep*, nor
+        a file whose lock another holder has. Called after each write; a no-op when unbounded.
+
+        Returns
+        -------
+        removed : int
+            ``.npz`` files this call deleted.
+        """
+        if not self.max_disk_bytes:
+            return 0
+        with self._prune_lock:  # this process's writers prune one at a time (other processes may too)
+            files, locks = self._scan()
+            for stale in locks - {key for _, key, _ in files} - {keep}:
+                self._remove_unused(stale, None)
+            total = sum(size for _, _, size in files)
+            removed = 0
+            for mtime_ns, key, size in sorted(files):  # oldest use first
+                if total <= self.max_disk_bytes:
+                    break
+                if key == keep:
+                    continue
+                outcome = self._remove_unused(key, mtime_ns)
+                if outcome is not None:
+                    total -= size
+                    removed += bool(outcome)
+                    with self._lock:
+                        self._forget(key)
+            return removed
 
     def _log_computed(self, key: str) -> None:
         """Append ``key`` to ``computed.log``: one line per encoder pass, from every process sharing the folder
@@ -314,4 +494,5 @@ class EmbeddingStore:
         return self.path(key).exists()
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({str(self.cache_dir)!r}, max_items={self.max_items}, max_bytes={self.max_bytes})"
+        return (f"EmbeddingStore({str(self.cache_dir)!r}, max_items={self.max_items}, max_bytes={self.max_bytes}, "
+                f"max_disk_bytes={self.max_disk_bytes})")

@@ -15,7 +15,7 @@ import numpy as np
 from colabel.errors import InvalidInputError, NotFoundError
 
 from .colab import ColabSam, ModelPool
-from .embeddings import DEFAULT_MAX_BYTES
+from .embeddings import DEFAULT_MAX_BYTES, DEFAULT_MAX_DISK_BYTES
 from .segmenter import ambiguous_prompt
 
 
@@ -34,7 +34,10 @@ class SamService(ColabSam):
         The embedding store shared by replicas (npz files + a lock per image).
     device, tile_size, overlap, max_models : see :class:`ModelPool`.
     embedding_memory_bytes : int, default 2 GiB
-        Byte budget of the in-memory embedding cache per replica (the store on disk is not pruned).
+        Byte budget of the in-memory embedding cache per replica.
+    embedding_disk_bytes : int or None, default 20 GiB
+        Byte budget of the embedding store on disk, shared by the replicas: the least recently used embeddings
+        are deleted past it (None or 0: unbounded; see :class:`EmbeddingStore`).
     """
 
     rpc_functions = ("hello", "ping", "info", "compute_embedding", "get_onnx_model", "segment_image",
@@ -43,10 +46,12 @@ class SamService(ColabSam):
     def __init__(self, default_model: str = "sam_vit_b_lm", checkpoints: dict | None = None,
                  weights_dir: str | None = None, embedding_dir: str | None = None, device: str | None = None,
                  tile_size: int | None = None, overlap: int = 64, max_models: int = 2,
-                 embedding_memory_bytes: int = DEFAULT_MAX_BYTES) -> None:
+                 embedding_memory_bytes: int = DEFAULT_MAX_BYTES,
+                 embedding_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES) -> None:
         pool = ModelPool(checkpoints=checkpoints, weights_dir=weights_dir, embedding_dir=embedding_dir,
                          device=device, max_models=max_models, tile_size=tile_size, overlap=overlap,
-                         progress=False, embedding_memory_bytes=embedding_memory_bytes)
+                         progress=False, embedding_memory_bytes=embedding_memory_bytes,
+                         embedding_disk_bytes=embedding_disk_bytes)
         super().__init__(pool, default_model=default_model)
 
     def info(self) -> dict:

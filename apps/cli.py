@@ -566,8 +566,9 @@ async def _models(args: argparse.Namespace) -> int:
                 heartbeat.remove()
             await asyncio.sleep(0.5)  # the calls that just failed send their errors back
             hush_disconnect_warning(args)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.disconnect(), 5)
+            if lost is monitor:  # else the Hypha server is gone: nothing to close there
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.disconnect(), 5)
             if backends and not args.attach and not args.no_ray:  # the Ray node this process started, if any
                 import ray
 

@@ -13,8 +13,10 @@ loopback through the Hypha server (two websocket legs and two msgpack round trip
 :class:`HealthMonitor` checks every 10 s that the model services answer (for Ray: ``serve.status()`` through
 the cluster); after 3 failures in a row, or when the Ray Client has lost its cluster for good, it declares
 them lost: calls waiting on them fail at once with a clear error and ``colabel models`` exits (status 1) so
-that Kubernetes restarts it. :class:`Heartbeat` is the file whose modification time tells the probes that the
-checks pass.
+that Kubernetes restarts it. A second one, :func:`hypha_health_monitor`, checks the other side: that the Hypha
+server answers and still holds the registered services; it declares the server lost once its checks have failed
+for a grace period (60 s) in a row, longer than hypha-rpc's own reconnection usually takes. :class:`Heartbeat` is
+the file whose modification time tells the probes that the checks pass.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import threading
@@ -46,6 +49,7 @@ class ModelServiceError(ColabelError):
 HEALTH_INTERVAL_S = 10.0  # a health check (and a heartbeat) every 10 s: the chart's probes count on it
 HEALTH_TIMEOUT_S = 10.0  # a check without an answer within 10 s has failed
 HEALTH_FAILURES = 3  # failures in a row that declare the model services lost
+HYPHA_GRACE_S = 60.0  # the Hypha server may fail its checks this long in a row (a reconnection) before it is lost
 
 
 class Unrecoverable(Exception):
@@ -99,18 +103,20 @@ def ray_client_disconnected(exc: BaseException) -> bool:
 
 class HealthMonitor:
     """Checks every ``interval`` seconds that the model services answer; declares them lost after ``failures``
-    failed checks in a row, at once on an :class:`Unrecoverable` failure, or as soon as ``gone`` says so.
+    failed checks in a row (or, with ``grace``, once the checks have failed for ``grace`` seconds in a row), at
+    once on an :class:`Unrecoverable` failure, or as soon as ``gone`` says so.
 
-    ``check`` is blocking (a Ray call), run in a daemon thread for at most ``timeout`` seconds; it raises when
-    the services do not answer. ``gone``, polled every second, is a cheap local test that returns a reason
-    when the connection is lost for good (a Ray Client past its reconnect grace period), else None.
-    ``target`` names what is checked in messages ("the Ray cluster at ray://.."). ``on_pass`` runs after each
-    check that passed (the heartbeat). Once lost, :attr:`lost` is set and :attr:`reason` is one sentence
-    naming ``target``.
+    ``check`` raises when the services do not answer. A blocking one (a Ray call) runs in a daemon thread, a
+    coroutine function (a call through the Hypha connection) on the event loop, for at most ``timeout`` seconds
+    either way. ``gone``, polled every second, is a cheap local test that returns a reason when the connection
+    is lost for good (a Ray Client past its reconnect grace period), else None. ``target`` names what is
+    checked in messages ("the Ray cluster at ray://.."). ``on_pass`` runs after each check that passed (the
+    heartbeat); :attr:`passing` says whether the last check passed. Once lost, :attr:`lost` is set and
+    :attr:`reason` is one sentence naming ``target``.
     """
 
     def __init__(self, check: Callable[[], Any], *, target: str, interval: float = HEALTH_INTERVAL_S,
-                 timeout: float = HEALTH_TIMEOUT_S, failures: int = HEALTH_FAILURES,
+                 timeout: float = HEALTH_TIMEOUT_S, failures: int = HEALTH_FAILURES, grace: float | None = None,
                  on_pass: Callable[[], None] | None = None, gone: Callable[[], str | None] | None = None,
                  gone_every_s: float = 1.0) -> None:
         self.check = check
@@ -118,11 +124,13 @@ class HealthMonitor:
         self.interval = interval
         self.timeout = timeout
         self.failures = failures
+        self.grace = grace
         self.on_pass = on_pass
         self.gone = gone
         self.gone_every_s = gone_every_s
         self.lost = asyncio.Event()
         self.reason: str | None = None
+        self.passing = True  # started after the target answered (the services were registered or attached)
 
     def declare_lost(self, why: str) -> None:
         if not self.lost.is_set():
@@ -144,10 +152,19 @@ class HealthMonitor:
             if why:
                 self.declare_lost(why)
 
+    async def _check_once(self) -> None:
+        if not inspect.iscoroutinefunction(self.check):
+            await in_daemon_thread(self.check, self.timeout)
+            return
+        try:
+            await asyncio.wait_for(self.check(), self.timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no answer within {self.timeout:g} s") from None
+
     async def run(self) -> None:
         """Check until the services are lost (then return) or the task is cancelled."""
         watcher = asyncio.create_task(self._watch()) if self.gone is not None else None
-        failed, last = 0, ""
+        failed, last, failing_since = 0, "", 0.0
         next_check = time.monotonic() + self.interval
         try:
             while not self.lost.is_set():
@@ -155,24 +172,38 @@ class HealthMonitor:
                 next_check += self.interval
                 if self.lost.is_set():
                     break
+                started = time.monotonic()
                 try:
-                    await in_daemon_thread(self.check, self.timeout)
+                    await self._check_once()
                 except Unrecoverable as exc:
+                    self.passing = False
                     self.declare_lost(one_line(exc))
                     break
                 except Exception as exc:  # noqa: BLE001 - any failure of the check, a timeout included
+                    self.passing = False
                     failed, last = failed + 1, one_line(exc)
-                    if failed >= self.failures:
+                    failing_since = started if failed == 1 else failing_since
+                    failing_for = time.monotonic() - failing_since
+                    if self.grace is None and failed >= self.failures:
                         self.declare_lost(f"{failed} health checks failed in a row, {self.interval:g} s apart "
                                           f"(the last: {last})")
                         break
-                    logger.warning("health check %d of %d in a row failed: %s: %s", failed, self.failures,
-                                   self.target, last)
+                    if self.grace is not None and failing_for >= self.grace:
+                        self.declare_lost(f"its health checks failed for {failing_for:.1f} s in a row (grace period "
+                                          f"{self.grace:g} s; the last: {last})")
+                        break
+                    if self.grace is None:
+                        logger.warning("health check %d of %d in a row failed: %s: %s", failed, self.failures,
+                                       self.target, last)
+                    else:
+                        logger.warning("health check failed (%d in a row, for %.1f s of a %g s grace period): %s: %s",
+                                       failed, failing_for, self.grace, self.target, last)
+                        next_check = min(next_check, failing_since + self.grace)  # lost when the grace ends
                     next_check = max(next_check, time.monotonic())
                 else:
                     if failed:
                         logger.warning("health check passed again: %s", self.target)
-                    failed = 0
+                    failed, self.passing = 0, True
                     if self.on_pass is not None and not self.lost.is_set():
                         self.on_pass()
         finally:
@@ -182,8 +213,9 @@ class HealthMonitor:
 
 class Heartbeat:
     """A file whose modification time says that the gateway is registered on Hypha and its model services
-    answer: written once they are registered, rewritten after each passing health check (every 10 s), and
-    removed at start and at exit. Probes read its age: ready under 30 s, alive under 60 s.
+    answer: written once they are registered, rewritten after each passing health check (every 10 s) while the
+    last check of every monitor passed (:meth:`follow`), and removed at start and at exit. Probes read its age:
+    ready under 30 s, alive under 60 s.
 
     Each write is atomic (a temporary file beside it, renamed onto it): a probe never sees it half written.
     """
@@ -220,6 +252,16 @@ class Heartbeat:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("cannot remove the heartbeat file %s: %s", self.path, exc)
+
+    def follow(self, *monitors: HealthMonitor) -> None:
+        """Beat after each check of ``monitors`` that passes while the last check of every one passed: the
+        model services and the Hypha server both answer."""
+        def beat() -> None:
+            if all(m.passing and not m.lost.is_set() for m in monitors):
+                self.beat()
+
+        for monitor in monitors:
+            monitor.on_pass = beat
 
 
 class Backend(Protocol):
@@ -348,6 +390,38 @@ def in_process_backend(service_id: str) -> Backend | None:
     """The backend that :func:`register_model_services` registered in this process as ``service_id``
     (the full id it returned), or None when the service runs elsewhere."""
     return _REGISTERED.get(service_id)
+
+
+def hypha_health_monitor(server: Any, server_url: str, service_ids: Any = (), *, grace: float = HYPHA_GRACE_S,
+                         on_pass: Callable[[], None] | None = None) -> HealthMonitor:
+    """The health check of the Hypha side: cheap calls through the connection ``server`` (to ``server_url``)
+    that the server answers, and that the services this process registered there (``service_ids``, full ids)
+    are still registered (``get_service_info`` of each; ``echo`` without services).
+
+    hypha-rpc reconnects by itself and registers the services again; the checks fail meanwhile. The server is
+    declared lost ("the Hypha server at URL does not answer: ...") once they have failed for ``grace`` seconds
+    in a row. Checked every ``min(10 s, grace / 4)`` for at most ``min(10 s, grace / 2)``.
+
+    Each check asks the connection for the workspace manager of the moment (one round trip): after a restart
+    of the server the manager has a new id, and hypha-rpc 0.21 leaves ``server``'s own methods addressed to the
+    old one after the first reconnection (calls to it never answer), while the services work again.
+    """
+    ids = list(service_ids)
+
+    async def check() -> None:
+        manager = await server.rpc.get_manager_service({"timeout": HEALTH_TIMEOUT_S, "case_conversion": "snake"},
+                                                       max_retries=1)
+        if not ids:
+            await manager.echo("health")
+        for service_id in ids:
+            try:
+                await manager.get_service_info(service_id)
+            except Exception as exc:  # a remote error's last line says why (KeyError: 'Service not found: ...')
+                why = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+                raise RuntimeError(f"get_service_info({service_id}): {why[-1].strip()}") from None
+
+    return HealthMonitor(check, target=f"the Hypha server at {server_url}", interval=min(HEALTH_INTERVAL_S, grace / 4),
+                         timeout=min(HEALTH_TIMEOUT_S, grace / 2), grace=grace, on_pass=on_pass)
 
 
 def _forward(backend: Backend, method: str):

@@ -343,6 +343,96 @@ async def test_the_heartbeat_follows_the_local_serve_applications_without_attach
         gateway.stop()
 
 
+# -- losing the Hypha server ---------------------------------------------------------------------------------
+
+async def test_the_gateway_exits_with_status_1_when_its_hypha_server_stays_gone(tmp_path):
+    """The Hypha server the gateway registered on goes away for good (its own server here, killed). While it
+    answers, the gateway checks every grace/4 that its services are still registered there and rewrites its
+    heartbeat; once it is gone the heartbeat stops, and after --hypha-grace the gateway exits with status 1 and
+    one line naming the server, so that Kubernetes restarts it."""
+    from colabel.apps.hypha_server import EmbeddedHypha
+
+    hypha = await asyncio.to_thread(EmbeddedHypha("127.0.0.1", free_port(), ready_timeout=90).start)
+    heartbeat = tmp_path / "alive"
+    gateway = None
+    try:
+        gateway = Gateway(["--server-url", hypha.url, "--no-ray", "--models", "coreset", "--hypha-grace", "2",
+                           "--heartbeat", str(heartbeat)], env={"COLABEL_TOKEN": hypha.root_token})
+        await gateway.until(r"^Press Ctrl-C", 60)
+        first = heartbeat.stat().st_mtime_ns
+        await asyncio.sleep(3)  # longer than the grace period: the checks pass
+        assert gateway.process.poll() is None, gateway.output
+        assert heartbeat.stat().st_mtime_ns > first  # rewritten after the passing checks (every 0.5 s here)
+
+        os.killpg(hypha.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.sleep(0.3)  # a beat after a check that passed just before the kill
+        beaten = heartbeat.stat().st_mtime_ns
+        while gateway.process.poll() is None:
+            assert time.monotonic() - killed < 20, f"the gateway did not exit:\n{gateway.output[-3000:]}"
+            try:
+                assert heartbeat.stat().st_mtime_ns == beaten, "the heartbeat went on without the Hypha server"
+            except FileNotFoundError:  # removed on the way out
+                pass
+            await asyncio.sleep(0.1)
+        assert await gateway.wait(10) == 1
+        assert time.monotonic() - killed > 1.5  # not before the grace period (from the first check that failed)
+        last = gateway.lines[-1]
+        assert last.startswith(f"colabel: the Hypha server at {hypha.url} does not answer: its health checks "
+                               "failed for "), last
+        assert "in a row (grace period 2 s; the last: " in last and last.endswith("; exiting"), last
+        assert not heartbeat.exists()  # neither ready nor alive
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        hypha.stop()
+        if hypha.log_path is not None:  # kept by stop() for a server that did not end by it
+            hypha.log_path.unlink(missing_ok=True)
+
+
+async def test_the_heartbeat_stops_and_the_hypha_server_is_lost_when_the_services_are_no_longer_registered(
+        hypha_server, tmp_path):
+    """The other way Hypha can fail the gateway: the connection works but its services are gone from the server
+    (not registered again after a reconnection). The heartbeat follows both monitors: it stops although the
+    model services still answer, and the Hypha monitor declares the server lost after its grace period."""
+    from hypha_rpc import connect_to_server
+
+    from colabel.services.deployments import get_deployment
+    from colabel.services.gateway import (HealthMonitor, Heartbeat, LocalBackend, hypha_health_monitor,
+                                          register_model_services)
+
+    server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
+    try:
+        ids = await register_model_services(server, {"coreset": LocalBackend(
+            "coreset", get_deployment("coreset").load_class()())}, prefix=f"hg{os.getpid()}")
+        models = HealthMonitor(lambda: None, target="the model services", interval=0.1)
+        hypha = hypha_health_monitor(server, hypha_server.url, ids.values(), grace=1)
+        assert (hypha.interval, hypha.timeout, hypha.grace) == (0.25, 0.5, 1)
+        heartbeat = Heartbeat(tmp_path / "alive")
+        heartbeat.follow(models, hypha)
+        tasks = [asyncio.ensure_future(m.run()) for m in (models, hypha)]
+        deadline = time.monotonic() + 10
+        while not heartbeat.path.exists():
+            assert time.monotonic() < deadline and not hypha.lost.is_set(), hypha.reason
+            await asyncio.sleep(0.05)
+
+        await server.unregister_service(ids["coreset"])
+        gone = time.monotonic()
+        await asyncio.sleep(0.6)  # the Hypha check that follows fails (every 0.25 s)
+        assert not hypha.passing and not hypha.lost.is_set()
+        beaten = heartbeat.path.stat().st_mtime_ns
+        await asyncio.wait_for(tasks[1], 10)
+        assert 0.9 < time.monotonic() - gone < 5
+        assert heartbeat.path.stat().st_mtime_ns == beaten  # the model services kept passing: no beat
+        assert models.passing and not models.lost.is_set()
+        assert hypha.reason.startswith(f"the Hypha server at {hypha_server.url} does not answer: its health checks "
+                                       "failed for "), hypha.reason
+        assert f"get_service_info({ids['coreset']}): KeyError: 'Service not found" in hypha.reason, hypha.reason
+        tasks[0].cancel()
+    finally:
+        await server.disconnect()
+
+
 # -- the monitor's rules, with stand-in checks ----------------------------------------------------------------
 
 @pytest.mark.unit
@@ -392,6 +482,38 @@ async def test_a_check_without_answer_fails_and_a_lost_connection_ends_at_once()
     state["lost"] = True
     await asyncio.wait_for(task, 5)  # no 60 s wait for the next check
     assert monitor.reason == "X does not answer: gone for good"
+
+
+@pytest.mark.unit
+async def test_with_a_grace_period_failures_shorter_than_it_are_forgiven_and_longer_ones_lose_the_target():
+    """A coroutine check (a call through the Hypha connection) that fails for less than ``grace`` (a reconnection)
+    is forgiven; failing for ``grace`` in a row loses the target, however many checks that was."""
+    from colabel.services.gateway import HealthMonitor
+
+    state = {"down_until": 0.0, "hang": False}
+    passes = []
+
+    async def check():
+        if state["hang"]:
+            await asyncio.sleep(30)
+        if time.monotonic() < state["down_until"]:
+            raise ConnectionError("Connection is closed")
+
+    monitor = HealthMonitor(check, target="the Hypha server at http://h:1", interval=0.05, timeout=0.1, grace=0.5,
+                            on_pass=lambda: passes.append(time.monotonic()))
+    task = asyncio.ensure_future(monitor.run())
+    state["down_until"] = time.monotonic() + 0.3  # a short reconnection
+    await asyncio.sleep(0.6)
+    assert not monitor.lost.is_set() and monitor.passing
+    assert passes and passes[-1] > state["down_until"]
+    state["hang"] = True  # no answer any more: each check times out
+    lost_from = time.monotonic()
+    await asyncio.wait_for(task, 5)
+    assert 0.4 < time.monotonic() - lost_from < 1.5
+    assert not monitor.passing
+    assert re.fullmatch(r"the Hypha server at http://h:1 does not answer: its health checks failed for 0\.\d s in a "
+                        r"row \(grace period 0\.5 s; the last: no answer within 0\.1 s\)", monitor.reason), \
+        monitor.reason
 
 
 @pytest.mark.unit

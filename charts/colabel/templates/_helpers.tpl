@@ -111,7 +111,7 @@ ray://{{ include "colabel.rayServiceName" . }}-head-svc:10001
 {{- end }}
 
 {{/* The gateway's heartbeat file (`colabel models --heartbeat`), on an emptyDir: made once its services are
-  registered on Hypha, touched every 10 s while its Ray cluster answers. */}}
+  registered on Hypha, touched every 10 s while its Ray cluster answers and Hypha still lists its services. */}}
 {{- define "colabel.heartbeatDir" -}}
 /run/colabel
 {{- end }}

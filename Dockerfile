@@ -89,7 +89,7 @@ role="${1:-help}"
 case "$role" in
   hypha)
     echo hypha > /tmp/colabel-role 2>/dev/null || true
-    exec python -m uvicorn hypha.server:app --host "${HYPHA_HOST:-0.0.0.0}" --port "${HYPHA_PORT:-9527}" \
+    exec python -m uvicorn colabel.apps.hypha_gate:app --host "${HYPHA_HOST:-0.0.0.0}" --port "${HYPHA_PORT:-9527}" \
       --ws-per-message-deflate false --no-access-log "$@" ;;
   gateway)
     echo gateway > /tmp/colabel-role 2>/dev/null || true

@@ -185,12 +185,15 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
     server_url, token = config.server_url, config.token
     if server_url is None:
         # the signing key outlives a restart, so open pages and manage URLs reconnect instead of failing
+        user = f"colabel-{config.name}"
+        # only the provider's workspace serves pages (HTTP apps) on this server: see colabel.apps.hypha_gate
         hypha = EmbeddedHypha(config.host, config.port, msg_rate_limit=config.ws_msg_rate_limit,
                               ready_timeout=config.ready_timeout,
-                              jwt_secret=kept_signing_key(annotations_dir(folder) / ".colabel-server.json"))
+                              jwt_secret=kept_signing_key(annotations_dir(folder) / ".colabel-server.json"),
+                              env={"COLABEL_WEB_WORKSPACES": f"ws-user-{user}"})
         await asyncio.to_thread(hypha.start)
         # an ordinary user owning one workspace, not root: what it hands out reaches that workspace only
-        server_url, token = hypha.url, hypha.user_token(f"colabel-{config.name}")
+        server_url, token = hypha.url, hypha.user_token(user)
     server = None
     stop_backends = stop_models = _nothing
     try:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {"apps/provider/rpc.py", "apps/cli.py", "apps/pull.py", "apps/cluster.py", "apps/workspace_token.py",
-            "services/gateway.py",
+            "apps/hypha_gate.py", "services/gateway.py",
             "services/ray_runtime.py",
             "services/deployments.py"}
 TRANSPORTS = ("hypha_rpc", "hypha", "ray")

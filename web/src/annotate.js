@@ -352,7 +352,46 @@ function showUndo() {
 // One entry per (session link, annotator, image): {base_version, saved_at, annotation}. A reload (or the tab
 // opened again) restores it when the server has no version newer than the one it was drawn on.
 function draftKey(imageId) {
-  return state.storeKey && state.key ? `${state.storeKey}:draft:${state.key}:${imageId}` : null;
+  return state.storeKey && state.key ? `${state.storeKey}:draft:${storageLabel(state.key)}:${imageId}` : null;
+}
+
+/** A short one-way label of a secret (a share token, an annotator key) for this origin's storage keys: FNV-1a
+ * (32-bit) of the text under two primes, 16 hex digits. Storage keys never hold the secrets themselves, and a
+ * page that reads the storage finds no share token: without it an annotator key opens nothing. */
+function storageLabel(secret) {
+  let a = 0x811c9dc5;
+  let b = 0x2f0b3a49;
+  for (let i = 0; i < secret.length; i++) {
+    const c = secret.charCodeAt(i);
+    a = Math.imul(a ^ c, 0x01000193);
+    b = Math.imul(b ^ c, 0x5bd1e995);
+  }
+  return (a >>> 0).toString(16).padStart(8, "0") + (b >>> 0).toString(16).padStart(8, "0");
+}
+
+/** Entries kept by earlier versions of this page under the share token itself (``colabel:<ws>/<name>:<token>``
+ * and its drafts ``...:draft:<annotator key>:<image>``) move to their labelled keys. */
+function moveTokenKeyedEntries(oldKey, newKey) {
+  const entry = localStorage.getItem(oldKey);
+  if (entry !== null) {
+    if (localStorage.getItem(newKey) === null) localStorage.setItem(newKey, entry);
+    localStorage.removeItem(oldKey);
+  }
+  const prefix = `${oldKey}:draft:`;
+  const drafts = [];
+  for (let i = 0; i < localStorage.length; i++) {
+    const key = localStorage.key(i);
+    if (key && key.startsWith(prefix)) drafts.push(key);
+  }
+  for (const key of drafts) {
+    const rest = key.slice(prefix.length);
+    const cut = rest.lastIndexOf(":");
+    if (cut > 0) {
+      const moved = `${newKey}:draft:${storageLabel(rest.slice(0, cut))}:${rest.slice(cut + 1)}`;
+      if (localStorage.getItem(moved) === null) localStorage.setItem(moved, localStorage.getItem(key));
+    }
+    localStorage.removeItem(key);
+  }
 }
 
 function keepDraft() {
@@ -958,7 +997,8 @@ async function main() {
     state.classes = state.session.classes;
     setText("session-name", state.session.name);
     showClasses();
-    const storeKey = `colabel:${state.ctx.workspace}/${state.ctx.name}:${state.ctx.token}`;
+    const storeKey = `colabel:${state.ctx.workspace}/${state.ctx.name}:t${storageLabel(state.ctx.token)}`;
+    moveTokenKeyedEntries(`colabel:${state.ctx.workspace}/${state.ctx.name}:${state.ctx.token}`, storeKey);
     const stored = JSON.parse(localStorage.getItem(storeKey) || "null");
     let assignment = null;
     state.storeKey = storeKey;

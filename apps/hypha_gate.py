@@ -1,0 +1,122 @@
+"""colabel's front for a Hypha server: Hypha's ASGI app behind the refusals that keep the pages it serves safe.
+
+colabel's pages (the session manager, the annotator) are served by the Hypha server itself, at
+``<server>/<workspace>/apps/<name>-web/``, and read their token from the URL's fragment. On a plain Hypha server
+any client, an anonymous one too, can register an HTTP app of its own on the same origin
+(``/<its workspace>/apps/<id>/``, any body, any headers). Such a page shares the origin's storage with colabel's
+pages, and it can install a service worker for the whole origin (served with ``Service-Worker-Allowed: /``) that
+later answers the navigation to a manage URL and reads its token. This front closes both ways:
+
+* no service worker can be installed on the origin: a request carrying ``Service-Worker: script`` (what browsers
+  send when they fetch a worker's script, and only then) is refused, and ``Service-Worker-Allowed`` is removed from
+  every response; colabel's pages use no worker;
+* anonymous users' workspaces (``ws-anonymous``, ``ws-user-anonymouz-*``) serve nothing over HTTP (colabel
+  reaches them over the websocket only), and with ``COLABEL_WEB_WORKSPACES`` (comma-separated workspace ids,
+  set by ``colabel serve`` for its embedded server to the provider's workspace) only those workspaces and
+  ``public`` (the server's own) serve HTTP apps (``/<workspace>/apps/...``, ``/<workspace>/agent-skills/...``).
+
+Run it as Hypha is run, configured by the same environment variables: ``python -m uvicorn
+colabel.apps.hypha_gate:app`` (what the embedded server and the image's ``hypha`` role do).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Workspaces of anonymous users in Hypha: the shared one and the per-user prefix.
+ANONYMOUS_WORKSPACE = "ws-anonymous"
+ANONYMOUS_WORKSPACE_PREFIX = "ws-user-anonymouz-"
+
+#: Path segments after ``/<workspace>/`` under which Hypha serves what a workspace's clients registered.
+APP_ROUTES = ("apps", "agent-skills")
+
+
+def is_anonymous_workspace(workspace: str) -> bool:
+    """Whether ``workspace`` belongs to Hypha's anonymous users.
+
+    >>> is_anonymous_workspace("ws-user-anonymouz-brave-cat"), is_anonymous_workspace("ws-user-colabel-demo")
+    (True, False)
+    """
+    return workspace == ANONYMOUS_WORKSPACE or workspace.startswith(ANONYMOUS_WORKSPACE_PREFIX)
+
+
+def refusal(path: str, headers: Iterable[tuple[bytes, bytes]], web_workspaces: frozenset[str] | None) -> str | None:
+    """Why an HTTP request for ``path`` (the URL path, no query) with ``headers`` (ASGI: lower-case names) is
+    refused, or None to pass it to Hypha. ``web_workspaces``: the workspaces allowed to serve HTTP apps besides
+    ``public`` (None: any workspace but the anonymous ones).
+
+    >>> refusal("/ws-user-a/apps/x/sw.js", [(b"service-worker", b"script")], None)
+    'service workers cannot be installed on this server'
+    >>> refusal("/ws-user-anonymouz-x/apps/cats/index.html", [], None)
+    "workspace 'ws-user-anonymouz-x' of an anonymous user serves nothing over HTTP here"
+    >>> refusal("/ws-user-b/apps/page/", [], frozenset({"ws-user-a"}))
+    "workspace 'ws-user-b' serves no HTTP apps on this server"
+    >>> refusal("/ws-user-a/apps/colabel-web/index.html", [], frozenset({"ws-user-a"})) is None
+    True
+    """
+    if any(name == b"service-worker" for name, _ in headers):
+        return "service workers cannot be installed on this server"
+    parts = path.lstrip("/").split("/")
+    workspace = parts[0]
+    if is_anonymous_workspace(workspace):
+        return f"workspace {workspace!r} of an anonymous user serves nothing over HTTP here"
+    if (web_workspaces is not None and len(parts) > 1 and parts[1] in APP_ROUTES
+            and workspace not in web_workspaces and workspace != "public"):
+        return f"workspace {workspace!r} serves no HTTP apps on this server"
+    return None
+
+
+def web_workspaces_from_env(value: str | None) -> frozenset[str] | None:
+    """``COLABEL_WEB_WORKSPACES`` as a set (None when unset or empty: no allow-list)."""
+    names = frozenset(n.strip() for n in (value or "").split(",") if n.strip())
+    return names or None
+
+
+def gate(inner: ASGIApp, web_workspaces: frozenset[str] | None = None) -> ASGIApp:
+    """``inner`` (Hypha's app) behind :func:`refusal` for HTTP requests, with ``Service-Worker-Allowed`` removed
+    from its responses. Websockets and lifespan events pass unchanged."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await inner(scope, receive, send)
+            return
+        why = refusal(scope.get("path", ""), scope.get("headers", []), web_workspaces)
+        if why is not None:
+            body = f"Forbidden: {why}\n".encode()
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    (b"cache-control", b"no-store")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+
+        async def filtered(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
+                                                  if k.lower() != b"service-worker-allowed"]}
+            await send(message)
+
+        await inner(scope, receive, filtered)
+
+    return app
+
+
+def _hypha_app() -> ASGIApp:
+    from hypha.server import app as hypha_app  # configured from the environment, as `uvicorn hypha.server:app`
+
+    return gate(hypha_app, web_workspaces_from_env(os.environ.get("COLABEL_WEB_WORKSPACES")))
+
+
+def __getattr__(name: str) -> Any:
+    """``app``: Hypha's app behind the gate, built on first access (importing this module starts nothing)."""
+    if name == "app":
+        globals()["app"] = built = _hypha_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -659,13 +659,19 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         train_classifier,
     )
 
+    from .train import check_writable_folder
+
     out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give the classifier file to write")
     if out.exists() and not args.overwrite:
         raise CliError(f"{out} exists; pass --overwrite to replace it")
+    check_writable_folder(out.parent, f"--out {out}")
     cells = read_pulled_cells(Path(args.pulled), annotator=args.annotator)
     counts = ", ".join(f"{name} {n}" for name, n in cells.class_counts().items())
     print(f"{cells.n_cells} classified cells in {len(cells.labels)} images ({counts}); "
-          f"{cells.skipped_unclassified} without a class skipped")
+          f"{cells.skipped_unclassified} without a class skipped, {cells.skipped_without_pixels} without pixels "
+          "(covered by later outlines) skipped")
     check_class_counts(cells.class_counts())
     start = time.perf_counter()
     with tqdm(total=cells.n_cells, desc="features (EfficientNet-Lite0)", unit="cell",
@@ -806,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="3: foreground, boundary and centre maps (default); 2: foreground and boundary only")
     train.add_argument("--encoder", default="efficientnet-lite0", choices=("efficientnet-lite0", "none"),
                        help="efficientnet-lite0: ImageNet-pretrained encoder, grey or RGB images (default); "
-                       "none: a small plain U-Net from random weights, any channel count")
+                       "none: a small plain U-Net from random weights, images of 1 to 4 channels")
     train.add_argument("--init", default=None, metavar="MODEL",
                        help="fine-tune this model of an earlier colabel train (the previous round of annotation) "
                        "instead of starting from ImageNet weights; its architecture is kept; fewer --epochs suffice")

@@ -17,8 +17,10 @@ and review counts and seconds, and the images skipped with the reason. Every fil
 (temporary file, fsync, rename).
 
 Incremental: an image is predicted again only when its file (size, modification time) or the model (SHA-256)
-changed since the record in ``predictions.json``, or with ``overwrite``. Unreadable images are listed, with
-the reason, and nothing is written for them.
+changed since the record in ``predictions.json``, for an ensemble when the review threshold changed (it decides
+every ``colabel_review``), or with ``overwrite``. Unreadable images, and images the model cannot take (e.g. a
+2-channel image for an RGB model), are listed under ``skipped`` with the reason, nothing is written for them, and
+the other images are predicted.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
     Raises
     ------
     InvalidInputError
-        ``folder`` is not a readable folder or holds no readable image, ``out`` is a file or ``folder`` itself,
+        ``folder`` is not a readable folder or holds no readable image, ``out`` is a file or ``folder`` itself or
+        cannot be created (its nearest existing ancestor is a file, or a folder this process cannot write in),
         ``model_path`` is not a colabel segmenter file, ``review_uncertainty`` is out of (0, 0.5], or ``out``
         holds a ``predictions.json`` that is not colabel's. Nothing is written then.
     FileNotFoundError
@@ -67,6 +70,8 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
     from colabel.services.training.proposals import REVIEW_UNCERTAINTY, propose
     from colabel.services.training.segmenter_training import TrainedSegmenter
 
+    from .train import check_writable_folder
+
     model_path, out = Path(model_path), Path(out).expanduser()
     review = REVIEW_UNCERTAINTY if review_uncertainty is None else review_uncertainty
     if not 0 < review <= 0.5:
@@ -74,6 +79,7 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
     catalog = ImageCatalog(folder)
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out '{out}' is a file, not a folder")
+    check_writable_folder(out, f"--out {out}")
     out_resolved = out.resolve()
     if out_resolved == catalog.folder:
         raise InvalidInputError("--out must not be the image folder itself: use a new folder (or a sub-folder)")
@@ -82,8 +88,10 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
     model_info = {"file": model_path.name, "sha256": file_checksum(model_path).split(":", 1)[1],
                   "training_set_version": model.training_set_version, "ensemble": len(model.state_dicts)}
     previous = _read_record(out / RECORD)
-    done = {} if overwrite or previous.get("model", {}).get("sha256") != model_info["sha256"] else \
-        previous.get("images", {})
+    stale = (overwrite or previous.get("model", {}).get("sha256") != model_info["sha256"]
+             # an ensemble's colabel_review flags follow the threshold: another one makes every image out of date
+             or (ensemble and previous.get("review_uncertainty") != review))
+    done = {} if stale else previous.get("images", {})
 
     records = [r for r in catalog.records() if not r.path.is_relative_to(out_resolved)]
     images, skipped, predicted, up_to_date = {}, {}, [], []
@@ -111,7 +119,12 @@ def predict_folder(model_path: str | Path, folder: str | Path, out: str | Path, 
         except (InvalidInputError, UnreadableImageError) as exc:
             skipped[record.name] = str(exc)
             continue
-        proposals = propose(model, pixels, review_uncertainty=review)
+        try:
+            proposals = propose(model, pixels, review_uncertainty=review)
+        except InvalidInputError as exc:  # e.g. a 2-channel image for an RGB model: the others are still predicted
+            skipped[record.name] = f"the model cannot take this image: {exc}"
+            _write_record(out, model_info, review, images, skipped)
+            continue
         labels = proposals.labels.astype(np.uint16 if proposals.labels.max() <= 0xFFFF else np.uint32)
         collection = {"type": "FeatureCollection", "features": proposals.features,
                       "colabel": {"image": record.name, "model": model_info["file"],

@@ -8,6 +8,7 @@ Every check that can fail is made before training, so a refused command writes n
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from colabel.errors import InvalidInputError
@@ -87,12 +88,49 @@ def export_test_image(images: list, divisor: int) -> int:
     return max(fits, key=lambda i: (sides[i][0] * sides[i][1], -i))
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a folder that outputs are to be written into (and created with its missing parents):
+    the nearest of ``folder`` and its ancestors that exists must be a folder this process can write in. ``what``
+    starts the sentence (e.g. ``"--out afile/unet.pt"``).
+
+    Raises
+    ------
+    InvalidInputError
+        ``"--out afile/unet.pt: afile is not a folder"``, or ``"...: cannot write in FOLDER"``.
+    """
+    folder = Path(folder).expanduser()
+    where = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))  # "." and "/" exist
+    if not where.is_dir():
+        raise InvalidInputError(f"{what}: {where} is not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"{what}: cannot write in {where}")
+
+
+def image_label(image_id: str, names: dict[str, str]) -> str:
+    """How refusals name a pulled image: ``image NAME (ID)`` when the pull recorded its name, else ``image ID``."""
+    return f"image {names[image_id]} ({image_id})" if image_id in names else f"image {image_id}"
+
+
+def pulled_image_names(folder: Path) -> dict[str, str]:
+    """image_id -> the image's name in the source, as the pull recorded it (``pull_state.json``); {} without it."""
+    import json
+
+    path = folder / "pull_state.json"
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    images = state.get("images", {}) if isinstance(state, dict) else {}
+    return {i: info["name"] for i, info in images.items() if isinstance(info, dict) and "name" in info}
+
+
 def check_train_outputs(args: argparse.Namespace) -> None:
     """Refuse, before training, the ``--out`` and ``--bioimageio`` settings that would fail after it."""
     if Path(args.out).is_dir():
         raise InvalidInputError(f"--out {args.out} is a folder; give the model file to write")
     if Path(args.out).exists() and not args.overwrite:
         raise InvalidInputError(f"{args.out} exists; pass --overwrite to replace it")
+    check_writable_folder(Path(args.out).parent, f"--out {args.out}")
     if not args.bioimageio:
         return
     from colabel.services.training.bioimageio_export import check_model_name
@@ -106,17 +144,20 @@ def check_train_outputs(args: argparse.Namespace) -> None:
     package = Path(args.bioimageio)
     if package.exists() and (not package.is_dir() or any(package.iterdir())):
         raise InvalidInputError(f"--bioimageio {package} exists and is not an empty folder")
+    check_writable_folder(package.parent, f"--bioimageio {package}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Train the U-Net segmenter on a pulled set; save it (and optionally a bioimage.io package).
 
-    Every check that can fail is made before training (export settings included), so a refused command writes
-    nothing. Images of mixed channel counts are converted to the model's (``model_channels`` /
-    ``to_model_channels``: prediction's own conversion) and the command says which.
+    Every check that can fail is made before training (export settings included, and every image, the held-out
+    ones too), so a refused command writes nothing; a refused image is named. Images of mixed channel counts are
+    converted to the model's (``model_channels`` over the training and held-out images / ``to_model_channels``:
+    prediction's own conversion) and the command says which.
     """
     import numpy as np
 
+    from colabel.services.nuclei.base import validate_image
     from colabel.services.training.segmenter_training import model_channels, to_model_channels, train_segmenter
 
     from .pull import labelled_pairs
@@ -138,13 +179,33 @@ def run_train(args: argparse.Namespace) -> int:
     order = np.random.default_rng(args.seed).permutation(len(pairs))
     held = [pairs[i] for i in sorted(order[:args.hold_out])]
     pairs = [pairs[i] for i in sorted(order[args.hold_out:])]
-    stored = [training_image(image) for _, image, _ in pairs]
-    channels = model_channels(stored, encoder=args.encoder, init=init)
-    images = [to_model_channels(image, channels) for image in stored]
+    # every image, held-out ones included, is checked and converted before training (a refusal names it)
+    names = pulled_image_names(Path(args.pulled))
+    every = pairs + held
+    labels = [image_label(image_id, names) for image_id, _, _ in every]
+    stored = {}
+    for (image_id, image, mask), label in zip(every, labels, strict=True):
+        try:
+            stored[image_id] = validate_image(training_image(image))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{label}: {exc}") from None
+        if np.shape(mask) != stored[image_id].shape[:2]:
+            raise InvalidInputError(f"{label}: its mask has shape {np.shape(mask)} but the image has "
+                                    f"{stored[image_id].shape[:2]}")
+    channels = model_channels([stored[image_id] for image_id, _, _ in every], encoder=args.encoder, init=init,
+                              names=labels)
+    model_images = {}
+    for (image_id, _, _), label in zip(every, labels, strict=True):
+        try:
+            model_images[image_id] = to_model_channels(stored[image_id], channels)
+        except InvalidInputError:
+            whose = f"the model to fine-tune ({args.init})" if init else "the model"
+            raise InvalidInputError(f"{label}, of shape {stored[image_id].shape}, cannot be given the {channels} "
+                                    f"channel(s) of {whose}") from None
+    images = [model_images[image_id] for image_id, _, _ in pairs]
     masks = [mask for _, _, mask in pairs]
-    counts = [1 if image.ndim == 2 else image.shape[2] for image in stored]
-    converted = {image_id: [count, channels] for (image_id, _, _), count in zip(pairs, counts, strict=True)
-                 if count != channels}
+    counts = {image_id: 1 if image.ndim == 2 else image.shape[2] for image_id, image in stored.items()}
+    converted = {image_id: [counts[image_id], channels] for image_id, _, _ in every if counts[image_id] != channels}
     test_index = None
     if args.bioimageio:
         from colabel.services.training.unet import default_channels, divisor
@@ -154,7 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
     record = training_sources(Path(args.pulled), [image_id for image_id, _, _ in pairs], args.annotator)
     if converted:
         kinds = sorted({_CONVERSIONS.get(tuple(c), f"{c[0]} -> {c[1]} channels") for c in converted.values()})
-        print(f"converted {len(converted)} of {len(images)} images to the model's {channels} channel(s) "
+        print(f"converted {len(converted)} of {len(every)} images to the model's {channels} channel(s) "
               f"({', '.join(kinds)}), as prediction does")
     print(f"training on {len(images)} images ({sum(int(m.max() > 0) for m in masks)} with objects)"
           + (f", fine-tuning {args.init}" if init else "") + " ...")
@@ -168,7 +229,7 @@ def run_train(args: argparse.Namespace) -> int:
     if held:
         from colabel.services.training.segmenter_training import validation_scores
 
-        scores = validation_scores(trained, [to_model_channels(training_image(im), channels) for _, im, _ in held],
+        scores = validation_scores(trained, [model_images[image_id] for image_id, _, _ in held],
                                    [mask for _, _, mask in held])
         trained.metrics["validation"] = {**scores, "image_ids": [image_id for image_id, _, _ in held],
                                          **training_sources(Path(args.pulled), [i for i, _, _ in held], args.annotator)}

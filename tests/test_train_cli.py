@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 
@@ -325,3 +326,124 @@ def test_training_sources_follow_the_annotator_asked_for(small_first):
     assert training_sources(s["pulled"], [s["ihc"]], s["bob"]) == {
         "sources": [[s["ihc"], s["bob"], s["versions"]["Bob"]]], "image_names": {s["ihc"]: "ihc_ki67.png"}}
     assert training_sources(s["pulled"], [s["tiny"]], None)["sources"] == [[s["tiny"], s["ada"], s["versions"]["tiny"]]]
+
+
+def test_train_classifier_skips_and_counts_a_cell_covered_by_a_later_outline(tmp_path):
+    """The reviewer's set: a classified outline drawn wholly under a later one keeps its cells.csv row but has no pixel;
+    train-classifier failed on the whole set ("nucleus ids not in labels: [1]", naming neither image nor annotator)."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.services.training.classifier_training import read_pulled_cells
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(DATA / "ihc_ki67.png", folder / "ihc_ki67.png")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="covered", classes=[{"name": "nucleus", "color": "#ff0000"},
+                                                               {"name": "other", "color": "#0000ff"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    (ihc,) = [r.image_id for r in provider.catalog.records()]
+    provider.save_annotation(info, ihc, annotator.annotator_id, collection(
+        square(100, 100, 8, "nucleus"), square(96, 96, 20, "other"),  # label 1 lies wholly under label 2
+        *(square(40 + 60 * k, 300, 14, "nucleus" if k % 2 else "other") for k in range(6))))
+    pulled = tmp_path / "pulled"
+    done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    cells = read_pulled_cells(pulled)
+    assert cells.skipped_without_pixels == 1 and cells.skipped_unclassified == 0
+    assert cells.ids[ihc].tolist() == list(range(2, 9))  # every cell but the covered one
+    assert cells.class_counts() == {"nucleus": 3, "other": 4}
+
+    out = tmp_path / "head.npz"
+    trained = subprocess.run([*COLABEL, "train-classifier", str(pulled), "--out", str(out), "--members", "2",
+                              "--quiet"], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert ("7 classified cells in 1 images (nucleus 3, other 4); 0 without a class skipped, 1 without pixels "
+            "(covered by later outlines) skipped") in trained.stdout
+    record = json.loads((tmp_path / "head.npz.json").read_text())
+    assert record["metrics"]["n_cells"] == 7
+
+
+@pytest.fixture(scope="module")
+def odd_channels(tmp_path_factory):
+    """A pulled set of channel counts a model cannot mix: Ada labelled the RGB IHC image and ``two.tif`` (a 128 x 128
+    crop of the 16-bit DSB2018 image stored with 2 channels), Bob ``five.tif`` (the same crop with 5 channels)."""
+    from colabel.apps.provider.provider import DataProvider
+
+    root = tmp_path_factory.mktemp("odd_channels")
+    folder = root / "images"
+    folder.mkdir()
+    dsb = tifffile.imread(DATA / "dsb2018_nuclei.tif")[:128, :128]
+    tifffile.imwrite(folder / "two.tif", np.stack([dsb] * 2), photometric="minisblack")
+    tifffile.imwrite(folder / "five.tif", np.stack([dsb] * 5), photometric="minisblack")
+    shutil.copy(DATA / "ihc_ki67.png", folder / "ihc_ki67.png")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="odd", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    ada, _ = provider.sessions.join(info.session_id, "Ada")
+    bob, _ = provider.sessions.join(info.session_id, "Bob")
+    ids = {r.name: r.image_id for r in provider.catalog.records()}
+    assert {r.name: r.shape[-1] for r in provider.catalog.records()} == {"two.tif": 2, "five.tif": 5, "ihc_ki67.png": 3}
+    squares = collection(square(10, 10, 20), square(50, 50, 25), square(80, 20, 18))
+    for name, who in (("ihc_ki67.png", ada), ("two.tif", ada), ("five.tif", bob)):
+        provider.save_annotation(info, ids[name], who.annotator_id, squares)
+    pulled = root / "pulled"
+    done = subprocess.run([*COLABEL, "pull", str(folder), "--session", info.session_id, "--out", str(pulled)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return {"pulled": pulled, "ids": ids, "ada": ada.annotator_id, "bob": bob.annotator_id}
+
+
+def test_train_refuses_a_held_out_image_of_channels_it_cannot_take_before_training_naming_it(odd_channels, tmp_path):
+    """--hold-out: the held-out 2-channel image next to an RGB one was found only after training, by an unnamed
+    "an image of shape (128, 128, 2) cannot be given 3 channel(s)"."""
+    s = odd_channels
+    two = f"image two.tif ({s['ids']['two.tif']})"
+    position = sorted([s["ids"]["ihc_ki67.png"], s["ids"]["two.tif"]]).index(s["ids"]["two.tif"])
+    seed = next(k for k in range(100) if np.random.default_rng(k).permutation(2)[0] == position)  # holds two.tif out
+    model = tmp_path / "unet.pt"
+    for extra in (["--hold-out", "1", "--seed", str(seed)], []):
+        done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(model), "--annotator", s["ada"],
+                               "--epochs", "1", "--crop", "32", "--encoder", "none", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "training on" not in done.stdout
+        assert f"cannot train one model on images of [2, 3] channels ({two} has 2)" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_an_image_of_more_than_4_channels_by_name_as_its_help_says(odd_channels, tmp_path):
+    s = odd_channels
+    for encoder in ("none", "efficientnet-lite0"):
+        done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(tmp_path / "unet.pt"), "--annotator",
+                               s["bob"], "--epochs", "1", "--crop", "32", "--encoder", encoder],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "training on" not in done.stdout, done.stdout + done.stderr
+        assert (f"colabel: image five.tif ({s['ids']['five.tif']}): image must have 1 to 4 channels last, got shape "
+                "(128, 128, 5)") in done.stderr
+    assert list(tmp_path.iterdir()) == []
+    helped = subprocess.run([*COLABEL, "train", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(helped.stdout.split())
+    assert "none: a small plain U-Net from random weights, images of 1 to 4 channels" in text
+    assert "any channel count" not in text
+
+
+def test_out_under_a_file_is_refused_before_any_work_and_nothing_is_written(small_first, tmp_path):
+    """`colabel train --out afile/unet.pt` trained in full, then failed with a FileExistsError traceback."""
+    s = small_first
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    fast = ["--epochs", "1", "--crop", "64", "--no-flips"]
+    for command, message in (
+            (["train", str(s["pulled"]), "--out", str(afile / "unet.pt"), *fast],
+             f"--out {afile / 'unet.pt'}: {afile} is not a folder"),
+            (["train", str(s["pulled"]), "--out", str(afile / "deeper" / "unet.pt"), *fast],
+             f"--out {afile / 'deeper' / 'unet.pt'}: {afile} is not a folder"),
+            (["train", str(s["pulled"]), "--out", str(tmp_path / "unet.pt"), "--bioimageio", str(afile / "pkg"), *fast],
+             f"--bioimageio {afile / 'pkg'}: {afile} is not a folder"),
+            (["train-classifier", str(s["pulled"]), "--out", str(afile / "head.npz"), "--quiet"],
+             f"--out {afile / 'head.npz'}: {afile} is not a folder")):
+        done = subprocess.run([*COLABEL, *command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.strip() == f"colabel: {message}", done.stdout + done.stderr
+        assert "training on" not in done.stdout and "classified cells" not in done.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and afile.read_text() == "not a folder"

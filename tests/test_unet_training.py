@@ -245,6 +245,34 @@ def test_export_bioimageio_package(trained, dsb, tmp_path):
                           test_image=dsb[0][:64, :64])
 
 
+def test_package_documentation_states_the_held_out_scores_and_the_optimiser_the_model_trained_with(trained, dsb,
+                                                                                                   tmp_path):
+    """It read metrics["evaluation"] while `colabel train --hold-out` stores metrics["validation"] ("No held-out
+    evaluation was recorded"), and said "Adam (lr ..., cosine decay)" for the encoder's AdamW one-cycle training."""
+    from colabel.services.training.bioimageio_export import export_bioimageio
+
+    image, mask = dsb
+    scores = validation_scores(trained, [image[384:, :128]], [mask[384:, :128]])
+    held = dataclasses.replace(trained, metrics={**trained.metrics, "validation": {**scores, "image_ids": ["img-x"]}})
+    export_bioimageio(held, tmp_path / "package", name="colabel held out", description="A test export.",
+                      authors=["Test Author"], test_image=image[128:256, :128], validate=False)
+    text = " ".join((tmp_path / "package" / "documentation.md").read_text().split())
+    assert "No held-out evaluation" not in text
+    assert (f"on 1 annotated image(s) kept out of training ({scores['tp'] + scores['fn']} annotated objects), objects "
+            f"matched one-to-one at IoU 0.5: F1 {scores['f1']:.3f}, precision {scores['precision']:.3f}, recall "
+            f"{scores['recall']:.3f}") in text
+    assert f"objects an annotator would still fix (false positives + false negatives per annotated object): " \
+           f"{scores['objects_to_fix']:.1%}" in text
+    if trained.encoder == "none":
+        assert "BCE + Dice loss, Adam (lr 0.003, cosine decay to 5% of it), starting from random weights" in text
+        assert "AdamW" not in text and "batch-norm" not in text
+    else:
+        assert ("BCE + Dice loss, AdamW (peak lr 0.001, weight decay 0.0001) on a one-cycle schedule (cosine warm-up "
+                "from 0.04 of the peak over the first 10% of the steps, then cosine decay to 0), the encoder starting "
+                "from its ImageNet weights, with the encoder's batch-norm statistics frozen") in text
+        assert "Adam (" not in text
+
+
 @pytest.mark.parametrize(
     "images, masks, message",
     [

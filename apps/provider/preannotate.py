@@ -28,7 +28,10 @@ class PreAnnotator:
     """Predictions of a saved :class:`~colabel.services.training.segmenter_training.TrainedSegmenter`.
 
     Each image is predicted once; the last ``max_cached`` images' proposals are kept in memory (least
-    recently used dropped first). ``predictions`` counts the model runs. ``model``: the segmenter already
+    recently used dropped first). ``predictions`` counts the model runs. An image the model cannot take (e.g. a
+    2-channel image for an RGB model) is refused with an :class:`~colabel.errors.InvalidInputError` naming it,
+    which the annotator page shows ("pre-annotations unavailable: ..."); the refusal is kept like proposals, and
+    other images are predicted as before. ``model``: the segmenter already
     loaded from ``model_path`` (``colabel serve`` reads it once to check it), or None to load it here.
     """
 
@@ -47,23 +50,33 @@ class PreAnnotator:
         self.review_uncertainty = float(review_uncertainty)
         self.predictions = 0
         self._lock = threading.Lock()
-        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self._cache: OrderedDict[str, dict | str] = OrderedDict()  # proposals, or why the model cannot take it
 
     def _predict(self, session, image_id: str) -> dict:
+        from colabel.errors import InvalidInputError
         from colabel.services.training.proposals import propose
 
         with self._lock:
             if image_id in self._cache:
                 self._cache.move_to_end(image_id)
-                return self._cache[image_id]
-            pixels = self.provider.get_image(image_id, session=session)
-            proposals = propose(self.model, pixels, review_uncertainty=self.review_uncertainty)
-            result = {"type": "FeatureCollection", "features": proposals.features, "model": self.model_path.name}
-            self.predictions += 1
-            self._cache[image_id] = result
-            while len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-            return result
+                result = self._cache[image_id]
+            else:
+                pixels = self.provider.get_image(image_id, session=session)
+                try:
+                    proposals = propose(self.model, pixels, review_uncertainty=self.review_uncertainty)
+                except InvalidInputError as exc:  # this image only: others are still predicted
+                    name = self.provider.catalog.get(image_id).name
+                    result = f"the model {self.model_path.name} cannot take {name}: {exc}"
+                else:
+                    result = {"type": "FeatureCollection", "features": proposals.features,
+                              "model": self.model_path.name}
+                    self.predictions += 1
+                self._cache[image_id] = result
+                while len(self._cache) > self.max_cached:
+                    self._cache.popitem(last=False)
+        if isinstance(result, str):
+            raise InvalidInputError(result)
+        return result
 
     async def pre_annotation(self, session, image_id: str) -> dict:
         """A FeatureCollection of predicted outlines (image pixels) for an image of the session."""

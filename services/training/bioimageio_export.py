@@ -38,7 +38,16 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .segmenter_training import EPS, PERCENTILES, TrainedSegmenter, normalize_image
+from .segmenter_training import (
+    EPS,
+    PERCENTILES,
+    PLAIN_LR_FLOOR,
+    WARMUP,
+    WARMUP_START,
+    WEIGHT_DECAY,
+    TrainedSegmenter,
+    normalize_image,
+)
 
 __all__ = ["export_bioimageio", "validate_bioimageio", "FORMAT_VERSION", "DESCRIPTION_FILE"]
 
@@ -123,12 +132,26 @@ def _cover(image_chw: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> byte
 
 
 def _validation_text(metrics: dict) -> str:
-    evaluation = metrics.get("evaluation")
+    """The package's validation paragraph: ``metrics["validation"]`` (``colabel train --hold-out K``, the figures
+    of :func:`~colabel.services.training.segmenter_training.validation_scores`), else a caller's
+    ``metrics["evaluation"]`` (its scalar fields), else a warning that nothing was measured."""
+    validation, evaluation = metrics.get("validation"), metrics.get("evaluation")
     loss = metrics.get("final_loss", float("nan"))
     lines = [f"Final training loss (BCE over every map + Dice over foreground and boundary): {loss:.4f}."]
-    if evaluation:
+    scored = isinstance(validation, dict) and all(
+        k in validation for k in ("images", "tp", "fp", "fn", "f1", "precision", "recall", "objects_to_fix"))
+    if scored:
+        v = validation
+        lines.append(f"Held-out evaluation recorded with the model: on {v['images']} annotated image(s) kept out of "
+                     f"training ({v['tp'] + v['fn']} annotated objects), objects matched one-to-one at IoU "
+                     f"{v.get('iou', 0.5):g}: F1 {v['f1']:.3f}, precision {v['precision']:.3f}, recall "
+                     f"{v['recall']:.3f} ({v['tp']} true positives, {v['fp']} false positives, {v['fn']} false "
+                     f"negatives); objects an annotator would still fix (false positives + false negatives per "
+                     f"annotated object): {v['objects_to_fix']:.1%}.")
+    elif isinstance(evaluation, dict) and evaluation:
+        scalars = {k: v for k, v in evaluation.items() if isinstance(v, (int, float, str, bool))}
         lines.append("Held-out evaluation recorded with the model: "
-                     + ", ".join(f"{k} = {v}" for k, v in evaluation.items()) + ".")
+                     + ", ".join(f"{k} = {v}" for k, v in scalars.items()) + ".")
     else:
         lines.append("No held-out evaluation was recorded with this model; measure the share of objects an "
                      "annotator must still fix (false negatives + false positives at IoU 0.5 per ground-truth "
@@ -169,6 +192,23 @@ def _architecture_text(cfg: dict) -> str:
             f"(decoder widths {cfg['channels']}, GroupNorm)")
 
 
+def _optimiser_text(cfg: dict) -> str:
+    """How ``train_segmenter`` optimised a model of this config, and from which weights it started."""
+    init = cfg.get("init")
+    if init:
+        start = (f"starting from an earlier colabel model (training-set version `{init.get('training_set_version')}`, "
+                 f"{init.get('steps')} steps)")
+    else:
+        start = "starting from random weights" if cfg.get("encoder", "none") == "none" else \
+            "the encoder starting from its ImageNet weights"
+    if cfg.get("encoder", "none") == "none":
+        return f"Adam (lr {cfg['lr']:g}, cosine decay to {PLAIN_LR_FLOOR:.0%} of it), {start}"
+    return (f"AdamW (peak lr {cfg['lr']:g}, weight decay {WEIGHT_DECAY:g}) on a one-cycle schedule (cosine "
+            f"warm-up from {WARMUP_START:g} of the peak over the first {WARMUP:.0%} of the steps, then cosine decay "
+            f"to 0), {start}, with the encoder's batch-norm statistics frozen (ImageNet's: batches of a few crops "
+            "are too small to re-estimate them)")
+
+
 _MAP_TEXT = {"foreground": "**foreground** (channel 0)",
              "boundary": "**object boundary** (channel 1, the inner rim of every object)",
              "centre": "**centre** (channel 2, each object's distance to its outside divided by its maximum: "
@@ -203,8 +243,8 @@ Input: `(batch, channel, y, x)` with channels {channel_names}; y and x multiples
 
 Trained with colabel's `train_segmenter` on {metrics.get('n_images', '?')} annotated image(s)
 ({metrics.get('n_objects', '?')} objects; training-set version `{trained.training_set_version}`): random
-{cfg['crop']} px crops, flips and 90-degree rotations, mild intensity jitter, BCE + Dice loss, Adam
-(lr {cfg['lr']}, cosine decay), {cfg['steps']} steps per network, batch size {cfg['batch_size']},
+{cfg['crop']} px crops, flips and 90-degree rotations, mild intensity jitter, BCE + Dice loss,
+{_optimiser_text(cfg)}, {cfg['steps']} steps per network, batch size {cfg['batch_size']},
 {metrics.get('train_seconds', '?')} s on CPU.
 
 ## Validation

@@ -72,6 +72,9 @@ class PulledCells:
         Whose annotation each image's cells come from.
     skipped_unclassified : int
         Objects without a session class (not used).
+    skipped_without_pixels : int
+        Classified objects with no pixel in the instance-label image (not used): an outline drawn entirely under a
+        later one, which the pull keeps in ``cells.csv`` without pixels or a COCO annotation.
     """
 
     classes: list[str]
@@ -82,6 +85,7 @@ class PulledCells:
     ids: dict[str, np.ndarray]
     sources: list[tuple[str, str, int]]
     skipped_unclassified: int = 0
+    skipped_without_pixels: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -112,7 +116,8 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
     copies of the same cell would leak between training and validation splits). ``annotator="consensus"``
     takes the consensus objects of the images two or more annotators labelled instead, each with its majority
     class (``consensus/<image_id>`` and its ``classes`` attribute; centroids from the consensus outlines); ties
-    count as unclassified. Objects without a session class are skipped and counted.
+    count as unclassified. Objects without a session class are skipped and counted, and so are classified objects
+    without a pixel in the instance-label image (an outline covered entirely by a later one).
 
     Raises
     ------
@@ -136,7 +141,7 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
     with table.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             rows.setdefault(row["image_id"], {}).setdefault(row["annotator_id"], []).append(row)
-    images, centroids, labels, masks, ids, sources, skipped = {}, {}, {}, {}, {}, [], 0
+    images, centroids, labels, masks, ids, sources, skipped, hidden = {}, {}, {}, {}, {}, [], 0, 0
     for image_id in sorted(rows):
         by_annotator = rows[image_id]
         who = annotator if annotator is not None else sorted(by_annotator)[0]
@@ -148,23 +153,33 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
             continue
         if f"images/{image_id}" not in root:
             raise InvalidInputError(f"cells.csv names image {image_id} but labels.zarr has no such image")
+        key = f"instances/{image_id}/{who}"
+        mask = np.asarray(root[key][...]) if key in root else None
+        present = set() if mask is None else set(np.unique(mask).tolist())
+        drawn = [r for r in cells if int(r["label"]) in present]  # an outline covered by later ones has no pixel
+        hidden += len(cells) - len(drawn)
+        if not drawn:
+            continue
+        cells = drawn
         images[image_id] = np.asarray(root[f"images/{image_id}"][...])
         centroids[image_id] = np.array([[float(r["centroid_x"]), float(r["centroid_y"])] for r in cells])
         labels[image_id] = np.array([classes.index(r["class"]) for r in cells], np.int64)
-        masks[image_id] = np.asarray(root[f"instances/{image_id}/{who}"][...])
+        masks[image_id] = mask
         ids[image_id] = np.array([int(r["label"]) for r in cells], np.int64)
         sources.append((image_id, who, int(cells[0]["version"])))
     if not labels:
         who = f"annotator {annotator!r}" if annotator else "any annotator"
-        raise InvalidInputError(f"no cells with a session class ({', '.join(classes)}) from {who} in {folder}")
-    return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped)
+        covered = f" ({hidden} without pixels: covered by later outlines)" if hidden else ""
+        raise InvalidInputError(f"no cells with a session class ({', '.join(classes)}) from {who} in {folder}"
+                                + covered)
+    return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped, hidden)
 
 
 def _consensus_cells(folder: Path, root, classes: list[str]) -> PulledCells:
     """The consensus objects with a majority class of every image that has a consensus."""
     from scipy import ndimage as ndi
 
-    images, centroids, labels, masks, ids, sources, skipped = {}, {}, {}, {}, {}, [], 0
+    images, centroids, labels, masks, ids, sources, skipped, hidden = {}, {}, {}, {}, {}, [], 0, 0
     image_ids = sorted(root["consensus"].array_keys()) if "consensus" in root else []
     for image_id in image_ids:
         array = root[f"consensus/{image_id}"]
@@ -175,6 +190,9 @@ def _consensus_cells(folder: Path, root, classes: list[str]) -> PulledCells:
         mask = np.asarray(array[...])
         kept = [i for i, name in enumerate(majority, start=1) if name in classes]
         skipped += len(majority) - len(kept)
+        present = set(np.unique(mask).tolist())
+        hidden += sum(i not in present for i in kept)
+        kept = [i for i in kept if i in present]
         if not kept:
             continue
         rows_cols = np.asarray(ndi.center_of_mass(np.ones(mask.shape), mask, index=kept), float).reshape(-1, 2)
@@ -187,7 +205,7 @@ def _consensus_cells(folder: Path, root, classes: list[str]) -> PulledCells:
     if not labels:
         raise InvalidInputError(f"no consensus cells with a majority session class ({', '.join(classes)}) in {folder}: "
                                 "consensus needs images labelled by two or more annotators")
-    return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped)
+    return PulledCells(classes, images, centroids, labels, masks, ids, sources, skipped, hidden)
 
 
 # ----------------------------------------------------------------------------------------- features

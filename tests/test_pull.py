@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -587,3 +589,267 @@ def test_zarr_format_2_holds_the_same_arrays_and_a_later_switch_rewrites_the_sto
     before = _files(v2)
     refused = pull(str(folder), "--session", info.session_id, "--out", str(v2), "--zarr-format", "4")
     assert refused.returncode == 2 and "invalid choice: 4" in refused.stderr and _files(v2) == before
+
+
+def _tree(folder):
+    """Relative path -> (bytes, mtime in ns) of every file under ``folder``, and every folder (None): what a reader
+    must leave exactly as it was."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def report(folder, session_id):
+    return subprocess.run([*COLABEL, "report", str(folder), session_id], capture_output=True, text=True, timeout=120)
+
+
+def test_report_and_a_local_pull_beside_a_saving_provider_leave_its_writes_in_flight_alone(tmp_path):
+    """`colabel report` and a local `colabel pull` run on a folder while its provider saves in a loop (a real writer,
+    in a thread): no save fails, and the temporary files of writes in flight (planted, as a save, a session-manifest
+    write and a secrets write leave them mid-write) are all still there, untouched, afterwards."""
+    import threading
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    ihc, dsb = ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20)))
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(11, 10, 20)))
+    session_dir = folder / "annotations" / "sessions" / info.session_id
+    in_flight = [session_dir / "images" / ihc / a.annotator_id / ".v000002-0123abcd.tif.00ff.tmp",
+                 session_dir / ".session.json.00ff.tmp", folder / "annotations" / "..colabel-secrets.json.00ff.tmp"]
+    for path in in_flight:
+        path.write_bytes(b"being written")
+    stamps = {path: path.stat().st_mtime_ns for path in in_flight}
+    stop, saved, errors = threading.Event(), [], []
+
+    def save_in_a_loop():
+        while not stop.is_set():
+            try:
+                saved.append(provider.save_annotation(info, dsb, a.annotator_id,
+                                                      collection(*[square(5 + 7 * i, 5, 6) for i in range(30)])))
+            except Exception as exc:  # noqa: BLE001 - counted: there must be none
+                errors.append(repr(exc))
+
+    writer = threading.Thread(target=save_in_a_loop)
+    writer.start()
+    try:
+        for n in range(2):
+            reported = report(folder, info.session_id)
+            assert reported.returncode == 0 and "agreement" in reported.stdout, reported.stderr
+            pulled = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "pulled"))
+            assert pulled.returncode == 0, pulled.stderr
+    finally:
+        stop.set()
+        writer.join(60)
+    assert errors == [] and len(saved) > 2
+    assert [v.version for v in saved] == list(range(1, len(saved) + 1))
+    for path in in_flight:
+        assert path.read_bytes() == b"being written" and path.stat().st_mtime_ns == stamps[path], path
+
+
+def test_a_local_pull_or_report_writes_nothing_in_the_folder_and_a_refused_pull_says_why(tmp_path):
+    """A pull from a folder that is not a colabel folder, or of a session it does not have, is refused in one
+    sentence and creates nothing (no annotations/sessions, no --out); a pull and a report that succeed leave the
+    folder exactly as it was."""
+    from conftest import DATA
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(DATA / "ihc_ki67.png", plain / "ihc_ki67.png")
+    before = _tree(plain)
+    refused = pull(str(plain), "--session", "s-000000000000", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"colabel: {plain} is not a colabel folder (it has no annotations/sessions): pull from the folder a colabel "
+        "serve saves annotations in\n")
+    assert _tree(plain) == before and not (tmp_path / "x").exists()
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    provider.save_annotation(info, ids["ihc_ki67.png"], a.annotator_id, collection(square(10, 10, 20)))
+    provider.save_annotation(info, ids["ihc_ki67.png"], b.annotator_id, collection(square(11, 10, 20)))
+    before = _tree(folder)
+    unknown = pull(str(folder), "--session", "s-000000000000", "--out", str(tmp_path / "y"))
+    assert unknown.returncode == 2 and unknown.stderr == f"colabel: unknown session id 's-000000000000' in {folder}\n"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "z"))
+    assert done.returncode == 0 and "pulled 2 new annotation versions" in done.stdout, done.stderr
+    assert report(folder, info.session_id).returncode == 0
+    assert _tree(folder) == before and not (tmp_path / "y").exists()
+
+
+def test_a_pull_fetches_labels_drawn_again_after_the_annotators_versions_were_deleted(tmp_path):
+    """A's labels of the IHC image are pulled, then deleted from the folder by hand, and A draws again: the new save
+    is version 2 (numbers are never given out again) and the pull fetches it. A source whose numbers did restart (a
+    folder whose version marks are gone too, as one saved by an earlier colabel) is pulled right all the same: the
+    pull tells saves apart by their label files. A pull_state.json without them (an earlier colabel's) has every
+    annotation fetched again once."""
+    import zarr
+
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    ihc = ids["ihc_ki67.png"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20)))
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(11, 10, 20)))
+    out, args = tmp_path / "pulled", (str(folder), "--session", info.session_id, "--out", str(tmp_path / "pulled"))
+    assert "pulled 2 new annotation versions (0 up to date)" in pull(*args).stdout
+    session_dir = folder / "annotations" / "sessions" / info.session_id
+    annotator_dir = session_dir / "images" / ihc / a.annotator_id
+
+    def pulled_a():
+        """A's pixels in labels.zarr, A's rows of cells.csv, and the image's F1 in agreement.json."""
+        mask = zarr.open_group(str(out / "labels.zarr"), mode="r")[f"instances/{ihc}/{a.annotator_id}"][...]
+        with open(out / "cells.csv") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["annotator_id"] == a.annotator_id]
+        f1 = json.loads((out / "agreement.json").read_text())[ihc]["pairs"][0]["f1"]
+        return int((mask > 0).sum()), len(rows), f1
+
+    shutil.rmtree(annotator_dir)
+    record = DataProvider(folder).save_annotation(info, ihc, a.annotator_id,
+                                                  collection(square(100, 100, 50), square(200, 200, 30)))
+    assert record.version == 2
+    second = pull(*args)
+    assert "pulled 1 new annotation versions (1 up to date)" in second.stdout, second.stdout + second.stderr
+    assert pulled_a() == (50 * 50 + 30 * 30, 2, 0.0)
+
+    shutil.rmtree(annotator_dir)
+    shutil.rmtree(session_dir / "version_marks")
+    restarted = DataProvider(folder)
+    restarted.save_annotation(info, ihc, a.annotator_id, collection(square(300, 300, 10)))
+    record = restarted.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20)))
+    assert record.version == 2  # numbers restarted (no version mark): the version the set holds, of another save
+    third = pull(*args)
+    assert "pulled 1 new annotation versions (1 up to date)" in third.stdout, third.stdout + third.stderr
+    assert pulled_a() == (400, 1, pytest.approx(1.0))
+
+    state = json.loads((out / "pull_state.json").read_text())
+    del state["saves"]
+    (out / "pull_state.json").write_text(json.dumps(state))
+    assert "pulled 2 new annotation versions (0 up to date)" in pull(*args).stdout
+    assert "pulled 0 new annotation versions (2 up to date)" in pull(*args).stdout
+
+
+def _coco_agrees_with_its_images(out):
+    """Every COCO annotation's RLE covers its image exactly and its bbox lies inside the image."""
+    coco = json.loads((out / "coco.json").read_text())
+    sizes = {i["id"]: (i["height"], i["width"]) for i in coco["images"]}
+    for annotation in coco["annotations"]:
+        height, width = sizes[annotation["image_id"]]
+        assert annotation["segmentation"]["size"] == [height, width]
+        assert sum(annotation["segmentation"]["counts"]) == height * width
+        x, y, w, h = annotation["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+    return coco
+
+
+def test_labels_drawn_on_an_image_since_replaced_by_one_of_another_size_are_dropped_naming_both_sizes(tmp_path):
+    """A and B labelled the IHC image (512 x 512), A the DSB one too; the IHC file is then replaced by a 256 x 200
+    crop. The pull drops both annotators' IHC labels, saying so with both sizes, and the image with them; what it
+    writes (zarr, TIFFs, cells, COCO) is consistent. Once B draws on the new image, B's labels are back and A's
+    stay out; a first pull into a new set does the same."""
+    import zarr
+    from PIL import Image
+
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    ihc, dsb = ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20), square(300, 300, 40)))
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(11, 10, 20)))
+    provider.save_annotation(info, dsb, a.annotator_id, collection(square(10, 10, 20)))
+    out, args = tmp_path / "pulled", (str(folder), "--session", info.session_id, "--out", str(tmp_path / "pulled"))
+    assert "pulled 3 new annotation versions" in pull(*args).stdout
+    Image.open(folder / "ihc_ki67.png").crop((0, 0, 256, 200)).save(folder / "ihc_ki67.png")
+
+    def line(who):
+        return (f"dropped the labels of annotator {who.display_name} ({who.annotator_id}) on ihc_ki67.png: they were "
+                "drawn on an image 512 pixels wide and 512 high, and the file is now 256 pixels wide and 200 high")
+
+    second = pull(*args)
+    assert second.returncode == 0, second.stderr
+    assert [x for x in second.stdout.splitlines() if x.startswith("dropped")] == [
+        line(who) for who in sorted((a, b), key=lambda who: who.annotator_id)]  # annotators in id order
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    assert list(root["images"].array_keys()) == [dsb] and list(root["instances"].group_keys()) == [dsb]
+    assert not list(root["consensus"].array_keys())
+    assert sorted(_files(out / "tiff")) == ["dsb2018_nuclei.tif.tif", f"dsb2018_nuclei.tif__{a.annotator_id}_mask.tif"]
+    assert [i["colabel_image_id"] for i in _coco_agrees_with_its_images(out)["images"]] == [dsb]
+    with open(out / "cells.csv") as handle:
+        assert {r["image_id"] for r in csv.DictReader(handle)} == {dsb}
+
+    DataProvider(folder).save_annotation(info, ihc, b.annotator_id, collection(square(5, 5, 30)))
+    third = pull(*args)
+    assert [x for x in third.stdout.splitlines() if x.startswith("dropped")] == [line(a)], third.stdout
+    root = zarr.open_group(str(out / "labels.zarr"), mode="r")
+    assert root[f"images/{ihc}"].shape == (200, 256, 3)
+    assert list(root[f"instances/{ihc}"].array_keys()) == [b.annotator_id]
+    assert root[f"instances/{ihc}/{b.annotator_id}"].shape == (200, 256) and not list(root["consensus"].array_keys())
+    coco = _coco_agrees_with_its_images(out)
+    assert sorted(i["colabel_image_id"] for i in coco["images"]) == sorted([ihc, dsb]) and len(coco["annotations"]) == 2
+
+    fresh = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "fresh"))
+    assert [x for x in fresh.stdout.splitlines() if x.startswith("dropped")] == [line(a)]
+    assert "pulled 2 new annotation versions" in fresh.stdout
+    _coco_agrees_with_its_images(tmp_path / "fresh")
+
+
+def test_a_pull_that_fails_while_switching_zarr_format_leaves_the_previous_set_as_it_was(tmp_path, monkeypatch):
+    """A pull asking for zarr format 2 fails (the connection drops while images, or labels, are fetched): the set's
+    format 3 labels.zarr and pull_state.json are exactly as before, no temporary store is left, and the set still
+    trains. A later switch succeeds, also where two paths cannot be exchanged in one step (two renames then)."""
+    from colabel.apps import pull as pulling
+    from colabel.apps.pull import LocalSource, labelled_pairs, run_pull
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, _) = _session(folder)
+    for name in ("ihc_ki67.png", "dsb2018_nuclei.tif"):
+        provider.save_annotation(info, ids[name], a.annotator_id, collection(square(10, 10, 20)))
+    out = tmp_path / "pulled"
+    run_pull(str(folder), out, session=info.session_id, echo=None)
+    before, state = _files(out / "labels.zarr"), (out / "pull_state.json").read_bytes()
+    pairs = labelled_pairs(out)
+
+    class LostWhileImages(LocalSource):
+        async def image(self, image_id):
+            raise ConnectionError("connection lost")
+
+    class LostWhileLabels(LocalSource):
+        async def labels(self, image_id, annotator_id, version):
+            raise ConnectionError("connection lost")
+
+    for flaky in (LostWhileImages, LostWhileLabels):
+        with pytest.raises(ConnectionError):
+            asyncio.run(pulling.pull(flaky(folder, info.session_id), out, zarr_format=2, progress=False))
+        assert _files(out / "labels.zarr") == before and (out / "pull_state.json").read_bytes() == state
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+        assert [(i, m.sum()) for i, _, m in labelled_pairs(out)] == [(i, m.sum()) for i, _, m in pairs]
+
+    monkeypatch.setattr(pulling, "_exchange", lambda one, other: False)
+    result = run_pull(str(folder), out, session=info.session_id, echo=None, zarr_format=2)
+    assert result["dropped"] == ["dropped labels.zarr in zarr format 3: rewriting it in format 2"]
+    assert (out / "labels.zarr" / ".zgroup").is_file() and not (out / "labels.zarr" / "zarr.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert [(i, m.sum()) for i, _, m in labelled_pairs(out)] == [(i, m.sum()) for i, _, m in pairs]
+
+
+def test_training_on_a_set_without_instance_masks_is_refused_in_one_sentence(tmp_path):
+    """A session pulled before anything was labelled has a labels.zarr without an instances group: labelled_pairs and
+    `colabel train` say so in one sentence."""
+    import zarr
+
+    from colabel.apps.pull import labelled_pairs
+    from colabel.errors import InvalidInputError
+
+    folder = make_image_folder(tmp_path / "images")
+    _, info, _, _ = _session(folder)
+    out = tmp_path / "pulled"
+    done = pull(str(folder), "--session", info.session_id, "--out", str(out))
+    assert done.returncode == 0 and "pulled 0 new annotation versions" in done.stdout, done.stderr
+    assert "instances" not in zarr.open_group(str(out / "labels.zarr"), mode="r")
+    message = f"{out} holds no labelled images (its labels.zarr has no instances group)"
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        labelled_pairs(out)
+    train = subprocess.run([*COLABEL, "train", str(out), "--out", str(tmp_path / "m.pt")], capture_output=True,
+                           text=True, timeout=300)
+    assert train.returncode == 2 and train.stderr.startswith(f"colabel: {message}"), train.stderr
+    assert len(train.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()

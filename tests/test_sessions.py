@@ -148,3 +148,55 @@ def test_a_session_takes_a_bounded_number_of_annotators(tmp_path, monkeypatch):
         store.join(info.session_id, "One too many")
     assert len(store.annotators(info.session_id)) == 3
     assert len(SessionStore(tmp_path).annotators(info.session_id)) == 3  # nor was the manifest written
+
+
+def _snapshot(folder):
+    """Relative path -> (bytes, mtime in ns) of every file under ``folder``, and every folder (None)."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_read_only_session_store_reads_sessions_and_refuses_every_change_writing_nothing(tmp_path):
+    """What readers (colabel report, a local pull) open beside a running provider: sessions and annotators are read;
+    every change is refused before the session is touched; no file is created, changed or deleted (not even a
+    temporary file of the provider's secrets, which may be a write in flight)."""
+    store = SessionStore(tmp_path)
+    info, _ = store.create(name="s", classes=CLASSES)
+    ada, _ = store.join(info.session_id, "Ada")
+    (tmp_path / "..colabel-secrets.json.0123abcd.tmp").write_text("{in flight")
+    (tmp_path / "sessions" / info.session_id / ".session.json.4567.tmp").write_text("{in flight")
+    before = _snapshot(tmp_path)
+    reader = SessionStore(tmp_path, read_only=True)
+    assert reader.get(info.session_id).name == "s" and list(reader.annotators(info.session_id)) == [ada.annotator_id]
+    refused = [
+        lambda: reader.create(name="t", classes=CLASSES),
+        lambda: reader.set_state(info.session_id, "closed"),
+        lambda: reader.issue_token(info.session_id, label="x", role="train"),
+        lambda: reader.revoke_token(info.session_id, info.tokens[0].token_id),
+        lambda: reader.join(info.session_id, "Bob"),
+        lambda: reader.assign_next(info.session_id, ada.annotator_id, image_ids=["i1"], saved={}),
+    ]
+    for change in refused:
+        with pytest.raises(AccessDeniedError, match="read-only"):
+            change()
+    assert reader.get(info.session_id).state == "open" and len(reader.list()) == 1
+    assert len(reader.annotators(info.session_id)) == 1 and reader.assignments(info.session_id) == {}
+    assert _snapshot(tmp_path) == before
+
+    SessionStore(tmp_path / "not-colabel", read_only=True)
+    assert not (tmp_path / "not-colabel").exists()
+
+
+def test_a_starting_writer_removes_only_stale_temporary_files_of_the_secrets(tmp_path):
+    """A day-old temporary file of the secrets is an interrupted write's and goes; a fresh one may be another
+    process's write in flight and stays."""
+    import os
+    import time
+
+    SessionStore(tmp_path).create(name="s", classes=CLASSES)
+    stale, fresh = tmp_path / "..colabel-secrets.json.dead.tmp", tmp_path / "..colabel-secrets.json.beef.tmp"
+    stale.write_text("{torn")
+    fresh.write_text("{in flight")
+    os.utime(stale, (time.time() - 86400,) * 2)
+    SessionStore(tmp_path)
+    assert not stale.exists() and fresh.exists()

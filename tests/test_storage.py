@@ -71,14 +71,156 @@ def test_label_files_have_unique_names_and_the_record_names_its_own(tmp_path):
     assert (folder / "v000002.tif").read_bytes() == b"a stray file from elsewhere"
 
 
-def test_restart_rebuilds_the_index_and_removes_temporary_files(tmp_path):
-    store = AnnotationStore(tmp_path / "annotations")
-    r = save(store)
-    folder = (tmp_path / r.geojson_file).parent
-    (folder / ".v000002.geojson.deadbeef.tmp").write_text("{partial")
-    reopened = AnnotationStore(tmp_path / "annotations")
-    assert reopened.versions("s-1", "img-1", "a-1") == [1]
-    assert not list(folder.glob("*.tmp"))
+def test_restart_removes_orphaned_temporary_files_but_never_one_of_a_write_in_flight(tmp_path):
+    """A restarted writer rebuilds the index and removes the temporary files of interrupted writes: at once in an
+    annotator folder whose lock is free (no write can be in flight there), including a version mark's; where another
+    process holds the lock (a save in flight) and elsewhere (a session manifest being written), only those untouched
+    for STALE_TMP_SECONDS (10 minutes), here a day-old one, go."""
+    import os
+    import time
+
+    from colabel.files import file_lock
+
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    free = (tmp_path / save(store).geojson_file).parent
+    busy = (tmp_path / save(store, annotator="a-2").geojson_file).parent
+    session = root / "sessions" / "s-1"
+    orphans = [free / ".v000002.geojson.deadbeef.tmp", free / ".v000002-0badc0de.tif.cafe.tmp",
+               session / "version_marks" / "img-1" / ".a-1.json.beef.tmp"]
+    in_flight = [busy / ".v000002-0123abcd.tif.f00d.tmp", session / ".session.json.f00d.tmp"]
+    day_old = [busy / ".v000001-0badc0de.tif.dead.tmp", session / ".session.json.dead.tmp"]
+    for path in orphans + in_flight + day_old:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{partial")
+    for path in day_old:
+        os.utime(path, (time.time() - 86400,) * 2)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from colabel.files import file_lock
+        with file_lock(Path({str(busy / '.lock')!r})):
+            print("writing", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "writing"
+        reopened = AnnotationStore(root)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert reopened.versions("s-1", "img-1", "a-1") == [1] and reopened.versions("s-1", "img-1", "a-2") == [1]
+    assert sorted(root.rglob(".*.tmp")) == sorted(in_flight)
+    with file_lock(free / ".lock"):  # the lock taken for the clean-up was let go
+        pass
+    AnnotationStore(root)  # the lock is free now: the save that was in flight is an orphan
+    assert sorted(root.rglob(".*.tmp")) == [session / ".session.json.f00d.tmp"]
+
+
+def _snapshot(folder):
+    """Relative path -> (bytes, mtime in ns) of every file under ``folder``, and every folder (None)."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_read_only_store_creates_changes_and_deletes_nothing(tmp_path):
+    """What readers (colabel report, a local pull) open: the versions and records are read, a save is refused, and
+    nothing under the folder is created, changed or deleted, not even a stale temporary file."""
+    import os
+    import time
+
+    from colabel.errors import AccessDeniedError
+
+    root = tmp_path / "annotations"
+    first = save(AnnotationStore(root), 2)
+    folder = (tmp_path / first.geojson_file).parent
+    (folder / ".v000002.geojson.0123.tmp").write_text("{in flight")
+    (folder / ".v000009.tif.4567.tmp").write_text("left by a crash long ago")
+    os.utime(folder / ".v000009.tif.4567.tmp", (time.time() - 86400,) * 2)
+    before = _snapshot(tmp_path)
+    reader = AnnotationStore(root, read_only=True)
+    assert reader.versions("s-1", "img-1", "a-1") == [1]
+    assert reader.label_path("s-1", "img-1", "a-1") == tmp_path / first.label_file
+    assert reader.latest_save("s-1", "img-1", "a-1")["label_file"] == (tmp_path / first.label_file).name
+    with pytest.raises(AccessDeniedError, match="read-only"):
+        save(reader)
+    assert _snapshot(tmp_path) == before
+
+    empty = tmp_path / "elsewhere" / "annotations"
+    assert AnnotationStore(empty, read_only=True).counts("s-1") == {} and not (tmp_path / "elsewhere").exists()
+
+
+def test_saves_in_another_process_never_fail_while_stores_are_opened_on_the_folder(tmp_path):
+    """A real writer process saves in a loop while this one opens stores on the same folder again and again, read-only
+    (as colabel report and a local pull do) and as writers (another tool, a restarting provider): no save fails,
+    because nobody deletes a temporary file a write in flight still needs."""
+    import time
+
+    root = tmp_path / "annotations"
+    AnnotationStore(root)
+    child = textwrap.dedent(f"""
+        import time
+        import numpy as np
+        from pathlib import Path
+        from colabel.apps.provider.storage import AnnotationStore
+        store = AnnotationStore(Path({str(root)!r}))
+        labels = np.zeros((256, 256), np.uint16)
+        labels[10:200, 10:200] = 1
+        fc = {{"type": "FeatureCollection", "features": [{{"type": "Feature", "id": str(i), "geometry": None,
+                                                          "properties": {{"note": "x" * 200}}}} for i in range(300)]}}
+        ok, errors = 0, []
+        print("saving", flush=True)
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            try:
+                store.save(fc, labels, session_id="s-1", image_id="img-1", image_name="x.png", annotator_id="a-1",
+                           display_name="Ann")
+                ok += 1
+            except Exception as exc:
+                errors.append(f"{{type(exc).__name__}}: {{exc}}")
+        print("ok", ok, "failed", len(errors), *errors[:1], flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        assert process.stdout.readline().strip() == "saving"
+        opened, deadline = 0, time.monotonic() + 60
+        while process.poll() is None and time.monotonic() < deadline:
+            AnnotationStore(root, read_only=True)
+            AnnotationStore(root)
+            opened += 2
+            time.sleep(0.001)
+        printed = process.communicate(timeout=60)[0].strip()
+    finally:
+        process.kill()
+    ok, failed = int(printed.split()[1]), int(printed.split()[3])
+    assert opened > 10 and ok > 5 and failed == 0, printed
+
+
+def test_version_numbers_are_never_given_out_again_after_versions_are_deleted(tmp_path):
+    """Versions are deleted by hand (the annotator's folder, or the image's); the next save, in the running store or
+    after a restart, continues after the highest number ever given out (the version mark outside those folders),
+    so a version number never names two different saves."""
+    import shutil
+
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    assert [save(store).version for _ in range(2)] == [1, 2]
+    annotator_dir = (tmp_path / store.load("s-1", "img-1", "a-1")["colabel"]["geojson_file"]).parent
+    shutil.rmtree(annotator_dir)
+    assert save(store, 3).version == 3  # the same store
+    shutil.rmtree(annotator_dir)
+    restarted = AnnotationStore(root)
+    assert restarted.versions("s-1", "img-1", "a-1") == []
+    assert save(restarted, 4).version == 4
+    shutil.rmtree(annotator_dir.parent)  # every annotator's labels of the image
+    again = AnnotationStore(root)
+    record = save(again, 5)
+    assert record.version == 5 and again.versions("s-1", "img-1", "a-1") == [5]
+    assert again.latest_save("s-1", "img-1", "a-1") == {
+        "version": 5, "saved_at": record.saved_at, "label_file": (tmp_path / record.label_file).name}
+    assert again.record("s-1", "img-1", "a-1") == again.load("s-1", "img-1", "a-1")["colabel"]
+    assert save(again, 1, annotator="a-2").version == 1  # marks are per image and annotator
 
 
 @pytest.mark.parametrize("bad", ["../x", "/etc", ".", "", "a/b", "a.b", None, 3, "x" * 65])

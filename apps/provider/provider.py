@@ -53,15 +53,20 @@ class DataProvider:
         The mounted folder. Its images are only ever read; annotations go to ``folder/annotations``.
     config : ColabelConfig, optional
         Size limits (``max_annotation_bytes``, ``max_features``, ``max_image_bytes``).
+    read_only : bool
+        Open the folder for reading only (``colabel report``, a local ``colabel pull``, possibly while a
+        ``colabel serve`` of the same folder runs): nothing in the folder is created, changed or deleted, and
+        saves, joins, assignments and session changes are refused (:class:`AccessDeniedError`).
     """
 
-    def __init__(self, folder: str | Path, config: ColabelConfig | None = None) -> None:
+    def __init__(self, folder: str | Path, config: ColabelConfig | None = None, *, read_only: bool = False) -> None:
         self.config = config or ColabelConfig()
         self.folder = Path(folder)
+        self.read_only = read_only
         self.catalog = ImageCatalog(self.folder)
         root = annotations_dir(self.folder)
-        self.store = AnnotationStore(root)
-        self.sessions = SessionStore(root, assignment_lease=self.config.assignment_lease)
+        self.store = AnnotationStore(root, read_only=read_only)
+        self.sessions = SessionStore(root, assignment_lease=self.config.assignment_lease, read_only=read_only)
 
     # -- images -----------------------------------------------------------------------------------
     def session_image_ids(self, session: SessionInfo) -> list[str]:
@@ -168,6 +173,20 @@ class DataProvider:
         image_id = self._check_in_session(session, image_id)
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         return self.store.versions(session.session_id, image_id, annotator_id)
+
+    def trainer_images(self, session: SessionInfo) -> list[dict]:
+        """What a trainer is told of the session's images (``trainer_session``, a local ``colabel pull``): every
+        image's :class:`ImageInfo` fields, ``versions`` (annotator id -> version numbers, oldest first) and
+        ``latest`` (annotator id -> ``{version, saved_at, label_file}`` of the latest version: ``label_file``, the
+        label TIFF's name, is unique to each save, so a pull tells a new save from the one it has even where a
+        version number was given out again)."""
+        images = []
+        for image in self.list_images(session):
+            versions = {a: self.store.versions(session.session_id, image.image_id, a) for a in image.annotations}
+            latest = {a: self.store.latest_save(session.session_id, image.image_id, a) for a, v in versions.items()
+                      if v}
+            images.append({**image.model_dump(mode="json"), "versions": versions, "latest": latest})
+        return images
 
     # -- assignment and progress ------------------------------------------------------------------
     def next_image(self, session: SessionInfo, annotator_id: str) -> Assignment:

@@ -309,12 +309,10 @@ class ProviderServices:
 
         def trainer_session(token):
             """The session (classes, mode, annotators per image), its annotators and, per image, the versions
-            saved by each annotator: ``{session, annotators, images: [ImageInfo + versions]}``."""
+            saved by each annotator and their latest save: ``{session, annotators, images: [ImageInfo + versions
+            + latest]}`` (:meth:`DataProvider.trainer_images`)."""
             info = sessions.authorize(token, role="train")
-            images = []
-            for image in p.list_images(info):
-                versions = {a: p.store.versions(info.session_id, image.image_id, a) for a in image.annotations}
-                images.append({**image.model_dump(mode="json"), "versions": versions})
+            images = p.trainer_images(info)
             annotators = {k: v.model_dump(mode="json") for k, v in sessions.annotators(info.session_id).items()}
             return {"session": _public_session(p, info), "annotators": annotators, "images": images}
 

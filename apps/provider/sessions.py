@@ -21,7 +21,7 @@ from pathlib import Path
 from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, SessionClosedError
 
 from .models import Annotator, LabelClass, SessionInfo, TokenInfo
-from .storage import atomic_write_json, check_id, utc_now
+from .storage import atomic_write_json, check_id, read_only_refusal, remove_stale_temporary_files, utc_now
 
 MAX_DISPLAY_NAME = 64
 
@@ -92,22 +92,32 @@ class SessionStore:
         Seconds an image assigned to an annotator who has not saved it stays theirs alone; after that it
         counts as free for others (an annotator who left does not hold it forever). The first annotator
         still gets it back when they return.
+    read_only : bool
+        Open for reading only (``colabel report``, a local ``colabel pull``): nothing under ``root`` is created,
+        changed or deleted, the provider's secrets file is not read (no share URL is reprinted), and every change
+        (create, join, assign, tokens, state) is refused with :class:`AccessDeniedError`.
+
+    A writer removes, at start, temporary files of an interrupted write of the secrets untouched for
+    :data:`~colabel.apps.provider.storage.STALE_TMP_SECONDS` (a younger one may be another process's write in
+    flight).
     """
 
-    def __init__(self, root: Path, assignment_lease: float = 3600.0) -> None:
+    def __init__(self, root: Path, assignment_lease: float = 3600.0, *, read_only: bool = False) -> None:
         self.root = Path(root)
         self.assignment_lease = assignment_lease
+        self.read_only = read_only
         self.sessions_root = self.root / "sessions"
-        self.sessions_root.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.sessions_root.mkdir(parents=True, exist_ok=True)
         self.secrets_path = self.root / ".colabel-secrets.json"
         self._lock = threading.RLock()
         self._sessions: dict[str, _Session] = {}
         self._by_hash: dict[str, tuple[str, str]] = {}  # token hash -> (session id, token id)
         self.load_errors: dict[str, str] = {}
         self._secrets: dict[str, str] = {}
-        for tmp in self.root.glob(f".{self.secrets_path.name}.*.tmp"):  # an interrupted write of the secrets
-            tmp.unlink(missing_ok=True)
-        if self.secrets_path.exists():
+        if not read_only:  # an interrupted write of the secrets (not one in flight elsewhere)
+            remove_stale_temporary_files(self.root.glob(f".{self.secrets_path.name}.*.tmp"))
+        if not read_only and self.secrets_path.exists():
             try:
                 self._secrets = json.loads(self.secrets_path.read_text())
             except (OSError, ValueError) as exc:  # share URLs cannot be reprinted; tokens still work
@@ -124,12 +134,18 @@ class SessionStore:
                     self._by_hash[session.token_hashes[token.token_id]] = (session.info.session_id, token.token_id)
 
     # -- persistence ------------------------------------------------------------------------------
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise read_only_refusal(self.root, what)
+
     def _write(self, session: _Session) -> None:
+        self._check_writable("change a session")
         folder = self.sessions_root / session.info.session_id
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "session.json", session.manifest())
 
     def _write_secrets(self) -> None:
+        self._check_writable("change the secrets")
         atomic_write_json(self.secrets_path, self._secrets, mode=0o600)
 
     def _get(self, session_id: object) -> _Session:
@@ -148,6 +164,7 @@ class SessionStore:
         image_ids: Sequence[str] | None = None,
     ) -> tuple[SessionInfo, str]:
         """Create a session and its first share token; return the session and the token's secret."""
+        self._check_writable("create a session")
         if not isinstance(name, str) or not name.strip() or len(name) > 100 or not name.isprintable():
             raise InvalidInputError("session name must be a non-empty string of at most 100 printable characters")
         parsed = [c if isinstance(c, LabelClass) else LabelClass.model_validate(c) for c in classes]
@@ -183,6 +200,7 @@ class SessionStore:
 
     def set_state(self, session_id: str, state: str) -> SessionInfo:
         """Close (``"closed"``: read-only, no joins, assignments or saves) or reopen (``"open"``) a session."""
+        self._check_writable("close or reopen a session")
         if state not in ("open", "closed"):
             raise InvalidInputError(f"session state must be 'open' or 'closed', got {state!r}")
         with self._lock:
@@ -204,6 +222,7 @@ class SessionStore:
 
     def issue_token(self, session_id: str, *, label: str = "", role: str = "annotate") -> tuple[TokenInfo, str]:
         """A new token for a session (``role`` "annotate": a share link; "train": read-only trainer access)."""
+        self._check_writable("issue a token")
         if not isinstance(label, str) or len(label) > 100 or not label.isprintable():
             raise InvalidInputError("token label must be a string of at most 100 printable characters")
         if role not in ("annotate", "train"):
@@ -213,6 +232,7 @@ class SessionStore:
 
     def revoke_token(self, session_id: str, token_id: str) -> TokenInfo:
         """Revoke a share token: every later call with it is refused."""
+        self._check_writable("revoke a token")
         with self._lock:
             session = self._get(session_id)
             for token in session.info.tokens:
@@ -262,6 +282,7 @@ class SessionStore:
         The id is made here, never chosen by the caller, and is public (progress lists it); the key is what
         an annotator's later calls present, so nobody else holding the share link can act in their name.
         """
+        self._check_writable("register an annotator")
         name = clean_display_name(display_name)
         with self._lock:
             session = self._get(session_id)
@@ -319,6 +340,7 @@ class SessionStore:
         An assignment older than ``assignment_lease`` seconds (at ``now``, Unix time) whose annotator has not
         saved the image no longer counts against ``annotators_per_image``.
         """
+        self._check_writable("assign an image")
         check_id(annotator_id, "annotator id")
         now = time.time() if now is None else now
         with self._lock:

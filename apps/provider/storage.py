@@ -7,14 +7,25 @@ Layout (every name is made by colabel, never taken from a caller)::
       sessions/<session_id>/images/<image_id>/<annotator_id>/
           v000001.geojson          FeatureCollection (QuPath conventions) + a "colabel" member with the record
           v000001-<random>.tif     instance labels, uint16 or uint32, shape (H, W) of the image
+      sessions/<session_id>/version_marks/<image_id>/<annotator_id>.json
+                                   {"highest_version": N}: the highest version number ever given out
 
 A version is *committed* when its ``.geojson`` exists: the label TIFF is written first, the GeoJSON last,
 each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber hard link, ``fsync`` of the
 folder). A crash at any point leaves every earlier version intact; a version number is never reused and a
 label file name is never reused, so a save can never overwrite another annotator's work or an older version.
-The record in the GeoJSON names its label file. One provider process serves a folder (``colabel serve``
-claims it: :func:`colabel.apps.cli.claim_folder`): the in-memory index sees other processes' versions only
-after a restart, though their writes can never collide.
+The version mark, outside the annotator's folder, keeps numbers from being given out again when versions or
+the whole annotator (or image) folder are deleted by hand: a new save then continues after the highest number
+ever used. The record in the GeoJSON names its label file. One provider process serves a folder
+(``colabel serve`` claims it: :func:`colabel.apps.cli.claim_folder`): the in-memory index sees other
+processes' versions only after a restart, though their writes can never collide.
+
+Readers (``colabel report``, a local ``colabel pull``) open the store with ``read_only=True``: nothing in the
+folder is created, changed or deleted. A writer removes, at start, the temporary files of interrupted writes, and
+never one that a write in flight in another process still needs: every write of a save (label TIFF, GeoJSON,
+version mark) happens under the annotator folder's ``flock``, so the temporary files of a folder whose lock is free
+are orphans and go at once (a provider restarted after a crash leaves none), while those of a folder whose lock is
+held, and every other temporary file (a session manifest's), go only once untouched for :data:`STALE_TMP_SECONDS`.
 """
 
 from __future__ import annotations
@@ -31,13 +42,64 @@ from pathlib import Path
 
 import numpy as np
 
-from colabel.errors import InvalidInputError, NotFoundError
+from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError
 from colabel.files import atomic_write, atomic_write_json, file_lock, fsync_dir  # noqa: F401 - re-exported
 
 from .models import AnnotationRecord
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _VERSION_FILE = re.compile(r"^v(\d{6})\.geojson$")
+
+#: A temporary file (``.<name>.<hex>.tmp`` of :func:`atomic_write`) that no lock shows to be an orphan is taken for
+#: the leftover of an interrupted write once untouched for this long (seconds, by its modification time), and a
+#: writer starting up removes it then. A write in flight touches its file within milliseconds to seconds, so
+#: another process's write (a second tool, a provider not yet stopped) is never cut short, and a modest clock skew
+#: of a network file system is tolerated.
+STALE_TMP_SECONDS = 600.0
+
+_MARK_TMP = re.compile(r"^\.(?P<annotator>.+)\.json\.[0-9a-f]+\.tmp$")
+
+
+def remove_stale_temporary_files(paths, *, now: float | None = None) -> list[Path]:
+    """Delete those of ``paths`` (temporary files) untouched for :data:`STALE_TMP_SECONDS`; return them.
+
+    Only regular files are deleted; a file that vanishes meanwhile (its write just finished) is skipped.
+    """
+    import os
+    import stat
+    import time
+
+    now = time.time() if now is None else now
+    removed = []
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and now - info.st_mtime > STALE_TMP_SECONDS:
+            Path(path).unlink(missing_ok=True)
+            removed.append(Path(path))
+    return removed
+
+
+def _lock_if_free(path: Path):
+    """The descriptor of ``path`` (created if missing) holding its exclusive ``flock``, taken without waiting; None
+    when another descriptor holds it. Release with ``os.close``."""
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_only_refusal(root: Path, what: str) -> AccessDeniedError:
+    """The error of a write asked of a store opened read-only."""
+    return AccessDeniedError(f"{root} is open read-only (a reader such as colabel report or pull); cannot {what}")
 
 
 def utc_now() -> str:
@@ -83,16 +145,23 @@ class AnnotationStore:
     Parameters
     ----------
     root : Path
-        ``FOLDER/annotations``; created if missing.
+        ``FOLDER/annotations``; created if missing (unless ``read_only``).
+    read_only : bool
+        Open for reading only (``colabel report``, a local ``colabel pull``): nothing is created, changed or
+        deleted under ``root``, and :meth:`save` is refused (:class:`AccessDeniedError`). A missing ``root``
+        reads as empty.
 
     Thread-safe and safe across processes sharing the folder. An index of version numbers is kept in
-    memory, rebuilt from the files at start (leftover temporary files of an interrupted write are removed).
+    memory, rebuilt from the files at start (a writer also removes leftover temporary files of interrupted
+    writes, never one of a write in flight: :meth:`_remove_interrupted_writes`).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
+        self.read_only = read_only
         self.sessions_root = self.root / "sessions"
-        self.sessions_root.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.sessions_root.mkdir(parents=True, exist_ok=True)
         self._locks: defaultdict[tuple, threading.Lock] = defaultdict(threading.Lock)
         self._index_lock = threading.Lock()
         # (session, image, annotator) -> sorted list of committed versions
@@ -111,14 +180,21 @@ class AnnotationStore:
             / check_id(annotator_id, "annotator id")
         )
 
+    def _mark_path(self, session_id: str, image_id: str, annotator_id: str) -> Path:
+        """The file keeping the highest version number given out for (image, annotator): outside the annotator's
+        and the image's folders, so deleting those does not let a number be given out again."""
+        return (self.session_dir(session_id) / "version_marks" / check_id(image_id, "image id")
+                / f"{check_id(annotator_id, 'annotator id')}.json")
+
     def _relative(self, path: Path) -> str:
         return path.relative_to(self.root.parent).as_posix()
 
     # -- start-up ---------------------------------------------------------------------------------
     def _reconcile(self) -> None:
-        """Rebuild the version index from disk and drop temporary files of interrupted writes."""
-        for tmp in self.sessions_root.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        """Rebuild the version index from disk; a writer also drops the temporary files of interrupted writes
+        (:meth:`_remove_interrupted_writes`)."""
+        if not self.read_only:
+            self._remove_interrupted_writes()
         for geojson in self.sessions_root.glob("*/images/*/*/v*.geojson"):
             match = _VERSION_FILE.match(geojson.name)
             if not match:
@@ -128,6 +204,39 @@ class AnnotationStore:
             self._index.setdefault(key, []).append(int(match.group(1)))
         for versions in self._index.values():
             versions.sort()
+
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the temporary files of interrupted writes, never one a write in flight may still need.
+
+        A save writes its temporary files (label TIFF and GeoJSON in the annotator's folder, the version mark's in
+        ``version_marks/<image_id>/``) only while it holds the annotator folder's ``flock``, so where that lock is
+        free (taken here, without waiting, while deleting) they are orphans: a crashed process's, or this folder's
+        from before a restart. Where it is held, and for every other temporary file (a session manifest's), only
+        those untouched for :data:`STALE_TMP_SECONDS` go.
+        """
+        import os
+
+        by_folder: dict[Path, list[Path]] = defaultdict(list)
+        others: list[Path] = []
+        for tmp in self.sessions_root.rglob(".*.tmp"):
+            parts = tmp.relative_to(self.sessions_root).parts
+            if len(parts) == 5 and parts[1] == "images":
+                by_folder[tmp.parent].append(tmp)
+            elif len(parts) == 4 and parts[1] == "version_marks" and (match := _MARK_TMP.match(parts[3])):
+                by_folder[self.sessions_root / parts[0] / "images" / parts[2] / match["annotator"]].append(tmp)
+            else:
+                others.append(tmp)
+        for folder, found in by_folder.items():
+            fd = _lock_if_free(folder / ".lock") if folder.is_dir() else None
+            if fd is None:  # a write may be in flight (or the folder is gone): by age only
+                others.extend(found)
+                continue
+            try:
+                for tmp in found:  # no write can start here while the lock is held
+                    tmp.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        remove_stale_temporary_files(others)
 
     # -- writes -----------------------------------------------------------------------------------
     def save(
@@ -148,8 +257,13 @@ class AnnotationStore:
         rasterisation. The record is embedded in the GeoJSON as the foreign member ``"colabel"``.
         ``still_allowed``, when given, is called under the lock right before anything is written and aborts
         the save by raising (a session closed or a token revoked while the save was being checked).
+        The version is one more than the highest number ever given out for this image and annotator (on disk, or
+        in the version mark, which survives deleted versions), and the mark is raised before anything is written.
         """
+        if self.read_only:
+            raise read_only_refusal(self.root, "save annotations")
         folder = self._annotator_dir(session_id, image_id, annotator_id)
+        mark = self._mark_path(session_id, image_id, annotator_id)
         key = (session_id, image_id, annotator_id)
         label_data = tiff_bytes(labels)
         with self._locks[key]:
@@ -157,8 +271,11 @@ class AnnotationStore:
                 still_allowed()
             folder.mkdir(parents=True, exist_ok=True)
             with _file_lock(folder):
-                version = self._next_version(folder)
+                with self._index_lock:
+                    indexed = max(self._index.get(key, []), default=0)
+                version = max(self._next_version(folder), _read_mark(mark) + 1, indexed + 1)
                 while True:
+                    _write_mark(mark, version)
                     geojson_path = folder / f"v{version:06d}.geojson"
                     label_path = folder / f"v{version:06d}-{uuid.uuid4().hex[:8]}.tif"
                     record = AnnotationRecord(
@@ -195,6 +312,37 @@ class AnnotationStore:
     def _next_version(folder: Path) -> int:
         found = [int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_FILE.match(p.name))]
         return max(found, default=0) + 1
+
+    def record(self, session_id: str, image_id: str, annotator_id: str, version: int | None = None) -> dict:
+        """The ``colabel`` record (:class:`AnnotationRecord` fields and ``image_name``) of a committed version,
+        latest by default, without parsing its features when it can: read from the end of the GeoJSON, where
+        :meth:`save` writes it (the whole file is parsed otherwise). Raises as :meth:`load`."""
+        versions = self.versions(session_id, image_id, annotator_id)
+        if not versions:
+            raise NotFoundError(f"annotator {annotator_id!r} has no annotation of image {image_id!r}")
+        if version is None:
+            version = versions[-1]
+        elif isinstance(version, bool) or not isinstance(version, int) or version not in versions:
+            return self.load(session_id, image_id, annotator_id, version)["colabel"]  # raises load's errors
+        path = self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.geojson"
+        record = _tail_record(path)
+        if record is None or record.get("version") != version:
+            record = json.loads(path.read_text(encoding="utf-8"))["colabel"]
+        return record
+
+    def latest_save(self, session_id: str, image_id: str, annotator_id: str) -> dict | None:
+        """``{version, saved_at, label_file}`` of the latest version (None when there is none): what tells one
+        save from another even if a version number was given out again (by a colabel that kept no version mark),
+        as ``colabel pull`` uses it. ``label_file`` is the label TIFF's file name, unique to each save. None too when
+        the version's file cannot be read (deleted by hand while this process runs: the index sees it at restart)."""
+        if not self.versions(session_id, image_id, annotator_id):
+            return None
+        try:
+            record = self.record(session_id, image_id, annotator_id)
+        except (OSError, ValueError, KeyError):
+            return None
+        return {"version": record["version"], "saved_at": record.get("saved_at"),
+                "label_file": Path(record.get("label_file") or "").name or None}
 
     # -- reads ------------------------------------------------------------------------------------
     def versions(self, session_id: str, image_id: str, annotator_id: str) -> list[int]:
@@ -237,6 +385,54 @@ class AnnotationStore:
 
     def label_path(self, session_id: str, image_id: str, annotator_id: str, version: int | None = None) -> Path:
         """Path of the instance-label TIFF of a committed version (latest by default)."""
-        record = self.load(session_id, image_id, annotator_id, version)["colabel"]
+        record = self.record(session_id, image_id, annotator_id, version)
         return self.root.parent / record["label_file"]
+
+
+def _read_mark(path: Path) -> int:
+    """The highest version number a mark file records (0 when there is none or it cannot be read)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("highest_version", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _write_mark(path: Path, version: int) -> None:
+    """Raise the mark to ``version`` (never lowers it); written atomically before the version's files."""
+    if _read_mark(path) >= version:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"highest_version": version})
+
+
+#: How much of a GeoJSON's end :func:`_tail_record` reads to find the record (records are a few hundred bytes).
+_TAIL_BYTES = 16384
+
+
+def _tail_record(path: Path) -> dict | None:
+    """The ``colabel`` member of a GeoJSON written by :meth:`AnnotationStore.save`, read from the file's end.
+
+    ``atomic_write_json`` indents by one space and the record is the document's last member, so its key is the only
+    ``"colabel":`` at the start of a line indented by one space (nested keys are indented further, and inside JSON
+    strings a newline is escaped). None when it is not found in the last :data:`_TAIL_BYTES` or does not parse: the
+    caller parses the whole file then.
+    """
+    import os
+
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - _TAIL_BYTES))
+            tail = handle.read()
+    except OSError:
+        return None
+    at = tail.rfind(b'\n "colabel": ')
+    if at < 0:
+        return None
+    try:
+        record = json.loads(b"{" + tail[at:])["colabel"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return record if isinstance(record, dict) and "version" in record else None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 import uuid
 from pathlib import Path
 
@@ -298,6 +299,156 @@ def test_unknown_object_type_is_refused():
 def test_invalid_qupath_nucleus_geometry_is_refused():
     cell = feature(polygon(square(0, 0, 10, 10)), nucleusGeometry={"type": "Point", "coordinates": [1, 1]})
     refused(cell, match="^feature 0: nucleusGeometry type 'Point' is not supported")
+
+
+# ------------------------------------------------------------------------------------------------
+# cost: hostile shapes are refused quickly, the limits are checked before any geometry is built
+# ------------------------------------------------------------------------------------------------
+
+
+def _star_and_mirror(n):
+    """A {n/(n/2-1)} star polygon then its mirror image through the same first vertex (integer vertices in a
+    512 x 1024 image): signed area exactly 0, about n**2/2 self-crossings in a few kilobytes of JSON."""
+    k = n // 2 - 1
+    angles = [2 * math.pi * (i * k % n) / n for i in range(n)]
+    star = [[round(256 + 250 * math.cos(a)), round(256 + 250 * math.sin(a))] for a in angles]
+    x0 = star[0][0]
+    return star + [[2 * x0 - x, y] for x, y in star[1:]] + [star[0]]
+
+
+def _serpentine(m):
+    """A valid polygon: m long parallel diagonal strips stacked within 100 px, all crossing the same region."""
+    eps = 100 / (2 * m + 2)
+    ring = []
+    for i in range(m):
+        y = 2 * i * eps
+        ring += [[1, y], [401, y + 400], [401, y + 400 + eps], [1, y + eps]]
+    top = ring[-1][1] + eps
+    return ring + [[1, top], [0.5, top], [0.5, 0], [1, 0]]
+
+
+def _nested_thin_cs(h):
+    """h concentric thin C-shaped rings around (256, 256), none inside another, with nested bounding boxes."""
+    gap = 200 / h
+    t, e = gap / 4, gap / 16
+    rings = []
+    for i in range(h):
+        x0 = y0 = 6 + i * gap
+        x1 = y1 = 506 - i * gap
+        rings.append([[x1, y1], [x0, y1], [x0, y0], [x1, y0], [x1, y0 + t], [x0 + t, y0 + t], [x0 + t, y1 - t - e],
+                      [x0 + t + e, y1 - t - 2 * e], [x1, y1 - t], [x1, y1]])
+    return rings
+
+
+def test_zero_area_star_crossing_itself_thousands_of_times_is_refused_as_self_intersecting_at_once(monkeypatch):
+    ring = _star_and_mirror(160)  # 319 vertices, 4 KB of JSON: about 50 s when the ring was repaired first
+    x, y = np.array(ring, dtype=float).T
+    assert np.dot(x[:-1], y[1:]) == np.dot(x[1:], y[:-1])  # signed area exactly 0
+
+    def no_repair(*args, **kwargs):
+        raise AssertionError("a caller's geometry is never repaired: make_valid's time grows with its crossings")
+
+    monkeypatch.setattr(annotations.shapely, "make_valid", no_repair)
+    start = time.perf_counter()
+    refused(
+        feature(polygon(ring)), shape=(512, 1024),
+        match=r"^feature 0: polygon is self-intersecting \(Self-intersection\[",
+    )
+    assert time.perf_counter() - start < 2
+
+
+def test_zero_area_ring_off_one_line_is_refused_as_self_intersecting():
+    there_and_back = [[1, 1], [5, 1], [1, 1], [1, 5], [1, 1]]  # two spikes: zero area, not on one line
+    refused(feature(polygon(there_and_back)), match=r"^feature 0: polygon is self-intersecting \(")
+
+
+def test_ring_with_more_vertices_than_the_limit_is_refused_naming_the_limit():
+    n = annotations.MAX_RING_VERTICES + 1
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ring = np.c_[15 + 5 * np.cos(t), 10 + 5 * np.sin(t)].tolist()
+    refused(
+        feature(polygon(ring)),
+        match=rf"^feature 0: polygon shell has {n} vertices, more than the limit of 100000$",
+    )
+    # checked before the coordinates are read
+    refused(
+        GOOD, feature(polygon(square(0, 0, 10, 10), [None] * n)),
+        match=rf"^feature 1: polygon hole 1 has {n} vertices, more than the limit of 100000$",
+    )
+
+
+def test_wiggly_ring_of_as_many_vertices_as_the_limit_is_accepted():
+    t = np.linspace(0, 2 * np.pi, annotations.MAX_RING_VERTICES, endpoint=False)
+    r = 200 + 20 * np.sin(60 * t) + np.random.default_rng(0).uniform(-0.2, 0.2, t.size)
+    ring = np.c_[256 + r * np.cos(t), 256 + r * np.sin(t)].tolist()
+    start = time.perf_counter()
+    out = validate(feature(polygon(ring)), shape=(512, 512))
+    assert len(out["features"][0]["geometry"]["coordinates"][0]) == annotations.MAX_RING_VERTICES + 1
+    assert time.perf_counter() - start < 10  # about 0.5 s
+
+
+def test_geometry_with_more_vertices_in_all_its_rings_than_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(annotations, "MAX_GEOMETRY_VERTICES", 12)
+    validate(feature(polygon(square(0, 0, 10, 10), square(2, 2, 4, 4))))  # 10 vertices
+    parts = {"type": "MultiPolygon", "coordinates": [[square(0, 0, 2, 2)], [square(3, 3, 5, 5)], [square(6, 6, 8, 8)]]}
+    refused(
+        GOOD, feature(parts),
+        match=r"^feature 1: geometry has more than the limit of 12 vertices in all its rings \(split it",
+    )
+    cell = feature(GOOD["geometry"], nucleusGeometry=parts)
+    refused(cell, match=r"^feature 0: nucleusGeometry has more than the limit of 12 vertices in all its rings")
+
+
+def test_annotation_with_more_polygon_vertices_in_all_than_the_limit_is_refused(monkeypatch):
+    monkeypatch.setattr(annotations, "MAX_VERTICES", 12)
+    point = feature({"type": "Point", "coordinates": [1, 1]})
+    validate(GOOD, point, GOOD, point)  # 10 polygon vertices; points do not count
+    refused(
+        GOOD, point, GOOD, GOOD,
+        match=r"^feature 3: the annotation has more than the limit of 12 polygon vertices in all$",
+    )
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        polygon(_serpentine(4000)),  # 16,000 vertices: crossings sought among chains all side by side
+        polygon(square(0, 0, 512, 512), *_nested_thin_cs(3000)),  # holes tested for nesting in one another
+        {"type": "MultiPolygon", "coordinates": [[c] for c in _nested_thin_cs(3000)]},  # parts, likewise
+    ],
+    ids=["zigzag outline", "nested holes", "nested parts"],
+)
+def test_valid_but_hostile_polygons_are_refused_as_too_convoluted_without_checking_them(geometry):
+    start = time.perf_counter()
+    refused(
+        feature(geometry), shape=(512, 512),
+        match=r"^feature 0: (polygon|MultiPolygon) is too convoluted to check: .* limit of 67108864$",
+    )
+    assert time.perf_counter() - start < 2  # checking them took up to 2 s (grows as the square of the size)
+
+
+def test_outline_overlap_limit_is_for_the_whole_annotation(monkeypatch):
+    zigzag = feature(polygon(_serpentine(20)))
+    one = annotations._outline_overlap([[np.array(_serpentine(20), dtype=float)]], limit=2**40)
+    monkeypatch.setattr(annotations, "MAX_OUTLINE_OVERLAP", 2 * one + one // 2)
+    validate(zigzag, GOOD, zigzag, shape=(512, 512))
+    refused(
+        zigzag, GOOD, zigzag, zigzag, shape=(512, 512),
+        match=rf"^feature 3: polygon is too convoluted to check: .* limit of {2 * one + one // 2}$",
+    )
+
+
+def test_real_outlines_use_a_few_outline_overlap_per_vertex(monkeypatch):
+    from skimage.data import binary_blobs
+    from skimage.measure import label
+
+    labels = label(binary_blobs(1024, blob_size_fraction=0.1, volume_fraction=0.5, rng=1))
+    fc, _ = _mask_to_feature_collection(labels)
+    coordinates = [f["geometry"]["coordinates"] for f in fc["features"]]
+    n = sum(len(r) for c in coordinates for rings in (c if isinstance(c[0][0][0], list) else [c]) for r in rings)
+    assert n > 10_000
+    monkeypatch.setattr(annotations, "MAX_OUTLINE_OVERLAP", 16 * n)  # about 5 per vertex, at most about 15
+    validate_feature_collection(fc, image_shape=labels.shape)
 
 
 # ------------------------------------------------------------------------------------------------

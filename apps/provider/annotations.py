@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
-from shapely.validation import explain_validity
 
 from colabel.coords import xy_to_rc
 from colabel.errors import InvalidInputError
@@ -50,6 +49,22 @@ MAX_EXACT_INT = 2**53
 #: Vertices may lie this far (pixels) outside ``[0, W] x [0, H]`` before they are refused.
 BOUNDS_TOLERANCE = 1e-6
 
+#: Most vertices one ring may have (a cell outline has tens to hundreds, a traced tissue region thousands).
+#: This limit and the next two are checked on the raw coordinate lists, before any geometry is built.
+MAX_RING_VERTICES = 100_000
+
+#: Most vertices one feature geometry may have in all its rings (a Polygon's holes, a MultiPolygon's parts).
+MAX_GEOMETRY_VERTICES = 2**18
+
+#: Most polygon vertices one annotation may have in all: 100,000 nuclei of 40 vertices.
+MAX_VERTICES = 2**22
+
+#: Most outline overlap (:func:`_outline_overlap`) the polygons of one annotation may have in all; it bounds the
+#: time their validity checks take (here about 1 s at the limit). Real outlines have about 5 per vertex, at
+#: most about 15 (16 * MAX_VERTICES is the limit); an outline that zigzags back and forth across the same place
+#: thousands of times has hundreds of millions.
+MAX_OUTLINE_OVERLAP = 2**26
+
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _GEOMETRY_TYPES = ("Polygon", "MultiPolygon", "Point")
 
@@ -61,6 +76,47 @@ _GEOMETRY_TYPES = ("Polygon", "MultiPolygon", "Point")
 
 class _Refusal(Exception):
     """Internal: a problem found inside one feature; the caller adds the feature index."""
+
+
+class _Budget:
+    """What one annotation has spent of :data:`MAX_VERTICES` and :data:`MAX_OUTLINE_OVERLAP`, and the current
+    feature geometry of :data:`MAX_GEOMETRY_VERTICES`; each ``take_*`` raises :class:`_Refusal` past a limit."""
+
+    def __init__(self) -> None:
+        self.vertices = 0
+        self.overlap = 0
+        self.geometry = "geometry"
+        self.geometry_vertices = 0
+
+    def start_geometry(self, key: str) -> None:
+        self.geometry, self.geometry_vertices = key, 0
+
+    def take_ring(self, n: int, *, what: str) -> None:
+        """Count a ring of *n* vertices, before its coordinates are even read."""
+        if n > MAX_RING_VERTICES:
+            raise _Refusal(f"{what} has {n} vertices, more than the limit of {MAX_RING_VERTICES}")
+        self.geometry_vertices += n
+        if self.geometry_vertices > MAX_GEOMETRY_VERTICES:
+            raise _Refusal(
+                f"{self.geometry} has more than the limit of {MAX_GEOMETRY_VERTICES} vertices in all its rings "
+                "(split it into several features)"
+            )
+        self.vertices += n
+        if self.vertices > MAX_VERTICES:
+            raise _Refusal(f"the annotation has more than the limit of {MAX_VERTICES} polygon vertices in all")
+
+    def take_overlap(self, polygons: list[list[np.ndarray]], *, what: str) -> None:
+        """Count the outline overlap of *polygons* (lists of closed rings), before their validity is checked."""
+        if sum(len(ring) for rings in polygons for ring in rings) <= _UNCOUNTED_VERTICES:
+            return
+        left = MAX_OUTLINE_OVERLAP - self.overlap
+        overlap = _outline_overlap(polygons, limit=left)
+        if overlap > left:
+            raise _Refusal(
+                f"{what} is too convoluted to check: its outline runs back and forth over the same places so "
+                f"often that the annotation's outline overlap passes the limit of {MAX_OUTLINE_OVERLAP}"
+            )
+        self.overlap += overlap
 
 
 def _is_number(value: Any) -> bool:
@@ -89,10 +145,11 @@ def _position(value: Any, *, height: int, width: int) -> list[float]:
     return [x, y]
 
 
-def _ring(value: Any, *, what: str, height: int, width: int) -> np.ndarray:
+def _ring(value: Any, *, what: str, height: int, width: int, budget: _Budget) -> np.ndarray:
     """Return a closed ring as a new float64 ``(N, 2)`` ``[x, y]`` array, or raise :class:`_Refusal`."""
     if not isinstance(value, (list, tuple)):
         raise _Refusal(f"{what} must be a list of [x, y] positions, got {_short(value)}")
+    budget.take_ring(len(value), what=what)
     ring = _fast_ring(value, height=height, width=width)
     if ring is None:  # something is wrong or unusual: check position by position for a precise message
         ring = np.array([_position(p, height=height, width=width) for p in value], dtype=np.float64)
@@ -103,11 +160,19 @@ def _ring(value: Any, *, what: str, height: int, width: int) -> np.ndarray:
         ring = np.concatenate([ring, ring[:1]])
     x, y = ring[:, 0], ring[:, 1]
     signed_area = 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
-    # make_valid keeps the area of a self-intersecting ring (a bow tie's signed area can be 0), so only
-    # truly degenerate rings (collinear vertices, spikes) are called empty; _check_valid reports the rest
-    if signed_area == 0 and shapely.make_valid(shapely.polygons(ring)).area == 0:
+    # A ring of zero signed area is invalid: with all its vertices on one line it encloses nothing; otherwise
+    # it crosses or touches itself (a bow tie's two loops cancel), which _check_valid reports. Nothing is
+    # repaired to tell the two apart: shapely.make_valid's time grows with the crossings, not the size.
+    if signed_area == 0 and _on_one_line(ring):
         raise _Refusal(f"{what} is empty (zero area)")
     return ring
+
+
+def _on_one_line(ring: np.ndarray) -> bool:
+    """Whether every vertex of *ring* lies on the line through its first vertex and the one farthest away."""
+    d = ring - ring[0]
+    far = d[np.argmax(np.abs(d).sum(axis=1))]
+    return not (far[0] * d[:, 1] - far[1] * d[:, 0]).any()
 
 
 def _fast_ring(value: list | tuple, *, height: int, width: int) -> np.ndarray | None:
@@ -128,14 +193,17 @@ def _fast_ring(value: list | tuple, *, height: int, width: int) -> np.ndarray | 
     return ring if ok else None
 
 
-def _polygon_rings(value: Any, *, what: str, height: int, width: int) -> tuple[list[np.ndarray], Polygon]:
+def _polygon_rings(
+    value: Any, *, what: str, height: int, width: int, budget: _Budget
+) -> tuple[list[np.ndarray], Polygon]:
     """Validate Polygon coordinates (a shell then holes); return closed float rings and the polygon."""
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise _Refusal(f"{what} coordinates must be a non-empty list of rings, got {_short(value)}")
     rings = []
     for i, ring in enumerate(value):
         name = f"{what} shell" if i == 0 else f"{what} hole {i}"
-        rings.append(_ring(ring, what=name, height=height, width=width))
+        rings.append(_ring(ring, what=name, height=height, width=width, budget=budget))
+    budget.take_overlap([rings], what=what)
     holes = [shapely.linearrings(h) for h in rings[1:]] or None
     geometry = shapely.polygons(rings[0], holes=holes)
     _check_valid(geometry, what=what)
@@ -143,9 +211,10 @@ def _polygon_rings(value: Any, *, what: str, height: int, width: int) -> tuple[l
 
 
 def _check_valid(geometry: Polygon | MultiPolygon, *, what: str) -> None:
-    if geometry.is_valid:
+    """Refuse an invalid geometry with shapely's reason; its cost is bounded by :meth:`_Budget.take_overlap`."""
+    reason = shapely.is_valid_reason(geometry)
+    if reason == "Valid Geometry":
         return
-    reason = explain_validity(geometry)
     if isinstance(geometry, MultiPolygon):
         raise _Refusal(f"{what} parts overlap or cross ({reason})")
     if reason.startswith("Hole lies outside shell"):
@@ -155,7 +224,98 @@ def _check_valid(geometry: Polygon | MultiPolygon, *, what: str) -> None:
     raise _Refusal(f"{what} is invalid ({reason})")
 
 
-def _geometry(value: Any, *, key: str, allowed: Sequence[str], height: int, width: int) -> dict:
+#: Candidate pairs one spatial-index query of :func:`_overlap_weight` may return (memory: 16 bytes each).
+_QUERY_PAIRS = 2**21
+
+#: The outline overlap of a geometry of at most this many vertices is not counted: it is below 64 per vertex,
+#: at most about a microsecond per vertex to check, less than reading the vertices takes.
+_UNCOUNTED_VERTICES = 64
+
+
+def _outline_overlap(polygons: list[list[np.ndarray]], *, limit: int) -> int:
+    """How much work checking the validity of *polygons* (lists of closed ``[x, y]`` rings) can take.
+
+    GEOS looks for crossings between the monotone chains of the outlines (runs of segments heading into the
+    same quadrant), comparing every two chains whose bounding boxes overlap, at a cost that grows with their
+    segments; it then compares holes (and the parts of a MultiPolygon) whose bounding boxes overlap, at a cost
+    that grows with their vertices. The outline overlap sums, over every such pair, the segments (vertices) of
+    both: a few per vertex for real outlines, quadratic in the vertices for one that zigzags back and forth
+    over the same place. Counting it takes time about linear in the vertices, plus the pairs counted; the
+    count stops early once it passes *limit* (it is then only known to be more).
+    """
+    boxes, sizes = _chain_boxes([ring for rings in polygons for ring in rings])
+    total = _overlap_weight(boxes, sizes, limit=limit)
+    for rings in polygons:
+        if len(rings) > 2 and total <= limit:  # holes are compared with holes
+            holes = rings[1:]
+            boxes = np.array([[*h.min(axis=0), *h.max(axis=0)] for h in holes])
+            total += _overlap_weight(boxes, np.array([len(h) for h in holes]), limit=limit - total)
+    if len(polygons) > 1 and total <= limit:  # the parts of a MultiPolygon are compared with each other
+        boxes = np.array([[*rings[0].min(axis=0), *rings[0].max(axis=0)] for rings in polygons])
+        sizes = np.array([sum(len(r) for r in rings) for rings in polygons])
+        total += _overlap_weight(boxes, sizes, limit=limit - total)
+    return total
+
+
+def _chain_boxes(rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding boxes ``(xmin, ymin, xmax, ymax)`` and segment counts of the monotone chains of closed rings,
+    split as GEOS splits them: where a segment heads into another quadrant, zero-length segments skipped."""
+    points = np.concatenate(rings) if len(rings) > 1 else rings[0]
+    step = np.diff(points, axis=0)
+    moving = step.any(axis=1)
+    if len(rings) > 1:
+        starts = np.cumsum([len(r) for r in rings])[:-1]  # where each ring after the first begins in points
+        moving[starts - 1] = False  # no segment from one ring's last vertex to the next ring's first
+    index = np.flatnonzero(moving)
+    if index.size == 0:
+        return np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+    heading = (step[index] < 0) @ np.array([2, 1])  # the quadrant: 0 to 3 for (dx < 0, dy < 0)
+    if len(rings) > 1:
+        heading += 4 * np.searchsorted(starts, index, side="right")  # and the ring
+    change = np.empty(index.size, dtype=bool)
+    change[0] = True
+    np.not_equal(heading[1:], heading[:-1], out=change[1:])
+    first = np.flatnonzero(change)
+    end = np.append(first[1:], index.size)
+    # a monotone chain lies within the box of its two ends
+    p, q = points[index[first]], points[index[end - 1] + 1]
+    return np.concatenate([np.minimum(p, q), np.maximum(p, q)], axis=1), end - first
+
+
+def _overlap_weight(boxes: np.ndarray, sizes: np.ndarray, *, limit: int) -> int:
+    """Sum over every two boxes that overlap (closed) of their two sizes; past *limit*, some sum above it.
+
+    An upper bound comes first, from how many boxes each one overlaps along x and along y (sorting only);
+    when that is not already small, the pairs are counted with a spatial index, a bounded number at a time,
+    stopping once past *limit*.
+    """
+    n = len(boxes)
+    if n < 2:
+        return 0
+    sizes = np.asarray(sizes, dtype=np.int64)
+    degree = np.minimum(_overlaps_1d(boxes[:, 0], boxes[:, 2]), _overlaps_1d(boxes[:, 1], boxes[:, 3]))
+    bound = int(sizes @ degree)
+    if bound <= 4 * int(sizes.sum()) + 4096:  # small already: as for real outlines
+        return bound
+    lines = shapely.linestrings(boxes.reshape(n, 2, 2))  # each box's diagonal: the same bounding box
+    tree = shapely.STRtree(lines)
+    ends = np.cumsum(degree + 1)  # candidate pairs returned by the queries of boxes 0..k
+    total = start = 0
+    while start < n and total <= limit:
+        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - degree[start] - 1 + _QUERY_PAIRS, "right")))
+        query, found = tree.query(lines[start:stop])
+        query += start
+        total += int(sizes[query[query != found]].sum())  # each pair is found from both sides
+        start = stop
+    return total
+
+
+def _overlaps_1d(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """For each closed interval ``[low, high]``, how many of the others it overlaps."""
+    return np.searchsorted(np.sort(low), high, "right") - np.searchsorted(np.sort(high), low, "left") - 1
+
+
+def _geometry(value: Any, *, key: str, allowed: Sequence[str], height: int, width: int, budget: _Budget) -> dict:
     """Validate one GeoJSON geometry object; return a new normalised one."""
     if not isinstance(value, dict):
         raise _Refusal(f"{key} must be a GeoJSON geometry object, got {_short(value)}")
@@ -167,16 +327,18 @@ def _geometry(value: Any, *, key: str, allowed: Sequence[str], height: int, widt
     coords = value["coordinates"]
     if kind == "Point":
         return {"type": "Point", "coordinates": _position(coords, height=height, width=width)}
+    budget.start_geometry(key)
     if kind == "Polygon":
-        rings, _ = _polygon_rings(coords, what="polygon", height=height, width=width)
+        rings, _ = _polygon_rings(coords, what="polygon", height=height, width=width, budget=budget)
         return {"type": "Polygon", "coordinates": [r.tolist() for r in rings]}
     # MultiPolygon
     if not isinstance(coords, (list, tuple)) or len(coords) == 0:
         raise _Refusal(f"MultiPolygon coordinates must be a non-empty list of polygons, got {_short(coords)}")
     parts = [
-        _polygon_rings(part, what=f"MultiPolygon part {i}", height=height, width=width)
+        _polygon_rings(part, what=f"MultiPolygon part {i}", height=height, width=width, budget=budget)
         for i, part in enumerate(coords)
     ]
+    budget.take_overlap([rings for rings, _ in parts], what="MultiPolygon")
     _check_valid(shapely.multipolygons([geometry for _, geometry in parts]), what="MultiPolygon")
     return {"type": "MultiPolygon", "coordinates": [[r.tolist() for r in rings] for rings, _ in parts]}
 
@@ -224,7 +386,9 @@ def _properties(value: Any, *, classes: dict[str, LabelClass] | None) -> dict:
     return out
 
 
-def _feature(value: Any, *, classes: dict[str, LabelClass] | None, height: int, width: int) -> dict:
+def _feature(
+    value: Any, *, classes: dict[str, LabelClass] | None, height: int, width: int, budget: _Budget
+) -> dict:
     if not isinstance(value, dict):
         raise _Refusal(f"must be a GeoJSON Feature object, got {_short(value)}")
     if value.get("type") != "Feature":
@@ -240,13 +404,14 @@ def _feature(value: Any, *, classes: dict[str, LabelClass] | None, height: int, 
         "type": "Feature",
         "id": fid,
         "geometry": _geometry(
-            value["geometry"], key="geometry", allowed=_GEOMETRY_TYPES, height=height, width=width
+            value["geometry"], key="geometry", allowed=_GEOMETRY_TYPES, height=height, width=width, budget=budget
         ),
         "properties": _properties(value.get("properties"), classes=classes),
     }
     if value.get("nucleusGeometry") is not None:  # QuPath cells carry their nucleus here
         out["nucleusGeometry"] = _geometry(
-            value["nucleusGeometry"], key="nucleusGeometry", allowed=_POLYGONAL, height=height, width=width
+            value["nucleusGeometry"], key="nucleusGeometry", allowed=_POLYGONAL, height=height, width=width,
+            budget=budget,
         )
     return out
 
@@ -307,9 +472,13 @@ def validate_feature_collection(
         With one sentence naming the problem and, for a bad feature, its 0-based index: not JSON, not a
         FeatureCollection, too many features, a feature that is not a Feature or has no geometry, an
         unsupported geometry type, coordinates that are not finite numbers or wrongly nested, a ring
-        with fewer than 3 distinct vertices or zero area, an invalid polygon (self-intersection, hole
-        outside its shell, ... as explained by shapely), a vertex outside the image, a bad
-        classification or objectType, or properties that are not a JSON-serialisable object.
+        with fewer than 3 distinct vertices or zero area (all its vertices on one line), an invalid
+        polygon (self-intersection, hole outside its shell, ... as explained by shapely), a vertex outside
+        the image, a bad classification or objectType, or properties that are not a JSON-serialisable
+        object. Before any geometry is checked: more vertices than :data:`MAX_RING_VERTICES` in a ring,
+        :data:`MAX_GEOMETRY_VERTICES` in a geometry or :data:`MAX_VERTICES` in all, or outlines too
+        convoluted to check (more than :data:`MAX_OUTLINE_OVERLAP` in all). The time taken is about
+        linear in the size of *obj*, whatever its shapes.
 
     Examples
     --------
@@ -341,10 +510,11 @@ def validate_feature_collection(
     if len(features) > max_features:
         raise InvalidInputError(f"{len(features)} features is more than the limit of {max_features}")
     by_name = None if classes is None else {c.name: c for c in classes}
+    budget = _Budget()
     out = []
     for index, feature in enumerate(features):
         try:
-            out.append(_feature(feature, classes=by_name, height=height, width=width))
+            out.append(_feature(feature, classes=by_name, height=height, width=width, budget=budget))
         except _Refusal as exc:
             raise InvalidInputError(f"feature {index}: {exc}") from None
         except RecursionError:

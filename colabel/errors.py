@@ -36,3 +36,17 @@ class SessionClosedError(ColabelError):
 
 class UnreadableImageError(ColabelError):
     """An image file that cannot be decoded (corrupt or unsupported)."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a refusal echoes what the caller sent
+    without sending a huge argument back.
+
+    >>> shown("a" * 200)[-8:], shown(3)
+    ('aaaaa...', '3')
+    """
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an integer of over 4300 digits, or nesting too deep to show
+        return "a value too large to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -295,3 +295,31 @@ def test_a_claimed_file_names_its_holder_and_is_free_once_the_holder_is_killed(t
     with claim_file(lock, "third"):
         assert lock.read_text() == "third\n"
     assert lock.read_text() == ""  # released: no holder named
+
+
+def test_refusals_echo_at_most_80_characters_of_a_huge_argument(tmp_path):
+    """A 5 MB argument gets a one-line refusal, not a 5 MB one (the argument is shown cut, as ids and tokens are)."""
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.errors import ColabelError
+    from conftest import collection, make_image_folder, square
+
+    provider = DataProvider(make_image_folder(tmp_path / "images"))
+    session, _ = provider.create_session(name="echo", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    image = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    ada, _ = provider.sessions.join(session.session_id, "Ada")
+    provider.save_annotation(session, image, ada.annotator_id, collection(square(1, 1, 8)))
+    huge = "A" * 5_000_000
+    calls = {
+        "load, annotator": lambda: provider.store.load(session.session_id, image, huge),
+        "load, version": lambda: provider.store.load(session.session_id, image, ada.annotator_id, version=huge),
+        "image level": lambda: provider.get_image(image, level=huge, session=session),
+        "image region": lambda: provider.get_image(image, region={"x": huge}, session=session),
+        "image id": lambda: provider.get_image(huge, session=session),
+        "annotations": lambda: provider.get_annotations(session, image, annotator_id=ada.annotator_id, version=huge),
+        "session id": lambda: provider.sessions.get(huge),
+        "annotators per image": lambda: provider.create_session(name="x", classes=[], annotators_per_image=huge),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ColabelError) as refused:
+            call()
+        assert len(str(refused.value)) < 400 and "AAAA..." in str(refused.value), (what, str(refused.value)[:300])

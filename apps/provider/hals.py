@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from colabel.errors import InvalidInputError, NotFoundError, UnreadableImageError
+from colabel.errors import InvalidInputError, NotFoundError, UnreadableImageError, shown
 
 from .assist import ModelAssist
 from .events import LABEL_KINDS, EventLog
@@ -301,7 +301,7 @@ class HalsAssist:
     def _class_index(self, session: SessionInfo, name: object) -> int:
         names = [c.name for c in session.classes]
         if name not in names:
-            raise InvalidInputError(f"class {name!r} is not a class of this session (allowed: {names})")
+            raise InvalidInputError(f"class {shown(name)} is not a class of this session (allowed: {names})")
         return names.index(name)
 
     def _loop(self, session: SessionInfo) -> _Loop:
@@ -625,15 +625,15 @@ class HalsAssist:
             suggested_index = self._class_index(session, suggested_class)
         cells = await self._cells(session, image_id)
         if isinstance(cell_id, bool) or not isinstance(cell_id, int) or cell_id not in cells.index:
-            raise NotFoundError(f"unknown cell id {cell_id!r} in image {image_id!r}")
+            raise NotFoundError(f"unknown cell id {shown(cell_id)} in image {shown(image_id)}")
         loop = self._loop(session)
         key = (image_id, cell_id)
         async with loop.lock:  # decided and applied against the state no other mutation is changing
             if suggested_class is not None:
                 suggested = suggested_index
                 if suggested not in loop.offered.get(key, ()):
-                    raise InvalidInputError(f"no {suggested_class!r} suggestion was ever shown for cell {cell_id} "
-                                            f"of image {image_id!r}")
+                    raise InvalidInputError(f"no {shown(suggested_class)} suggestion was ever shown for cell {cell_id} "
+                                            f"of image {shown(image_id)}")
             else:
                 suggested = loop.shown.get(key)
             kind = "label" if suggested is None else (

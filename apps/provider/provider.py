@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from colabel.config import ColabelConfig, annotations_dir
-from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
+from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, shown
 
 from .annotations import rasterize, validate_feature_collection
 from .images import ImageCatalog
@@ -35,12 +35,12 @@ def _region(region: object) -> Region | None:
     try:
         return Region.model_validate(region)
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid region {region!r}: {exc.errors()[0]['msg']}") from None
+        raise InvalidInputError(f"invalid region {shown(region)}: {exc.errors()[0]['msg']}") from None
 
 
 def _level(level: object) -> int:
     if isinstance(level, bool) or not isinstance(level, int) or level < 0:
-        raise InvalidInputError(f"level must be a non-negative integer, got {level!r}")
+        raise InvalidInputError(f"level must be a non-negative integer, got {shown(level)}")
     return level
 
 
@@ -84,7 +84,7 @@ class DataProvider:
     def _check_in_session(self, session: SessionInfo, image_id: object) -> str:
         record = self.catalog.get(image_id)  # NotFoundError / InvalidInputError for unknown ids
         if session.image_ids is not None and record.image_id not in session.image_ids:
-            raise NotFoundError(f"unknown image id {image_id!r} in this session")
+            raise NotFoundError(f"unknown image id {shown(image_id)} in this session")
         return record.image_id
 
     def image_info(self, image_id: str, session: SessionInfo | None = None) -> ImageInfo:
@@ -128,7 +128,7 @@ class DataProvider:
         annotator = self.sessions.annotator(session.session_id, annotator_id)
         record = self.catalog.get(image_id)
         if record.error or record.shape is None:
-            raise InvalidInputError(f"image {image_id!r} is unreadable and cannot be annotated: {record.error}")
+            raise InvalidInputError(f"image {shown(image_id)} is unreadable and cannot be annotated: {record.error}")
         if isinstance(feature_collection, (bytes, bytearray)):
             size = len(feature_collection)
         elif isinstance(feature_collection, str):
@@ -232,10 +232,11 @@ class DataProvider:
             for image_id in image_ids:
                 self.catalog.get(image_id)
         if mode not in ("segmentation", "classification"):
-            raise InvalidInputError(f"mode must be 'segmentation' or 'classification', got {mode!r}")
+            raise InvalidInputError(f"mode must be 'segmentation' or 'classification', got {shown(mode)}")
         k = annotators_per_image
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError(f"annotators_per_image must be a positive integer, got {annotators_per_image!r}")
+            raise InvalidInputError(f"annotators_per_image must be a positive integer, "
+                                    f"got {shown(annotators_per_image)}")
         if not isinstance(classes, (list, tuple)):
             raise InvalidInputError("classes must be a list of {name, color}")
         try:

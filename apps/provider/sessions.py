@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, SessionClosedError
+from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, SessionClosedError, shown
 
 from .models import Annotator, LabelClass, SessionInfo, TokenInfo
 from .storage import atomic_write_json, check_id, read_only_refusal, remove_stale_temporary_files, utc_now
@@ -150,7 +150,7 @@ class SessionStore:
 
     def _get(self, session_id: object) -> _Session:
         if not isinstance(session_id, str) or session_id not in self._sessions:
-            raise NotFoundError(f"unknown session id {session_id!r}")
+            raise NotFoundError(f"unknown session id {shown(session_id)}")
         return self._sessions[session_id]
 
     # -- provider functions -----------------------------------------------------------------------
@@ -202,7 +202,7 @@ class SessionStore:
         """Close (``"closed"``: read-only, no joins, assignments or saves) or reopen (``"open"``) a session."""
         self._check_writable("close or reopen a session")
         if state not in ("open", "closed"):
-            raise InvalidInputError(f"session state must be 'open' or 'closed', got {state!r}")
+            raise InvalidInputError(f"session state must be 'open' or 'closed', got {shown(state)}")
         with self._lock:
             session = self._get(session_id)
             session.info.state = state
@@ -226,7 +226,7 @@ class SessionStore:
         if not isinstance(label, str) or len(label) > 100 or not label.isprintable():
             raise InvalidInputError("token label must be a string of at most 100 printable characters")
         if role not in ("annotate", "train"):
-            raise InvalidInputError(f"token role must be 'annotate' or 'train', got {role!r}")
+            raise InvalidInputError(f"token role must be 'annotate' or 'train', got {shown(role)}")
         with self._lock:
             return self._new_token(self._get(session_id), label=label, role=role)
 
@@ -244,7 +244,7 @@ class SessionStore:
                         self._write(session)
                         self._write_secrets()
                     return token.model_copy()
-            raise NotFoundError(f"session {session_id!r} has no token {token_id!r}")
+            raise NotFoundError(f"session {shown(session_id)} has no token {shown(token_id)}")
 
     def secret(self, session_id: str, token_id: str) -> str | None:
         """The secret of a live token (for reprinting a share URL), None when revoked or unknown."""

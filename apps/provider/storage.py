@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError
+from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, shown
 from colabel.files import atomic_write, atomic_write_json, file_lock, fsync_dir  # noqa: F401 - re-exported
 
 from .models import AnnotationRecord
@@ -114,7 +114,7 @@ def check_id(value: object, kind: str) -> str:
     keeps ``../`` and absolute paths out of the annotations folder.
     """
     if not isinstance(value, str) or not _ID.match(value):
-        raise InvalidInputError(f"{kind} {value!r} is not a valid id")
+        raise InvalidInputError(f"{kind} {shown(value)} is not a valid id")
     return value
 
 
@@ -319,7 +319,7 @@ class AnnotationStore:
         :meth:`save` writes it (the whole file is parsed otherwise). Raises as :meth:`load`."""
         versions = self.versions(session_id, image_id, annotator_id)
         if not versions:
-            raise NotFoundError(f"annotator {annotator_id!r} has no annotation of image {image_id!r}")
+            raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)}")
         if version is None:
             version = versions[-1]
         elif isinstance(version, bool) or not isinstance(version, int) or version not in versions:
@@ -373,11 +373,11 @@ class AnnotationStore:
         """
         versions = self.versions(session_id, image_id, annotator_id)
         if not versions:
-            raise NotFoundError(f"annotator {annotator_id!r} has no annotation of image {image_id!r}")
+            raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)}")
         if version is None:
             version = versions[-1]
         if isinstance(version, bool) or not isinstance(version, int):
-            raise InvalidInputError(f"version must be an integer, got {version!r}")
+            raise InvalidInputError(f"version must be an integer, got {shown(version)}")
         if version not in versions:
             raise NotFoundError(f"version {version} does not exist (versions: {versions[0]}..{versions[-1]})")
         path = self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.geojson"

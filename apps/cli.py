@@ -189,7 +189,8 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         # only the provider's workspace serves pages (HTTP apps) on this server: see colabel.apps.hypha_gate
         hypha = EmbeddedHypha(config.host, config.port, msg_rate_limit=config.ws_msg_rate_limit,
                               ready_timeout=config.ready_timeout,
-                              jwt_secret=kept_signing_key(annotations_dir(folder) / ".colabel-server.json"),
+                              jwt_secret=kept_signing_key(annotations_dir(folder) / ".colabel-server.json",
+                                                          renew=args.new_manage_url),
                               env={"COLABEL_WEB_WORKSPACES": f"ws-user-{user}"})
         await asyncio.to_thread(hypha.start)
         # an ordinary user owning one workspace, not root: what it hands out reaches that workspace only
@@ -602,6 +603,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.token is not None and args.server_url is None:
         raise CliError("--token needs --server-url")
+    if args.new_manage_url and args.server_url is not None:
+        raise CliError("--new-manage-url is for the embedded server; on --server-url, tokens are that server's")
     return asyncio.run(_serve(args))
 
 
@@ -741,6 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: the server's own URL; set it with --host 0.0.0.0 or behind a proxy)")
     serve.add_argument("--classes", default=DEFAULT_CLASSES,
                        help=f"label classes of the first session, name[:#rrggbb],... (default {DEFAULT_CLASSES})")
+    serve.add_argument("--new-manage-url", action="store_true",
+                       help="sign the embedded server's tokens with a new key: every manage URL printed before stops "
+                       "working (share and trainer links stay valid); for a manage URL that leaked")
     serve.add_argument("--demo", action="store_true", help="first write the demo images into FOLDER")
     serve.add_argument("--preannotate", default=None, metavar="MODEL",
                        help="a segmenter saved by `colabel train`: its outlines are offered on unsaved images")

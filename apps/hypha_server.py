@@ -54,13 +54,14 @@ TOKEN_AUDIENCE = "https://colabel.invalid/api/"
 TOKEN_NAMESPACE = "https://colabel.invalid/"
 
 
-def kept_signing_key(path: Path) -> str:
+def kept_signing_key(path: Path, *, renew: bool = False) -> str:
     """The key the embedded server signs its tokens with, kept in ``path`` (JSON, mode 0600) across restarts.
 
     Tokens the server issued (an open annotator page's connection, a manage URL) stay valid when the provider
     restarts: a page reconnects by itself instead of failing with "Signature verification failed". Anyone
     who can read the file can make tokens for the server, as with the share secrets beside it; made on first
-    use, 43 characters of ``secrets.token_urlsafe(32)``.
+    use, 43 characters of ``secrets.token_urlsafe(32)``. ``renew`` replaces it with a new key (``colabel serve
+    --new-manage-url``): every token signed before stops working, a leaked manage URL among them.
     """
     import json
 
@@ -71,7 +72,7 @@ def kept_signing_key(path: Path) -> str:
         key = json.loads(path.read_text()).get("hypha_jwt_secret")
     except (OSError, ValueError, AttributeError):
         key = None
-    if not isinstance(key, str) or len(key) < 32:
+    if renew or not isinstance(key, str) or len(key) < 32:
         key = secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, {"hypha_jwt_secret": key}, mode=0o600)

@@ -586,3 +586,51 @@ def test_a_provider_with_a_token_of_the_gateways_workspace_uses_its_model_servic
     finally:
         models.send_signal(signal.SIGTERM)
         assert models.wait(60) == 0
+
+
+def test_new_manage_url_cuts_off_every_manage_url_printed_before_and_keeps_the_share_link(tmp_path):
+    """A manage URL that leaked (it reaches the whole provider for 30 days, across restarts) is cut off by a restart
+    with --new-manage-url; the share link, colabel's own secret, stays the same and valid."""
+    import asyncio
+
+    from hypha_rpc import connect_to_server
+
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    port = free_port()
+
+    def serve(*flags):
+        process, printed = start_colabel(["serve", str(folder), "--port", str(port), "--models", "", *flags])
+        assert "manage_url" in printed, printed
+        return process, printed
+
+    async def provider_sessions(printed, manage_url):
+        token = manage_url.split("#token=", 1)[1]
+        client = await connect_to_server({"server_url": f"http://127.0.0.1:{port}", "token": token})
+        try:
+            return await (await client.get_service(printed["provider_service"])).list_sessions()
+        finally:
+            await client.disconnect()
+
+    def stop(process):
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+
+    first, before = serve()
+    stop(first)
+    again, kept = serve()
+    try:
+        assert len(asyncio.run(provider_sessions(kept, before["manage_url"]))) == 1  # restarts keep it valid
+    finally:
+        stop(again)
+    renewed, after = serve("--new-manage-url")
+    try:
+        with pytest.raises(Exception, match="(?i)signature|authenticat|token"):
+            asyncio.run(provider_sessions(after, before["manage_url"]))
+        sessions = asyncio.run(provider_sessions(after, after["manage_url"]))
+        assert after["share_url"] == before["share_url"] and sessions[0]["share_url"] == before["share_url"]
+    finally:
+        stop(renewed)
+    refused = run("serve", str(folder), "--server-url", "http://127.0.0.1:1", "--new-manage-url")
+    assert refused.returncode == 2 and "--new-manage-url is for the embedded server" in refused.stderr

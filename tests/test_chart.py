@@ -638,7 +638,7 @@ def test_dockerfile_runs_every_role_as_non_root():
     assert "for e in ('server', 'models', 'hals')" in dockerfile
     for role in ("hypha)", "gateway)", "provider)"):
         assert role in dockerfile
-    assert "uvicorn hypha.server:app" in dockerfile and "--ws-per-message-deflate false" in dockerfile
+    assert "uvicorn colabel.apps.hypha_gate:app" in dockerfile and "--ws-per-message-deflate false" in dockerfile
     assert "--mount=type=cache" in dockerfile
 
 

@@ -790,3 +790,26 @@ def test_label_properties_match_rasterize_labels_and_skip_points():
     ]
     labels = rasterize(fc, shape=(8, 8))
     assert set(np.unique(labels)) == {0} | {p["label"] for p in props}
+
+
+def test_a_multipolygon_is_charged_its_outline_overlap_once_not_once_more_per_part(monkeypatch):
+    """Two wavy blobs as one MultiPolygon (a QuPath export): accepted while the whole's overlap fits the limit,
+    refused once it does not; the parts' own overlap is part of the whole's, not charged a second time."""
+    t = np.linspace(0, 2 * np.pi, 2000, endpoint=False)
+
+    def blob(cx, cy):
+        r = 60 + 3 * np.sin(40 * t)
+        ring = np.c_[cx + r * np.cos(t), cy + r * np.sin(t)]
+        return np.concatenate([ring, ring[:1]])
+
+    a, b = blob(100, 100), blob(300, 300)
+    whole = annotations._outline_overlap([[a], [b]], limit=2**40)
+    parts = annotations._outline_overlap([[a]], limit=2**40) + annotations._outline_overlap([[b]], limit=2**40)
+    assert whole >= parts > 0
+    fc = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, "geometry": {
+        "type": "MultiPolygon", "coordinates": [[a.tolist()], [b.tolist()]]}}]}
+    monkeypatch.setattr(annotations, "MAX_OUTLINE_OVERLAP", whole + parts // 2)  # fits once, not counted twice
+    assert len(annotations.validate_feature_collection(fc, image_shape=(512, 512))["features"]) == 1
+    monkeypatch.setattr(annotations, "MAX_OUTLINE_OVERLAP", whole - 1)
+    with pytest.raises(InvalidInputError, match="too convoluted"):
+        annotations.validate_feature_collection(fc, image_shape=(512, 512))

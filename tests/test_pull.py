@@ -853,3 +853,17 @@ def test_training_on_a_set_without_instance_masks_is_refused_in_one_sentence(tmp
                            text=True, timeout=300)
     assert train.returncode == 2 and train.stderr.startswith(f"colabel: {message}"), train.stderr
     assert len(train.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+
+
+def test_classifier_cells_of_a_set_missing_an_instance_mask_are_refused_naming_it(tmp_path):
+    """A pulled set damaged by hand (cells.csv names a mask labels.zarr lacks) is refused, not taken for cells
+    covered by later outlines."""
+    import zarr
+
+    from colabel.errors import InvalidInputError
+    from colabel.services.training.classifier_training import read_pulled_cells
+
+    _, _, image_id, a, _, out = _two_annotators_class_three_squares(tmp_path)
+    del zarr.open_group(str(out / "labels.zarr"), mode="a")[f"instances/{image_id}/{a.annotator_id}"]
+    with pytest.raises(InvalidInputError, match=f"labels.zarr has no instances/{image_id}/{a.annotator_id}"):
+        read_pulled_cells(out, annotator=a.annotator_id)

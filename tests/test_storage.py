@@ -318,6 +318,11 @@ def test_refusals_echo_at_most_80_characters_of_a_huge_argument(tmp_path):
         "annotations": lambda: provider.get_annotations(session, image, annotator_id=ada.annotator_id, version=huge),
         "session id": lambda: provider.sessions.get(huge),
         "annotators per image": lambda: provider.create_session(name="x", classes=[], annotators_per_image=huge),
+        "class of a saved outline": lambda: provider.save_annotation(session, image, ada.annotator_id, collection(
+            square(1, 1, 8, huge))),
+        "geometry type": lambda: provider.save_annotation(session, image, ada.annotator_id, {
+            "type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                                                        "geometry": {"type": huge, "coordinates": []}}]}),
     }
     for what, call in calls.items():
         with pytest.raises(ColabelError) as refused:

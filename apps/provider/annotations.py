@@ -23,7 +23,7 @@ import shapely
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from colabel.coords import xy_to_rc
-from colabel.errors import InvalidInputError
+from colabel.errors import InvalidInputError, shown
 from colabel.scanline import edge_rows, ring_areas, rings_pixels
 
 from .models import LabelClass
@@ -194,19 +194,23 @@ def _fast_ring(value: list | tuple, *, height: int, width: int) -> np.ndarray | 
 
 
 def _polygon_rings(
-    value: Any, *, what: str, height: int, width: int, budget: _Budget
+    value: Any, *, what: str, height: int, width: int, budget: _Budget, check: bool = True
 ) -> tuple[list[np.ndarray], Polygon]:
-    """Validate Polygon coordinates (a shell then holes); return closed float rings and the polygon."""
+    """Validate Polygon coordinates (a shell then holes); return closed float rings and the polygon. Without
+    ``check`` (a MultiPolygon's part, charged and checked with the whole), the outline overlap is not charged and
+    the polygon's validity not checked."""
     if not isinstance(value, (list, tuple)) or len(value) == 0:
         raise _Refusal(f"{what} coordinates must be a non-empty list of rings, got {_short(value)}")
     rings = []
     for i, ring in enumerate(value):
         name = f"{what} shell" if i == 0 else f"{what} hole {i}"
         rings.append(_ring(ring, what=name, height=height, width=width, budget=budget))
-    budget.take_overlap([rings], what=what)
+    if check:
+        budget.take_overlap([rings], what=what)
     holes = [shapely.linearrings(h) for h in rings[1:]] or None
     geometry = shapely.polygons(rings[0], holes=holes)
-    _check_valid(geometry, what=what)
+    if check:
+        _check_valid(geometry, what=what)
     return rings, geometry
 
 
@@ -321,7 +325,7 @@ def _geometry(value: Any, *, key: str, allowed: Sequence[str], height: int, widt
         raise _Refusal(f"{key} must be a GeoJSON geometry object, got {_short(value)}")
     kind = value.get("type")
     if kind not in allowed:
-        raise _Refusal(f"{key} type {kind!r} is not supported (allowed: {', '.join(allowed)})")
+        raise _Refusal(f"{key} type {_short(kind)} is not supported (allowed: {', '.join(allowed)})")
     if "coordinates" not in value:
         raise _Refusal(f"{key} has no coordinates")
     coords = value["coordinates"]
@@ -335,10 +339,13 @@ def _geometry(value: Any, *, key: str, allowed: Sequence[str], height: int, widt
     if not isinstance(coords, (list, tuple)) or len(coords) == 0:
         raise _Refusal(f"MultiPolygon coordinates must be a non-empty list of polygons, got {_short(coords)}")
     parts = [
-        _polygon_rings(part, what=f"MultiPolygon part {i}", height=height, width=width, budget=budget)
+        _polygon_rings(part, what=f"MultiPolygon part {i}", height=height, width=width, budget=budget, check=False)
         for i, part in enumerate(coords)
     ]
+    # charged once for the whole (its count holds each part's own pairs), which bounds the parts' checks too
     budget.take_overlap([rings for rings, _ in parts], what="MultiPolygon")
+    for i, (_, geometry) in enumerate(parts):
+        _check_valid(geometry, what=f"MultiPolygon part {i}")
     _check_valid(shapely.multipolygons([geometry for _, geometry in parts]), what="MultiPolygon")
     return {"type": "MultiPolygon", "coordinates": [[r.tolist() for r in rings] for rings, _ in parts]}
 
@@ -354,7 +361,7 @@ def _classification(value: Any, *, classes: dict[str, LabelClass] | None) -> dic
     if classes is not None:
         if name not in classes:
             allowed = ", ".join(repr(n) for n in classes) or "none"
-            raise _Refusal(f"class {name!r} is not a class of this session (allowed: {allowed})")
+            raise _Refusal(f"class {_short(name)} is not a class of this session (allowed: {allowed})")
         return {"name": name, "color": classes[name].rgb()}
     color = value.get("color")
     if (
@@ -417,11 +424,7 @@ def _feature(
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # an integer of over 4300 digits, or nesting too deep to show
-        return "a value too large to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return shown(value, limit)
 
 
 def validate_feature_collection(
@@ -537,7 +540,7 @@ def _polygonal_features(fc: dict) -> list[dict]:
         if kind in _POLYGONAL:
             out.append(feature)
         elif kind != "Point":
-            raise InvalidInputError(f"feature {index}: geometry type {kind!r} cannot be rasterised")
+            raise InvalidInputError(f"feature {index}: geometry type {_short(kind)} cannot be rasterised")
     return out
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any
 
-from colabel.errors import ColabelError, InvalidInputError, NotFoundError
+from colabel.errors import ColabelError, InvalidInputError, NotFoundError, shown
 from colabel.services.sam.segmenter import check_point_count
 from colabel.services.wire import unpack
 
@@ -129,7 +129,7 @@ class ModelAssist:
         if model_id is None or model_id == self.sam_model:
             return self.sam_model
         raise InvalidInputError(f"this provider segments with the SAM model {self.sam_model!r}, "
-                                f"not {str(model_id)[:80]!r}")
+                                f"not {shown(model_id)}")
 
     @staticmethod
     def _check_prompt(prompt: object) -> dict:
@@ -139,7 +139,8 @@ class ModelAssist:
             raise InvalidInputError("prompt must be an object {points, labels, box}")
         unknown = set(prompt) - {"points", "labels", "box"}
         if unknown:
-            raise InvalidInputError(f"unknown prompt fields {sorted(unknown)}; use points, labels, box")
+            raise InvalidInputError(f"unknown prompt fields {shown(sorted(map(str, unknown)))}; "
+                                    f"use points, labels, box")
         points = prompt.get("points")
         if points is not None and not isinstance(points, (str, bytes, dict)) and hasattr(points, "__len__"):
             check_point_count(len(points))
@@ -197,7 +198,7 @@ class ModelAssist:
         if backend == configured:
             return configured
         raise InvalidInputError(f"this provider detects nuclei with the backend {configured!r}, "
-                                f"not {str(backend)[:80]!r}")
+                                f"not {shown(backend)}")
 
     async def detect_nuclei(self, session, image_id: str, region: Any = None, backend: str | None = None) -> dict:
         """Every nucleus of the image (or region): ``count`` and ``nuclei`` (id, bbox, centroid, polygon,

@@ -42,7 +42,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from colabel.apps.provider.models import ImageInfo, Region
-from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, UnreadableImageError
+from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, UnreadableImageError, shown
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,7 @@ class ImageCatalog:
             raise InvalidInputError(f"image id must be a string, not {type(image_id).__name__}")
         record = self._records.get(image_id)
         if record is None:
-            shown = image_id if len(image_id) <= 80 else image_id[:77] + "..."
-            raise NotFoundError(f"unknown image id {shown!r}")
+            raise NotFoundError(f"unknown image id {shown(image_id)}")
         return record
 
     # ------------------------------------------------------------------ pixels

@@ -313,7 +313,7 @@ class SessionStore:
         with self._lock:
             session = self._get(session_id)
             if not isinstance(annotator_id, str) or annotator_id not in session.annotators:
-                raise NotFoundError(f"unknown annotator id {str(annotator_id)[:80]!r} in this session")
+                raise NotFoundError(f"unknown annotator id {shown(annotator_id)} in this session")
             return session.annotators[annotator_id].model_copy()
 
     def annotators(self, session_id: str) -> dict[str, Annotator]:
@@ -346,7 +346,7 @@ class SessionStore:
         with self._lock:
             session = self._get(session_id)
             if annotator_id not in session.annotators:
-                raise NotFoundError(f"unknown annotator id {str(annotator_id)[:80]!r} in this session")
+                raise NotFoundError(f"unknown annotator id {shown(annotator_id)} in this session")
             k = session.info.annotators_per_image
             for image_id in image_ids:
                 holders = session.assignments.get(image_id, [])

@@ -154,8 +154,11 @@ def read_pulled_cells(folder: str | os.PathLike, *, annotator: str | None = None
         if f"images/{image_id}" not in root:
             raise InvalidInputError(f"cells.csv names image {image_id} but labels.zarr has no such image")
         key = f"instances/{image_id}/{who}"
-        mask = np.asarray(root[key][...]) if key in root else None
-        present = set() if mask is None else set(np.unique(mask).tolist())
+        if key not in root:
+            raise InvalidInputError(f"cells.csv names annotator {who} on image {image_id} but labels.zarr has no "
+                                    f"{key}: pull the set again")
+        mask = np.asarray(root[key][...])
+        present = set(np.unique(mask).tolist())
         drawn = [r for r in cells if int(r["label"]) in present]  # an outline covered by later ones has no pixel
         hidden += len(cells) - len(drawn)
         if not drawn:

@@ -15,6 +15,9 @@ later answers the navigation to a manage URL and reads its token. This front clo
   set by ``colabel serve`` for its embedded server to the provider's workspace) only those workspaces and
   ``public`` (the server's own) serve HTTP apps (``/<workspace>/apps/...``, ``/<workspace>/agent-skills/...``).
 
+An error answer of Hypha's that carries a Python traceback (e.g. a 404 for an unknown service of the public
+workspace, which shows the server's install paths) is cut to its last line, the exception itself.
+
 Run it as Hypha is run, configured by the same environment variables: ``python -m uvicorn
 colabel.apps.hypha_gate:app`` (what the embedded server and the image's ``hypha`` role do).
 """
@@ -79,6 +82,58 @@ def web_workspaces_from_env(value: str | None) -> frozenset[str] | None:
     return names or None
 
 
+#: Error answers longer than this (bytes) are passed on as they are, unread.
+MAX_ERROR_BODY = 1 << 20
+
+
+def without_traceback(body: bytes) -> bytes | None:
+    r"""``body`` of an error answer with any Python traceback in it cut to the traceback's last line (the
+    exception), as JSON ``{"success": false, "detail": ...}``; None when there is no traceback in it.
+
+    >>> import json
+    >>> trace = "RemoteError:Traceback (most recent call last):\n  File \"/x.py\", line 1\nKeyError: 'no such service'"
+    >>> json.loads(without_traceback(json.dumps({"detail": trace}).encode()))
+    {'success': False, 'detail': "KeyError: 'no such service'"}
+    >>> without_traceback(b'{"detail": "File not found: x"}') is None
+    True
+    """
+    import json
+
+    text = body.decode("utf-8", errors="replace")
+    if "Traceback (most recent call last)" not in text:
+        return None
+    try:
+        detail = json.loads(text).get("detail", text)
+    except (ValueError, AttributeError):
+        detail = text
+    lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+    return json.dumps({"success": False, "detail": lines[-1] if lines else "error"}).encode()
+
+
+def _gzip_at_most(accept: bytes) -> bytes:
+    """An ``Accept-Encoding`` value without the codings other than gzip and identity.
+
+    >>> _gzip_at_most(b"gzip, deflate, br, zstd"), _gzip_at_most(b"br")
+    (b'gzip', b'identity')
+    """
+    kept = [c.strip() for c in accept.split(b",") if c.strip().split(b";")[0].strip().lower() in (b"gzip", b"identity")]
+    return b", ".join(kept) or b"identity"
+
+
+def _decoded(body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``body`` as sent before its ``Content-Encoding`` (gzip, which Hypha applies); as it is otherwise."""
+    import gzip
+    import zlib
+
+    encoding = next((v.lower() for k, v in headers if k.lower() == b"content-encoding"), b"")
+    if encoding == b"gzip":
+        try:
+            return gzip.decompress(body)
+        except (OSError, EOFError, zlib.error):
+            return b""
+    return body if not encoding or encoding == b"identity" else b""
+
+
 def gate(inner: ASGIApp, web_workspaces: frozenset[str] | None = None) -> ASGIApp:
     """``inner`` (Hypha's app) behind :func:`refusal` for HTTP requests, with ``Service-Worker-Allowed`` removed
     from its responses. Websockets and lifespan events pass unchanged."""
@@ -97,10 +152,31 @@ def gate(inner: ASGIApp, web_workspaces: frozenset[str] | None = None) -> ASGIAp
             await send({"type": "http.response.body", "body": body})
             return
 
+        held: dict[str, Any] = {}  # an error answer's start and body, until its body is complete
+        # answers in gzip at most (the gate reads an error answer's body; Hypha would otherwise use br or zstd)
+        scope = {**scope, "headers": [(k, _gzip_at_most(v) if k.lower() == b"accept-encoding" else v)
+                                      for k, v in scope.get("headers", [])]}
+
         async def filtered(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [(k, v) for k, v in message.get("headers", [])
                                                   if k.lower() != b"service-worker-allowed"]}
+                if message.get("status", 200) >= 400:
+                    held.update(start=message, body=b"")
+                    return
+            elif message["type"] == "http.response.body" and "start" in held:
+                held["body"] += message.get("body", b"")
+                if message.get("more_body") and len(held["body"]) <= MAX_ERROR_BODY:
+                    return
+                start, body = held.pop("start"), held.pop("body")
+                cut = None if message.get("more_body") else without_traceback(_decoded(body, start["headers"]))
+                if cut is not None:
+                    body = cut
+                    start = {**start, "headers": [(k, v) for k, v in start["headers"] if k.lower() not in
+                                                  (b"content-length", b"content-type", b"content-encoding")]
+                             + [(b"content-type", b"application/json"), (b"content-length", str(len(cut)).encode())]}
+                await send(start)
+                message = {**message, "body": body}
             await send(message)
 
         await inner(scope, receive, filtered)

@@ -133,3 +133,17 @@ async def test_colabel_serve_serves_no_page_of_an_anonymous_client_and_its_manag
         process.wait(timeout=30)
     assert result.startswith("HTTP 403: Forbidden: workspace"), result
     assert victim is None and stolen == {}
+
+
+def test_hyphas_error_answers_show_the_exception_not_its_traceback_and_install_paths():
+    """A 404 for an unknown service of the public workspace carried a Python traceback with the server's paths;
+    through the gate it says the exception only. Error answers without one pass unchanged."""
+    with EmbeddedHypha("127.0.0.1", free_port(), ready_timeout=90) as hypha:
+        traced = httpx.get(f"{hypha.url}/public/services/no-such-service")
+        plain = httpx.get(f"{hypha.url}/nonexistent")
+    assert traced.status_code == 404 and traced.headers["content-type"] == "application/json"
+    detail = traced.json()["detail"]
+    assert "Traceback" not in traced.text and "site-packages" not in traced.text and "File " not in traced.text
+    assert detail.startswith("KeyError: ") and "no-such-service" in detail, detail
+    assert int(traced.headers["content-length"]) == len(traced.content)
+    assert plain.status_code == 404 and plain.json()["detail"] == "File not found: nonexistent"

@@ -363,8 +363,8 @@ def _prune(root, state: dict) -> None:
 class _Labels:
     """``out/labels.zarr`` opened for a pull: ``root`` (the zarr group to write), ``lines`` (its ``dropped ...``
     lines). When the pull asks for the other format than the existing store's, ``root`` is a new store built in
-    a sibling temporary folder, ``.labels.zarr.<hex>.tmp``: :meth:`commit` swaps it in (an atomic exchange where
-    the system has one, else two renames) once the pull has succeeded, :meth:`discard` removes it when the pull
+    a sibling temporary folder, ``.labels.zarr.<hex>.tmp``: :meth:`commit` swaps it in (two renames, the old store
+    put back if the second fails) once the pull has succeeded, :meth:`discard` removes it when the pull
     failed, so a failed pull leaves the previous store as it was."""
 
     def __init__(self, out: Path, zarr_format: int | None) -> None:
@@ -397,17 +397,14 @@ class _Labels:
 
         if self.building is None:
             return
-        if _exchange(self.building, self.store):  # labels.zarr is the new store, the temporary name the old one
-            shutil.rmtree(self.building, ignore_errors=True)
-        else:  # labels.zarr is missing for the moment between the two renames
-            old = self.building.with_name(self.building.name[:-len(".tmp")] + ".old.tmp")
-            self.store.rename(old)
-            try:
-                self.building.rename(self.store)
-            except BaseException:
-                old.rename(self.store)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        old = self.building.with_name(self.building.name[:-len(".tmp")] + ".old.tmp")
+        self.store.rename(old)  # labels.zarr is missing for the moment between the two renames
+        try:
+            self.building.rename(self.store)
+        except BaseException:
+            old.rename(self.store)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
         self.building = None
 
     def discard(self) -> None:
@@ -434,26 +431,6 @@ def _remove_stale_builds(out: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
         except FileNotFoundError:
             continue
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the paths ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or file system cannot (the caller renames instead)."""
-    import ctypes
-    import ctypes.util
-    import os
-    import sys
-
-    if not sys.platform.startswith("linux") or not b.exists():
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | None = None) -> dict:

@@ -75,6 +75,35 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_descriptor(path: Path, *, blocking: bool = True) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on the file now at ``path`` (created if missing), or None when
+    ``blocking`` is false and another descriptor holds it. Closing the descriptor releases the lock.
+
+    As :func:`file_lock`, plus a check that the locked file is still the one at ``path``, so that lock files may be
+    deleted by whoever holds them (a pruner): a process that waited on a deleted file locks the new one instead of
+    believing it holds the lock.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            held = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return fd
+        os.close(fd)  # the file was deleted while we waited: lock the one at path now
+
+
 class ClaimedElsewhere(Exception):
     """:func:`claim_file` found the lock held; ``holder`` is what its holder wrote (``""`` if nothing)."""
 

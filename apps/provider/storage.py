@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, shown
-from colabel.files import atomic_write, atomic_write_json, file_lock, fsync_dir  # noqa: F401 - re-exported
+from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir re-exported
+    atomic_write, atomic_write_json, file_lock, fsync_dir, lock_descriptor)
 
 from .models import AnnotationRecord
 
@@ -80,21 +81,6 @@ def remove_stale_temporary_files(paths, *, now: float | None = None) -> list[Pat
             Path(path).unlink(missing_ok=True)
             removed.append(Path(path))
     return removed
-
-
-def _lock_if_free(path: Path):
-    """The descriptor of ``path`` (created if missing) holding its exclusive ``flock``, taken without waiting; None
-    when another descriptor holds it. Release with ``os.close``."""
-    import fcntl
-    import os
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def read_only_refusal(root: Path, what: str) -> AccessDeniedError:
@@ -227,7 +213,7 @@ class AnnotationStore:
             else:
                 others.append(tmp)
         for folder, found in by_folder.items():
-            fd = _lock_if_free(folder / ".lock") if folder.is_dir() else None
+            fd = lock_descriptor(folder / ".lock", blocking=False) if folder.is_dir() else None
             if fd is None:  # a write may be in flight (or the folder is gone): by age only
                 others.extend(found)
                 continue

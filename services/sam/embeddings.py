@@ -28,7 +28,6 @@ provider then sends the image again). ``computed.log`` grows by one line per enc
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from colabel.errors import InvalidInputError
+from colabel.files import lock_descriptor
 
 __all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DISK_BYTES"]
 
@@ -98,41 +98,10 @@ def _check_key(key: str) -> str:
     return key
 
 
-
-
-def _try_flock(path: Path, *, blocking: bool) -> int | None:
-    """A descriptor holding an exclusive ``flock`` on the file now at *path* (created if missing), or None when
-    *blocking* is false and another descriptor holds it. Closing the descriptor releases the lock.
-
-    Same semantics as :func:`colabel.files.file_lock`, plus a check that the locked file is still the one at
-    *path*: the pruner deletes ``<key>.lock`` files while holding them, and a process that was waiting on the
-    deleted file must not believe it holds the lock of the new one.
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            held = os.fstat(fd)
-            try:
-                now = os.stat(path)
-            except FileNotFoundError:
-                now = None
-        except BaseException:
-            os.close(fd)
-            raise
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            return fd
-        os.close(fd)  # the file was deleted (pruned) while we waited: lock the one at path now
-
-
 @contextlib.contextmanager
 def _key_lock(path: Path) -> Iterator[None]:
-    """Hold the exclusive lock of *path*, waiting for it (see :func:`_try_flock`)."""
-    fd = _try_flock(path, blocking=True)
+    """Hold the exclusive lock of *path*, waiting for it (see :func:`colabel.files.lock_descriptor`)."""
+    fd = lock_descriptor(path)
     try:
         yield
     finally:
@@ -385,7 +354,7 @@ class EmbeddingStore:
         """
         path, lock_path = self.path(key), self._lock_path(key)
         try:
-            fd = _try_flock(lock_path, blocking=False)
+            fd = lock_descriptor(lock_path, blocking=False)
         except OSError:
             return None
         if fd is None:  # being computed or written by another process or thread
@@ -405,7 +374,7 @@ class EmbeddingStore:
                 if st.st_mtime_ns != mtime_ns:  # read or rewritten since the scan: recently used
                     return None
                 path.unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)  # while held: see _try_flock
+            lock_path.unlink(missing_ok=True)  # while held: see lock_descriptor
             return True
         except OSError:
             return None

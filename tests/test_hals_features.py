@@ -8,6 +8,8 @@ with a random-init state dict laid out like torchvision's.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -336,3 +338,26 @@ def test_store_recomputes_a_damaged_file(tmp_path, effnet, ihc):
     path.write_bytes(path.read_bytes()[:100])  # truncated by a crash of some other tool
     np.testing.assert_array_equal(FeatureStore(tmp_path).get_or_compute(ihc, xy, counting), good)
     assert counting.calls == 2
+
+
+def test_store_deletes_the_least_recently_used_features_beyond_its_budget(tmp_path, effnet, dsb):
+    image, xy = dsb
+    counting = Counting(effnet)
+    sets = [xy[:8], xy[8:16], xy[16:24]]
+    size = 8 * effnet.dim * 4 + 128  # one file: 8 x 1280 float32 and the .npy header
+    store = FeatureStore(tmp_path, max_disk_bytes=2 * size + size // 2)
+    for part in sets[:2]:
+        store.get_or_compute(image, part, counting)
+    old = time.time() - 3600
+    first, second = (store.path(store.key(image, part, counting)) for part in sets[:2])
+    os.utime(first, (old, old))
+    os.utime(second, (old + 1, old + 1))
+    FeatureStore(tmp_path).get_or_compute(image, sets[0], counting)  # read by another replica: used now
+    assert counting.calls == 2
+    store.get_or_compute(image, sets[2], counting)  # over budget: the set unused for an hour goes
+    assert first.is_file() and not second.exists() and not second.with_suffix(".lock").exists()
+    np.testing.assert_array_equal(store.get_or_compute(image, sets[1], counting),
+                                  FeatureStore(tmp_path / "fresh").get_or_compute(image, sets[1], effnet))
+    assert counting.calls == 4  # computed again, the same features
+    with pytest.raises(InvalidInputError, match="max_disk_bytes"):
+        FeatureStore(tmp_path, max_disk_bytes=-5)

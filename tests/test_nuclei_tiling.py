@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,29 @@ def test_the_nuclei_service_wants_include_labels_as_a_bool():
             service.segment(image, None, None, None, value)
     assert "labels" not in service.segment(image, None, None, None, False)
     assert service.segment(image, None, None, None, np.bool_(True))["labels"].shape == (32, 32)
+
+
+def test_disk_cache_keeps_the_recently_used_results_within_its_budget(dsb, tmp_path):
+    folder = tmp_path / "cache"
+    backend = CountingSegmenter()
+    regions = [(0, 0, 200, 200), (200, 0, 200, 200), (0, 200, 200, 200), (200, 200, 200, 200)]
+    probe = NucleusCache(directory=tmp_path / "probe", max_disk_bytes=None)
+    segment_nuclei(dsb, backend=CountingSegmenter(), cache=probe, region=regions[0])
+    size = max(p.stat().st_size for p in (tmp_path / "probe").glob("*.npz"))
+    cache = NucleusCache(max_items=1, directory=folder, max_disk_bytes=int(2.5 * size))
+    segment_nuclei(dsb, backend=backend, cache=cache, region=regions[0])
+    segment_nuclei(dsb, backend=backend, cache=cache, region=regions[1])
+    old = time.time() - 3600
+    for i, path in enumerate(sorted(folder.glob("*.npz"), key=os.path.getmtime)):
+        os.utime(path, (old + i, old + i))
+    fresh = NucleusCache(max_items=1, directory=folder, max_disk_bytes=int(2.5 * size))  # another replica
+    segment_nuclei(dsb, backend=backend, cache=fresh, region=regions[0])  # a disk hit marks the file used
+    assert backend.calls == 2
+    segment_nuclei(dsb, backend=backend, cache=fresh, region=regions[2])  # over budget: the least recent goes
+    assert len(list(folder.glob("*.npz"))) == 2 and not list(folder.glob("*.lock"))
+    segment_nuclei(dsb, backend=backend, cache=NucleusCache(directory=folder), region=regions[0])
+    assert backend.calls == 3  # region 0 was kept
+    segment_nuclei(dsb, backend=backend, cache=NucleusCache(directory=folder), region=regions[1])
+    assert backend.calls == 4  # region 1, unused for an hour, was deleted and is segmented again
+    with pytest.raises(InvalidInputError, match="max_disk_bytes"):
+        NucleusCache(directory=folder, max_disk_bytes=-1)

@@ -303,15 +303,16 @@ def test_a_lock_file_deleted_by_the_pruner_is_not_held_by_two_at_once(tmp_path):
     import fcntl
     import os
 
-    from colabel.services.sam.embeddings import _key_lock
+    from colabel.cache_folder import CacheFolder
 
+    folder = CacheFolder(tmp_path, ".npz", None)
     path = tmp_path / "k.lock"
     pruner = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(pruner, fcntl.LOCK_EX)
     inside = []
 
     def wait_for_the_lock():
-        with _key_lock(path):
+        with folder.key_lock("k"):
             inside.append(os.fstat(os.open(path, os.O_RDONLY)).st_ino)
 
     waiting = threading.Thread(target=wait_for_the_lock, daemon=True)
@@ -334,7 +335,7 @@ def test_pruning_tolerates_files_deleted_by_another_process_meanwhile(tmp_path, 
         store.get_or_compute(key, lambda: entry_of(10))
     _age(store, ["a", "b", "c"])
     (tmp_path / "ghost.lock").touch()  # left by a failed compute: no .npz
-    real_scan = store._scan
+    real_scan = store.disk.scan
 
     def scan_then_another_replica_prunes():
         found = real_scan()
@@ -342,7 +343,7 @@ def test_pruning_tolerates_files_deleted_by_another_process_meanwhile(tmp_path, 
             (tmp_path / name).unlink()  # after our scan, before our deletions
         return found
 
-    monkeypatch.setattr(store, "_scan", scan_then_another_replica_prunes)
+    monkeypatch.setattr(store.disk, "scan", scan_then_another_replica_prunes)
     store.max_disk_bytes = 1
     store.get_or_compute("d", lambda: entry_of(10))  # no FileNotFoundError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["computed.log", "d.lock", "d.npz"]

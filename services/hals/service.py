@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from colabel.cache_folder import check_budget
 from colabel.errors import InvalidInputError, NotFoundError
 from colabel.files import atomic_write
 
@@ -109,17 +110,24 @@ class ClassifierService:
         Ensemble members (Segebarth et al. 2020: ensembles make results reliable).
     input_size : int
         Backbone input in pixels (the 40 px HALS patch is resized to it).
+    max_models : int
+        Trained ensembles kept in memory (all stay on disk, small: a start model installed with
+        ``colabel train-classifier --install`` must never go).
+    feature_disk_bytes : int or None, default 10 GiB
+        Budget of ``features/`` in bytes, least recently used deleted first (None or 0: unbounded; see
+        :class:`~colabel.services.hals.features.FeatureStore`).
     """
 
     rpc_functions = ("info", "features", "fit", "predict")
 
     def __init__(self, cache_dir: str | None = None, n_members: int = 5, input_size: int = 64,
-                 max_models: int = 16) -> None:
+                 max_models: int = 16, feature_disk_bytes: int | None = 10 << 30) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="colabel-hals-"))
         (self.cache_dir / "models").mkdir(parents=True, exist_ok=True)
         self.n_members = n_members
         self.input_size = input_size
         self.max_models = max_models
+        self.feature_disk_bytes = check_budget("feature_disk_bytes", feature_disk_bytes)
         self._extractor = None
         self._store = None
         self._models: OrderedDict[str, Ensemble] = OrderedDict()
@@ -181,7 +189,7 @@ class ClassifierService:
         with self._lock:
             if self._extractor is None:
                 self._extractor = EfficientNetLite0Features(input_size=self.input_size, progress=False)
-                self._store = FeatureStore(self.cache_dir / "features")
+                self._store = FeatureStore(self.cache_dir / "features", max_disk_bytes=self.feature_disk_bytes)
         if labels is None:
             return self._store.get_or_compute(image, xy, self._extractor, progress=False)
         return cell_features(image, labels, ids, xy, self._extractor, store=self._store, progress=False)

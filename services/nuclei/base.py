@@ -40,6 +40,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from colabel.cache_folder import CacheFolder, check_budget
 from colabel.errors import InvalidInputError, NotFoundError
 
 from .measure import measure_nuclei
@@ -424,6 +425,11 @@ def _stitch(
 # --------------------------------------------------------------------------------------------------
 
 
+#: Default byte budget of :class:`NucleusCache`'s files on disk (2 GiB: a compressed label image of a 1024 px
+#: tile is about 20-200 KB, so tens of thousands of results; an evicted one is segmented again).
+DEFAULT_MAX_DISK_BYTES = 2 << 30
+
+
 class NucleusCache:
     """Results of :func:`segment_nuclei` by key: a bounded in-memory LRU, optionally backed by a folder.
 
@@ -435,19 +441,24 @@ class NucleusCache:
         When given, results are also written there as ``<key>.npz`` (temporary file, fsync,
         ``os.replace``: a reader never sees a partial file) and read back on a memory miss. Unreadable
         files count as misses.
+    max_disk_bytes : int or None, default :data:`DEFAULT_MAX_DISK_BYTES` (2 GiB)
+        Budget of the folder's ``.npz`` files in bytes; after each write the least recently used ones (any
+        process's use: a hit touches the file) are deleted until they fit (:class:`colabel.cache_folder.CacheFolder`).
+        None or 0: unbounded.
 
     Attributes
     ----------
     hits, misses : int
     """
 
-    def __init__(self, max_items: int = 32, *, directory: str | os.PathLike | None = None):
+    def __init__(self, max_items: int = 32, *, directory: str | os.PathLike | None = None,
+                 max_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES):
         if not isinstance(max_items, int) or max_items < 1:
             raise InvalidInputError(f"max_items must be a positive integer, got {max_items!r}")
         self.max_items = max_items
         self.directory = None if directory is None else Path(directory)
-        if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        max_disk_bytes = check_budget("max_disk_bytes", max_disk_bytes)
+        self.disk = None if self.directory is None else CacheFolder(self.directory, ".npz", max_disk_bytes)
         self._items: collections.OrderedDict[str, NucleusResult] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -466,7 +477,10 @@ class NucleusCache:
             if result is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-                return _copy_result(result)
+        if result is not None:
+            if self.disk is not None:
+                self.disk.touch(self._path(key))  # a use here keeps the file from other processes' pruning too
+            return _copy_result(result)
         if self.directory is not None:
             result = self._read(key)
             if result is not None:
@@ -481,8 +495,9 @@ class NucleusCache:
     def put(self, key: str, result: NucleusResult) -> None:
         stored = _copy_result(result)
         self._remember(key, stored)
-        if self.directory is not None:
+        if self.disk is not None:
             self._write(key, stored)
+            self.disk.prune(keep=key)
 
     def clear(self) -> None:
         """Forget the in-memory results (files stay)."""
@@ -520,10 +535,14 @@ class NucleusCache:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 meta["labels"] = data["labels"]
-            return NucleusResult.from_dict(meta)
+            result = NucleusResult.from_dict(meta)
+        except FileNotFoundError:  # pruned by another process since the check
+            return None
         except Exception as exc:  # noqa: BLE001 - a broken cache file is a miss, never an error
             log.warning("ignoring unreadable nucleus cache file %s: %s", path, exc)
             return None
+        self.disk.touch(path)
+        return result
 
 
 def _copy_result(result: NucleusResult) -> NucleusResult:

@@ -14,7 +14,14 @@ import numpy as np
 
 from colabel.errors import InvalidInputError
 
-from .base import NucleusCache, available_backends, backend_needs_weights, get_backend, segment_nuclei
+from .base import (
+    DEFAULT_MAX_DISK_BYTES,
+    NucleusCache,
+    available_backends,
+    backend_needs_weights,
+    get_backend,
+    segment_nuclei,
+)
 
 
 class NucleiService:
@@ -30,15 +37,20 @@ class NucleiService:
         Folder for cached results (shared by replicas); memory only when None.
     max_cached : int
         Results kept in memory.
+    cache_disk_bytes : int or None, default 2 GiB
+        Budget of the results in ``cache_dir`` in bytes, least recently used deleted first (None or 0: unbounded;
+        see :class:`~colabel.services.nuclei.base.NucleusCache`).
     """
 
     rpc_functions = ("info", "segment")
 
     def __init__(self, backend: str = "classical", backend_options: dict | None = None,
-                 cache_dir: str | None = None, max_cached: int = 32) -> None:
+                 cache_dir: str | None = None, max_cached: int = 32,
+                 cache_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES) -> None:
         self.default_backend = backend
         self.backend_options = dict(backend_options or {})
-        self.cache = NucleusCache(max_items=max_cached, directory=Path(cache_dir) if cache_dir else None)
+        self.cache = NucleusCache(max_items=max_cached, directory=Path(cache_dir) if cache_dir else None,
+                                  max_disk_bytes=cache_disk_bytes)
         self._backends: dict[str, Any] = {}
         self._lock = threading.Lock()
 

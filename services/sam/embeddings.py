@@ -27,20 +27,19 @@ provider then sends the image again). ``computed.log`` grows by one line per enc
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
 import threading
 import zipfile
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from colabel.cache_folder import CacheFolder, check_budget
 from colabel.errors import InvalidInputError
-from colabel.files import lock_descriptor
 
 __all__ = ["EmbeddingStore", "embedding_key", "KEY_VERSION", "DEFAULT_MAX_BYTES", "DEFAULT_MAX_DISK_BYTES"]
 
@@ -89,23 +88,17 @@ def embedding_key(image: np.ndarray, model_id: str, *, extra: Mapping[str, objec
     return h.hexdigest()
 
 
+def _is_key(key: object) -> bool:
+    return (isinstance(key, str) and 0 < len(key) <= 200 and not key.startswith(".")
+            and all(c.isalnum() or c in "-_." for c in key))
+
+
 def _check_key(key: str) -> str:
-    valid = isinstance(key, str) and 0 < len(key) <= 200 and not key.startswith(".")
-    if not valid or not all(c.isalnum() or c in "-_." for c in key):
+    if not _is_key(key):
         raise InvalidInputError(
             f"embedding key must be 1-200 characters of letters, digits, '-', '_', '.', got {key!r}"
         )
     return key
-
-
-@contextlib.contextmanager
-def _key_lock(path: Path) -> Iterator[None]:
-    """Hold the exclusive lock of *path*, waiting for it (see :func:`colabel.files.lock_descriptor`)."""
-    fd = lock_descriptor(path)
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -148,17 +141,14 @@ class EmbeddingStore:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_disk_bytes: int | None = DEFAULT_MAX_DISK_BYTES,
     ) -> None:
-        for name, value in (("max_items", max_items), ("max_bytes", max_bytes), ("max_disk_bytes", max_disk_bytes)):
-            if name == "max_disk_bytes" and value is None:
-                continue
+        for name, value in (("max_items", max_items), ("max_bytes", max_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidInputError(f"{name} must be a non-negative int, got {value!r}")
         self.cache_dir = Path(cache_dir).expanduser()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = CacheFolder(self.cache_dir, ".npz", check_budget("max_disk_bytes", max_disk_bytes),
+                                is_key=_is_key)
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self.max_disk_bytes = max_disk_bytes or None  # 0 and None: unbounded
-        self._prune_lock = threading.Lock()
         self._memory: OrderedDict[str, Arrays] = OrderedDict()
         self._memory_bytes = 0
         self._lock = threading.Lock()
@@ -173,8 +163,14 @@ class EmbeddingStore:
         """The ``.npz`` file of *key* (it may not exist)."""
         return self.cache_dir / f"{_check_key(key)}.npz"
 
-    def _lock_path(self, key: str) -> Path:
-        return self.cache_dir / f"{_check_key(key)}.lock"
+    @property
+    def max_disk_bytes(self) -> int | None:
+        """Budget of the ``.npz`` files on disk in bytes (None: unbounded)."""
+        return self.disk.max_bytes
+
+    @max_disk_bytes.setter
+    def max_disk_bytes(self, value: int | None) -> None:
+        self.disk.max_bytes = check_budget("max_disk_bytes", value)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -207,16 +203,10 @@ class EmbeddingStore:
                 self._memory.move_to_end(key)
                 self._stats["hits_memory"] += 1
         if arrays is not None:
-            self._touch(self.path(key))  # a use here keeps the file from other processes' pruning too
+            self.disk.touch(self.path(key))  # a use here keeps the file from other processes' pruning too
         return arrays
 
     # -- disk -------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _touch(path: Path) -> None:
-        """Mark *path* as used now (its mtime orders pruning); a file pruned meanwhile is no error."""
-        with contextlib.suppress(OSError):
-            os.utime(path)
 
     def _read(self, key: str) -> Arrays | None:
         path = self.path(key)
@@ -229,7 +219,7 @@ class EmbeddingStore:
             # unreadable despite the atomic write (disk trouble, a foreign file): drop it and recompute
             path.unlink(missing_ok=True)
             return None
-        self._touch(path)
+        self.disk.touch(path)
         return arrays
 
     def _write(self, key: str, arrays: Arrays) -> None:
@@ -290,7 +280,7 @@ class EmbeddingStore:
         arrays = self.get(key)
         if usable(arrays):
             return arrays
-        with _key_lock(self._lock_path(key)):
+        with self.disk.key_lock(_check_key(key)):
             arrays = self._read(key)  # someone else may have finished while we waited
             if usable(arrays):
                 with self._lock:
@@ -313,104 +303,24 @@ class EmbeddingStore:
 
     def disk_bytes(self) -> int:
         """Bytes of the ``.npz`` files in the folder now (all processes' files)."""
-        return sum(size for _, _, size in self._scan()[0])
-
-    def _scan(self) -> tuple[list[tuple[int, str, int]], set[str]]:
-        """``([(mtime_ns, key, size) of each .npz], {keys of .lock files}))``; files vanishing meanwhile are
-        skipped, as are temporary files (``.<key>.*.part``) and names that are not keys."""
-        files: list[tuple[int, str, int]] = []
-        locks: set[str] = set()
-        try:
-            entries = list(os.scandir(self.cache_dir))
-        except FileNotFoundError:
-            return files, locks
-        for entry in entries:
-            name = entry.name
-            if name.startswith("."):
-                continue
-            stem, dot, suffix = name.rpartition(".")
-            if not dot or suffix not in ("npz", "lock"):
-                continue
-            try:
-                _check_key(stem)
-            except InvalidInputError:
-                continue
-            if suffix == "lock":
-                locks.add(stem)
-                continue
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            files.append((st.st_mtime_ns, stem, st.st_size))
-        return files, locks
-
-    def _remove_unused(self, key: str, mtime_ns: int | None) -> bool | None:
-        """Delete ``<key>.npz`` and ``<key>.lock`` unless another holder has the lock, or the file was used
-        since it was seen with *mtime_ns* (None: remove only a ``.lock`` whose ``.npz`` is missing).
-
-        Returns True when this call deleted the file (for a stale lock: the lock), False when the ``.npz`` was
-        gone already (another process pruned it after the scan; its lock is removed), None when kept.
-        """
-        path, lock_path = self.path(key), self._lock_path(key)
-        try:
-            fd = lock_descriptor(lock_path, blocking=False)
-        except OSError:
-            return None
-        if fd is None:  # being computed or written by another process or thread
-            return None
-        try:
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                st = None
-            if mtime_ns is None:
-                if st is not None:  # written since the scan: not stale
-                    return None
-            else:
-                if st is None:  # deleted by another process meanwhile: its bytes are gone too
-                    lock_path.unlink(missing_ok=True)
-                    return False
-                if st.st_mtime_ns != mtime_ns:  # read or rewritten since the scan: recently used
-                    return None
-                path.unlink(missing_ok=True)
-            lock_path.unlink(missing_ok=True)  # while held: see lock_descriptor
-            return True
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        return self.disk.total_bytes()
 
     def prune(self, keep: str | None = None) -> int:
         """Delete least recently used ``.npz`` files (and their ``.lock``) until the folder's ``.npz`` files fit
-        ``max_disk_bytes``; also removes ``.lock`` files left without an ``.npz``. Never deletes *keep*, nor
-        a file whose lock another holder has. Called after each write; a no-op when unbounded.
+        ``max_disk_bytes`` (:meth:`CacheFolder.prune`); never *keep*, nor a file another holder has locked.
+        Called after each write; a no-op when unbounded.
 
         Returns
         -------
         removed : int
             ``.npz`` files this call deleted.
         """
-        if not self.max_disk_bytes:
-            return 0
-        with self._prune_lock:  # this process's writers prune one at a time (other processes may too)
-            files, locks = self._scan()
-            for stale in locks - {key for _, key, _ in files} - {keep}:
-                self._remove_unused(stale, None)
-            total = sum(size for _, _, size in files)
-            removed = 0
-            for mtime_ns, key, size in sorted(files):  # oldest use first
-                if total <= self.max_disk_bytes:
-                    break
-                if key == keep:
-                    continue
-                outcome = self._remove_unused(key, mtime_ns)
-                if outcome is not None:
-                    total -= size
-                    removed += bool(outcome)
-                    with self._lock:
-                        self._forget(key)
-            return removed
+
+        def forget(key: str) -> None:
+            with self._lock:
+                self._forget(key)
+
+        return self.disk.prune(keep, on_gone=forget)
 
     def _log_computed(self, key: str) -> None:
         """Append ``key`` to ``computed.log``: one line per encoder pass, from every process sharing the folder

@@ -143,7 +143,8 @@ class EmbeddedHypha:
         # Hypha behind colabel's gate (no service workers, no HTTP apps of anonymous or other workspaces when
         # COLABEL_WEB_WORKSPACES is set): see colabel.apps.hypha_gate
         cmd = [sys.executable, "-m", "uvicorn", "colabel.apps.hypha_gate:app", "--host", self.host,
-               "--port", str(self.port), "--ws-per-message-deflate", "false", "--no-access-log", "--log-level", "warning"]
+               "--port", str(self.port), "--ws-per-message-deflate", "false", "--no-access-log",
+               "--log-level", "warning"]
         self.process = subprocess.Popen(cmd, env=env, stdout=fd, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         os.close(fd)

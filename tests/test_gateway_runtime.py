@@ -398,8 +398,13 @@ async def test_the_heartbeat_stops_and_the_hypha_server_is_lost_when_the_service
     from hypha_rpc import connect_to_server
 
     from colabel.services.deployments import get_deployment
-    from colabel.services.gateway import (HealthMonitor, Heartbeat, LocalBackend, hypha_health_monitor,
-                                          register_model_services)
+    from colabel.services.gateway import (
+        HealthMonitor,
+        Heartbeat,
+        LocalBackend,
+        hypha_health_monitor,
+        register_model_services,
+    )
 
     server = await connect_to_server({"server_url": hypha_server.url, "token": hypha_server.root_token})
     try:

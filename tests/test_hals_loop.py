@@ -637,7 +637,7 @@ async def test_a_restarted_provider_restores_the_trained_model_instead_of_retrai
 async def test_a_restart_retrains_when_the_classifier_service_lost_the_model(inproc):
     from colabel.apps.provider.hals import HalsAssist
 
-    hals, models, session, image = inproc["hals"], inproc["models"], inproc["session"], inproc["image"]
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
     await label_all(hals, session, image, FIRST_20)
     await settle(hals, session)
     fresh = InProcessModels(inproc["provider"], inproc["tmp"] / "another-store")  # the store was cleared

@@ -63,3 +63,15 @@ def test_every_python_folder_is_a_listed_package():
             parts = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((package, *parts)))
     assert found == set(config["packages"])
+
+
+def test_the_code_passes_the_linter():
+    """``ruff check`` with the rules of ``[tool.ruff]`` in pyproject.toml: unused names, import order, long lines,
+    late-binding closures in loops."""
+    import subprocess
+    import sys
+
+    checked = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                              "colabel", "apps", "services", "tests", "bench"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -632,7 +632,7 @@ def test_report_and_a_local_pull_beside_a_saving_provider_leave_its_writes_in_fl
     writer = threading.Thread(target=save_in_a_loop)
     writer.start()
     try:
-        for n in range(2):
+        for _ in range(2):
             reported = report(folder, info.session_id)
             assert reported.returncode == 0 and "agreement" in reported.stdout, reported.stderr
             pulled = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "pulled"))

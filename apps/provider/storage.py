@@ -44,7 +44,12 @@ import numpy as np
 
 from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, shown
 from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir re-exported
-    atomic_write, atomic_write_json, file_lock, fsync_dir, lock_descriptor)
+    atomic_write,
+    atomic_write_json,
+    file_lock,
+    fsync_dir,
+    lock_descriptor,
+)
 
 from .models import AnnotationRecord
 

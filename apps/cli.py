@@ -155,9 +155,9 @@ def claim_folder(folder: Path):
     the same folder is refused, naming the first, before it writes anything else."""
     import datetime
 
-    from colabel.files import ClaimedElsewhere, claim_file
+    from colabel.files import ClaimedElsewhere, claim_file, make_dirs
 
-    (folder / "annotations").mkdir(exist_ok=True)
+    make_dirs(folder / "annotations")
     since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
         with claim_file(folder / "annotations" / ".provider.lock", f"pid {os.getpid()}, since {since}"):

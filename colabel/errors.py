@@ -34,6 +34,14 @@ class SessionClosedError(ColabelError):
     """A write to a session that the provider has closed."""
 
 
+class StorageError(ColabelError):
+    """The provider cannot write its folder (full disk, read-only or failing file system): nothing was saved."""
+
+
+class ConflictError(ColabelError):
+    """A save based on a version that is no longer the latest (another tab or client saved meanwhile)."""
+
+
 class UnreadableImageError(ColabelError):
     """An image file that cannot be decoded (corrupt or unsupported)."""
 

@@ -426,3 +426,59 @@ async def test_trainer_session_tells_each_save_apart_even_where_a_version_number
     listed = latest(await annotator.trainer_session(trainer["token"]))
     assert listed["latest"][aid]["version"] == 2 and listed["latest"][aid]["label_file"] not in first["label_file"]
     assert listed["latest"][aid]["saved_at"] == second["saved_at"]
+
+
+# -- durability and concurrency (review of 2026-11-24) ------------------------------------------------------------
+
+async def test_a_save_drawn_on_an_old_version_is_a_conflict_and_a_retried_save_gets_its_version_back(
+        annotating, stack):
+    annotator, token, aid, image = annotating
+    first = collection(square(10, 10, 20))
+    assert (await annotator.save_annotation(token, aid, image["image_id"], first, 0))["version"] == 1
+    again = await annotator.save_annotation(token, aid, image["image_id"], first, 0)  # its answer was lost
+    assert again["version"] == 1
+    assert [f.name for f in saved_files(stack.folder) if f.suffix == ".geojson"] == ["v000001.geojson"]  # no copy
+    with pytest.raises(Exception, match=r"ConflictError: version 1 of image .* was saved after version 0"):
+        await annotator.save_annotation(token, aid, image["image_id"], collection(square(50, 50, 9)), 0)
+    with pytest.raises(Exception, match="base_version must be a version number"):
+        await annotator.save_annotation(token, aid, image["image_id"], first, "1")
+    assert (await annotator.save_annotation(token, aid, image["image_id"], collection(square(50, 50, 9)), 1)
+            )["version"] == 2
+
+
+async def test_a_full_disk_is_refused_as_a_storage_error_and_nothing_is_written(annotating, stack, monkeypatch):
+    import errno
+
+    import colabel.apps.provider.storage as storage
+
+    def full(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(storage, "atomic_write", full)
+    annotator, token, aid, image = annotating
+    with pytest.raises(Exception) as refused:
+        await annotator.save_annotation(token, aid, image["image_id"], collection(square(10, 10, 20)))
+    text = str(refused.value)
+    assert "StorageError: the provider's file system refused: No space left on device; nothing was saved" in text
+    assert str(stack.folder) not in text  # the reason, never a path of the provider's machine
+    assert saved_files(stack.folder) == []
+
+
+def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.errors import UnreadableImageError
+
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    shutil.copy(DATA / "he_histo.jpg", folder / "he.jpg")
+    provider = DataProvider(folder)
+    session, _ = provider.create_session(name="s", classes=CLASSES)
+    annotator, _ = provider.sessions.join(session.session_id, "Ann")
+    (image,) = provider.list_images()
+    provider.save_annotation(session, image.image_id, annotator.annotator_id, collection(square(10, 10, 20)))
+    iio.imwrite(folder / "he.jpg", np.zeros((50, 60, 3), np.uint8), extension=".jpg")  # replaced by a small one
+    with pytest.raises(UnreadableImageError, match=r"changed since the folder was scanned \(now \(50, 60, 3\)"):
+        provider.save_annotation(session, image.image_id, annotator.annotator_id, collection(square(10, 10, 20)))
+    with pytest.raises(UnreadableImageError, match="changed since the folder was scanned"):
+        provider.get_image(image.image_id)
+    assert provider.store.versions(session.session_id, image.image_id, annotator.annotator_id) == [1]

@@ -200,3 +200,59 @@ def test_a_starting_writer_removes_only_stale_temporary_files_of_the_secrets(tmp
     os.utime(stale, (time.time() - 86400,) * 2)
     SessionStore(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def _full_disk_for(monkeypatch, target: str, times: int = 1):
+    """The next ``times`` writes of ``target`` ("session.json" or the secrets file) fail as on a full disk."""
+    import errno
+
+    import colabel.apps.provider.sessions as sessions_module
+
+    real = sessions_module.atomic_write_json
+    left = [times]
+
+    def write(path, obj, **kwargs):
+        if path.name == target and left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj, **kwargs)
+
+    monkeypatch.setattr(sessions_module, "atomic_write_json", write)
+
+
+def test_a_revocation_whose_write_failed_refuses_the_link_and_the_retry_writes_it(tmp_path, monkeypatch):
+    store = SessionStore(tmp_path)
+    info, secret = store.create(name="s", classes=CLASSES)
+    token_id = info.tokens[0].token_id
+    _full_disk_for(monkeypatch, "session.json")
+    with pytest.raises(OSError, match="No space"):
+        store.revoke_token(info.session_id, token_id)
+    with pytest.raises(AccessDeniedError, match="invalid or revoked"):
+        store.authorize(secret)  # refused at once all the same: the safe direction
+    assert store.secret(info.session_id, token_id) is None
+    assert SessionStore(tmp_path).authorize(secret)  # not on disk yet: what a restart would find
+    revoked = store.revoke_token(info.session_id, token_id)  # the retry writes it
+    assert revoked.revoked is not None
+    with pytest.raises(AccessDeniedError, match="invalid or revoked"):
+        SessionStore(tmp_path).authorize(secret)  # and it holds after a restart
+    assert token_id not in json.loads((tmp_path / ".colabel-secrets.json").read_text())
+
+
+def test_a_change_whose_write_failed_leaves_no_trace_in_memory(tmp_path, monkeypatch):
+    store = SessionStore(tmp_path)
+    info, secret = store.create(name="s", classes=CLASSES)
+    _full_disk_for(monkeypatch, "session.json", times=4)
+    for change in (lambda: store.create(name="phantom", classes=CLASSES),
+                   lambda: store.issue_token(info.session_id, label="two"),
+                   lambda: store.join(info.session_id, "Ada"),
+                   lambda: store.set_state(info.session_id, "closed")):
+        with pytest.raises(OSError, match="No space"):
+            change()
+    assert [s.name for s in store.list()] == ["s"]  # no phantom session with a share link that opens nothing
+    assert len(store.get(info.session_id).tokens) == 1 and store.annotators(info.session_id) == {}
+    assert store.get(info.session_id).state == "open" and store.authorize(secret, write=True)
+    # the next write of the session (it succeeds) carries none of the failed changes either
+    store.join(info.session_id, "Bea")
+    reopened = SessionStore(tmp_path)
+    assert [s.name for s in reopened.list()] == ["s"] and len(reopened.get(info.session_id).tokens) == 1
+    assert [a.display_name for a in reopened.annotators(info.session_id).values()] == ["Bea"]

@@ -328,3 +328,90 @@ def test_refusals_echo_at_most_80_characters_of_a_huge_argument(tmp_path):
         with pytest.raises(ColabelError) as refused:
             call()
         assert len(str(refused.value)) < 400 and "AAAA..." in str(refused.value), (what, str(refused.value)[:300])
+
+
+def based_save(store, n, base):
+    labels = np.zeros((8, 6), np.uint16)
+    labels[:n] = 1
+    return store.save(fc(n), labels, session_id="s-1", image_id="img-1", image_name="x.png", annotator_id="a-1",
+                      display_name="Ann", base_version=base)
+
+
+def test_a_save_drawn_on_an_older_version_is_refused_not_saved_over_the_newer_one(tmp_path):
+    from colabel.errors import ConflictError
+
+    store = AnnotationStore(tmp_path / "annotations")
+    assert based_save(store, 1, 0).version == 1  # the first save of an image: drawn on nothing
+    assert based_save(store, 2, 1).version == 2  # tab A, drawn on v1
+    with pytest.raises(ConflictError, match="version 2 of image 'img-1' was saved after version 1"):
+        based_save(store, 3, 1)  # tab B, drawn on v1 too: would drop A's change
+    with pytest.raises(ConflictError, match="drawn on version 5 .* the latest is 2"):
+        based_save(store, 3, 5)
+    with pytest.raises(ConflictError, match="saved after version 0"):
+        based_save(store, 3, 0)
+    assert store.versions("s-1", "img-1", "a-1") == [1, 2] and len(store.load("s-1", "img-1", "a-1")["features"]) == 2
+    assert save(store, 3).version == 3  # without a base version the last save wins, as before
+
+
+def test_a_save_retried_after_its_answer_was_lost_gets_its_own_version_back_not_a_conflict_or_a_copy(tmp_path):
+    store = AnnotationStore(tmp_path / "annotations")
+    based_save(store, 1, 0)
+    committed = based_save(store, 2, 1)  # committed, but the answer never reached the page (a timeout)
+    retried = based_save(store, 2, 1)  # the page sends it again, still drawn on v1
+    assert retried == committed and store.versions("s-1", "img-1", "a-1") == [1, 2]
+
+
+def test_a_version_deleted_by_hand_while_serving_is_not_found_and_the_latest_falls_back(tmp_path):
+    store = AnnotationStore(tmp_path / "annotations")
+    records = [save(store, n) for n in (1, 2, 3)]
+    (tmp_path / records[2].geojson_file).unlink()
+    assert store.load("s-1", "img-1", "a-1")["colabel"]["version"] == 2  # the latest that still exists
+    assert store.versions("s-1", "img-1", "a-1") == [1, 2]
+    (tmp_path / records[1].geojson_file).unlink()
+    with pytest.raises(NotFoundError, match="version 2 no longer exists"):
+        store.load("s-1", "img-1", "a-1", 2)
+    assert store.record("s-1", "img-1", "a-1")["version"] == 1
+    assert save(store, 4).version == 4  # never a number given out before
+
+
+def test_a_write_that_fails_midway_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from colabel import files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(tmp_path / "f.json", b"data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_folders_are_flushed_into_their_parents(tmp_path, monkeypatch):
+    from colabel import files
+
+    flushed = []
+    monkeypatch.setattr(files, "fsync_dir", lambda path: flushed.append(path))
+    files.make_dirs(tmp_path / "a" / "b" / "c")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert flushed == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]  # each new entry, top down
+    flushed.clear()
+    files.make_dirs(tmp_path / "a" / "b")
+    assert flushed == []  # nothing new, nothing to flush
+
+
+def test_a_first_save_flushes_every_folder_it_creates(tmp_path, monkeypatch):
+    from colabel import files
+
+    store = AnnotationStore(tmp_path / "annotations")
+    created = []
+    real_mkdir = files.os.mkdir
+    flushed = []
+    real_fsync_dir = files.fsync_dir
+    monkeypatch.setattr(files.os, "mkdir", lambda path, *a, **k: (created.append(path), real_mkdir(path, *a, **k)))
+    monkeypatch.setattr(files, "fsync_dir", lambda path: (flushed.append(path), real_fsync_dir(path)))
+    save(store)
+    assert created and all(folder.parent in flushed for folder in created)
+    sessions = tmp_path / "annotations" / "sessions"
+    assert sessions / "s-1" / "images" / "img-1" / "a-1" in created  # the annotator's folder of the first save

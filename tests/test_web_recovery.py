@@ -357,3 +357,47 @@ async def test_sam_without_weights_on_the_server_is_switched_off_with_a_short_re
     assert "WeightsUnavailableError" not in message and "checkpoints" not in message, message
     await draw_polygon(page, FIRST)  # drawing by hand still works
     assert await settled(page) == 1
+
+
+@pytest.mark.parametrize("choice", ["load the newer version", "keep mine"])
+async def test_two_tabs_of_one_annotator_never_save_over_each_other_unasked(stack, browser, choice):
+    """Tab B draws on version 0 after tab A saved version 1: B's save is refused (not saved over A's without a
+    word), B says so and lets the annotator load A's version or keep B's drawing as the newest."""
+    he, (height, _) = he_image(stack.provider)
+    session, secret = stack.provider.create_session(name=f"tabs-{choice[:4]}", classes=CLASSES, image_ids=[he])
+    url = stack.services.share_url(secret)
+    tab_a = await new_page(browser)
+    await join(tab_a, url, "Tabea")
+    tab_b = await tab_a.context.new_page()  # the same browser: the same annotator key, the same image
+    errors = []
+    tab_b.on("pageerror", lambda exc: errors.append(str(exc)))
+    await tab_b.goto(url)
+    await tab_b.wait_for_selector("body[data-state=ready]", timeout=30_000)
+
+    await draw_polygon(tab_a, FIRST)
+    assert await settled(tab_a) == 1
+    await draw_polygon(tab_b, SECOND)
+    await tab_b.wait_for_selector("#banner:not([hidden])", timeout=30_000)
+    assert "saved elsewhere" in await tab_b.text_content("#banner-text")
+    assert await tab_b.text_content("#save-status") == "not saved: a newer version was saved elsewhere"
+    assert await tab_b.is_visible("#banner-reload") and await tab_b.is_visible("#banner-overwrite")
+    name, files = versions_of(stack.folder, session.session_id, he)
+    assert files == ["v000001.geojson"]  # A's version stands
+
+    if choice == "load the newer version":
+        await tab_b.click("#banner-reload")
+        await tab_b.wait_for_function("document.querySelector('#save-status').textContent === 'saved v1'")
+        assert await tab_b.is_hidden("#banner")
+        coordinates = await tab_b.evaluate(
+            "window.colabel.source.getFeatures().map((f) => f.getGeometry().getCoordinates()[0])")
+        assert len(coordinates) == 1 and near([(x, height - y) for x, y in coordinates[0]], FIRST)  # map y is up
+        assert versions_of(stack.folder, session.session_id, he)[1] == ["v000001.geojson"]
+        assert await drafts(tab_b) == []
+    else:
+        await tab_b.click("#banner-overwrite")
+        assert await settled(tab_b) == 2
+        assert await tab_b.is_hidden("#banner")
+        features = saved(stack.folder, session.session_id, he, name, 2)
+        assert len(features) == 1 and near(features[0]["geometry"]["coordinates"][0], SECOND)
+    assert not errors, errors
+    await tab_a.context.close()

@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from .storage import utc_now
+from .storage import fsync_dir, make_dirs, utc_now
 
 KINDS = ("label", "suggestion_shown", "suggestion_accepted", "suggestion_corrected", "retrain")
 #: Event kinds that set a cell's label.
@@ -24,7 +24,7 @@ class EventLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self._lock = threading.Lock()
 
     def append(self, kind: str, **fields) -> dict:
@@ -34,12 +34,15 @@ class EventLog:
         event = {"kind": kind, "time": utc_now(), **fields}
         line = (json.dumps(event, separators=(",", ":")) + "\n").encode("utf-8")
         with self._lock:
+            created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
                 os.write(fd, line)
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            if created:  # the new file's name must survive a power loss too
+                fsync_dir(self.path.parent)
         return event
 
     def read(self) -> list[dict]:

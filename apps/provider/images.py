@@ -201,6 +201,7 @@ class ImageCatalog:
         self.exclude = frozenset(exclude)
         self._lock = threading.Lock()
         self._records: dict[str, ImageRecord] = {}
+        self._checked: dict[str, str] = {}  # image id -> file revision whose header matched the record
         self.refresh()
 
     # ------------------------------------------------------------------ listing
@@ -228,6 +229,7 @@ class ImageCatalog:
                 found[record.image_id] = record
         with self._lock:
             self._records = found
+            self._checked = {}
 
     def records(self) -> list[ImageRecord]:
         """All records, sorted by name.
@@ -261,6 +263,40 @@ class ImageCatalog:
         record = self._records.get(image_id)
         if record is None:
             raise NotFoundError(f"unknown image id {shown(image_id)}")
+        return record
+
+    def check_unchanged(self, image_id: str) -> ImageRecord:
+        """The record of ``image_id`` after checking that its file still has the listed shape and dtype (headers
+        only, and only when the file's size or modification time changed since the last check): what a save is
+        drawn against must be the image on disk.
+
+        Raises
+        ------
+        UnreadableImageError
+            The file changed shape or dtype, or cannot be read any more, since the folder was scanned.
+        """
+        record = self.get(image_id)
+        if record.error or record.shape is None:
+            return record
+        revision = file_revision(record.path)
+        if revision is not None and self._checked.get(image_id) == revision:
+            return record
+        try:
+            if record.format in ("tiff", "ome-tiff"):
+                _, shape, dtype, _ = _scan_tiff(record.path, fmt=record.format)
+            else:
+                _, shape, dtype, _ = _scan_pil(record.path)
+        except Exception as exc:  # noqa: BLE001 - gone, truncated, replaced by something else
+            raise UnreadableImageError(
+                f"image '{record.name}' cannot be read any more ({_reason(exc, self.folder)}); refresh the catalog"
+            ) from None
+        if (tuple(shape), dtype) != (tuple(record.shape), record.dtype):
+            raise UnreadableImageError(
+                f"image '{record.name}' changed since the folder was scanned (now {tuple(shape)} {dtype}, listed "
+                f"{tuple(record.shape)} {record.dtype}); refresh the catalog"
+            )
+        if revision is not None:
+            self._checked[image_id] = revision
         return record
 
     # ------------------------------------------------------------------ pixels

@@ -118,15 +118,22 @@ class DataProvider:
     # -- annotations ------------------------------------------------------------------------------
     def save_annotation(self, session: SessionInfo, image_id: str, annotator_id: str,
                         feature_collection: object, *,
-                        still_allowed: Callable[[], object] | None = None) -> AnnotationRecord:
+                        still_allowed: Callable[[], object] | None = None,
+                        base_version: int | None = None) -> AnnotationRecord:
         """Validate, rasterise and commit a new version; nothing is written when any check fails.
 
         ``still_allowed`` is called right before the commit and may refuse it by raising (see
         :meth:`AnnotationStore.save`): the session's state and the caller's token are checked again there.
+        ``base_version`` (optional): the version the drawing was made on, 0 for none; the save is refused with
+        :class:`ConflictError` unless it is still the annotator's latest, or the latest holds exactly these features
+        (a save retried after its answer was lost: that version's record is returned, no new version is made).
         """
         image_id = self._check_in_session(session, image_id)
         annotator = self.sessions.annotator(session.session_id, annotator_id)
-        record = self.catalog.get(image_id)
+        if base_version is not None:
+            if isinstance(base_version, bool) or not isinstance(base_version, int) or base_version < 0:
+                raise InvalidInputError(f"base_version must be a version number (0: none), got {shown(base_version)}")
+        record = self.catalog.check_unchanged(image_id)
         if record.error or record.shape is None:
             raise InvalidInputError(f"image {shown(image_id)} is unreadable and cannot be annotated: {record.error}")
         if isinstance(feature_collection, (bytes, bytearray)):
@@ -151,6 +158,7 @@ class DataProvider:
         return self.store.save(
             fc, labels, session_id=session.session_id, image_id=image_id, image_name=record.name,
             annotator_id=annotator.annotator_id, display_name=annotator.display_name, still_allowed=still_allowed,
+            base_version=base_version,
         )
 
     def get_annotations(self, session: SessionInfo, image_id: str, *, annotator_id: str | None = None,

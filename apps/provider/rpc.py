@@ -17,10 +17,12 @@ frame, under a neutral name, never colabel's internals or where the provider is 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import inspect
 import logging
 import mimetypes
+import os
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
@@ -73,6 +75,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: ``errno`` values of a folder that cannot take a write: full, over quota, read-only, failing, not permitted.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
+
+
 def _remote(fn):
     """Run ``fn`` (a coroutine function, or a blocking one in a worker thread) and map its errors to a
     one-sentence :class:`ServiceError`."""
@@ -93,6 +99,12 @@ def _remote(fn):
             raise ServiceError(f"{type(exc).__name__}: {exc}") from None
         except ValidationError as exc:
             raise ServiceError(f"InvalidInputError: {exc.errors()[0]['msg']}") from None
+        except OSError as exc:
+            logger.exception("error of the file system in %s", fn.__name__)
+            if exc.errno in _STORAGE_ERRNOS:  # the reason only: no path of the provider's machine
+                raise ServiceError(f"StorageError: the provider's file system refused: {os.strerror(exc.errno)}; "
+                                   "nothing was saved") from None
+            raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
         except Exception:  # noqa: BLE001
             logger.exception("internal error in %s", fn.__name__)
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
@@ -264,14 +276,17 @@ class ProviderServices:
             info = sessions.authorize(token, write=True)
             return p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
 
-        async def save_annotation(token, annotator_key, image_id, annotation):
+        async def save_annotation(token, annotator_key, image_id, annotation, base_version=None):
             """Commit a new version. One annotator's saves run one at a time, on threads of their own (a slow
-            save never holds up reads); the token and the session's state are checked again at the commit."""
+            save never holds up reads); the token and the session's state are checked again at the commit.
+            ``base_version``: the version the drawing was made on (0: none); refused with ConflictError unless it
+            is still the latest (another tab saved meanwhile, or saves sent without waiting arrived out of order)."""
             info = sessions.authorize(token, write=True)
             annotator = sessions.identify(info.session_id, annotator_key)
             async with self._save_locks[(info.session_id, annotator.annotator_id)]:
                 save = functools.partial(p.save_annotation, info, image_id, annotator.annotator_id, annotation,
-                                         still_allowed=lambda: sessions.authorize(token, write=True))
+                                         still_allowed=lambda: sessions.authorize(token, write=True),
+                                         base_version=base_version)
                 return await asyncio.get_running_loop().run_in_executor(self._save_pool, save)
 
         def get_annotations(token, annotator_key, image_id, version=None):

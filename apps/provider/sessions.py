@@ -10,6 +10,7 @@ after a restart.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import secrets
@@ -21,7 +22,14 @@ from pathlib import Path
 from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, SessionClosedError, shown
 
 from .models import Annotator, LabelClass, SessionInfo, TokenInfo
-from .storage import atomic_write_json, check_id, read_only_refusal, remove_stale_temporary_files, utc_now
+from .storage import (
+    atomic_write_json,
+    check_id,
+    make_dirs,
+    read_only_refusal,
+    remove_stale_temporary_files,
+    utc_now,
+)
 
 MAX_DISPLAY_NAME = 64
 
@@ -56,6 +64,10 @@ class _Session:
         self.assigned_at = assigned_at or {}  # image id -> annotator id -> Unix time (s) of the assignment
         self.key_hashes = key_hashes or {}  # annotator id -> SHA-256 of the annotator's key
         self.by_key = {h: a for a, h in self.key_hashes.items()}
+
+    def copy(self) -> "_Session":
+        """A deep copy to change: the store publishes it only once its manifest is written."""
+        return copy.deepcopy(self)
 
     def manifest(self) -> dict:
         return {
@@ -100,6 +112,12 @@ class SessionStore:
     A writer removes, at start, temporary files of an interrupted write of the secrets untouched for
     :data:`~colabel.apps.provider.storage.STALE_TMP_SECONDS` (a younger one may be another process's write in
     flight).
+
+    Every change is made on a copy of the session, written, and only then published in memory: a change whose
+    write fails (full disk, read-only folder) leaves no trace, so memory never holds what a restart would lose
+    (a session with a share link that opens nothing, a revocation that comes undone). The one exception is the
+    safe direction: a token whose revocation could not be written is refused in memory all the same, and the next
+    ``revoke_token`` of it writes the revocation again.
     """
 
     def __init__(self, root: Path, assignment_lease: float = 3600.0, *, read_only: bool = False) -> None:
@@ -108,11 +126,12 @@ class SessionStore:
         self.read_only = read_only
         self.sessions_root = self.root / "sessions"
         if not read_only:
-            self.sessions_root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.sessions_root)
         self.secrets_path = self.root / ".colabel-secrets.json"
         self._lock = threading.RLock()
         self._sessions: dict[str, _Session] = {}
         self._by_hash: dict[str, tuple[str, str]] = {}  # token hash -> (session id, token id)
+        self._unwritten_revocations: set[str] = set()  # token ids refused in memory, revocation not yet written
         self.load_errors: dict[str, str] = {}
         self._secrets: dict[str, str] = {}
         if not read_only:  # an interrupted write of the secrets (not one in flight elsewhere)
@@ -141,12 +160,29 @@ class SessionStore:
     def _write(self, session: _Session) -> None:
         self._check_writable("change a session")
         folder = self.sessions_root / session.info.session_id
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
         atomic_write_json(folder / "session.json", session.manifest())
 
-    def _write_secrets(self) -> None:
+    def _commit(self, session: _Session) -> None:
+        """Write a changed copy of a session, then publish it (caller holds ``self._lock``): if the write fails,
+        memory is unchanged."""
+        self._write(session)
+        session_id = session.info.session_id
+        old = self._sessions.get(session_id)
+        if old is not None:
+            for token_hash in old.token_hashes.values():
+                self._by_hash.pop(token_hash, None)
+        self._sessions[session_id] = session
+        for token in session.info.tokens:
+            live = token.revoked is None and token.token_id not in self._unwritten_revocations
+            if live and token.token_id in session.token_hashes:
+                self._by_hash[session.token_hashes[token.token_id]] = (session_id, token.token_id)
+
+    def _write_secrets(self, secrets_: dict[str, str]) -> None:
+        """Write the provider's secrets file, then adopt ``secrets_`` in memory."""
         self._check_writable("change the secrets")
-        atomic_write_json(self.secrets_path, self._secrets, mode=0o600)
+        atomic_write_json(self.secrets_path, secrets_, mode=0o600)
+        self._secrets = secrets_
 
     def _get(self, session_id: object) -> _Session:
         if not isinstance(session_id, str) or session_id not in self._sessions:
@@ -184,9 +220,8 @@ class SessionStore:
                 created=utc_now(),
             )
             session = _Session(info, {}, {}, {})
-            self._sessions[session_id] = session
             _, secret = self._new_token(session, label="first share link")
-            return info.model_copy(deep=True), secret
+            return self._sessions[session_id].info.model_copy(deep=True), secret
 
     def list(self) -> list[SessionInfo]:
         """Every session, oldest first."""
@@ -204,21 +239,21 @@ class SessionStore:
         if state not in ("open", "closed"):
             raise InvalidInputError(f"session state must be 'open' or 'closed', got {shown(state)}")
         with self._lock:
-            session = self._get(session_id)
+            session = self._get(session_id).copy()
             session.info.state = state
-            self._write(session)
+            self._commit(session)
             return session.info.model_copy(deep=True)
 
     def _new_token(self, session: _Session, *, label: str, role: str = "annotate") -> tuple[TokenInfo, str]:
+        """Add a token to ``session`` (a copy, or a new session) and commit it. The secret is written first: a
+        secret whose manifest write then fails opens nothing (its hash is in no manifest)."""
         secret = secrets.token_urlsafe(32)
         token = TokenInfo(token_id=f"t-{secrets.token_hex(4)}", role=role, label=label, created=utc_now())
         session.info.tokens.append(token)
         session.token_hashes[token.token_id] = _hash(secret)
-        self._secrets[token.token_id] = secret
-        self._write_secrets()
-        self._write(session)
-        self._by_hash[_hash(secret)] = (session.info.session_id, token.token_id)
-        return token, secret
+        self._write_secrets({**self._secrets, token.token_id: secret})
+        self._commit(session)
+        return token.model_copy(), secret
 
     def issue_token(self, session_id: str, *, label: str = "", role: str = "annotate") -> tuple[TokenInfo, str]:
         """A new token for a session (``role`` "annotate": a share link; "train": read-only trainer access)."""
@@ -228,29 +263,39 @@ class SessionStore:
         if role not in ("annotate", "train"):
             raise InvalidInputError(f"token role must be 'annotate' or 'train', got {shown(role)}")
         with self._lock:
-            return self._new_token(self._get(session_id), label=label, role=role)
+            return self._new_token(self._get(session_id).copy(), label=label, role=role)
 
     def revoke_token(self, session_id: str, token_id: str) -> TokenInfo:
-        """Revoke a share token: every later call with it is refused."""
+        """Revoke a share token: every later call with it is refused, at once and after restarts.
+
+        The token is refused in memory even when writing the revocation fails (the error is raised); calling this
+        again writes it. Revoking a revoked token changes nothing (its secret is dropped if still kept).
+        """
         self._check_writable("revoke a token")
         with self._lock:
-            session = self._get(session_id)
-            for token in session.info.tokens:
-                if token.token_id == token_id:
-                    if token.revoked is None:
-                        token.revoked = utc_now()
-                        self._by_hash.pop(session.token_hashes.get(token_id, ""), None)
-                        self._secrets.pop(token_id, None)
-                        self._write(session)
-                        self._write_secrets()
-                    return token.model_copy()
-            raise NotFoundError(f"session {shown(session_id)} has no token {shown(token_id)}")
+            current = self._get(session_id)
+            found = next((t for t in current.info.tokens if t.token_id == token_id), None)
+            if found is None:
+                raise NotFoundError(f"session {shown(session_id)} has no token {shown(token_id)}")
+            if found.revoked is None:
+                session = current.copy()
+                token = next(t for t in session.info.tokens if t.token_id == token_id)
+                token.revoked = utc_now()
+                self._unwritten_revocations.add(token_id)  # refused from now on, written or not
+                self._by_hash.pop(session.token_hashes.get(token_id, ""), None)
+                self._commit(session)
+                self._unwritten_revocations.discard(token_id)
+                found = token
+            if token_id in self._secrets:  # a revoked link's secret is kept nowhere
+                self._write_secrets({k: v for k, v in self._secrets.items() if k != token_id})
+            return found.model_copy()
 
     def secret(self, session_id: str, token_id: str) -> str | None:
         """The secret of a live token (for reprinting a share URL), None when revoked or unknown."""
         with self._lock:
             session = self._get(session_id)
-            if any(t.token_id == token_id and t.revoked is None for t in session.info.tokens):
+            live = token_id not in self._unwritten_revocations
+            if live and any(t.token_id == token_id and t.revoked is None for t in session.info.tokens):
                 return self._secrets.get(token_id)
             return None
 
@@ -285,7 +330,7 @@ class SessionStore:
         self._check_writable("register an annotator")
         name = clean_display_name(display_name)
         with self._lock:
-            session = self._get(session_id)
+            session = self._get(session_id).copy()
             if len(session.annotators) >= MAX_ANNOTATORS:
                 raise InvalidInputError(f"session {session.info.name!r} has {len(session.annotators)} annotators, the "
                                         "most one session takes; ask its provider for another session")
@@ -294,8 +339,8 @@ class SessionStore:
             session.annotators[annotator.annotator_id] = annotator
             session.key_hashes[annotator.annotator_id] = _hash(key)
             session.by_key[_hash(key)] = annotator.annotator_id
-            self._write(session)
-            return annotator, key
+            self._commit(session)
+            return annotator.model_copy(), key
 
     def identify(self, session_id: str, key: object) -> Annotator:
         """The annotator whose secret key this is, in this session; :class:`AccessDeniedError` otherwise."""
@@ -367,7 +412,8 @@ class SessionStore:
                     best = key
             if best is None:
                 return None
+            session = session.copy()
             session.assignments.setdefault(best[2], []).append(annotator_id)
             session.assigned_at.setdefault(best[2], {})[annotator_id] = now
-            self._write(session)
+            self._commit(session)
             return best[2]

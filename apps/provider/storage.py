@@ -42,13 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
-from colabel.errors import AccessDeniedError, InvalidInputError, NotFoundError, shown
-from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir re-exported
+from colabel.errors import AccessDeniedError, ConflictError, InvalidInputError, NotFoundError, shown
+from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir, make_dirs re-exported
     atomic_write,
     atomic_write_json,
     file_lock,
     fsync_dir,
     lock_descriptor,
+    make_dirs,
 )
 
 from .models import AnnotationRecord
@@ -152,7 +153,7 @@ class AnnotationStore:
         self.read_only = read_only
         self.sessions_root = self.root / "sessions"
         if not read_only:
-            self.sessions_root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.sessions_root)
         self._locks: defaultdict[tuple, threading.Lock] = defaultdict(threading.Lock)
         self._index_lock = threading.Lock()
         # (session, image, annotator) -> sorted list of committed versions
@@ -241,6 +242,7 @@ class AnnotationStore:
         annotator_id: str,
         display_name: str,
         still_allowed: Callable[[], object] | None = None,
+        base_version: int | None = None,
     ) -> AnnotationRecord:
         """Commit a new version of an annotator's annotation of an image and return its record.
 
@@ -250,6 +252,11 @@ class AnnotationStore:
         the save by raising (a session closed or a token revoked while the save was being checked).
         The version is one more than the highest number ever given out for this image and annotator (on disk, or
         in the version mark, which survives deleted versions), and the mark is raised before anything is written.
+        ``base_version``, when given, is the version the drawing was made on (0: none): the save is refused with
+        :class:`ConflictError` unless it is still the latest, so a save drawn on an older version (another tab or
+        client saved meanwhile, or saves sent without waiting arrived out of order) never replaces a newer one. When
+        the latest version holds exactly these features (the same save retried after its answer was lost), that
+        version's record is returned and nothing is written.
         """
         if self.read_only:
             raise read_only_refusal(self.root, "save annotations")
@@ -260,10 +267,17 @@ class AnnotationStore:
         with self._locks[key]:
             if still_allowed is not None:
                 still_allowed()
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dirs(folder)
             with _file_lock(folder):
                 with self._index_lock:
                     indexed = max(self._index.get(key, []), default=0)
+                if base_version is not None and base_version != indexed:
+                    # a save retried after its answer was lost (it timed out, the connection dropped) finds its
+                    # own commit: the same features as the latest version are that version, not a conflict
+                    same = self._latest_if_same(session_id, image_id, annotator_id, feature_collection)
+                    if same is not None:
+                        return same
+                    self.save_conflict(image_id, base_version, indexed)
                 version = max(self._next_version(folder), _read_mark(mark) + 1, indexed + 1)
                 while True:
                     _write_mark(mark, version)
@@ -299,6 +313,33 @@ class AnnotationStore:
                 versions.sort()
         return record
 
+    def _latest_if_same(self, session_id: str, image_id: str, annotator_id: str,
+                        feature_collection: dict) -> AnnotationRecord | None:
+        """The record of the latest version when its features are ``feature_collection``'s (their ids aside), else
+        None."""
+        try:
+            latest = self.load(session_id, image_id, annotator_id)
+        except NotFoundError:
+            return None
+        def content(features: list) -> list:  # ids aside: one made up for a feature sent without an id differs
+            return [{k: v for k, v in f.items() if k != "id"} if isinstance(f, dict) else f for f in features]
+
+        sent = json.loads(json.dumps(feature_collection["features"], ensure_ascii=False))
+        if content(latest.get("features") or []) != content(sent):
+            return None
+        fields = AnnotationRecord.model_fields
+        return AnnotationRecord.model_validate({k: v for k, v in latest["colabel"].items() if k in fields})
+
+    @staticmethod
+    def save_conflict(image_id: str, base_version: int, latest: int) -> None:
+        """Raise the :class:`ConflictError` of a save drawn on ``base_version`` when ``latest`` is the latest."""
+        if base_version < latest:
+            raise ConflictError(
+                f"version {latest} of image {shown(image_id)} was saved after version {base_version}, which this "
+                "save was drawn on (by another tab or client of this annotator); load the latest version")
+        raise ConflictError(f"this save was drawn on version {base_version} of image {shown(image_id)}, but the "
+                            f"latest is {latest}; load the latest version")
+
     @staticmethod
     def _next_version(folder: Path) -> int:
         found = [int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_FILE.match(p.name))]
@@ -311,6 +352,7 @@ class AnnotationStore:
         versions = self.versions(session_id, image_id, annotator_id)
         if not versions:
             raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)}")
+        asked = version
         if version is None:
             version = versions[-1]
         elif isinstance(version, bool) or not isinstance(version, int) or version not in versions:
@@ -318,7 +360,7 @@ class AnnotationStore:
         path = self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.geojson"
         record = _tail_record(path)
         if record is None or record.get("version") != version:
-            record = json.loads(path.read_text(encoding="utf-8"))["colabel"]
+            record = self.load(session_id, image_id, annotator_id, asked)["colabel"]  # a vanished file: as load
         return record
 
     def latest_save(self, session_id: str, image_id: str, annotator_id: str) -> dict | None:
@@ -365,14 +407,28 @@ class AnnotationStore:
         versions = self.versions(session_id, image_id, annotator_id)
         if not versions:
             raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)}")
-        if version is None:
+        latest = version is None
+        if latest:
             version = versions[-1]
         if isinstance(version, bool) or not isinstance(version, int):
             raise InvalidInputError(f"version must be an integer, got {shown(version)}")
         if version not in versions:
             raise NotFoundError(f"version {version} does not exist (versions: {versions[0]}..{versions[-1]})")
         path = self._annotator_dir(session_id, image_id, annotator_id) / f"v{version:06d}.geojson"
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self._vanished(session_id, image_id, annotator_id, version)
+            if latest:  # the latest that still exists
+                return self.load(session_id, image_id, annotator_id)
+            raise NotFoundError(f"version {version} no longer exists (its file was deleted)") from None
+
+    def _vanished(self, session_id: str, image_id: str, annotator_id: str, version: int) -> None:
+        """Forget a version whose GeoJSON was deleted (by hand) while this process runs."""
+        with self._index_lock:
+            versions = self._index.get((session_id, image_id, annotator_id), [])
+            if version in versions:
+                versions.remove(version)
 
     def label_path(self, session_id: str, image_id: str, annotator_id: str, version: int | None = None) -> Path:
         """Path of the instance-label TIFF of a committed version (latest by default)."""
@@ -393,7 +449,7 @@ def _write_mark(path: Path, version: int) -> None:
     """Raise the mark to ``version`` (never lowers it); written atomically before the version's files."""
     if _read_mark(path) >= version:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_json(path, {"highest_version": version})
 
 

@@ -41,9 +41,11 @@ const SLOW_MS = 5_000;
 const BROWSER_SAM_MAX_SIDE = 2048;
 // the colabel sentence of an error raised by the provider (not a transport failure: never retried as one)
 const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError|PayloadTooLargeError|AccessDeniedError|"
-  + "SessionClosedError|UnreadableImageError|ModelServiceUnavailable|internal error)\\b");
-// errors a retry cannot mend: saves stop, and the annotator is told (with the drawing to download)
-const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError)\b/;
+  + "SessionClosedError|UnreadableImageError|ModelServiceUnavailable|ConflictError|StorageError|internal error)\\b");
+// errors a retry cannot mend: saves stop, and the annotator is told (with the drawing to download); a conflict
+// (another tab or client of this annotator saved the image since this drawing's version) asks which to keep
+const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError|ConflictError)\b/;
+const CONFLICT = /^ConflictError\b/;
 // the Hypha connection itself is gone (a restarted server refuses the old connection's token): a fresh one
 const DEAD_CONNECTION = /Authentication error|Signature verification|Connection is closed|ConnectionAbortedError/i;
 // a model service that is not running, or cannot load its model (no weights on the server, no such file); not a
@@ -54,7 +56,7 @@ const state = {
   ctx: null, server: null, annotate: null, key: null, session: null, classes: [], current: 0,
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
   sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
-  samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false,
+  samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false, assignment: null,
 };
 let uid = 0;
 const newId = () => `f${Date.now().toString(36)}-${uid++}`;
@@ -398,8 +400,10 @@ function keepDraft() {
   const key = state.image && draftKey(state.image.image_id);
   if (!key) return;
   try {
-    localStorage.setItem(key, JSON.stringify({ base_version: state.version, saved_at: Date.now(),
-      annotation: collection() }));
+    // in_flight: a save of an earlier state of this drawing may be committed as base_version + 1 without this
+    // page hearing of it (the tab closed meanwhile); the draft holds that state and what came after it
+    localStorage.setItem(key, JSON.stringify({ base_version: state.version, in_flight: saver.running !== null,
+      saved_at: Date.now(), annotation: collection() }));
   } catch (err) {
     console.warn("colabel: the unsaved drawing could not be kept in this browser:", err);
   }
@@ -420,7 +424,8 @@ function usableDraft(imageId, latest) {
     draft = null;
   }
   if (!draft) return null;
-  if (!(draft.base_version >= latest) || !Array.isArray(draft.annotation?.features)) {
+  const newer = draft.base_version >= latest || (draft.in_flight === true && draft.base_version + 1 === latest);
+  if (!newer || !Array.isArray(draft.annotation?.features)) {
     // saved since (the answer to a committed save was lost, or another tab saved): the server's is newer
     dropDraft(imageId);
     return null;
@@ -441,7 +446,9 @@ const saver = new AutoSaver({
     const imageId = state.image.image_id;
     saveOn = state.server;
     // not retried here: the saver retries with backoff (a save that timed out may have been committed)
-    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, collection()],
+    // base_version: the version this drawing was made on; a save over a version saved since by another tab or
+    // client of this annotator is refused (ConflictError) instead of silently dropping that version's changes
+    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, collection(), state.version],
       TIMEOUT.default, { retry: false });
     if (state.image && state.image.image_id === imageId) {
       state.version = record.version;
@@ -469,11 +476,16 @@ const saver = new AutoSaver({
       const why = finalReason(errorText(error));
       saveStatus(`not saved: ${why}`, "failed");
       $("save-status").title = `${errorText(error)} (click to try again)`;
-      showBanner(`${why[0].toUpperCase()}${why.slice(1)}: your last changes were not saved.`);
+      if (CONFLICT.test(errorText(error))) {
+        showBanner("This image was saved elsewhere (another tab or window) after the version you are drawing on: your "
+          + "last changes were not saved.", { conflict: true });
+      } else showBanner(`${why[0].toUpperCase()}${why.slice(1)}: your last changes were not saved.`);
     }
   },
 });
-$("save-status").addEventListener("click", () => { if (saver.dirty) saver.retryNow(); });
+$("save-status").addEventListener("click", () => {
+  if (saver.dirty && !(saver.stopped && CONFLICT.test(errorText(saver.stopped)))) saver.retryNow();
+});
 window.addEventListener("beforeunload", (e) => {
   if (!saver.dirty) return;
   e.preventDefault();
@@ -483,14 +495,34 @@ window.addEventListener("beforeunload", (e) => {
 /** What an error that stops the saves means for the annotator. */
 function finalReason(text) {
   if (/^SessionClosedError\b/.test(text)) return "the session is closed";
+  if (CONFLICT.test(text)) return "a newer version was saved elsewhere";
   if (/revoked/i.test(text)) return "this link was revoked";
   return `access denied (${text.replace(/^AccessDeniedError: /, "")})`;
 }
 
 /** The banner over the image (null hides it), with the unsaved drawing to download. */
-function showBanner(text) {
+function showBanner(text, { conflict = false } = {}) {
   $("banner").hidden = !text;
   $("banner-text").textContent = text || "";
+  $("banner-reload").hidden = !conflict;
+  $("banner-overwrite").hidden = !conflict;
+}
+
+/** After a conflict: show the version saved elsewhere, forgetting this page's unsaved drawing. */
+async function loadNewerVersion() {
+  if (!state.image || !state.assignment) return;
+  dropDraft(state.image.image_id);
+  await showImage(state.assignment);
+}
+
+/** After a conflict: save this page's drawing as the newest version, over the one saved elsewhere. */
+async function saveMineOver() {
+  if (!state.image) return;
+  const versions = await api("list_versions", [state.ctx.token, state.key, state.image.image_id]);
+  state.version = versions.length ? versions[versions.length - 1] : 0;
+  keepDraft();
+  showBanner(null);
+  await saver.retryNow();
 }
 
 function downloadUnsaved() {
@@ -503,6 +535,8 @@ function downloadUnsaved() {
   setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 $("banner-download").addEventListener("click", downloadUnsaved);
+$("banner-reload").addEventListener("click", () => loadNewerVersion().catch((err) => message(errorText(err), true)));
+$("banner-overwrite").addEventListener("click", () => saveMineOver().catch((err) => message(errorText(err), true)));
 
 // -- classes ---------------------------------------------------------------------------------
 function showClasses() {
@@ -824,6 +858,7 @@ function remember(assignment) {
 async function showImage(assignment) {
   const { image, position, total } = assignment;
   remember(assignment);
+  state.assignment = assignment;
   saver.reset();
   source.clear();
   resetSam();
@@ -930,7 +965,8 @@ async function nextImage() {
       await saver.changed();
     }
     if (state.image && saver.stopped) {
-      showBanner($("banner-text").textContent || "Your last changes were not saved.");
+      showBanner($("banner-text").textContent || "Your last changes were not saved.",
+        { conflict: CONFLICT.test(errorText(saver.stopped)) });
       $("next-image").disabled = false;
       return;
     }

@@ -482,3 +482,27 @@ def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_pat
     with pytest.raises(UnreadableImageError, match="changed since the folder was scanned"):
         provider.get_image(image.image_id)
     assert provider.store.versions(session.session_id, image.image_id, annotator.annotator_id) == [1]
+
+
+async def test_revoking_a_link_frees_the_images_its_annotators_held_unsaved(stack, connect):
+    """A link used to join once per image and hold them all (nobody else gets an image for an hour): revoking it
+    frees them at once, except an image one of its annotators saved."""
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("held", CLASSES)
+    sid, leaked = created["session"]["session_id"], created["token"]
+    fresh = (await provider.issue_token(sid, "the new link"))["token"]
+    annotator = await open_annotator(stack, connect)
+    held = []
+    for n in range(3):  # the session's 3 readable images
+        key = (await annotator.join(leaked, f"Mallory {n}"))["annotator_key"]
+        held.append((key, (await annotator.next_image(leaked, key))["image"]["image_id"]))
+    await annotator.save_annotation(leaked, held[0][0], held[0][1], collection(square(1, 1, 5)))
+    bob = (await annotator.join(fresh, "Bob"))["annotator_key"]
+    assert (await annotator.next_image(fresh, bob))["image"] is None  # every image is held
+
+    await provider.revoke_token(sid, created["session"]["tokens"][0]["token_id"])
+    got = {(await annotator.next_image(fresh, bob))["image"]["image_id"]}
+    await annotator.save_annotation(fresh, bob, next(iter(got)), collection(square(1, 1, 5)))
+    got.add((await annotator.next_image(fresh, bob))["image"]["image_id"])
+    assert got == {held[1][1], held[2][1]}  # the two unsaved ones; the saved one stays Mallory 0's
+    assert (await annotator.next_image(fresh, bob))["image"] is not None  # still the second one, unsaved

@@ -255,7 +255,7 @@ class ProviderServices:
         def join(token, display_name):
             """Join the session under a display name; returns the annotator and the key for later calls."""
             info = sessions.authorize(token, write=True)
-            annotator, key = sessions.join(info.session_id, display_name)
+            annotator, key = sessions.join(info.session_id, display_name, token_id=sessions.token_id(token))
             return {"annotator": annotator, "annotator_key": key, "session": _public(info)}
 
         def session_info(token):

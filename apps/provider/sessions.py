@@ -56,7 +56,8 @@ class _Session:
 
     def __init__(self, info: SessionInfo, token_hashes: dict[str, str], annotators: dict[str, Annotator],
                  assignments: dict[str, list[str]], key_hashes: dict[str, str] | None = None,
-                 assigned_at: dict[str, dict[str, float]] | None = None) -> None:
+                 assigned_at: dict[str, dict[str, float]] | None = None,
+                 joined_via: dict[str, str] | None = None) -> None:
         self.info = info
         self.token_hashes = token_hashes
         self.annotators = annotators
@@ -64,6 +65,7 @@ class _Session:
         self.assigned_at = assigned_at or {}  # image id -> annotator id -> Unix time (s) of the assignment
         self.key_hashes = key_hashes or {}  # annotator id -> SHA-256 of the annotator's key
         self.by_key = {h: a for a, h in self.key_hashes.items()}
+        self.joined_via = joined_via or {}  # annotator id -> id of the share token they joined with
 
     def copy(self) -> "_Session":
         """A deep copy to change: the store publishes it only once its manifest is written."""
@@ -78,6 +80,7 @@ class _Session:
             "assignments": self.assignments,
             "assigned_at": self.assigned_at,
             "annotator_key_hashes": self.key_hashes,
+            "joined_via": self.joined_via,
         }
 
     @classmethod
@@ -89,7 +92,16 @@ class _Session:
             {k: list(v) for k, v in data.get("assignments", {}).items()},
             dict(data.get("annotator_key_hashes", {})),
             {k: dict(v) for k, v in data.get("assigned_at", {}).items()},
+            dict(data.get("joined_via", {})),
         )
+
+
+def _end_leases(session: _Session, annotator_ids: set[str]) -> None:
+    """End the leases of these annotators' assigned images (the assignment stays: an image they saved still counts
+    as theirs, through its saved versions)."""
+    for since in session.assigned_at.values():
+        for annotator_id in annotator_ids & set(since):
+            since[annotator_id] = 0.0  # assigned at the epoch: long expired
 
 
 class SessionStore:
@@ -268,6 +280,10 @@ class SessionStore:
     def revoke_token(self, session_id: str, token_id: str) -> TokenInfo:
         """Revoke a share token: every later call with it is refused, at once and after restarts.
 
+        The images assigned to annotators who joined with it, and not saved by them, are free for others at once
+        (their leases end): a link that was passed around, or used to join many times and hold every image, stops
+        holding images when it is revoked.
+
         The token is refused in memory even when writing the revocation fails (the error is raised); calling this
         again writes it. Revoking a revoked token changes nothing (its secret is dropped if still kept).
         """
@@ -281,6 +297,7 @@ class SessionStore:
                 session = current.copy()
                 token = next(t for t in session.info.tokens if t.token_id == token_id)
                 token.revoked = utc_now()
+                _end_leases(session, {a for a, via in session.joined_via.items() if via == token_id})
                 self._unwritten_revocations.add(token_id)  # refused from now on, written or not
                 self._by_hash.pop(session.token_hashes.get(token_id, ""), None)
                 self._commit(session)
@@ -321,11 +338,13 @@ class SessionStore:
                 raise SessionClosedError(f"session {session.info.name!r} is closed")
             return session.info.model_copy(deep=True)
 
-    def join(self, session_id: str, display_name: object) -> tuple[Annotator, str]:
+    def join(self, session_id: str, display_name: object, *, token_id: str | None = None) -> tuple[Annotator, str]:
         """Register an annotator under a display name; returns the annotator and their secret key.
 
         The id is made here, never chosen by the caller, and is public (progress lists it); the key is what
         an annotator's later calls present, so nobody else holding the share link can act in their name.
+        ``token_id``: the share token joined with (:meth:`token_id`), recorded so that revoking it ends the
+        leases of the images its annotators hold.
         """
         self._check_writable("register an annotator")
         name = clean_display_name(display_name)
@@ -339,8 +358,20 @@ class SessionStore:
             session.annotators[annotator.annotator_id] = annotator
             session.key_hashes[annotator.annotator_id] = _hash(key)
             session.by_key[_hash(key)] = annotator.annotator_id
+            if token_id is not None:
+                session.joined_via[annotator.annotator_id] = token_id
             self._commit(session)
             return annotator.model_copy(), key
+
+    def token_id(self, token: object) -> str:
+        """The id of a live share token (as :meth:`authorize` finds it); :class:`AccessDeniedError` otherwise."""
+        if not isinstance(token, str) or not token or len(token) > 256:
+            raise AccessDeniedError("a session token is required")
+        with self._lock:
+            found = self._by_hash.get(_hash(token))
+            if found is None:
+                raise AccessDeniedError("invalid or revoked session token")
+            return found[1]
 
     def identify(self, session_id: str, key: object) -> Annotator:
         """The annotator whose secret key this is, in this session; :class:`AccessDeniedError` otherwise."""

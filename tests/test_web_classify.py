@@ -321,3 +321,132 @@ async def test_classification_page_with_unreachable_model_services_says_so_and_k
         await screenshot(page, tmp_path, "classify-services-down")
     finally:
         await server.disconnect()
+
+
+async def session_with_suggestions(hals_stack, connect, name: str):
+    """A classification session of the IHC image whose classifier is trained (10 labels per class sent from
+    Python): ``(session, secret)``; the browser then shows a suggestion for every other cell of the image."""
+    provider, services, hals = hals_stack["provider"], hals_stack["services"], hals_stack["hals"]
+    ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
+    session, secret = provider.create_session(name=name, classes=CLASSES, mode="classification", image_ids=[ihc])
+    client = await connect()
+    annotator = await client.get_service(services.annotator_service_id)
+    key = (await annotator.join(secret, "Python helper"))["annotator_key"]
+    cells = (await annotator.cells(secret, ihc))["cells"]
+    truth = dab_truth(provider.get_image(ihc), cells)
+    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
+    for cell_id in [*by_class["positive"][:10], *by_class["negative"][:10]]:
+        await annotator.label_cell(secret, key, ihc, cell_id, truth[cell_id])
+    await hals.wait_for_training(session)
+    return session, secret
+
+
+async def join_with_suggestions(page, hals_stack, secret: str, name: str) -> str:
+    """Join in the browser and wait for the suggestions of the view; returns the annotator id."""
+    me = await join_in_browser(page, hals_stack["services"].share_url(secret), name)
+    await page.wait_for_function("Number(document.getElementById('classify').dataset.suggestions) > 0 && "
+                                 "window.colabelClassify.S.busy === 0", timeout=120_000)
+    return me
+
+
+LABEL_KINDS = ("label", "suggestion_accepted", "suggestion_corrected")
+
+
+def labels_by(folder, session_id: str, annotator_id: str) -> list[dict]:
+    """The label events of one annotator (not the suggestions shown to them)."""
+    return [e for e in events_of(folder, session_id) if e.get("annotator_id") == annotator_id
+            and e["kind"] in LABEL_KINDS]
+
+
+NOTHING_LABELLED = """() => { const S = window.colabelClassify.S;
+    return S.labelling === 0 && S.events.label + S.events.suggestion_accepted + S.events.suggestion_corrected === 0;
+}"""
+
+
+async def test_keys_with_ctrl_alt_or_meta_are_not_classification_shortcuts(hals_stack, page, connect):
+    session, secret = await session_with_suggestions(hals_stack, connect, "modified keys")
+    me = await join_with_suggestions(page, hals_stack, secret, "Reflexive Keyboarder")
+    suggestions = await page.evaluate("window.colabelClassify.visibleSuggestions()")
+    labels_before = await page.evaluate("window.colabelClassify.S.labels.size")
+    cell = suggestions[0]["cell_id"]
+    await click_cell(page, cell)
+
+    # Ctrl+A is "select all", Ctrl+1 / Alt+1 / Meta+1 switch browser tabs, Ctrl+P prints: none of them labels a
+    # cell, accepts the suggestions in view or moves to the next patch
+    for combo in ["Control+1", "Alt+1", "Meta+1", "Control+2", "Control+a", "Meta+a", "Alt+a", "Control+Shift+A",
+                  "Control+p", "Alt+p", "Meta+p"]:
+        await page.keyboard.press(combo)
+    await page.wait_for_timeout(2000)  # a next patch or a label would have been asked for by now
+    assert await page.evaluate(NOTHING_LABELLED)
+    assert await page.evaluate("window.colabelClassify.S.labels.size") == labels_before
+    assert await page.evaluate("window.colabelClassify.S.patch") is None
+    assert len(await page.evaluate("window.colabelClassify.visibleSuggestions()")) == len(suggestions)
+    assert await page.evaluate("(id) => window.colabelClassify.S.selected.has(id)", cell)
+    assert not labels_by(hals_stack["folder"], session.session_id, me)
+
+    # the plain key still labels the selected cell
+    await page.keyboard.press("2")
+    await page.wait_for_function("(id) => window.colabelClassify.S.labels.get(id) === 'negative' && "
+                                 "window.colabelClassify.S.labelling === 0", arg=cell)
+    mine = labels_by(hals_stack["folder"], session.session_id, me)
+    assert [(e["cell_id"], e["class"]) for e in mine] == [(cell, "negative")]
+
+
+async def test_shift_and_caps_lock_still_give_the_a_and_p_shortcuts(hals_stack, page, connect):
+    session, secret = await session_with_suggestions(hals_stack, connect, "capital keys")
+    me = await join_with_suggestions(page, hals_stack, secret, "Caps Lock")
+    asked = []
+
+    async def answer(dialog):
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.on("dialog", answer)
+    # Caps Lock on: the key reads "P" without Shift
+    await page.keyboard.press("P")
+    await page.wait_for_function("window.colabelClassify.S.patch !== null", timeout=120_000)
+    await page.wait_for_function("JSON.stringify(window.colabelClassify.S.shown) === "
+                                 "JSON.stringify(window.colabelClassify.viewRegion()) && "
+                                 "window.colabelClassify.S.busy === 0", timeout=120_000)
+    await page.wait_for_function("window.colabelClassify.visibleSuggestions().length > 0", timeout=60_000)
+    visible = await page.evaluate("window.colabelClassify.visibleSuggestions()")
+
+    # Shift+A: every suggestion in view accepted (after a confirmation, were there over 100)
+    await page.keyboard.press("Shift+A")
+    await page.wait_for_function(f"window.colabelClassify.S.events.suggestion_accepted === {len(visible)} && "
+                                 "window.colabelClassify.S.labelling === 0", timeout=60_000)
+    accepted = {e["cell_id"] for e in events_of(hals_stack["folder"], session.session_id)
+                if e.get("annotator_id") == me and e["kind"] == "suggestion_accepted"}
+    assert accepted == {s["cell_id"] for s in visible}
+    assert len(asked) == (len(visible) > 100)
+
+
+async def test_the_a_key_asks_before_accepting_more_than_100_suggestions_at_once(hals_stack, page, connect):
+    session, secret = await session_with_suggestions(hals_stack, connect, "mass accept")
+    me = await join_with_suggestions(page, hals_stack, secret, "Careful")
+    visible = await page.evaluate("window.colabelClassify.visibleSuggestions()")
+    assert len(visible) > 100  # the whole image is in view
+    answers = ["dismiss", "accept"]
+    asked = []
+
+    async def answer(dialog):
+        asked.append(dialog.message)
+        await getattr(dialog, answers[len(asked) - 1])()
+
+    page.on("dialog", answer)
+    # a stray A over the zoomed-out image: the page asks, and "Cancel" labels nothing
+    await page.keyboard.press("a")
+    await page.wait_for_function("document.getElementById('classify-status').textContent.startsWith('not accepted')")
+    assert asked == [f"Accept all {len(visible)} suggestions in view? Each is recorded as your label of that cell "
+                     "(and trains the classifier); this cannot be undone here."]
+    assert await page.evaluate(NOTHING_LABELLED)
+    assert not labels_by(hals_stack["folder"], session.session_id, me)
+
+    # asked again and confirmed: all of them accepted
+    await page.keyboard.press("a")
+    await page.wait_for_function(f"window.colabelClassify.S.events.suggestion_accepted === {len(visible)} && "
+                                 "window.colabelClassify.S.labelling === 0", timeout=120_000)
+    assert len(asked) == 2
+    accepted = [e["cell_id"] for e in events_of(hals_stack["folder"], session.session_id)
+                if e.get("annotator_id") == me and e["kind"] == "suggestion_accepted"]
+    assert sorted(accepted) == sorted(s["cell_id"] for s in visible)

@@ -245,3 +245,86 @@ async def test_trainer_link_issued_from_the_page_pulls_until_revoked_from_the_pa
     await screenshot(page, tmp_path, "manage-trainer-link-revoked")
     assert not page.errors, page.errors
     await page.context.close()
+
+
+async def open_manager(stack, browser):
+    page = await new_page(browser)
+    await page.goto(stack.services.manage_url(stack.provider_token))
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    return page
+
+
+async def test_editing_the_form_clears_the_error_of_a_failed_create(stack, browser):
+    page = await open_manager(stack, browser)
+    await page.fill("#session-name", "bad colour")
+    await page.fill("#session-classes", "a:#abc")
+    await page.click("#create-session")
+    await page.wait_for_function("document.getElementById('create-error').textContent.includes(\"'#abc'\")")
+    assert not [s for s in stack.provider.sessions.list() if s.name == "bad colour"]
+
+    # emptying the field: the browser's own "required" check blocks the next Create, so only the edit itself can
+    # take away the refusal of a colour that is no longer there
+    await page.fill("#session-classes", "")
+    assert await page.text_content("#create-error") == ""
+    await page.click("#create-session")
+    assert await page.text_content("#create-error") == ""
+    assert await page.text_content("#classes-preview") == ""
+    assert not page.errors, page.errors
+    await page.context.close()
+
+
+async def test_a_later_failed_create_takes_away_the_status_line_of_an_earlier_successful_one(
+        stack, browser, monkeypatch):
+    page = await open_manager(stack, browser)
+    await page.fill("#session-name", "made first")
+    await page.fill("#session-classes", "tumour:#ff0000, stroma:#00ff00")
+    await page.click("#create-session")
+    await page.locator(".session", has_text="made first").wait_for(timeout=15_000)
+    assert await page.text_content("#status") == "created made first"
+    assert await page.text_content("#create-error") == ""
+
+    # Create again, the form unchanged, and the provider fails (say its disk is full): the refusal is shown, and the
+    # status line no longer says "created made first" beside it
+    from colabel.errors import StorageError
+
+    def full_disk(**kwargs):
+        raise StorageError("cannot write the session: no space left on the device")
+
+    monkeypatch.setattr(stack.provider, "create_session", full_disk)
+    await page.click("#create-session")
+    await page.wait_for_function("document.getElementById('create-error').textContent.includes('no space left')")
+    assert await page.text_content("#status") == ""
+    monkeypatch.undo()
+
+    # an edit after a success takes its "created" line away too: it speaks of the form as it was
+    await page.fill("#session-name", "made second")
+    await page.click("#create-session")
+    await page.locator(".session", has_text="made second").wait_for(timeout=15_000)
+    assert await page.text_content("#status") == "created made second"
+    await page.fill("#session-name", "made third")
+    assert await page.text_content("#status") == ""
+    assert not page.errors, page.errors
+    await page.context.close()
+
+
+async def test_the_class_preview_warns_about_two_classes_of_the_same_colour(stack, browser):
+    page = await open_manager(stack, browser)
+    preview = page.locator("#classes-preview")
+    await page.fill("#session-classes", "tumour:#FF0000, stroma:#ff0000, other:#00ff00")
+    assert await preview.locator(".warning").all_text_contents() == [
+        " tumour and stroma have the same colour #ff0000: annotators cannot tell them apart"]
+    # a class without a colour gets the palette's: the second class's palette colour is #56b4e9
+    await page.fill("#session-classes", "sky:#56B4E9, stroma")
+    assert await preview.locator(".warning").all_text_contents() == [
+        " sky and stroma have the same colour #56b4e9: annotators cannot tell them apart"]
+    await page.fill("#session-classes", "tumour:#ff0000, stroma, immune:#0000ff")
+    assert await preview.locator(".warning").count() == 0
+    assert await preview.locator(".class").all_text_contents() == ["tumour", "stroma", "immune"]
+    # a warning, not a refusal: the provider takes such a session
+    await page.fill("#session-name", "same colours")
+    await page.fill("#session-classes", "a:#123456, b:#123456")
+    assert await preview.locator(".warning").count() == 1
+    await page.click("#create-session")
+    await page.locator(".session", has_text="same colours").wait_for(timeout=15_000)
+    assert not page.errors, page.errors
+    await page.context.close()

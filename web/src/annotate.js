@@ -26,9 +26,10 @@ import { getCenter, intersects } from "ol/extent.js";
 import { click, shiftKeyOnly } from "ol/events/condition.js";
 import { connect, errorText, el, pageContext, textColorOn } from "./common.js";
 import { pickLevel, toCanvas } from "./pixels.js";
+import { showTiles } from "./tiles.js";
 import { History } from "./history.js";
 import { AutoSaver } from "./autosave.js";
-import { splitByLine, subtractPolygon } from "./cutter.js";
+import { clipToRectangle, lineTouches, outlineProblem, repairOutline, splitByLine, subtractPolygon } from "./cutter.js";
 import { maskToGeometry } from "./mask2poly.js";
 import { BrowserDecoder, loadOrt } from "./samdecoder.js";
 
@@ -43,9 +44,13 @@ const BROWSER_SAM_MAX_SIDE = 2048;
 const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError|PayloadTooLargeError|AccessDeniedError|"
   + "SessionClosedError|UnreadableImageError|ModelServiceUnavailable|ConflictError|StorageError|internal error)\\b");
 // errors a retry cannot mend: saves stop, and the annotator is told (with the drawing to download); a conflict
-// (another tab or client of this annotator saved the image since this drawing's version) asks which to keep
-const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError|ConflictError)\b/;
+// (another tab or client of this annotator saved the image since this drawing's version) asks which to keep; a
+// drawing the provider refuses (a polygon it cannot take) waits for the annotator to fix it: the next change saves
+const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError|ConflictError|InvalidInputError)\b/;
 const CONFLICT = /^ConflictError\b/;
+const INVALID = /^InvalidInputError\b/;
+// the browser knows it has no network: saves wait for the `online` event instead of a call that cannot answer
+const OFFLINE = "offline: kept in this browser, saved when back online";
 // the Hypha connection itself is gone (a restarted server refuses the old connection's token): a fresh one
 const DEAD_CONNECTION = /Authentication error|Signature verification|Connection is closed|ConnectionAbortedError/i;
 // a model service that is not running, or cannot load its model (no weights on the server, no such file); not a
@@ -86,7 +91,7 @@ function setText(id, text) {
 function saveStatus(text, kind = "") {
   const s = $("save-status");
   setText("save-status", text);
-  s.classList.toggle("error", kind === "failed");
+  s.classList.toggle("error", kind === "failed" || kind === "offline");
   s.dataset.state = kind;
 }
 
@@ -233,6 +238,7 @@ const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true
 const modify = new Modify({ features: select.getFeatures() });
 const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
 let draw = null;
+let sketching = false; // a shape is being drawn (draw, cut or subtract): Ctrl+Z and Backspace drop its last point
 
 function setTool(tool) {
   if (tool === "sam" && ($("tool-sam").hidden || $("tool-sam").disabled)) return;
@@ -242,6 +248,7 @@ function setTool(tool) {
   for (const name of TOOLS) $(`tool-${name}`).classList.toggle("active", name === tool);
   if (draw) map.removeInteraction(draw);
   draw = null;
+  sketching = false;
   for (const i of [select, modify, samBox]) map.removeInteraction(i);
   select.getFeatures().clear();
   resetSam();
@@ -249,9 +256,15 @@ function setTool(tool) {
   if (tool === "draw") {
     draw = new Draw({ source, type: "Polygon" });
     draw.on("drawend", (e) => {
-      e.feature.setId(newId());
-      e.feature.set("cls", state.classes[state.current]?.name);
-      setTimeout(changed, 0); // the feature is added to the source right after this event
+      const feature = e.feature;
+      feature.setId(newId());
+      feature.set("cls", state.classes[state.current]?.name);
+      const kept = fitOutline(feature);
+      // the feature is added to the source right after this event
+      setTimeout(() => {
+        if (kept) changed();
+        else if (source.hasFeature(feature)) source.removeFeature(feature);
+      }, 0);
     });
   } else if (tool === "cut") {
     draw = new Draw({ type: "LineString" });
@@ -263,26 +276,85 @@ function setTool(tool) {
     map.addInteraction(select);
     map.addInteraction(modify);
   } else if (tool === "sam") map.addInteraction(samBox);
-  if (draw) map.addInteraction(draw);
+  if (draw) {
+    draw.on("drawstart", () => { sketching = true; });
+    draw.on(["drawend", "drawabort"], () => { sketching = false; });
+    map.addInteraction(draw);
+  }
 }
 modify.on("modifyend", (e) => {
-  e.features.forEach((f) => f.unset("review"));
+  for (const f of e.features.getArray().slice()) {
+    f.unset("review");
+    if (!fitOutline(f)) { // dragged wholly outside the image, or down to no area
+      select.getFeatures().remove(f);
+      source.removeFeature(f);
+    }
+  }
   changed();
 });
+
+/**
+ * A drawn or edited outline made one the provider takes, before it is kept: an outline that crosses itself (a
+ * bow tie, a vertex dragged over an edge) is kept, as QuPath does, as the area it encloses (its union: a bow tie
+ * becomes its two triangles, one object), and the part of an outline outside the image is cut off at the image's
+ * edge. Each is said in a note. False when nothing is left (drawn outside the image, or enclosing no area): the
+ * outline is not kept.
+ */
+function fitOutline(feature) {
+  const geometry = geometryOf(feature);
+  if (!geometry) return true;
+  const said = [];
+  let parts = null; // the new outline (a MultiPolygon coordinate array), when it changes
+  const problem = outlineProblem(geometry);
+  if (problem) {
+    parts = repairOutline(geometry);
+    if (problem === "crossing" && parts.length) {
+      said.push(parts.length > 1 ? `this outline crosses itself: kept as the ${parts.length} areas it encloses`
+        : "this outline crosses itself: kept as the area it encloses");
+    }
+  }
+  if (!insideImage(feature.getGeometry().getExtent()) && !(parts && !parts.length)) {
+    const inside = clipToRectangle(parts ? { type: "MultiPolygon", coordinates: parts } : geometry, imageExtent());
+    if (!inside.length) {
+      note("this outline lies outside the image: not kept");
+      return false;
+    }
+    said.push("the part outside the image is cut off");
+    parts = inside;
+  }
+  if (!parts) return true;
+  if (!parts.length) {
+    note("this outline encloses no area: not kept");
+    return false;
+  }
+  feature.setGeometry(parts.length === 1 ? new Polygon(parts[0]) : new MultiPolygon(parts));
+  if (said.length) note(`${said.join("; ")} (Ctrl+Z undoes it)`);
+  return true;
+}
 
 // -- coordinates: OpenLayers y points up, image rows down (row = H - y) --------------------------
 const clampX = (x) => Math.min(state.W, Math.max(0, x));
 const clampY = (y) => Math.min(state.H, Math.max(0, y));
+// outlines are clipped to the image first (clamping vertices one by one would fold an outline across a corner
+// onto itself): the clamp only mends rounding at the image's edges
 const toImage = (ring) => ring.map(([x, y]) => [clampX(x), clampY(state.H - y)]);
 const toMap = (ring) => ring.map(([x, y]) => [x, state.H - y]);
+const imageExtent = () => [0, 0, state.W, state.H]; // in the map frame too
+// within the provider's tolerance (1e-6 px): an outline clipped before is not clipped again
+const insideImage = ([x0, y0, x1, y1], eps = 1e-6) => x0 >= -eps && y0 >= -eps && x1 <= state.W + eps
+  && y1 <= state.H + eps;
 
 function featureToGeoJSON(feature) {
-  const geom = feature.getGeometry();
-  let geometry;
-  if (geom instanceof Polygon) geometry = { type: "Polygon", coordinates: geom.getCoordinates().map(toImage) };
-  else if (geom instanceof MultiPolygon) {
-    geometry = { type: "MultiPolygon", coordinates: geom.getCoordinates().map((p) => p.map(toImage)) };
-  } else return null;
+  let shape = geometryOf(feature);
+  if (!shape) return null;
+  if (!insideImage(feature.getGeometry().getExtent())) { // not fitted when drawn (fitOutline): the part inside
+    const parts = clipToRectangle(shape, imageExtent());
+    if (!parts.length) return null;
+    shape = parts.length === 1 ? { type: "Polygon", coordinates: parts[0] }
+      : { type: "MultiPolygon", coordinates: parts };
+  }
+  const geometry = shape.type === "Polygon" ? { type: "Polygon", coordinates: shape.coordinates.map(toImage) }
+    : { type: "MultiPolygon", coordinates: shape.coordinates.map((p) => p.map(toImage)) };
   const cls = feature.get("cls");
   return {
     type: "Feature", id: String(feature.getId()), geometry,
@@ -343,7 +415,11 @@ function restore(text) {
   showUndo();
   edited();
 }
-const undo = () => restore(history.undo());
+/** Undo: while a shape is being drawn, its last point (as in QuPath), else the last change of the drawing. */
+function undo() {
+  if (sketching && draw) draw.removeLastPoint();
+  else restore(history.undo());
+}
 const redo = () => restore(history.redo());
 function showUndo() {
   $("undo").disabled = !history.canUndo;
@@ -441,14 +517,18 @@ function edited() {
 
 // -- autosave: the latest drawing always saved last; failures retried with backoff, never dropped ----
 let saveOn = null; // the connection of the last save call
+let sentIds = []; // the feature ids of the last drawing sent, in order: "feature N" of a refusal is sentIds[N]
 const saver = new AutoSaver({
   save: async () => {
+    if (!navigator.onLine) throw new Error(OFFLINE); // said at once; saved again on the `online` event
     const imageId = state.image.image_id;
     saveOn = state.server;
+    const annotation = collection();
+    sentIds = annotation.features.map((f) => f.id);
     // not retried here: the saver retries with backoff (a save that timed out may have been committed)
     // base_version: the version this drawing was made on; a save over a version saved since by another tab or
     // client of this annotator is refused (ConflictError) instead of silently dropping that version's changes
-    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, collection(), state.version],
+    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, annotation, state.version],
       TIMEOUT.default, { retry: false });
     if (state.image && state.image.image_id === imageId) {
       state.version = record.version;
@@ -457,16 +537,19 @@ const saver = new AutoSaver({
     }
     return record;
   },
-  beforeRetry: (error) => recover(error, saveOn),
+  beforeRetry: (error) => (navigator.onLine ? recover(error, saveOn) : Promise.resolve()),
   isFinal: (error) => FINAL_ERROR.test(errorText(error)),
   onState: ({ state: s, record, error, retryIn }) => {
     if (s !== "stopped") showBanner(null);
-    if (s === "saving") saveStatus(state.restored ? "saving the changes restored from this browser…" : "saving…",
-      "saving");
-    else if (s === "saved") {
+    if (s === "saving" && !navigator.onLine) saveStatus(OFFLINE, "offline");
+    else if (s === "saving") {
+      saveStatus(state.restored ? "saving the changes restored from this browser…" : "saving…", "saving");
+    } else if (s === "saved") {
       saveStatus(state.restored ? `saved v${record.version}: the changes restored from this browser`
         : `saved v${record.version}`, "saved");
       state.restored = false;
+    } else if (s === "failed" && !navigator.onLine) {
+      saveStatus(OFFLINE, "offline");
     } else if (s === "failed") {
       const text = errorText(error);
       const why = COLABEL_ERROR.test(text) ? text : "provider unreachable";
@@ -479,12 +562,20 @@ const saver = new AutoSaver({
       if (CONFLICT.test(errorText(error))) {
         showBanner("This image was saved elsewhere (another tab or window) after the version you are drawing on: your "
           + "last changes were not saved.", { conflict: true });
-      } else showBanner(`${why[0].toUpperCase()}${why.slice(1)}: your last changes were not saved.`);
+      } else if (INVALID.test(errorText(error))) showRefusal(errorText(error));
+      else showBanner(`${why[0].toUpperCase()}${why.slice(1)}: your last changes were not saved.`);
     }
   },
 });
 $("save-status").addEventListener("click", () => {
   if (saver.dirty && !(saver.stopped && CONFLICT.test(errorText(saver.stopped)))) saver.retryNow();
+});
+// the browser says at once when it loses the network, and the kept drawing is saved as soon as it is back
+window.addEventListener("offline", () => {
+  if (saver.dirty && !saver.stopped) saveStatus(OFFLINE, "offline");
+});
+window.addEventListener("online", () => {
+  if (saver.dirty && !saver.stopped) saver.retryNow();
 });
 window.addEventListener("beforeunload", (e) => {
   if (!saver.dirty) return;
@@ -494,6 +585,9 @@ window.addEventListener("beforeunload", (e) => {
 
 /** What an error that stops the saves means for the annotator. */
 function finalReason(text) {
+  if (INVALID.test(text)) {
+    return /self-intersect/i.test(text) ? "a polygon crosses itself" : "a polygon cannot be saved";
+  }
   if (/^SessionClosedError\b/.test(text)) return "the session is closed";
   if (CONFLICT.test(text)) return "a newer version was saved elsewhere";
   if (/revoked/i.test(text)) return "this link was revoked";
@@ -504,8 +598,40 @@ function finalReason(text) {
 function showBanner(text, { conflict = false } = {}) {
   $("banner").hidden = !text;
   $("banner-text").textContent = text || "";
+  $("banner-text").title = "";
   $("banner-reload").hidden = !conflict;
   $("banner-overwrite").hidden = !conflict;
+}
+
+/**
+ * A drawing the provider refused (InvalidInputError, e.g. "feature 1: polygon is self-intersecting"): the polygon
+ * it names is selected and brought into view, and the banner says how to mend it. The drawing stays kept in this
+ * browser; the next change (the fix, or deleting that polygon) saves it again.
+ */
+function showRefusal(text) {
+  const reason = text.replace(/^InvalidInputError:\s*/, "");
+  const named = /^feature (\d+): (.*)$/s.exec(reason);
+  const id = named ? sentIds[Number(named[1])] : undefined;
+  const feature = id === undefined ? null : source.getFeatureById(id);
+  const crossing = /self-intersect/i.test(reason);
+  const kept = "Your drawing is kept in this browser and saved with your next change.";
+  if (feature) {
+    if (!sketching && state.tool !== "edit") setTool("edit"); // a shape being drawn is not thrown away
+    select.getFeatures().clear();
+    select.getFeatures().push(feature);
+    const view = map.getView();
+    const extent = feature.getGeometry().getExtent();
+    if (!intersects(view.calculateExtent(map.getSize()), extent)) {
+      view.fit(extent, { padding: [80, 80, 80, 80], maxZoom: view.getZoom() });
+    }
+    const what = crossing ? "The selected polygon crosses itself"
+      : `The selected polygon cannot be saved (${named[2]})`;
+    const how = crossing ? "drag its vertices so that its edges no longer cross" : "drag its vertices";
+    showBanner(`${what}: fix it (${how}) or delete it (Delete). ${kept}`);
+  } else {
+    showBanner(`The server cannot save this drawing (${reason}): undo the last change (Ctrl+Z) or fix it. ${kept}`);
+  }
+  $("banner-text").title = text;
 }
 
 /** After a conflict: show the version saved elsewhere, forgetting this page's unsaved drawing. */
@@ -582,22 +708,36 @@ function replaceByPieces(feature, pieces) {
   }
 }
 
-function applyCut(extent, cut) {
+const CUT_NOTES = {
+  across: "the line must cross the polygon from side to side to split it",
+  line: "the cut line touches no polygon",
+  shape: "the shape overlaps no polygon",
+};
+/**
+ * Cut the polygons near `extent` with `cut` (pieces, or null for a polygon it leaves whole); when none is cut,
+ * say why: `touches(geometry)` tells a line that meets a polygon without crossing it from side to side.
+ */
+function applyCut(extent, cut, { touches = null, missed }) {
   let n = 0;
+  let touched = false;
   for (const feature of source.getFeatures()) {
     const geometry = geometryOf(feature);
     if (!geometry || !intersects(feature.getGeometry().getExtent(), extent)) continue;
     const pieces = cut(geometry);
     if (pieces) { replaceByPieces(feature, pieces); n++; }
+    else if (touches && !touched) touched = touches(geometry);
   }
-  if (n) changed();
-  else note("the cut touches no polygon");
+  if (n) {
+    if (Object.values(CUT_NOTES).includes($("message").textContent)) message(""); // an earlier miss, mended
+    changed();
+  } else note(touched ? CUT_NOTES.across : missed);
 }
 function cutAlong(line) {
-  applyCut(new Feature(new Polygon([line])).getGeometry().getExtent(), (g) => splitByLine(g, line));
+  applyCut(new Feature(new Polygon([line])).getGeometry().getExtent(), (g) => splitByLine(g, line),
+    { touches: (g) => lineTouches(g, line), missed: CUT_NOTES.line });
 }
 function subtractShape(polygon) {
-  applyCut(new Polygon(polygon).getExtent(), (g) => subtractPolygon(g, polygon));
+  applyCut(new Polygon(polygon).getExtent(), (g) => subtractPolygon(g, polygon), { missed: CUT_NOTES.shape });
 }
 
 // -- SAM: decoded in the browser (onnxruntime-web) when the decoder loads, else on the server ------------
@@ -799,7 +939,8 @@ const SHORTCUTS = [
   ["N / Enter", "SAM: finish this object, start a new one"],
   ["C", "cut: draw a line across polygons to split them (double-click or Enter to finish)"],
   ["X", "subtract: draw a polygon, removed from the polygons it overlaps"],
-  ["Ctrl+Z", "undo"],
+  ["Ctrl+Z", "undo; while drawing a shape: remove its last point"],
+  ["Backspace while drawing", "remove the last point of the shape being drawn"],
   ["Ctrl+Shift+Z / Ctrl+Y", "redo"],
   ["Escape", "abandon the shape being drawn"],
   ["?", "this help"],
@@ -825,7 +966,10 @@ document.addEventListener("keydown", (e) => {
   if (ctrl && key === "y") { e.preventDefault(); redo(); return; }
   if (ctrl || e.altKey) return;
   if (/^[1-9]$/.test(e.key)) setClass(Number(e.key) - 1);
-  else if (e.key === "Delete" || e.key === "Backspace") {
+  else if (e.key === "Backspace" && sketching && draw) {
+    e.preventDefault();
+    draw.removeLastPoint();
+  } else if (e.key === "Delete" || e.key === "Backspace") {
     const chosen = select.getFeatures().getArray().slice();
     if (!chosen.length) return;
     select.getFeatures().clear();
@@ -869,6 +1013,7 @@ async function showImage(assignment) {
   showBanner(null);
   if (!image) {
     imageLayer.setSource(null);
+    showTiles(map, imageLayer, null);
     $("next-image").disabled = true;
     if (total && await savedNothing()) {
       setText("position", "no images left for you");
@@ -895,6 +1040,10 @@ async function showImage(assignment) {
   imageLayer.setSource(new ImageStatic({
     url: URL.createObjectURL(blob), projection, imageExtent: extent, interpolate: level > 0,
   }));
+  // an image over one level: the level loaded above is its overview; zoomed in, finer levels come as tiles (tiles.js)
+  showTiles(map, imageLayer, { image, overview: level, pixels, projection,
+    fetch: (region, lvl) => api("get_image", [state.ctx.token, image.image_id, region, lvl], TIMEOUT.image,
+      { quiet: true }) });
   const view = new View({ projection, center: getCenter(extent), maxZoom: 10 });
   map.setView(view);
   view.fit(extent, { padding: [10, 10, 10, 10] });
@@ -1001,7 +1150,11 @@ function askName() {
     $("name-form").onsubmit = async (e) => {
       e.preventDefault();
       const name = $("display-name").value.trim();
-      if (!name) return;
+      if (!name) {
+        $("name-error").textContent = "enter your name";
+        $("display-name").focus();
+        return;
+      }
       try {
         joined = await api("join", [state.ctx.token, name], TIMEOUT.default, { retry: false }); // once
         dialog.close();

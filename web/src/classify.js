@@ -21,6 +21,7 @@ import { Fill, Stroke, Style } from "ol/style.js";
 import { getCenter } from "ol/extent.js";
 import { errorText, el } from "./common.js";
 import { pickLevel, toCanvas } from "./pixels.js";
+import { showTiles } from "./tiles.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -30,6 +31,8 @@ export const LIMITS = { cells: 240_000, suggestions: 60_000, label: 30_000, patc
 export const MAX_REGION_PIXELS = 4096 * 4096;
 /** Cells kept in the browser; beyond it, those far from the view are dropped. */
 export const MAX_KEPT_CELLS = 30_000;
+/** The A key asks before accepting more suggestions than this at once (the button shows its count on its face). */
+export const CONFIRM_ACCEPT_KEY = 100;
 const POLL_MS = 3000;
 const PARALLEL_LABELS = 4;
 
@@ -407,10 +410,17 @@ function labelSelected(classIndex) {
   labelCells(items);
 }
 
-function acceptAllVisible() {
+/** Accepts every suggestion in view; asks first when there are more than `confirmAbove` (the A key: one stray
+ * keystroke must not label a whole zoomed-out image; the button shows its count on its face). */
+function acceptAllVisible({ confirmAbove = Infinity } = {}) {
   const items = visibleSuggestions().map((s) => ({ cell_id: s.cell_id, class: s.class, suggested: s.class }));
   if (!items.length) {
     say("no suggestions in view");
+    return;
+  }
+  if (items.length > confirmAbove && !window.confirm(`Accept all ${items.length} suggestions in view? Each is `
+      + "recorded as your label of that cell (and trains the classifier); this cannot be undone here.")) {
+    say(`not accepted: ${items.length} suggestions in view; zoom in, or press A again and confirm`);
     return;
   }
   S.selected.clear();
@@ -499,6 +509,10 @@ async function showImage(image) {
   imageLayer.setSource(new ImageStatic({
     url: URL.createObjectURL(blob), projection, imageExtent: extent, interpolate: level > 0,
   }));
+  // an image over one level: the level loaded above is its overview; zoomed in, finer levels come as tiles (tiles.js)
+  showTiles(map, imageLayer, { image, overview: level, pixels, projection,
+    fetch: (region, lvl) => withTimeout(S.annotate.get_image(S.ctx.token, image.image_id, region, lvl), LIMITS.image,
+      "the image service") });
   const view = new View({ projection, center: getCenter(extent), maxZoom: 10 });
   map.setView(view);
   view.fit(extent, { padding: [10, 10, 10, 10] });
@@ -532,10 +546,14 @@ function onClick(e) {
 function onKey(e) {
   if (e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement) return;
   if ($("name-dialog") && $("name-dialog").open) return;
-  if (/^[1-9]$/.test(e.key)) labelSelected(Number(e.key) - 1);
-  else if (e.key === "a") acceptAllVisible();
-  else if (e.key === "p") nextPatch();
-  else if (e.key === "Escape") {
+  // the shortcuts are plain keys: Ctrl+A (select all), Ctrl/Alt+digit (a browser tab), Ctrl+P (print) and the
+  // like are the browser's and the system's, never a label; Shift and Caps Lock still give A and P
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const key = e.key.length === 1 ? e.key.toLowerCase() : e.key;
+  if (/^[1-9]$/.test(key)) labelSelected(Number(key) - 1);
+  else if (key === "a" && !e.repeat) acceptAllVisible({ confirmAbove: CONFIRM_ACCEPT_KEY });
+  else if (key === "p" && !e.repeat) nextPatch();
+  else if (key === "Escape") {
     S.selected.clear();
     cellLayer.changed();
   }
@@ -555,7 +573,7 @@ export async function runClassification({ ctx, annotate, session, key, assignmen
   map.on("click", onClick);
   map.on("moveend", scheduleView);
   document.addEventListener("keydown", onKey);
-  $("classify-accept").addEventListener("click", acceptAllVisible);
+  $("classify-accept").addEventListener("click", () => acceptAllVisible());
   $("classify-next-patch").addEventListener("click", nextPatch);
   $("classify-next-patch").hidden = typeof annotate.next_patch !== "function";
   S.images = (await annotate.list_images(ctx.token)).filter((im) => !im.error && im.shape);

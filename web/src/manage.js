@@ -318,26 +318,57 @@ function startPolling() {
   });
 }
 
+/** "a and b have the same colour #ff0000: …" for each colour given to more than one class (any case), or []. */
+export function sameColours(classes) {
+  const byColour = new globalThis.Map();
+  for (const c of classes) {
+    if (!/^#[0-9a-fA-F]{6}$/.test(c.color)) continue;
+    const colour = c.color.toLowerCase();
+    byColour.set(colour, [...(byColour.get(colour) || []), c.name]);
+  }
+  return [...byColour].filter(([, names]) => names.length > 1).map(([colour, names]) =>
+    `${names.slice(0, -1).join(", ")} and ${names[names.length - 1]} have the same colour ${colour}: `
+    + "annotators cannot tell them apart");
+}
+
 function previewClasses() {
   const classes = parseClasses($("session-classes").value);
   $("classes-preview").replaceChildren(...classes.map((c) => /^#[0-9a-fA-F]{6}$/.test(c.color)
     ? el("span", { class: "class", style: `--c:${c.color}` }, c.name)
-    : el("span", { class: "error" }, `${c.name}: colour '${c.color}' is not #rrggbb`)));
+    : el("span", { class: "error" }, `${c.name}: colour '${c.color}' is not #rrggbb`)),
+  ...sameColours(classes).map((text) => el("span", { class: "warning", style: "color:#ef6c00" }, ` ${text}`)));
 }
 $("session-classes").addEventListener("input", previewClasses);
 previewClasses();
 
+// what the create form last said on the status line ("created …"): replaced by the next create's outcome
+let createdStatus = null;
+/** Clears what the form said about an earlier create: its error, and its "created …" on the status line. */
+function clearCreateMessages() {
+  $("create-error").textContent = "";
+  if (createdStatus !== null && $("status").textContent === createdStatus) status("");
+  createdStatus = null;
+}
+// an edit makes the last create's error (or success) old news: e.g. no refusal of '#abc' beside an emptied field
+$("create-form").addEventListener("input", clearCreateMessages);
+
 $("create-form").addEventListener("submit", async (e) => {
   e.preventDefault();
-  $("create-error").textContent = "";
+  clearCreateMessages();
+  let created;
+  $("create-session").disabled = true; // one session per click, also while the provider is slow to answer
   try {
-    const created = await provider.create_session($("session-name").value, parseClasses($("session-classes").value),
+    created = await provider.create_session($("session-name").value, parseClasses($("session-classes").value),
       $("session-mode").value, Number($("session-per-image").value), null);
-    await refresh();
-    status(`created ${created.session.name}`);
   } catch (err) {
     $("create-error").textContent = errorText(err);
+    return;
+  } finally {
+    $("create-session").disabled = false;
   }
+  createdStatus = `created ${created.session.name}`;
+  status(createdStatus);
+  await refreshNow(); // a failed reload is said beside "updated", not as a failed create
 });
 
 async function main() {

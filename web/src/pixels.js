@@ -30,15 +30,8 @@ function percentiles(data, c, ch, lo, hi) {
   return [at(lo), at(hi)];
 }
 
-/** RGBA canvas: 8-bit RGB(A) as is; anything else scaled per channel from the 0.5 to 99.5 percentile. */
-export function toCanvas(arr) {
-  const { data, h, w, c, dtype } = typedPixels(arr);
-  const canvas = document.createElement("canvas");
-  canvas.width = w;
-  canvas.height = h;
-  const ctx = canvas.getContext("2d");
-  const img = ctx.createImageData(w, h);
-  const rgba = img.data;
+/** Per shown channel (at most 3) [lo, scale]: value v is shown as (v - lo) * scale, clipped to 0..255. */
+function rangesOf({ data, c, dtype }) {
   const shown = Math.min(c, 3);
   const asIs = dtype === "uint8" && c >= 3;
   const ranges = [];
@@ -46,6 +39,28 @@ export function toCanvas(arr) {
     const [lo, hi] = asIs ? [0, 255] : percentiles(data, c, ch, 0.5, 99.5);
     ranges.push([lo, hi > lo ? 255 / (hi - lo) : 0]);
   }
+  return ranges;
+}
+
+/** The display ranges toCanvas gives `arr`: pass them to toCanvas for other pixels of the same image (the tiles
+ * of a large image) so that they are shown alike, not each stretched by its own percentiles. */
+export function displayRanges(arr) {
+  return rangesOf(typedPixels(arr));
+}
+
+/** RGBA canvas: 8-bit RGB(A) as is; anything else scaled per channel from the 0.5 to 99.5 percentile (of `arr`,
+ * or the given `ranges` from displayRanges). */
+export function toCanvas(arr, ranges = null) {
+  const typed = typedPixels(arr);
+  const { data, h, w, c } = typed;
+  const canvas = document.createElement("canvas");
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  const rgba = img.data;
+  const shown = Math.min(c, 3);
+  if (!ranges) ranges = rangesOf(typed);
   for (let p = 0, n = h * w; p < n; p++) {
     const src = p * c;
     const dst = p * 4;
@@ -65,7 +80,8 @@ export function toCanvas(arr) {
 
 const BYTES = { uint8: 1, int8: 1, bool: 1, uint16: 2, int16: 2, uint32: 4, int32: 4, float32: 4, float64: 8 };
 
-/** The finest level whose pixels stay under maxBytes and maxSide (levels: [[H, W], ...], level 0 first). */
+/** The finest level whose pixels stay under maxBytes and maxSide (levels: [[H, W], ...], level 0 first): the level
+ * the pages load whole (the overview); when it is not level 0, the finer levels are shown as tiles (tiles.js). */
 export function pickLevel(image, maxBytes = 48 * 2 ** 20, maxSide = 4096) {
   const per = (BYTES[image.dtype] || 8) * (image.channels || 1);
   const levels = image.levels && image.levels.length ? image.levels : [image.shape.slice(0, 2)];

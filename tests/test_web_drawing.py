@@ -1,0 +1,250 @@
+"""Drawing on the annotator page, in a real headless Chromium against a real provider on a real Hypha server: an
+outline that crosses itself, one drawn across or beside the image's edge, a drawing the provider refuses, Ctrl+Z
+and Backspace while a shape is being drawn, a cut line that does not go across, the browser going offline, and a
+name of spaces in the join dialog. Skipped without the built pages, playwright or Chromium (see web_support)."""
+
+from __future__ import annotations
+
+import pytest
+from shapely.geometry import Polygon, box, shape
+from test_web import at, click_at, draw_polygon, he_image, near, saved, settled
+from web_support import CLASSES, browser, join, page  # noqa: F401 - fixtures
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
+
+SQUARE = [(20, 20), (120, 20), (120, 80), (20, 80)]
+BOW_TIE = [(150, 50), (250, 150), (250, 50), (150, 150)]  # its edges cross at (200, 100)
+OFFLINE = "offline: kept in this browser, saved when back online"
+FEATURES = "window.colabel.source.getFeatures().length"
+
+
+async def open_session(stack, page, name: str) -> tuple[str, str]:
+    """A session on the H&E image (300 x 500), joined on ``page``: (session id, image id)."""
+    he, _ = he_image(stack.provider)
+    session, secret = stack.provider.create_session(name=name, classes=CLASSES, image_ids=[he])
+    await join(page, stack.services.share_url(secret), name.capitalize())
+    return session.session_id, he
+
+
+def versions(stack, session_id: str, image: str) -> tuple[str, list[str]]:
+    """The only annotator's folder name under the image, and its saved version files."""
+    (annotator,) = (stack.folder / "annotations" / "sessions" / session_id / "images" / image).glob("a-*")
+    return annotator.name, sorted(p.name for p in annotator.glob("v*.geojson"))
+
+
+def latest(stack, session_id: str, image: str) -> list[dict]:
+    name, files = versions(stack, session_id, image)
+    return saved(stack.folder, session_id, image, name, len(files))
+
+
+async def message(page) -> str:
+    return (await page.text_content("#message")) or ""
+
+
+async def zoom_on_the_top_left_corner(page) -> None:
+    """Zoomed in (4 screen pixels per image pixel) on the image's top-left corner, the margin beside it in view."""
+    await page.evaluate("""(() => {
+      const view = window.colabel.map.getView();
+      view.setResolution(0.25);
+      view.setCenter([0, window.colabel.state.H]);
+    })()""")
+    await page.wait_for_timeout(500)
+
+
+async def test_a_polygon_drawn_crossing_itself_is_kept_as_the_areas_it_encloses_and_saved(stack, page):
+    session_id, he = await open_session(stack, page, "bowtie")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    await draw_polygon(page, BOW_TIE)
+    assert "crosses itself" in await message(page)
+    assert await settled(page, timeout=20_000) == 2
+    features = latest(stack, session_id, he)
+    assert len(features) == 2
+    tie = next(f for f in features if f["geometry"]["type"] == "MultiPolygon")
+    outline = shape(tie["geometry"])
+    assert outline.is_valid and len(outline.geoms) == 2  # the bow tie's two triangles, one object
+    drawn = [(150, 50), (200, 100), (150, 150)], [(250, 50), (200, 100), (250, 150)]
+    expected = Polygon(drawn[0]).union(Polygon(drawn[1]))
+    assert outline.symmetric_difference(expected).area < 0.05 * expected.area
+    assert tie["properties"]["classification"]["name"] == "nucleus"
+    # a third polygon is saved as usual: nothing is stuck
+    await draw_polygon(page, [(300, 200), (400, 200), (400, 280), (300, 280)])
+    assert await settled(page, timeout=20_000) == 3 and len(latest(stack, session_id, he)) == 3
+
+
+async def test_an_edit_that_makes_a_polygon_cross_itself_is_repaired_when_the_drag_ends(stack, page):
+    session_id, he = await open_session(stack, page, "dragged")
+    rect = [(100, 50), (300, 50), (300, 150), (100, 150)]
+    await draw_polygon(page, rect)
+    assert await settled(page, timeout=20_000) == 1
+    await page.keyboard.press("e")
+    await page.wait_for_timeout(300)  # not a double click (a zoom) with the click that closed the polygon
+    await click_at(page, 200, 100)
+    await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
+    # drag the corner (300, 150) over the left edge: the ring (100,50) (300,50) (50,100) (100,150) crosses itself
+    (ax, ay), (bx, by) = await at(page, 300, 150), await at(page, 50, 100)
+    await page.mouse.move(ax, ay)
+    await page.mouse.down()
+    await page.mouse.move(bx, by, steps=10)
+    await page.mouse.up()
+    assert await settled(page, timeout=20_000) == 2
+    assert "crosses itself" in await message(page)
+    (feature,) = latest(stack, session_id, he)
+    outline = shape(feature["geometry"])
+    assert outline.is_valid
+    assert outline.bounds == pytest.approx((50, 50, 300, 150), abs=2)
+
+
+async def test_a_drawing_the_server_refuses_stops_the_retries_selects_the_polygon_and_says_how_to_fix_it(
+        stack, page):
+    """A polygon the page did not mend (here made to cross itself behind the page's back) is refused by the
+    provider: no endless retry, the polygon is selected, the banner says what to do, and the next change saves."""
+    session_id, he = await open_session(stack, page, "refused")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    await draw_polygon(page, [(150, 50), (250, 50), (250, 150), (150, 150)])
+    assert await settled(page, timeout=20_000) == 2
+    await page.keyboard.press("e")
+    await page.wait_for_timeout(300)  # not a double click (a zoom) with the click that closed the polygon
+    await click_at(page, 200, 100)
+    await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
+    bad = await page.evaluate("""(tie) => {
+      const c = window.colabel;
+      const f = c.select.getFeatures().item(0);
+      f.getGeometry().setCoordinates([[...tie, tie[0]].map(([x, y]) => [x, c.state.H - y])]);
+      return f.getId();
+    }""", BOW_TIE)
+    await page.keyboard.press("2")  # a change: the class of the selected polygon, saved with its crossing outline
+
+    await page.wait_for_selector("#banner:not([hidden])", timeout=20_000)
+    banner = await page.text_content("#banner-text")
+    assert "crosses itself" in banner and "delete it" in banner, banner
+    status = await page.text_content("#save-status")
+    assert status == "not saved: a polygon crosses itself", status
+    assert await page.get_attribute("#save-status", "data-state") == "failed"
+    selected = await page.evaluate("window.colabel.select.getFeatures().getArray().map((f) => f.getId())")
+    assert selected == [bad]
+    await page.wait_for_timeout(4000)  # no retry comes: the same drawing would be refused again
+    assert await page.evaluate("window.colabel.saver.stopped !== null && window.colabel.saver.timer === null")
+    assert "retry" not in await page.text_content("#save-status")
+    assert versions(stack, session_id, he)[1] == ["v000001.geojson", "v000002.geojson"]
+    await page.click("#next-image")  # not stuck "retrying": the banner says again what is wrong
+    await page.wait_for_timeout(500)
+    assert await page.is_visible("#banner") and "crosses itself" in await page.text_content("#banner-text")
+
+    await page.keyboard.press("Delete")  # the fix: the next change saves
+    assert await settled(page, timeout=20_000) == 3
+    assert await page.is_hidden("#banner")
+    (kept,) = latest(stack, session_id, he)
+    assert near(kept["geometry"]["coordinates"][0], SQUARE)
+    await page.click("#next-image")
+    await page.wait_for_selector("body[data-state=done]", timeout=20_000)
+
+
+async def test_a_polygon_drawn_across_the_image_corner_is_clipped_to_the_image(stack, page):
+    session_id, he = await open_session(stack, page, "corner")
+    await zoom_on_the_top_left_corner(page)
+    quad = [(24, -4), (8, 24), (-6, 8), (-17, 10)]  # a valid outline, over the image's top-left corner
+    await draw_polygon(page, quad)
+    assert "outside the image is cut off" in await message(page)
+    assert await settled(page, timeout=20_000) == 1
+    (feature,) = latest(stack, session_id, he)
+    outline = shape(feature["geometry"])
+    assert outline.is_valid and outline.bounds[0] >= 0 and outline.bounds[1] >= 0
+    expected = Polygon(quad).intersection(box(0, 0, 500, 300))
+    assert outline.symmetric_difference(expected).area < 0.05 * expected.area
+
+
+async def test_a_polygon_drawn_beside_the_image_is_dropped_with_a_note(stack, page):
+    session_id, he = await open_session(stack, page, "beside")
+    await zoom_on_the_top_left_corner(page)
+    await draw_polygon(page, [(-40, 20), (-10, 20), (-10, 60), (-40, 60)])
+    assert "outside the image: not kept" in await message(page)
+    await page.wait_for_timeout(1000)
+    assert await page.evaluate(FEATURES) == 0
+    assert await page.evaluate("!window.colabel.saver.dirty && window.colabel.state.version === 0")
+    # a polygon drawn on the image then is saved as usual
+    await draw_polygon(page, [(5, 5), (40, 5), (40, 40), (5, 40)])
+    assert await settled(page, timeout=20_000) == 1
+    assert len(latest(stack, session_id, he)) == 1
+
+
+async def test_ctrl_z_and_backspace_while_drawing_remove_the_last_point_not_the_previous_polygon(stack, page):
+    session_id, he = await open_session(stack, page, "sketch")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    for x, y in [(150, 200), (250, 200), (250, 280), (400, 290)]:  # the last point is misplaced
+        await click_at(page, x, y)
+    await page.keyboard.press("Control+z")
+    await page.wait_for_timeout(1000)
+    assert await page.evaluate(FEATURES) == 1  # the finished polygon is still there, and nothing was saved
+    assert await page.evaluate("!window.colabel.saver.dirty && window.colabel.state.version === 1")
+    await click_at(page, 420, 100)  # misplaced again
+    await page.keyboard.press("Backspace")
+    for x, y in [(150, 280), (150, 200)]:  # the last corner, then close on the first
+        await click_at(page, x, y)
+    assert await settled(page, timeout=20_000) == 2
+    features = latest(stack, session_id, he)
+    assert len(features) == 2
+    ring = next(f for f in features if not near(f["geometry"]["coordinates"][0], SQUARE))["geometry"]["coordinates"][0]
+    assert len(ring) == 5 and near(ring, [(150, 200), (250, 200), (250, 280), (150, 280)])
+    await page.keyboard.press("?")
+    await page.wait_for_selector("#help[open]")
+    assert "Backspace while drawing" in await page.text_content("#help")
+
+
+async def test_a_cut_line_that_does_not_go_across_says_so_and_a_successful_cut_clears_the_note(stack, page):
+    session_id, he = await open_session(stack, page, "cutnote")
+    await draw_polygon(page, [(100, 50), (300, 50), (300, 150), (100, 150)])
+    assert await settled(page, timeout=20_000) == 1
+    await page.keyboard.press("c")
+
+    async def cut(*points):
+        for x, y in points:
+            await click_at(page, x, y)
+        await page.keyboard.press("Enter")
+        await page.wait_for_timeout(300)
+
+    await cut((50, 100), (200, 100))  # into the polygon, stopping inside
+    assert await message(page) == "the line must cross the polygon from side to side to split it"
+    await cut((350, 20), (350, 180))  # beside it
+    assert await message(page) == "the cut line touches no polygon"
+    await cut((200, 20), (200, 180))  # across: two pieces
+    assert await settled(page, timeout=20_000) == 2
+    assert len(latest(stack, session_id, he)) == 2
+    assert await message(page) == "" and await page.is_hidden("#message")
+
+
+async def test_going_offline_says_so_at_once_and_saves_when_back_online(stack, page):
+    session_id, he = await open_session(stack, page, "offline")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    await page.context.set_offline(True)
+    try:
+        await draw_polygon(page, [(200, 150), (400, 150), (400, 280), (200, 280)])
+        await page.wait_for_function(f"document.getElementById('save-status').textContent === {OFFLINE!r}",
+                                     timeout=3000)
+        assert await page.get_attribute("#save-status", "data-state") == "offline"
+        await page.wait_for_timeout(8000)  # long enough for the retries to wait 8 s and more
+        assert await page.text_content("#save-status") == OFFLINE
+    finally:
+        await page.context.set_offline(False)
+    assert await settled(page, timeout=5000) == 2  # at once on `online`, not after the next wait
+    await page.wait_for_timeout(2000)
+    assert versions(stack, session_id, he)[1] == ["v000001.geojson", "v000002.geojson"]
+    assert len(latest(stack, session_id, he)) == 2
+
+
+async def test_the_join_dialog_asks_for_a_name_when_only_spaces_are_entered(stack, page):
+    he, _ = he_image(stack.provider)
+    _, secret = stack.provider.create_session(name="spaces", classes=CLASSES, image_ids=[he])
+    await page.goto(stack.services.share_url(secret))
+    await page.wait_for_selector("#name-dialog[open]")
+    await page.fill("#display-name", "   ")
+    await page.click("#join")
+    await page.wait_for_function("document.getElementById('name-error').textContent === 'enter your name'",
+                                 timeout=5000)
+    assert await page.is_visible("#name-dialog[open]")
+    await page.fill("#display-name", "Ann")
+    await page.click("#join")
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)

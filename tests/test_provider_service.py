@@ -464,7 +464,7 @@ async def test_a_full_disk_is_refused_as_a_storage_error_and_nothing_is_written(
     assert saved_files(stack.folder) == []
 
 
-def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_path):
+async def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_path):
     from colabel.apps.provider.provider import DataProvider
     from colabel.errors import UnreadableImageError
 

@@ -225,12 +225,12 @@ async def test_going_offline_says_so_at_once_and_saves_when_back_online(stack, p
         await page.wait_for_function(f"document.getElementById('save-status').textContent === {OFFLINE!r}",
                                      timeout=3000)
         assert await page.get_attribute("#save-status", "data-state") == "offline"
-        await page.wait_for_timeout(8000)  # long enough for the retries to wait 8 s and more
+        await page.wait_for_timeout(3500)  # retries waited 1 and 2 s: the next one would wait 4 s
         assert await page.text_content("#save-status") == OFFLINE
     finally:
         await page.context.set_offline(False)
-    assert await settled(page, timeout=5000) == 2  # at once on `online`, not after the next wait
-    await page.wait_for_timeout(2000)
+    assert await settled(page, timeout=2500) == 2  # at once on `online`, not after the next wait of 4 s
+    await page.wait_for_timeout(1000)
     assert versions(stack, session_id, he)[1] == ["v000001.geojson", "v000002.geojson"]
     assert len(latest(stack, session_id, he)) == 2
 

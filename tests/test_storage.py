@@ -415,3 +415,46 @@ def test_a_first_save_flushes_every_folder_it_creates(tmp_path, monkeypatch):
     assert created and all(folder.parent in flushed for folder in created)
     sessions = tmp_path / "annotations" / "sessions"
     assert sessions / "s-1" / "images" / "img-1" / "a-1" in created  # the annotator's folder of the first save
+
+
+def test_versions_since_the_base_saved_by_the_same_writer_are_its_own_lost_answers_not_a_conflict(tmp_path):
+    from colabel.errors import ConflictError
+
+    store = AnnotationStore(tmp_path / "annotations")
+
+    def write(n, base, writer):
+        labels = np.zeros((8, 6), np.uint16)
+        labels[:n] = 1
+        return store.save(fc(n), labels, session_id="s-1", image_id="img-1", image_name="x.png", annotator_id="a-1",
+                          display_name="Ann", base_version=base, writer=writer)
+
+    assert write(1, 0, "tab-a").version == 1
+    assert write(2, 1, "tab-a").writer == "tab-a"  # committed; the answer never reached tab A
+    assert write(3, 1, "tab-a").version == 3  # A drew more and retried on v1: its own v2 is no conflict
+    with pytest.raises(ConflictError):
+        write(4, 1, "tab-b")  # another tab's drawing on v1 is
+    with pytest.raises(ConflictError):
+        write(4, 1, None)
+    write(4, 3, "tab-b")
+    with pytest.raises(ConflictError):
+        write(5, 2, "tab-a")  # v4 since is tab B's
+
+
+def test_a_failed_write_of_a_versions_geojson_leaves_no_label_file(tmp_path, monkeypatch):
+    import errno
+
+    import colabel.apps.provider.storage as storage
+
+    real = storage.atomic_write_json
+
+    def full(path, obj, **kwargs):
+        if path.suffix == ".geojson":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj, **kwargs)
+
+    store = AnnotationStore(tmp_path / "annotations")
+    monkeypatch.setattr(storage, "atomic_write_json", full)
+    for _ in range(3):
+        with pytest.raises(OSError, match="No space"):
+            save(store)
+    assert [p.name for p in (tmp_path / "annotations").rglob("*.tif")] == []

@@ -401,3 +401,33 @@ async def test_two_tabs_of_one_annotator_never_save_over_each_other_unasked(stac
         assert len(features) == 1 and near(features[0]["geometry"]["coordinates"][0], SECOND)
     assert not errors, errors
     await tab_a.context.close()
+
+
+async def test_a_save_whose_answer_was_lost_is_no_conflict_for_the_tab_that_sent_it(stack, browser):
+    """Tab A's save of v2 is committed but its answer never arrives; the annotator draws on. The next save, still
+    drawn on v1, is taken over A's own v2 (the same writer id) with no conflict; had another tab saved v2, it
+    would be refused (test_two_tabs_of_one_annotator_never_save_over_each_other_unasked)."""
+    he, _ = he_image(stack.provider)
+    session, secret = stack.provider.create_session(name="lost-answer", classes=CLASSES, image_ids=[he])
+    page = await new_page(browser)
+    await join(page, stack.services.share_url(secret), "Lou")
+    await draw_polygon(page, FIRST)
+    assert await settled(page) == 1
+    writer = await page.evaluate("window.colabel.state.writer")
+    assert re.fullmatch(r"[0-9a-f]{16}", writer)
+    # the provider commits v2 from this tab (its first polygon and a second one), whose answer is lost
+    (annotator_id,) = stack.provider.sessions.annotators(session.session_id)
+    v1 = stack.provider.store.load(session.session_id, he, annotator_id)
+    lost = {"type": "FeatureCollection", "features": [*v1["features"], {
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[300, 20], [340, 20], [340, 60],
+                                                                            [300, 20]]]}, "properties": {}}]}
+    info = stack.provider.sessions.get(session.session_id)
+    assert stack.provider.save_annotation(info, he, annotator_id, lost, base_version=1, writer=writer).version == 2
+
+    await draw_polygon(page, SECOND)  # drawn on: the page still thinks v1 is the latest
+    assert await settled(page) == 3
+    assert await page.is_hidden("#banner")
+    name, files = versions_of(stack.folder, session.session_id, he)
+    assert files == ["v000001.geojson", "v000002.geojson", "v000003.geojson"]
+    assert len(saved(stack.folder, session.session_id, he, name, 3)) == 2  # the page's drawing
+    await page.context.close()

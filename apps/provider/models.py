@@ -139,6 +139,8 @@ class AnnotationRecord(BaseModel):
     n_features: int
     geojson_file: str = Field(description="path relative to the mounted folder")
     label_file: str = Field(description="instance-label TIFF, path relative to the mounted folder")
+    writer: str | None = Field(None, description="the writer id the save was sent with (one per page or client), "
+                                                 "which tells a client's own saves from another's after a lost answer")
 
 
 class Assignment(BaseModel):

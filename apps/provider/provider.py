@@ -9,6 +9,7 @@ its input before it writes anything.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from .images import ImageCatalog
 from .models import AnnotationRecord, Assignment, ImageInfo, Progress, Region, SessionInfo
 from .sessions import SessionStore
 from .storage import AnnotationStore
+
+#: A save's writer id: one per page or client (the annotator page makes a random one per tab).
+_WRITER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _region(region: object) -> Region | None:
@@ -119,20 +123,24 @@ class DataProvider:
     def save_annotation(self, session: SessionInfo, image_id: str, annotator_id: str,
                         feature_collection: object, *,
                         still_allowed: Callable[[], object] | None = None,
-                        base_version: int | None = None) -> AnnotationRecord:
+                        base_version: int | None = None, writer: str | None = None) -> AnnotationRecord:
         """Validate, rasterise and commit a new version; nothing is written when any check fails.
 
         ``still_allowed`` is called right before the commit and may refuse it by raising (see
         :meth:`AnnotationStore.save`): the session's state and the caller's token are checked again there.
         ``base_version`` (optional): the version the drawing was made on, 0 for none; the save is refused with
         :class:`ConflictError` unless it is still the annotator's latest, or the latest holds exactly these features
-        (a save retried after its answer was lost: that version's record is returned, no new version is made).
+        (a save retried after its answer was lost: that version's record is returned, no new version is made), or
+        every version since was saved with the same ``writer`` (an id of the sending page or client, 1-64 letters,
+        digits, ``-``, ``_``): its own saves whose answers were lost, drawn on since.
         """
         image_id = self._check_in_session(session, image_id)
         annotator = self.sessions.annotator(session.session_id, annotator_id)
         if base_version is not None:
             if isinstance(base_version, bool) or not isinstance(base_version, int) or base_version < 0:
                 raise InvalidInputError(f"base_version must be a version number (0: none), got {shown(base_version)}")
+        if writer is not None and not (isinstance(writer, str) and _WRITER.fullmatch(writer)):
+            raise InvalidInputError(f"writer must be 1-64 letters, digits, '-' or '_', got {shown(writer)}")
         record = self.catalog.check_unchanged(image_id)
         if record.error or record.shape is None:
             raise InvalidInputError(f"image {shown(image_id)} is unreadable and cannot be annotated: {record.error}")
@@ -158,7 +166,7 @@ class DataProvider:
         return self.store.save(
             fc, labels, session_id=session.session_id, image_id=image_id, image_name=record.name,
             annotator_id=annotator.annotator_id, display_name=annotator.display_name, still_allowed=still_allowed,
-            base_version=base_version,
+            base_version=base_version, writer=writer,
         )
 
     def get_annotations(self, session: SessionInfo, image_id: str, *, annotator_id: str | None = None,

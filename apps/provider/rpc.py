@@ -102,8 +102,9 @@ def _remote(fn):
         except OSError as exc:
             logger.exception("error of the file system in %s", fn.__name__)
             if exc.errno in _STORAGE_ERRNOS:  # the reason only: no path of the provider's machine
-                raise ServiceError(f"StorageError: the provider's file system refused: {os.strerror(exc.errno)}; "
-                                   "nothing was saved") from None
+                saved = "; nothing was saved" if fn.__name__ == "save_annotation" else ""
+                raise ServiceError(f"StorageError: the provider's file system refused: {os.strerror(exc.errno)}"
+                                   f"{saved}") from None
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
         except Exception:  # noqa: BLE001
             logger.exception("internal error in %s", fn.__name__)
@@ -276,17 +277,19 @@ class ProviderServices:
             info = sessions.authorize(token, write=True)
             return p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
 
-        async def save_annotation(token, annotator_key, image_id, annotation, base_version=None):
+        async def save_annotation(token, annotator_key, image_id, annotation, base_version=None, writer=None):
             """Commit a new version. One annotator's saves run one at a time, on threads of their own (a slow
             save never holds up reads); the token and the session's state are checked again at the commit.
             ``base_version``: the version the drawing was made on (0: none); refused with ConflictError unless it
-            is still the latest (another tab saved meanwhile, or saves sent without waiting arrived out of order)."""
+            is still the latest (another tab saved meanwhile, or saves sent without waiting arrived out of order),
+            or every version since was saved with the same ``writer`` id (this client's saves whose answers were
+            lost)."""
             info = sessions.authorize(token, write=True)
             annotator = sessions.identify(info.session_id, annotator_key)
             async with self._save_locks[(info.session_id, annotator.annotator_id)]:
                 save = functools.partial(p.save_annotation, info, image_id, annotator.annotator_id, annotation,
                                          still_allowed=lambda: sessions.authorize(token, write=True),
-                                         base_version=base_version)
+                                         base_version=base_version, writer=writer)
                 return await asyncio.get_running_loop().run_in_executor(self._save_pool, save)
 
         def get_annotations(token, annotator_key, image_id, version=None):

@@ -243,6 +243,7 @@ class AnnotationStore:
         display_name: str,
         still_allowed: Callable[[], object] | None = None,
         base_version: int | None = None,
+        writer: str | None = None,
     ) -> AnnotationRecord:
         """Commit a new version of an annotator's annotation of an image and return its record.
 
@@ -256,7 +257,9 @@ class AnnotationStore:
         :class:`ConflictError` unless it is still the latest, so a save drawn on an older version (another tab or
         client saved meanwhile, or saves sent without waiting arrived out of order) never replaces a newer one. When
         the latest version holds exactly these features (the same save retried after its answer was lost), that
-        version's record is returned and nothing is written.
+        version's record is returned and nothing is written. ``writer`` (one id per page or client, recorded in the
+        version) waives the conflict when every version after ``base_version`` was saved by the same writer: the
+        client's own saves whose answers were lost, not another tab's.
         """
         if self.read_only:
             raise read_only_refusal(self.root, "save annotations")
@@ -273,11 +276,13 @@ class AnnotationStore:
                     indexed = max(self._index.get(key, []), default=0)
                 if base_version is not None and base_version != indexed:
                     # a save retried after its answer was lost (it timed out, the connection dropped) finds its
-                    # own commit: the same features as the latest version are that version, not a conflict
+                    # own commit: the same features as the latest version are that version, not a conflict;
+                    # and versions after the base saved by this writer alone are its own, drawn on since
                     same = self._latest_if_same(session_id, image_id, annotator_id, feature_collection)
                     if same is not None:
                         return same
-                    self.save_conflict(image_id, base_version, indexed)
+                    if not self._only_writer_since(session_id, image_id, annotator_id, base_version, writer):
+                        self.save_conflict(image_id, base_version, indexed)
                 version = max(self._next_version(folder), _read_mark(mark) + 1, indexed + 1)
                 while True:
                     _write_mark(mark, version)
@@ -293,6 +298,7 @@ class AnnotationStore:
                         n_features=len(feature_collection["features"]),
                         geojson_file=self._relative(geojson_path),
                         label_file=self._relative(label_path),
+                        writer=writer,
                     )
                     document = {
                         "type": "FeatureCollection",
@@ -306,6 +312,9 @@ class AnnotationStore:
                         label_path.unlink(missing_ok=True)
                         version += 1
                         continue
+                    except BaseException:  # a full disk, an I/O error: no label file without its version
+                        label_path.unlink(missing_ok=True)
+                        raise
                     break
             with self._index_lock:
                 versions = self._index.setdefault(key, [])
@@ -329,6 +338,19 @@ class AnnotationStore:
             return None
         fields = AnnotationRecord.model_fields
         return AnnotationRecord.model_validate({k: v for k, v in latest["colabel"].items() if k in fields})
+
+    def _only_writer_since(self, session_id: str, image_id: str, annotator_id: str, base_version: int,
+                           writer: str | None) -> bool:
+        """Whether every version after ``base_version`` was saved by ``writer`` (False without a writer, or when the
+        base is not below the latest)."""
+        versions = self.versions(session_id, image_id, annotator_id)
+        after = [v for v in versions if v > base_version]
+        if writer is None or not after or base_version not in versions and base_version != 0:
+            return False
+        try:
+            return all(self.record(session_id, image_id, annotator_id, v).get("writer") == writer for v in after)
+        except NotFoundError:
+            return False
 
     @staticmethod
     def save_conflict(image_id: str, base_version: int, latest: int) -> None:
@@ -366,8 +388,9 @@ class AnnotationStore:
     def latest_save(self, session_id: str, image_id: str, annotator_id: str) -> dict | None:
         """``{version, saved_at, label_file}`` of the latest version (None when there is none): what tells one
         save from another even if a version number was given out again (by a colabel that kept no version mark),
-        as ``colabel pull`` uses it. ``label_file`` is the label TIFF's file name, unique to each save. None too when
-        the version's file cannot be read (deleted by hand while this process runs: the index sees it at restart)."""
+        as ``colabel pull`` uses it. ``label_file`` is the label TIFF's file name, unique to each save. A latest version
+        whose file was deleted by hand while this process runs gives way to the latest one still there (None when
+        none is left)."""
         if not self.versions(session_id, image_id, annotator_id):
             return None
         try:

@@ -62,6 +62,9 @@ const state = {
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
   sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
   samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false, assignment: null,
+  // this tab's writer id, sent with each save: the provider tells this tab's own saves (whose answers were lost)
+  // from another tab's, so a retry drawn on since is no conflict (a restored drawing takes the id it was kept with)
+  writer: Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join(""),
 };
 let uid = 0;
 const newId = () => `f${Date.now().toString(36)}-${uid++}`;
@@ -476,9 +479,9 @@ function keepDraft() {
   const key = state.image && draftKey(state.image.image_id);
   if (!key) return;
   try {
-    // in_flight: a save of an earlier state of this drawing may be committed as base_version + 1 without this
-    // page hearing of it (the tab closed meanwhile); the draft holds that state and what came after it
-    localStorage.setItem(key, JSON.stringify({ base_version: state.version, in_flight: saver.running !== null,
+    // writer: versions after base_version saved with it are this drawing's own earlier states (their answers
+    // were lost, or the tab closed mid-save); the provider takes the drawing over them, and refuses it over another's
+    localStorage.setItem(key, JSON.stringify({ base_version: state.version, writer: state.writer,
       saved_at: Date.now(), annotation: collection() }));
   } catch (err) {
     console.warn("colabel: the unsaved drawing could not be kept in this browser:", err);
@@ -490,7 +493,9 @@ function dropDraft(imageId) {
   if (key) localStorage.removeItem(key);
 }
 
-/** The kept drawing of an image when it is newer than the server's latest version, else null (and forgotten). */
+/** The kept drawing of an image, else null (and forgotten): one drawn on the latest version, or on an older one when
+ * it knows its writer (the provider then takes it over versions of that writer, and refuses it with ConflictError
+ * over another tab's: the page asks which to keep). */
 function usableDraft(imageId, latest) {
   const key = draftKey(imageId);
   let draft = null;
@@ -500,9 +505,9 @@ function usableDraft(imageId, latest) {
     draft = null;
   }
   if (!draft) return null;
-  const newer = draft.base_version >= latest || (draft.in_flight === true && draft.base_version + 1 === latest);
-  if (!newer || !Array.isArray(draft.annotation?.features)) {
-    // saved since (the answer to a committed save was lost, or another tab saved): the server's is newer
+  const usable = draft.base_version >= latest || (typeof draft.writer === "string" && draft.base_version >= 0);
+  if (!usable || !Array.isArray(draft.annotation?.features)) {
+    // kept by an earlier page, which recorded no writer: the server's is newer
     dropDraft(imageId);
     return null;
   }
@@ -528,7 +533,8 @@ const saver = new AutoSaver({
     // not retried here: the saver retries with backoff (a save that timed out may have been committed)
     // base_version: the version this drawing was made on; a save over a version saved since by another tab or
     // client of this annotator is refused (ConflictError) instead of silently dropping that version's changes
-    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, annotation, state.version],
+    const record = await api("save_annotation", [state.ctx.token, state.key, imageId, annotation, state.version,
+      state.writer],
       TIMEOUT.default, { retry: false });
     if (state.image && state.image.image_id === imageId) {
       state.version = record.version;
@@ -1052,7 +1058,8 @@ async function showImage(assignment) {
   // what this browser drew and could not save (the provider was down, the tab was closed meanwhile)
   const draft = usableDraft(image.image_id, latest);
   if (draft) {
-    state.version = latest;
+    state.version = Math.min(draft.base_version, latest);
+    if (draft.base_version < latest) state.writer = draft.writer;
     source.addFeatures(draft.annotation.features.map(geoJSONToFeature).filter(Boolean));
     state.restored = true;
     saveStatus("restored the changes this browser had not saved", "saving");

@@ -494,8 +494,9 @@ def models_health_monitor(args: argparse.Namespace, on_pass=None):
     from colabel.services.gateway import HealthMonitor, Unrecoverable
 
     names = parse_models(args.models)
+    interval = args.health_interval
     if not names or args.no_ray:
-        return HealthMonitor(lambda: None, target="the model services", on_pass=on_pass)
+        return HealthMonitor(lambda: None, target="the model services", on_pass=on_pass, interval=interval)
     from colabel.services import ray_runtime
 
     def check():
@@ -506,7 +507,7 @@ def models_health_monitor(args: argparse.Namespace, on_pass=None):
 
     target = (f"the Ray cluster at {args.ray_address}" if args.attach else
               f"Ray Serve {'at ' + args.ray_address if args.ray_address else 'of this process'}")
-    return HealthMonitor(check, target=target, on_pass=on_pass, gone=ray_runtime.connection_lost)
+    return HealthMonitor(check, target=target, on_pass=on_pass, gone=ray_runtime.connection_lost, interval=interval)
 
 
 def _exit_lost(message: str) -> None:
@@ -521,8 +522,9 @@ def _exit_lost(message: str) -> None:
 async def _models(args: argparse.Namespace) -> int:
     """Run only the model services and register them on a Hypha server (the cluster's gateway role).
 
-    Health: every 10 s a check through the cluster (:func:`models_health_monitor`), and one through the Hypha
-    connection that its services are still registered (``hypha_health_monitor``); while both pass, the
+    Health: every ``--health-interval`` seconds (10) a check through the cluster (:func:`models_health_monitor`),
+    and one through the Hypha connection that its services are still registered (``hypha_health_monitor``); while
+    both pass, the
     ``--heartbeat`` file is rewritten. When the cluster is lost (3 failed checks in a row, or a Ray Client
     disconnected for good) calls waiting on it fail, and the process exits with status 1 (:func:`_exit_lost`);
     so it does when the Hypha server fails its checks for ``--hypha-grace`` seconds in a row.
@@ -536,6 +538,8 @@ async def _models(args: argparse.Namespace) -> int:
         raise CliError(f"--attach-timeout {args.attach_timeout:g}: give seconds >= 0 (0: wait as long as it takes)")
     if not args.hypha_grace > 0:
         raise CliError(f"--hypha-grace {args.hypha_grace:g}: give seconds > 0")
+    if not 0.5 <= args.health_interval <= 300:
+        raise CliError(f"--health-interval {args.health_interval:g}: give seconds from 0.5 to 300")
     heartbeat = Heartbeat(args.heartbeat) if args.heartbeat else None
     if heartbeat is not None:
         heartbeat.check()
@@ -554,7 +558,8 @@ async def _models(args: argparse.Namespace) -> int:
         ids, _, _ = await register_models(args, server, backends)
         for name, service_id in ids.items():
             print(f"model_service_{name}: {service_id}", flush=True)
-        hypha = hypha_health_monitor(server, args.server_url, ids.values(), grace=args.hypha_grace)
+        hypha = hypha_health_monitor(server, args.server_url, ids.values(), grace=args.hypha_grace,
+                                     interval=args.health_interval)
         if heartbeat is not None:
             heartbeat.follow(monitor, hypha)
             heartbeat.beat()
@@ -773,10 +778,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --attach: how long to wait for the cluster and its Serve applications at start, "
                         "saying every 30 s which are missing (default 0: as long as it takes)")
     models.add_argument("--heartbeat", default=None, metavar="FILE",
-                        help="write FILE once the services are registered on Hypha, and again every 10 s while the "
+                        help="write FILE once the services are registered on Hypha, and again every "
+                        "--health-interval seconds (10) while the "
                         "model services answer (the cluster with --attach, else the local Serve applications) and "
                         "the Hypha server still holds them: "
                         "for readiness and liveness probes on its age. Its folder must exist; removed at exit")
+    models.add_argument("--health-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between health checks of the model services and of the Hypha server, and so "
+                        "between rewrites of the heartbeat file; the cluster is lost after 3 failed checks in a row "
+                        "(default 10, as the Helm chart's probes expect)")
     models.add_argument("--hypha-grace", type=float, default=60.0, metavar="SECONDS",
                         help="how long the Hypha server may fail the health checks in a row (a call through the "
                         "connection that its services are still registered, every 10 s) before the process exits "

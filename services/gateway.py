@@ -393,14 +393,15 @@ def in_process_backend(service_id: str) -> Backend | None:
 
 
 def hypha_health_monitor(server: Any, server_url: str, service_ids: Any = (), *, grace: float = HYPHA_GRACE_S,
-                         on_pass: Callable[[], None] | None = None) -> HealthMonitor:
+                         on_pass: Callable[[], None] | None = None,
+                         interval: float = HEALTH_INTERVAL_S) -> HealthMonitor:
     """The health check of the Hypha side: cheap calls through the connection ``server`` (to ``server_url``)
     that the server answers, and that the services this process registered there (``service_ids``, full ids)
     are still registered (``get_service_info`` of each; ``echo`` without services).
 
     hypha-rpc reconnects by itself and registers the services again; the checks fail meanwhile. The server is
     declared lost ("the Hypha server at URL does not answer: ...") once they have failed for ``grace`` seconds
-    in a row. Checked every ``min(10 s, grace / 4)`` for at most ``min(10 s, grace / 2)``.
+    in a row. Checked every ``min(interval, grace / 4)`` (10 s by default) for at most ``min(10 s, grace / 2)``.
 
     Each check asks the connection for the workspace manager of the moment (one round trip): after a restart
     of the server the manager has a new id, and hypha-rpc 0.21 leaves ``server``'s own methods addressed to the
@@ -420,7 +421,7 @@ def hypha_health_monitor(server: Any, server_url: str, service_ids: Any = (), *,
                 why = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
                 raise RuntimeError(f"get_service_info({service_id}): {why[-1].strip()}") from None
 
-    return HealthMonitor(check, target=f"the Hypha server at {server_url}", interval=min(HEALTH_INTERVAL_S, grace / 4),
+    return HealthMonitor(check, target=f"the Hypha server at {server_url}", interval=min(interval, grace / 4),
                          timeout=min(HEALTH_TIMEOUT_S, grace / 2), grace=grace, on_pass=on_pass)
 
 

@@ -156,3 +156,17 @@ def start_colabel(args: list[str], *, timeout: float = 90, **popen) -> tuple:
         if line.startswith("Press Ctrl-C") or not line:
             break
     return process, printed
+
+
+@pytest_asyncio.fixture(loop_scope="session", autouse=True)
+async def close_the_pages_of_each_browser_test(request):
+    """The browser tests share one Chromium per module (``web_support.browser``): after each test every context it
+    opened is closed, so no page of one test keeps polling or holding connections into the next."""
+    yield
+    if "browser" in request.fixturenames:
+        browser = request.getfixturevalue("browser")
+        for context in list(browser.contexts):
+            try:
+                await context.close()
+            except Exception:  # noqa: BLE001 - closed by the test already
+                pass

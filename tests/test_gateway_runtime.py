@@ -188,7 +188,8 @@ async def test_an_attached_gateway_exits_with_status_1_when_its_ray_cluster_is_r
         prefix = f"lost{os.getpid()}"
         # the token from the environment, as the chart passes it: not on the command line, where ps shows it
         gateway = Gateway(["--server-url", hypha_server.url, "--attach", "--ray-address", head.client_address,
-                           "--models", "coreset", "--models-prefix", prefix, "--heartbeat", str(heartbeat)],
+                           "--models", "coreset", "--models-prefix", prefix, "--heartbeat", str(heartbeat),
+                           "--health-interval", "2"],
                           env={"COLABEL_TOKEN": hypha_server.root_token})
         await gateway.until(r"^Press Ctrl-C", 120)
         assert hypha_server.root_token not in " ".join(psutil.Process(gateway.process.pid).cmdline())
@@ -199,7 +200,7 @@ async def test_an_attached_gateway_exits_with_status_1_when_its_ray_cluster_is_r
         assert "method" in await coreset.info()
         first = heartbeat.stat().st_mtime
         deadline = time.monotonic() + 25
-        while heartbeat.stat().st_mtime == first:  # rewritten after a passing health check, every 10 s
+        while heartbeat.stat().st_mtime == first:  # rewritten after a passing health check, every 2 s here
             assert time.monotonic() < deadline, "the heartbeat file was not refreshed within 25 s"
             await asyncio.sleep(0.5)
 
@@ -310,8 +311,8 @@ async def test_attach_waits_as_long_as_it_takes_by_default_then_registers(cluste
 
 async def test_the_heartbeat_follows_the_local_serve_applications_without_attach(hypha_server, tmp_path):
     """`colabel models` that runs Ray Serve itself: the heartbeat file appears once the services are registered
-    and is rewritten every 10 s while the local Serve applications answer; a folder that does not exist is
-    refused before anything starts."""
+    and is rewritten every --health-interval seconds while the local Serve applications answer; a folder that does
+    not exist, or an interval out of range, is refused before anything starts."""
     refused = subprocess.run([*COLABEL, "models", "--server-url", hypha_server.url, "--models", "coreset",
                               "--heartbeat", str(tmp_path / "nope" / "alive")], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "COLABEL_TOKEN": hypha_server.root_token})
@@ -319,11 +320,15 @@ async def test_the_heartbeat_follows_the_local_serve_applications_without_attach
     assert refused.stderr == f"colabel: --heartbeat {tmp_path / 'nope' / 'alive'}: folder {tmp_path / 'nope'} does " \
                              "not exist\n", refused.stderr
     assert "starting Ray" not in refused.stdout
+    refused = subprocess.run([*COLABEL, "models", "--server-url", hypha_server.url, "--models", "coreset",
+                              "--health-interval", "0"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLABEL_TOKEN": hypha_server.root_token})
+    assert refused.returncode == 2 and "--health-interval 0: give seconds from 0.5 to 300" in refused.stderr
 
     heartbeat = tmp_path / "alive"
     heartbeat.write_text("left by an earlier run\n")
     gateway = Gateway(["--server-url", hypha_server.url, "--models", "coreset", "--models-prefix",
-                       f"hb{os.getpid()}", "--heartbeat", str(heartbeat)],
+                       f"hb{os.getpid()}", "--heartbeat", str(heartbeat), "--health-interval", "2"],
                       env={"COLABEL_TOKEN": hypha_server.root_token})
     try:
         await gateway.until(r"^starting Ray Serve", 60)
@@ -331,9 +336,9 @@ async def test_the_heartbeat_follows_the_local_serve_applications_without_attach
         await gateway.until(r"^Press Ctrl-C", 180)
         assert heartbeat.is_file() and heartbeat.read_text().endswith(f"pid {gateway.process.pid}\n")
         first = heartbeat.stat().st_mtime
-        deadline = time.monotonic() + 25
-        while heartbeat.stat().st_mtime == first:
-            assert time.monotonic() < deadline, "the heartbeat file was not refreshed within 25 s"
+        deadline = time.monotonic() + 8
+        while heartbeat.stat().st_mtime == first:  # every --health-interval (2 s)
+            assert time.monotonic() < deadline, "the heartbeat file was not refreshed within 8 s"
             await asyncio.sleep(0.5)
         assert not [p for p in heartbeat.parent.iterdir() if p.name.startswith(".alive.")]  # atomic: no leftovers
         os.killpg(gateway.process.pid, signal.SIGTERM)

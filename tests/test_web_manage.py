@@ -114,6 +114,7 @@ async def test_manager_page_polls_the_progress_without_losing_what_the_provider_
     page = await new_page(browser)
     console_errors = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+    await page.clock.install()  # the page's timers, run forward below instead of waited for
     await page.goto(stack.services.manage_url(stack.provider_token))
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     card = page.locator(".session", has_text="watched live")
@@ -131,6 +132,7 @@ async def test_manager_page_polls_the_progress_without_losing_what_the_provider_
     annotate = await client.get_service(stack.services.annotator_service_id)
     ada = await annotate.join(secret, "Ada")
     await annotate.save_annotation(secret, ada["annotator_key"], ids["ihc_ki67.png"], collection(square(10, 10, 20)))
+    await page.clock.run_for(10_500)  # the poll comes due
     await card.locator("table.annotators tr[data-annotator-id]").wait_for(timeout=15_000)
     assert await card.locator("table.annotators tr[data-annotator-id] td").all_text_contents() == ["Ada", "1", "1"]
     assert "1 of 3 images done" in await card.locator(".progress").text_content()
@@ -159,6 +161,7 @@ async def test_a_poll_while_the_mouse_is_held_on_a_card_waits_for_the_release_so
     button (that would drop the click), the poll's news shows after the release, and the link is issued."""
     session, secret = stack.provider.create_session(name="held click", classes=CLASSES)
     page = await new_page(browser)
+    await page.clock.install()  # the page's timers, run forward below instead of waited for
     await page.goto(stack.services.manage_url(stack.provider_token))
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     card = page.locator(".session", has_text="held click")
@@ -169,7 +172,8 @@ async def test_a_poll_while_the_mouse_is_held_on_a_card_waits_for_the_release_so
     client = await connect()
     annotate = await client.get_service(stack.services.annotator_service_id)
     await annotate.join(secret, "Ada")
-    await asyncio.sleep(12)  # a poll (every 10 s) came due while the button was held
+    await page.clock.run_for(12_000)  # a poll (every 10 s) came due while the button was held
+    await asyncio.sleep(1)  # and had time to answer
     assert await page.text_content("#updated") == before
     assert await card.locator("div.annotators").text_content() == "nobody joined yet"
     await page.mouse.up()

@@ -44,9 +44,10 @@ async def new_page(browser):
     return page
 
 
-@pytest_asyncio.fixture(loop_scope="session")
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
 async def browser():
-    """A headless Chromium; open pages with ``new_page(browser)``."""
+    """One headless Chromium for the whole run (started once: about a second each on a small machine); every test
+    opens its pages in contexts of its own with ``new_page(browser)``, so no test sees another's storage."""
     async with async_api.async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield browser

@@ -42,6 +42,20 @@ async def join_in_browser(page, url: str, name: str) -> str:
     return next(s["annotator_id"] for s in stored if "annotator_id" in s)
 
 
+async def label_from_python(provider, services, connect, secret: str, ihc: str, *, positive: int, negative: int = 10):
+    """The first labels through the real annotator service, from Python, by the DAB truth of each cell: the first
+    ``positive`` positive and ``negative`` negative cells. Returns ``(annotator service, cells, ids by class)``."""
+    client = await connect()
+    annotator = await client.get_service(services.annotator_service_id)
+    key = (await annotator.join(secret, "Python helper"))["annotator_key"]
+    cells = (await annotator.cells(secret, ihc))["cells"]
+    truth = dab_truth(provider.get_image(ihc), cells)
+    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
+    for cell_id in [*by_class["positive"][:positive], *by_class["negative"][:negative]]:
+        await annotator.label_cell(secret, key, ihc, cell_id, truth[cell_id])
+    return annotator, cells, by_class
+
+
 async def click_cell(page, cell_id: int) -> None:
     px, py = await page.evaluate("(id) => window.colabelClassify.cellPixel(id)", cell_id)
     await page.mouse.click(px, py)
@@ -56,14 +70,7 @@ async def test_annotator_labels_cells_then_accepts_and_corrects_suggestions_and_
                                               image_ids=[ihc])
 
     # most of the first labels through the same real annotator service, from Python: 9 positive, 10 negative
-    client = await connect()
-    annotator = await client.get_service(services.annotator_service_id)
-    key = (await annotator.join(secret, "Python helper"))["annotator_key"]
-    cells = (await annotator.cells(secret, ihc))["cells"]
-    truth = dab_truth(provider.get_image(ihc), cells)
-    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
-    for cell_id in [*by_class["positive"][:9], *by_class["negative"][:10]]:
-        await annotator.label_cell(secret, key, ihc, cell_id, truth[cell_id])
+    annotator, cells, by_class = await label_from_python(provider, services, connect, secret, ihc, positive=9)
 
     # the browser annotator: every nucleus outline shown, no suggestions yet, progress per class
     me = await join_in_browser(page, services.share_url(secret), "Browser Pathologist")
@@ -329,14 +336,7 @@ async def session_with_suggestions(hals_stack, connect, name: str):
     provider, services, hals = hals_stack["provider"], hals_stack["services"], hals_stack["hals"]
     ihc = next(im.image_id for im in provider.list_images() if im.name == "ihc_ki67.png")
     session, secret = provider.create_session(name=name, classes=CLASSES, mode="classification", image_ids=[ihc])
-    client = await connect()
-    annotator = await client.get_service(services.annotator_service_id)
-    key = (await annotator.join(secret, "Python helper"))["annotator_key"]
-    cells = (await annotator.cells(secret, ihc))["cells"]
-    truth = dab_truth(provider.get_image(ihc), cells)
-    by_class = {c: [i for i, t in truth.items() if t == c] for c in ("positive", "negative")}
-    for cell_id in [*by_class["positive"][:10], *by_class["negative"][:10]]:
-        await annotator.label_cell(secret, key, ihc, cell_id, truth[cell_id])
+    await label_from_python(provider, services, connect, secret, ihc, positive=10)
     await hals.wait_for_training(session)
     return session, secret
 

@@ -324,12 +324,8 @@ class SessionStore:
         and :class:`SessionClosedError` for a write (``write=True``) to a closed session: a closed session is
         read-only.
         """
-        if not isinstance(token, str) or not token or len(token) > 256:
-            raise AccessDeniedError("a session token is required")
         with self._lock:
-            found = self._by_hash.get(_hash(token))
-            if found is None:
-                raise AccessDeniedError("invalid or revoked session token")
+            found = self._live(token)
             session = self._sessions[found[0]]
             token_role = next((t.role for t in session.info.tokens if t.token_id == found[1]), "annotate")
             if token_role != role:
@@ -365,13 +361,17 @@ class SessionStore:
 
     def token_id(self, token: object) -> str:
         """The id of a live share token (as :meth:`authorize` finds it); :class:`AccessDeniedError` otherwise."""
+        with self._lock:
+            return self._live(token)[1]
+
+    def _live(self, token: object) -> tuple[str, str]:
+        """``(session id, token id)`` of a live token (caller holds ``self._lock``); AccessDeniedError otherwise."""
         if not isinstance(token, str) or not token or len(token) > 256:
             raise AccessDeniedError("a session token is required")
-        with self._lock:
-            found = self._by_hash.get(_hash(token))
-            if found is None:
-                raise AccessDeniedError("invalid or revoked session token")
-            return found[1]
+        found = self._by_hash.get(_hash(token))
+        if found is None:
+            raise AccessDeniedError("invalid or revoked session token")
+        return found
 
     def identify(self, session_id: str, key: object) -> Annotator:
         """The annotator whose secret key this is, in this session; :class:`AccessDeniedError` otherwise."""

@@ -248,3 +248,21 @@ async def test_the_join_dialog_asks_for_a_name_when_only_spaces_are_entered(stac
     await page.fill("#display-name", "Ann")
     await page.click("#join")
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+
+
+async def test_a_drawing_over_the_size_limit_stops_the_retries_and_says_so_not_access_denied(stack, page):
+    session_id, he = await open_session(stack, page, "too large")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    stack.provider.config.max_annotation_bytes = 600  # about two polygons
+    await draw_polygon(page, [(150, 50), (250, 50), (250, 150), (150, 150)])
+    await draw_polygon(page, [(300, 50), (400, 50), (400, 150), (300, 150)])
+    await page.wait_for_selector("#banner:not([hidden])", timeout=20_000)
+    status = await page.text_content("#save-status")
+    assert status == "not saved: the drawing is larger than the provider takes", status
+    assert "exceeds the limit of 600 bytes" in await page.text_content("#banner-text")
+    assert await page.evaluate("window.colabel.saver.stopped !== null && window.colabel.saver.timer === null")
+    assert versions(stack, session_id, he)[1] == ["v000001.geojson"]
+    stack.provider.config.max_annotation_bytes = 16 * 2**20
+    await page.keyboard.press("Control+z")  # any change saves again
+    assert await settled(page, timeout=20_000) == 2

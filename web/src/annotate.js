@@ -46,9 +46,10 @@ const COLABEL_ERROR = new RegExp("^(ColabelError|NotFoundError|InvalidInputError
 // errors a retry cannot mend: saves stop, and the annotator is told (with the drawing to download); a conflict
 // (another tab or client of this annotator saved the image since this drawing's version) asks which to keep; a
 // drawing the provider refuses (a polygon it cannot take) waits for the annotator to fix it: the next change saves
-const FINAL_ERROR = /^(AccessDeniedError|SessionClosedError|ConflictError|InvalidInputError)\b/;
+const FINAL_ERROR = new RegExp("^(AccessDeniedError|SessionClosedError|ConflictError|InvalidInputError|"
+  + "PayloadTooLargeError|UnreadableImageError)\\b");
 const CONFLICT = /^ConflictError\b/;
-const INVALID = /^InvalidInputError\b/;
+const INVALID = /^(InvalidInputError|PayloadTooLargeError|UnreadableImageError)\b/;
 // the browser knows it has no network: saves wait for the `online` event instead of a call that cannot answer
 const OFFLINE = "offline: kept in this browser, saved when back online";
 // the Hypha connection itself is gone (a restarted server refuses the old connection's token): a fresh one
@@ -592,7 +593,10 @@ window.addEventListener("beforeunload", (e) => {
 /** What an error that stops the saves means for the annotator. */
 function finalReason(text) {
   if (INVALID.test(text)) {
-    return /self-intersect/i.test(text) ? "a polygon crosses itself" : "a polygon cannot be saved";
+    if (/self-intersect/i.test(text)) return "a polygon crosses itself";
+    if (/^PayloadTooLargeError\b/.test(text)) return "the drawing is larger than the provider takes";
+    if (/^UnreadableImageError\b/.test(text)) return "the image changed on the provider's disk";
+    return "a polygon cannot be saved";
   }
   if (/^SessionClosedError\b/.test(text)) return "the session is closed";
   if (CONFLICT.test(text)) return "a newer version was saved elsewhere";
@@ -615,7 +619,7 @@ function showBanner(text, { conflict = false } = {}) {
  * browser; the next change (the fix, or deleting that polygon) saves it again.
  */
 function showRefusal(text) {
-  const reason = text.replace(/^InvalidInputError:\s*/, "");
+  const reason = text.replace(/^(InvalidInputError|PayloadTooLargeError|UnreadableImageError):\s*/, "");
   const named = /^feature (\d+): (.*)$/s.exec(reason);
   const id = named ? sentIds[Number(named[1])] : undefined;
   const feature = id === undefined ? null : source.getFeatureById(id);

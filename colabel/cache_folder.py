@@ -12,7 +12,7 @@ folder, so that removal cannot let two processes compute one key at once. Every 
 and tolerates files another one deleted meanwhile. Deleting a cache file is never an error for its readers: a
 missing entry is computed again.
 
-Used by the SAM embedding store, the nucleus result cache and the HALS feature and model stores.
+Used by the SAM embedding store, the nucleus result cache and the HALS feature store.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from colabel.errors import InvalidInputError, shown
-from colabel.files import lock_descriptor
+from colabel.files import file_lock, lock_descriptor
 
 __all__ = ["CacheFolder", "CachedFile", "check_budget"]
 
@@ -82,14 +82,9 @@ class CacheFolder:
     def lock_path(self, key: str) -> Path:
         return self.folder / f"{key}.lock"
 
-    @contextlib.contextmanager
-    def key_lock(self, key: str) -> Iterator[None]:
+    def key_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
         """Hold ``<key>.lock`` (blocking) while the entry is computed or written: the pruner leaves it alone."""
-        fd = lock_descriptor(self.lock_path(key))
-        try:
-            yield
-        finally:
-            os.close(fd)
+        return file_lock(self.lock_path(key))
 
     @staticmethod
     def touch(path: Path) -> None:

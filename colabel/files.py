@@ -91,14 +91,12 @@ def atomic_write_json(path: Path, obj: object, **kwargs) -> None:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing), held across processes."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """An exclusive ``flock`` on ``path`` (created if missing), held across processes: :func:`lock_descriptor`,
+    waiting for it, released at the end of the block."""
+    fd = lock_descriptor(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from colabel.errors import ColabelError
+from colabel.errors import ColabelError, StorageError
 
 from .assist import ModelAssist
 from .hals import HalsAssist
@@ -103,8 +103,8 @@ def _remote(fn):
             logger.exception("error of the file system in %s", fn.__name__)
             if exc.errno in _STORAGE_ERRNOS:  # the reason only: no path of the provider's machine
                 saved = "; nothing was saved" if fn.__name__ == "save_annotation" else ""
-                raise ServiceError(f"StorageError: the provider's file system refused: {os.strerror(exc.errno)}"
-                                   f"{saved}") from None
+                refused = StorageError(f"the provider's file system refused: {os.strerror(exc.errno)}{saved}")
+                raise ServiceError(f"{type(refused).__name__}: {refused}") from None
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
         except Exception:  # noqa: BLE001
             logger.exception("internal error in %s", fn.__name__)

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import stat
 import threading
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
@@ -72,10 +75,6 @@ def remove_stale_temporary_files(paths, *, now: float | None = None) -> list[Pat
 
     Only regular files are deleted; a file that vanishes meanwhile (its write just finished) is skipped.
     """
-    import os
-    import stat
-    import time
-
     now = time.time() if now is None else now
     removed = []
     for path in paths:
@@ -206,8 +205,6 @@ class AnnotationStore:
         from before a restart. Where it is held, and for every other temporary file (a session manifest's), only
         those untouched for :data:`STALE_TMP_SECONDS` go.
         """
-        import os
-
         by_folder: dict[Path, list[Path]] = defaultdict(list)
         others: list[Path] = []
         for tmp in self.sessions_root.rglob(".*.tmp"):
@@ -330,6 +327,7 @@ class AnnotationStore:
             latest = self.load(session_id, image_id, annotator_id)
         except NotFoundError:
             return None
+
         def content(features: list) -> list:  # ids aside: one made up for a feature sent without an id differs
             return [{k: v for k, v in f.items() if k != "id"} if isinstance(f, dict) else f for f in features]
 
@@ -488,8 +486,6 @@ def _tail_record(path: Path) -> dict | None:
     strings a newline is escaped). None when it is not found in the last :data:`_TAIL_BYTES` or does not parse: the
     caller parses the whole file then.
     """
-    import os
-
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)

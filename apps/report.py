@@ -104,9 +104,11 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     versions), F1 at IoU 0.5 and Cohen's kappa of the object classes (over the objects the pair matched
     one-to-one and both classed) per annotator pair, and the consensus's object, classified and tie counts.
     ``pairs``: per annotator pair over every image both labelled, the same figures with the objects pooled
-    (:func:`~colabel.services.training.consensus.pooled_pair_agreement`). ``class_kappa``: Cohen's kappa per
-    annotator pair on the cells both labelled in the HALS loop (from the event log). ``names``: annotator id ->
-    display name, image id -> image name, for printing.
+    (:func:`~colabel.services.training.consensus.pooled_pair_agreement`). ``class_kappa``: ``[{a, b, kappa,
+    n_cells}]``, Cohen's kappa per annotator pair over the ``n_cells`` cells both labelled in the HALS loop (each
+    annotator's latest label of a cell, from the event log); pairs that share no cell are left out. ``names``:
+    annotator id -> display name (from the session's annotators, else their saved annotations), image id ->
+    image name, for printing.
     """
     import itertools
 
@@ -119,7 +121,7 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
 
     store = AnnotationStore(Path(folder) / "annotations", read_only=True)  # the live folder of a running serve
     per_image, labelled = {}, {}
-    names: dict[str, str] = {}
+    names: dict[str, str] = _annotator_names(Path(folder), session_id)
     for image_id, counts in sorted(store.counts(session_id).items()):
         if len(counts) < 2:
             continue
@@ -142,8 +144,23 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     for event in events or []:
         if event["kind"] in LABEL_KINDS and event.get("annotator_id"):
             table.setdefault(event["annotator_id"], {})[f"{event['image_id']}/{event['cell_id']}"] = event["class"]
-    kappa = {f"{a} / {b}": v for (a, b), v in pairwise_kappa(table).items()} if len(table) >= 2 else {}
+    kappa = []
+    for (a, b), value in (pairwise_kappa(table).items() if len(table) >= 2 else []):
+        shared = sum(1 for cell in table[a] if cell in table[b])
+        if shared:
+            kappa.append({"a": a, "b": b, "kappa": value, "n_cells": shared})
     return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names}
+
+
+def _annotator_names(folder: Path, session_id: str) -> dict[str, str]:
+    """Annotator id -> display name of a session's joined annotators, from its manifest ({} when unreadable)."""
+    manifest = Path(folder) / "annotations" / "sessions" / session_id / "session.json"
+    try:
+        annotators = json.loads(manifest.read_text(encoding="utf-8")).get("annotators", {})
+        return {a: str(v["display_name"]) for a, v in annotators.items()
+                if isinstance(v, dict) and v.get("display_name")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def print_report(report: dict) -> None:
@@ -184,5 +201,8 @@ def print_report(report: dict) -> None:
             ties = f" (objects {', '.join(map(str, consensus['ties']))})" if consensus["ties"] else ""
             print(f"    consensus: {consensus['objects']} objects, {consensus['classified']} with a majority class, "
                   f"{len(consensus['ties'])} ties{ties}")
-    for pair, kappa in agreement.get("class_kappa", {}).items():
-        print(f"  class agreement {pair}: Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}")
+    for pair in agreement.get("class_kappa", []):
+        kappa = pair["kappa"]
+        cells = f"{pair['n_cells']} cell{'' if pair['n_cells'] == 1 else 's'}"
+        print(f"  class agreement {who(pair['a'])} / {who(pair['b'])} over {cells} both labelled: "
+              f"Cohen's kappa {'n/a' if kappa is None else f'{kappa:.3f}'}")

@@ -786,3 +786,117 @@ async def test_next_patch_uses_the_benchmarks_grid_and_coreset_size_by_default(i
     assert len(patch["selected_cells"]) == 10 and not set(patch["selected_cells"]) & set(FIRST_20)
     assert patch["x1"] - patch["x0"] <= 128 and patch["y1"] - patch["y0"] <= 128
     assert patch["x0"] % 128 == 0 and patch["y0"] % 128 == 0
+
+
+async def test_an_accept_of_a_cell_labelled_meanwhile_keeps_that_label_and_answers_with_it(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, provider, session, image = inproc["hals"], inproc["provider"], inproc["session"], inproc["image"]
+    ann = provider.sessions.join(session.session_id, "Ann")[0].annotator_id
+    bob = provider.sessions.join(session.session_id, "Bob")[0].annotator_id
+    await label_all(hals, session, image, FIRST_20, annotator=ann)
+    await settle(hals, session)
+    # both pages show the same suggestions
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, ann, image))["suggestions"]}
+    assert seen == {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, bob, image))["suggestions"]}
+    other = {"positive": "negative", "negative": "positive"}
+
+    # Bob corrects cell 50; Ann's page has not caught up and accepts the suggestion it still draws
+    corrected = await hals.label(session, bob, image, 50, other[seen[50]], suggested_class=seen[50])
+    assert corrected["event"] == "suggestion_corrected"
+    before = hals.log(session).read()
+    stale = await hals.label(session, ann, image, 50, seen[50], suggested_class=seen[50])
+    assert stale["event"] is None and stale["version"] == corrected["version"]
+    assert stale["already_labelled"] == {"class": other[seen[50]], "annotator_id": bob, "display_name": "Bob"}
+    assert stale["n_labels"] == 21
+    # nothing written: the human correction is the cell's label, in the log and in the loop
+    assert hals.log(session).read() == before
+    labels = {c["cell_id"]: c["label"] for c in (await hals.cells(session, image))["cells"]}
+    assert labels[50] == other[seen[50]]
+    assert hals.status(session)["per_annotator"] == {ann: 20, bob: 1}
+
+    # in a batch (the page's "accept all"), the other accepts are written: only the stale one is skipped
+    results = [await hals.label(session, ann, image, c, seen[c], suggested_class=seen[c]) for c in (50, 51, 52)]
+    assert [r["event"] for r in results] == [None, "suggestion_accepted", "suggestion_accepted"]
+    # (a correction, another class than the suggestion, is the annotator's own choice and is written over another's
+    # label: test_a_label_reviews_the_suggestion_the_annotator_saw_even_after_the_cell_changed_hands)
+
+    # a restarted provider knows who labelled each cell from the log
+    restarted = HalsAssist(inproc["models"])
+    again = await restarted.label(session, bob, image, 51, seen[51], suggested_class=seen[51])
+    assert again["event"] is None and again["already_labelled"]["display_name"] == "Ann"
+
+
+async def test_a_suggestion_reviewed_while_suggestions_are_paused_is_a_plain_label(inproc):
+    from colabel.apps.report import session_report
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, "a-1", image))["suggestions"]}
+    await hals.label(session, "a-1", image, 2, "positive")  # 9 negative labels: suggestions pause
+    assert not hals.status(session)["ready"]
+
+    # a page that still draws the withdrawn suggestions accepts one (suggested_class), another page labels a cell
+    # it was shown (the latest suggestion shown): neither reviews a suggestion the loop withdrew
+    accepted = await hals.label(session, "a-1", image, 23, seen[23], suggested_class=seen[23])
+    plain = await hals.label(session, "a-2", image, 25, truth_of(25))
+    assert accepted["event"] == plain["event"] == "label"
+    last = hals.log(session).read()[-2:]
+    assert [(e["kind"], e["cell_id"], "suggested" in e) for e in last] == [("label", 23, False), ("label", 25, False)]
+    assert session_report(inproc["folder"], session.session_id)["accepted"] == 0
+    assert hals.status(session)["per_annotator_events"]["a-1"] == {
+        "label": 22, "suggestion_accepted": 0, "suggestion_corrected": 0}
+
+
+async def test_the_status_gives_each_annotators_counts_by_kind_and_the_held_out_labels_of_the_self_check(inproc):
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    await label_all(hals, session, image, FIRST_20)
+    await settle(hals, session)
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, "a-2", image))["suggestions"]}
+    other = {"positive": "negative", "negative": "positive"}
+    await hals.label(session, "a-2", image, 30, seen[30], suggested_class=seen[30])
+    await hals.label(session, "a-2", image, 31, other[seen[31]], suggested_class=seen[31])
+    await hals.label(session, "a-2", image, 32, seen[32])  # the latest suggestion shown: accepted
+    status = hals.status(session)
+    assert status["per_annotator_events"] == {
+        "a-1": {"label": 20, "suggestion_accepted": 0, "suggestion_corrected": 0},
+        "a-2": {"label": 0, "suggestion_accepted": 2, "suggestion_corrected": 1}}
+    assert status["per_annotator"] == {"a-1": 20, "a-2": 3}
+    # 10 labels per class, 25 % of each held out (round(2.5) = 2): the self-check is on 4 of the 20 labels
+    assert status["val_labels"] == 4 and status["history"] == [
+        {"n_labels": 20, "val_accuracy": status["val_accuracy"], "version": 1, "val_labels": 4}]
+    # a reload of the page (or a restarted provider) gets the same counts, from the event log
+    restarted = HalsAssist(inproc["models"]).status(session)
+    assert restarted["per_annotator_events"] == status["per_annotator_events"]
+    assert restarted["val_labels"] == 4 and restarted["history"] == status["history"]
+
+
+async def test_the_report_gives_class_agreement_only_for_annotators_sharing_cells_with_names_and_cell_counts(
+        inproc, capsys):
+    from colabel.apps.report import print_report, session_report
+
+    hals, provider, session, image = inproc["hals"], inproc["provider"], inproc["session"], inproc["image"]
+    ann, bob, cyd = (provider.sessions.join(session.session_id, name)[0].annotator_id
+                     for name in ("Ann", "Bob", "Cyd"))
+    await label_all(hals, session, image, FIRST_20, annotator=ann)
+    await settle(hals, session)
+    # Bob labels 5 of Ann's cells (one of them otherwise); Cyd labels cells nobody else did
+    for cell_id in (1, 2, 3, 4):
+        await hals.label(session, bob, image, cell_id, truth_of(cell_id))
+    await hals.label(session, bob, image, 5, "negative")
+    await label_all(hals, session, image, [60, 61, 62], annotator=cyd)
+    await settle(hals, session)
+
+    report = session_report(inproc["folder"], session.session_id)
+    (pair,) = report["agreement"]["class_kappa"]
+    assert {pair["a"], pair["b"]} == {ann, bob} and pair["n_cells"] == 5
+    assert pair["kappa"] == pytest.approx(0.6153846, abs=1e-6)  # 4 of 5 agree: p_o 0.8, p_e 0.48
+    assert report["agreement"]["names"][ann] == "Ann" and report["agreement"]["names"][cyd] == "Cyd"
+    print_report(report)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "class agreement" in line]
+    assert len(lines) == 1
+    assert f"Ann ({ann})" in lines[0] and f"Bob ({bob})" in lines[0] and "Cyd" not in lines[0]
+    assert "over 5 cells both labelled: Cohen's kappa 0.615" in lines[0]

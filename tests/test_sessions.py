@@ -124,6 +124,19 @@ def test_unknown_ids_and_bad_arguments_are_refused(tmp_path):
         store.assign_next(info.session_id, "a-nobody", image_ids=["i"], saved={})
 
 
+def test_a_classification_session_with_fewer_than_two_classes_is_refused_and_not_created(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+
+    provider = DataProvider(tmp_path)
+    # its classifier tells 2 to 1000 classes apart: one class could never train, and the session never suggest
+    with pytest.raises(InvalidInputError, match="a classification session needs at least 2 classes .*, got 1"):
+        provider.create_session(name="one class", classes=CLASSES, mode="classification")
+    assert provider.sessions.list() == []
+    two = [*CLASSES, {"name": "stroma", "color": "#00ff00"}]
+    assert provider.create_session(name="two", classes=two, mode="classification")[0].mode == "classification"
+    assert provider.create_session(name="outlines", classes=CLASSES)[0].mode == "segmentation"  # one class is fine
+
+
 def test_names_and_labels_with_control_characters_are_refused_and_nothing_is_written(tmp_path):
     store = SessionStore(tmp_path)
     for bad in ["x\x1b[31m", "two\nlines", "bell\x07"]:

@@ -273,6 +273,15 @@ async def test_editing_the_form_clears_the_error_of_a_failed_create(stack, brows
     await page.click("#create-session")
     assert await page.text_content("#create-error") == ""
     assert await page.text_content("#classes-preview") == ""
+
+    # a cell-classification session needs two classes at least (its classifier tells classes apart): refused
+    await page.fill("#session-name", "one class")
+    await page.fill("#session-classes", "tumour:#ff0000")
+    await page.select_option("#session-mode", "classification")
+    await page.click("#create-session")
+    await page.wait_for_function("document.getElementById('create-error').textContent === 'a classification "
+                                 "session needs at least 2 classes (its classifier tells classes apart), got 1'")
+    assert not [s for s in stack.provider.sessions.list() if s.name == "one class"]
     assert not page.errors, page.errors
     await page.context.close()
 

@@ -104,6 +104,9 @@ class _Loop:
     threshold_lost: bool = False  # a class fell below the threshold after the current model's snapshot
     history: list[dict] = field(default_factory=list)
     per_annotator: dict[str, int] = field(default_factory=dict)  # labels given, by annotator id
+    # label events by annotator id and kind: {label, suggestion_accepted, suggestion_corrected}
+    per_annotator_events: dict[str, dict[str, int]] = field(default_factory=dict)
+    labelled_by: dict[tuple[str, int], str | None] = field(default_factory=dict)  # annotator of the latest label
     training: asyncio.Task | None = None
     cells: dict[str, _Cells] = field(default_factory=dict)
     gone: dict[str, str] = field(default_factory=dict)  # labelled images the provider could not read: why
@@ -232,7 +235,8 @@ def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _
                     loop.changes += 1
                 loop.shown.pop(key, None)
                 who = event.get("annotator_id")
-                loop.per_annotator[who] = loop.per_annotator.get(who, 0) + 1
+                _count_label(loop, who, event["kind"])
+                loop.labelled_by[key] = who
             loop.label_events += 1
             changes_after.append(loop.changes)
             if min(counts) < min_labels_per_class:
@@ -241,7 +245,8 @@ def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _
             loop.shown[key] = names.index(event["class"]) if event.get("class") in names else -1
             loop.offered.setdefault(key, set()).add(loop.shown[key])
         elif event["kind"] == "retrain":
-            loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "version") if k in event})
+            loop.history.append({k: event[k] for k in ("n_labels", "val_accuracy", "val_labels", "version")
+                                 if k in event})
             loop.version = event.get("version", loop.version)
             seen = event.get("label_events")
             seen = loop.label_events if not isinstance(seen, int) or not 0 <= seen <= loop.label_events else seen
@@ -250,6 +255,13 @@ def replay(events: list[dict], names: list[str], min_labels_per_class: int) -> _
             trained_at = seen
     loop.threshold_lost = lost_after > trained_at
     return loop
+
+
+def _count_label(loop: _Loop, annotator_id: str | None, kind: str) -> None:
+    """Count a label event of ``kind`` (one of :data:`LABEL_KINDS`) given by ``annotator_id``."""
+    loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
+    counts = loop.per_annotator_events.setdefault(annotator_id, dict.fromkeys(LABEL_KINDS, 0))
+    counts[kind] = counts.get(kind, 0) + 1
 
 
 def _moved(before: tuple[float, float] | None, after: tuple[float, float] | None) -> bool:
@@ -479,6 +491,8 @@ class HalsAssist:
         labels = np.asarray([loop.labels[k] for k in keys])
         report = await self.assist.call("classifier", "fit", features, labels, len(session.classes), 0)
         entry = {"n_labels": len(keys), "val_accuracy": report["val_accuracy"], "version": loop.version + 1}
+        if isinstance(report.get("n_val"), int) and report["n_val"] > 0:  # older classifier services lack it
+            entry["val_labels"] = report["n_val"]  # the held-out labels the accuracy was measured on
 
         def apply() -> None:
             if loop.error is not None:
@@ -616,8 +630,18 @@ class HalsAssist:
         annotator may have labelled the cell since). Without it, the latest suggestion shown for the cell
         counts.
 
-        Returns ``{event, n_labels, retraining, version}`` once the event is on disk; retraining runs in the
-        background. ``n_labels`` leaves out stale labels (cells the current segmentation lacks).
+        An accept (``class_name == suggested_class``) of a cell that has a live label already is stale: the
+        annotator saw a suggestion for a cell that someone labelled since (their page had not caught up). It
+        is not written, so a machine suggestion never replaces a human label; the answer has ``event`` None and
+        ``already_labelled``: ``{class, annotator_id, display_name}`` of the cell's current label. A correction
+        (another class than the suggestion) is the annotator's own choice and is written as usual.
+
+        While suggestions are paused (relabels took a class below ``min_labels_per_class``; not while a start
+        model suggests), a label reviews no suggestion: it is a plain ``label`` event, whatever was shown.
+
+        Returns ``{event, n_labels, retraining, version}`` (and ``already_labelled``, see above) once the event
+        is on disk; retraining runs in the background. ``n_labels`` leaves out stale labels (cells the current
+        segmentation lacks).
         """
         self.provider._check_in_session(session, image_id)
         cls = self._class_index(session, class_name)
@@ -628,17 +652,23 @@ class HalsAssist:
             raise NotFoundError(f"unknown cell id {shown(cell_id)} in image {shown(image_id)}")
         loop = self._loop(session)
         key = (image_id, cell_id)
+        names = [c.name for c in session.classes]
         async with loop.lock:  # decided and applied against the state no other mutation is changing
             if suggested_class is not None:
                 suggested = suggested_index
                 if suggested not in loop.offered.get(key, ()):
                     raise InvalidInputError(f"no {shown(suggested_class)} suggestion was ever shown for cell {cell_id} "
                                             f"of image {shown(image_id)}")
+                if suggested == cls and self._labelled(loop, key):  # a stale accept: the human label stays
+                    return {"event": None, "already_labelled": self._current_label(session, loop, key, names),
+                            "n_labels": len(self._live(loop)), "retraining": loop.training is not None,
+                            "version": loop.version}
             else:
                 suggested = loop.shown.get(key)
+            if suggested is not None and self._paused(session, loop):
+                suggested = None  # the loop withdrew its suggestions: nothing is reviewed
             kind = "label" if suggested is None else (
                 "suggestion_accepted" if suggested == cls else "suggestion_corrected")
-            names = [c.name for c in session.classes]
             # the cell's centroid (px) as labelled: a later segmentation's cell of this id must match it
             x, y = cells.centroids[cells.index[cell_id]]
             centroid = (float(x), float(y))
@@ -650,7 +680,8 @@ class HalsAssist:
             def apply() -> None:
                 loop.shown.pop(key, None)
                 loop.label_events += 1
-                loop.per_annotator[annotator_id] = loop.per_annotator.get(annotator_id, 0) + 1
+                _count_label(loop, annotator_id, kind)
+                loop.labelled_by[key] = annotator_id
                 if key not in loop.labels:
                     loop.order.append(key)
                 moved = _moved(loop.centroids.get(key), centroid)
@@ -664,6 +695,20 @@ class HalsAssist:
             await self._logged(session, kind, fields, apply)
         retraining = self._maybe_retrain(session, loop) or loop.training is not None
         return {"event": kind, "n_labels": len(self._live(loop)), "retraining": retraining, "version": loop.version}
+
+    def _paused(self, session: SessionInfo, loop: _Loop) -> bool:
+        """Suggestions are withdrawn by the policy: no start model suggests and a class lacks labels."""
+        return loop.start_model is None and not self._threshold_reached(session, loop)
+
+    def _current_label(self, session: SessionInfo, loop: _Loop, key: tuple[str, int], names: list[str]) -> dict:
+        """A labelled cell's ``{class, annotator_id, display_name}`` (the display name: the id when unknown)."""
+        who = loop.labelled_by.get(key)
+        try:
+            annotator = self.provider.sessions.annotators(session.session_id).get(who)
+        except NotFoundError:
+            annotator = None
+        name = annotator.display_name if annotator is not None else who
+        return {"class": names[loop.labels[key]], "annotator_id": who, "display_name": name}
 
     async def next_patch(self, session: SessionInfo, image_id: str, patch_size: int | None = None,
                          k: int | None = None) -> dict:
@@ -689,8 +734,9 @@ class HalsAssist:
         return choice
 
     def status(self, session: SessionInfo) -> dict:
-        """Live classifier state: ready, version, labels per class, validation accuracy history, the last
-        retrain's failure, stale labels."""
+        """Live classifier state: ready, version, labels per class, self-validation accuracy (and on how many
+        held-out labels) with its history, the last retrain's failure, stale labels, label events per annotator
+        (in all and by kind)."""
         loop = self._loop(session)
         live = self._live(loop)
         return {"ready": self._suggesting(session, loop), "version": loop.version, "n_labels": len(live),
@@ -699,6 +745,8 @@ class HalsAssist:
                 "per_class": self._counts(session, loop), "training": loop.training is not None,
                 "retrain_error": loop.error,
                 "val_accuracy": loop.history[-1]["val_accuracy"] if loop.history else None,
+                "val_labels": loop.history[-1].get("val_labels") if loop.history else None,
                 "history": list(loop.history), "per_annotator": dict(loop.per_annotator),
+                "per_annotator_events": {a: dict(c) for a, c in loop.per_annotator_events.items()},
                 "min_labels_per_class": self.min_labels_per_class,
                 "retrain_every": self.retrain_every}

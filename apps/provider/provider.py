@@ -255,6 +255,9 @@ class DataProvider:
                                     f"got {shown(annotators_per_image)}")
         if not isinstance(classes, (list, tuple)):
             raise InvalidInputError("classes must be a list of {name, color}")
+        if mode == "classification" and len(classes) < 2:  # the classifier tells 2 to 1000 classes apart
+            raise InvalidInputError(f"a classification session needs at least 2 classes (its classifier tells "
+                                    f"classes apart), got {len(classes)}")
         try:
             return self.sessions.create(name=name, classes=classes, mode=mode,
                                         annotators_per_image=annotators_per_image, image_ids=image_ids)

@@ -215,7 +215,8 @@ class ClassifierService:
         Returns
         -------
         dict
-            ``{model_id: str, val_accuracy: float, n_labels: int, seconds: float}``.
+            ``{model_id: str, val_accuracy: float, n_val: int, n_labels: int, seconds: float}``: ``val_accuracy``
+            is the members' mean accuracy on their held-out validation split of the labels, ``n_val`` labels each.
 
         Raises
         ------
@@ -236,6 +237,7 @@ class ClassifierService:
         store_model(self.cache_dir, model_id, ensemble)
         self._remember(model_id, ensemble)
         return {"model_id": model_id, "val_accuracy": float(ensemble.validation_accuracy),
+                "n_val": int(min(h.n_val for h in ensemble.members)),
                 "n_labels": int(len(labels)), "seconds": round(seconds, 4)}
 
     def _remember(self, model_id: str, ensemble: Ensemble) -> None:

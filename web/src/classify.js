@@ -2,9 +2,12 @@
 // Nucleus outlines come from the provider's `cells`, class suggestions from `suggestions` (drawn muted and
 // dashed; labels in full colours), labels go to `label_cell` (recorded there as a manual label, or as an
 // accepted or corrected suggestion), `next_patch` moves the view to the Coreset patch and
-// `classifier_status` gives the live model version and accuracy. Cells and suggestions are requested for
-// the viewport only, so large images stay cheap. Every call has a time limit: a slow or stopped model
-// service shows a message and the page keeps working.
+// `classifier_status` gives the live model version, its self-check and this annotator's counts. Cells and
+// suggestions are requested for the viewport only, so large images stay cheap. Other annotators' labels reach
+// the page with the status poll (the view's labels are read again when the session's label count changed, and
+// right before "Accept all visible"); an accept of a cell someone labelled meanwhile is not written by the
+// provider, which answers with the cell's label, drawn here. Every call has a time limit: a slow or stopped
+// model service shows a message and the page keeps working.
 import "./classify.css";
 import Map from "ol/Map.js";
 import View from "ol/View.js";
@@ -62,7 +65,7 @@ function rgb(color, mute = false) {
 }
 
 const S = {
-  ctx: null, annotate: null, key: null, session: null, classes: [], images: [],
+  ctx: null, annotate: null, key: null, annotatorId: null, session: null, classes: [], images: [],
   image: null, W: 0, H: 0,
   cells: new globalThis.Map(), // cell_id -> {cell, feature}
   labels: new globalThis.Map(), // cell_id -> class name
@@ -74,6 +77,10 @@ const S = {
   shown: null, // the view region whose cells and suggestions were loaded last
   staleSuggestions: false,
   labelling: 0, // label batches in flight: suggestions are not refetched meanwhile (what was seen is accepted)
+  labelBatches: 0, // label batches started: an answer asked for before one started may predate its labels
+  loaded: null, // the region whose cells were requested last (the view with a margin)
+  ready: null, // whether the provider suggests (the last status): false withdraws the suggestions drawn
+  labelEvents: null, // the session's label events (all annotators) when this page last read the view's labels
 };
 
 // -- map ------------------------------------------------------------------------------------------
@@ -158,19 +165,27 @@ function showProgress() {
       + `${S.events.suggestion_corrected} corrected`)].filter(Boolean));
   const st = S.status;
   let model;
+  const failed = st && !st.error && st.retrain_error
+    ? `${st.retrain_error} (tried again on the next label change)` : null;
   if (!st) model = "classifier: …";
   else if (st.error) model = `classifier status unavailable: ${st.error}`;
   else if (!st.ready) {
-    const needed = Object.entries(st.per_class || {})
-      .map(([name, n]) => `${name} ${Math.max(0, st.min_labels_per_class - n)}`).join(", ");
-    model = `no suggestions yet: labels still needed per class: ${needed}`;
+    const perClass = Object.entries(st.per_class || {});
+    const missing = perClass.some(([, n]) => n < st.min_labels_per_class);
+    const needed = perClass.map(([name, n]) => `${name} ${Math.max(0, st.min_labels_per_class - n)}`).join(", ");
+    if (failed && !missing) model = `classifier training failed: ${failed}`;
+    else model = `no suggestions yet: labels still needed per class: ${needed}${failed ? `; training failed: ${failed}` : ""}`;
   } else {
-    const acc = st.val_accuracy === null ? "–" : `${(100 * st.val_accuracy).toFixed(1)}%`;
-    model = `classifier v${st.version}, validation accuracy ${acc}, ${st.n_labels} labels`;
+    const check = selfCheck(st);
+    model = `classifier ${st.start_model && !st.version ? `${st.start_model} (trained beforehand)` : `v${st.version}`}`
+      + `${check ? `, ${check}` : ""}; ${st.n_labels} labels now`
+      + (failed ? `; the last retrain failed: ${failed}` : "");
   }
   if (st && st.training) model += " · retraining…";
   $("classify-model").textContent = model;
-  $("classify-model").classList.toggle("error", Boolean(st && st.error));
+  $("classify-model").title = st && st.ready && st.val_accuracy !== null && st.val_accuracy !== undefined
+    ? SELF_CHECK_TITLE : "";
+  $("classify-model").classList.toggle("error", Boolean(st && (st.error || failed)));
   const root = $("classify");
   root.dataset.version = String(S.version);
   const visible = visibleSuggestions().length;
@@ -182,6 +197,22 @@ function showProgress() {
   accept.textContent = visible ? `Accept all visible (${visible})` : "Accept all visible";
   accept.title = `label the ${visible} suggested cells in view with their suggestions (A)`
     + (S.patch ? ", also those outside the dashed patch box" : "");
+}
+
+const SELF_CHECK_TITLE = "The classifier's accuracy on the labels it held out of its training (a part of the labels "
+  + "given here, a few cells early on, after \"Accept all\" also its own suggestions): a self-check, not its accuracy "
+  + "on the cells still unlabelled.";
+
+/** "self-check on 4 of its own 20 labels: 100%": the latest classifier's accuracy on the labels it held out of
+ * its training (`val_labels` of `n_labels`; whole percent below 50 held out); null before the first retrain. */
+export function selfCheck(st) {
+  if (st.val_accuracy === null || st.val_accuracy === undefined) return null;
+  const n = st.val_labels;
+  const history = st.history || [];
+  const total = history.length ? history[history.length - 1].n_labels : null;
+  const pct = `${(100 * st.val_accuracy).toFixed(n >= 50 ? 1 : 0)}%`;
+  if (!n) return `self-check on its own labels: ${pct}`;
+  return `self-check on ${n} of its own ${total ? `${total} ` : ""}labels: ${pct}`;
 }
 
 /** The status line while a next patch is shown: where it is, what it holds, what "Accept all visible" takes. */
@@ -256,6 +287,7 @@ async function loadView() {
     const result = await withTimeout(S.annotate.cells(S.ctx.token, imageId, ahead), LIMITS.cells, "the cell service");
     if (generation !== S.generation || !S.image || S.image.image_id !== imageId) return;
     S.cellsError = false;
+    S.loaded = ahead;
     mergeCells(result.cells, ahead);
     if (typeof result.n_cells === "number") {
       S.nCells = result.n_cells;
@@ -332,6 +364,32 @@ async function loadSuggestions(region = viewRegion(), generation = S.generation)
   }
 }
 
+/** Reads the labels of the loaded region again (other annotators label too) with the image's progress; true when
+ * they are in, or there is nothing to read. Its answer is dropped (false) when a label batch of this page was in
+ * flight (besides `own`, an accept being prepared) or started meanwhile (it may predate those labels), or the
+ * view or image changed. */
+async function refreshLabels(limit = LIMITS.status, own = 0) {
+  const region = S.loaded;
+  if (!region || !S.image || typeof S.annotate.cells !== "function") return true;
+  const imageId = S.image.image_id;
+  const generation = S.generation;
+  const batches = S.labelBatches;
+  if (S.labelling > own) return false;
+  try {
+    const result = await withTimeout(S.annotate.cells(S.ctx.token, imageId, region), limit, "the cell service");
+    if (generation !== S.generation || S.labelling > own || batches !== S.labelBatches || !S.image
+        || S.image.image_id !== imageId) return false;
+    mergeCells(result.cells, region);
+    if (typeof result.n_cells === "number") {
+      S.nCells = result.n_cells;
+      S.nLabelled = result.n_labelled;
+    }
+    return true;
+  } catch {
+    return false; // tried again at the next poll; the provider refuses stale accepts meanwhile
+  }
+}
+
 let viewTimer = null;
 function scheduleView() {
   clearTimeout(viewTimer);
@@ -346,6 +404,8 @@ async function labelCells(items) {
   const imageId = S.image.image_id;
   const before = new globalThis.Map(items.map((it) => [it.cell_id, S.labels.get(it.cell_id)]));
   S.labelling++;
+  S.labelBatches++;
+  const kept = []; // [{cell_id, class, by}]: accepts of cells labelled meanwhile by someone, not written
   for (const it of items) S.labels.set(it.cell_id, it.class);
   cellLayer.changed();
   let failed = 0;
@@ -360,6 +420,17 @@ async function labelCells(items) {
         const result = await withTimeout(S.annotate.label_cell(S.ctx.token, S.key, imageId, it.cell_id, it.class,
           it.suggested ?? null),
           LIMITS.label, "the labelling service");
+        if (!result.event && result.already_labelled) {
+          // a stale accept: the cell was labelled meanwhile (by another annotator, or another tab); theirs stays
+          const current = result.already_labelled;
+          kept.push({ cell_id: it.cell_id, class: current.class,
+            by: current.annotator_id === S.annotatorId ? "you" : current.display_name || current.annotator_id });
+          S.labels.set(it.cell_id, current.class);
+          S.suggestions.delete(it.cell_id);
+          if (before.get(it.cell_id) === undefined && S.nLabelled !== null) S.nLabelled++;
+          newest = Math.max(newest, result.version);
+          continue;
+        }
         S.events[result.event] = (S.events[result.event] || 0) + 1;
         S.labels.set(it.cell_id, it.class); // again: a cells answer may have overwritten it meanwhile
         if (before.get(it.cell_id) === undefined && S.nLabelled !== null) S.nLabelled++;
@@ -373,9 +444,10 @@ async function labelCells(items) {
         lastError = errorText(err);
         if (before.get(it.cell_id)) S.labels.set(it.cell_id, before.get(it.cell_id));
         else S.labels.delete(it.cell_id);
+      } finally {
+        done++;
+        if (items.length > 1) say(`labelled ${done} of ${items.length}…`);
       }
-      done++;
-      if (items.length > 1) say(`labelled ${done} of ${items.length}…`);
     }
   };
   try {
@@ -384,7 +456,10 @@ async function labelCells(items) {
     S.labelling--;
   }
   cellLayer.changed();
-  if (failed) say(`${failed} of ${items.length} labels not saved: ${lastError}`, true);
+  const keptText = keptLine(kept);
+  const saved = items.length - failed - kept.length;
+  if (failed) say(`${failed} of ${items.length} labels not saved: ${lastError}${keptText ? `; ${keptText}` : ""}`, true);
+  else if (kept.length) say(saved ? `labelled ${saved} cell${saved === 1 ? "" : "s"}; ${keptText}` : keptText);
   else say(items.length > 1 ? `labelled ${items.length} cells` : `labelled cell ${items[0].cell_id} ${items[0].class}`);
   showProgress();
   if (newest > S.version || S.staleSuggestions) {
@@ -395,6 +470,16 @@ async function labelCells(items) {
     }
   }
   pollStatus();
+}
+
+/** "cell 12 was labelled negative meanwhile by Bob: kept" / "3 cells were labelled meanwhile by Bob, Ann: kept
+ * their labels" for accepts the provider did not write; "" for none. */
+function keptLine(kept) {
+  if (!kept.length) return "";
+  const by = [...new Set(kept.map((k) => k.by))].join(", ");
+  return kept.length === 1
+    ? `cell ${kept[0].cell_id} was labelled ${kept[0].class} meanwhile by ${by}: kept`
+    : `${kept.length} cells were labelled meanwhile by ${by}: kept their labels`;
 }
 
 function labelSelected(classIndex) {
@@ -411,8 +496,20 @@ function labelSelected(classIndex) {
 }
 
 /** Accepts every suggestion in view; asks first when there are more than `confirmAbove` (the A key: one stray
- * keystroke must not label a whole zoomed-out image; the button shows its count on its face). */
-function acceptAllVisible({ confirmAbove = Infinity } = {}) {
+ * keystroke must not label a whole zoomed-out image; the button shows its count on its face). The view's labels
+ * are read first: cells other annotators labelled since the last poll are not accepted over (the provider would
+ * not write those accepts either). */
+let accepting = false;
+async function acceptAllVisible({ confirmAbove = Infinity } = {}) {
+  if (accepting) return;
+  accepting = true;
+  S.labelling++; // counted from the key press or click: polls leave the labels alone, tests wait for the batch
+  try {
+    await refreshLabels(LIMITS.status, 1);
+  } finally {
+    S.labelling--; // labelCells counts the batch again, in this same task
+    accepting = false;
+  }
   const items = visibleSuggestions().map((s) => ({ cell_id: s.cell_id, class: s.class, suggested: s.class }));
   if (!items.length) {
     say("no suggestions in view");
@@ -463,21 +560,44 @@ let polling = false;
 async function pollStatus() {
   if (polling || typeof S.annotate.classifier_status !== "function") return;
   polling = true;
+  const batches = S.labelBatches;
   try {
     const status = await withTimeout(S.annotate.classifier_status(S.ctx.token), LIMITS.status, "the classifier");
     S.status = status;
-    if (status.version > S.version) {
-      S.version = status.version;
-      // a retrain finished: new suggestions for the view, once the labels being sent are in
+    // no label of this page in flight or sent since it was asked: the provider's counts are this page's truth
+    const settled = !S.labelling && batches === S.labelBatches;
+    if (settled) takeMyCounts(status);
+    if (!status.ready) {
+      // suggestions paused (a class lacks labels again) or not started: none drawn, none to accept
+      S.ready = false;
+      if (S.suggestions.size) {
+        S.suggestions.clear();
+        cellLayer.changed();
+      }
+    } else if (status.version > S.version || S.ready === false) {
+      S.version = Math.max(S.version, status.version);
+      S.ready = true;
+      // a retrain finished, or suggestions resumed: new suggestions for the view, once the labels being sent are in
       if (S.labelling) S.staleSuggestions = true;
       else await loadSuggestions();
-    }
+    } else S.ready = true;
+    // someone labelled (this page included): the view's labels again, so other annotators' labels show here
+    const events = Object.values(status.per_annotator || {}).reduce((a, b) => a + b, 0);
+    if (settled && events !== S.labelEvents && await refreshLabels()) S.labelEvents = events;
   } catch (err) {
     S.status = { ...(S.status || {}), error: errorText(err) };
   } finally {
     polling = false;
     showProgress();
   }
+}
+
+/** This annotator's label counts from the provider (`per_annotator_events`), so they survive a reload; an older
+ * provider without them, or an annotator id this browser did not keep, leaves this visit's counts. */
+function takeMyCounts(status) {
+  if (!S.annotatorId || !status.per_annotator_events) return;
+  S.events = { label: 0, suggestion_accepted: 0, suggestion_corrected: 0,
+    ...(status.per_annotator_events[S.annotatorId] || {}) };
 }
 
 // -- images ---------------------------------------------------------------------------------------
@@ -491,6 +611,7 @@ async function showImage(image) {
   S.nCells = S.nLabelled = null;
   S.patch = null;
   S.shown = null;
+  S.loaded = null;
   cellSource.clear();
   patchSource.clear();
   $("classify-image").value = image.image_id;
@@ -560,8 +681,8 @@ function onKey(e) {
 }
 
 /** Runs the classification page: `{ctx, annotate, session, key, assignment}` from the annotator page's join. */
-export async function runClassification({ ctx, annotate, session, key, assignment }) {
-  Object.assign(S, { ctx, annotate, session, key, classes: session.classes });
+export async function runClassification({ ctx, annotate, session, key, annotatorId, assignment }) {
+  Object.assign(S, { ctx, annotate, session, key, annotatorId: annotatorId || null, classes: session.classes });
   document.body.classList.add("classify-mode");
   $("classify").hidden = false;
   $("session-name").textContent = session.name;

@@ -88,15 +88,36 @@ async function classifierStatus(s) {
   }
 }
 
+/** "self-check on 4 of its own 20 labels: 100%": the latest classifier's accuracy on the labels it held out of
+ * its training (`val_labels` of `n_labels`; whole percent below 50 held out); null before the first retrain.
+ * (The annotator page's classify.js words it the same.) */
+export function selfCheck(st) {
+  if (st.val_accuracy === null || st.val_accuracy === undefined) return null;
+  const n = st.val_labels;
+  const history = st.history || [];
+  const total = history.length ? history[history.length - 1].n_labels : null;
+  const pct = `${(100 * st.val_accuracy).toFixed(n >= 50 ? 1 : 0)}%`;
+  if (!n) return `self-check on its own labels: ${pct}`;
+  return `self-check on ${n} of its own ${total ? `${total} ` : ""}labels: ${pct}`;
+}
+
 function classifierLine(st) {
   if (!st) return null;
   if (st.error) return el("div", { class: "classifier error" }, `classifier: ${st.error}`);
   const perClass = Object.entries(st.per_class).map(([name, n]) => `${name} ${n}`).join(", ");
-  const model = st.ready
-    ? `classifier v${st.version}, validation accuracy ${st.val_accuracy === null ? "–" : `${(100 * st.val_accuracy).toFixed(1)}%`}`
+  const check = st.ready ? selfCheck(st) : null;
+  let model = st.ready
+    ? `classifier ${st.start_model && !st.version ? `${st.start_model} (trained beforehand)` : `v${st.version}`}`
+      + (check ? `, ${check}` : "")
     : `no classifier yet (${st.min_labels_per_class} labels per class needed)`;
-  return el("div", { class: "classifier" }, `${st.n_labels} cells labelled (${perClass}); ${model}`,
-    st.training ? " · retraining…" : "");
+  if (st.retrain_error) {
+    model += `; ${st.ready ? "the last retrain" : "training"} failed: ${st.retrain_error} (tried again on the next `
+      + "label change)";
+  }
+  return el("div", { class: `classifier${st.retrain_error ? " error" : ""}`,
+    title: check ? "the classifier's accuracy on the labels it held out of its training: a self-check, not its "
+      + "accuracy on the cells still unlabelled" : "" },
+  `${st.n_labels} cells labelled (${perClass}); ${model}`, st.training ? " · retraining…" : "");
 }
 
 function annotatorTable(p, st) {
@@ -356,9 +377,15 @@ $("create-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   clearCreateMessages();
   let created;
+  const classes = parseClasses($("session-classes").value);
+  if ($("session-mode").value === "classification" && classes.length < 2) { // as the provider refuses it
+    $("create-error").textContent = "a classification session needs at least 2 classes (its classifier tells "
+      + `classes apart), got ${classes.length}`;
+    return;
+  }
   $("create-session").disabled = true; // one session per click, also while the provider is slow to answer
   try {
-    created = await provider.create_session($("session-name").value, parseClasses($("session-classes").value),
+    created = await provider.create_session($("session-name").value, classes,
       $("session-mode").value, Number($("session-per-image").value), null);
   } catch (err) {
     $("create-error").textContent = errorText(err);

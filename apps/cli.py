@@ -102,11 +102,12 @@ def hush_disconnect_warning(args: argparse.Namespace) -> None:
 
 
 def stop_event() -> asyncio.Event:
-    """An event set by Ctrl-C or SIGTERM; the handlers are installed now, before "Press Ctrl-C" is printed
-    (a SIGTERM right after that line stops the command cleanly, not by the default action)."""
+    """An event set by Ctrl-C, SIGTERM or SIGHUP (the terminal closed, an SSH session lost); the handlers are
+    installed now, before "Press Ctrl-C" is printed (a signal right after that line stops the command cleanly, with
+    its embedded Hypha server and Ray, not by the default action)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     return stop
 
@@ -245,7 +246,7 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
         for model, service_id in model_ids.items():
             print(f"model_service_{model}: {service_id}")
         print(f"manage_url: {services.manage_url(provider_token)}")
-        print(f"share_url: {services.share_url(secret)}  (session {session.name!r})")
+        print(f"share_url: {services.share_url(secret)}  (session {session.name!r}, {session.session_id})")
         stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
         await stop.wait()
@@ -709,11 +710,19 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from colabel.config import annotations_dir
+    from colabel.errors import NotFoundError
+
+    from .provider.sessions import SessionStore
     from .report import print_report, session_report
 
     folder = Path(args.folder).expanduser().resolve()
     check_folder(folder)
-    print_report(session_report(folder, args.session))
+    try:  # the session's id, or its name as the manage page shows it
+        session_id = SessionStore(annotations_dir(folder), read_only=True).resolve(args.session)
+    except NotFoundError as exc:
+        raise NotFoundError(f"{exc} (in {folder})") from None
+    print_report(session_report(folder, session_id))
     return 0
 
 
@@ -802,7 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "with --session.")
     pull.add_argument("source", metavar="SOURCE", help="trainer URL or mounted folder")
     pull.add_argument("--out", required=True, help="output folder")
-    pull.add_argument("--session", default=None, help="session id, for a local folder")
+    pull.add_argument("--session", default=None,
+                      help="for a local folder: the session's id (s-..., shown on the manage page) or its name")
     pull.add_argument("--token", default=None, help="trainer token, if not in the URL")
     pull.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
                       help="format of labels.zarr: 3, or 2 for readers that predate zarr v3 (default: an existing "
@@ -894,7 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "workload (fraction of shown suggestions the annotator corrected) and the "
                                  "effectiveness (area under validation accuracy vs number of labels, N <= 200).")
     report.add_argument("folder", metavar="FOLDER", help="the mounted folder")
-    report.add_argument("session", metavar="SESSION", help="session id (s-...)")
+    report.add_argument("session", metavar="SESSION",
+                        help="the session's id (s-..., shown on the manage page) or its name")
     report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="write real demo images into a folder",

@@ -18,6 +18,9 @@ later answers the navigation to a manage URL and reads its token. This front clo
 An error answer of Hypha's that carries a Python traceback (e.g. a 404 for an unknown service of the public
 workspace, which shows the server's install paths) is cut to its last line, the exception itself.
 
+With ``COLABEL_PARENT_PID`` set (by colabel's embedded server), the server stops once that process is gone, even
+killed without its clean-up (:func:`watch_parent`).
+
 Run it as Hypha is run, configured by the same environment variables: ``python -m uvicorn
 colabel.apps.hypha_gate:app`` (what the embedded server and the image's ``hypha`` role do).
 """
@@ -25,6 +28,9 @@ colabel.apps.hypha_gate:app`` (what the embedded server and the image's ``hypha`
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -184,9 +190,30 @@ def gate(inner: ASGIApp, web_workspaces: frozenset[str] | None = None) -> ASGIAp
     return app
 
 
+def watch_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """Stop this process (SIGTERM to itself: uvicorn's clean shutdown) once ``parent_pid`` is no longer its parent.
+
+    The embedded server runs in a session of its own (a Ctrl-C reaches ``colabel serve`` only, which stops it
+    cleanly), so nothing else would stop it when ``colabel serve`` dies without its clean-up (SIGKILL, the OOM
+    killer, a crash): it would keep the port, and the next ``serve`` would be refused. ``interval`` is in seconds.
+    Returns the daemon thread polling ``os.getppid()``.
+    """
+    def run() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run, name="colabel-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def _hypha_app() -> ASGIApp:
     from hypha.server import app as hypha_app  # configured from the environment, as `uvicorn hypha.server:app`
 
+    parent = os.environ.get("COLABEL_PARENT_PID", "")
+    if parent.isdigit():  # set by colabel's embedded server (apps.hypha_server.EmbeddedHypha)
+        watch_parent(int(parent))
     return gate(hypha_app, web_workspaces_from_env(os.environ.get("COLABEL_WEB_WORKSPACES")))
 
 

@@ -136,6 +136,8 @@ class EmbeddedHypha:
             "HYPHA_WS_MSG_RATE_LIMIT": str(self.msg_rate_limit),
             "HYPHA_WS_MSG_BURST_LIMIT": str(self.msg_rate_limit),
             "HYPHA_LOGLEVEL": env.get("HYPHA_LOGLEVEL", "WARNING"),
+            # the server stops when this process is gone, even killed without its clean-up (see hypha_gate)
+            "COLABEL_PARENT_PID": str(os.getpid()),
         })
         env.update(self.extra_env)
         fd, log = tempfile.mkstemp(prefix="colabel-hypha-", suffix=".log")

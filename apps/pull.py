@@ -102,14 +102,17 @@ class LocalSource:
         if not sessions.is_dir():
             raise InvalidInputError(f"{folder} is not a colabel folder (it has no annotations/sessions): pull from the "
                                     "folder a colabel serve saves annotations in")
-        check_id(session_id, "session id")
-        if not (sessions / session_id / "session.json").is_file():
-            raise NotFoundError(f"unknown session id {session_id!r} in {folder}")
+        if not isinstance(session_id, str) or not session_id:
+            check_id(session_id, "session id")
         self.location = str(folder.resolve())
         self.provider = DataProvider(folder, read_only=True)
         if session_id in self.provider.sessions.load_errors:
             raise InvalidInputError(f"session {session_id} of {folder} cannot be read: "
                                     f"{self.provider.sessions.load_errors[session_id]}")
+        try:
+            session_id = self.provider.sessions.resolve(session_id)  # its id, or its name on the manage page
+        except NotFoundError as exc:
+            raise NotFoundError(f"{exc} (in {folder})") from None
         self.info = self.provider.sessions.get(session_id)
 
     async def session(self) -> dict:
@@ -711,7 +714,7 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
             src = await RemoteSource.connect(source, token)
         else:
             if not session:
-                raise InvalidInputError("pulling from a local folder needs --session SESSION_ID")
+                raise InvalidInputError("pulling from a local folder needs --session SESSION (its id or name)")
             src = LocalSource(Path(source), session)
         try:
             return await pull(src, out, zarr_format=zarr_format)

@@ -166,6 +166,8 @@ def run_train(args: argparse.Namespace) -> int:
     pairs = labelled_pairs(Path(args.pulled), args.annotator)
     if not pairs:
         raise InvalidInputError(f"no labelled images in {args.pulled}")
+    if len(pairs) == 1 and args.hold_out:
+        raise InvalidInputError(f"--hold-out needs at least 2 labelled images (the set has 1), got {args.hold_out}")
     if not 0 <= args.hold_out < len(pairs):
         raise InvalidInputError(f"--hold-out must be between 0 and {len(pairs) - 1} (the set has {len(pairs)} labelled "
                        f"images), got {args.hold_out}")

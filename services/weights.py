@@ -210,11 +210,16 @@ def _default_filename(url: str) -> str:
 
 
 def _unavailable(model: str | None, url: str, reason: str) -> WeightsUnavailableError:
+    """The refusal for weights that could not be had: what, from where, why, and how to give a local file instead
+    (the command line's option for it, and the Python configuration's)."""
     what = f"the weights of model {model!r}" if model else "model weights"
+    model_id = model or "MODEL_ID"
+    option = ("--nuclei-checkpoint /path/to/checkpoint.pth" if model_id.startswith("hovernet")
+              else f"--checkpoint {model_id}=/path/to/checkpoint.pt")
     return WeightsUnavailableError(
-        f"Could not obtain {what} from {url} ({reason}); download the file yourself and point the "
-        f"configuration at the local checkpoint file instead (e.g. checkpoints={{{model or 'model_id'!r}: "
-        f"'/path/to/checkpoint.pt'}})."
+        f"Could not obtain {what} from {url} ({reason}); download the file yourself and use the local checkpoint "
+        f"file instead: `colabel serve` / `colabel models` {option}, or in Python checkpoints={{{model_id!r}: "
+        f"'/path/to/checkpoint.pt'}}."
     )
 
 

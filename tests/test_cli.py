@@ -97,6 +97,43 @@ def test_the_embedded_servers_log_is_removed_after_a_clean_stop_and_kept_after_a
         crashed.log_path.unlink(missing_ok=True)
 
 
+def _listening(port: int, within: float) -> bool:
+    """Whether something still listens on ``port`` after waiting up to ``within`` seconds for it to stop."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if port_is_free("127.0.0.1", port):
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_hang_up_stops_serve_cleanly_and_a_killed_serve_leaves_no_hypha_server_behind(tmp_path):
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images")
+    flags = ["--no-ray", "--models", ""]
+    port = free_port()
+    process, printed = start_colabel(["serve", str(folder), "--port", str(port), *flags])
+    assert "share_url" in printed, printed
+    process.send_signal(signal.SIGHUP)  # the terminal closed: a clean stop, not the default action
+    assert process.wait(60) == 0
+    assert "stopping" in process.stdout.read()
+    assert not _listening(port, 5)
+
+    port = free_port()
+    process, printed = start_colabel(["serve", str(folder), "--port", str(port), *flags])
+    assert "share_url" in printed, printed
+    process.kill()  # no clean-up at all: the embedded server, in a session of its own, notices its parent is gone
+    process.wait(30)
+    assert not _listening(port, 15), "the embedded Hypha server outlived its killed colabel serve"
+    again, printed = start_colabel(["serve", str(folder), "--port", str(port), *flags])
+    try:
+        assert "share_url" in printed, printed  # the port is free for the next serve
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+
+
 def test_root_tokens_are_long_enough_that_hypha_never_calls_them_weak():
     """Hypha refuses a root token under 64 characters that holds "abc", "123", "test"... in any case; a random
     one of 51 characters did in about 1 start of 400 (a CI run failed on it). A token with such words but 64+

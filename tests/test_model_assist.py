@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from colabel.apps.provider.assist import ModelAssist
+from colabel.apps.provider.assist import ModelAssist, ModelServiceUnavailable
 from colabel.errors import InvalidInputError
 from colabel.services.sam.segmenter import MAX_POINTS
 
@@ -22,7 +22,10 @@ class RecordingService:
 
     async def call_packed(self, method: str, *args):
         self.calls.append((self.name, method, args))
-        return self.answers.get((self.name, method), {})
+        answer = self.answers.get((self.name, method), {})
+        if isinstance(answer, Exception):  # the model service's error, as hypha-rpc raises it
+            raise answer
+        return answer
 
 
 class RecordingServer:
@@ -82,3 +85,16 @@ async def test_annotators_may_only_use_the_providers_nucleus_backend():
     with pytest.raises(InvalidInputError, match="backend 'hovernet', not 'classical'"):
         await configured.detect_nuclei(None, "img-1", None, "classical")
     assert [c[1] for c in server.calls] == ["segment"]  # a configured backend needs no info call
+
+
+async def test_a_failing_model_service_is_logged_on_the_providers_console_once_per_kind(caplog):
+    failure = Exception("colabel.services.weights.WeightsUnavailableError: Could not obtain the weights of model "
+                        "'sam_vit_b_lm' from https://example.org/vit_b.pt (ConnectError)")
+    assist, _ = assist_with({("sam", "embed"): failure})
+    with caplog.at_level("WARNING", logger="colabel.apps.provider.assist"):
+        for _ in range(3):  # every annotator's click fails, and is told why
+            with pytest.raises(ModelServiceUnavailable, match="sam.embed failed: .*WeightsUnavailableError"):
+                await assist.sam_segment(None, "img-1", {"points": [[1.0, 1.0]], "labels": [1]})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # the provider sees it without flooding the console
+    assert "the sam model service failed" in warnings[0] and "Could not obtain the weights" in warnings[0]

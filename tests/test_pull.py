@@ -668,10 +668,19 @@ def test_a_local_pull_or_report_writes_nothing_in_the_folder_and_a_refused_pull_
     provider.save_annotation(info, ids["ihc_ki67.png"], b.annotator_id, collection(square(11, 10, 20)))
     before = _tree(folder)
     unknown = pull(str(folder), "--session", "s-000000000000", "--out", str(tmp_path / "y"))
-    assert unknown.returncode == 2 and unknown.stderr == f"colabel: unknown session id 's-000000000000' in {folder}\n"
+    sessions = f"the sessions are: {info.session_id} 'mirror'"  # the refusals list what there is to choose from
+    assert unknown.returncode == 2 and unknown.stderr == (
+        f"colabel: no session 's-000000000000' (by id or name); {sessions} (in {folder})\n")
+    unknown = report(folder, "session 1")
+    assert unknown.returncode == 2 and unknown.stderr == (
+        f"colabel: no session 'session 1' (by id or name); {sessions} (in {folder})\n")
     done = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "z"))
     assert done.returncode == 0 and "pulled 2 new annotation versions" in done.stdout, done.stderr
+    by_name = pull(str(folder), "--session", "mirror", "--out", str(tmp_path / "n"))  # the name the manage page shows
+    assert by_name.returncode == 0 and "pulled 2 new annotation versions" in by_name.stdout, by_name.stderr
     assert report(folder, info.session_id).returncode == 0
+    named = report(folder, "mirror")
+    assert named.returncode == 0 and named.stdout == report(folder, info.session_id).stdout
     assert _tree(folder) == before and not (tmp_path / "y").exists()
 
 

@@ -269,3 +269,23 @@ def test_a_change_whose_write_failed_leaves_no_trace_in_memory(tmp_path, monkeyp
     reopened = SessionStore(tmp_path)
     assert [s.name for s in reopened.list()] == ["s"] and len(reopened.get(info.session_id).tokens) == 1
     assert [a.display_name for a in reopened.annotators(info.session_id).values()] == ["Bea"]
+
+
+def test_a_session_is_found_by_its_id_or_its_unique_name_and_a_miss_lists_the_sessions(tmp_path):
+    store = SessionStore(tmp_path / "annotations")
+    one, _ = store.create(name="round 1", classes=CLASSES)
+    two, _ = store.create(name="twin", classes=CLASSES)
+    three, _ = store.create(name="twin", classes=CLASSES)
+    assert store.resolve(one.session_id) == one.session_id
+    assert store.resolve("round 1") == one.session_id
+    reader = SessionStore(tmp_path / "annotations", read_only=True)  # what `colabel report` opens
+    assert reader.resolve("round 1") == one.session_id
+    listed = f"{one.session_id} 'round 1', {two.session_id} 'twin', {three.session_id} 'twin'"
+    with pytest.raises(InvalidInputError) as shared:
+        reader.resolve("twin")
+    assert str(shared.value) == f"2 sessions are named 'twin': give its id ({listed})"
+    with pytest.raises(NotFoundError) as missing:
+        reader.resolve("s-000000000000")
+    assert str(missing.value) == f"no session 's-000000000000' (by id or name); the sessions are: {listed}"
+    with pytest.raises(NotFoundError, match="there are no sessions yet"):
+        SessionStore(tmp_path / "empty" / "annotations", read_only=True).resolve("round 1")

@@ -288,6 +288,7 @@ def test_train_converts_grey_to_rgb_records_sources_and_exports_the_largest_imag
     (["--name", "colabel/unet"], "is not a bioimage.io model name"),
     (["--author", "a/b"], "is not a bioimage.io author name"),
     (["--hold-out", "1", "--seed", "SEED"], "64 x 64 pixels for the package's test input; the largest is 48 x 40"),
+    (["--annotator", "BOB", "--hold-out", "1"], "--hold-out needs at least 2 labelled images (the set has 1), got 1"),
 ])
 def test_train_refuses_export_settings_that_would_fail_before_training_and_writes_nothing(small_first, tmp_path,
                                                                                           extra, message):
@@ -295,6 +296,7 @@ def test_train_refuses_export_settings_that_would_fail_before_training_and_write
     if "SEED" in extra:  # a seed that holds the IHC image out: only the 48 x 40 image is trained on
         seed = next(k for k in range(100) if np.random.default_rng(k).permutation(2)[0] == 1)
         extra = [str(seed) if e == "SEED" else e for e in extra]
+    extra = [s["bob"] if e == "BOB" else e for e in extra]  # Bob labelled one image only
     model, package = tmp_path / "unet.pt", tmp_path / "package"
     done = subprocess.run([*COLABEL, "train", str(s["pulled"]), "--out", str(model), "--epochs", "1", "--crop", "64",
                            "--bioimageio", str(package), *extra], capture_output=True, text=True, timeout=120)

@@ -41,6 +41,9 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     await page.goto(stack.services.manage_url(stack.provider_token))
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     card = page.locator(".session", has_text="tumour outlines")
+    # the id the command line takes (colabel report / pull --session), shown, not only in an attribute
+    assert await card.locator(".session-id").inner_text() == (
+        f"id {session.session_id} for colabel report FOLDER {session.session_id}")
 
     # progress per annotator: images saved on and versions
     rows = {(await r.get_attribute("data-annotator-id")): await r.locator("td").all_text_contents()

@@ -159,7 +159,11 @@ def test_unreachable_url_names_model_url_and_local_checkpoint(tmp_path):
         fetch(url, checksum=SHA, cache_dir=tmp_path, progress=False, model="sam_vit_b")
     message = str(info.value)
     assert "sam_vit_b" in message and url in message and "local checkpoint" in message
+    # what a user of the command line types, not only the Python configuration
+    assert "--checkpoint sam_vit_b=/path/to/checkpoint.pt" in message and "checkpoints={'sam_vit_b'" in message
     assert leftovers(tmp_path) == []
+    with pytest.raises(WeightsUnavailableError, match="--nuclei-checkpoint /path/to/checkpoint.pth"):
+        fetch(url, checksum=SHA, cache_dir=tmp_path, progress=False, model="hovernet_pannuke_fast")
 
 
 def test_http_error_status(server, tmp_path):

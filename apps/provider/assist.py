@@ -75,6 +75,7 @@ class ModelAssist:
         self._services: dict[str, Any] = {}
         self._embeddings: dict[tuple[str, str], str] = {}  # (image id, model id) -> embedding id
         self._embedding_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._warned: set[tuple[str, str]] = set()  # (service, error kind) already logged on the console
 
     async def service(self, name: str):
         if name not in self.service_ids:
@@ -117,6 +118,10 @@ class ModelAssist:
                 raise NotFoundError(sentence) from None
             if kind in ("InvalidInputError", "PayloadTooLargeError"):
                 raise InvalidInputError(sentence) from None
+            if (name, kind) not in self._warned:  # the provider hears of it too, once per service and kind
+                self._warned.add((name, kind))
+                logger.warning("the %s model service failed (annotators are told so; further failures of this kind "
+                               "are not logged): %s.%s: %s", name, name, method, message)
             raise ModelServiceUnavailable(f"{name}.{method} failed: {message}") from None
 
     async def _pixels(self, session, image_id: str):

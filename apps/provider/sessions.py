@@ -240,6 +240,29 @@ class SessionStore:
         with self._lock:
             return sorted((s.info.model_copy(deep=True) for s in self._sessions.values()), key=lambda s: s.created)
 
+    def resolve(self, id_or_name: str) -> str:
+        """The id of the session ``id_or_name`` names: its id (``s-...``) or its name, when one session alone has it.
+
+        For the command line (``colabel report``, a local ``colabel pull``), where a provider knows its sessions by
+        the names shown on the manage page. Raises :class:`NotFoundError` for neither, :class:`InvalidInputError`
+        for a name several sessions share; both list the folder's sessions (``id 'name'``) to choose from.
+        """
+        with self._lock:
+            if id_or_name in self._sessions:
+                return id_or_name
+            named = [s.info.session_id for s in self._sessions.values() if s.info.name == id_or_name]
+            if len(named) == 1:
+                return named[0]
+            listed = self.describe()
+            if named:
+                raise InvalidInputError(f"{len(named)} sessions are named {shown(id_or_name)}: give its id ({listed})")
+            raise NotFoundError(f"no session {shown(id_or_name)} (by id or name); "
+                                + (f"the sessions are: {listed}" if listed else "there are no sessions yet"))
+
+    def describe(self) -> str:
+        """The sessions as ``s-... 'name'``, oldest first, comma-separated (for messages)."""
+        return ", ".join(f"{info.session_id} {info.name!r}" for info in self.list())
+
     def get(self, session_id: str) -> SessionInfo:
         """One session; :class:`NotFoundError` for an unknown id."""
         with self._lock:

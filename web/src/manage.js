@@ -214,6 +214,9 @@ async function sessionCard(s, images) {
   return el("div", { class: `session ${s.state}`, "data-session-id": id },
     el("h3", {}, s.name, " ", el("small", {}, `${s.state} · ${s.mode} · ${s.annotators_per_image} per image`
       + (live.length ? "" : " · every link revoked"))),
+    // the id the command line takes (`colabel report FOLDER ID`, `colabel pull FOLDER --session ID`)
+    el("div", { class: "session-id" }, "id ", el("code", {}, id),
+      el("small", {}, " for ", el("code", {}, `colabel report FOLDER ${id}`))),
     el("div", { class: "classes" }, s.classes.map((c) => el("span", { class: "class", style: `--c:${c.color}` }, c.name))),
     el("div", { class: "progress" },
       el("progress", { max: p.n_images || 1, value: p.images_done }),

@@ -22,7 +22,7 @@ import Polygon from "ol/geom/Polygon.js";
 import MultiPolygon from "ol/geom/MultiPolygon.js";
 import { Fill, Stroke, Style } from "ol/style.js";
 import { getCenter } from "ol/extent.js";
-import { errorText, el } from "./common.js";
+import { SELF_CHECK_TITLE, errorText, el, selfCheck } from "./common.js";
 import { pickLevel, toCanvas } from "./pixels.js";
 import { showTiles } from "./tiles.js";
 
@@ -197,22 +197,6 @@ function showProgress() {
   accept.textContent = visible ? `Accept all visible (${visible})` : "Accept all visible";
   accept.title = `label the ${visible} suggested cells in view with their suggestions (A)`
     + (S.patch ? ", also those outside the dashed patch box" : "");
-}
-
-const SELF_CHECK_TITLE = "The classifier's accuracy on the labels it held out of its training (a part of the labels "
-  + "given here, a few cells early on, after \"Accept all\" also its own suggestions): a self-check, not its accuracy "
-  + "on the cells still unlabelled.";
-
-/** "self-check on 4 of its own 20 labels: 100%": the latest classifier's accuracy on the labels it held out of
- * its training (`val_labels` of `n_labels`; whole percent below 50 held out); null before the first retrain. */
-export function selfCheck(st) {
-  if (st.val_accuracy === null || st.val_accuracy === undefined) return null;
-  const n = st.val_labels;
-  const history = st.history || [];
-  const total = history.length ? history[history.length - 1].n_labels : null;
-  const pct = `${(100 * st.val_accuracy).toFixed(n >= 50 ? 1 : 0)}%`;
-  if (!n) return `self-check on its own labels: ${pct}`;
-  return `self-check on ${n} of its own ${total ? `${total} ` : ""}labels: ${pct}`;
 }
 
 /** The status line while a next patch is shown: where it is, what it holds, what "Accept all visible" takes. */

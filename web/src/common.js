@@ -59,3 +59,21 @@ export function el(tag, attrs = {}, ...children) {
   for (const c of children.flat()) if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
   return node;
 }
+
+// -- the HALS classifier's self-check, as both pages show it ----------------------------------------
+export const SELF_CHECK_TITLE = "The classifier's accuracy on the labels it held out of its training (a part of the labels "
+  + "given here, a few cells early on, after \"Accept all\" also its own suggestions): a self-check, not its accuracy "
+  + "on the cells still unlabelled.";
+
+/** "self-check on 4 of its own 20 labels: 100%": the latest classifier's accuracy on the labels it held out of
+ * its training (`val_labels` of `n_labels`; whole percent below 50 held out); null before the first retrain.
+ * Both pages (the annotator's classification mode and the session manager) word it so. */
+export function selfCheck(st) {
+  if (st.val_accuracy === null || st.val_accuracy === undefined) return null;
+  const n = st.val_labels;
+  const history = st.history || [];
+  const total = history.length ? history[history.length - 1].n_labels : null;
+  const pct = `${(100 * st.val_accuracy).toFixed(n >= 50 ? 1 : 0)}%`;
+  if (!n) return `self-check on its own labels: ${pct}`;
+  return `self-check on ${n} of its own ${total ? `${total} ` : ""}labels: ${pct}`;
+}

@@ -1,6 +1,6 @@
 // The provider's session manager (the manage URL, with a token of the provider's workspace).
 import "./manage.css";
-import { connect, errorText, el, pageContext } from "./common.js";
+import { connect, errorText, el, pageContext, selfCheck } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
 let provider = null;
@@ -86,19 +86,6 @@ async function classifierStatus(s) {
   } catch (err) {
     return { error: errorText(err) };
   }
-}
-
-/** "self-check on 4 of its own 20 labels: 100%": the latest classifier's accuracy on the labels it held out of
- * its training (`val_labels` of `n_labels`; whole percent below 50 held out); null before the first retrain.
- * (The annotator page's classify.js words it the same.) */
-export function selfCheck(st) {
-  if (st.val_accuracy === null || st.val_accuracy === undefined) return null;
-  const n = st.val_labels;
-  const history = st.history || [];
-  const total = history.length ? history[history.length - 1].n_labels : null;
-  const pct = `${(100 * st.val_accuracy).toFixed(n >= 50 ? 1 : 0)}%`;
-  if (!n) return `self-check on its own labels: ${pct}`;
-  return `self-check on ${n} of its own ${total ? `${total} ` : ""}labels: ${pct}`;
 }
 
 function classifierLine(st) {

@@ -397,11 +397,15 @@ def check_ray(args: argparse.Namespace) -> None:
                        "in this process with --no-ray")
 
 
-def start_model_backends(args: argparse.Namespace, folder: Path | None):
+def start_model_backends(args: argparse.Namespace, folder: Path | None, monitor=None):
     """Start the model services this process runs; returns (name -> backend, async stop).
 
     Called before connecting to Hypha: starting Ray blocks this thread for seconds, and a connection opened
     before it would miss the server's pings and be dropped. Empty for ``--models ''`` and ``--models-url``.
+
+    Ray backends get ``monitor`` (``colabel models`` runs it); without one (``colabel serve``) they get
+    :func:`models_health_monitor`, run here until ``stop``: waiting calls then fail at once when Ray is lost.
+    Without ``--attach`` the Serve applications are ``<--models-prefix>-<name>`` (``ray_runtime.deploy``).
     """
     names = parse_models(args.models)
     if not names or args.models_url:
@@ -410,34 +414,51 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None):
     from colabel.services.gateway import LocalBackend, RayBackend
 
     options = model_options(args, folder)
-    if getattr(args, "attach", False):
-        from colabel.services import ray_runtime
+    if args.no_ray and not getattr(args, "attach", False):
+        return {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}, _nothing
+    from colabel.services import ray_runtime
 
+    if getattr(args, "attach", False):
         if not args.ray_address:
             raise CliError("--attach needs --ray-address (the cluster whose Serve applications to use)")
         handles = ray_runtime.attach(names, address=args.ray_address,
                                      timeout=getattr(args, "attach_timeout", 0.0) or 0.0,
                                      progress=lambda line: print(line, flush=True))
+        apps = {n: n for n in names}
 
-        async def stop():  # the applications belong to the cluster: only disconnect
+        async def disconnect():  # the applications belong to the cluster: only disconnect
             import ray
 
             ray.shutdown()
+    else:
+        print("starting Ray Serve and the model deployments ...", flush=True)
+        # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
+        ray_runtime.start_local_ray(address=args.ray_address, quiet=not args.verbose)
+        apps = {n: ray_runtime.application_name(n, args.models_prefix) for n in names}
+        handles = ray_runtime.deploy(names, options=options, prefix=args.models_prefix)
 
-        return {n: RayBackend(n, handles[n]) for n in names}, stop
-    if args.no_ray:
-        return {n: LocalBackend(n, get_deployment(n).load_class()(**options[n])) for n in names}, _nothing
-    from colabel.services import ray_runtime
+        async def disconnect():
+            ray_runtime.shutdown(applications=list(apps.values()) if args.ray_address else None,
+                                 quiet=not args.verbose)
 
-    print("starting Ray Serve and the model deployments ...", flush=True)
-    # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
-    ray_runtime.start_local_ray(address=args.ray_address, quiet=not args.verbose)
-    handles = ray_runtime.deploy(names, options=options)
+    checking = None
+    if monitor is None:  # colabel serve: its own monitor, for as long as the backends run
+        monitor = models_health_monitor(args)
+        monitor.when_lost = "the model services are unavailable until colabel serve is restarted"
+
+        def said(task) -> None:
+            if monitor.lost.is_set():
+                print(f"colabel: {monitor.reason}; {monitor.when_lost}", file=sys.stderr, flush=True)
+
+        checking = asyncio.ensure_future(monitor.run())
+        checking.add_done_callback(said)
 
     async def stop():
-        ray_runtime.shutdown(applications=names if args.ray_address else None, quiet=not args.verbose)
+        if checking is not None:
+            checking.cancel()
+        await disconnect()
 
-    return {n: RayBackend(n, handles[n]) for n in names}, stop
+    return {n: RayBackend(n, handles[n], monitor, app=apps[n]) for n in names}, stop
 
 
 async def register_models(args: argparse.Namespace, server, backends: dict):
@@ -490,23 +511,27 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, provider: bool = Tru
 
 
 def models_health_monitor(args: argparse.Namespace, on_pass=None):
-    """The health check of ``colabel models``: through the cluster (``--attach``), the local Serve applications
-    (Ray), or nothing to check (``--no-ray``, no models: the services run in this process)."""
-    from colabel.services.gateway import HealthMonitor, Unrecoverable
+    """The health check of ``colabel models`` (and of ``colabel serve``'s Ray backends): through the cluster
+    (``--attach``), this process's Serve applications ``<--models-prefix>-<name>`` (Ray), or nothing to check
+    (``--no-ray``, no models: the services run in this process)."""
+    from colabel.services.gateway import HEALTH_INTERVAL_S, HealthMonitor, Unrecoverable
 
     names = parse_models(args.models)
-    interval = args.health_interval
-    if not names or args.no_ray:
+    interval = getattr(args, "health_interval", HEALTH_INTERVAL_S)  # colabel serve has no --health-interval
+    attach = getattr(args, "attach", False)
+    if not names or (args.no_ray and not attach):
         return HealthMonitor(lambda: None, target="the model services", on_pass=on_pass, interval=interval)
     from colabel.services import ray_runtime
 
+    apps = [n if attach else ray_runtime.application_name(n, args.models_prefix) for n in names]
+
     def check():
         try:
-            return ray_runtime.serve_health(names)
+            return ray_runtime.serve_health(apps)
         except ray_runtime.ClusterGone as exc:
             raise Unrecoverable(str(exc)) from None
 
-    target = (f"the Ray cluster at {args.ray_address}" if args.attach else
+    target = (f"the Ray cluster at {args.ray_address}" if attach else
               f"Ray Serve {'at ' + args.ray_address if args.ray_address else 'of this process'}")
     return HealthMonitor(check, target=target, on_pass=on_pass, gone=ray_runtime.connection_lost, interval=interval)
 
@@ -532,7 +557,7 @@ async def _models(args: argparse.Namespace) -> int:
     """
     from hypha_rpc import connect_to_server
 
-    from colabel.services.gateway import Heartbeat, RayBackend, hypha_health_monitor
+    from colabel.services.gateway import Heartbeat, hypha_health_monitor
 
     check_ray(args)
     if args.attach_timeout < 0:
@@ -546,10 +571,7 @@ async def _models(args: argparse.Namespace) -> int:
         heartbeat.check()
         heartbeat.remove()  # a file of an earlier run must not say "ready" before this one is
     monitor = models_health_monitor(args)
-    backends, stop_backends = start_model_backends(args, None)
-    for backend in backends.values():
-        if isinstance(backend, RayBackend):
-            backend.monitor = monitor
+    backends, stop_backends = start_model_backends(args, None, monitor)
     server, checking = None, []
     try:
         try:

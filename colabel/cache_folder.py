@@ -12,24 +12,41 @@ folder, so that removal cannot let two processes compute one key at once. Every 
 and tolerates files another one deleted meanwhile. Deleting a cache file is never an error for its readers: a
 missing entry is computed again.
 
+Temporary files (hidden, ``.<key>.<random>...part`` or ``.tmp``) left by a writer that was killed mid-write (SIGKILL,
+OOM) are not entries and are not counted: the owner removes a key's with :meth:`CacheFolder.remove_partial` while it
+holds the key's lock (nobody else writes them then), and :meth:`CacheFolder.prune` removes any not modified for
+:data:`STALE_TEMPORARY_S` seconds (a write in progress keeps changing its file).
+
 Used by the SAM embedding store, the nucleus result cache and the HALS feature store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from colabel.errors import InvalidInputError, shown
 from colabel.files import file_lock, lock_descriptor
 
-__all__ = ["CacheFolder", "CachedFile", "check_budget"]
+__all__ = ["CacheFolder", "CachedFile", "STALE_TEMPORARY_S", "check_budget"]
 
 #: ``(mtime_ns, key, size_bytes)`` of one cache file.
 CachedFile = tuple[int, str, int]
+
+#: A temporary file (``.<key>.*.part`` / ``.tmp``) not modified for this long is a killed writer's: :meth:`prune`
+#: removes it.
+STALE_TEMPORARY_S = 600.0
+
+#: Temporary-file endings of the writers of the cache folders (SAM embeddings, nucleus results, HALS features).
+TEMPORARY_SUFFIXES = (".part", ".tmp")
+
+logger = logging.getLogger(__name__)
 
 
 def check_budget(name: str, value: int | None) -> int | None:
@@ -74,6 +91,7 @@ class CacheFolder:
         self.max_bytes = check_budget("max_bytes", max_bytes)
         self.is_key = is_key
         self._prune_lock = threading.Lock()
+        self._swept = -float("inf")  # time.monotonic() of the last sweep of stale temporary files
 
     def path(self, key: str) -> Path:
         """The entry's file (it may not exist)."""
@@ -123,6 +141,39 @@ class CacheFolder:
             files.append((st.st_mtime_ns, stem, st.st_size))
         return files, locks
 
+    def remove_partial(self, key: str) -> int:
+        """Delete the temporary files of ``key`` (``.<key>.*.part`` / ``.tmp``) that a writer killed mid-write left.
+
+        Call it holding :meth:`key_lock` (``key``'s writers write only under it, so none is in use). Returns the
+        files deleted."""
+        removed = 0
+        for suffix in TEMPORARY_SUFFIXES:
+            for path in self.folder.glob(glob.escape(f".{key}.") + "*" + suffix):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+                    logger.info("removed %s, left by an interrupted write", path)
+        return removed
+
+    def remove_stale_temporaries(self, max_age_s: float = STALE_TEMPORARY_S) -> int:
+        """Delete the folder's temporary files (hidden, ending ``.part`` or ``.tmp``) not modified for ``max_age_s``
+        seconds: writers killed mid-write left them. Returns the files deleted."""
+        removed = 0
+        oldest = time.time() - max_age_s
+        try:
+            entries = list(os.scandir(self.folder))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIXES)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < oldest:
+                    os.unlink(entry.path)
+                    removed += 1
+                    logger.info("removed %s, left by an interrupted write", entry.path)
+        return removed
+
     def total_bytes(self) -> int:
         """Bytes of the entries in the folder now (every process's)."""
         return sum(size for _, _, size in self.scan()[0])
@@ -166,7 +217,8 @@ class CacheFolder:
     def prune(self, keep: str | None = None, *, on_gone: Callable[[str], None] | None = None) -> int:
         """Delete least recently used entries (and their ``.lock``) until the folder's entries fit ``max_bytes``;
         also remove ``.lock`` files left without an entry. Never deletes ``keep``, nor an entry whose lock another
-        holder has. A no-op when unbounded.
+        holder has. Bounded or not, it first removes stale temporary files (:meth:`remove_stale_temporaries`, at
+        most once a minute per instance).
 
         ``on_gone(key)`` is called for each entry no longer on disk (deleted by this call or, after the scan, by
         another process), so that the owner drops it from its memory cache.
@@ -176,6 +228,9 @@ class CacheFolder:
         removed : int
             Entries this call deleted.
         """
+        if time.monotonic() - self._swept >= 60.0:
+            self._swept = time.monotonic()
+            self.remove_stale_temporaries()
         if not self.max_bytes:
             return 0
         with self._prune_lock:  # this process's writers prune one at a time (other processes may too)

@@ -13,10 +13,13 @@ loopback through the Hypha server (two websocket legs and two msgpack round trip
 :class:`HealthMonitor` checks every 10 s that the model services answer (for Ray: ``serve.status()`` through
 the cluster); after 3 failures in a row, or when the Ray Client has lost its cluster for good, it declares
 them lost: calls waiting on them fail at once with a clear error and ``colabel models`` exits (status 1) so
-that Kubernetes restarts it. A second one, :func:`hypha_health_monitor`, checks the other side: that the Hypha
-server answers and still holds the registered services; it declares the server lost once its checks have failed
-for a grace period (60 s) in a row, longer than hypha-rpc's own reconnection usually takes. :class:`Heartbeat` is
-the file whose modification time tells the probes that the checks pass.
+that Kubernetes restarts it (``colabel serve`` runs one too, and goes on serving without the model services).
+A second one, :func:`hypha_health_monitor`, checks the other side: that the Hypha server answers and still holds
+the registered services; it declares the server lost once its checks have failed for a grace period (60 s) in a
+row, longer than hypha-rpc's own reconnection usually takes. :class:`Heartbeat` is the file whose modification
+time tells the probes that the checks pass. Every Ray call also has a deadline
+(:meth:`~colabel.services.deployments.ModelDeployment.call_deadline`), and one that waits more than a few seconds
+checks that its Serve application is still deployed (:class:`RayBackend`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any, Protocol
 
 from colabel.errors import ColabelError
 
-from .deployments import get_deployment
+from .deployments import SHORT_CALL_S, get_deployment
 from .wire import pack
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ HEALTH_INTERVAL_S = 10.0  # a health check (and a heartbeat) every 10 s: the cha
 HEALTH_TIMEOUT_S = 10.0  # a check without an answer within 10 s has failed
 HEALTH_FAILURES = 3  # failures in a row that declare the model services lost
 HYPHA_GRACE_S = 60.0  # the Hypha server may fail its checks this long in a row (a reconnection) before it is lost
+STATUS_CHECK_S = 5.0  # a Ray call waiting this long checks (then every 5 s) that its Serve application is deployed
 
 
 class Unrecoverable(Exception):
@@ -131,6 +135,7 @@ class HealthMonitor:
         self.lost = asyncio.Event()
         self.reason: str | None = None
         self.passing = True  # started after the target answered (the services were registered or attached)
+        self.when_lost = "the gateway is restarting, retry in a minute"  # what callers are told to do once lost
 
     def declare_lost(self, why: str) -> None:
         if not self.lost.is_set():
@@ -291,50 +296,123 @@ class LocalBackend:
 class RayBackend:
     """Calls a Ray Serve deployment through its handle; maps replica deaths to :class:`ModelServiceError`.
 
-    With a ``monitor`` (set by ``colabel models``), a call fails at once with the monitor's reason when the
-    cluster is declared lost, also a call already waiting for a replica (which Ray would otherwise let hang
-    until the caller's timeout, retrying a replica it cannot reach).
+    ``app`` is the Serve application (default ``name``; ``colabel serve`` and ``colabel models`` deploy
+    ``<prefix>-<name>``). Every call has a deadline: ``deadlines[method]`` seconds when given, else the
+    service's :meth:`~colabel.services.deployments.ModelDeployment.call_deadline` (long for ``embed``,
+    ``generate``, an ONNX export, ..., short for ``segment``, ``info``, ...); past it the call is cancelled and
+    fails with ``ModelServiceError: <name>.<method> did not answer within N s``. A call that has waited
+    ``status_check_s`` seconds checks (then every ``status_check_s``) that the application is still deployed,
+    and fails at once when it is not (Ray would let it wait for ever); so do the calls that follow, until a
+    check finds it deployed again.
+
+    With a ``monitor`` (``colabel models``, ``colabel serve``), a call fails at once with the monitor's reason
+    when the cluster is declared lost, also a call already waiting for a replica (which Ray would otherwise let
+    hang until the caller's timeout, retrying a replica it cannot reach).
     """
 
-    def __init__(self, name: str, handle: Any, monitor: HealthMonitor | None = None) -> None:
+    def __init__(self, name: str, handle: Any, monitor: HealthMonitor | None = None, *, app: str | None = None,
+                 deadlines: dict[str, float] | None = None, status_check_s: float = STATUS_CHECK_S) -> None:
         self.name = name
         self.handle = handle
         self.monitor = monitor
+        self.app = app or name
+        self.deadlines = dict(deadlines or {})
+        self.status_check_s = status_check_s
+        self._not_deployed_at: float | None = None  # when a check last found the application not deployed
+        self._checked: tuple[float, bool] | None = None  # (when, deployed) of the last check
+        self._checking: asyncio.Future | None = None  # the check in flight, shared by the calls waiting meanwhile
+
+    def deadline(self, method: str) -> float:
+        """Seconds a call of ``method`` may take."""
+        if method in self.deadlines:
+            return float(self.deadlines[method])
+        try:
+            return get_deployment(self.name).call_deadline(method)
+        except KeyError:
+            return SHORT_CALL_S
 
     def _lost_error(self, method: str) -> ModelServiceError:
-        return ModelServiceError(f"{self.name}.{method} cannot run: {self.monitor.reason}; the gateway is "
-                                 "restarting, retry in a minute")
+        return ModelServiceError(f"{self.name}.{method} cannot run: {self.monitor.reason}; {self.monitor.when_lost}")
 
-    async def _unless_lost(self, response: Any, method: str) -> Any:
+    def _not_deployed_error(self, method: str) -> ModelServiceError:
+        return ModelServiceError(f"{self.name}.{method} cannot run: the Serve application {self.app!r} of the "
+                                 f"{self.name} model service is no longer deployed on Ray (NOT_DEPLOYED: deleted, or "
+                                 "Serve was restarted); it answers again once the application is deployed again "
+                                 "(restart the colabel command that deployed it)")
+
+    async def _deployed(self) -> bool:
+        """Whether ``serve.status()`` lists the application (True when Serve does not answer: not known to be gone).
+        One check at a time per backend, its answer shared by the calls waiting meanwhile and for a moment after."""
+        if self._checked is not None and time.monotonic() - self._checked[0] < self.status_check_s / 2:
+            return self._checked[1]
+        loop = asyncio.get_running_loop()
+        if self._checking is None or self._checking.done() or self._checking.get_loop() is not loop:
+            self._checking = asyncio.ensure_future(self._read_deployed())
+        return await asyncio.shield(self._checking)
+
+    async def _read_deployed(self) -> bool:
+        from ray import serve
+
+        try:
+            deployed = await in_daemon_thread(lambda: self.app in serve.status().applications, HEALTH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - no answer is no proof that the application is gone
+            return True
+        self._checked = (time.monotonic(), deployed)
+        self._not_deployed_at = None if deployed else self._checked[0]
+        return deployed
+
+    async def _wait(self, response: Any, method: str) -> Any:
+        """The response's result; :class:`ModelServiceError` (the response cancelled) past the method's deadline,
+        once the application is found not deployed, or when the monitor declares the cluster lost."""
         async def result():
             return await response
 
+        seconds = self.deadline(method)
+        started = time.monotonic()
+        next_check = started + self.status_check_s
         call = asyncio.ensure_future(result())
-        lost = asyncio.ensure_future(self.monitor.lost.wait())
+        lost = asyncio.ensure_future(self.monitor.lost.wait()) if self.monitor is not None else None
+        failure: ModelServiceError | None = None
         try:
-            await asyncio.wait({call, lost}, return_when=asyncio.FIRST_COMPLETED)
+            while failure is None:
+                wake = min(started + seconds, next_check) - time.monotonic()
+                await asyncio.wait({call} if lost is None else {call, lost}, timeout=max(0.0, wake),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if call.done():
+                    return call.result()
+                if lost is not None and lost.done():
+                    failure = self._lost_error(method)
+                elif time.monotonic() >= started + seconds:
+                    failure = ModelServiceError(
+                        f"{self.name}.{method} did not answer within {seconds:g} s (its replica is overloaded or "
+                        "hung; Serve replaces a hung replica within about 40 s); retry later")
+                elif time.monotonic() >= next_check:
+                    if not await self._deployed():
+                        failure = self._not_deployed_error(method)
+                    next_check = time.monotonic() + self.status_check_s
         finally:
-            lost.cancel()
+            if lost is not None:
+                lost.cancel()
             if not call.done():
                 call.cancel()
-        if call.done() and not call.cancelled():
-            return call.result()
+                # Ray's response answers the cancellation with its own RequestCancelledError: nobody reads it
+                call.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             response.cancel()
         except Exception:  # noqa: BLE001 - the cluster is gone: nothing to cancel there
             pass
-        raise self._lost_error(method)
+        raise failure
 
     async def call(self, method: str, *args: Any) -> Any:
         from ray import exceptions as ray_errors
 
         if self.monitor is not None and self.monitor.lost.is_set():
             raise self._lost_error(method)
+        if self._not_deployed_at is not None and time.monotonic() - self._not_deployed_at < self.status_check_s:
+            raise self._not_deployed_error(method)  # found gone a moment ago: no need to wait again
         try:
             response = getattr(self.handle, method).remote(*args)
-            if self.monitor is None:
-                return await response
-            return await self._unless_lost(response, method)
+            return await self._wait(response, method)
         except ColabelError:
             raise
         except (ray_errors.RayActorError, ray_errors.ActorDiedError, ray_errors.ActorUnavailableError) as exc:
@@ -362,7 +440,7 @@ class RayBackend:
         from ray import serve
 
         def read() -> dict:
-            app = serve.status().applications.get(self.name)
+            app = serve.status().applications.get(self.app)
             if app is None:
                 return {"mode": "ray", "status": "NOT_DEPLOYED", "replicas": {}}
             deployment = app.deployments.get(self.name)
@@ -425,10 +503,39 @@ def hypha_health_monitor(server: Any, server_url: str, service_ids: Any = (), *,
                          timeout=min(HEALTH_TIMEOUT_S, grace / 2), grace=grace, on_pass=on_pass)
 
 
-def _forward(backend: Backend, method: str):
-    async def call(*args):
+def _plain(value: Any) -> Any:
+    """``value`` with hypha-rpc's ``ObjectProxy`` dicts (a ``dict`` subclass) made plain dicts again, so that a
+    model's error sentence about a wrong argument names ``dict``, not a class of the transport; anything else,
+    and a list holding no such dict, is returned as it is."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()} if type(value) is not dict or any(
+            isinstance(v, dict | list) for v in value.values()) else value
+    if type(value) is list:
+        if all(type(v) in (int, float, str, bool) or v is None for v in value):
+            return value
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
+
+
+def _parameters(cls: type, method: str) -> list[str]:
+    """The positional parameters of ``cls.method`` after ``self``, for error sentences."""
+    try:
+        return [p.name for p in list(inspect.signature(getattr(cls, method)).parameters.values())[1:]
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (AttributeError, TypeError, ValueError):
+        return []
+
+
+def _forward(backend: Backend, method: str, cls: type | None = None):
+    async def call(*args, **kwargs):
+        if kwargs:  # hypha-rpc passes a caller's keywords through; the backends take positional arguments only
+            order = _parameters(cls, method) if cls is not None else []
+            raise Exception(f"InvalidInputError: {backend.name}.{method} takes positional arguments only, got "
+                            f"keyword argument(s) {', '.join(sorted(map(str, kwargs)))}"
+                            + (f"; pass them in this order: {', '.join(order)}" if order else ""))
         try:
-            return await backend.call(method, *args)
+            return await backend.call(method, *(_plain(a) for a in args))
         except ColabelError as exc:
             raise Exception(f"{type(exc).__name__}: {exc}") from None
 
@@ -446,18 +553,18 @@ async def register_model_services(server: Any, backends: dict[str, Backend], *, 
     ids = {}
     started = time.time()
     for name, backend in backends.items():
-        spec = get_deployment(name)
-        functions = {m: _forward(backend, m) for m in spec.load_class().rpc_functions}
+        cls = get_deployment(name).load_class()
+        functions = {m: _forward(backend, m, cls) for m in cls.rpc_functions}
 
         async def deployment_status(_backend=backend):
             return {**await _backend.status(), "uptime_s": round(time.time() - started, 1)}
 
-        async def call_packed(method, *args, _backend=backend, _allowed=frozenset(functions)):
+        async def call_packed(method, *args, _backend=backend, _allowed=frozenset(functions), _cls=cls):
             """``method(*args)`` with its outlines packed as arrays (colabel.services.wire), for colabel's
             own Python callers: the same result, decoded without hypha-rpc's per-coordinate cost."""
             if method not in _allowed:
                 raise Exception(f"InvalidInputError: unknown function {method!r}; use one of {sorted(_allowed)}")
-            return pack(await _forward(_backend, method)(*args))
+            return pack(await _forward(_backend, method, _cls)(*args))
 
         info = await server.register_service({
             "id": f"{prefix}-{name}",

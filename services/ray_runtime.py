@@ -2,7 +2,16 @@
 (`colabel models --attach`), the Serve applications of a cluster: wait for them, check them, never a local Ray.
 
 Set up for a laptop or a 2-core machine: loopback only, no dashboard, a small
-object store, no HTTP proxy (handles only), fractional CPUs per replica.
+object store, no HTTP proxy (handles only), fractional CPUs per replica. On a Ray node this process started,
+:func:`deploy` caps each deployment's ``max_replicas`` so that all of them at their maxima fit the node's CPUs
+(and GPUs), and logs what it capped: the autoscaling maxima of ``MODEL_DEPLOYMENTS`` need a cluster.
+
+Serve applications are named ``<prefix>-<name>`` (``colabel serve`` and ``colabel models`` pass
+``--models-prefix``), so two colabel processes on one cluster keep theirs apart. Each deployed application is
+recorded in the cluster's key-value store with its owner (the Ray job of this process): :func:`deploy` refuses,
+in one sentence and before deploying anything, an application of that name that another live process deployed
+(or that colabel did not deploy), and :func:`shutdown` deletes only the applications this process deployed and
+still owns. An application whose owner has exited (killed without its cleanup) is taken over.
 
 ``quiet`` (the CLI without ``-v``) keeps Ray's routine lines off the terminal: Serve's INFO lines, the
 FutureWarning about accelerator environment variables, the warning each ``serve.run`` logs because it asks
@@ -13,14 +22,31 @@ for HTTP proxies that this proxy-less Serve does not start, and the raylet's not
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
+import json
 import logging
 import os
+import socket
 import warnings
+from dataclasses import replace
 
 from colabel.errors import ColabelError
 
-from .deployments import Autoscaling, build_deployment, get_deployment
+from .deployments import Autoscaling, ModelDeployment, build_deployment, get_deployment
+
+logger = logging.getLogger(__name__)
+
+#: Namespace of the cluster's key-value store (GCS) holding who deployed each Serve application.
+OWNERS_NAMESPACE = "colabel"
+
+
+class ApplicationTaken(ColabelError):
+    """:func:`deploy` refused: the cluster runs a Serve application of that name that this process did not deploy."""
+
+
+#: Serve applications this process deployed: name -> (resources of one replica, max_replicas).
+_DEPLOYED: dict[str, tuple[dict[str, float], int]] = {}
 
 
 def gpu_available() -> bool:
@@ -70,17 +96,233 @@ def start_local_ray(*, address: str | None = None, num_cpus: int | None = None,
     serve.start(proxy_location="Disabled")
 
 
+def application_name(name: str, prefix: str | None = None) -> str:
+    """The Serve application of the model service ``name``: ``<prefix>-<name>``, or ``name`` without a prefix (as
+    the Helm chart's RayService names them, and what ``colabel models --attach`` looks for)."""
+    return f"{prefix}-{name}" if prefix else name
+
+
+def replica_resources(spec: ModelDeployment, *, gpu: bool) -> dict[str, float]:
+    """What one replica of ``spec`` reserves: ``{"CPU": ..., "GPU": ...}``."""
+    options = spec.ray_actor_options(gpu=gpu)
+    return {"CPU": float(options["num_cpus"]), "GPU": float(options["num_gpus"])}
+
+
+def fit_max_replicas(demands: dict[str, tuple[Autoscaling, dict[str, float]]],
+                     capacity: dict[str, float]) -> dict[str, Autoscaling]:
+    """Lower each ``max_replicas`` so that every deployment at its maximum fits ``capacity`` together.
+
+    ``demands`` maps a name to (its autoscaling, the resources of one replica), in order of priority. Every
+    deployment keeps its ``min_replicas``; the room left is handed out one replica at a time, in turn (the first
+    name first), to the deployments below their maxima whose replica still fits. Returns the new autoscaling of
+    every name (unchanged where everything fits).
+    """
+    free = dict(capacity)
+    counts = {}
+    for name, (scaling, needs) in demands.items():
+        counts[name] = scaling.min_replicas
+        for resource, amount in needs.items():
+            free[resource] = free.get(resource, 0.0) - amount * scaling.min_replicas
+    grown = True
+    while grown:
+        grown = False
+        for name, (scaling, needs) in demands.items():
+            if counts[name] >= scaling.max_replicas:
+                continue
+            if all(amount <= free.get(resource, 0.0) + 1e-9 for resource, amount in needs.items() if amount):
+                counts[name] += 1
+                for resource, amount in needs.items():
+                    free[resource] = free.get(resource, 0.0) - amount
+                grown = True
+    return {name: replace(scaling, max_replicas=max(counts[name], scaling.min_replicas, 1))
+            for name, (scaling, _) in demands.items()}
+
+
+def _local_capacity(excluding: set[str]) -> dict[str, float]:
+    """CPUs and GPUs of the local Ray node, less what the other applications this process deployed may take at
+    their maxima."""
+    import ray
+
+    total = ray.cluster_resources()
+    capacity = {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+    for app, (needs, most) in _DEPLOYED.items():
+        if app not in excluding:
+            for resource, amount in needs.items():
+                capacity[resource] = capacity.get(resource, 0.0) - amount * most
+    return capacity
+
+
+def _cap_to_local_node(specs: dict[str, ModelDeployment], scaling: dict[str, Autoscaling], *,
+                       gpu: bool, apps: set[str]) -> dict[str, Autoscaling]:
+    """:func:`fit_max_replicas` on the local node's resources; logs what it capped, and minima that do not fit."""
+    needs = {name: replica_resources(spec, gpu=gpu) for name, spec in specs.items()}
+    capacity = _local_capacity(apps)
+    capped = fit_max_replicas({name: (scaling[name], needs[name]) for name in specs}, capacity)
+    lowered = [f"{name} {scaling[name].max_replicas} -> {capped[name].max_replicas}" for name in specs
+               if capped[name].max_replicas < scaling[name].max_replicas]
+    room = max(capacity['CPU'], 0.0)
+    cpus = f"{room:g} CPU{'s' if room != 1 else ''}"
+    if lowered:
+        logger.warning("the local Ray node has room for %s of model replicas: max_replicas capped so that every "
+                       "deployment at its maximum fits: %s (the autoscaling maxima need a cluster: --ray-address)",
+                       cpus, ", ".join(lowered))
+    minimum = sum(needs[name]["CPU"] * scaling[name].min_replicas for name in specs)
+    if minimum > capacity["CPU"] + 1e-9:
+        logger.warning("the model deployments' minimum replicas need %g CPUs and the local Ray node has room for %s: "
+                       "some replicas will never start", minimum, cpus)
+    return capped
+
+
+def started_local_node() -> bool:
+    """Whether this process started the Ray node it is connected to (``start_local_ray`` without an address)."""
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        return bool(node is not None and node.all_processes)
+    except (ImportError, AttributeError):  # another Ray's internals: assume a cluster
+        return False
+
+
+def _owner_key(app: str) -> str:
+    return f"serve-application:{app}"
+
+
+def _this_owner() -> dict:
+    import ray
+
+    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"job": ray.get_runtime_context().get_job_id(), "pid": os.getpid(), "host": socket.gethostname(),
+            "since": since}
+
+
+def _read_owner(app: str) -> dict | None:
+    """Who deployed ``app``, as recorded by :func:`deploy`; None without a record, ``{}`` for an unreadable one."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(_owner_key(app), namespace=OWNERS_NAMESPACE)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _job_table() -> list[dict]:
+    from ray._private import state
+
+    return state.jobs()
+
+
+def _job_alive(job: str | None) -> bool | None:
+    """Whether the Ray job ``job`` (a driver) still runs; None when that cannot be told."""
+    import ray
+
+    if not job:
+        return None
+    try:
+        if ray.util.client.ray.is_connected():  # a Ray Client: the job table is read on the cluster
+            table = ray.get(ray.remote(num_cpus=0)(_job_table).remote(), timeout=60)
+        else:
+            table = _job_table()
+    except Exception:  # noqa: BLE001 - not known
+        return None
+    entry = next((j for j in table if j.get("JobID") == job), None)
+    return entry is not None and not entry.get("IsDead", True)
+
+
+def _taken(app: str, record: dict | None, alive: bool | None) -> str:
+    if record is None:
+        return (f"the Ray cluster already runs a Serve application {app!r} that colabel did not deploy; give this "
+                "command another --models-prefix, or delete that application first")
+    who = f"pid {record.get('pid', '?')} on {record.get('host', '?')}, since {record.get('since', '?')}"
+    still = "" if alive else " (whether it still runs cannot be told)"
+    return (f"the Ray cluster already runs the Serve application {app!r}, deployed by another colabel process "
+            f"({who}){still}; give this command another --models-prefix, or stop that process first")
+
+
+def _claim(apps: list[str], owner: dict) -> None:
+    """Record ``owner`` as the owner of each application of ``apps``, or refuse them all (:class:`ApplicationTaken`)
+    when one runs, or is claimed, by another live process."""
+    from ray import serve
+    from ray.experimental import internal_kv
+
+    running = set(serve.status().applications)
+    refused, take = [], {}
+    for app in apps:
+        record = _read_owner(app)
+        if record is not None and record.get("job") == owner["job"]:
+            take[app] = True  # this process's own, deployed again
+        elif record is not None:
+            alive = _job_alive(record.get("job"))
+            if alive is False:
+                logger.warning("Serve application %s was deployed by a colabel process that has exited (pid %s on %s): "
+                               "deploying it again", app, record.get("pid", "?"), record.get("host", "?"))
+                take[app] = True
+            else:
+                refused.append(_taken(app, record, alive))
+        elif app in running:
+            refused.append(_taken(app, None, None))
+        else:
+            take[app] = False  # nobody's: claimed without overwriting, in case another process claims it meanwhile
+    if refused:
+        raise ApplicationTaken(refused[0])
+    value = json.dumps(owner)
+    claimed = []
+    for app, overwrite in take.items():
+        already = internal_kv._internal_kv_put(_owner_key(app), value, overwrite=overwrite, namespace=OWNERS_NAMESPACE)
+        if already and not overwrite:  # another process claimed it since the check above
+            for mine in claimed:
+                _release(mine, owner["job"])
+            raise ApplicationTaken(_taken(app, _read_owner(app), True))
+        claimed.append(app)
+
+
+def _release(app: str, job: str | None) -> bool:
+    """Forget the owner record of ``app`` when it names ``job``; returns whether it did (or there was none)."""
+    from ray.experimental import internal_kv
+
+    record = _read_owner(app)
+    if record is not None and record.get("job") != job:
+        return False
+    internal_kv._internal_kv_del(_owner_key(app), namespace=OWNERS_NAMESPACE)
+    return True
+
+
 def deploy(names: list[str], *, options: dict | None = None, gpu: bool | None = None,
-           autoscaling: dict[str, Autoscaling] | None = None) -> dict:
-    """Deploy the named model services as Serve applications; returns name -> deployment handle."""
+           autoscaling: dict[str, Autoscaling] | None = None, prefix: str | None = None,
+           cap: bool | None = None) -> dict:
+    """Deploy the named model services as the Serve applications ``<prefix>-<name>`` (``name`` without a prefix);
+    returns name -> deployment handle.
+
+    Refuses (:class:`ApplicationTaken`, before deploying any) an application of that name that another live
+    process deployed. ``cap`` (default: when this process started the Ray node) lowers ``max_replicas`` to what
+    the node can hold (:func:`fit_max_replicas`), logging what it capped.
+    """
     from ray import serve
 
     gpu = gpu_available() if gpu is None else gpu
+    apps = {name: application_name(name, prefix) for name in names}
+    specs = {name: get_deployment(name).with_options(**(options or {}).get(name, {})) for name in names}
+    scaling = {name: (autoscaling or {}).get(name) or specs[name].autoscaling for name in names}
+    if started_local_node() if cap is None else cap:
+        scaling = _cap_to_local_node(specs, scaling, gpu=gpu, apps=set(apps.values()))
+    owner = _this_owner()
+    _claim(list(apps.values()), owner)
     handles = {}
-    for name in names:
-        spec = get_deployment(name).with_options(**(options or {}).get(name, {}))
-        deployment = build_deployment(spec, gpu=gpu, autoscaling=(autoscaling or {}).get(name))
-        handles[name] = serve.run(deployment.bind(**spec.options), name=name, route_prefix=None)
+    try:
+        for name in names:
+            deployment = build_deployment(specs[name], gpu=gpu, autoscaling=scaling[name])
+            handles[name] = serve.run(deployment.bind(**specs[name].options), name=apps[name], route_prefix=None)
+            _DEPLOYED[apps[name]] = (replica_resources(specs[name], gpu=gpu), scaling[name].max_replicas)
+    except BaseException:
+        for name in names:
+            if name not in handles:
+                with contextlib.suppress(Exception):
+                    _release(apps[name], owner["job"])
+        raise
     return handles
 
 
@@ -246,10 +488,34 @@ def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0, qui
                 if applications is None:
                     serve.shutdown()
                 else:
-                    for name in applications:
-                        serve.delete(name)
+                    delete_applications(applications)
         finally:
+            _DEPLOYED.clear()
             ray.shutdown()
+
+
+def delete_applications(applications: list[str]) -> list[str]:
+    """Delete those of ``applications`` that this process deployed and still owns (never another process's of the
+    same name); returns the names deleted."""
+    import ray
+    from ray import serve
+
+    job = ray.get_runtime_context().get_job_id()
+    deleted = []
+    for name in applications:
+        if name not in _DEPLOYED:
+            logger.info("Serve application %s was not deployed by this process: left running", name)
+            continue
+        record = _read_owner(name)
+        if record is not None and record.get("job") != job:
+            logger.warning("Serve application %s is now deployed by another colabel process (pid %s): left running",
+                           name, record.get("pid", "?"))
+        else:
+            serve.delete(name)
+            _release(name, job)
+            deleted.append(name)
+        _DEPLOYED.pop(name, None)
+    return deleted
 
 
 def _local_node_stopping(grace_s: float) -> bool:

@@ -42,6 +42,27 @@ def test_pruning_never_deletes_an_entry_being_computed_nor_other_files(tmp_path)
     assert folder.prune() == 1 and not folder.path("a").exists() and not folder.lock_path("a").exists()
 
 
+@pytest.mark.parametrize("budget", [None, 1 << 20])
+def test_pruning_removes_temporary_files_that_killed_writers_left(tmp_path, budget):
+    """Temporary files not modified for STALE_TEMPORARY_S (a writer killed mid-write) go, bounded or not; a write in
+    progress (recently modified) and files that are not temporary stay."""
+    from colabel.cache_folder import STALE_TEMPORARY_S
+
+    folder = CacheFolder(tmp_path, ".npz", budget)
+    _entries(folder, {"a": 100})
+    stale = time.time() - STALE_TEMPORARY_S - 60
+    for name in (".a.k3j2x9ab.npz.part", ".b.0f1e2d3c.tmp"):  # SAM's, and the nucleus and feature stores'
+        (tmp_path / name).write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (stale, stale))
+    (tmp_path / ".c.1a2b3c4d.npz.part").write_bytes(b"x")  # being written now
+    (tmp_path / "notes.part").write_bytes(b"x")  # not hidden: not a writer's temporary file
+    assert folder.prune() == 0  # entries deleted: none
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.1a2b3c4d.npz.part", "a.npz", "notes.part"]
+    with folder.key_lock("c"):  # the owner, holding the key's lock, removes what a killed writer of that key left
+        assert folder.remove_partial("c") == 1
+    assert not (tmp_path / ".c.1a2b3c4d.npz.part").exists()
+
+
 @pytest.mark.parametrize("budget", [None, 0])
 def test_an_unbounded_folder_keeps_everything(tmp_path, budget):
     folder = CacheFolder(tmp_path, ".npz", budget)

@@ -199,6 +199,26 @@ def test_serve_config_is_serve_config_output(documents, variant):
     assert gpus == {n: int(gpu and d.wants_gpu) for n, d in MODEL_DEPLOYMENTS.items()}
 
 
+def test_serve_config_runs_each_replicas_calls_in_threads_and_replaces_a_hung_replica_in_under_a_minute(
+        documents):
+    """The RayService's replicas run their sync methods in a thread pool (Ray 2.55 runs them one at a time on the
+    replica's event loop otherwise) and are health-checked every 2 s with 5 s to answer (Ray's 10 s / 30 s held
+    callers of a hung replica for about 2 minutes), as the deployments of `colabel serve` are."""
+    from colabel.services.deployments import MODEL_DEPLOYMENTS, build_deployment
+
+    config = yaml.safe_load(one(documents, "RayService")["spec"]["serveConfigV2"])
+    deployments = [d for app in config["applications"] for d in app["deployments"]]
+    assert len(deployments) == len(MODEL_DEPLOYMENTS)
+    for deployment in deployments:
+        options = deployment["ray_actor_options"]
+        assert options["runtime_env"] == {"env_vars": {"RAY_SERVE_RUN_SYNC_IN_THREADPOOL": "1"}}, deployment["name"]
+        assert (deployment["health_check_period_s"], deployment["health_check_timeout_s"]) == (2.0, 5.0)
+        local = build_deployment(MODEL_DEPLOYMENTS[deployment["name"]])  # what `colabel serve` deploys
+        assert local.ray_actor_options["runtime_env"] == options["runtime_env"]
+        assert (local._deployment_config.health_check_period_s,
+                local._deployment_config.health_check_timeout_s) == (2.0, 5.0)
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_committed_serve_config_files_equal_a_fresh_generation(gpu):
     committed = (CHART / cluster.SERVE_CONFIG_FILES[gpu]).read_text()

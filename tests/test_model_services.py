@@ -8,6 +8,8 @@ Nucleus segmentation runs the real classical backend on the real DSB2018 image.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import secrets
 import time
 
@@ -202,6 +204,24 @@ async def test_the_provider_calls_its_own_model_services_directly_with_the_same_
         await nuclei_service.call_packed("deployment_status")
 
 
+async def test_keywords_and_wrong_arguments_get_one_sentence_naming_no_class_of_the_transport(in_process, connect):
+    """The gateway forwards positional arguments only: keywords get an InvalidInputError sentence naming the order,
+    not a TypeError of its internals; a dict where numbers belong is named a dict, not hypha-rpc's ObjectProxy."""
+    client = await connect(await in_process["server"].generate_token({"expires_in": 600}),
+                           in_process["services"].workspace)
+    sam = await client.get_service(in_process["ids"]["sam"])
+    with pytest.raises(Exception) as caught:
+        await sam.segment("some-id", box=[1, 1, 5, 5])
+    last = str(caught.value).strip().splitlines()[-1]
+    assert last == ("Exception: InvalidInputError: sam.segment takes positional arguments only, got keyword "
+                    "argument(s) box; pass them in this order: embedding_id, model_id, points, labels, box, "
+                    "multimask, mask_input, return_logits"), last
+    embedding_id = (await sam.embed(np.zeros((64, 64), np.uint8)))["embedding_id"]
+    with pytest.raises(Exception, match="points must be numbers") as caught:
+        await sam.segment(embedding_id, None, {"x": 1}, [1])
+    assert "ObjectProxy" not in str(caught.value) and "'dict'" in str(caught.value)
+
+
 async def test_model_services_are_out_of_reach_of_share_link_holders(in_process, connect):
     client = await connect()
     with pytest.raises(Exception, match="(?i)permission|denied|not allowed|protected"):
@@ -320,6 +340,232 @@ async def test_a_replica_killed_mid_request_gives_a_clear_error_and_the_deployme
             assert time.monotonic() < deadline, "the deployment did not recover"
             await asyncio.sleep(1)
     assert "features" in result
+
+
+# a tiny deployment of this module's Ray: coreset at 1 replica, as another colabel process's "first" would deploy it
+
+SECOND_PROCESS = """
+import json, sys
+from colabel.errors import ColabelError
+from colabel.services import ray_runtime
+from colabel.services.deployments import Autoscaling
+ray_runtime.start_local_ray(address=sys.argv[1], quiet=True)
+try:
+    ray_runtime.deploy(["coreset"], options={"coreset": {"reduce_dim": 99}}, gpu=False, prefix="first")
+    print(json.dumps({"same_prefix": "deployed"}), flush=True)
+except ColabelError as exc:
+    print(json.dumps({"same_prefix": type(exc).__name__ + ": " + str(exc)}), flush=True)
+handle = ray_runtime.deploy(["coreset"], options={"coreset": {"reduce_dim": 99}}, gpu=False, prefix="second",
+                            autoscaling={"coreset": Autoscaling(1, 1, 1)})["coreset"]
+print(json.dumps({"second": handle.info.remote().result(timeout_s=120)["reduce_dim"]}), flush=True)
+ray_runtime.shutdown(applications=["first-coreset", "second-coreset"], quiet=True)  # what its exit does
+"""
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def first_coreset(ray_serve):
+    """coreset deployed as the Serve application ``first-coreset`` with a maximum of 20 replicas, which the
+    2-CPU local Ray cannot hold (capped by deploy); it stays at 1 replica (4 requests in flight per replica)."""
+    from colabel.services.deployments import Autoscaling
+
+    records = _Records()
+    logging.getLogger("colabel.services.ray_runtime").addHandler(records)
+    try:
+        handles = ray_serve.deploy(["coreset"], options={"coreset": {"reduce_dim": 11}}, gpu=False, prefix="first",
+                                   autoscaling={"coreset": Autoscaling(1, 20, 4)})
+    finally:
+        logging.getLogger("colabel.services.ray_runtime").removeHandler(records)
+    return {"handle": handles["coreset"], "app": "first-coreset", "logged": records.messages}
+
+
+def deployment_details(app: str, name: str) -> dict:
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()["applications"][app]["deployments"][name]
+
+
+def replica_pids(app: str) -> list[int]:
+    import psutil
+
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{app}:" in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+async def test_deploy_caps_max_replicas_to_what_the_local_ray_can_hold_and_says_so(first_coreset, ray_serve):
+    import ray
+
+    config = deployment_details(first_coreset["app"], "coreset")["deployment_config"]
+    capped = config["autoscaling_config"]["max_replicas"]
+    before = list(ray_serve._DEPLOYED)[:list(ray_serve._DEPLOYED).index(first_coreset["app"])]  # deployed earlier
+    others = sum(ray_serve._DEPLOYED[app][0]["CPU"] * ray_serve._DEPLOYED[app][1] for app in before)
+    assert 1 <= capped < 20 and others + 0.25 * capped <= ray.cluster_resources()["CPU"]
+    assert any(f"coreset 20 -> {capped}" in m and "need a cluster" in m for m in first_coreset["logged"]), \
+        first_coreset["logged"]
+
+
+@pytest.mark.unit
+async def test_the_default_deployments_at_their_maxima_fit_the_cpus_and_gpus_they_are_capped_to():
+    from colabel.services.deployments import MODEL_DEPLOYMENTS
+    from colabel.services.ray_runtime import fit_max_replicas, replica_resources
+
+    def fitted(cpus: float, gpus: float = 0, gpu: bool = False) -> dict[str, int]:
+        demands = {n: (d.autoscaling, replica_resources(d, gpu=gpu)) for n, d in MODEL_DEPLOYMENTS.items()}
+        capped = fit_max_replicas(demands, {"CPU": cpus, "GPU": gpus})
+        for resource, room in (("CPU", cpus), ("GPU", gpus)):  # all at their maxima together, minima permitting
+            need = sum(demands[n][1][resource] * capped[n].max_replicas for n in demands)
+            least = sum(demands[n][1][resource] * demands[n][0].min_replicas for n in demands)
+            assert need <= max(room, least) + 1e-9
+        return {n: capped[n].max_replicas for n in demands}
+
+    assert fitted(2) == {"sam": 1, "nuclei": 1, "classifier": 1, "coreset": 2}  # 1.75 CPUs at minimum
+    assert fitted(4) == {"sam": 3, "nuclei": 2, "classifier": 2, "coreset": 2}
+    assert fitted(16) == {n: d.autoscaling.max_replicas for n, d in MODEL_DEPLOYMENTS.items()}  # nothing capped
+    assert fitted(16, gpus=4, gpu=True) == {"sam": 2, "nuclei": 1, "classifier": 1, "coreset": 2}
+    assert fitted(1) == {"sam": 1, "nuclei": 1, "classifier": 1, "coreset": 1}  # minima kept (and said)
+
+
+async def test_replicas_run_calls_side_by_side_so_a_quick_call_is_not_queued_behind_a_slow_one(first_coreset):
+    """T1: Serve runs the (sync) methods in a thread pool of each replica; before, one replica ran one call at a
+    time and a click waited behind another caller's long call."""
+    from colabel.services.gateway import RayBackend
+
+    config = deployment_details(first_coreset["app"], "coreset")["deployment_config"]
+    assert config["ray_actor_options"]["runtime_env"]["env_vars"] == {"RAY_SERVE_RUN_SYNC_IN_THREADPOOL": "1"}
+    backend = RayBackend("coreset", first_coreset["handle"], app=first_coreset["app"])
+    assert (await backend.call("info"))["reduce_dim"] == 11
+    features = np.random.default_rng(0).standard_normal((100_000, 32)).astype(np.float32)
+    labelled = np.zeros(len(features), bool)
+    started = time.monotonic()
+    # three slow calls (a second of CPU each), then a quick one: 4 requests, what one replica accepts at once
+    slow = [asyncio.ensure_future(backend.call("select", features, labelled, 1000, seed)) for seed in range(3)]
+    await asyncio.sleep(0.3)  # they run on the replica
+    asked = time.monotonic()
+    assert (await backend.call("info"))["reduce_dim"] == 11
+    quick = time.monotonic() - asked
+    assert not all(s.done() for s in slow), "the quick call waited for the slow ones"
+    assert [len(r) for r in await asyncio.gather(*slow)] == [1000] * 3
+    print(f"quick call {quick:.2f} s during slow ones of {time.monotonic() - started:.1f} s")
+    assert quick < 1.5
+
+
+async def test_a_second_colabel_process_on_the_same_ray_neither_takes_over_nor_deletes_the_first_ones_services(
+        first_coreset, ray_serve):
+    """T2: another process with the same prefix is refused before it deploys anything; with another prefix it
+    deploys its own applications, and at its exit deletes only those."""
+    import json
+    import subprocess
+    import sys
+
+    import ray
+    from ray import serve
+
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", SECOND_PROCESS, ray.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = {k: v for line in result.stdout.splitlines() if line.startswith("{") for k, v in json.loads(line).items()}
+    assert said["same_prefix"].startswith("ApplicationTaken: the Ray cluster already runs the Serve application "
+                                          "'first-coreset', deployed by another colabel process (pid "), said
+    assert said["same_prefix"].endswith("give this command another --models-prefix, or stop that process first")
+    assert said["second"] == 99
+    assert (await first_coreset["handle"].info.remote())["reduce_dim"] == 11  # unchanged, and answering
+    applications = serve.status().applications
+    assert "first-coreset" in applications and "second-coreset" not in applications
+    assert ray_serve._read_owner("second-coreset") is None and ray_serve._read_owner("first-coreset")["pid"] == \
+        os.getpid()
+
+
+async def test_a_call_to_a_hung_replica_fails_at_its_deadline_naming_the_service_and_the_seconds(first_coreset):
+    """T3: a replica that does not answer (SIGSTOP: a hung driver, swapping, a deadlock) fails the call at its
+    deadline instead of holding the caller for minutes; the replica answers again once it runs. Serve itself
+    checks replicas every 2 s (5 s to answer), so that one hung for good is replaced in about 40 s."""
+    import signal
+
+    from colabel.services.gateway import ModelServiceError, RayBackend
+
+    config = deployment_details(first_coreset["app"], "coreset")["deployment_config"]
+    assert (config["health_check_period_s"], config["health_check_timeout_s"]) == (2.0, 5.0)
+    backend = RayBackend("coreset", first_coreset["handle"], app=first_coreset["app"], deadlines={"info": 2})
+    assert backend.deadline("select") == 3600 and RayBackend("sam", None).deadline("segment") == 60
+    assert (await backend.call("info"))["reduce_dim"] == 11
+    pids = replica_pids(first_coreset["app"])
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ModelServiceError, match=r"^coreset\.info did not answer within 2 s \("):
+            await backend.call("info")
+        assert 1.9 < time.monotonic() - started < 5
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    assert (await backend.call("info"))["reduce_dim"] == 11
+
+
+async def test_colabel_serve_deploys_under_its_prefix_and_fails_calls_at_once_when_its_application_or_ray_is_gone(
+        ray_serve, tmp_path, monkeypatch, capsys):
+    """T2/T3 in `colabel serve`: its Serve applications are ``<--models-prefix>-<name>``; Ray lets a call to an
+    application that is no longer deployed wait for ever, the backend checks it after ``status_check_s`` and fails
+    the call, and the next ones at once; its Ray backends share a health monitor that it runs (calls fail at once
+    once Ray is declared lost); at exit with --ray-address it asks to delete only its own applications."""
+    import ray
+    from ray import serve
+
+    from colabel.apps.cli import build_parser, start_model_backends
+    from colabel.services.gateway import ModelServiceError
+
+    args = build_parser().parse_args(["serve", str(tmp_path), "--models", "coreset", "--models-prefix", "served",
+                                      "--ray-address", ray.get_runtime_context().gcs_address])
+    backends, stop = start_model_backends(args, tmp_path)
+    backend = backends["coreset"]
+    try:
+        assert backend.app == "served-coreset" and "served-coreset" in ray_serve._DEPLOYED
+        assert "method" in await backend.call("info")
+        assert backend.monitor is not None and not backend.monitor.lost.is_set()
+
+        backend.status_check_s = 1  # 5 s by default
+        assert ray_serve.delete_applications(["served-coreset"]) == ["served-coreset"]  # deleted under it
+        assert (await backend.status())["status"] == "NOT_DEPLOYED"
+        started = time.monotonic()
+        with pytest.raises(ModelServiceError, match=r"^coreset\.info cannot run: the Serve application "
+                                                    r"'served-coreset' of the coreset model service is no longer "
+                                                    r"deployed on Ray"):
+            await backend.call("info")
+        assert time.monotonic() - started < 15
+        started = time.monotonic()
+        with pytest.raises(ModelServiceError, match="no longer deployed"):
+            await backend.call("info")
+        assert time.monotonic() - started < 0.5
+        assert "served-coreset" not in serve.status().applications
+
+        backend.monitor.declare_lost("3 health checks failed in a row")
+        with pytest.raises(ModelServiceError, match=r"^coreset\.info cannot run: Ray Serve at .* does not answer: 3 "
+                                                    r"health checks failed in a row; the model services are "
+                                                    r"unavailable until colabel serve is restarted$"):
+            await backend.call("info")
+        await asyncio.sleep(0.1)  # the monitor's task ends, and says so
+        assert "does not answer: 3 health checks failed in a row; the model services are unavailable until " \
+               "colabel serve is restarted" in capsys.readouterr().err
+        stopped = []
+        monkeypatch.setattr(ray_serve, "shutdown", lambda **kwargs: stopped.append(kwargs))  # keeps this module's Ray
+        await stop()
+        assert stopped == [{"applications": ["served-coreset"], "quiet": True}]
+    finally:
+        ray_serve.delete_applications(["served-coreset"])
 
 
 async def test_a_previous_mask_refines_the_next_answer(in_process):

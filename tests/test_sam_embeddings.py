@@ -89,6 +89,35 @@ def test_failed_compute_leaves_nothing(tmp_path):
     assert store.get_or_compute("k", arrays)["features"].shape == (2, 3)
 
 
+def test_a_writer_killed_mid_write_leaves_no_part_file_once_the_key_is_computed_again(tmp_path):
+    """A replica killed (SIGKILL, OOM) while it writes an embedding leaves its hidden ``.<key>.*.npz.part``, which
+    no budget counts: the next computation of that key deletes it under the key's lock."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys, time\n"
+        "import numpy as np\n"
+        "from colabel.services.sam.embeddings import EmbeddingStore\n"
+        "def stuck(f, **arrays):  # a write that does not end: the process is killed in it\n"
+        "    f.write(b'x' * (1 << 20)); f.flush(); print('writing', flush=True); time.sleep(600)\n"
+        "np.savez = stuck\n"
+        "EmbeddingStore(sys.argv[1]).get_or_compute('k1', lambda: {'features': np.zeros(4)})\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+    finally:
+        process.kill()
+        process.wait(30)
+    assert len(list(tmp_path.glob(".k1.*.npz.part"))) == 1  # what the killed writer left
+    (tmp_path / ".k2.abcdefgh.npz.part").write_bytes(b"x")  # another key's: not this computation's to delete
+    store = EmbeddingStore(tmp_path, max_disk_bytes=1 << 20)
+    assert store.get_or_compute("k1", arrays)["features"].shape == (2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".k2.abcdefgh.npz.part", "computed.log", "k1.lock",
+                                                          "k1.npz"]
+
+
 def test_bad_keys_and_results(tmp_path):
     store = EmbeddingStore(tmp_path)
     for key in ("../x", "", ".hidden", "a/b"):

@@ -17,9 +17,12 @@ files of the folder are kept within ``max_disk_bytes`` (default :data:`DEFAULT_M
 within the budget. A file's mtime is its last use: writing it, reading it from disk, or a hit in any
 process's memory LRU (``os.utime``; atime is unreliable, often ``noatime``/``relatime``). Never deleted:
 the file just written, and a file whose ``<key>.lock`` another process or thread holds (being computed or
-rewritten). A deleted file's ``<key>.lock`` goes with it; locking re-checks that the ``.lock`` it holds is
-still the one in the folder, so that removal cannot let two processes compute one key at once. Every
-process sharing the folder prunes, and tolerates files another one deleted meanwhile. Files may also be
+rewritten). A writer killed mid-write (SIGKILL, OOM) leaves its hidden ``.<key>.*.npz.part``: the next
+computation of that key deletes it under the key's lock, and pruning deletes any not modified for 10 minutes
+(:data:`colabel.cache_folder.STALE_TEMPORARY_S`). A deleted file's ``<key>.lock`` goes with it; locking
+re-checks that the ``.lock`` it holds is still the one in the folder, so that removal cannot let two processes
+compute one key at once. Every process sharing the folder prunes, and tolerates files another one deleted
+meanwhile. Files may also be
 deleted by hand at any time (e.g. ``find DIR -name '*.npz' -mtime +30 -delete``): a deleted embedding is
 computed again by the next ``embed`` of its image (``segment`` with its id answers NotFoundError, and the
 provider then sends the image again). ``computed.log`` grows by one line per encoder pass.
@@ -287,6 +290,7 @@ class EmbeddingStore:
                     self._stats["hits_disk"] += 1
                 self._remember(key, arrays)
                 return arrays
+            self.disk.remove_partial(key)  # a writer killed mid-write left its .part: nobody writes it under the lock
             computed = compute_fn()
             if not isinstance(computed, Mapping) or not computed:
                 raise InvalidInputError("compute_fn must return a non-empty mapping of names to arrays")

@@ -27,6 +27,8 @@ class ColabelConfig(BaseModel):
     max_annotation_bytes: int = Field(16 * 2**20, gt=0, description="largest GeoJSON a save accepts")
     max_features: int = Field(100_000, gt=0, description="most features in one saved annotation")
     max_image_bytes: int = Field(256 * 2**20, gt=0, description="largest pixel payload one get_image returns")
+    pixel_cache_bytes: int = Field(512 * 2**20, ge=0, description="decoded PNG/JPEG pixels (and their computed "
+                                   "levels) kept in memory, least recently used dropped first; 0 keeps none")
     ready_timeout: float = Field(60.0, gt=0, description="seconds to wait for the embedded Hypha server")
     assignment_lease: float = Field(3600.0, gt=0, description="seconds an unsaved image assigned to an annotator "
                                     "stays theirs alone before others may get it")

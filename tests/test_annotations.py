@@ -87,7 +87,7 @@ def test_numbers_and_nesting_beyond_what_json_readers_hold_are_refused_not_crash
     deep: dict = {}
     for _ in range(5000):
         deep = {"a": deep}
-    refused(feature(polygon(square(1, 1, 5, 5)), properties=deep), match="feature 0: nested too deeply")
+    refused(feature(polygon(square(1, 1, 5, 5)), properties=deep), match="feature 0: properties are nested too deeply")
     assert validate(feature(polygon(square(1, 1, 5, 5)), id=2**53))["features"][0]["id"] == 2**53
 
 
@@ -287,6 +287,45 @@ def test_properties_that_are_not_json_serialisable_are_refused(value):
         feature(GOOD["geometry"], properties={"note": value}),
         match="^feature 0: properties must be JSON-serialisable",
     )
+
+
+def test_properties_nested_deeper_than_the_limit_are_refused_naming_the_feature_the_property_and_the_depth():
+    """A save whose properties nest 400 lists deep around 100,000 zeros (2 MB of JSON) was stored indented, 204 times
+    larger; the nesting is refused from its first 9 levels, without walking or copying the rest."""
+    assert annotations.MAX_PROPERTY_DEPTH == 8
+    note: list = [0] * 100_000
+    for _ in range(399):
+        note = [note]
+    text = json.dumps(fc_of(GOOD, feature(GOOD["geometry"], properties={"classification": "nucleus", "note": note})))
+    started = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"^feature 1: properties are nested too deeply: property 'note' goes "
+                                                r"more than 8 levels deep .*the limit is 8$"):
+        validate_feature_collection(text, image_shape=SHAPE, classes=CLASSES)
+    assert time.perf_counter() - started < 1.0
+    at_limit: object = 1  # the properties object is level 1: 7 levels of lists inside it are 8 in all
+    for _ in range(7):
+        at_limit = [at_limit]
+    assert validate(feature(GOOD["geometry"], properties={"note": at_limit}))["features"][0]["properties"]["note"] \
+        == at_limit
+    refused(feature(GOOD["geometry"], properties={"note": [at_limit]}), match="^feature 0: properties are nested too")
+    nine = {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": 1}}}}}}}}}  # objects: 9 levels with properties
+    refused(feature(GOOD["geometry"], properties=nine), match="property 'a' goes more than 8 levels deep")
+    assert validate(feature(GOOD["geometry"], properties=nine["a"]))["features"][0]["properties"]["b"] == nine["a"]["b"]
+
+
+def test_properties_holding_more_values_than_the_limit_are_refused_naming_the_limit():
+    limit = annotations.MAX_PROPERTY_VALUES
+    assert limit == 10_000
+    many = {"measurements": {f"m{i}": i + 0.5 for i in range(limit - 2)}, "name": "n1"}  # 10,000 values in all
+    assert len(validate(feature(GOOD["geometry"], properties=many))["features"][0]["properties"]["measurements"]) \
+        == limit - 2
+    many["tags"] = [1]
+    refused(GOOD, feature(GOOD["geometry"], properties=many),
+            match=f"^feature 1: properties hold more than the limit of {limit} values")
+    refused(feature(GOOD["geometry"], properties={"note": [0] * 1_000_000}),
+            match=f"^feature 0: properties hold more than the limit of {limit} values .*property 'note'")
+    refused(feature(GOOD["geometry"], properties={f"k{i}": i for i in range(limit + 1)}),
+            match=f"^feature 0: properties hold {limit + 1} values, more than the limit of {limit}$")
 
 
 def test_unknown_object_type_is_refused():

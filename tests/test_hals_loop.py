@@ -900,3 +900,77 @@ async def test_the_report_gives_class_agreement_only_for_annotators_sharing_cell
     assert len(lines) == 1
     assert f"Ann ({ann})" in lines[0] and f"Bob ({bob})" in lines[0] and "Cyd" not in lines[0]
     assert "over 5 cells both labelled: Cohen's kappa 0.615" in lines[0]
+
+
+async def test_the_same_label_again_by_the_same_annotator_writes_no_event_and_answers_the_current_state(inproc):
+    """Relabelling a cell to the class it has from the same annotator wrote a new fsync'd event every time (300 in
+    1.3 s, inflating that annotator's counts); now it changes nothing, on disk or in the counts."""
+    from colabel.apps.provider.hals import HalsAssist
+
+    hals, session, image = inproc["hals"], inproc["session"], inproc["image"]
+    assert (await hals.label(session, "a-1", image, 3, "positive"))["event"] == "label"
+    written = len(hals.log(session).read())
+    for _ in range(100):
+        again = await hals.label(session, "a-1", image, 3, "positive")
+        assert again == {"event": None, "unchanged": True, "n_labels": 1, "retraining": False, "version": 0}
+    assert len(hals.log(session).read()) == written
+    status = hals.status(session)
+    assert status["per_annotator"] == {"a-1": 1} and status["per_annotator_events"]["a-1"]["label"] == 1
+    # another annotator's label of the same class is theirs: written; so is the first one's again after it
+    assert (await hals.label(session, "a-2", image, 3, "positive"))["event"] == "label"
+    assert (await hals.label(session, "a-1", image, 3, "positive"))["event"] == "label"
+    assert (await hals.label(session, "a-1", image, 3, "negative"))["event"] == "label"  # another class
+    assert len(hals.log(session).read()) == written + 3
+    restarted = HalsAssist(inproc["models"])  # who labelled what is replayed from the log
+    assert (await restarted.label(session, "a-1", image, 3, "negative"))["event"] is None
+    assert len(hals.log(session).read()) == written + 3
+
+
+async def test_labels_are_rate_limited_per_annotator_but_accepting_every_suggestion_in_view_is_not(inproc):
+    """label_cell had no rate bound: one annotator could append about 46 KB of events a second forever. Labels are
+    now limited per annotator (a token bucket, 20 a second, bursts of 200 by default); accepts of a suggestion are not
+    counted (written at most once per cell), so "Accept all visible" of every suggestion, sent as the page sends it
+    (one call per cell, 4 at a time, as fast as the provider answers), is never refused."""
+    from colabel.apps.provider.hals import LABEL_BURST, LABEL_RATE, HalsAssist, TooManyLabelsError
+
+    assert (LABEL_RATE, LABEL_BURST) == (20.0, 200)
+    session, image = inproc["session"], inproc["image"]
+    hals = HalsAssist(inproc["models"], label_rate=20, label_burst=25)
+    now = [1000.0]
+    hals.clock = lambda: now[0]  # no time passes unless the test says so
+    await label_all(hals, session, image, FIRST_20)  # 20 of the 25 tokens
+    await settle(hals, session)
+    seen = {s["cell_id"]: s["class"] for s in (await hals.suggestions(session, "a-1", image))["suggestions"]}
+    assert len(seen) == N_CELLS - 20
+    items, results = list(seen.items()), []
+
+    async def worker() -> None:
+        while items:
+            cell_id, cls = items.pop()
+            results.append(await hals.label(session, "a-1", image, cell_id, cls, suggested_class=cls))
+
+    await asyncio.gather(*(worker() for _ in range(4)))  # the page's "Accept all visible": PARALLEL_LABELS = 4
+    assert [r["event"] for r in results] == ["suggestion_accepted"] * len(seen)
+    await settle(hals, session)
+
+    def other(cell_id: int) -> str:
+        return "negative" if hals._loop(session).labels[(image, cell_id)] == 0 else "positive"
+
+    for cell_id in range(21, 26):  # the 5 tokens left: labels other than accepts
+        assert (await hals.label(session, "a-1", image, cell_id, other(cell_id)))["event"] == "label"
+    written = len(hals.log(session).read())
+    with pytest.raises(TooManyLabelsError, match=r"^too many labels at once: an annotator may label at most 20 cells "
+                                                 r"a second \(25 in a burst; accepted suggestions are not counted\); "
+                                                 r"this label was not saved, try again in 0\.1 s$"):
+        await hals.label(session, "a-1", image, 26, other(26))
+    with pytest.raises(TooManyLabelsError):
+        await hals.label(session, "a-1", image, 26, other(26), suggested_class=seen[26])  # a correction counts
+    assert len(hals.log(session).read()) == written
+    assert isinstance(TooManyLabelsError("x"), InvalidInputError)  # the caller's error, in one sentence
+    assert (await hals.label(session, "a-2", image, 26, other(26)))["event"] == "label"  # a budget of one's own
+    now[0] += 0.125  # 2.5 tokens back after 1/8 s
+    for cell_id in (27, 28):
+        assert (await hals.label(session, "a-1", image, cell_id, other(cell_id)))["event"] == "label"
+    with pytest.raises(TooManyLabelsError, match="try again in 0.1 s"):
+        await hals.label(session, "a-1", image, 29, other(29))
+    await settle(hals, session)

@@ -552,6 +552,118 @@ def test_block_mean_rounds_integers_and_keeps_input():
     np.testing.assert_array_equal(block_mean(np.ones((3, 3, 1), bool), factor=2)[..., 0], np.ones((2, 2), bool))
 
 
+# ----------------------------------------------------------------------------- decoded PNG/JPEG pixels kept
+
+
+def count_opens(monkeypatch, gate=None) -> list:
+    """Count (and, with a ``gate`` Event, hold) the PNG/JPEG decodes of the images module."""
+    import colabel.apps.provider.images as images
+
+    opened: list = []
+    real_open = images._open_pil
+
+    def counting_open(path):
+        opened.append(Path(path).name)
+        if gate is not None:
+            assert gate.wait(30), "decode held too long"
+        return real_open(path)
+
+    monkeypatch.setattr(images, "_open_pil", counting_open)
+    return opened
+
+
+def gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[:height, :width]
+    return np.stack([(x * 7 + y) % 251, (y * 3) % 256, (x ^ y) % 256], -1).astype(np.uint8)
+
+
+def test_tiles_and_levels_of_a_large_png_decode_it_once(tmp_path, monkeypatch):
+    """Each 1x1 tile of a large PNG decoded the whole image; now its pixels and its whole levels are kept."""
+    pixels = gradient(1501, 1301)
+    iio.imwrite(tmp_path / "big.png", pixels)
+    catalog = ImageCatalog(tmp_path)
+    image_id = image_id_for("big.png")
+    assert catalog.get(image_id).levels == ((1501, 1301), (751, 651), (376, 326))
+    opened = count_opens(monkeypatch)
+    for i in range(6):
+        tile = catalog.read(image_id, region={"x": 200 * i, "y": 100 * i, "width": 1, "height": 1})
+        np.testing.assert_array_equal(tile, pixels[100 * i : 100 * i + 1, 200 * i : 200 * i + 1])
+    corner = {"x": 649, "y": 749, "width": 2, "height": 2}  # with the partial blocks of the edges
+    np.testing.assert_array_equal(catalog.read(image_id, level=1, region=corner),
+                                  reference_block_mean(pixels, 2)[749:751, 649:651])
+    for level, factor in ((1, 2), (2, 4)):
+        whole = catalog.read(image_id, level=level)
+        np.testing.assert_array_equal(whole, reference_block_mean(pixels, factor))
+        for region in ({"x": 11, "y": 7, "width": 40, "height": 30}, {"x": 320, "y": 370, "width": 6, "height": 6}):
+            x, y, w, h = region["x"], region["y"], region["width"], region["height"]
+            out = catalog.read(image_id, level=level, region=region)
+            np.testing.assert_array_equal(out, whole[y : y + h, x : x + w])
+    assert opened == ["big.png"] and catalog.pixels.decodes == 1
+    out = catalog.read(image_id, region={"x": 0, "y": 0, "width": 2, "height": 2})
+    out[:] = 0  # what a read returns is the caller's own
+    np.testing.assert_array_equal(catalog.read(image_id, region={"x": 0, "y": 0, "width": 2, "height": 2}),
+                                  pixels[:2, :2])
+
+
+def test_kept_pixels_hold_to_their_byte_budget_and_a_rewritten_file_is_decoded_again(tmp_path, monkeypatch):
+    a, b = gradient(300, 400), gradient(400, 300)[::-1].copy()
+    iio.imwrite(tmp_path / "a.png", a)
+    iio.imwrite(tmp_path / "b.png", b)
+    catalog = ImageCatalog(tmp_path, pixel_cache_bytes=a.nbytes + 1000)  # room for one of them
+    opened = count_opens(monkeypatch)
+    one = {"x": 5, "y": 5, "width": 1, "height": 1}
+    for name in ("a.png", "a.png", "b.png", "b.png", "a.png"):
+        catalog.read(image_id_for(name), region=one)
+        assert catalog.pixels.nbytes <= catalog.pixels.max_bytes
+    assert opened == ["a.png", "b.png", "a.png"]
+
+    catalog.pixels.resize(0)  # nothing kept: every read decodes
+    assert catalog.pixels.nbytes == 0
+    catalog.read(image_id_for("a.png"), region=one)
+    catalog.read(image_id_for("a.png"), region=one)
+    assert opened[3:] == ["a.png", "a.png"]
+
+    catalog.pixels.resize(10 * a.nbytes)
+    catalog.read(image_id_for("a.png"), region=one)
+    changed = a.copy()
+    changed[5, 5] = (1, 2, 3)
+    iio.imwrite(tmp_path / "a.png", changed)
+    os.utime(tmp_path / "a.png", ns=(1, 1))  # another revision, whatever the clock's resolution
+    np.testing.assert_array_equal(catalog.read(image_id_for("a.png"), region=one)[0, 0], [1, 2, 3])
+    assert opened[5:] == ["a.png", "a.png"]
+    assert catalog.pixels.nbytes == a.nbytes  # the former revision is no longer kept
+
+
+def test_reads_of_one_png_at_the_same_time_wait_for_one_decode(tmp_path, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pixels = gradient(800, 900)
+    iio.imwrite(tmp_path / "big.png", pixels)
+    (tmp_path / "broken.png").write_bytes((tmp_path / "big.png").read_bytes()[:5000])
+    catalog = ImageCatalog(tmp_path)
+    gate = threading.Event()
+    opened = count_opens(monkeypatch, gate)
+    with ThreadPoolExecutor(9) as pool:
+        reads = [pool.submit(catalog.read, image_id_for("big.png"), region={"x": i, "y": i, "width": 1, "height": 1})
+                 for i in range(6)]
+        broken = [pool.submit(catalog.read, image_id_for("broken.png")) for _ in range(3)]
+        for _ in range(3000):  # one decode of each file started; the other reads wait for them
+            if len(opened) >= 2:
+                break
+            threading.Event().wait(0.01)
+        gate.set()
+        for i, done in enumerate(reads):
+            np.testing.assert_array_equal(done.result(timeout=60), pixels[i : i + 1, i : i + 1])
+        for done in broken:  # a failed decode fails every read that waited for it, with the same sentence
+            with pytest.raises(UnreadableImageError, match="image 'broken.png' cannot be decoded"):
+                done.result(timeout=60)
+    assert sorted(opened) == ["big.png", "broken.png"]
+    with pytest.raises(UnreadableImageError, match="cannot be decoded"):  # not kept: the next read tries again
+        catalog.read(image_id_for("broken.png"))
+    assert sorted(opened) == ["big.png", "broken.png", "broken.png"]
+
+
 # ----------------------------------------------------------------------------- size limit
 
 

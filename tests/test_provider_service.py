@@ -372,6 +372,73 @@ async def test_errors_do_not_reveal_where_colabel_or_the_folder_lives(annotating
         assert installed not in message and str(stack.folder) not in message
 
 
+async def test_tiles_of_a_large_png_decode_it_once_and_token_only_calls_never_wait_for_decodes(stack, connect,
+                                                                                                monkeypatch):
+    """Each 1x1 tile of a large PNG decoded the whole image, on the thread pool that every other call runs on: a
+    burst of tiles took GBs and held session_info up for seconds. Now concurrent tiles wait for one decode, on
+    threads of their own, and the decoded pixels are kept."""
+    import asyncio
+    import threading
+
+    from colabel.apps.provider import images
+    from colabel.apps.provider.images import image_id_for
+    from colabel.apps.provider.rpc import PIXEL_READS_PER_TOKEN
+
+    y, x = np.mgrid[:3000, :2000]
+    big = np.stack([(x * 7 + y) % 251, (y * 3) % 256, (x ^ y) % 256], -1).astype(np.uint8)
+    iio.imwrite(stack.folder / "big.png", big)
+    stack.provider.catalog.refresh()
+    _, token = stack.provider.create_session(name="tiles", classes=CLASSES)
+    _, other_token = stack.provider.create_session(name="other", classes=CLASSES)
+    annotator = await open_annotator(stack, connect)
+    gate, opened = threading.Event(), []
+    real_open, real_get_image = images._open_pil, stack.provider.get_image
+    lock, in_flight, most = threading.Lock(), [0], [0]
+
+    def counted_get_image(image_id, **kwargs):  # the reads of big.png running on a thread at once
+        with lock:
+            in_flight[0] += image_id == image_id_for("big.png")
+            most[0] = max(most[0], in_flight[0])
+        try:
+            return real_get_image(image_id, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= image_id == image_id_for("big.png")
+
+    def held_open(path):  # every decode of a PNG/JPEG opens it here; held until the checks below are done
+        opened.append(path)
+        assert gate.wait(60)
+        return real_open(path)
+
+    monkeypatch.setattr(images, "_open_pil", held_open)
+    monkeypatch.setattr(stack.provider, "get_image", counted_get_image)
+    n = min(32, (os.cpu_count() or 1) + 4) + 2  # more tiles than asyncio's default thread pool has threads
+    tiles = [asyncio.ensure_future(annotator.get_image(token, image_id_for("big.png"),
+                                                       {"x": 7 * i, "y": 11 * i, "width": 1, "height": 1}))
+             for i in range(n)]
+    try:
+        for _ in range(1200):
+            if opened and most[0] >= PIXEL_READS_PER_TOKEN:
+                break
+            await asyncio.sleep(0.05)
+        assert opened  # a decode started, and is held
+        info = await asyncio.wait_for(annotator.session_info(token), 20)
+        listing = await asyncio.wait_for(annotator.list_images(token), 20)
+        assert info["name"] == "tiles" and "big.png" in {i["name"] for i in listing}
+        # another token's pixel read (a TIFF region: no decode of the whole file) finds a thread free
+        tiff = await asyncio.wait_for(annotator.get_image(other_token, image_id_for("dsb2018_nuclei.tif"),
+                                                          {"x": 3, "y": 4, "width": 5, "height": 6}), 20)
+        assert tiff.shape == (6, 5, 1)
+        assert most[0] == PIXEL_READS_PER_TOKEN  # one decoding, one waiting for it; the others wait their turn
+    finally:
+        gate.set()
+    for i, tile in enumerate(await asyncio.gather(*tiles)):
+        np.testing.assert_array_equal(tile, big[11 * i : 11 * i + 1, 7 * i : 7 * i + 1])
+    assert len(opened) == 1 and stack.provider.catalog.pixels.decodes == 1 and most[0] == PIXEL_READS_PER_TOKEN
+    level = await annotator.get_image(token, image_id_for("big.png"), None, 3)  # from the kept pixels
+    assert level.shape == (375, 250, 3) and len(opened) == 1
+
+
 async def test_holding_the_share_link_does_not_let_one_act_as_another_annotator(stack, connect):
     provider = await open_provider(stack, connect)
     created = await provider.create_session("impersonation", CLASSES)
@@ -481,6 +548,53 @@ async def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(t
         provider.save_annotation(session, image.image_id, annotator.annotator_id, collection(square(10, 10, 20)))
     with pytest.raises(UnreadableImageError, match="changed since the folder was scanned"):
         provider.get_image(image.image_id)
+    assert provider.store.versions(session.session_id, image.image_id, annotator.annotator_id) == [1]
+
+
+async def test_deeply_nested_properties_are_refused_and_a_save_is_stored_about_as_large_as_it_was_sent(tmp_path,
+                                                                                                        monkeypatch):
+    """One save whose properties nested 400 lists deep around a million zeros (2 MB sent) was stored indented: 408 MB
+    on disk, and about 9 times that in the provider's memory. Such nesting is refused before anything is written, and
+    an accepted save is stored compactly."""
+    from colabel.apps.provider import provider as provider_module
+    from colabel.apps.provider.provider import STORED_BYTES_FACTOR, DataProvider
+    from colabel.errors import InvalidInputError, PayloadTooLargeError
+
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    shutil.copy(DATA / "he_histo.jpg", folder / "he.jpg")
+    provider = DataProvider(folder)
+    session, _ = provider.create_session(name="s", classes=CLASSES)
+    annotator, _ = provider.sessions.join(session.session_id, "Ann")
+    (image,) = provider.list_images()
+    note: list = [0] * 100_000
+    for _ in range(399):
+        note = [note]
+    hostile = collection(square(1, 1, 4), {**square(5, 5, 4), "properties": {"note": note}})
+    with pytest.raises(InvalidInputError, match=r"^feature 1: properties are nested too deeply: property 'note' goes "
+                                                r"more than 8 levels deep"):
+        provider.save_annotation(session, image.image_id, annotator.annotator_id, json.dumps(hostile))
+    assert saved_files(folder) == []
+
+    measured = [{**square(10 * (i % 20), 10 * (i // 20), 8),
+                 "properties": {"classification": {"name": "nucleus"}, "measurements": {f"m{j}": j / 7 for j in
+                                                                                        range(100)},
+                                "history": {"a": {"b": {"c": {"d": {"e": {"f": [1, 2]}}}}}}}} for i in range(100)]
+    payload = json.dumps(collection(*measured))
+    record = provider.save_annotation(session, image.image_id, annotator.annotator_id, payload)
+    stored = (folder / record.geojson_file).stat().st_size
+    assert stored <= 2 * len(payload)
+    assert provider.get_annotations(session, image.image_id, annotator_id=annotator.annotator_id)["features"][0][
+        "properties"]["history"]["a"]["b"]["c"]["d"]["e"]["f"] == [1, 2]
+
+    # the stored form is held to STORED_BYTES_FACTOR times the payload limit: validation adds ids, objectType and
+    # floats, about 2.3 times the JSON sent for bare points; with a factor of 2 such a save is refused, unwritten
+    assert STORED_BYTES_FACTOR == 4
+    monkeypatch.setattr(provider_module, "STORED_BYTES_FACTOR", 2)
+    points = json.dumps(collection(*[{"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}}] * 2000))
+    provider.config.max_annotation_bytes = len(points)
+    with pytest.raises(PayloadTooLargeError, match=f"more than the limit of {2 * len(points)} bytes for one stored"):
+        provider.save_annotation(session, image.image_id, annotator.annotator_id, points)
     assert provider.store.versions(session.session_id, image.image_id, annotator.annotator_id) == [1]
 
 

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,16 +446,85 @@ def test_a_failed_write_of_a_versions_geojson_leaves_no_label_file(tmp_path, mon
 
     import colabel.apps.provider.storage as storage
 
-    real = storage.atomic_write_json
+    real = storage.atomic_write
 
-    def full(path, obj, **kwargs):
+    def full(path, data, **kwargs):
         if path.suffix == ".geojson":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, obj, **kwargs)
+        return real(path, data, **kwargs)
 
     store = AnnotationStore(tmp_path / "annotations")
-    monkeypatch.setattr(storage, "atomic_write_json", full)
+    monkeypatch.setattr(storage, "atomic_write", full)
     for _ in range(3):
         with pytest.raises(OSError, match="No space"):
             save(store)
     assert [p.name for p in (tmp_path / "annotations").rglob("*.tif")] == []
+
+
+def deep_properties_fc(n_features: int) -> dict:
+    """Features whose properties nest 8 levels (the limit) around 200 measurements each."""
+    nested: object = list(range(20))
+    for _ in range(6):
+        nested = {"level": nested}
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": f"f{i}", "geometry": {"type": "Point", "coordinates": [1.5, 2.5]},
+         "properties": {"objectType": "detection", "nested": nested,
+                        "measurements": {f"m{j}": j + 0.25 for j in range(200)}}} for i in range(n_features)]}
+
+
+def test_a_version_is_stored_compactly_about_as_large_as_its_features_and_its_record_read_from_the_end(
+        tmp_path, monkeypatch):
+    """Versions were written indented by one space per level: deep properties made a save hundreds of times larger
+    on disk than sent. Now compact JSON, the record on a line of its own at the end, found without parsing the
+    features."""
+    store = AnnotationStore(tmp_path / "annotations")
+    collection = deep_properties_fc(50)
+    sent = len(json.dumps(collection["features"], separators=(",", ":")))
+    record = store.save(collection, np.zeros((8, 6), np.uint16), session_id="s-1", image_id="img-1",
+                        image_name="x.png", annotator_id="a-1", display_name="Ann")
+    path = tmp_path / record.geojson_file
+    text = path.read_bytes()
+    assert len(text) < sent + 1000  # the features as compact as sent, plus the record
+    assert text.count(b"\n") == 2 and text.endswith(b"}\n")  # one line of features, one of the record
+    assert json.loads(text)["features"] == collection["features"]
+    assert store.load("s-1", "img-1", "a-1")["colabel"]["version"] == 1
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the record is read from the file's end, without parsing the features")
+
+    monkeypatch.setattr(store, "load", no_parsing)
+    assert store.record("s-1", "img-1", "a-1") == {**record.model_dump(mode="json"), "image_name": "x.png"}
+    assert store.latest_save("s-1", "img-1", "a-1")["label_file"] == Path(record.label_file).name
+
+
+def test_the_record_of_a_version_written_indented_by_an_earlier_colabel_is_still_read_from_the_end(tmp_path,
+                                                                                                  monkeypatch):
+    from colabel.apps.provider.storage import _tail_record
+
+    store = AnnotationStore(tmp_path / "annotations")
+    record = save(store)
+    path = tmp_path / record.geojson_file
+    old = json.loads(path.read_text())
+    old["features"] = deep_properties_fc(3)["features"]
+    path.write_text(json.dumps(old, ensure_ascii=False, indent=1))  # as colabel wrote versions before
+    assert _tail_record(path) == old["colabel"]
+    monkeypatch.setattr(store, "load", lambda *a, **k: pytest.fail("parsed the whole file"))
+    assert store.record("s-1", "img-1", "a-1")["version"] == 1
+    assert save(store).version == 2  # a new version beside it is compact, and both are read
+    assert _tail_record(tmp_path / store.record("s-1", "img-1", "a-1")["geojson_file"])["version"] == 2
+
+
+def test_a_version_whose_stored_form_passes_max_bytes_is_refused_and_nothing_is_written(tmp_path):
+    from colabel.errors import PayloadTooLargeError
+
+    store = AnnotationStore(tmp_path / "annotations")
+    collection = deep_properties_fc(5)
+    size = len(json.dumps(collection["features"], ensure_ascii=False, separators=(",", ":")).encode())
+    with pytest.raises(PayloadTooLargeError, match=f"would take {size} bytes on disk, more than the limit of "
+                                                   f"{size - 1} bytes for one stored version"):
+        store.save(collection, np.zeros((8, 6), np.uint16), session_id="s-1", image_id="img-1", image_name="x.png",
+                   annotator_id="a-1", display_name="Ann", max_bytes=size - 1)
+    assert [p for p in (tmp_path / "annotations").rglob("*") if p.is_file()] == []
+    assert store.versions("s-1", "img-1", "a-1") == []
+    assert store.save(collection, np.zeros((8, 6), np.uint16), session_id="s-1", image_id="img-1",
+                      image_name="x.png", annotator_id="a-1", display_name="Ann", max_bytes=size).version == 1

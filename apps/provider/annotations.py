@@ -31,6 +31,8 @@ from .models import LabelClass
 __all__ = [
     "OBJECT_TYPES",
     "MAX_UINT16_LABEL",
+    "MAX_PROPERTY_DEPTH",
+    "MAX_PROPERTY_VALUES",
     "validate_feature_collection",
     "check_raster_cost",
     "rasterize",
@@ -64,6 +66,16 @@ MAX_VERTICES = 2**22
 #: most about 15 (16 * MAX_VERTICES is the limit); an outline that zigzags back and forth across the same place
 #: thousands of times has hundreds of millions.
 MAX_OUTLINE_OVERLAP = 2**26
+
+#: Most levels of nesting a feature's ``properties`` may have, the properties object itself counting as one: QuPath
+#: writes 3 at most (``{"classification": {"color": [...]}}``, ``{"measurements": {...}}``). Checked, with the next
+#: limit, before the properties are copied: stored versions are written compactly, but deep nesting would still
+#: cost the provider memory and every reader of the version time.
+MAX_PROPERTY_DEPTH = 8
+
+#: Most values one feature's ``properties`` may hold, counting every entry of every object and list in them at any
+#: level (``objectType`` and ``classification`` aside): a QuPath cell has tens to a few hundred measurements.
+MAX_PROPERTY_VALUES = 10_000
 
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _GEOMETRY_TYPES = ("Polygon", "MultiPolygon", "Point")
@@ -373,12 +385,40 @@ def _classification(value: Any, *, classes: dict[str, LabelClass] | None) -> dic
     return {"name": name}
 
 
+def _check_property_shape(rest: dict) -> None:
+    """Refuse properties nested deeper than :data:`MAX_PROPERTY_DEPTH` levels or holding more than
+    :data:`MAX_PROPERTY_VALUES` values, walking them without recursion and never past either limit (a list of a
+    million values is refused from its length, a thousand levels deep from the first nine)."""
+    count = len(rest)
+    if count > MAX_PROPERTY_VALUES:
+        raise _Refusal(f"properties hold {count} values, more than the limit of {MAX_PROPERTY_VALUES}")
+    stack = [(v, 2, k) for k, v in rest.items()]  # (value, its level if a container, the top-level key it is in)
+    while stack:
+        item, level, key = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if level > MAX_PROPERTY_DEPTH:
+            raise _Refusal(f"properties are nested too deeply: property {_short(key, 40)} goes more than "
+                           f"{MAX_PROPERTY_DEPTH} levels deep (the properties object counting as one), the limit is "
+                           f"{MAX_PROPERTY_DEPTH}")
+        count += len(children)
+        if count > MAX_PROPERTY_VALUES:
+            raise _Refusal(f"properties hold more than the limit of {MAX_PROPERTY_VALUES} values (every entry of "
+                           f"every object and list in them counts; property {_short(key, 40)} passes it)")
+        stack.extend((child, level + 1, key) for child in children)
+
+
 def _properties(value: Any, *, classes: dict[str, LabelClass] | None) -> dict:
     if value is None:
         value = {}
     if not isinstance(value, dict):
         raise _Refusal(f"properties must be an object, got {_short(value)}")
     rest = {k: v for k, v in value.items() if k not in ("objectType", "classification")}
+    _check_property_shape(rest)
     try:
         # the round trip both checks serialisability and copies: the output shares nothing with the input
         out = json.loads(json.dumps(rest, allow_nan=False))
@@ -477,9 +517,11 @@ def validate_feature_collection(
         unsupported geometry type, coordinates that are not finite numbers or wrongly nested, a ring
         with fewer than 3 distinct vertices or zero area (all its vertices on one line), an invalid
         polygon (self-intersection, hole outside its shell, ... as explained by shapely), a vertex outside
-        the image, a bad classification or objectType, or properties that are not a JSON-serialisable
-        object. Before any geometry is checked: more vertices than :data:`MAX_RING_VERTICES` in a ring,
-        :data:`MAX_GEOMETRY_VERTICES` in a geometry or :data:`MAX_VERTICES` in all, or outlines too
+        the image, a bad classification or objectType, properties that are not a JSON-serialisable
+        object, nest deeper than :data:`MAX_PROPERTY_DEPTH` levels or hold more than
+        :data:`MAX_PROPERTY_VALUES` values. Before any geometry is checked: more vertices than
+        :data:`MAX_RING_VERTICES` in a ring, :data:`MAX_GEOMETRY_VERTICES` in a geometry or
+        :data:`MAX_VERTICES` in all, or outlines too
         convoluted to check (more than :data:`MAX_OUTLINE_OVERLAP` in all). The time taken is about
         linear in the size of *obj*, whatever its shapes.
 

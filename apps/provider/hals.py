@@ -63,6 +63,38 @@ _MAX_BACKOFF_S = 300.0
 #: that cell's box (see :func:`same_nucleus`).
 _CENTROID_TOLERANCE_PX = 2.0
 
+#: ``label_cell`` calls one annotator of a session may make a second, on average, and in one burst (a token bucket):
+#: about 4 KB of events a second at most. Accepts of a suggestion (``class_name == suggested_class``) are not counted:
+#: an accept is written only for a cell without a live label, so at most once per cell, and "Accept all visible"
+#: sends hundreds to thousands of them, one call each, as fast as the provider answers (4 at a time).
+LABEL_RATE = 20.0
+LABEL_BURST = 200
+
+
+class TooManyLabelsError(InvalidInputError):
+    """An annotator's labels (other than accepts) came faster than :data:`LABEL_RATE` a second, past the burst of
+    :data:`LABEL_BURST`: nothing was written."""
+
+
+@dataclass
+class _TokenBucket:
+    """Up to ``burst`` tokens, refilled at ``rate`` a second; :meth:`take` spends one or says how long to wait."""
+
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float
+
+    def take(self, now: float) -> float:
+        """Spend a token and return 0, or return the seconds until one is there (nothing spent)."""
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
 #: What ``DataProvider.get_image`` raises for an image it cannot give any more (the file was deleted, is corrupt
 #: or unreadable now, or left the catalog); a model service's errors are never among these here.
 _IMAGE_UNREADABLE = (NotFoundError, InvalidInputError, UnreadableImageError)
@@ -117,6 +149,7 @@ class _Loop:
     failures: int = 0  # consecutive failed retrains
     retry_at: float = 0.0  # time.monotonic() after which a failed retrain may run without a new label change
     logged_errors: set[str] = field(default_factory=set)  # failures already logged since the last success
+    label_buckets: dict[str, _TokenBucket] = field(default_factory=dict)  # label_cell rate, by annotator id
 
     @property
     def changes_since_training(self) -> int:
@@ -290,11 +323,15 @@ class HalsAssist:
     retry_backoff_s : float
         Seconds before a failed retrain is retried without a new label change (doubled after every further
         consecutive failure, at most 300 s). A label change retries at once.
+    label_rate, label_burst : float, int
+        ``label_cell`` calls (accepts of a suggestion aside) one annotator may make a second, and in one burst
+        (:data:`LABEL_RATE`, :data:`LABEL_BURST`); more are refused with :class:`TooManyLabelsError`.
     """
 
     def __init__(self, assist: ModelAssist, *, min_labels_per_class: int = 10, retrain_every: int = 5,
                  patch_size: int = 128, coreset_k: int = 10, start_model: StartModel | None = None,
-                 retry_backoff_s: float = 10.0) -> None:
+                 retry_backoff_s: float = 10.0, label_rate: float = LABEL_RATE,
+                 label_burst: int = LABEL_BURST) -> None:
         self.assist = assist
         self.start_model = start_model
         self.provider = assist.provider
@@ -303,6 +340,9 @@ class HalsAssist:
         self.patch_size = patch_size
         self.coreset_k = coreset_k
         self.retry_backoff_s = float(retry_backoff_s)
+        self.label_rate = float(label_rate)
+        self.label_burst = int(label_burst)
+        self.clock: Callable[[], float] = time.monotonic  # the label rate's clock (tests move it by hand)
         self._loops: dict[str, _Loop] = {}
         self._cell_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -639,14 +679,24 @@ class HalsAssist:
         While suggestions are paused (relabels took a class below ``min_labels_per_class``; not while a start
         model suggests), a label reviews no suggestion: it is a plain ``label`` event, whatever was shown.
 
-        Returns ``{event, n_labels, retraining, version}`` (and ``already_labelled``, see above) once the event
-        is on disk; retraining runs in the background. ``n_labels`` leaves out stale labels (cells the current
-        segmentation lacks).
+        A label the cell has already, given by the same annotator (a key pressed again, a call retried), changes
+        nothing and is not written: the answer has ``event`` None and ``unchanged`` True, with the current state.
+
+        Returns ``{event, n_labels, retraining, version}`` (and ``already_labelled`` or ``unchanged``, see above) once
+        the event is on disk; retraining runs in the background. ``n_labels`` leaves out stale labels (cells the
+        current segmentation lacks).
+
+        Rate: each annotator may make ``label_rate`` calls a second (20), ``label_burst`` (200) at once; more are
+        refused with :class:`TooManyLabelsError` (nothing written) until the bucket refills. Accepts of a suggestion
+        (``class_name == suggested_class``) are not counted: each cell takes at most one, and "Accept all visible"
+        sends one call per cell in view.
         """
         self.provider._check_in_session(session, image_id)
         cls = self._class_index(session, class_name)
         if suggested_class is not None:
             suggested_index = self._class_index(session, suggested_class)
+        if suggested_class is None or suggested_class != class_name:
+            self._take_label_token(session, annotator_id)
         cells = await self._cells(session, image_id)
         if isinstance(cell_id, bool) or not isinstance(cell_id, int) or cell_id not in cells.index:
             raise NotFoundError(f"unknown cell id {shown(cell_id)} in image {shown(image_id)}")
@@ -665,13 +715,17 @@ class HalsAssist:
                             "version": loop.version}
             else:
                 suggested = loop.shown.get(key)
+            # the cell's centroid (px) as labelled: a later segmentation's cell of this id must match it
+            x, y = cells.centroids[cells.index[cell_id]]
+            centroid = (float(x), float(y))
+            if (self._labelled(loop, key) and loop.labels[key] == cls and loop.labelled_by.get(key) == annotator_id
+                    and not _moved(loop.centroids.get(key), centroid)):  # the same label again: nothing changes
+                return {"event": None, "unchanged": True, "n_labels": len(self._live(loop)),
+                        "retraining": loop.training is not None, "version": loop.version}
             if suggested is not None and self._paused(session, loop):
                 suggested = None  # the loop withdrew its suggestions: nothing is reviewed
             kind = "label" if suggested is None else (
                 "suggestion_accepted" if suggested == cls else "suggestion_corrected")
-            # the cell's centroid (px) as labelled: a later segmentation's cell of this id must match it
-            x, y = cells.centroids[cells.index[cell_id]]
-            centroid = (float(x), float(y))
             fields = {"annotator_id": annotator_id, "image_id": image_id, "cell_id": cell_id, "class": class_name,
                       "centroid": list(centroid)}
             if suggested is not None and suggested >= 0:
@@ -695,6 +749,21 @@ class HalsAssist:
             await self._logged(session, kind, fields, apply)
         retraining = self._maybe_retrain(session, loop) or loop.training is not None
         return {"event": kind, "n_labels": len(self._live(loop)), "retraining": retraining, "version": loop.version}
+
+    def _take_label_token(self, session: SessionInfo, annotator_id: str) -> None:
+        """Spend one of the annotator's label tokens, or refuse the label with :class:`TooManyLabelsError`."""
+        loop = self._loop(session)
+        now = self.clock()
+        bucket = loop.label_buckets.get(annotator_id)
+        if bucket is None:
+            bucket = loop.label_buckets[annotator_id] = _TokenBucket(self.label_rate, self.label_burst,
+                                                                     float(self.label_burst), now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise TooManyLabelsError(
+                f"too many labels at once: an annotator may label at most {self.label_rate:g} cells a second "
+                f"({self.label_burst} in a burst; accepted suggestions are not counted); this label was not saved, "
+                f"try again in {max(wait, 0.1):.1f} s")
 
     def _paused(self, session: SessionInfo, loop: _Loop) -> bool:
         """Suggestions are withdrawn by the policy: no start model suggests and a class lacks labels."""

@@ -21,6 +21,12 @@ level ``n`` as the block mean over ``2**n x 2**n`` pixels of level 0 (partial bl
 edges average the pixels they have; integers are rounded), with as many levels as it takes for
 ``max(H, W) <= 512``.
 
+Reading: a TIFF region decodes only the strips or tiles it needs. A PNG or JPEG cannot be read in part, so its
+decoded pixels are kept in a :class:`PixelCache` (with every computed level read whole), least recently used
+dropped first, within a byte budget (:data:`DEFAULT_PIXEL_CACHE_BYTES`; ``ColabelConfig.pixel_cache_bytes``):
+the tiles of one image decode it once, and reads of one image at the same time wait for one decode. An image
+larger than the whole budget is decoded for each read (still once for the reads at the same time).
+
 Nothing here writes a file or changes an image.
 """
 
@@ -33,7 +39,9 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,10 @@ PIL_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 LEVEL_TARGET = 512  #: computed levels stop once ``max(H, W)`` is at most this many pixels
 MAX_CHANNEL_FIRST = 16  #: largest unnamed TIFF axis taken as channels
 _CHECKED_PAGES = 256  #: pages whose strip/tile extents are checked against the file size
+#: Default budget of a catalog's :class:`PixelCache` (512 MiB): decoded PNG/JPEG pixels and their computed levels.
+DEFAULT_PIXEL_CACHE_BYTES = 512 * 2**20
+#: Bytes of float64 sums a computed level is made of at once (it is made in strips of rows).
+_STRIP_BYTES = 64 * 2**20
 _CHANNEL_AXES = "CS"
 _UNNAMED_AXES = "QI"
 
@@ -158,6 +170,96 @@ def image_id_for(name: str) -> str:
     return "img-" + digest[:16]
 
 
+class PixelCache:
+    """Arrays by key, least recently used dropped first once they take more than ``max_bytes``; thread-safe.
+
+    :meth:`get` makes a missing array once: callers asking for a key being made wait for that one result (or its
+    error). An array larger than the whole budget is handed to the callers waiting for it and not kept. The
+    arrays handed out are read-only and shared: copy what you return.
+
+    Attributes
+    ----------
+    max_bytes : int
+        The budget; 0 keeps nothing.
+    nbytes : int
+        Bytes of the arrays kept.
+    decodes : int
+        Full decodes of an image file done for the catalog (counted by :class:`ImageCatalog`).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_PIXEL_CACHE_BYTES) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.decodes = 0
+        self._lock = threading.Lock()
+        self._arrays: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._making: dict[tuple, Future] = {}
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._arrays
+
+    def resize(self, max_bytes: int) -> None:
+        """Change the budget, dropping the least recently used arrays past it."""
+        with self._lock:
+            self.max_bytes = int(max_bytes)
+            self._evict(0)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._arrays.clear()
+            self.nbytes = 0
+
+    def count_decode(self) -> None:
+        with self._lock:
+            self.decodes += 1
+
+    def get(self, key: tuple, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The array kept under ``key``, else ``make()``'s, made once for all callers asking meanwhile.
+
+        ``key[0]`` names an image: keeping an array drops the image's arrays under keys that differ in ``key[1]``
+        (another revision of its file).
+        """
+        with self._lock:
+            array = self._arrays.get(key)
+            if array is not None:
+                self._arrays.move_to_end(key)
+                return array
+            pending = self._making.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._making[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            array = make()
+            array.flags.writeable = False
+        except BaseException as exc:
+            with self._lock:
+                del self._making[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._making[key]
+            self._keep(key, array)
+        pending.set_result(array)
+        return array
+
+    def _keep(self, key: tuple, array: np.ndarray) -> None:
+        for old in [k for k in self._arrays if k[0] == key[0] and k[1] != key[1]]:
+            self.nbytes -= self._arrays.pop(old).nbytes
+        if array.nbytes > self.max_bytes:
+            return
+        self._evict(array.nbytes)
+        self._arrays[key] = array
+        self.nbytes += array.nbytes
+
+    def _evict(self, room: int) -> None:
+        while self._arrays and self.nbytes + room > self.max_bytes:
+            _, dropped = self._arrays.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+
 class ImageCatalog:
     """The images of one folder, by opaque id.
 
@@ -167,6 +269,8 @@ class ImageCatalog:
         The mounted folder. Its files are only ever read.
     exclude : iterable of str, optional
         Names of top-level sub-folders not to scan (colabel's own ``annotations`` by default).
+    pixel_cache_bytes : int, optional
+        Budget of :attr:`pixels`, the decoded PNG/JPEG pixels kept (:data:`DEFAULT_PIXEL_CACHE_BYTES`).
 
     Raises
     ------
@@ -181,7 +285,8 @@ class ImageCatalog:
     (32, 64, 1)
     """
 
-    def __init__(self, folder: str | Path, *, exclude: Iterable[str] = ("annotations",)) -> None:
+    def __init__(self, folder: str | Path, *, exclude: Iterable[str] = ("annotations",),
+                 pixel_cache_bytes: int = DEFAULT_PIXEL_CACHE_BYTES) -> None:
         try:
             given = Path(os.fspath(folder)).expanduser()
         except TypeError:
@@ -202,6 +307,7 @@ class ImageCatalog:
         self._lock = threading.Lock()
         self._records: dict[str, ImageRecord] = {}
         self._checked: dict[str, str] = {}  # image id -> file revision whose header matched the record
+        self.pixels = PixelCache(pixel_cache_bytes)
         self.refresh()
 
     # ------------------------------------------------------------------ listing
@@ -230,6 +336,7 @@ class ImageCatalog:
         with self._lock:
             self._records = found
             self._checked = {}
+        self.pixels.clear()
 
     def records(self) -> list[ImageRecord]:
         """All records, sorted by name.
@@ -368,7 +475,7 @@ class ImageCatalog:
             if record.format in ("tiff", "ome-tiff"):
                 out = _read_tiff(record, level=level, box=box)
             else:
-                out = _read_pil(record, level=level, box=box)
+                out = self._read_pil(record, level=level, box=box)
         except (UnreadableImageError, InvalidInputError):
             raise
         except MemoryError:
@@ -386,6 +493,30 @@ class ImageCatalog:
         return np.ascontiguousarray(out)
 
     # ------------------------------------------------------------------ internals
+
+    def _read_pil(self, record: ImageRecord, *, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        """A region of a level of a PNG/JPEG, from its decoded pixels kept in :attr:`pixels` (decoded once)."""
+        revision = file_revision(record.path)
+
+        def decode() -> np.ndarray:
+            self.pixels.count_decode()
+            return _decode_pil(record)
+
+        if revision is None:  # cannot tell the file's revision: nothing kept
+            base = decode()
+        else:
+            base = self.pixels.get((record.image_id, revision, 0), decode)
+        y0, y1, x0, x1 = box
+        if level == 0:
+            return base[y0:y1, x0:x1].copy()
+        factor = 2**level
+        key = (record.image_id, revision, level)
+        height, width = record.levels[level]
+        if revision is not None and (box == (0, height, 0, width) or key in self.pixels):
+            whole = self.pixels.get(key, lambda: _computed_level(base, factor))
+            return whole[y0:y1, x0:x1].copy()
+        window = base[y0 * factor : min(y1 * factor, base.shape[0]), x0 * factor : min(x1 * factor, base.shape[1])]
+        return block_mean(window, factor=factor)
 
     def _excluded(self, real: Path) -> bool:
         """Whether a resolved path lies in one of the excluded top-level folders (colabel's annotations)."""
@@ -734,7 +865,8 @@ def _scan_pil(path: Path) -> tuple[str, tuple[int, int, int], str, tuple[tuple[i
     return fmt, (height, width, channels), dtype, _computed_levels(height, width)
 
 
-def _read_pil(record: ImageRecord, *, level: int, box: tuple[int, int, int, int]) -> np.ndarray:
+def _decode_pil(record: ImageRecord) -> np.ndarray:
+    """All pixels of a PNG/JPEG, ``(H, W, C)`` in the record's dtype; refused when it no longer has the listed shape."""
     with _open_pil(record.path) as image:
         dtype, channels, convert = _pil_layout(image)
         image.load()
@@ -744,8 +876,19 @@ def _read_pil(record: ImageRecord, *, level: int, box: tuple[int, int, int, int]
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     pixels = pixels.astype(np.dtype(dtype), copy=False)
-    factor = 2**level
-    y0, y1, x0, x1 = box
-    height, width = pixels.shape[:2]
-    window = pixels[y0 * factor : min(y1 * factor, height), x0 * factor : min(x1 * factor, width)]
-    return block_mean(window, factor=factor) if factor > 1 else window.copy()
+    if pixels.shape != record.shape or pixels.dtype != np.dtype(record.dtype):
+        raise UnreadableImageError(
+            f"image '{record.name}' changed since the folder was scanned "
+            f"(now {pixels.shape} {pixels.dtype}, listed {record.shape} {record.dtype}); refresh the catalog"
+        )
+    return pixels
+
+
+def _computed_level(base: np.ndarray, factor: int) -> np.ndarray:
+    """:func:`block_mean` of the whole of ``base``, made in strips of rows (the same result, in bounded memory)."""
+    height, width, channels = base.shape
+    rows = factor * max(1, _STRIP_BYTES // max(1, factor * width * channels * 8))
+    out = np.empty((math.ceil(height / factor), math.ceil(width / factor), channels), dtype=base.dtype)
+    for y in range(0, height, rows):
+        out[y // factor : (y + rows) // factor] = block_mean(base[y : y + rows], factor=factor)
+    return out

@@ -28,6 +28,11 @@ from .storage import AnnotationStore
 #: A save's writer id: one per page or client (the annotator page makes a random one per tab).
 _WRITER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
+#: A stored version's features (compact JSON) may take at most this many times ``max_annotation_bytes``. Validation
+#: adds what the stored form needs (ids, ``objectType``, floats, closed rings): at most about 2.4 times the compact
+#: JSON sent, for a collection of minimal features; the check bounds the disk a save can take whatever it holds.
+STORED_BYTES_FACTOR = 4
+
 
 def _region(region: object) -> Region | None:
     if region is None:
@@ -133,6 +138,11 @@ class DataProvider:
         (a save retried after its answer was lost: that version's record is returned, no new version is made), or
         every version since was saved with the same ``writer`` (an id of the sending page or client, 1-64 letters,
         digits, ``-``, ``_``): its own saves whose answers were lost, drawn on since.
+
+        Sizes: the payload is at most ``max_annotation_bytes`` (:class:`PayloadTooLargeError`), each feature's
+        properties nest at most 8 levels and hold at most 10,000 values (:class:`InvalidInputError`, see
+        :func:`validate_feature_collection`), and the stored version (compact JSON) may take at most
+        :data:`STORED_BYTES_FACTOR` times ``max_annotation_bytes`` (:class:`PayloadTooLargeError`).
         """
         image_id = self._check_in_session(session, image_id)
         annotator = self.sessions.annotator(session.session_id, annotator_id)
@@ -167,6 +177,7 @@ class DataProvider:
             fc, labels, session_id=session.session_id, image_id=image_id, image_name=record.name,
             annotator_id=annotator.annotator_id, display_name=annotator.display_name, still_allowed=still_allowed,
             base_version=base_version, writer=writer,
+            max_bytes=STORED_BYTES_FACTOR * self.config.max_annotation_bytes,
         )
 
     def get_annotations(self, session: SessionInfo, image_id: str, *, annotator_id: str | None = None,

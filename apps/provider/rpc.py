@@ -11,7 +11,9 @@ Three services are registered in the provider's workspace:
 
 Every function runs the provider's blocking work in a thread, returns plain JSON-able objects or numpy
 arrays, and turns errors into one clear sentence: the caller's traceback shows only the adapter's own
-frame, under a neutral name, never colabel's internals or where the provider is installed.
+frame, under a neutral name, never colabel's internals or where the provider is installed. Pixel reads
+(``get_image``, ``trainer_image``) run on threads of their own, at most :data:`PIXEL_READS_PER_TOKEN` per token
+at once, so that decoding large images never holds up token-only calls; saves run on threads of their own too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import inspect
 import logging
 import mimetypes
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from colabel.errors import ColabelError, StorageError
 
+from ..message_cache_limits import installed_cache
 from .assist import ModelAssist
 from .hals import HalsAssist
 from .models import AnnotatorSession, SessionInfo
@@ -54,6 +57,15 @@ def _public_session(provider: DataProvider, info: SessionInfo) -> AnnotatorSessi
 
 #: Threads that validate, rasterise and write saves, apart from those serving every other call.
 SAVE_THREADS = 2
+#: Threads that read (decode, downsample, crop) pixels, apart from those serving every other call: more than one
+#: token's share, so that one token never holds them all.
+PIXEL_THREADS = 3
+#: Pixel reads one token (or the provider's own functions) may have in flight at once; the next ones wait their
+#: turn without holding a thread.
+PIXEL_READS_PER_TOKEN = 2
+#: Callers (Hypha client ids) remembered as having made a successful call with a session token: their large
+#: messages count in the message cache's pool of token holders (:mod:`colabel.apps.message_cache_limits`).
+MAX_KNOWN_CALLERS = 4096
 
 #: The file name a remote caller's traceback shows for the adapter's frame.
 _FRAME_NAME = "<colabel provider>"
@@ -79,22 +91,31 @@ def _plain(value: Any) -> Any:
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM})
 
 
-def _remote(fn):
+def _remote(fn, *, succeeded=None):
     """Run ``fn`` (a coroutine function, or a blocking one in a worker thread) and map its errors to a
-    one-sentence :class:`ServiceError`."""
+    one-sentence :class:`ServiceError`.
+
+    ``succeeded``: called as ``succeeded(context, arguments)`` after a call that raised nothing, where ``context``
+    is the call's context (hypha-rpc passes it to services registered with ``require_context``) and
+    ``arguments`` the call's bound arguments; the wrapper then takes a ``context`` keyword."""
 
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        context = kwargs.pop("context", None) if succeeded is not None else None
         try:
-            signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise ServiceError(f"InvalidInputError: {fn.__name__}: {exc}") from None
         try:
             if inspect.iscoroutinefunction(fn):
-                return _plain(await fn(*args, **kwargs))
-            return _plain(await asyncio.to_thread(fn, *args, **kwargs))
+                result = _plain(await fn(*args, **kwargs))
+            else:
+                result = _plain(await asyncio.to_thread(fn, *args, **kwargs))
+            if succeeded is not None and context:
+                succeeded(context, bound.arguments)
+            return result
         except ColabelError as exc:
             raise ServiceError(f"{type(exc).__name__}: {exc}") from None
         except ValidationError as exc:
@@ -141,6 +162,45 @@ class ProviderServices:
         self.workspace = server.config.workspace
         self._save_pool = ThreadPoolExecutor(max_workers=SAVE_THREADS, thread_name_prefix="colabel-save")
         self._save_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._pixel_pool = ThreadPoolExecutor(max_workers=PIXEL_THREADS, thread_name_prefix="colabel-pixels")
+        self._pixel_slots: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            lambda: asyncio.Semaphore(PIXEL_READS_PER_TOKEN))
+        pixels = getattr(provider.catalog, "pixels", None)
+        if pixels is not None:  # decoded PNG/JPEG pixels kept within the configured budget
+            pixels.resize(provider.config.pixel_cache_bytes)
+        self._callers: OrderedDict[str, str] = OrderedDict()  # client id -> the session token it called with
+        cache = installed_cache(server)
+        if cache is not None:  # token holders' large messages get a pool of their own in the message cache
+            cache.is_member = self.caller_has_live_token
+
+    # -- callers and pixel reads --------------------------------------------------------------------
+    def _called_with_token(self, context: dict, arguments: dict) -> None:
+        """Remember the client that made a successful annotator call with a session token."""
+        caller, token = context.get("from"), arguments.get("token")
+        if isinstance(caller, str) and isinstance(token, str):
+            self._callers[caller] = token
+            self._callers.move_to_end(caller)
+            while len(self._callers) > MAX_KNOWN_CALLERS:
+                self._callers.popitem(last=False)
+
+    def caller_has_live_token(self, caller: str) -> bool:
+        """Whether the client ``caller`` (``workspace/client_id``) made a successful call with a session token
+        that is still live (not revoked)."""
+        token = self._callers.get(caller)
+        if token is None:
+            return False
+        try:
+            self.provider.sessions.token_id(token)
+        except ColabelError:
+            self._callers.pop(caller, None)
+            return False
+        return True
+
+    async def _read_pixels(self, slot: str, image_id, *, region, level, session: SessionInfo | None):
+        """``DataProvider.get_image`` on the pixel threads, at most :data:`PIXEL_READS_PER_TOKEN` per ``slot``."""
+        async with self._pixel_slots[slot]:
+            read = functools.partial(self.provider.get_image, image_id, region=region, level=level, session=session)
+            return await asyncio.get_running_loop().run_in_executor(self._pixel_pool, read)
 
     # -- URLs -------------------------------------------------------------------------------------
     @property
@@ -199,8 +259,8 @@ class ProviderServices:
         def image_info(image_id, session_id=None):
             return p.image_info(image_id, sessions.get(session_id) if session_id is not None else None)
 
-        def get_image(image_id, region=None, level=0):
-            return p.get_image(image_id, region=region, level=level)
+        async def get_image(image_id, region=None, level=0):
+            return await self._read_pixels("", image_id, region=region, level=level, session=None)
 
         def create_session(name, classes, mode="segmentation", annotators_per_image=1, image_ids=None):
             info, secret = p.create_session(name=name, classes=classes, mode=mode,
@@ -270,8 +330,11 @@ class ProviderServices:
             p._check_in_session(info, image_id)
             return p.image_info(image_id, info)
 
-        def get_image(token, image_id, region=None, level=0):
-            return p.get_image(image_id, region=region, level=level, session=sessions.authorize(token))
+        async def get_image(token, image_id, region=None, level=0):
+            """Pixels (h, w, C) of an image of the session: whole, a region or a level (2 reads of a token at once)."""
+            info = sessions.authorize(token)
+            return await self._read_pixels(f"token:{sessions.token_id(token)}", image_id, region=region,
+                                           level=level, session=info)
 
         def next_image(token, annotator_key):
             info = sessions.authorize(token, write=True)
@@ -319,7 +382,7 @@ class ProviderServices:
                 return await preannotator.pre_annotation(sessions.authorize(token), image_id)
 
             functions.append(pre_annotation)
-        return {f.__name__: _remote(f) for f in functions}
+        return {f.__name__: _remote(f, succeeded=self._called_with_token) for f in functions}
 
     def _trainer_functions(self) -> list:
         """Read-only functions for trainer tokens (role "train"): everything ``colabel pull`` needs."""
@@ -334,9 +397,11 @@ class ProviderServices:
             annotators = {k: v.model_dump(mode="json") for k, v in sessions.annotators(info.session_id).items()}
             return {"session": _public_session(p, info), "annotators": annotators, "images": images}
 
-        def trainer_image(token, image_id, level=0):
+        async def trainer_image(token, image_id, level=0):
             """Pixels of a session image (H, W, C) in the file's dtype."""
-            return p.get_image(image_id, level=level, session=sessions.authorize(token, role="train"))
+            info = sessions.authorize(token, role="train")
+            return await self._read_pixels(f"token:{sessions.token_id(token)}", image_id, region=None, level=level,
+                                           session=info)
 
         def trainer_annotation(token, image_id, annotator_id, version=None):
             """One stored FeatureCollection (with its ``colabel`` record) of any annotator of the session."""
@@ -445,7 +510,8 @@ class ProviderServices:
         await self.server.register_service({
             "id": f"{self.name}-annotate", "name": f"colabel annotator {self.name}",
             "description": "Annotator functions of a colabel session; every call needs a share token.",
-            "config": {"visibility": "public"}, **self.annotator_functions(),
+            # the context tells which client called (see caller_has_live_token); callers never pass it
+            "config": {"visibility": "public", "require_context": True}, **self.annotator_functions(),
         })
         handler = self.web_handler()
         await self.server.register_service({

@@ -5,7 +5,8 @@ Layout (every name is made by colabel, never taken from a caller)::
     annotations/
       sessions/<session_id>/session.json                      session manifest
       sessions/<session_id>/images/<image_id>/<annotator_id>/
-          v000001.geojson          FeatureCollection (QuPath conventions) + a "colabel" member with the record
+          v000001.geojson          FeatureCollection (QuPath conventions) + a "colabel" member with the record,
+                                   compact JSON with the record on its own last line (:func:`version_bytes`)
           v000001-<random>.tif     instance labels, uint16 or uint32, shape (H, W) of the image
       sessions/<session_id>/version_marks/<image_id>/<annotator_id>.json
                                    {"highest_version": N}: the highest version number ever given out
@@ -45,7 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
-from colabel.errors import AccessDeniedError, ConflictError, InvalidInputError, NotFoundError, shown
+from colabel.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    shown,
+)
 from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir, make_dirs re-exported
     atomic_write,
     atomic_write_json,
@@ -241,6 +249,7 @@ class AnnotationStore:
         still_allowed: Callable[[], object] | None = None,
         base_version: int | None = None,
         writer: str | None = None,
+        max_bytes: int | None = None,
     ) -> AnnotationRecord:
         """Commit a new version of an annotator's annotation of an image and return its record.
 
@@ -257,12 +266,20 @@ class AnnotationStore:
         version's record is returned and nothing is written. ``writer`` (one id per page or client, recorded in the
         version) waives the conflict when every version after ``base_version`` was saved by the same writer: the
         client's own saves whose answers were lost, not another tab's.
+
+        The version is written as compact JSON (:func:`version_bytes`). ``max_bytes``, when given, is the most bytes
+        its features may take there: more are refused with :class:`PayloadTooLargeError` before anything is written.
         """
         if self.read_only:
             raise read_only_refusal(self.root, "save annotations")
         folder = self._annotator_dir(session_id, image_id, annotator_id)
         mark = self._mark_path(session_id, image_id, annotator_id)
         key = (session_id, image_id, annotator_id)
+        features_json = _compact(feature_collection["features"])  # once, whatever version number it gets
+        if max_bytes is not None and len(features_json) > max_bytes:
+            raise PayloadTooLargeError(
+                f"the annotation's features would take {len(features_json)} bytes on disk, more than the limit of "
+                f"{max_bytes} bytes for one stored version")
         label_data = tiff_bytes(labels)
         with self._locks[key]:
             if still_allowed is not None:
@@ -297,14 +314,11 @@ class AnnotationStore:
                         label_file=self._relative(label_path),
                         writer=writer,
                     )
-                    document = {
-                        "type": "FeatureCollection",
-                        "features": feature_collection["features"],
-                        "colabel": {**record.model_dump(mode="json"), "image_name": image_name},
-                    }
+                    document = version_bytes(features_json,
+                                             {**record.model_dump(mode="json"), "image_name": image_name})
                     atomic_write(label_path, label_data, exclusive=True)
                     try:
-                        atomic_write_json(geojson_path, document, exclusive=True)
+                        atomic_write(geojson_path, document, exclusive=True)
                     except FileExistsError:  # another process took this number: take the next
                         label_path.unlink(missing_ok=True)
                         version += 1
@@ -477,13 +491,37 @@ def _write_mark(path: Path, version: int) -> None:
 #: How much of a GeoJSON's end :func:`_tail_record` reads to find the record (records are a few hundred bytes).
 _TAIL_BYTES = 16384
 
+#: Where the record begins in a version written by :func:`version_bytes` (the file's only newline before its last),
+#: and in one written by colabel before it, indented by one space (``json.dumps(..., indent=1)``).
+_RECORD_KEY = b'\n"colabel":'
+_RECORD_KEY_INDENTED = b'\n "colabel": '
+
+
+def _compact(obj: object) -> bytes:
+    """``obj`` as compact UTF-8 JSON: no indent, no spaces (the C encoder; no newline anywhere, as JSON strings
+    escape theirs)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def version_bytes(features_json: bytes, record: dict) -> bytes:
+    """A version's GeoJSON: ``{"type":"FeatureCollection","features":[...],`` then, on a line of its own, the
+    ``"colabel"`` record and the closing brace.
+
+    ``features_json`` is the features' compact JSON (:func:`_compact`). Compact JSON has no newline (JSON strings
+    escape theirs), so the one before ``"colabel":`` is where :func:`_tail_record` finds the record without parsing
+    the features, and the file is about as large as the JSON the annotator sent.
+    """
+    return b'{"type":"FeatureCollection","features":' + features_json + b"," + _RECORD_KEY + _compact(record) + b"}\n"
+
 
 def _tail_record(path: Path) -> dict | None:
     """The ``colabel`` member of a GeoJSON written by :meth:`AnnotationStore.save`, read from the file's end.
 
-    ``atomic_write_json`` indents by one space and the record is the document's last member, so its key is the only
-    ``"colabel":`` at the start of a line indented by one space (nested keys are indented further, and inside JSON
-    strings a newline is escaped). None when it is not found in the last :data:`_TAIL_BYTES` or does not parse: the
+    The record is the document's last member. :func:`version_bytes` writes it on a line of its own after compact JSON
+    that has no newline, so ``\\n"colabel":`` occurs once. Versions written by earlier colabels are indented by one
+    space (``json.dumps(..., indent=1)``): there the key is the only ``"colabel":`` at the start of a line indented
+    by one space (nested keys are indented further, and inside JSON strings a newline is escaped); neither form
+    occurs in a file of the other. None when it is not found in the last :data:`_TAIL_BYTES` or does not parse: the
     caller parses the whole file then.
     """
     try:
@@ -493,7 +531,7 @@ def _tail_record(path: Path) -> dict | None:
             tail = handle.read()
     except OSError:
         return None
-    at = tail.rfind(b'\n "colabel": ')
+    at = max(tail.rfind(_RECORD_KEY), tail.rfind(_RECORD_KEY_INDENTED))
     if at < 0:
         return None
     try:

@@ -415,7 +415,8 @@ async function labelCells(items) {
           newest = Math.max(newest, result.version);
           continue;
         }
-        S.events[result.event] = (S.events[result.event] || 0) + 1;
+        // `unchanged`: the cell had this label from this annotator already; nothing was written, nothing counts
+        if (result.event) S.events[result.event] = (S.events[result.event] || 0) + 1;
         S.labels.set(it.cell_id, it.class); // again: a cells answer may have overwritten it meanwhile
         if (before.get(it.cell_id) === undefined && S.nLabelled !== null) S.nLabelled++;
         S.suggestions.delete(it.cell_id);

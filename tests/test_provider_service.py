@@ -531,9 +531,10 @@ async def test_a_full_disk_is_refused_as_a_storage_error_and_nothing_is_written(
     assert saved_files(stack.folder) == []
 
 
-async def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_path):
+def _one_jpeg_session(tmp_path):
+    """A provider over a folder of one JPEG (``he.jpg``), a session and its annotator Ann: (folder, provider,
+    session, annotator, image record)."""
     from colabel.apps.provider.provider import DataProvider
-    from colabel.errors import UnreadableImageError
 
     folder = tmp_path / "mounted"
     folder.mkdir()
@@ -542,6 +543,13 @@ async def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(t
     session, _ = provider.create_session(name="s", classes=CLASSES)
     annotator, _ = provider.sessions.join(session.session_id, "Ann")
     (image,) = provider.list_images()
+    return folder, provider, session, annotator, image
+
+
+async def test_a_save_on_an_image_replaced_on_disk_is_refused_as_reading_it_is(tmp_path):
+    from colabel.errors import UnreadableImageError
+
+    folder, provider, session, annotator, image = _one_jpeg_session(tmp_path)
     provider.save_annotation(session, image.image_id, annotator.annotator_id, collection(square(10, 10, 20)))
     iio.imwrite(folder / "he.jpg", np.zeros((50, 60, 3), np.uint8), extension=".jpg")  # replaced by a small one
     with pytest.raises(UnreadableImageError, match=r"changed since the folder was scanned \(now \(50, 60, 3\)"):
@@ -557,16 +565,10 @@ async def test_deeply_nested_properties_are_refused_and_a_save_is_stored_about_a
     on disk, and about 9 times that in the provider's memory. Such nesting is refused before anything is written, and
     an accepted save is stored compactly."""
     from colabel.apps.provider import provider as provider_module
-    from colabel.apps.provider.provider import STORED_BYTES_FACTOR, DataProvider
+    from colabel.apps.provider.provider import STORED_BYTES_FACTOR
     from colabel.errors import InvalidInputError, PayloadTooLargeError
 
-    folder = tmp_path / "mounted"
-    folder.mkdir()
-    shutil.copy(DATA / "he_histo.jpg", folder / "he.jpg")
-    provider = DataProvider(folder)
-    session, _ = provider.create_session(name="s", classes=CLASSES)
-    annotator, _ = provider.sessions.join(session.session_id, "Ann")
-    (image,) = provider.list_images()
+    folder, provider, session, annotator, image = _one_jpeg_session(tmp_path)
     note: list = [0] * 100_000
     for _ in range(399):
         note = [note]

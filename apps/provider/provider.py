@@ -72,7 +72,7 @@ class DataProvider:
         self.config = config or ColabelConfig()
         self.folder = Path(folder)
         self.read_only = read_only
-        self.catalog = ImageCatalog(self.folder)
+        self.catalog = ImageCatalog(self.folder, pixel_cache_bytes=self.config.pixel_cache_bytes)
         root = annotations_dir(self.folder)
         self.store = AnnotationStore(root, read_only=read_only)
         self.sessions = SessionStore(root, assignment_lease=self.config.assignment_lease, read_only=read_only)

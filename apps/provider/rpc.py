@@ -165,9 +165,6 @@ class ProviderServices:
         self._pixel_pool = ThreadPoolExecutor(max_workers=PIXEL_THREADS, thread_name_prefix="colabel-pixels")
         self._pixel_slots: defaultdict[str, asyncio.Semaphore] = defaultdict(
             lambda: asyncio.Semaphore(PIXEL_READS_PER_TOKEN))
-        pixels = getattr(provider.catalog, "pixels", None)
-        if pixels is not None:  # decoded PNG/JPEG pixels kept within the configured budget
-            pixels.resize(provider.config.pixel_cache_bytes)
         self._callers: OrderedDict[str, str] = OrderedDict()  # client id -> the session token it called with
         cache = installed_cache(server)
         if cache is not None:  # token holders' large messages get a pool of their own in the message cache

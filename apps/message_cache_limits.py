@@ -54,8 +54,9 @@ DEFAULT_MAX_AGE_S = 300.0
 #: What a chunk costs at least, so that empty chunks are not free.
 MIN_CHUNK_BYTES = 64
 
-#: The file name a remote caller's traceback shows for the functions' frame.
-_FRAME_NAME = "<colabel provider>"
+#: The file name a remote caller's traceback shows for the provider's frames (these functions', and the RPC
+#: adapters' of :mod:`colabel.apps.provider.rpc`), never where the provider is installed.
+FRAME_NAME = "<colabel provider>"
 
 ANONYMOUS, MEMBER = "anonymous", "member"
 
@@ -81,7 +82,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _one_line(fn: Callable) -> Callable:
     """``fn`` as a coroutine function whose errors reach the caller as one line: hypha-rpc cuts its own frame
-    from a coroutine's traceback, this one is named :data:`_FRAME_NAME`, and the error is raised anew."""
+    from a coroutine's traceback, this one is named :data:`FRAME_NAME`, and the error is raised anew."""
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
@@ -92,7 +93,7 @@ def _one_line(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - hypha-rpc's KeyError, AssertionError, ...
             raise MessageCacheError(_first_line(exc)) from None
 
-    wrapper.__code__ = wrapper.__code__.replace(co_filename=_FRAME_NAME)
+    wrapper.__code__ = wrapper.__code__.replace(co_filename=FRAME_NAME)
     return wrapper
 
 

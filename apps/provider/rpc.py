@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 
 from colabel.errors import ColabelError, StorageError
 
-from ..message_cache_limits import installed_cache
+from ..message_cache_limits import FRAME_NAME, installed_cache
 from .assist import ModelAssist
 from .hals import HalsAssist
 from .models import AnnotatorSession, SessionInfo
@@ -67,8 +67,6 @@ PIXEL_READS_PER_TOKEN = 2
 #: messages count in the message cache's pool of token holders (:mod:`colabel.apps.message_cache_limits`).
 MAX_KNOWN_CALLERS = 4096
 
-#: The file name a remote caller's traceback shows for the adapter's frame.
-_FRAME_NAME = "<colabel provider>"
 
 
 class ServiceError(Exception):
@@ -132,7 +130,7 @@ def _remote(fn, *, succeeded=None):
             raise ServiceError(f"internal error in {fn.__name__}; see the provider's log") from None
 
     # hypha-rpc sends the caller the traceback from this frame down: name it, not where colabel is installed
-    wrapper.__code__ = wrapper.__code__.replace(co_filename=_FRAME_NAME)
+    wrapper.__code__ = wrapper.__code__.replace(co_filename=FRAME_NAME)
     return wrapper
 
 

@@ -638,20 +638,31 @@ def test_reads_of_one_png_at_the_same_time_wait_for_one_decode(tmp_path, monkeyp
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
+    import colabel.apps.provider.images as images
+
     pixels = gradient(800, 900)
     iio.imwrite(tmp_path / "big.png", pixels)
     (tmp_path / "broken.png").write_bytes((tmp_path / "big.png").read_bytes()[:5000])
     catalog = ImageCatalog(tmp_path)
     gate = threading.Event()
     opened = count_opens(monkeypatch, gate)
+    waiting: list = []
+
+    class CountedFuture(images.Future):  # counts the reads that wait for a decode another read started
+        def result(self, timeout=None):
+            waiting.append(1)
+            return super().result(timeout)
+
+    monkeypatch.setattr(images, "Future", CountedFuture)
     with ThreadPoolExecutor(9) as pool:
         reads = [pool.submit(catalog.read, image_id_for("big.png"), region={"x": i, "y": i, "width": 1, "height": 1})
                  for i in range(6)]
         broken = [pool.submit(catalog.read, image_id_for("broken.png")) for _ in range(3)]
-        for _ in range(3000):  # one decode of each file started; the other reads wait for them
-            if len(opened) >= 2:
+        for _ in range(3000):  # one decode of each file started; the other 7 reads wait for them
+            if len(opened) >= 2 and len(waiting) >= 7:
                 break
             threading.Event().wait(0.01)
+        assert len(opened) == 2 and len(waiting) == 7
         gate.set()
         for i, done in enumerate(reads):
             np.testing.assert_array_equal(done.result(timeout=60), pixels[i : i + 1, i : i + 1])

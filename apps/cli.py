@@ -427,9 +427,7 @@ def start_model_backends(args: argparse.Namespace, folder: Path | None, monitor=
         apps = {n: n for n in names}
 
         async def disconnect():  # the applications belong to the cluster: only disconnect
-            import ray
-
-            ray.shutdown()
+            ray_runtime.disconnect()
     else:
         print("starting Ray Serve and the model deployments ...", flush=True)
         # Ray is started and stopped on the main thread: it does not support being driven from a worker thread
@@ -606,10 +604,10 @@ async def _models(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.disconnect(), 5)
             if backends and not args.attach and not args.no_ray:  # the Ray node this process started, if any
-                import ray
+                from colabel.services import ray_runtime
 
                 with contextlib.suppress(Exception):
-                    ray.shutdown()
+                    ray_runtime.disconnect()
             _exit_lost(lost.reason)
         hush_disconnect_warning(args)
         await server.disconnect()

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import warnings
 from dataclasses import replace
 
@@ -47,6 +48,11 @@ class ApplicationTaken(ColabelError):
 
 #: Serve applications this process deployed: name -> (resources of one replica, max_replicas).
 _DEPLOYED: dict[str, tuple[dict[str, float], int]] = {}
+
+#: Set by :func:`shutdown`, cleared by :func:`start_local_ray`: this process has let go of Ray. A Ray or Serve call
+#: made after it (a health check still running in a worker thread) would start a new local Ray instance (Serve
+#: calls ``ray.init()`` when it has no connection); :func:`connection_lost` says so first.
+_LET_GO = threading.Event()
 
 
 def gpu_available() -> bool:
@@ -79,6 +85,7 @@ def start_local_ray(*, address: str | None = None, num_cpus: int | None = None,
     import ray
     from ray import serve
 
+    _LET_GO.clear()
     serve_logger = logging.getLogger("ray.serve")
     if quiet:
         serve_logger.addFilter(_QUIET_SERVE)
@@ -347,8 +354,14 @@ def never_start_local_ray(address: str) -> None:
     Serve connects with a bare ``ray.init()`` when it has no client yet: ``RAY_ADDRESS`` points that one at
     the cluster too, never at a new local instance.
     """
-    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     os.environ["RAY_ADDRESS"] = address
+    _no_auto_init()
+
+
+def _no_auto_init() -> None:
+    """Switch Ray's auto-init off in this process: a Ray call without a connection (``ray.get``, ``ray.wait`` & co.)
+    raises instead of starting a local Ray instance; an explicit ``ray.init`` still connects or starts one."""
+    os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     import ray  # noqa: F401 - imports ray._private.auto_init_hook with the variable above
 
     try:
@@ -440,9 +453,12 @@ def attach(names: list[str], *, address: str, timeout: float = 0.0, progress=pri
 def connection_lost() -> str | None:
     """Why this process's connection to Ray is gone for good, or None while it holds (or may come back): a
     local test, no call through the cluster. A Ray Client that lost its server tries to reconnect for
-    ``RAY_CLIENT_RECONNECT_GRACE_PERIOD`` seconds, then reports itself disconnected."""
+    ``RAY_CLIENT_RECONNECT_GRACE_PERIOD`` seconds, then reports itself disconnected. Once :func:`shutdown` has
+    begun it is gone too: call no Ray or Serve function then (Serve would start a new local Ray to answer it)."""
     import ray
 
+    if _LET_GO.is_set():
+        return "this process has shut its Ray connection down (it is stopping)"
     if ray.is_initialized():
         return None
     return "the Ray client has lost its connection to the cluster for good (it could not reconnect)"
@@ -481,6 +497,7 @@ def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0, qui
 
     if not ray.is_initialized():
         return
+    _let_go()
     # Ray prints what its raylet reports (a "(raylet)" line) on stdout, from a thread that ray.shutdown() ends
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         try:
@@ -492,6 +509,23 @@ def shutdown(*, applications: list[str] | None = None, grace_s: float = 1.0, qui
         finally:
             _DEPLOYED.clear()
             ray.shutdown()
+
+
+def disconnect() -> None:
+    """Disconnect from a cluster this process did not start (``colabel models --attach``), or stop the local node
+    at once (a lost cluster): no Ray or Serve call of this process runs after it (:func:`connection_lost`)."""
+    import ray
+
+    _let_go()
+    ray.shutdown()
+
+
+def _let_go() -> None:
+    """Before this process stops Ray or disconnects: no call of its other threads may start a new local Ray then,
+    neither colabel's health checks (:func:`connection_lost`) nor Serve's own (its handles' router thread pushes
+    autoscaling metrics with ``ray.wait``, which Ray's auto-init answers by starting a local instance)."""
+    _LET_GO.set()
+    _no_auto_init()
 
 
 def delete_applications(applications: list[str]) -> list[str]:

@@ -135,10 +135,19 @@ def collection(*features: dict) -> dict:
     return {"type": "FeatureCollection", "features": list(features)}
 
 
+class Printed(dict):
+    """``key: value`` lines of a command's output, with every line it printed in :attr:`lines`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+
 def start_colabel(args: list[str], *, timeout: float = 90, **popen) -> tuple:
     """Run ``colabel ARGS`` as a subprocess until it prints "Press Ctrl-C"; returns (process, printed).
 
-    ``printed`` maps each ``key: value`` line it printed (``share_url``, ``manage_url``, ...) to the value.
+    ``printed`` maps each ``key: value`` line it printed (``share_url``, ``manage_url``, ...) to the value; its
+    ``lines`` attribute holds every line printed until then (stdout and stderr).
     """
     import re
     import subprocess
@@ -147,10 +156,12 @@ def start_colabel(args: list[str], *, timeout: float = 90, **popen) -> tuple:
 
     process = subprocess.Popen([sys.executable, "-m", "colabel.apps.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, **popen)
-    printed: dict[str, str] = {}
+    printed = Printed()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = process.stdout.readline()
+        if line:
+            printed.lines.append(line.rstrip("\n"))
         if match := re.match(r"^(\w+): (\S+)", line):
             printed[match.group(1)] = match.group(2)
         if line.startswith("Press Ctrl-C") or not line:

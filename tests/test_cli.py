@@ -17,6 +17,8 @@ from conftest import start_colabel
 pytestmark = pytest.mark.e2e
 
 COLABEL = [sys.executable, "-m", "colabel.apps.cli"]
+#: What Ray, Serve and hypha-rpc print routinely: `colabel serve` shows none of it without -v.
+RAY_NOISE = ("FutureWarning", "HTTP config differs", "INFO ", "(raylet)", "Connection lost", "WARNING")
 
 
 def run(*args, timeout=60):
@@ -289,6 +291,11 @@ def test_serve_demo_prints_urls_that_work_and_stops_cleanly_on_sigterm(tmp_path,
     assert process.returncode == 0, rest
     # Serve is not asked to stop gracefully when its replicas are gone (its controller would wait 30 s for them)
     assert "stopping" in rest and "Controller failed to shut down" not in rest
+    if "model_service_classifier" in printed:  # with Ray, by default: none of Ray's routine lines, start to end
+        lines = printed.lines + rest.splitlines()  # (colabel's own warnings aside: the replicas it capped)
+        noise = [line for line in lines if any(word in line for word in RAY_NOISE) and " colabel." not in line]
+        assert not noise, "\n".join(lines)
+        assert "SIGTERM handler is not set" not in rest  # no Ray started anew by a health check after the stop
     deadline = time.monotonic() + 10
     while not port_is_free("127.0.0.1", port) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -309,10 +309,11 @@ async def test_attach_waits_as_long_as_it_takes_by_default_then_registers(cluste
 
 # -- the heartbeat without --attach --------------------------------------------------------------------------
 
-async def test_the_heartbeat_follows_the_local_serve_applications_without_attach(hypha_server, tmp_path):
-    """`colabel models` that runs Ray Serve itself: the heartbeat file appears once the services are registered
-    and is rewritten every --health-interval seconds while the local Serve applications answer; a folder that does
-    not exist, or an interval out of range, is refused before anything starts."""
+async def test_the_heartbeat_follows_the_serve_applications_it_deployed_without_attach(cluster, hypha_server, tmp_path):
+    """`colabel models` that deploys its own Serve applications (here on a running cluster, --ray-address without
+    --attach; a Ray it starts itself is checked the same way): the heartbeat file appears once the services are
+    registered and is rewritten every --health-interval seconds while its Serve applications answer; a folder that
+    does not exist, or an interval out of range, is refused before anything starts."""
     refused = subprocess.run([*COLABEL, "models", "--server-url", hypha_server.url, "--models", "coreset",
                               "--heartbeat", str(tmp_path / "nope" / "alive")], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "COLABEL_TOKEN": hypha_server.root_token})
@@ -327,8 +328,9 @@ async def test_the_heartbeat_follows_the_local_serve_applications_without_attach
 
     heartbeat = tmp_path / "alive"
     heartbeat.write_text("left by an earlier run\n")
-    gateway = Gateway(["--server-url", hypha_server.url, "--models", "coreset", "--models-prefix",
-                       f"hb{os.getpid()}", "--heartbeat", str(heartbeat), "--health-interval", "2"],
+    gateway = Gateway(["--server-url", hypha_server.url, "--ray-address", f"127.0.0.1:{cluster.gcs_port}",
+                       "--models", "coreset", "--models-prefix", f"hb{os.getpid()}", "--heartbeat", str(heartbeat),
+                       "--health-interval", "2"],
                       env={"COLABEL_TOKEN": hypha_server.root_token})
     try:
         await gateway.until(r"^starting Ray Serve", 60)

@@ -304,30 +304,30 @@ def test_images_at_another_resolution_are_resized_for_the_network(oracle_scene):
     assert f1_at(labels, result.labels) > 0.95
 
 
-def test_random_weights_end_to_end_on_a_300px_crop(monkeypatch):
+def test_random_weights_end_to_end_on_a_crop_of_two_patches(monkeypatch):
     """Random weights: the output is meaningless (here no marker survives the post-processing, so no
     nucleus), so only types, shapes, ranges and validity are checked; the oracle tests above check the
-    same pipeline with answers."""
+    same pipeline with answers. The 250 x 150 px crop takes two of the network's 164 px output patches."""
     image = np.asarray(Image.open(DATA / "ihc_ki67.png").convert("RGB"))
     maps = []
     predict = hn.predict_maps
     monkeypatch.setattr(hn, "predict_maps", lambda *a, **k: maps.append(predict(*a, **k)) or maps[-1])
     result = segment_nuclei(
-        image, backend="hovernet", backend_options={"nr_types": 6, "seed": 0}, region=(100, 50, 300, 300)
+        image, backend="hovernet", backend_options={"nr_types": 6, "seed": 0}, region=(100, 50, 250, 150)
     )
     (raw,) = maps
-    assert raw["np"].shape == (300, 300) and raw["hv"].shape == (300, 300, 2) and raw["tp"].shape == (300, 300, 6)
+    assert raw["np"].shape == (150, 250) and raw["hv"].shape == (150, 250, 2) and raw["tp"].shape == (150, 250, 6)
     assert 0 <= raw["np"].min() and raw["np"].max() <= 1 and np.isfinite(raw["hv"]).all()
     assert np.allclose(raw["tp"].sum(axis=-1), 1, atol=1e-4)
     assert result.backend == "hovernet"
-    assert result.labels.shape == (300, 300) and result.labels.dtype == np.uint32
+    assert result.labels.shape == (150, 250) and result.labels.dtype == np.uint32
     assert result.origin == (100, 50) and result.image_shape == (512, 512)
     assert result.type_names == {0: "background"} | {t: f"type {t}" for t in range(1, 6)}
     assert int(result.labels.max()) == len(result.nuclei)
     for nucleus in result.nuclei:
         assert 0 <= nucleus.type < 6 and 0 < nucleus.type_prob <= 1
         x0, y0, x1, y1 = nucleus.bbox
-        assert 100 <= x0 < x1 <= 400 and 50 <= y0 < y1 <= 350
+        assert 100 <= x0 < x1 <= 350 and 50 <= y0 < y1 <= 200
     validate_feature_collection(result.to_geojson(), image_shape=image.shape[:2])
     info = hn.HoVerNetSegmenter(model=Oracle()).info()
     assert info["patch_input"] == 256 and info["patch_output"] == 164

@@ -62,14 +62,21 @@ def ring_areas(rows, cols, starts=None) -> np.ndarray:
 
 
 def _runs(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(a, b) for a, b in zip(starts, stops)])`` without a Python loop."""
+    """``concatenate([arange(a, b) for a, b in zip(starts, stops)])`` without a Python loop.
+
+    One running sum over the output: each element is 1 more than the one before, but where a run starts, which
+    steps from the previous run's last value to the run's own start.
+    """
     lengths = (stops - starts).clip(min=0)
     keep = lengths > 0
     starts, lengths = starts[keep], lengths[keep]
     if not lengths.size:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
+    steps = np.ones(int(lengths.sum()), dtype=np.int64)
+    heads = np.cumsum(lengths) - lengths
+    steps[0] = starts[0]
+    steps[heads[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    return np.cumsum(steps, out=steps)
 
 
 def rings_pixels(rows, cols, starts, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,26 +130,26 @@ def rings_pixels(rows, cols, starts, shape: tuple[int, int]) -> tuple[np.ndarray
     cring, cr, cx = cring[order], cr[order], cx[order]
     span_starts = np.clip(np.ceil(cx[0::2]), 0, width).astype(np.int64)
     span_stops = np.clip(np.ceil(cx[1::2]), 0, width).astype(np.int64)
-    lengths = (span_stops - span_starts).clip(min=0)
-    inside_ring = np.repeat(cring[0::2], lengths)
-    inside = np.repeat(cr[0::2], lengths) * width + _runs(span_starts, span_stops)
+    # every pixel as the key ring * (height * width) + its flat index: a span's keys are one run of integers
+    size = height * width
+    span_keys = cring[0::2] * size + cr[0::2] * width
+    inside = _runs(span_keys + span_starts, span_keys + span_stops)
 
     # boundary: integer points exactly on a sloped edge, and the integer stretch of horizontal edges
     on_slope = sloped & (x == np.floor(x)) & (x >= 0) & (x < width)
-    slope_ring, slope = ring[on_slope], r[on_slope] * width + x[on_slope].astype(np.int64)
+    slope = ring[on_slope] * size + r[on_slope] * width + x[on_slope].astype(np.int64)
     flat = ~sloped & (y == yi[edge])
     fe = edge[flat]
     c0 = np.clip(np.ceil(np.minimum(xi[fe], xj[fe])), 0, width).astype(np.int64)
     c1 = np.clip(np.floor(np.maximum(xi[fe], xj[fe])) + 1, 0, width).astype(np.int64)
-    n_flat = (c1 - c0).clip(min=0)
-    flat_ring = np.repeat(ring[flat], n_flat)
-    flats = np.repeat(r[flat], n_flat) * width + _runs(c0, c1)
+    flat_keys = ring[flat] * size + r[flat] * width
+    flats = _runs(flat_keys + c0, flat_keys + c1)
 
-    rings = np.concatenate([inside_ring, slope_ring, flat_ring])
-    index = np.concatenate([inside, slope, flats])
-    key = np.sort(rings * (height * width) + index)  # one (ring, pixel) pair each, sorted (np.unique hashes: slower)
+    # one (ring, pixel) pair each, sorted (np.unique hashes: slower); the interior's keys are already in order, one
+    # sorted run, so a stable sort (runs merged, not a quicksort of everything) takes a fraction of the time
+    key = np.sort(np.concatenate([inside, slope, flats]), kind="stable")
     key = key[np.append(True, key[1:] != key[:-1])] if key.size else key
-    return key // (height * width), key % (height * width)
+    return np.divmod(key, size)
 
 
 def polygon_pixels(rows, cols, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -712,11 +712,8 @@ def rasterize(fc: dict, *, shape: tuple[int, int]) -> np.ndarray:
         in_hole = rings.hole[ring]
         keep = ~in_hole & ~np.isin(part_key, part_key[in_hole])
         ring, index = ring[keep], index[keep]
-    label = rings.label[ring]
-    order = np.lexsort((label, index))  # where features overlap, the later one (larger label) is drawn
-    index, label = index[order], label[order]
-    last = np.append(index[1:] != index[:-1], True) if index.size else index.astype(bool)
-    labels.reshape(-1)[index[last]] = label[last]
+    # where features overlap, the later one (larger label) is drawn
+    np.maximum.at(labels.reshape(-1), index, rings.label[ring].astype(dtype))
     return labels
 
 

@@ -919,10 +919,14 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--quiet", action="store_true", help="no progress bar")
     classify.set_defaults(func=cmd_train_classifier)
 
-    report = commands.add_parser("report", help="print a session's HALS workload and effectiveness",
-                                 description="Read FOLDER/annotations/sessions/SESSION/events.jsonl and print the "
-                                 "workload (fraction of shown suggestions the annotator corrected) and the "
-                                 "effectiveness (area under validation accuracy vs number of labels, N <= 200).")
+    report = commands.add_parser("report", help="print a session's HALS workload, self-validation and the "
+                                 "annotators' agreement",
+                                 description="Read FOLDER/annotations/sessions/SESSION (read-only) and print the HALS "
+                                 "workload (fraction of shown suggestions the annotator corrected), the live "
+                                 "classifier's self-validation accuracy AUC (on a 25% split of its own labels at each "
+                                 "retrain, N <= 200; not the HALS paper's effectiveness) and the annotators' agreement "
+                                 "(object F1 at IoU 0.5 and Cohen's kappa of classes per image and annotator pair, "
+                                 "the consensus's objects and ties).")
     report.add_argument("folder", metavar="FOLDER", help="the mounted folder")
     report.add_argument("session", metavar="SESSION",
                         help="the session's id (s-..., shown on the manage page) or its name")

@@ -19,7 +19,8 @@ printing one ``dropped ...`` line per removal::
     tiff/<stem>__<annotator>_mask.tif      the annotator's instance labels (as ``instances/``)
     tiff/<stem>__consensus_mask.tif        the consensus instance labels (as ``consensus/``), where there is one
     geojson/<stem>__<annotator>.geojson    the annotator's latest FeatureCollection as stored (QuPath's
-                     conventions, image pixels; feature k is label k of the masks)
+                     conventions, image pixels; its k-th Polygon or MultiPolygon feature is label k of the masks:
+                     Point features take no label, and no row in the tables)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
                      (area, centroid and bbox of the polygon)
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
@@ -140,18 +141,21 @@ class LocalSource:
 
 class RemoteSource:
     """A session of a running provider, through its annotator service with a trainer token. ``location``: the
-    provider's web URL (``<scheme>://<host>/<workspace>/apps/<name>-web``, no token)."""
+    provider's web URL (``<scheme>://<host>[/<prefix>]/<workspace>/apps/<name>-web``, no token; ``<prefix>``: the
+    path of a Hypha server behind a proxy, as ``colabel serve --public-url https://host/prefix`` prints it)."""
 
-    URL = re.compile(r"^/(?P<workspace>[^/]+)/apps/(?P<name>[a-z0-9][a-z0-9-]*)-web(?:/.*)?$")
+    URL = re.compile(r"^(?P<prefix>(?:/[^/]+)*)/(?P<workspace>[^/]+)/apps/(?P<name>[a-z0-9][a-z0-9-]*)-web(?:/.*)?$")
 
     def __init__(self, client: Any, service: Any, token: str, location: str) -> None:
         self.client, self.service, self.token, self.location = client, service, token, location
 
     @classmethod
-    async def connect(cls, url: str, token: str | None = None) -> "RemoteSource":
-        """``url``: the trainer URL the provider printed (``.../<workspace>/apps/<name>-web/#trainer=TOKEN``)."""
-        from hypha_rpc import connect_to_server
+    def address(cls, url: str, token: str | None = None) -> tuple[str, str, str, str]:
+        """What a trainer URL names: ``(server_url, annotator service id, token, location)``.
 
+        ``url``: the trainer URL the provider printed (``.../<workspace>/apps/<name>-web/#trainer=TOKEN``); ``token``,
+        when given, instead of the URL's. Raises :class:`InvalidInputError` for another URL, or without a token.
+        """
         parts = urlsplit(url)
         match = cls.URL.match(parts.path or "")
         if parts.scheme not in ("http", "https") or not match:
@@ -160,9 +164,19 @@ class RemoteSource:
         token = token or fragment.get("trainer")
         if not token:
             raise InvalidInputError("a trainer token is needed: pass --token or a URL ending in #trainer=TOKEN")
-        client = await connect_to_server({"server_url": f"{parts.scheme}://{parts.netloc}"})
-        service = await client.get_service(f"{match['workspace']}/{match['name']}-annotate")
-        return cls(client, service, token, f"{parts.scheme}://{parts.netloc}/{match['workspace']}/apps/{match['name']}-web")
+        server = f"{parts.scheme}://{parts.netloc}{match['prefix']}"
+        return (server, f"{match['workspace']}/{match['name']}-annotate", token,
+                f"{server}/{match['workspace']}/apps/{match['name']}-web")
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None = None) -> "RemoteSource":
+        """Connect to the provider of a trainer URL (:meth:`address`)."""
+        from hypha_rpc import connect_to_server
+
+        server, service_id, token, location = cls.address(url, token)
+        client = await connect_to_server({"server_url": server})
+        service = await client.get_service(service_id)
+        return cls(client, service, token, location)
 
     async def session(self) -> dict:
         return await self.service.trainer_session(self.token)
@@ -462,12 +476,18 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     Raises
     ------
     InvalidInputError
-        ``out`` holds a pull of another session or source, or ``zarr_format`` is not 2, 3 or None; nothing is
-        written.
+        ``out`` holds a pull of another session or source, or a ``pull_state.json`` that is not a JSON object, or
+        is a file, or (from a :class:`LocalSource`) lies inside the folder pulled from, whose catalog would take
+        the pulled TIFFs for images; or ``zarr_format`` is not 2, 3 or None; nothing is written.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"{out} is not a folder: pull into a new folder, or one an earlier pull wrote")
+    if isinstance(source, LocalSource) and out.resolve().is_relative_to(source.location):
+        raise InvalidInputError(f"{out} is inside {source.location}, the folder pulled from: its TIFFs would become "
+                                "images of that folder; pull into a folder outside it")
     state_path = out / "pull_state.json"
-    old = json.loads(state_path.read_text()) if state_path.exists() else {}
+    old = _read_state(state_path)
     meta = await source.session()
     origin = {"source": source.location, "session_id": meta["session"]["session_id"]}
     _check_origin(out, old, origin)
@@ -600,6 +620,22 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     commit()
     atomic_write_json(out / "pull_state.json", state)
     return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped}
+
+
+def _read_state(path: Path) -> dict:
+    """The ``pull_state.json`` of an earlier pull ({} when there is none); one that is not a JSON object is refused
+    (:class:`InvalidInputError`), as the set's record of what it holds is lost."""
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        state = exc
+    if not isinstance(state, dict):
+        why = f": {state}" if isinstance(state, Exception) else ""
+        raise InvalidInputError(f"{path} cannot be read as the record of an earlier pull{why}; pull into another "
+                                "--out")
+    return state
 
 
 def _save_id(image: dict, annotator_id: str, version: int) -> str | None:

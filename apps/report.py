@@ -108,7 +108,10 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     n_cells}]``, Cohen's kappa per annotator pair over the ``n_cells`` cells both labelled in the HALS loop (each
     annotator's latest label of a cell, from the event log); pairs that share no cell are left out. ``names``:
     annotator id -> display name (from the session's annotators, else their saved annotations), image id ->
-    image name, for printing.
+    image name, for printing. ``left_out``: ``[{image_id, annotator_id, shape, latest_shape}]``, the labels of an
+    image whose size (``[H, W]``) is not that of the image's latest save (drawn before its file was replaced by one
+    of another size, as ``colabel pull`` drops them): they take no part in the figures, and the image none when
+    fewer than two annotators are left.
     """
     import itertools
 
@@ -120,7 +123,7 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     from .pull import label_classes
 
     store = AnnotationStore(Path(folder) / "annotations", read_only=True)  # the live folder of a running serve
-    per_image, labelled = {}, {}
+    per_image, labelled, left_out = {}, {}, []
     names: dict[str, str] = _annotator_names(Path(folder), session_id)
     for image_id, counts in sorted(store.counts(session_id).items()):
         if len(counts) < 2:
@@ -128,13 +131,22 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
         annotators = sorted(counts)
         masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in annotators}
         collections = {a: store.load(session_id, image_id, a) for a in annotators}
-        classes = {a: label_classes(collections[a]) for a in annotators}
-        per_image[image_id] = image_consensus(masks, classes).agreement
-        labelled[image_id] = (masks, classes)
         for a, collection in collections.items():
             record = collection.get("colabel", {})
             names.setdefault(a, record.get("display_name") or a)
             names.setdefault(image_id, record.get("image_name") or image_id)
+        newest = max(annotators, key=lambda a: str(collections[a].get("colabel", {}).get("saved_at") or ""))
+        size = masks[newest].shape[:2]
+        for a in [a for a in annotators if masks[a].shape[:2] != size]:  # drawn before the file was replaced
+            left_out.append({"image_id": image_id, "annotator_id": a, "shape": list(masks[a].shape[:2]),
+                             "latest_shape": list(size)})
+            annotators.remove(a)
+        if len(annotators) < 2:
+            continue
+        masks = {a: masks[a] for a in annotators}
+        classes = {a: label_classes(collections[a]) for a in annotators}
+        per_image[image_id] = image_consensus(masks, classes).agreement
+        labelled[image_id] = (masks, classes)
     pairs = []
     for a, b in itertools.combinations(sorted({a for masks, _ in labelled.values() for a in masks}), 2):
         both = [(m[a], m[b], c[a], c[b]) for m, c in labelled.values() if a in m and b in m]
@@ -149,7 +161,7 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
         shared = sum(1 for cell in table[a] if cell in table[b])
         if shared:
             kappa.append({"a": a, "b": b, "kappa": value, "n_cells": shared})
-    return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names}
+    return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names, "left_out": left_out}
 
 
 def _annotator_names(folder: Path, session_id: str) -> dict[str, str]:
@@ -201,6 +213,11 @@ def print_report(report: dict) -> None:
             ties = f" (objects {', '.join(map(str, consensus['ties']))})" if consensus["ties"] else ""
             print(f"    consensus: {consensus['objects']} objects, {consensus['classified']} with a majority class, "
                   f"{len(consensus['ties'])} ties{ties}")
+    for entry in agreement.get("left_out", []):
+        (h, w), (latest_h, latest_w) = entry["shape"], entry["latest_shape"]
+        print(f"  left out of the agreement on {names.get(entry['image_id'], entry['image_id'])}: the labels of "
+              f"{who(entry['annotator_id'])}: they were drawn on an image {w} pixels wide and {h} high, the "
+              f"image's latest save on one {latest_w} pixels wide and {latest_h} high (its file was replaced)")
     for pair in agreement.get("class_kappa", []):
         kappa = pair["kappa"]
         cells = f"{pair['n_cells']} cell{'' if pair['n_cells'] == 1 else 's'}"

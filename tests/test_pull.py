@@ -153,6 +153,23 @@ def test_local_pull_needs_a_session_and_reads_the_folder(tmp_path):
     assert bad_url.returncode == 2 and "not a colabel provider URL" in bad_url.stderr
 
 
+def test_a_trainer_url_of_a_provider_behind_a_proxy_path_names_the_server_under_that_path():
+    """`colabel serve --public-url https://host/hypha` prints trainer URLs `https://host/hypha/<ws>/apps/<name>-web/
+    #trainer=T`: the pull connects to `https://host/hypha` (refused before as "not a colabel provider URL")."""
+    from colabel.apps.pull import RemoteSource
+    from colabel.errors import InvalidInputError
+
+    for url, server in (("https://labels.example.org/hypha/ws-x/apps/colabel-web/#trainer=T",
+                         "https://labels.example.org/hypha"),
+                        ("https://labels.example.org/a/b/ws-x/apps/colabel-web/", "https://labels.example.org/a/b"),
+                        ("http://127.0.0.1:9527/ws-x/apps/colabel-web/#trainer=T", "http://127.0.0.1:9527")):
+        assert RemoteSource.address(url, None if "#" in url else "T") == (
+            server, "ws-x/colabel-annotate", "T", f"{server}/ws-x/apps/colabel-web")
+    for bad in ("https://labels.example.org/ws-x/colabel-web/#trainer=T", "ftp://h/ws-x/apps/colabel-web/#trainer=T"):
+        with pytest.raises(InvalidInputError, match="not a colabel provider URL"):
+            RemoteSource.address(bad)
+
+
 def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     from colabel.apps.provider.provider import DataProvider
     from colabel.apps.report import session_report
@@ -182,6 +199,15 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     assert printed.returncode == 0 and "F1 0.667" in printed.stdout
     assert f"A ({a.annotator_id})" in printed.stdout and "over 2 images: F1 0.800" in printed.stdout
     assert "agreement on ihc_ki67.png" in printed.stdout and "agreement on sub/he_histo.jpg" in printed.stdout
+
+
+def test_report_help_says_what_it_prints_and_does_not_call_self_validation_effectiveness():
+    """`colabel report --help` described the self-validation AUC as the HALS "effectiveness", which the report itself
+    says it is not, and left out the agreement it prints."""
+    printed = subprocess.run([*COLABEL, "report", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(printed.stdout.split())
+    assert printed.returncode == 0 and "not the HALS paper's effectiveness" in text and "effectiveness (" not in text
+    assert "self-validation accuracy AUC (on a 25% split of its own labels" in text and "agreement" in text
 
 
 def _two_annotators_class_three_squares(tmp_path):
@@ -684,6 +710,40 @@ def test_a_local_pull_or_report_writes_nothing_in_the_folder_and_a_refused_pull_
     assert _tree(folder) == before and not (tmp_path / "y").exists()
 
 
+def test_a_pull_into_the_source_folder_a_file_or_a_set_with_an_unreadable_state_is_refused_in_one_sentence(tmp_path):
+    """--out inside the folder pulled from (its catalog took the pulled TIFFs for images to annotate), --out a file,
+    and a pull_state.json that is not JSON (both said only `pull failed: [Errno 17] ...` or a bare JSON error): each
+    is refused in a sentence naming the path, and writes nothing."""
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, _) = _session(folder)
+    provider.save_annotation(info, ids["ihc_ki67.png"], a.annotator_id, collection(square(10, 10, 20)))
+    before = _tree(folder)
+    for inside in (folder / "pulled", folder):
+        refused = pull(str(folder), "--session", info.session_id, "--out", str(inside))
+        assert refused.returncode == 2 and refused.stderr == (
+            f"colabel: {inside} is inside {folder}, the folder pulled from: its TIFFs would become images of that "
+            "folder; pull into a folder outside it\n")
+    assert _tree(folder) == before
+    assert sorted(r.name for r in DataProvider(folder, read_only=True).catalog.records()) == [
+        "broken.png", "dsb2018_nuclei.tif", "ihc_ki67.png", "sub/he_histo.jpg"]
+
+    (tmp_path / "a-file").write_text("not a folder")
+    refused = pull(str(folder), "--session", info.session_id, "--out", str(tmp_path / "a-file"))
+    assert refused.returncode == 2 and refused.stderr == (
+        f"colabel: {tmp_path / 'a-file'} is not a folder: pull into a new folder, or one an earlier pull wrote\n")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pull_state.json").write_text("{not json")
+    refused = pull(str(folder), "--session", info.session_id, "--out", str(broken))
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"colabel: {broken / 'pull_state.json'} cannot be read as the record of an earlier pull: ")
+    assert refused.stderr.endswith("; pull into another --out\n") and len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in broken.iterdir()) == ["pull_state.json"]
+
+
 def test_a_pull_fetches_labels_drawn_again_after_the_annotators_versions_were_deleted(tmp_path):
     """A's labels of the IHC image are pulled, then deleted from the folder by hand, and A draws again: the new save
     is version 2 (numbers are never given out again) and the pull fetches it. A source whose numbers did restart (a
@@ -800,6 +860,36 @@ def test_labels_drawn_on_an_image_since_replaced_by_one_of_another_size_are_drop
     assert [x for x in fresh.stdout.splitlines() if x.startswith("dropped")] == [line(a)]
     assert "pulled 2 new annotation versions" in fresh.stdout
     _coco_agrees_with_its_images(tmp_path / "fresh")
+
+
+def test_report_leaves_out_labels_drawn_on_an_image_since_replaced_by_one_of_another_size(tmp_path):
+    """A labelled the IHC image (512 x 512); its file is then replaced by a 256 x 200 crop, which B and C label. The
+    report (which refused the whole session before: masks of different shapes) gives the agreement of B and C on it
+    and says A's labels are left out, naming both sizes."""
+    from PIL import Image
+
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.report import session_report
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b, c) = _session(folder, names=("A", "B", "C"))
+    ihc = ids["ihc_ki67.png"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 20)))
+    Image.open(folder / "ihc_ki67.png").crop((0, 0, 256, 200)).save(folder / "ihc_ki67.png")
+    provider = DataProvider(folder)
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(10, 10, 20), square(100, 100, 20)))
+    provider.save_annotation(info, ihc, c.annotator_id, collection(square(10, 10, 20)))
+
+    agreement = session_report(folder, info.session_id)["agreement"]
+    assert agreement["left_out"] == [{"image_id": ihc, "annotator_id": a.annotator_id, "shape": [512, 512],
+                                      "latest_shape": [200, 256]}]
+    assert agreement["images"][ihc]["annotators"] == sorted([b.annotator_id, c.annotator_id])
+    assert agreement["images"][ihc]["pairs"][0]["f1"] == pytest.approx(2 / 3)
+    printed = report(folder, info.session_id)
+    assert printed.returncode == 0, printed.stderr
+    assert (f"left out of the agreement on ihc_ki67.png: the labels of A ({a.annotator_id}): they were drawn on an "
+            "image 512 pixels wide and 512 high, the image's latest save on one 256 pixels wide and 200 high (its "
+            "file was replaced)") in printed.stdout
 
 
 def test_a_pull_that_fails_while_switching_zarr_format_leaves_the_previous_set_as_it_was(tmp_path, monkeypatch):

@@ -122,10 +122,10 @@ class LocalSource:
         annotators = {k: v.model_dump(mode="json") for k, v in p.sessions.annotators(info.session_id).items()}
         return {"session": {"session_id": info.session_id, "name": info.name, "mode": info.mode,
                             "classes": [c.model_dump() for c in info.classes]},
-                "annotators": annotators, "images": images}
+                "annotators": annotators, "images": images, "max_image_bytes": p.config.max_image_bytes}
 
-    async def image(self, image_id: str) -> np.ndarray:
-        return self.provider.get_image(image_id, session=self.info)
+    async def image(self, image_id: str, region: dict | None = None) -> np.ndarray:
+        return self.provider.get_image(image_id, region=region, session=self.info)
 
     async def annotation(self, image_id: str, annotator_id: str, version: int) -> dict:
         return self.provider.get_annotations(self.info, image_id, annotator_id=annotator_id, version=version)
@@ -181,8 +181,8 @@ class RemoteSource:
     async def session(self) -> dict:
         return await self.service.trainer_session(self.token)
 
-    async def image(self, image_id: str) -> np.ndarray:
-        return await self.service.trainer_image(self.token, image_id)
+    async def image(self, image_id: str, region: dict | None = None) -> np.ndarray:
+        return await self.service.trainer_image(self.token, image_id, 0, region)
 
     async def annotation(self, image_id: str, annotator_id: str, version: int) -> dict:
         return await self.service.trainer_annotation(self.token, image_id, annotator_id, version)
@@ -531,7 +531,8 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
         files.add(image_file)
         replaced = image.get("revision") != reusable.get("images", {}).get(image_id, {}).get("revision")
         if f"images/{image_id}" not in root or replaced:
-            pixels = np.asarray(await source.image(image_id))
+            pixels = await read_image(source, image, strip_bytes=min(STRIP_BYTES, meta.get("max_image_bytes")
+                                                                     or STRIP_BYTES))
             root.create_array(f"images/{image_id}", data=pixels, chunks=_chunks(pixels.shape), overwrite=True)
             atomic_write(out / image_file, encode_tiff(pixels))
         elif not (out / image_file).is_file():
@@ -620,6 +621,30 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     commit()
     atomic_write_json(out / "pull_state.json", state)
     return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped}
+
+
+#: Most bytes of pixels a pull asks for at once: a larger image is read in strips of whole rows, so that no answer
+#: is refused by the provider's ``max_image_bytes`` (256 MiB by default; a smaller one, from the session's
+#: ``max_image_bytes``, makes the strips smaller), nor takes one message of that size.
+STRIP_BYTES = 32 * 2**20
+
+
+async def read_image(source, image: dict, *, strip_bytes: int = STRIP_BYTES) -> np.ndarray:
+    """The level-0 pixels ``(H, W, C)`` of ``image`` (an entry of the session's images: ``shape``, ``dtype``) from
+    ``source``: in one read, or in strips of whole rows of at most ``strip_bytes`` each (at least one row) when the
+    image is larger."""
+    shape, dtype = image.get("shape"), image.get("dtype")
+    if not shape or not dtype:
+        return np.asarray(await source.image(image["image_id"]))
+    height, width = int(shape[0]), int(shape[1])
+    channels = int(shape[2]) if len(shape) > 2 else 1
+    rows = max(1, strip_bytes // max(1, width * channels * np.dtype(dtype).itemsize))
+    if rows >= height:
+        return np.asarray(await source.image(image["image_id"]))
+    strips = [np.asarray(await source.image(image["image_id"], {"x": 0, "y": y, "width": width,
+                                                                 "height": min(rows, height - y)}))
+              for y in range(0, height, rows)]
+    return np.concatenate(strips, axis=0)
 
 
 def _read_state(path: Path) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.e2e
 COLABEL = [sys.executable, "-m", "colabel.apps.cli"]
 
 
-def start_serve(folder, port):
-    process, printed = start_colabel(["serve", str(folder), "--port", str(port), "--models", ""])
+def start_serve(folder, port, **popen):
+    process, printed = start_colabel(["serve", str(folder), "--port", str(port), "--models", ""], **popen)
     assert "manage_url" in printed, printed
     return process, printed
 
@@ -62,9 +63,12 @@ def pull(*args):
 def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
     import zarr
 
+    from colabel.apps.provider.images import ImageCatalog
+
     folder = make_image_folder(tmp_path / "images")
     port = free_port()
-    process, printed = start_serve(folder, port)
+    # answers of at most 300,000 bytes: the 512 x 512 images (uint16 grey, 524,288 bytes; RGB, 786,432) come in strips
+    process, printed = start_serve(folder, port, env={**os.environ, "COLABEL_MAX_IMAGE_BYTES": "300000"})
     url = f"http://127.0.0.1:{port}"
     out = tmp_path / "pulled"
 
@@ -72,6 +76,8 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         clients = await prepare(printed, url)
         provider_client, annotator_client, provider, annotator, session, trainer, images, token, ada = clients
         assert trainer["share_url"].endswith(f"#trainer={trainer['token']}")
+        with pytest.raises(Exception, match="786432 bytes, more than the limit of 300000"):  # the whole image at once
+            await annotator.trainer_image(trainer["token"], images["ihc_ki67.png"])
 
         first = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
         assert first.returncode == 0, first.stdout + first.stderr
@@ -81,6 +87,8 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         dsb = images["dsb2018_nuclei.tif"]
         expected = tifffile.imread(folder / "dsb2018_nuclei.tif")[..., None]
         np.testing.assert_array_equal(root[f"images/{dsb}"][...], expected)
+        ihc = images["ihc_ki67.png"]
+        np.testing.assert_array_equal(root[f"images/{ihc}"][...], ImageCatalog(folder).read(ihc))
         annotators = sorted(root[f"instances/{dsb}"].array_keys())
         assert len(annotators) == 2
         ada_labels = None

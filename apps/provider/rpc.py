@@ -386,16 +386,20 @@ class ProviderServices:
         def trainer_session(token):
             """The session (classes, mode, annotators per image), its annotators and, per image, the versions
             saved by each annotator and their latest save: ``{session, annotators, images: [ImageInfo + versions
-            + latest]}`` (:meth:`DataProvider.trainer_images`)."""
+            + latest], max_image_bytes}`` (:meth:`DataProvider.trainer_images`; the most bytes one
+            ``trainer_image`` answer may hold)."""
             info = sessions.authorize(token, role="train")
             images = p.trainer_images(info)
             annotators = {k: v.model_dump(mode="json") for k, v in sessions.annotators(info.session_id).items()}
-            return {"session": _public_session(p, info), "annotators": annotators, "images": images}
+            return {"session": _public_session(p, info), "annotators": annotators, "images": images,
+                    "max_image_bytes": p.config.max_image_bytes}
 
-        async def trainer_image(token, image_id, level=0):
-            """Pixels of a session image (H, W, C) in the file's dtype."""
+        async def trainer_image(token, image_id, level=0, region=None):
+            """Pixels of a session image (H, W, C) in the file's dtype: whole, or a ``region`` ``{x, y, width,
+            height}`` of the level (what ``colabel pull`` reads in strips when the image is larger than one answer
+            may be)."""
             info = sessions.authorize(token, role="train")
-            return await self._read_pixels(f"token:{sessions.token_id(token)}", image_id, region=None, level=level,
+            return await self._read_pixels(f"token:{sessions.token_id(token)}", image_id, region=region, level=level,
                                            session=info)
 
         def trainer_annotation(token, image_id, annotator_id, version=None):

@@ -49,9 +49,10 @@ class ApplicationTaken(ColabelError):
 #: Serve applications this process deployed: name -> (resources of one replica, max_replicas).
 _DEPLOYED: dict[str, tuple[dict[str, float], int]] = {}
 
-#: Set by :func:`shutdown`, cleared by :func:`start_local_ray`: this process has let go of Ray. A Ray or Serve call
-#: made after it (a health check still running in a worker thread) would start a new local Ray instance (Serve
-#: calls ``ray.init()`` when it has no connection); :func:`connection_lost` says so first.
+#: Set by :func:`shutdown` and :func:`disconnect`, cleared by :func:`start_local_ray` and :func:`attach`: this
+#: process has let go of Ray. A Ray or Serve call made after it (a health check still running in a worker thread)
+#: would start a new local Ray instance (Serve calls ``ray.init()`` when it has no connection);
+#: :func:`connection_lost` says so first.
 _LET_GO = threading.Event()
 
 
@@ -404,6 +405,7 @@ def attach(names: list[str], *, address: str, timeout: float = 0.0, progress=pri
     # cluster that was replaced never takes it back, and calls hang meanwhile: the gateway gives up sooner
     os.environ.setdefault("RAY_CLIENT_RECONNECT_GRACE_PERIOD", str(RECONNECT_GRACE_S))
     never_start_local_ray(address)
+    _LET_GO.clear()
     import ray
     from ray import serve
 

@@ -867,7 +867,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune this model of an earlier colabel train (the previous round of annotation) "
                        "instead of starting from ImageNet weights; its architecture is kept; fewer --epochs suffice")
     train.add_argument("--no-flips", action="store_true", help="predict without test-time flips (4x faster)")
-    train.add_argument("--annotator", default=None, help="train on this annotator's masks instead of consensus")
+    train.add_argument("--annotator", default=None,
+                       help="train on this annotator's masks (an id a-...), or 'consensus' for the consensus masks "
+                       "alone (default: the consensus where an image has one, else its first annotator's)")
     train.add_argument("--hold-out", type=int, default=0, metavar="K",
                        help="keep K labelled images (drawn with --seed) out of training and report the model on "
                        "them: F1 at IoU 0.5, precision, recall and the objects an annotator would still fix; "

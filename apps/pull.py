@@ -772,8 +772,14 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
 
     async def main():
         if source.startswith(("http://", "https://")):
+            if session:
+                raise InvalidInputError("--session is for a local folder: a trainer URL names its session itself "
+                                        "(leave --session out)")
             src = await RemoteSource.connect(source, token)
         else:
+            if token:
+                raise InvalidInputError("--token is for a trainer URL: a local folder is read directly (leave --token "
+                                        "out)")
             if not session:
                 raise InvalidInputError("pulling from a local folder needs --session SESSION (its id or name)")
             src = LocalSource(Path(source), session)
@@ -790,8 +796,9 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
 
 def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``(image_id, image (H, W, C) as stored, instance mask (H, W) uint32)`` of every labelled image of a pulled set,
-    in image-id order: ``annotator``'s masks (images they did not label are left out), or by default the consensus
-    where an image has one, else its first annotator's in sorted order.
+    in image-id order: ``annotator``'s masks (images they did not label are left out; ``"consensus"``: the consensus
+    masks of the images that have one), or by default the consensus where an image has one, else its first
+    annotator's in sorted order.
 
     Raises
     ------
@@ -820,9 +827,11 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tup
 
 def mask_source(root, image_id: str, annotator: str | None = None) -> str | None:
     """Whose mask of an image a pulled set's ``labels.zarr`` group ``root`` trains on: ``annotator``'s (None when
-    they did not label it), else ``"consensus"`` where the image has one, else its first annotator in sorted
-    order."""
+    they did not label it; ``annotator="consensus"``: the consensus, None where the image has none), else
+    ``"consensus"`` where the image has one, else its first annotator in sorted order."""
     names = sorted(root[f"instances/{image_id}"].array_keys())
+    if annotator == CONSENSUS_FILE:
+        return CONSENSUS_FILE if f"consensus/{image_id}" in root else None
     if annotator is not None:
         return annotator if annotator in names else None
     return CONSENSUS_FILE if f"consensus/{image_id}" in root else names[0]

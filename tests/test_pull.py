@@ -973,3 +973,35 @@ def test_classifier_cells_of_a_set_missing_an_instance_mask_are_refused_naming_i
     del zarr.open_group(str(out / "labels.zarr"), mode="a")[f"instances/{image_id}/{a.annotator_id}"]
     with pytest.raises(InvalidInputError, match=f"labels.zarr has no instances/{image_id}/{a.annotator_id}"):
         read_pulled_cells(out, annotator=a.annotator_id)
+
+
+def test_training_pairs_take_the_consensus_alone_when_asked_and_pull_refuses_options_of_the_other_source(tmp_path):
+    """`colabel train --annotator consensus` (as `train-classifier` takes it): the consensus masks of the images that
+    have one, not the first annotator's masks of the others; `--session` with a trainer URL, or `--token` with a
+    folder, is refused in one sentence (it was ignored)."""
+    from colabel.apps.pull import labelled_pairs
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (a, b) = _session(folder)
+    ihc, dsb = ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]
+    provider.save_annotation(info, ihc, a.annotator_id, collection(square(10, 10, 12), square(40, 40, 9)))
+    provider.save_annotation(info, ihc, b.annotator_id, collection(square(11, 10, 12)))
+    provider.save_annotation(info, dsb, a.annotator_id, collection(square(5, 5, 8)))
+    out = tmp_path / "pulled"
+    assert pull(str(folder), "--session", info.session_id, "--out", str(out)).returncode == 0
+
+    by_default = {image_id: mask for image_id, _, mask in labelled_pairs(out)}
+    assert sorted(by_default) == sorted([ihc, dsb]) and by_default[ihc].max() == 1  # ihc: the square both drew
+    ((only, _, mask),) = labelled_pairs(out, "consensus")
+    assert only == ihc
+    np.testing.assert_array_equal(mask, by_default[ihc])
+    assert [i for i, _, _ in labelled_pairs(out, a.annotator_id)] == sorted([ihc, dsb])
+    assert labelled_pairs(out, a.annotator_id)[sorted([ihc, dsb]).index(ihc)][2].max() == 2  # A's own two squares
+
+    for args, message in ((["http://127.0.0.1:9/ws/apps/colabel-web/#trainer=T", "--session", info.session_id],
+                           "--session is for a local folder"),
+                          ([str(folder), "--session", info.session_id, "--token", "T"],
+                           "--token is for a trainer URL")):
+        refused = pull(*args, "--out", str(tmp_path / "other"))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()

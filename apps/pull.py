@@ -23,6 +23,8 @@ printing one ``dropped ...`` line per removal::
                      Point features take no label, and no row in the tables)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
                      (area, centroid and bbox of the polygon)
+    annotators.csv   one row per annotator whose labels the set holds: id, the display name they joined with, when
+                     they joined, their images and objects in the set
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
     coco_consensus.json  COCO instance annotations of the consensus objects (``attributes``: label, support, tie),
                      of the images that have a consensus; written when one has
@@ -610,6 +612,7 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     state["files"] = sorted(files)
     rows = [o for objects in state["objects"].values() for o in objects]
     _write_cells(out / "cells.csv", rows)
+    _write_rows(out / "annotators.csv", _annotator_rows(who_is, state), list(ANNOTATOR_COLUMNS))
     _write_rows(out / "consensus_cells.csv", [r for image_rows in state["consensus"].values() for r in image_rows],
                 ["image_id", "image_name", "label", "class", "tie", "support", "votes"])
     atomic_write_json(out / "coco.json", _coco(meta["session"], state))
@@ -708,6 +711,24 @@ def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], ba
          "tie": i in found.ties, "support": int(result.support[i - 1]),
          "votes": ";".join(f"{a}={c or ''}" for a, c in found.votes[i].items()), "mask": masks.get(i)}
         for i in range(1, n + 1)]
+
+
+#: Columns of ``annotators.csv``.
+ANNOTATOR_COLUMNS = ("annotator_id", "display_name", "joined", "images", "objects")
+
+
+def _annotator_rows(who_is: dict, state: dict) -> list[dict]:
+    """One row per annotator whose labels the set holds, in id order: the name they joined the session with, when
+    (UTC, ISO 8601), and how many of the set's images and objects are theirs."""
+    images: dict[str, int] = {}
+    objects: dict[str, int] = {}
+    for key, found in state["objects"].items():
+        annotator_id = key.split("/", 1)[1]
+        images[annotator_id] = images.get(annotator_id, 0) + 1
+        objects[annotator_id] = objects.get(annotator_id, 0) + len(found)
+    return [{"annotator_id": a, "display_name": (who_is.get(a) or {}).get("display_name", ""),
+             "joined": (who_is.get(a) or {}).get("joined", ""), "images": images[a], "objects": objects[a]}
+            for a in sorted(images)]
 
 
 def _write_cells(path: Path, rows: list[dict]) -> None:

@@ -105,6 +105,11 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         with open(out / "cells.csv") as handle:
             rows = list(csv.DictReader(handle))
         assert len(rows) == 4 and {r["class"] for r in rows} == {"nucleus", "other"}
+        with open(out / "annotators.csv") as handle:  # who is behind each annotator id of the tables
+            people = {r["display_name"]: r for r in csv.DictReader(handle)}
+        assert sorted(people) == ["Ada", "Bob"] and {r["annotator_id"] for r in people.values()} == set(annotators)
+        assert (people["Ada"]["images"], people["Ada"]["objects"], people["Bob"]["images"]) == ("2", "3", "1")
+        assert people["Ada"]["joined"].startswith("20")
         coco = json.loads((out / "coco.json").read_text())
         assert [c["name"] for c in coco["categories"]] == ["nucleus", "other", "object"]
         assert len(coco["annotations"]) == 4

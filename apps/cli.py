@@ -247,6 +247,8 @@ async def _run_provider(args: argparse.Namespace, config, folder: Path, classes:
             print(f"model_service_{model}: {service_id}")
         print(f"manage_url: {services.manage_url(provider_token)}")
         print(f"share_url: {services.share_url(secret)}  (session {session.name!r}, {session.session_id})")
+        if start_model is not None:
+            print(start_classifier_line(start_model, [s for s in provider.sessions.list() if s.state == "open"]))
         stop = stop_event()
         print("Press Ctrl-C to stop.", flush=True)
         await stop.wait()
@@ -309,6 +311,18 @@ def check_preannotate_model(text: str):
         raise CliError(f"--preannotate needs PyTorch ({exc}): pip install 'colabel[train]'") from None
     except ColabelError as exc:
         raise CliError(f"--preannotate {exc}") from None
+
+
+def start_classifier_line(start_model, sessions: list) -> str:
+    """What ``serve --classifier`` says once it serves: which open sessions the head starts (those whose classes are
+    the head's, same names in the same order), or that none does and why, with each session's classes."""
+    head = f"{start_model.name} (classes {', '.join(start_model.classes)})"
+    starts = [s for s in sessions if tuple(c.name for c in s.classes) == tuple(start_model.classes)]
+    if starts:
+        return f"classifier: {head} suggests from the start in {', '.join(repr(s.name) for s in starts)}"
+    others = "; ".join(f"{s.name!r}: {', '.join(c.name for c in s.classes)}" for s in sessions) or "none open"
+    return (f"warning: classifier {head} starts no open session: their classes differ from it, by name or order "
+            f"({others}); sessions created with its classes, in its order, start from it")
 
 
 def install_start_classifier(args: argparse.Namespace, folder: Path, trained):

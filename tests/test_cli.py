@@ -405,6 +405,7 @@ def test_serve_starts_sessions_with_matching_classes_from_the_given_classifier(t
                                       "--classifier", str(tmp_path / "head.npz")])
     try:
         assert "share_url" in printed, printed
+        assert "classifier: head.npz (classes tumour, stroma) suggests from the start in 'session 1'" in printed.lines
         token = printed["share_url"].split("#token=", 1)[1]
 
         async def status():
@@ -420,6 +421,28 @@ def test_serve_starts_sessions_with_matching_classes_from_the_given_classifier(t
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_a_classifier_that_starts_no_open_session_is_named_with_each_sessions_classes(tmp_path):
+    """Classes of the same names in another order do not take the head (documented); serve says so instead of
+    starting without it silently."""
+    from colabel.apps.cli import start_classifier_line
+    from colabel.apps.provider.hals import StartModel
+    from colabel.apps.provider.provider import DataProvider
+    from conftest import make_image_folder
+
+    provider = DataProvider(make_image_folder(tmp_path / "images"))
+    swapped, _ = provider.create_session(name="ki67", classes=[{"name": "positive", "color": "#ff0000"},
+                                                               {"name": "negative", "color": "#0000ff"}])
+    head = StartModel("m-1", ("negative", "positive"), "ki67.npz")
+    assert start_classifier_line(head, [swapped]) == (
+        "warning: classifier ki67.npz (classes negative, positive) starts no open session: their classes differ from "
+        "it, by name or order ('ki67': positive, negative); sessions created with its classes, in its order, start "
+        "from it")
+    same, _ = provider.create_session(name="round 2", classes=[{"name": "negative", "color": "#0000ff"},
+                                                               {"name": "positive", "color": "#ff0000"}])
+    assert start_classifier_line(head, [swapped, same]) == (
+        "classifier: ki67.npz (classes negative, positive) suggests from the start in 'round 2'")
 
 
 def test_serve_uses_model_services_run_elsewhere_with_models_url(tmp_path, hypha_server):

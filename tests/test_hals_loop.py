@@ -974,3 +974,23 @@ async def test_labels_are_rate_limited_per_annotator_but_accepting_every_suggest
     with pytest.raises(TooManyLabelsError, match="try again in 0.1 s"):
         await hals.label(session, "a-1", image, 29, other(29))
     await settle(hals, session)
+
+
+async def test_next_patch_of_an_image_without_cells_has_every_key_null(hypha_server, tmp_path_factory, connect):
+    """A uniform image has no cells: the answer still holds each key of the documented shape, null."""
+    from PIL import Image
+
+    stack = await start_hals_provider(hypha_server, tmp_path_factory, "blank")
+    try:
+        Image.new("RGB", (300, 200), (235, 228, 240)).save(stack["folder"] / "blank.png")
+        stack["provider"].catalog.refresh()
+        _, token = stack["provider"].create_session(name="blank", classes=CLASSES, mode="classification")
+        client = await connect()
+        annotator = await client.get_service(stack["services"].annotator_service_id)
+        image_id = {i["name"]: i["image_id"] for i in await annotator.list_images(token)}["blank.png"]
+        assert (await annotator.cells(token, image_id))["cells"] == []
+        patch = await annotator.next_patch(token, image_id)
+        assert patch == {"count": 0, "selected_cells": [], "cells_in_patch": [], "row": None, "col": None,
+                         "x0": None, "y0": None, "x1": None, "y1": None}
+    finally:
+        await stack["server"].disconnect()

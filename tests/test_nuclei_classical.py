@@ -202,3 +202,14 @@ def test_an_implausible_mpp_is_refused_and_the_radius_is_clamped_to_the_image():
     _, context = backend.prepare(image, mpp=0.01)
     assert context["radius"] == 64.0
     segment_nuclei(image, mpp=0.01)  # runs, at the clamped radius
+
+
+@pytest.mark.parametrize("colour", [(235, 228, 240), (255, 255, 255), (0, 0, 0), (120, 60, 200)])
+def test_a_uniform_image_has_no_nuclei_even_where_the_stain_separation_leaves_rounding_noise(colour):
+    """An empty slide region of one colour: (235, 228, 240) came out of the H&E separation and smoothing varying by
+    about 1e-7, and Otsu failed ("Too many bins for data range"), so the whole call failed."""
+    image = np.zeros((200, 300, 3), np.uint8)
+    image[:] = colour
+    for stain in ("auto", "he", "ihc", "brightfield"):
+        result = segment_nuclei(image, backend_options={"stain": stain})
+        assert result.labels.shape == (200, 300) and result.labels.max() == 0 and result.nuclei == []

@@ -788,7 +788,8 @@ class HalsAssist:
         cells = await self._cells(session, image_id)
         loop = self._loop(session)
         if not cells.ids:
-            return {"count": 0, "selected_cells": [], "cells_in_patch": [], "row": None, "col": None}
+            return {"count": 0, "selected_cells": [], "cells_in_patch": [], "row": None, "col": None,
+                    "x0": None, "y0": None, "x1": None, "y1": None}
         self._maybe_retrain(session, loop)
         features = cells.features
         if self._suggesting(session, loop):

@@ -153,6 +153,11 @@ def nuclear_signal(image: np.ndarray, stain: str, *, include_dab: bool = False) 
     raise InvalidInputError(f"stain must be one of {', '.join(STAINS)}, got {stain!r}")
 
 
+#: A nuclear signal whose range is at most this fraction of its magnitude (or of 1) is flat: no nuclei. An 8-bit
+#: image's smallest step is 1/255, about 4e-3, far above it.
+FLAT_SPAN = 1e-5
+
+
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
@@ -267,7 +272,10 @@ class ClassicalSegmenter(NucleusSegmenter):
         signal = nuclear_signal(image, stain, include_dab=self.include_dab)
         smooth = gaussian(signal, max(0.5, radius / 5), truncate=TRUNCATE)
         sample = _subsample(smooth).ravel()
-        if float(sample.max()) <= float(sample.min()):  # a flat image has no nuclei
+        low, high = float(sample.min()), float(sample.max())
+        # a flat image has no nuclei; nor has one flat but for rounding (a uniform colour through the stain
+        # separation and the smoothing varies by about 1e-7), where Otsu cannot even make its histogram
+        if high - low <= FLAT_SPAN * max(1.0, abs(high)):
             otsu, floor, fg_mean = math.inf, math.inf, 1.0
         else:
             otsu = _otsu(sample)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-from web_support import CLASSES, browser, join, new_page, page, sam_provider, screenshot
+from web_support import CLASSES, browser, join, new_page, page, pixel_of, sam_provider, screenshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -39,7 +39,7 @@ async def test_annotator_draws_a_polygon_saved_in_image_coordinates(stack, page,
     # a rectangle far from the image's vertical centre: a missing y flip would put it at rows 362..462
     corners = [(100, 50), (300, 50), (300, 150), (100, 150)]
     for x, y in corners + corners[:1]:
-        px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+        px, py = await pixel_of(page, x, y)
         await page.mouse.click(px, py)
         await page.wait_for_timeout(150)
     await screenshot(page, tmp_path, "annotate-drawn")
@@ -63,7 +63,7 @@ async def test_annotator_draws_a_polygon_saved_in_image_coordinates(stack, page,
 
     # delete it in edit mode: a second version with no features
     await page.keyboard.press("e")
-    px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [200, 100])
+    px, py = await pixel_of(page, 200, 100)
     await page.mouse.click(px, py)
     await page.wait_for_function("window.colabel.select.getFeatures().getLength() === 1")
     await page.keyboard.press("Delete")
@@ -86,7 +86,7 @@ async def test_annotator_page_reloads_with_the_same_annotator_and_its_polygons(s
     await page.click("#join")
     await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
     for x, y in [(10, 10), (60, 10), (60, 40), (10, 10)]:
-        px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+        px, py = await pixel_of(page, x, y)
         await page.mouse.click(px, py)
         await page.wait_for_timeout(150)
     await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v1'")
@@ -165,7 +165,7 @@ async def test_sam_click_adds_a_classified_feature_and_saves(sam_stack, page, tm
     assert await page.is_visible("#tool-sam")
     await page.keyboard.press("s")
     await page.keyboard.press("2")
-    px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [256, 100])
+    px, py = await pixel_of(page, 256, 100)
     await page.mouse.click(px, py)
     await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v1'",
                                  timeout=60_000)
@@ -184,7 +184,7 @@ async def test_sam_click_adds_a_classified_feature_and_saves(sam_stack, page, tm
 
 async def at(page, x: float, y: float) -> tuple[float, float]:
     """The viewport pixel of image pixel (x, y) (rows down)."""
-    return await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+    return await pixel_of(page, x, y)
 
 
 async def click_at(page, x: float, y: float, pause: int = 150, **kwargs) -> None:

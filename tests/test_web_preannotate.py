@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 import tifffile
-from web_support import CLASSES, browser, join, page, screenshot  # noqa: F401 - fixtures
+from web_support import CLASSES, browser, join, page, pixel_of, screenshot  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -56,7 +56,7 @@ def _inside(feature: dict) -> tuple[float, float]:
 
 
 async def _click_image(page, x: float, y: float) -> None:
-    px, py = await page.evaluate("([x, y]) => window.colabel.pixelOf(x, y)", [x, y])
+    px, py = await pixel_of(page, x, y)
     await page.mouse.click(px, py)
 
 

@@ -108,3 +108,12 @@ async def sam_provider(hypha_server, tmp_path: Path, sam, model_id: str, prefix:
         yield provider, services
     finally:
         await server.disconnect()
+
+
+async def pixel_of(page, x: float, y: float, timeout: float = 10_000) -> tuple[float, float]:
+    """The viewport pixel of image pixel (x, y) (rows down), once the map has drawn its first frame: before it the
+    page's ``pixelOf`` gives null (OpenLayers knows no pixel of a coordinate yet)."""
+    found = await page.wait_for_function("([x, y]) => window.colabel && window.colabel.pixelOf(x, y)", arg=[x, y],
+                                         timeout=timeout)
+    px, py = await found.json_value()
+    return px, py

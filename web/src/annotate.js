@@ -1244,7 +1244,9 @@ async function main() {
 window.colabel = {
   state, map, source, select, history, saver, decodeSam, styleOf, lastSam: null, samResults: 0,
   pixelOf: (x, y) => {
-    const [px, py] = map.getPixelFromCoordinate([x, state.H - y]);
+    const pixel = map.getPixelFromCoordinate([x, state.H - y]);
+    if (!pixel) return null; // before the map's first frame
+    const [px, py] = pixel;
     const r = map.getTargetElement().getBoundingClientRect();
     return [r.left + px, r.top + py];
   },

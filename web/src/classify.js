@@ -705,7 +705,9 @@ window.colabelClassify = {
   S, visibleSuggestions, viewRegion: () => viewRegion(),
   get map() { return map; },
   pixelOf: (x, y) => {
-    const [px, py] = map.getPixelFromCoordinate([x, S.H - y]);
+    const pixel = map.getPixelFromCoordinate([x, S.H - y]);
+    if (!pixel) return null; // before the map's first frame
+    const [px, py] = pixel;
     const r = map.getTargetElement().getBoundingClientRect();
     return [r.left + px, r.top + py];
   },

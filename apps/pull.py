@@ -527,14 +527,14 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     pulled = skipped = 0
     mismatched: list[str] = []  # dropped lines of labels whose size is not the image's
     explained: set[str] = set()  # keys and image ids whose removal a line of mismatched explains
+    strip_bytes = min(STRIP_BYTES, meta.get("max_image_bytes") or STRIP_BYTES)  # each read under the provider's limit
     for image in tqdm(images, desc="pull", unit="image", disable=not progress):
         image_id, stem = image["image_id"], stems[image["image_id"]]
         image_file = f"tiff/{stem}.tif"
         files.add(image_file)
         replaced = image.get("revision") != reusable.get("images", {}).get(image_id, {}).get("revision")
         if f"images/{image_id}" not in root or replaced:
-            pixels = await read_image(source, image, strip_bytes=min(STRIP_BYTES, meta.get("max_image_bytes")
-                                                                     or STRIP_BYTES))
+            pixels = await read_image(source, image, strip_bytes=strip_bytes)
             root.create_array(f"images/{image_id}", data=pixels, chunks=_chunks(pixels.shape), overwrite=True)
             atomic_write(out / image_file, encode_tiff(pixels))
         elif not (out / image_file).is_file():

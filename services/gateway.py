@@ -351,8 +351,11 @@ class RayBackend:
         return await asyncio.shield(self._checking)
 
     async def _read_deployed(self) -> bool:
+        from . import ray_runtime
+
         try:
-            deployed = await in_daemon_thread(lambda: self.app in _serve_status().applications, HEALTH_TIMEOUT_S)
+            deployed = await in_daemon_thread(lambda: self.app in ray_runtime.serve_status().applications,
+                                              HEALTH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - no answer is no proof that the application is gone
             return True
         self._checked = (time.monotonic(), deployed)
@@ -435,8 +438,10 @@ class RayBackend:
                                     "in a minute") from None
 
     async def status(self) -> dict:
+        from . import ray_runtime
+
         def read() -> dict:
-            app = _serve_status().applications.get(self.app)
+            app = ray_runtime.serve_status().applications.get(self.app)
             if app is None:
                 return {"mode": "ray", "status": "NOT_DEPLOYED", "replicas": {}}
             deployment = app.deployments.get(self.name)
@@ -454,19 +459,6 @@ class RayBackend:
         except TimeoutError:
             raise ModelServiceError(f"{self.name}.deployment_status: the Ray cluster did not answer within "
                                     f"{HEALTH_TIMEOUT_S:g} s") from None
-
-
-def _serve_status():
-    """``serve.status()``, unless this process has let go of Ray (:func:`ray_runtime.connection_lost`; Serve would
-    start a new local Ray to answer): then :class:`ray_runtime.ClusterGone`. Called in a worker thread."""
-    from ray import serve
-
-    from . import ray_runtime
-
-    why = ray_runtime.connection_lost()
-    if why:
-        raise ray_runtime.ClusterGone(why)
-    return serve.status()
 
 
 # full service id -> the backend registered under it by this process (weak: the registration keeps it alive)

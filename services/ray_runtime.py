@@ -466,18 +466,24 @@ def connection_lost() -> str | None:
     return "the Ray client has lost its connection to the cluster for good (it could not reconnect)"
 
 
+def serve_status():
+    """``serve.status()``, unless this process's connection to Ray is gone (:func:`connection_lost`: lost for good,
+    or let go while stopping, when Serve would start a new local Ray to answer): then :class:`ClusterGone`."""
+    from ray import serve
+
+    why = connection_lost()
+    if why:
+        raise ClusterGone(why)
+    return serve.status()
+
+
 def serve_health(names: list[str]) -> dict[str, str]:
     """One cheap call through the cluster: the Serve status of the applications ``names`` (name -> state).
 
     Raises :class:`ClusterGone` when the Ray Client has disconnected for good, and an ordinary exception when
     Serve does not answer or an application is no longer deployed (a health check that failed this time).
     """
-    from ray import serve
-
-    why = connection_lost()
-    if why:
-        raise ClusterGone(why)
-    applications = serve.status().applications
+    applications = serve_status().applications
     states = {name: _app_state(applications.get(name)) for name in names}
     gone = [name for name, state in states.items() if state is None]
     if gone:

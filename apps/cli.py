@@ -70,9 +70,11 @@ def check_public_url(url: str | None) -> None:
                        "https://labels.example.org")
 
 
-def serve_warnings(config) -> list[str]:
+def serve_warnings(config, folder: Path | None = None) -> list[str]:
     """What makes the links ``serve`` prints unusable, said before it starts: web pages that are not built (a
-    source checkout), and an embedded server on every address (``--host 0.0.0.0``) without ``--public-url``."""
+    source checkout), an embedded server on every address (``--host 0.0.0.0``) without ``--public-url``, and a
+    ``folder`` whose disk has less free than ``min_free_bytes`` (every save would be refused)."""
+    import shutil
     import socket
 
     from .provider.rpc import WEB_DIST
@@ -86,6 +88,12 @@ def serve_warnings(config) -> list[str]:
         warnings.append(f"--host {config.host} without --public-url: the printed links name {config.host}, which "
                         "other machines cannot open; pass --public-url with this machine's name, e.g. "
                         f"--public-url http://{socket.gethostname()}:{config.port}")
+    if folder is not None and config.min_free_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < config.min_free_bytes:
+            warnings.append(f"the disk of {folder} has {free / 2**20:.1f} MiB free, less than the "
+                            f"{config.min_free_bytes / 2**20:.1f} MiB that saves leave free (COLABEL_MIN_FREE_BYTES): "
+                            "every save is refused until disk space is freed")
     return warnings
 
 
@@ -144,7 +152,7 @@ async def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"folder {folder} holds no images (TIFF, OME-TIFF, PNG or JPEG)")
     if not os.access(folder, os.W_OK) and not os.access(folder / "annotations", os.W_OK):
         raise CliError(f"folder {folder} is not writable, and annotations are saved to {folder / 'annotations'}")
-    for message in serve_warnings(config):
+    for message in serve_warnings(config, folder):
         warn(message)
     with claim_folder(folder):
         return await _run_provider(args, config, folder, classes, trained, segmenter)

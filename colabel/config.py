@@ -27,6 +27,10 @@ class ColabelConfig(BaseModel):
     max_annotation_bytes: int = Field(16 * 2**20, gt=0, description="largest GeoJSON a save accepts")
     max_features: int = Field(100_000, gt=0, description="most features in one saved annotation")
     max_image_bytes: int = Field(256 * 2**20, gt=0, description="largest pixel payload one get_image returns")
+    max_session_bytes: int = Field(0, ge=0, description="most bytes the annotations of one session may take on "
+                                   "disk (every version's GeoJSON and label TIFF, all annotators); 0: no limit")
+    min_free_bytes: int = Field(512 * 2**20, ge=0, description="free bytes a save leaves on the annotations' file "
+                                "system at least; a save that would leave less is refused; 0: no floor")
     pixel_cache_bytes: int = Field(512 * 2**20, ge=0, description="decoded PNG/JPEG pixels (and their computed "
                                    "levels) kept in memory, least recently used dropped first; 0 keeps none")
     ready_timeout: float = Field(60.0, gt=0, description="seconds to wait for the embedded Hypha server")

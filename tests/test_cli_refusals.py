@@ -93,7 +93,7 @@ def test_a_public_url_without_http_scheme_and_host_is_refused_before_writing(tmp
     assert not (tmp_path / "demo").exists()  # --demo writes only once everything else is checked
 
 
-def test_serve_warns_about_unbuilt_web_pages_and_links_to_every_address(tmp_path, monkeypatch):
+def test_serve_warns_about_unbuilt_web_pages_links_to_every_address_and_a_nearly_full_disk(tmp_path, monkeypatch):
     from colabel.apps import cli
     from colabel.apps.provider import rpc
     from colabel.config import ColabelConfig
@@ -108,6 +108,11 @@ def test_serve_warns_about_unbuilt_web_pages_and_links_to_every_address(tmp_path
     for page in ("index.html", "annotate.html"):
         (tmp_path / "web_dist" / page).write_text("<html></html>")
     assert cli.serve_warnings(ColabelConfig()) == []
+    assert cli.serve_warnings(ColabelConfig(), tmp_path) == []  # this disk has over 512 MiB free
+    [full] = cli.serve_warnings(ColabelConfig(min_free_bytes=2**60), tmp_path)
+    assert full.startswith(f"the disk of {tmp_path} has ") and full.endswith(
+        "MiB free, less than the 1099511627776.0 MiB that saves leave free (COLABEL_MIN_FREE_BYTES): every save is "
+        "refused until disk space is freed")
 
 
 def test_models_help_shows_only_its_options_and_defaults():

@@ -94,7 +94,11 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
 
     progress = await provider.progress(created["session"]["session_id"])
     assert progress["images_done"] == 1 and progress["n_images"] == 3
-    assert progress["per_annotator"][aid] == {"display_name": "Ada Lovelace", "images": 1, "versions": 2}
+    session_dir = stack.folder / "annotations" / "sessions" / created["session"]["session_id"]
+    stored = sum(f.stat().st_size for f in session_dir.rglob("v*.*"))  # both versions: GeoJSON and label TIFF
+    assert progress["per_annotator"][aid] == {"display_name": "Ada Lovelace", "images": 1, "versions": 2,
+                                              "stored_bytes": stored}
+    assert progress["stored_bytes"] == stored and progress["max_session_bytes"] == 0
     listed = await provider.list_images(created["session"]["session_id"])
     status = {i["image_id"]: (i["status"], i["annotations"]) for i in listed}
     assert status[image["image_id"]] == ("annotated", {aid: 2})
@@ -529,6 +533,24 @@ async def test_a_full_disk_is_refused_as_a_storage_error_and_nothing_is_written(
     assert "StorageError: the provider's file system refused: No space left on device; nothing was saved" in text
     assert str(stack.folder) not in text  # the reason, never a path of the provider's machine
     assert saved_files(stack.folder) == []
+
+
+async def test_a_share_link_cannot_fill_the_disk_saves_past_the_sessions_limit_are_refused(annotating, stack):
+    annotator, token, aid, image = annotating
+    assert (await annotator.save_annotation(token, aid, image["image_id"], collection(square(10, 10, 20))))[
+        "version"] == 1
+    used = sum(f.stat().st_size for f in saved_files(stack.folder))
+    stack.provider.store.max_session_bytes = used + 64  # as COLABEL_MAX_SESSION_BYTES sets it at start
+    for _ in range(2):  # retried by the page: refused the same way, nothing counted
+        with pytest.raises(Exception) as refused:
+            await annotator.save_annotation(token, aid, image["image_id"], collection(square(30, 30, 20)))
+        assert ("StorageError: this session's annotations take 0.0 MiB on the provider's disk, and this save of "
+                "0.0 MiB would pass the session's limit of 0.0 MiB (max_session_bytes); nothing was saved"
+                ) in str(refused.value)
+    assert sum(f.stat().st_size for f in saved_files(stack.folder)) == used
+    progress = await annotator.progress(token)
+    assert progress["stored_bytes"] == used and progress["max_session_bytes"] == used + 64
+    assert await annotator.list_versions(token, aid, image["image_id"]) == [1]
 
 
 def _one_jpeg_session(tmp_path):

@@ -459,6 +459,7 @@ def test_a_failed_write_of_a_versions_geojson_leaves_no_label_file(tmp_path, mon
         with pytest.raises(OSError, match="No space"):
             save(store)
     assert [p.name for p in (tmp_path / "annotations").rglob("*.tif")] == []
+    assert store.usage("s-1") == {}  # nothing kept, nothing counted against the session
 
 
 def deep_properties_fc(n_features: int) -> dict:
@@ -528,3 +529,54 @@ def test_a_version_whose_stored_form_passes_max_bytes_is_refused_and_nothing_is_
     assert store.versions("s-1", "img-1", "a-1") == []
     assert store.save(collection, np.zeros((8, 6), np.uint16), session_id="s-1", image_id="img-1",
                       image_name="x.png", annotator_id="a-1", display_name="Ann", max_bytes=size).version == 1
+
+
+def _stored(folder: Path, session: str = "s-1") -> int:
+    return sum(p.stat().st_size for p in (folder / "sessions" / session).rglob("v*.*"))
+
+
+def test_a_session_past_max_session_bytes_refuses_saves_and_writes_nothing_nor_gives_out_a_number(tmp_path):
+    from colabel.errors import StorageError
+
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    save(store, 2, annotator="a-1")
+    save(store, 3, annotator="a-2")
+    used = _stored(root)
+    assert store.usage("s-1") == {a: sum(p.stat().st_size for p in root.rglob(f"images/img-1/{a}/v*.*"))
+                                  for a in ("a-1", "a-2")}
+    assert sum(store.usage("s-1").values()) == used > 0
+
+    limited = AnnotationStore(root, max_session_bytes=used + 100)  # a restart counts what is on disk
+    assert limited.usage("s-1") == store.usage("s-1")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    with pytest.raises(StorageError, match=r"this session's annotations take 0\.0 MiB on the provider's disk, and "
+                                           r"this save of 0\.0 MiB would pass the session's limit of 0\.0 MiB "
+                                           r"\(max_session_bytes\); nothing was saved"):
+        save(limited, 1, annotator="a-1")  # one annotator's save counts the whole session's bytes
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == files
+    assert limited.versions("s-1", "img-1", "a-1") == [1] and limited.usage("s-1") == store.usage("s-1")
+
+    other = limited.save(fc(1), np.zeros((8, 6), np.uint16), session_id="s-2", image_id="img-1",
+                         image_name="x.png", annotator_id="a-1", display_name="Ann")
+    assert other.version == 1  # another session has its own limit
+
+    limited.max_session_bytes = 0  # the provider lifts the limit: the refused save took no version number
+    assert save(limited, 1, annotator="a-1").version == 2
+    assert sum(limited.usage("s-1").values()) == _stored(root) > used
+
+
+def test_a_save_that_would_leave_less_than_min_free_bytes_is_refused_and_writes_nothing(tmp_path):
+    import shutil
+
+    from colabel.errors import StorageError
+
+    root = tmp_path / "annotations"
+    free = shutil.disk_usage(tmp_path).free
+    store = AnnotationStore(root, min_free_bytes=free + 2**40)  # more than this file system will ever have free
+    with pytest.raises(StorageError, match=r"the provider's disk has \d+\.\d MiB free, and saves keep at least "
+                                           r"\d+\.\d MiB free \(min_free_bytes\); nothing was saved"):
+        save(store)
+    assert [p for p in root.rglob("*") if p.is_file()] == [] and store.usage("s-1") == {}
+    store.min_free_bytes = 1
+    assert save(store).version == 1 and sum(store.usage("s-1").values()) == _stored(root)

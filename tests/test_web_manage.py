@@ -22,6 +22,15 @@ def image_ids(stack) -> dict[str, str]:
     return {im.name: im.image_id for im in stack.provider.list_images()}
 
 
+def byte_size(n: int) -> str:
+    """The manage page's byte count (``byteSize`` in web/src/manage.js): powers of 1000, one decimal under 10."""
+    units = ["B", "kB", "MB", "GB", "TB"]
+    i, v = 0, float(n)
+    while v >= 1000 and i < len(units) - 1:
+        v, i = v / 1000, i + 1
+    return f"{v:.1f} {units[i]}" if i and v < 10 else f"{round(v)} {units[i]}"
+
+
 async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_and_revokes_a_session(
         stack, browser, connect, tmp_path):
     ids = image_ids(stack)
@@ -36,6 +45,9 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     await annotate.save_annotation(secret, bob["annotator_key"], ids["ihc_ki67.png"], collection(square(50, 50, 20)))
     await annotate.save_annotation(secret, ada["annotator_key"], ids["dsb2018_nuclei.tif"], collection())
 
+    stored = stack.provider.store.usage(session.session_id)
+    stack.provider.store.max_session_bytes = sum(stored.values()) + 100  # as COLABEL_MAX_SESSION_BYTES sets it
+
     page = await new_page(browser)
     await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     await page.goto(stack.services.manage_url(stack.provider_token))
@@ -48,8 +60,13 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     # progress per annotator: images saved on and versions
     rows = {(await r.get_attribute("data-annotator-id")): await r.locator("td").all_text_contents()
             for r in await card.locator("table.annotators tr[data-annotator-id]").all()}
-    assert rows == {ada["annotator"]["annotator_id"]: ["Ada", "2", "3"],
-                    bob["annotator"]["annotator_id"]: ["Bob", "1", "1"]}
+    a, b = ada["annotator"]["annotator_id"], bob["annotator"]["annotator_id"]
+    assert rows == {a: ["Ada", "2", "3", byte_size(stored[a])], b: ["Bob", "1", "1", byte_size(stored[b])]}
+    # what the session's versions take on disk, nearly at the provider's limit: shown in red
+    line = card.locator(".stored.error")
+    assert await line.text_content() == (f"annotations stored: {byte_size(sum(stored.values()))} of the session's "
+                                         f"limit of {byte_size(sum(stored.values()) + 100)} (saves past the limit "
+                                         "are refused)")
     # progress per image: status, and who saved how many versions
     images = {(await r.get_attribute("data-image-id")): await r.locator("td").all_text_contents()
               for r in await card.locator(".image-progress tr").all()}

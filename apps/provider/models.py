@@ -159,5 +159,7 @@ class Progress(BaseModel):
     images_done: int
     images_in_progress: int
     per_annotator: dict[str, dict] = Field(
-        default_factory=dict, description="annotator id -> {display_name, images, versions}"
+        default_factory=dict, description="annotator id -> {display_name, images, versions, stored_bytes}"
     )
+    stored_bytes: int = Field(0, description="bytes the session's annotations take on disk, every version")
+    max_session_bytes: int = Field(0, description="the provider's limit of stored_bytes; 0: none")

@@ -61,7 +61,8 @@ class DataProvider:
     folder : str or Path
         The mounted folder. Its images are only ever read; annotations go to ``folder/annotations``.
     config : ColabelConfig, optional
-        Size limits (``max_annotation_bytes``, ``max_features``, ``max_image_bytes``).
+        Size limits (``max_annotation_bytes``, ``max_features``, ``max_image_bytes``, ``max_session_bytes``,
+        ``min_free_bytes``).
     read_only : bool
         Open the folder for reading only (``colabel report``, a local ``colabel pull``, possibly while a
         ``colabel serve`` of the same folder runs): nothing in the folder is created, changed or deleted, and
@@ -74,7 +75,8 @@ class DataProvider:
         self.read_only = read_only
         self.catalog = ImageCatalog(self.folder, pixel_cache_bytes=self.config.pixel_cache_bytes)
         root = annotations_dir(self.folder)
-        self.store = AnnotationStore(root, read_only=read_only)
+        self.store = AnnotationStore(root, read_only=read_only, max_session_bytes=self.config.max_session_bytes,
+                                     min_free_bytes=self.config.min_free_bytes)
         self.sessions = SessionStore(root, assignment_lease=self.config.assignment_lease, read_only=read_only)
 
     # -- images -----------------------------------------------------------------------------------
@@ -231,10 +233,12 @@ class DataProvider:
         """Images done (all their annotators saved), in progress (assigned or partly saved), work per annotator."""
         ids = self.readable_image_ids(session)
         counts = self.store.counts(session.session_id)
+        stored = self.store.usage(session.session_id)
         assignments = self.sessions.assignments(session.session_id)
         annotators = self.sessions.annotators(session.session_id)
         per: dict[str, dict] = {
-            a: {"display_name": ann.display_name, "images": 0, "versions": 0} for a, ann in annotators.items()
+            a: {"display_name": ann.display_name, "images": 0, "versions": 0, "stored_bytes": stored.get(a, 0)}
+            for a, ann in annotators.items()
         }
         done = in_progress = 0
         for image_id in ids:
@@ -244,11 +248,13 @@ class DataProvider:
             elif by or assignments.get(image_id):
                 in_progress += 1
             for a, n in by.items():
-                entry = per.setdefault(a, {"display_name": a, "images": 0, "versions": 0})
+                entry = per.setdefault(a, {"display_name": a, "images": 0, "versions": 0,
+                                           "stored_bytes": stored.get(a, 0)})
                 entry["images"] += 1
                 entry["versions"] += n
         return Progress(session_id=session.session_id, n_images=len(ids), images_done=done,
-                        images_in_progress=in_progress, per_annotator=per)
+                        images_in_progress=in_progress, per_annotator=per, stored_bytes=sum(stored.values()),
+                        max_session_bytes=self.store.max_session_bytes)
 
     def create_session(self, *, name: str, classes: Sequence[dict], mode: str = "segmentation",
                        annotators_per_image: int = 1, image_ids: Sequence[str] | None = None):

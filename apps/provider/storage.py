@@ -27,6 +27,11 @@ never one that a write in flight in another process still needs: every write of 
 version mark) happens under the annotator folder's ``flock``, so the temporary files of a folder whose lock is free
 are orphans and go at once (a provider restarted after a crash leaves none), while those of a folder whose lock is
 held, and every other temporary file (a session manifest's), go only once untouched for :data:`STALE_TMP_SECONDS`.
+
+Every version is kept, so the annotations of a session grow with each save. A writer bounds that growth:
+``max_session_bytes`` caps the bytes one session's versions take (GeoJSON and label TIFFs, every annotator), and
+``min_free_bytes`` keeps that much of the file system free; a save past either is refused (:class:`StorageError`)
+before anything is written, so a share link cannot fill the provider's disk.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import threading
 import time
@@ -52,6 +58,7 @@ from colabel.errors import (
     InvalidInputError,
     NotFoundError,
     PayloadTooLargeError,
+    StorageError,
     shown,
 )
 from colabel.files import (  # noqa: F401 - atomic_write, file_lock, fsync_dir, make_dirs re-exported
@@ -155,9 +162,12 @@ class AnnotationStore:
     writes, never one of a write in flight: :meth:`_remove_interrupted_writes`).
     """
 
-    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False, max_session_bytes: int = 0,
+                 min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self.read_only = read_only
+        self.max_session_bytes = int(max_session_bytes)
+        self.min_free_bytes = int(min_free_bytes)
         self.sessions_root = self.root / "sessions"
         if not read_only:
             make_dirs(self.sessions_root)
@@ -165,6 +175,8 @@ class AnnotationStore:
         self._index_lock = threading.Lock()
         # (session, image, annotator) -> sorted list of committed versions
         self._index: dict[tuple[str, str, str], list[int]] = {}
+        # (session, annotator) -> bytes of that annotator's files in the session (committed and being written)
+        self._usage: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._reconcile()
 
     # -- paths ------------------------------------------------------------------------------------
@@ -203,6 +215,13 @@ class AnnotationStore:
             self._index.setdefault(key, []).append(int(match.group(1)))
         for versions in self._index.values():
             versions.sort()
+        for path in self.sessions_root.glob("*/images/*/*/*"):
+            if path.name.startswith("v") and path.suffix in (".geojson", ".tif"):
+                try:
+                    size = path.stat().st_size
+                except OSError:  # deleted meanwhile
+                    continue
+                self._usage[(path.parent.parent.parent.parent.name, path.parent.name)] += size
 
     def _remove_interrupted_writes(self) -> None:
         """Delete the temporary files of interrupted writes, never one a write in flight may still need.
@@ -269,6 +288,8 @@ class AnnotationStore:
 
         The version is written as compact JSON (:func:`version_bytes`). ``max_bytes``, when given, is the most bytes
         its features may take there: more are refused with :class:`PayloadTooLargeError` before anything is written.
+        A version that would take the session past ``max_session_bytes``, or the file system below
+        ``min_free_bytes``, is refused with :class:`StorageError`, before anything is written or a number given out.
         """
         if self.read_only:
             raise read_only_refusal(self.root, "save annotations")
@@ -281,6 +302,8 @@ class AnnotationStore:
                 f"the annotation's features would take {len(features_json)} bytes on disk, more than the limit of "
                 f"{max_bytes} bytes for one stored version")
         label_data = tiff_bytes(labels)
+        # refused before any folder is made; checked again, exactly and counted, once the version's bytes are known
+        self._reserve(session_id, annotator_id, len(label_data) + len(features_json), count=False)
         with self._locks[key]:
             if still_allowed is not None:
                 still_allowed()
@@ -299,7 +322,6 @@ class AnnotationStore:
                         self.save_conflict(image_id, base_version, indexed)
                 version = max(self._next_version(folder), _read_mark(mark) + 1, indexed + 1)
                 while True:
-                    _write_mark(mark, version)
                     geojson_path = folder / f"v{version:06d}.geojson"
                     label_path = folder / f"v{version:06d}-{uuid.uuid4().hex[:8]}.tif"
                     record = AnnotationRecord(
@@ -316,15 +338,24 @@ class AnnotationStore:
                     )
                     document = version_bytes(features_json,
                                              {**record.model_dump(mode="json"), "image_name": image_name})
-                    atomic_write(label_path, label_data, exclusive=True)
+                    nbytes = len(label_data) + len(document)
+                    self._reserve(session_id, annotator_id, nbytes)  # refused: no number given out
+                    try:
+                        _write_mark(mark, version)
+                        atomic_write(label_path, label_data, exclusive=True)
+                    except BaseException:
+                        self._release(session_id, annotator_id, nbytes)
+                        raise
                     try:
                         atomic_write(geojson_path, document, exclusive=True)
                     except FileExistsError:  # another process took this number: take the next
                         label_path.unlink(missing_ok=True)
+                        self._release(session_id, annotator_id, nbytes)
                         version += 1
                         continue
                     except BaseException:  # a full disk, an I/O error: no label file without its version
                         label_path.unlink(missing_ok=True)
+                        self._release(session_id, annotator_id, nbytes)
                         raise
                     break
             with self._index_lock:
@@ -373,6 +404,40 @@ class AnnotationStore:
                 "save was drawn on (by another tab or client of this annotator); load the latest version")
         raise ConflictError(f"this save was drawn on version {base_version} of image {shown(image_id)}, but the "
                             f"latest is {latest}; load the latest version")
+
+    def usage(self, session_id: str) -> dict[str, int]:
+        """Annotator id -> bytes their versions of this session's images take on disk (GeoJSON and label TIFFs,
+        every version), as counted at start and by this process's saves since (files deleted by hand meanwhile
+        still count until a restart)."""
+        with self._index_lock:
+            return {a: n for (s, a), n in self._usage.items() if s == session_id and n}
+
+    def _reserve(self, session_id: str, annotator_id: str, nbytes: int, *, count: bool = True) -> None:
+        """Count ``nbytes`` more for the annotator's session, or raise :class:`StorageError` (nothing counted) when
+        they would take the session past ``max_session_bytes`` or the file system below ``min_free_bytes``;
+        ``count=False`` checks only."""
+        with self._index_lock:
+            if self.max_session_bytes:
+                held = sum(n for (s, _), n in self._usage.items() if s == session_id)
+                if held + nbytes > self.max_session_bytes:
+                    raise StorageError(
+                        f"this session's annotations take {_mib(held)} on the provider's disk, and this save of "
+                        f"{_mib(nbytes)} would pass the session's limit of {_mib(self.max_session_bytes)} "
+                        "(max_session_bytes); nothing was saved: ask the provider to raise the limit")
+            if self.min_free_bytes:
+                free = shutil.disk_usage(self.sessions_root).free
+                if free - nbytes < self.min_free_bytes:
+                    raise StorageError(
+                        f"the provider's disk has {_mib(free)} free, and saves keep at least "
+                        f"{_mib(self.min_free_bytes)} free (min_free_bytes); nothing was saved: ask the provider to "
+                        "free disk space")
+            if count:
+                self._usage[(session_id, annotator_id)] += nbytes
+
+    def _release(self, session_id: str, annotator_id: str, nbytes: int) -> None:
+        """Give back a reservation of :meth:`_reserve` whose files were not kept."""
+        with self._index_lock:
+            self._usage[(session_id, annotator_id)] -= nbytes
 
     @staticmethod
     def _next_version(folder: Path) -> int:
@@ -469,6 +534,11 @@ class AnnotationStore:
         """Path of the instance-label TIFF of a committed version (latest by default)."""
         record = self.record(session_id, image_id, annotator_id, version)
         return self.root.parent / record["label_file"]
+
+
+def _mib(nbytes: int) -> str:
+    """A byte count for a message: ``12.3 MiB``."""
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 def _read_mark(path: Path) -> int:

@@ -107,15 +107,36 @@ function classifierLine(st) {
   `${st.n_labels} cells labelled (${perClass}); ${model}`, st.training ? " · retraining…" : "");
 }
 
+/** A byte count as people read it: "0 B", "12 kB", "3.4 MB", "1.2 GB" (powers of 1000). */
+export function byteSize(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  let v = Number(n) || 0;
+  while (v >= 1000 && i < units.length - 1) { v /= 1000; i++; }
+  return `${i && v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+}
+
+/** The session's stored annotations, against the provider's limit when it has one. */
+function storedLine(p) {
+  const limit = p.max_session_bytes || 0;
+  const full = limit && p.stored_bytes >= 0.9 * limit;
+  return el("div", { class: `stored${full ? " error" : ""}`,
+    title: "every saved version of every annotator: GeoJSON and label image" },
+  `annotations stored: ${byteSize(p.stored_bytes)}`
+    + (limit ? ` of the session's limit of ${byteSize(limit)}` : "")
+    + (full ? " (saves past the limit are refused)" : ""));
+}
+
 function annotatorTable(p, st) {
   const rows = Object.entries(p.per_annotator);
   if (!rows.length) return el("div", { class: "annotators" }, "nobody joined yet");
   const cells = st && !st.error ? st.per_annotator || {} : null;
   return el("table", { class: "annotators" },
     el("tr", {}, el("th", {}, "annotator"), el("th", {}, "images"), el("th", {}, "versions"),
-      cells ? el("th", {}, "cell labels") : null),
+      el("th", {}, "stored"), cells ? el("th", {}, "cell labels") : null),
     rows.map(([id, a]) => el("tr", { "data-annotator-id": id }, el("td", { title: id }, a.display_name),
-      el("td", {}, a.images), el("td", {}, a.versions), cells ? el("td", {}, cells[id] || 0) : null)));
+      el("td", {}, a.images), el("td", {}, a.versions), el("td", { class: "stored" }, byteSize(a.stored_bytes)),
+      cells ? el("td", {}, cells[id] || 0) : null)));
 }
 
 function imageTable(id, images, p) {
@@ -209,6 +230,7 @@ async function sessionCard(s, images) {
       el("progress", { max: p.n_images || 1, value: p.images_done }),
       ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress`),
     classifierLine(st),
+    storedLine(p),
     annotatorTable(p, st),
     imageTable(id, images, p),
     s.share_url ? el("div", {}, "Share link: ", shareLink(s.share_url)) : null,

@@ -667,7 +667,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     hush_disconnect_warning(args)
     try:
         result = run_pull(args.source, Path(args.out), session=args.session, token=args.token,
-                          zarr_format=args.zarr_format)
+                          zarr_format=args.zarr_format, finished_only=args.finished_only)
     except ColabelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a remote refusal or an unreachable server: one sentence
@@ -859,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--zarr-format", type=int, choices=(2, 3), default=None,
                       help="format of labels.zarr: 3, or 2 for readers that predate zarr v3 (default: an existing "
                            "pull's format, else 3; the other format rewrites labels.zarr whole)")
+    pull.add_argument("--finished-only", action="store_true",
+                      help="only the labels of images their annotator finished (went on to the next image), and their "
+                           "consensus: work in progress and images left midway stay out; a set is pulled one way")
     pull.set_defaults(func=cmd_pull)
 
     train = commands.add_parser("train", help="train a segmenter on a pulled set, for pre-annotation",

@@ -22,9 +22,11 @@ printing one ``dropped ...`` line per removal::
                      conventions, image pixels; its k-th Polygon or MultiPolygon feature is label k of the masks:
                      Point features take no label, and no row in the tables)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
-                     (area, centroid and bbox of the polygon)
+                     (area, centroid and bbox of the polygon), and whether the annotator finished the image
+                     (``finished``: True once they said what they drew there is complete; False: work in progress,
+                     or left midway)
     annotators.csv   one row per annotator whose labels the set holds: id, the display name they joined with, when
-                     they joined, their images and objects in the set
+                     they joined, their images (and how many of those they finished) and objects in the set
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
     coco_consensus.json  COCO instance annotations of the consensus objects (``attributes``: label, support, tie),
                      of the images that have a consensus; written when one has
@@ -33,6 +35,11 @@ printing one ``dropped ...`` line per removal::
                      modification time): a later pull fetches only the annotations whose latest save differs (a
                      state without ``saves``, of an earlier colabel, has each fetched again once), and the pixels
                      again of an image whose file was rewritten or replaced under the same name
+
+With ``finished_only`` (``colabel pull --finished-only``) the set holds only the labels of images their annotator
+finished (``finish_image``; the annotator page finishes an image when its annotator goes to the next one), and the
+consensus of those: work in progress and images left midway stay out. A set is pulled one way or the other: a pull
+the other way into it is refused.
 
 Labels whose size is not their image's (the file was replaced by one of another size after they were drawn) are
 left out, with a ``dropped ...`` line naming both sizes, and so is the image when no annotator's labels are left.
@@ -295,6 +302,11 @@ def _check_origin(out: Path, state: dict, origin: dict) -> None:
     """Refuse to pull ``origin`` (``{source, session_id}``) into ``out`` when it holds a pull of another session
     or source (recorded in ``state``, or for sets pulled before colabel recorded it, the session id in
     ``labels.zarr``'s attributes)."""
+    if state and bool(state.get("finished_only")) != bool(origin.get("finished_only")):
+        held = "finished images only (--finished-only)" if state.get("finished_only") else "every saved annotation"
+        raise InvalidInputError(
+            f"{out} holds a pull of {held}: pull {'without' if state.get('finished_only') else 'with'} "
+            "--finished-only into another --out")
     recorded = {k: state.get(k) for k in ("source", "session_id")}
     if recorded["session_id"] is None and (out / "labels.zarr").is_dir():
         import zarr
@@ -452,7 +464,8 @@ def _remove_stale_builds(out: Path) -> None:
             continue
 
 
-async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | None = None) -> dict:
+async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | None = None,
+               finished_only: bool = False) -> dict:
     """Mirror ``source``'s session in ``out``: fetch the versions newer than the last pull's, remove what the source
     no longer has (images deleted, unreadable or no longer labelled, annotators' labels deleted, consensus of
     images left with fewer than 2 annotators), rewrite the tables and COCO files (layout: module docstring).
@@ -468,6 +481,8 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
         Format of ``labels.zarr``; None keeps an existing store's format (3 for a new one). Asking for the other
         format than the existing store's rewrites it whole, in a temporary folder beside it that takes its place
         once the pull has succeeded (a failed pull leaves the previous store as it was).
+    finished_only : bool
+        Pull only the labels of images their annotator finished (and their consensus); a set is pulled one way.
 
     Returns
     -------
@@ -480,7 +495,8 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     InvalidInputError
         ``out`` holds a pull of another session or source, or a ``pull_state.json`` that is not a JSON object, or
         is a file, or (from a :class:`LocalSource`) lies inside the folder pulled from, whose catalog would take
-        the pulled TIFFs for images; or ``zarr_format`` is not 2, 3 or None; nothing is written.
+        the pulled TIFFs for images, or was pulled the other way than ``finished_only``; or ``zarr_format`` is not
+        2, 3 or None; nothing is written.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -491,7 +507,8 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     state_path = out / "pull_state.json"
     old = _read_state(state_path)
     meta = await source.session()
-    origin = {"source": source.location, "session_id": meta["session"]["session_id"]}
+    origin = {"source": source.location, "session_id": meta["session"]["session_id"],
+              "finished_only": bool(finished_only)}
     _check_origin(out, old, origin)
     if zarr_format not in (None, 2, 3):
         raise InvalidInputError(f"zarr format must be 2 or 3, got {zarr_format!r}")
@@ -518,9 +535,13 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     (out / "tiff").mkdir(exist_ok=True)
     (out / "geojson").mkdir(exist_ok=True)
     state: dict[str, Any] = {"format": STATE_FORMAT, **origin, "images": {}, "versions": {}, "saves": {},
-                             "objects": {}, "consensus": {}, "consensus_basis": {}, "agreement": {}}
+                             "objects": {}, "consensus": {}, "consensus_basis": {}, "agreement": {},
+                             "finished": {}}
     files: set[str] = set()
     listed = {i["image_id"]: i for i in meta["images"]}
+    if origin["finished_only"]:  # only the annotators who finished the image count
+        meta = {**meta, "images": [{**i, "versions": {a: v for a, v in i.get("versions", {}).items()
+                                                      if a in (i.get("finished") or {})}} for i in meta["images"]]}
     images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
     stems = _stems({i["image_id"]: i["name"] for i in images})
     who_is = meta.get("annotators", {})
@@ -547,6 +568,7 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
             if not versions:
                 continue
             latest, key, who = versions[-1], f"{image_id}/{annotator_id}", _safe(annotator_id)
+            state["finished"][key] = (image.get("finished") or {}).get(annotator_id)  # the version finished, or None
             save = _save_id(image, annotator_id, latest)
             mask_file, geojson_file = f"tiff/{stem}__{who}_mask.tif", f"geojson/{stem}__{who}.geojson"
             if (reusable.get("versions", {}).get(key) == latest
@@ -611,7 +633,8 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
             (out / path).unlink(missing_ok=True)
     state["files"] = sorted(files)
     rows = [o for objects in state["objects"].values() for o in objects]
-    _write_cells(out / "cells.csv", rows)
+    state["finished"] = {k: v for k, v in state["finished"].items() if k in state["versions"]}
+    _write_cells(out / "cells.csv", rows, state["finished"])
     _write_rows(out / "annotators.csv", _annotator_rows(who_is, state), list(ANNOTATOR_COLUMNS))
     _write_rows(out / "consensus_cells.csv", [r for image_rows in state["consensus"].values() for r in image_rows],
                 ["image_id", "image_name", "label", "class", "tie", "support", "votes"])
@@ -714,29 +737,34 @@ def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], ba
 
 
 #: Columns of ``annotators.csv``.
-ANNOTATOR_COLUMNS = ("annotator_id", "display_name", "joined", "images", "objects")
+ANNOTATOR_COLUMNS = ("annotator_id", "display_name", "joined", "images", "finished", "objects")
 
 
 def _annotator_rows(who_is: dict, state: dict) -> list[dict]:
     """One row per annotator whose labels the set holds, in id order: the name they joined the session with, when
-    (UTC, ISO 8601), and how many of the set's images and objects are theirs."""
+    (UTC, ISO 8601), and how many of the set's images (``finished``: of those, the ones they finished) and objects are
+    theirs."""
     images: dict[str, int] = {}
+    finished: dict[str, int] = {}
     objects: dict[str, int] = {}
     for key, found in state["objects"].items():
         annotator_id = key.split("/", 1)[1]
         images[annotator_id] = images.get(annotator_id, 0) + 1
+        finished[annotator_id] = finished.get(annotator_id, 0) + (state.get("finished", {}).get(key) is not None)
         objects[annotator_id] = objects.get(annotator_id, 0) + len(found)
     return [{"annotator_id": a, "display_name": (who_is.get(a) or {}).get("display_name", ""),
-             "joined": (who_is.get(a) or {}).get("joined", ""), "images": images[a], "objects": objects[a]}
-            for a in sorted(images)]
+             "joined": (who_is.get(a) or {}).get("joined", ""), "images": images[a], "finished": finished[a],
+             "objects": objects[a]} for a in sorted(images)]
 
 
-def _write_cells(path: Path, rows: list[dict]) -> None:
+def _write_cells(path: Path, rows: list[dict], finished: dict[str, int | None]) -> None:
+    """``cells.csv``; ``finished``: ``image_id/annotator_id`` -> the version the annotator finished (None: not)."""
     columns = ["image_id", "image_name", "annotator_id", "version", "label", "class", "area", "centroid_x",
-               "centroid_y", "xmin", "ymin", "xmax", "ymax"]
+               "centroid_y", "xmin", "ymin", "xmax", "ymax", "finished"]
     _write_rows(path, [dict(zip(columns, [r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"],
                                           r["class"] or "", round(r["area"], 3),
-                                          *(round(v, 3) for v in r["centroid"]), *(round(v, 3) for v in r["bbox"])],
+                                          *(round(v, 3) for v in r["centroid"]), *(round(v, 3) for v in r["bbox"]),
+                                          finished.get(f"{r['image_id']}/{r['annotator_id']}") is not None],
                                 strict=True)) for r in rows], columns)
 
 
@@ -787,9 +815,10 @@ def _coco(session: dict, state: dict, *, consensus: bool = False) -> dict:
 
 
 def run_pull(source: str, out: Path, *, session: str | None = None, token: str | None = None,
-             echo: Callable[[str], object] | None = print, zarr_format: int | None = None) -> dict:
+             echo: Callable[[str], object] | None = print, zarr_format: int | None = None,
+             finished_only: bool = False) -> dict:
     """Pull from a provider URL or a local folder (``session`` needed for a folder); ``echo`` gets each
-    ``dropped ...`` line of :func:`pull` (default: printed); ``zarr_format`` as :func:`pull`'s."""
+    ``dropped ...`` line of :func:`pull` (default: printed); ``zarr_format`` and ``finished_only`` as :func:`pull`'s."""
 
     async def main():
         if source.startswith(("http://", "https://")):
@@ -805,7 +834,7 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
                 raise InvalidInputError("pulling from a local folder needs --session SESSION (its id or name)")
             src = LocalSource(Path(source), session)
         try:
-            return await pull(src, out, zarr_format=zarr_format)
+            return await pull(src, out, zarr_format=zarr_format, finished_only=finished_only)
         finally:
             await src.close()
 

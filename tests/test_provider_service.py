@@ -96,8 +96,8 @@ async def test_provider_to_annotator_to_files_on_disk(stack, connect):
     assert progress["images_done"] == 1 and progress["n_images"] == 3
     session_dir = stack.folder / "annotations" / "sessions" / created["session"]["session_id"]
     stored = sum(f.stat().st_size for f in session_dir.rglob("v*.*"))  # both versions: GeoJSON and label TIFF
-    assert progress["per_annotator"][aid] == {"display_name": "Ada Lovelace", "images": 1, "versions": 2,
-                                              "stored_bytes": stored}
+    assert progress["per_annotator"][aid] == {"display_name": "Ada Lovelace", "images": 1, "finished": 0,
+                                              "versions": 2, "stored_bytes": stored}
     assert progress["stored_bytes"] == stored and progress["max_session_bytes"] == 0
     listed = await provider.list_images(created["session"]["session_id"])
     status = {i["image_id"]: (i["status"], i["annotations"]) for i in listed}
@@ -139,6 +139,48 @@ async def test_an_annotator_keeps_their_image_until_they_save_it(stack, connect)
     assert (await annotator.next_image(token, aid))["image"]["image_id"] == first
     await annotator.save_annotation(token, aid, first, collection(square(1, 1, 5)))
     assert (await annotator.next_image(token, aid))["image"]["image_id"] != first
+
+
+async def test_an_annotator_finishes_an_image_after_saving_it_and_the_finish_survives_a_restart(stack, connect):
+    from colabel.apps.provider.provider import DataProvider
+
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("finish", CLASSES, annotators_per_image=2)
+    token, sid = created["token"], created["session"]["session_id"]
+    annotator = await open_annotator(stack, connect)
+    ada = (await annotator.join(token, "Ada"))["annotator_key"]
+    bob = await annotator.join(token, "Bob")
+    image = (await annotator.next_image(token, ada))["image"]["image_id"]
+    with pytest.raises(Exception, match=r"NotFoundError: annotator 'a-[0-9a-f]+' has no annotation of image "
+                                        rf"'{image}' to finish: save it first \(empty, if there is nothing to draw\)"):
+        await annotator.finish_image(token, ada, image)
+    for size in (5, 6):
+        await annotator.save_annotation(token, ada, image, collection(square(1, 1, size)))
+    mark = await annotator.finish_image(token, ada, image)
+    assert mark["image_id"] == image and mark["version"] == 2 and mark["at"].endswith("+00:00")
+    assert await annotator.finish_image(token, ada, image) == mark  # the same version again: nothing changes
+    await annotator.save_annotation(token, ada, image, collection(square(1, 1, 7)))  # a correction: still finished
+    await annotator.save_annotation(token, bob["annotator_key"], image, collection())  # Bob: saved, not finished
+
+    bob_id = bob["annotator"]["annotator_id"]
+    (ada_id,) = set((await annotator.image_info(token, image))["annotations"]) - {bob_id}
+    assert (await annotator.image_info(token, image))["finished"] == {ada_id: 2}
+    progress = await provider.progress(sid)
+    assert progress["images_done"] == 1 and progress["images_finished"] == 0  # 2 per image: Bob has not finished
+    assert progress["per_annotator"][ada_id]["finished"] == 1 and progress["per_annotator"][bob_id]["finished"] == 0
+    bobs = await annotator.finish_image(token, bob["annotator_key"], image)
+    assert (await provider.progress(sid))["images_finished"] == 1
+
+    other = await provider.create_session("other", CLASSES)  # a key of one session finishes nothing in another
+    with pytest.raises(Exception, match="unknown annotator key in this session"):
+        await annotator.finish_image(other["token"], ada, image)
+    await provider.close_session(sid)
+    with pytest.raises(Exception, match="SessionClosedError"):
+        await annotator.finish_image(token, ada, image)
+
+    restarted = DataProvider(stack.folder, read_only=True)  # read back from the session manifest
+    assert restarted.sessions.finished(sid) == {image: {ada_id: {"version": 2, "at": mark["at"]},
+                                                        bob_id: {"version": 1, "at": bobs["at"]}}}
 
 
 # -- refusals: item 5 (tokens and sessions) ---------------------------------------------------------

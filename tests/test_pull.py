@@ -105,10 +105,12 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         with open(out / "cells.csv") as handle:
             rows = list(csv.DictReader(handle))
         assert len(rows) == 4 and {r["class"] for r in rows} == {"nucleus", "other"}
+        assert {r["finished"] for r in rows} == {"False"}  # nobody went on to a next image
         with open(out / "annotators.csv") as handle:  # who is behind each annotator id of the tables
             people = {r["display_name"]: r for r in csv.DictReader(handle)}
         assert sorted(people) == ["Ada", "Bob"] and {r["annotator_id"] for r in people.values()} == set(annotators)
         assert (people["Ada"]["images"], people["Ada"]["objects"], people["Bob"]["images"]) == ("2", "3", "1")
+        assert people["Ada"]["finished"] == "0"
         assert people["Ada"]["joined"].startswith("20")
         coco = json.loads((out / "coco.json").read_text())
         assert [c["name"] for c in coco["categories"]] == ["nucleus", "other", "object"]
@@ -122,8 +124,13 @@ def test_remote_pull_with_a_trainer_token_is_complete_and_incremental(tmp_path):
         # Ada drew 2 squares, Bob 1 matching one of them: F1 = 2 * 1 / (2 + 1)
         assert agreement["pairs"][0]["f1"] == pytest.approx(2 / 3)
 
+        await annotator.finish_image(token, ada, dsb)  # a finish without a new version: the tables say it
         again = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
         assert "pulled 0 new annotation versions (3 up to date)" in again.stdout
+        with open(out / "cells.csv") as handle:
+            finished = {(r["image_id"], r["annotator_id"]): r["finished"] for r in csv.DictReader(handle)}
+        assert finished == {(dsb, people["Ada"]["annotator_id"]): "True", (dsb, people["Bob"]["annotator_id"]): "False",
+                            (ihc, people["Ada"]["annotator_id"]): "False"}
         await annotator.save_annotation(token, ada, images["ihc_ki67.png"],
                                         collection(square(5, 5, 30), square(50, 50, 9)))
         third = await asyncio.to_thread(pull, trainer["share_url"], "--out", str(out))
@@ -1010,3 +1017,59 @@ def test_training_pairs_take_the_consensus_alone_when_asked_and_pull_refuses_opt
         refused = pull(*args, "--out", str(tmp_path / "other"))
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
+
+
+def test_a_finished_only_pull_holds_the_labels_of_finished_images_alone_and_their_consensus(tmp_path):
+    """An annotator who left an image midway (saved, never finished) stays out of a `--finished-only` set and its
+    consensus; a plain pull holds everyone and says in `cells.csv` and `annotators.csv` who finished what."""
+    import zarr
+
+    from colabel.apps.pull import run_pull
+
+    folder = make_image_folder(tmp_path / "images")
+    provider, info, ids, (ada, bob, cy) = _session(folder, names=("Ada", "Bob", "Cy"))
+    ihc, dsb = ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]
+    provider.save_annotation(info, dsb, ada.annotator_id, collection(square(10, 10, 20), square(60, 60, 20)))
+    provider.save_annotation(info, dsb, bob.annotator_id, collection(square(11, 10, 20), square(61, 60, 20)))
+    provider.save_annotation(info, dsb, cy.annotator_id, collection(square(10, 10, 20)))  # left midway
+    provider.save_annotation(info, ihc, ada.annotator_id, collection(square(5, 5, 9)))  # still drawing
+    for annotator in (ada, bob):
+        provider.finish_image(info, dsb, annotator.annotator_id)
+
+    every = tmp_path / "every"
+    run_pull(str(folder), every, session=info.session_id, echo=None)
+    with open(every / "cells.csv") as handle:
+        finished = {(r["image_id"], r["annotator_id"], r["finished"]) for r in csv.DictReader(handle)}
+    assert finished == {(dsb, ada.annotator_id, "True"), (dsb, bob.annotator_id, "True"),
+                        (dsb, cy.annotator_id, "False"), (ihc, ada.annotator_id, "False")}
+    with open(every / "annotators.csv") as handle:
+        people = {r["display_name"]: (r["images"], r["finished"]) for r in csv.DictReader(handle)}
+    assert people == {"Ada": ("2", "1"), "Bob": ("1", "1"), "Cy": ("1", "0")}
+    root = zarr.open_group(str(every / "labels.zarr"), mode="r")
+    assert root[f"consensus/{dsb}"][...].max() == 2  # 3 annotators: both squares have a majority
+
+    done = tmp_path / "finished"
+    printed = pull(str(folder), "--session", info.session_id, "--out", str(done), "--finished-only")
+    assert printed.returncode == 0, printed.stderr
+    assert "pulled 2 new annotation versions (0 up to date) of 1 images" in printed.stdout
+    root = zarr.open_group(str(done / "labels.zarr"), mode="r")
+    assert list(root["images"].array_keys()) == [dsb]
+    assert sorted(root[f"instances/{dsb}"].array_keys()) == sorted([ada.annotator_id, bob.annotator_id])
+    assert root[f"consensus/{dsb}"][...].max() == 2 and root[f"consensus/{dsb}"].attrs["annotators"] == sorted(
+        [ada.annotator_id, bob.annotator_id])
+    with open(done / "annotators.csv") as handle:
+        assert sorted(r["display_name"] for r in csv.DictReader(handle)) == ["Ada", "Bob"]
+
+    provider.finish_image(info, dsb, cy.annotator_id)  # Cy says the one square is all there is
+    again = run_pull(str(folder), done, session=info.session_id, echo=None, finished_only=True)
+    assert (again["pulled"], again["skipped"]) == (1, 2)
+    root = zarr.open_group(str(done / "labels.zarr"), mode="r")
+    assert len(root[f"consensus/{dsb}"].attrs["annotators"]) == 3 and root[f"consensus/{dsb}"][...].max() == 2
+
+    before = _files(done)  # a set is pulled one way: the other way into it is refused, nothing written
+    for out, finished_only, held in ((done, False, "finished images only (--finished-only): pull without"),
+                                     (every, True, "every saved annotation: pull with")):
+        with pytest.raises(Exception, match=re.escape(f"{out} holds a pull of {held} --finished-only into another "
+                                                      "--out")):
+            run_pull(str(folder), out, session=info.session_id, echo=None, finished_only=finished_only)
+    assert _files(done) == before

@@ -44,6 +44,7 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
                                        collection(square(10 + version, 10, 20)))
     await annotate.save_annotation(secret, bob["annotator_key"], ids["ihc_ki67.png"], collection(square(50, 50, 20)))
     await annotate.save_annotation(secret, ada["annotator_key"], ids["dsb2018_nuclei.tif"], collection())
+    await annotate.finish_image(secret, bob["annotator_key"], ids["ihc_ki67.png"])  # Bob's outline is complete
 
     stored = stack.provider.store.usage(session.session_id)
     stack.provider.store.max_session_bytes = sum(stored.values()) + 100  # as COLABEL_MAX_SESSION_BYTES sets it
@@ -61,7 +62,7 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     rows = {(await r.get_attribute("data-annotator-id")): await r.locator("td").all_text_contents()
             for r in await card.locator("table.annotators tr[data-annotator-id]").all()}
     a, b = ada["annotator"]["annotator_id"], bob["annotator"]["annotator_id"]
-    assert rows == {a: ["Ada", "2", "3", byte_size(stored[a])], b: ["Bob", "1", "1", byte_size(stored[b])]}
+    assert rows == {a: ["Ada", "2", "0", "3", byte_size(stored[a])], b: ["Bob", "1", "1", "1", byte_size(stored[b])]}
     # what the session's versions take on disk, nearly at the provider's limit: shown in red
     line = card.locator(".stored.error")
     assert await line.text_content() == (f"annotations stored: {byte_size(sum(stored.values()))} of the session's "
@@ -70,11 +71,13 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
     # progress per image: status, and who saved how many versions
     images = {(await r.get_attribute("data-image-id")): await r.locator("td").all_text_contents()
               for r in await card.locator(".image-progress tr").all()}
-    assert images[ids["ihc_ki67.png"]] == ["ihc_ki67.png", "annotated", "Ada (2 versions), Bob (1 version)"]
+    assert images[ids["ihc_ki67.png"]] == ["ihc_ki67.png", "annotated",
+                                           "Ada (2 versions), Bob (1 version, finished)"]
     assert images[ids["dsb2018_nuclei.tif"]] == ["dsb2018_nuclei.tif", "in progress", "Ada (1 version)"]
     assert images[ids["sub/he_histo.jpg"]][1] == "unannotated"
     assert images[ids["broken.png"]][1] == "unreadable"
-    assert "1 of 3 images done" in await card.locator(".progress").text_content()
+    assert await card.locator(".progress").text_content() == (
+        " 1 of 3 images done, 1 in progress · 0 finished by all 2 annotators")
     # the folder's images: status over the sessions
     folder = {r[0]: r[-1] for r in [await r.locator("td").all_text_contents()
                                     for r in await page.locator("#images tbody tr").all()]}
@@ -155,7 +158,8 @@ async def test_manager_page_polls_the_progress_without_losing_what_the_provider_
     await page.clock.run_for(10_500)  # the poll comes due
     await card.locator("table.annotators tr[data-annotator-id]").wait_for(timeout=15_000)
     assert await card.locator("table.annotators tr[data-annotator-id] td").all_text_contents() == ["Ada", "1", "1"]
-    assert "1 of 3 images done" in await card.locator(".progress").text_content()
+    assert await card.locator(".progress").text_content() == (
+        " 1 of 3 images done, 1 in progress · 0 finished by all 2 annotators")
     assert await page.text_content("#updated") != first_update
     # what was being typed survived the refresh, and typing goes on where it stopped
     assert await page.input_value("#session-name") == "ki67 ro"

@@ -315,6 +315,7 @@ async def test_next_image_on_an_untouched_image_saves_it_empty_and_says_so(stack
     image = ids[first]
     name, files = versions_of(stack.folder, session.session_id, image)
     assert files == ["v000001.geojson"] and saved(stack.folder, session.session_id, image, name, 1) == []
+    assert stack.provider.sessions.finished(session.session_id)[image][name]["version"] == 1  # saved, then finished
 
     await page.click("#next-image")  # the last one, untouched too: said with the end of the session
     await page.wait_for_selector("body[data-state=done]", timeout=30_000)

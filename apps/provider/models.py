@@ -38,7 +38,8 @@ class ImageInfo(BaseModel):
     ``shape`` is ``(height, width, channels)`` of level 0; ``levels`` lists ``(height, width)`` of every
     resolution level that ``get_image(level=n)`` serves (level ``n`` is downsampled ``2**n`` times unless
     the file has its own pyramid). ``error`` is set, and the other pixel fields are empty, when the file
-    cannot be read. ``annotations`` counts saved versions per annotator id in the session asked about.
+    cannot be read. ``annotations`` counts saved versions per annotator id in the session asked about, and
+    ``finished`` names the annotators who finished the image there.
     """
 
     image_id: str
@@ -53,6 +54,8 @@ class ImageInfo(BaseModel):
                                  "and modification time); None when the file cannot be read")
     status: Literal["unannotated", "in_progress", "annotated", "unreadable"] = "unannotated"
     annotations: dict[str, int] = Field(default_factory=dict)
+    finished: dict[str, int] = Field(default_factory=dict, description="annotator id -> their latest version when "
+                                     "they said they finished the image (finish_image; the page's next image)")
 
 
 class LabelClass(BaseModel):
@@ -152,14 +155,15 @@ class Assignment(BaseModel):
 
 
 class Progress(BaseModel):
-    """Session progress: images with all their annotators done, and saves per annotator."""
+    """Session progress: images with all their annotators done (saved on) and finished, and work per annotator."""
 
     session_id: str
     n_images: int
     images_done: int
     images_in_progress: int
+    images_finished: int = Field(0, description="images finished (finish_image) by annotators_per_image annotators")
     per_annotator: dict[str, dict] = Field(
-        default_factory=dict, description="annotator id -> {display_name, images, versions, stored_bytes}"
+        default_factory=dict, description="annotator id -> {display_name, images, finished, versions, stored_bytes}"
     )
     stored_bytes: int = Field(0, description="bytes the session's annotations take on disk, every version")
     max_session_bytes: int = Field(0, description="the provider's limit of stored_bytes; 0: none")

@@ -106,6 +106,8 @@ class DataProvider:
         counts = self.store.annotators(session.session_id, info.image_id)
         assigned = self.sessions.assignments(session.session_id).get(info.image_id, [])
         info.annotations = counts
+        info.finished = {a: f["version"] for a, f in
+                         self.sessions.finished(session.session_id).get(info.image_id, {}).items()}
         if len(counts) >= session.annotators_per_image:
             info.status = "annotated"
         elif counts or assigned:
@@ -203,6 +205,20 @@ class DataProvider:
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         return self.store.versions(session.session_id, image_id, annotator_id)
 
+    def finish_image(self, session: SessionInfo, image_id: str, annotator_id: str) -> dict:
+        """Record that the annotator finished the image (what they drew is complete), at their latest version:
+        returns ``{image_id, version, at}`` (``at``: UTC). Their later saves of it (corrections) keep it finished;
+        the finish says which version they had then. Refused (:class:`NotFoundError`) before they saved the image:
+        an image with nothing to draw on is saved empty first (the page does)."""
+        image_id = self._check_in_session(session, image_id)
+        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
+        versions = self.store.versions(session.session_id, image_id, annotator_id)
+        if not versions:
+            raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} to "
+                                "finish: save it first (empty, if there is nothing to draw)")
+        mark = self.sessions.finish(session.session_id, image_id, annotator_id, versions[-1])
+        return {"image_id": image_id, **mark}
+
     def trainer_images(self, session: SessionInfo) -> list[dict]:
         """What a trainer is told of the session's images (``trainer_session``, a local ``colabel pull``): every
         image's :class:`ImageInfo` fields, ``versions`` (annotator id -> version numbers, oldest first) and
@@ -236,11 +252,13 @@ class DataProvider:
         stored = self.store.usage(session.session_id)
         assignments = self.sessions.assignments(session.session_id)
         annotators = self.sessions.annotators(session.session_id)
-        per: dict[str, dict] = {
-            a: {"display_name": ann.display_name, "images": 0, "versions": 0, "stored_bytes": stored.get(a, 0)}
-            for a, ann in annotators.items()
-        }
-        done = in_progress = 0
+        finished = self.sessions.finished(session.session_id)
+
+        def entry(a: str, name: str) -> dict:
+            return {"display_name": name, "images": 0, "finished": 0, "versions": 0, "stored_bytes": stored.get(a, 0)}
+
+        per: dict[str, dict] = {a: entry(a, ann.display_name) for a, ann in annotators.items()}
+        done = in_progress = complete = 0
         for image_id in ids:
             by = counts.get(image_id, {})
             if len(by) >= session.annotators_per_image:
@@ -248,13 +266,16 @@ class DataProvider:
             elif by or assignments.get(image_id):
                 in_progress += 1
             for a, n in by.items():
-                entry = per.setdefault(a, {"display_name": a, "images": 0, "versions": 0,
-                                           "stored_bytes": stored.get(a, 0)})
-                entry["images"] += 1
-                entry["versions"] += n
+                row = per.setdefault(a, entry(a, a))
+                row["images"] += 1
+                row["versions"] += n
+            ended = [a for a in finished.get(image_id, {}) if a in by]
+            complete += len(ended) >= session.annotators_per_image
+            for a in ended:
+                per[a]["finished"] += 1
         return Progress(session_id=session.session_id, n_images=len(ids), images_done=done,
-                        images_in_progress=in_progress, per_annotator=per, stored_bytes=sum(stored.values()),
-                        max_session_bytes=self.store.max_session_bytes)
+                        images_in_progress=in_progress, images_finished=complete, per_annotator=per,
+                        stored_bytes=sum(stored.values()), max_session_bytes=self.store.max_session_bytes)
 
     def create_session(self, *, name: str, classes: Sequence[dict], mode: str = "segmentation",
                        annotators_per_image: int = 1, image_ids: Sequence[str] | None = None):

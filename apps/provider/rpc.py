@@ -350,6 +350,14 @@ class ProviderServices:
                                          base_version=base_version, writer=writer)
                 return await asyncio.get_running_loop().run_in_executor(self._save_pool, save)
 
+        async def finish_image(token, annotator_key, image_id):
+            """Say the image is finished (what this annotator drew on it is complete), at their latest version:
+            ``{image_id, version, at}``. Refused before they saved it. Runs after their saves in flight."""
+            info = sessions.authorize(token, write=True)
+            annotator = sessions.identify(info.session_id, annotator_key)
+            async with self._save_locks[(info.session_id, annotator.annotator_id)]:
+                return await asyncio.to_thread(p.finish_image, info, image_id, annotator.annotator_id)
+
         def get_annotations(token, annotator_key, image_id, version=None):
             info = sessions.authorize(token)
             annotator = sessions.identify(info.session_id, annotator_key)
@@ -364,7 +372,7 @@ class ProviderServices:
             return p.progress(sessions.authorize(token))
 
         functions = [join, session_info, list_images, image_info, get_image, next_image, save_annotation,
-                     get_annotations, list_versions, progress, *self._trainer_functions()]
+                     finish_image, get_annotations, list_versions, progress, *self._trainer_functions()]
         if self.assist is not None:
             functions += self._assist_functions()
         if self.hals is not None:

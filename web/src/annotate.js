@@ -1136,6 +1136,9 @@ async function nextImage() {
       return;
     }
     message("");
+    // going on says this image is finished: what this annotator drew on it is complete (trainers can tell it
+    // from work left midway)
+    if (state.image) await api("finish_image", [state.ctx.token, state.key, state.image.image_id]);
     await showImage(await api("next_image", [state.ctx.token, state.key]));
     if (empty !== null) {
       // said, not asked: an empty version records "nothing to annotate here"

@@ -132,11 +132,11 @@ function annotatorTable(p, st) {
   if (!rows.length) return el("div", { class: "annotators" }, "nobody joined yet");
   const cells = st && !st.error ? st.per_annotator || {} : null;
   return el("table", { class: "annotators" },
-    el("tr", {}, el("th", {}, "annotator"), el("th", {}, "images"), el("th", {}, "versions"),
-      el("th", {}, "stored"), cells ? el("th", {}, "cell labels") : null),
+    el("tr", {}, el("th", {}, "annotator"), el("th", {}, "images"), el("th", {}, "finished"),
+      el("th", {}, "versions"), el("th", {}, "stored"), cells ? el("th", {}, "cell labels") : null),
     rows.map(([id, a]) => el("tr", { "data-annotator-id": id }, el("td", { title: id }, a.display_name),
-      el("td", {}, a.images), el("td", {}, a.versions), el("td", { class: "stored" }, byteSize(a.stored_bytes)),
-      cells ? el("td", {}, cells[id] || 0) : null)));
+      el("td", {}, a.images), el("td", {}, a.finished), el("td", {}, a.versions),
+      el("td", { class: "stored" }, byteSize(a.stored_bytes)), cells ? el("td", {}, cells[id] || 0) : null)));
 }
 
 function imageTable(id, images, p) {
@@ -151,7 +151,8 @@ function imageTable(id, images, p) {
     el("table", {}, images.map((im) => el("tr", { class: im.status, "data-image-id": im.image_id },
       el("td", {}, im.name), el("td", { class: "status" }, im.status.replace("_", " ")),
       el("td", {}, Object.entries(im.annotations)
-        .map(([id, n]) => `${names[id] || id} (${n} version${n === 1 ? "" : "s"})`).join(", "))))));
+        .map(([id, n]) => `${names[id] || id} (${n} version${n === 1 ? "" : "s"}`
+          + `${id in (im.finished || {}) ? ", finished" : ""})`).join(", "))))));
 }
 
 async function revokeSession(s) {
@@ -228,7 +229,9 @@ async function sessionCard(s, images) {
     el("div", { class: "classes" }, s.classes.map((c) => el("span", { class: "class", style: `--c:${c.color}` }, c.name))),
     el("div", { class: "progress" },
       el("progress", { max: p.n_images || 1, value: p.images_done }),
-      ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress`),
+      ` ${p.images_done} of ${p.n_images} images done, ${p.images_in_progress} in progress`
+        + ` · ${p.images_finished} finished by ${s.annotators_per_image === 1 ? "their annotator"
+          : `all ${s.annotators_per_image} annotators`}`),
     classifierLine(st),
     storedLine(p),
     annotatorTable(p, st),

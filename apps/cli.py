@@ -764,7 +764,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         session_id = SessionStore(annotations_dir(folder), read_only=True).resolve(args.session)
     except NotFoundError as exc:
         raise NotFoundError(f"{exc} (in {folder})") from None
-    print_report(session_report(folder, session_id))
+    print_report(session_report(folder, session_id, finished_only=args.finished_only))
     return 0
 
 
@@ -957,6 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("folder", metavar="FOLDER", help="the mounted folder")
     report.add_argument("session", metavar="SESSION",
                         help="the session's id (s-..., shown on the manage page) or its name")
+    report.add_argument("--finished-only", action="store_true",
+                        help="count in the agreement only the annotators who finished each image (went on to the next "
+                             "image): work in progress and images left midway stay out")
     report.set_defaults(func=cmd_report)
 
     demo = commands.add_parser("demo", help="write real demo images into a folder",

@@ -58,11 +58,12 @@ def retrain_curve(events: list[dict], n_classes: int, *, n_max: int = 200) -> li
     return curve
 
 
-def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
+def session_report(folder: Path, session_id: str, *, n_max: int = 200, finished_only: bool = False) -> dict:
     """Workload and live self-validation of one session of the mounted ``folder``.
 
     ``self_validation_auc`` is the area under :func:`retrain_curve` normalised by its N range, ``n_range``
-    that range ``[0, N of the last retrain counted]`` (None without a retrain).
+    that range ``[0, N of the last retrain counted]`` (None without a retrain). ``finished_only``: the agreement
+    counts only the annotators who finished each image (:func:`session_agreement`).
     """
     from colabel.services.hals.metrics import area_under_curve, workload_report
 
@@ -93,11 +94,12 @@ def session_report(folder: Path, session_id: str, *, n_max: int = 200) -> dict:
         out["self_validation_auc"] = None
         out["n_range"] = None
         out["curve"] = []
-    out["agreement"] = session_agreement(folder, session_id, events)
+    out["agreement"] = session_agreement(folder, session_id, events, finished_only=finished_only)
     return out
 
 
-def session_agreement(folder: Path, session_id: str, events: list[dict] | None = None) -> dict:
+def session_agreement(folder: Path, session_id: str, events: list[dict] | None = None, *,
+                      finished_only: bool = False) -> dict:
     """Inter-annotator agreement (Segebarth et al. 2020) for images with two or more annotators.
 
     ``images``: per image (:func:`~colabel.services.training.consensus.image_consensus` on the annotators' latest
@@ -111,7 +113,9 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     image name, for printing. ``left_out``: ``[{image_id, annotator_id, shape, latest_shape}]``, the labels of an
     image whose size (``[H, W]``) is not that of the image's latest save (drawn before its file was replaced by one
     of another size, as ``colabel pull`` drops them): they take no part in the figures, and the image none when
-    fewer than two annotators are left.
+    fewer than two annotators are left. ``unfinished``: ``[{image_id, annotator_id}]``, saved labels of an image
+    their annotator has not finished (work in progress, or left midway); with ``finished_only`` they take no part in
+    the figures either (as ``colabel pull --finished-only``); listed for images two or more annotators saved.
     """
     import itertools
 
@@ -123,12 +127,19 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     from .pull import label_classes
 
     store = AnnotationStore(Path(folder) / "annotations", read_only=True)  # the live folder of a running serve
-    per_image, labelled, left_out = {}, {}, []
+    per_image, labelled, left_out, unfinished = {}, {}, [], []
     names: dict[str, str] = _annotator_names(Path(folder), session_id)
+    finished = _manifest(Path(folder), session_id).get("finished", {})
     for image_id, counts in sorted(store.counts(session_id).items()):
-        if len(counts) < 2:
+        ended = finished.get(image_id, {}) if isinstance(finished, dict) else {}
+        if len(counts) >= 2:  # where there is agreement to speak of
+            unfinished += [{"image_id": image_id, "annotator_id": a} for a in sorted(counts) if a not in ended]
+            for a in sorted(counts):  # the name, also of an image left out below
+                names.setdefault(a, store.record(session_id, image_id, a).get("display_name") or a)
+            names.setdefault(image_id, store.record(session_id, image_id, min(counts)).get("image_name") or image_id)
+        annotators = sorted(a for a in counts if a in ended or not finished_only)
+        if len(annotators) < 2:
             continue
-        annotators = sorted(counts)
         masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in annotators}
         collections = {a: store.load(session_id, image_id, a) for a in annotators}
         for a, collection in collections.items():
@@ -161,14 +172,24 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
         shared = sum(1 for cell in table[a] if cell in table[b])
         if shared:
             kappa.append({"a": a, "b": b, "kappa": value, "n_cells": shared})
-    return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names, "left_out": left_out}
+    return {"images": per_image, "pairs": pairs, "class_kappa": kappa, "names": names, "left_out": left_out,
+            "unfinished": unfinished, "finished_only": finished_only}
+
+
+def _manifest(folder: Path, session_id: str) -> dict:
+    """A session's manifest (``session.json``), {} when unreadable."""
+    path = Path(folder) / "annotations" / "sessions" / session_id / "session.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _annotator_names(folder: Path, session_id: str) -> dict[str, str]:
     """Annotator id -> display name of a session's joined annotators, from its manifest ({} when unreadable)."""
-    manifest = Path(folder) / "annotations" / "sessions" / session_id / "session.json"
     try:
-        annotators = json.loads(manifest.read_text(encoding="utf-8")).get("annotators", {})
+        annotators = _manifest(folder, session_id).get("annotators", {})
         return {a: str(v["display_name"]) for a, v in annotators.items()
                 if isinstance(v, dict) and v.get("display_name")}
     except (OSError, ValueError, AttributeError):
@@ -218,6 +239,13 @@ def print_report(report: dict) -> None:
         print(f"  left out of the agreement on {names.get(entry['image_id'], entry['image_id'])}: the labels of "
               f"{who(entry['annotator_id'])}: they were drawn on an image {w} pixels wide and {h} high, the "
               f"image's latest save on one {latest_w} pixels wide and {latest_h} high (its file was replaced)")
+    unfinished: dict[str, list[str]] = {}
+    for entry in agreement.get("unfinished", []):
+        unfinished.setdefault(entry["image_id"], []).append(who(entry["annotator_id"]))
+    for image_id, people in unfinished.items():
+        counted = ("left out of the agreement (--finished-only)" if agreement.get("finished_only")
+                   else "counted in the agreement; --finished-only leaves them out")
+        print(f"  not finished on {names.get(image_id, image_id)}: the labels of {', '.join(people)} ({counted})")
     for pair in agreement.get("class_kappa", []):
         kappa = pair["kappa"]
         cells = f"{pair['n_cells']} cell{'' if pair['n_cells'] == 1 else 's'}"

@@ -219,6 +219,25 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     assert printed.returncode == 0 and "F1 0.667" in printed.stdout
     assert f"A ({a.annotator_id})" in printed.stdout and "over 2 images: F1 0.800" in printed.stdout
     assert "agreement on ihc_ki67.png" in printed.stdout and "agreement on sub/he_histo.jpg" in printed.stdout
+    both = ", ".join(f"{n} ({i})" for i, n in sorted([(a.annotator_id, "A"), (b.annotator_id, "B")]))  # id order
+    assert (f"not finished on ihc_ki67.png: the labels of {both} (counted in the agreement; --finished-only leaves "
+            "them out)") in printed.stdout
+
+    # A and B finish the JPEG; on the PNG, B finishes and A is still drawing: with --finished-only the PNG has
+    # no pair left, and the session's pooled figures are the JPEG's alone
+    provider.finish_image(info, other, a.annotator_id)
+    provider.finish_image(info, other, b.annotator_id)
+    provider.finish_image(info, image_id, b.annotator_id)
+    finished = session_report(folder, info.session_id, finished_only=True)["agreement"]
+    assert list(finished["images"]) == [other] and finished["unfinished"] == [
+        {"image_id": image_id, "annotator_id": a.annotator_id}]
+    assert [(p["images"], p["f1"]) for p in finished["pairs"]] == [(1, 1.0)]
+    assert session_report(folder, info.session_id)["agreement"]["images"].keys() == {image_id, other}  # by default
+    printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id, "--finished-only"],
+                             capture_output=True, text=True)
+    assert printed.returncode == 0 and "agreement on ihc_ki67.png" not in printed.stdout
+    assert (f"not finished on ihc_ki67.png: the labels of A ({a.annotator_id}) (left out of the agreement "
+            "(--finished-only))") in printed.stdout
 
 
 def test_report_help_says_what_it_prints_and_does_not_call_self_validation_effectiveness():

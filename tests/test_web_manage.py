@@ -157,9 +157,11 @@ async def test_manager_page_polls_the_progress_without_losing_what_the_provider_
     await annotate.save_annotation(secret, ada["annotator_key"], ids["ihc_ki67.png"], collection(square(10, 10, 20)))
     await page.clock.run_for(10_500)  # the poll comes due
     await card.locator("table.annotators tr[data-annotator-id]").wait_for(timeout=15_000)
-    assert await card.locator("table.annotators tr[data-annotator-id] td").all_text_contents() == ["Ada", "1", "1"]
+    (stored,) = stack.provider.store.usage(session.session_id).values()
+    assert await card.locator("table.annotators tr[data-annotator-id] td").all_text_contents() == [
+        "Ada", "1", "0", "1", byte_size(stored)]
     assert await card.locator(".progress").text_content() == (
-        " 1 of 3 images done, 1 in progress · 0 finished by all 2 annotators")
+        " 1 of 3 images done, 0 in progress · 0 finished by their annotator")
     assert await page.text_content("#updated") != first_update
     # what was being typed survived the refresh, and typing goes on where it stopped
     assert await page.input_value("#session-name") == "ki67 ro"

@@ -89,7 +89,10 @@ def serve_warnings(config, folder: Path | None = None) -> list[str]:
                         "other machines cannot open; pass --public-url with this machine's name, e.g. "
                         f"--public-url http://{socket.gethostname()}:{config.port}")
     if folder is not None and config.min_free_bytes:
-        free = shutil.disk_usage(folder).free
+        from colabel.config import annotations_dir
+
+        saves = annotations_dir(folder)  # may be a mount of its own
+        free = shutil.disk_usage(saves if saves.is_dir() else folder).free
         if free < config.min_free_bytes:
             warnings.append(f"the disk of {folder} has {free / 2**20:.1f} MiB free, less than the "
                             f"{config.min_free_bytes / 2**20:.1f} MiB that saves leave free (COLABEL_MIN_FREE_BYTES): "
@@ -674,6 +677,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise CliError(f"pull failed: {remote_message(exc, kind=False)}") from None
     print(f"pulled {result['pulled']} new annotation versions ({result['skipped']} up to date) of "
           f"{result['images']} images, {result['cells']} objects, into {args.out}")
+    if result.get("unfinished") or result.get("corrected"):
+        print(f"--finished-only: left out {result['unfinished']} annotators' labels of images they have not finished; "
+              f"{result['corrected']} finished labels pulled as finished, without the correction saved since")
     return 0
 
 

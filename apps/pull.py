@@ -22,9 +22,9 @@ printing one ``dropped ...`` line per removal::
                      conventions, image pixels; its k-th Polygon or MultiPolygon feature is label k of the masks:
                      Point features take no label, and no row in the tables)
     cells.csv        one row per labelled object: image, annotator, version, label, class, area, centroid, bbox
-                     (area, centroid and bbox of the polygon), and whether the annotator finished the image
-                     (``finished``: True once they said what they drew there is complete; False: work in progress,
-                     or left midway)
+                     (area, centroid and bbox of the polygon), and whether the version is the one the annotator
+                     finished the image at (``finished``: True once they said what they drew there is complete;
+                     False: work in progress, left midway, or a correction drawn since)
     annotators.csv   one row per annotator whose labels the set holds: id, the display name they joined with, when
                      they joined, their images (and how many of those they finished) and objects in the set
     coco.json        COCO instance annotations of every annotator (``attributes``: annotator_id, version, label)
@@ -37,9 +37,9 @@ printing one ``dropped ...`` line per removal::
                      again of an image whose file was rewritten or replaced under the same name
 
 With ``finished_only`` (``colabel pull --finished-only``) the set holds only the labels of images their annotator
-finished (``finish_image``; the annotator page finishes an image when its annotator goes to the next one), and the
-consensus of those: work in progress and images left midway stay out. A set is pulled one way or the other: a pull
-the other way into it is refused.
+finished (``finish_image``; the annotator page finishes an image when its annotator goes to the next one), at the
+version they finished, and the consensus of those: work in progress, images left midway and corrections not
+finished again stay out. A set is pulled one way or the other: a pull the other way into it is refused.
 
 Labels whose size is not their image's (the file was replaced by one of another size after they were drawn) are
 left out, with a ``dropped ...`` line naming both sizes, and so is the image when no annotator's labels are left.
@@ -488,7 +488,9 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     -------
     dict
         ``images`` (labelled images of the source), ``pulled`` (annotation versions fetched), ``skipped`` (up to
-        date), ``cells`` (rows of ``cells.csv``), ``dropped`` (one line per removal, ``dropped ...``).
+        date), ``cells`` (rows of ``cells.csv``), ``dropped`` (one line per removal, ``dropped ...``); with
+        ``finished_only``, ``unfinished`` (annotators' labels of an image left out: not finished) and ``corrected``
+        (finished labels pulled at the finished version while a later one exists), else 0.
 
     Raises
     ------
@@ -539,9 +541,15 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
                              "finished": {}}
     files: set[str] = set()
     listed = {i["image_id"]: i for i in meta["images"]}
-    if origin["finished_only"]:  # only the annotators who finished the image count
-        meta = {**meta, "images": [{**i, "versions": {a: v for a, v in i.get("versions", {}).items()
-                                                      if a in (i.get("finished") or {})}} for i in meta["images"]]}
+    unfinished = corrected = 0
+    if origin["finished_only"]:  # only the annotators who finished the image, at the version they finished
+        for image in meta["images"]:
+            kept = _finished_versions(image) if not image.get("error") else {}
+            for annotator_id, versions in (image.get("versions") or {}).items():
+                if versions and not image.get("error"):
+                    unfinished += annotator_id not in kept
+                    corrected += annotator_id in kept and kept[annotator_id][-1] < versions[-1]
+        meta = {**meta, "images": [{**i, "versions": _finished_versions(i)} for i in meta["images"]]}
     images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
     stems = _stems({i["image_id"]: i["name"] for i in images})
     who_is = meta.get("annotators", {})
@@ -568,7 +576,8 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
             if not versions:
                 continue
             latest, key, who = versions[-1], f"{image_id}/{annotator_id}", _safe(annotator_id)
-            state["finished"][key] = (image.get("finished") or {}).get(annotator_id)  # the version finished, or None
+            # finished: the version pulled is the one the annotator finished (not work drawn since)
+            state["finished"][key] = (image.get("finished") or {}).get(annotator_id) == latest
             save = _save_id(image, annotator_id, latest)
             mask_file, geojson_file = f"tiff/{stem}__{who}_mask.tif", f"geojson/{stem}__{who}.geojson"
             if (reusable.get("versions", {}).get(key) == latest
@@ -646,7 +655,8 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     atomic_write_json(out / "agreement.json", state["agreement"])
     commit()
     atomic_write_json(out / "pull_state.json", state)
-    return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped}
+    return {"images": len(images), "pulled": pulled, "skipped": skipped, "cells": len(rows), "dropped": dropped,
+            "unfinished": unfinished, "corrected": corrected}
 
 
 #: Most bytes of pixels a pull asks for at once: a larger image is read in strips of whole rows, so that no answer
@@ -687,6 +697,14 @@ def _read_state(path: Path) -> dict:
         raise InvalidInputError(f"{path} cannot be read as the record of an earlier pull{why}; pull into another "
                                 "--out")
     return state
+
+
+def _finished_versions(image: dict) -> dict[str, list[int]]:
+    """An image's ``versions`` (annotator id -> version numbers) cut to the annotators who finished it, each up to
+    the version they finished (later ones are a correction in progress)."""
+    finished = image.get("finished") or {}
+    return {a: [v for v in versions if v <= finished[a]] for a, versions in (image.get("versions") or {}).items()
+            if a in finished and finished[a] in versions}
 
 
 def _save_id(image: dict, annotator_id: str, version: int) -> str | None:
@@ -750,21 +768,22 @@ def _annotator_rows(who_is: dict, state: dict) -> list[dict]:
     for key, found in state["objects"].items():
         annotator_id = key.split("/", 1)[1]
         images[annotator_id] = images.get(annotator_id, 0) + 1
-        finished[annotator_id] = finished.get(annotator_id, 0) + (state.get("finished", {}).get(key) is not None)
+        finished[annotator_id] = finished.get(annotator_id, 0) + bool(state.get("finished", {}).get(key))
         objects[annotator_id] = objects.get(annotator_id, 0) + len(found)
     return [{"annotator_id": a, "display_name": (who_is.get(a) or {}).get("display_name", ""),
              "joined": (who_is.get(a) or {}).get("joined", ""), "images": images[a], "finished": finished[a],
              "objects": objects[a]} for a in sorted(images)]
 
 
-def _write_cells(path: Path, rows: list[dict], finished: dict[str, int | None]) -> None:
-    """``cells.csv``; ``finished``: ``image_id/annotator_id`` -> the version the annotator finished (None: not)."""
+def _write_cells(path: Path, rows: list[dict], finished: dict[str, bool]) -> None:
+    """``cells.csv``; ``finished``: ``image_id/annotator_id`` -> whether the version pulled is the one the annotator
+    finished."""
     columns = ["image_id", "image_name", "annotator_id", "version", "label", "class", "area", "centroid_x",
                "centroid_y", "xmin", "ymin", "xmax", "ymax", "finished"]
     _write_rows(path, [dict(zip(columns, [r["image_id"], r["image_name"], r["annotator_id"], r["version"], r["label"],
                                           r["class"] or "", round(r["area"], 3),
                                           *(round(v, 3) for v in r["centroid"]), *(round(v, 3) for v in r["bbox"]),
-                                          finished.get(f"{r['image_id']}/{r['annotator_id']}") is not None],
+                                          bool(finished.get(f"{r['image_id']}/{r['annotator_id']}"))],
                                 strict=True)) for r in rows], columns)
 
 

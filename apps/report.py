@@ -113,9 +113,11 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     image name, for printing. ``left_out``: ``[{image_id, annotator_id, shape, latest_shape}]``, the labels of an
     image whose size (``[H, W]``) is not that of the image's latest save (drawn before its file was replaced by one
     of another size, as ``colabel pull`` drops them): they take no part in the figures, and the image none when
-    fewer than two annotators are left. ``unfinished``: ``[{image_id, annotator_id}]``, saved labels of an image
-    their annotator has not finished (work in progress, or left midway); with ``finished_only`` they take no part in
-    the figures either (as ``colabel pull --finished-only``); listed for images two or more annotators saved.
+    fewer than two annotators are left. ``unfinished``: ``[{image_id, annotator_id, finished_version}]``, an
+    annotator's latest labels of an image that are not the version they finished it at (``finished_version`` None:
+    work in progress, or left midway; else a correction since that finish); listed for images two or more
+    annotators saved. With ``finished_only`` the figures take each annotator's finished version, and leave out
+    those who have not finished the image (as ``colabel pull --finished-only``).
     """
     import itertools
 
@@ -129,19 +131,21 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
     store = AnnotationStore(Path(folder) / "annotations", read_only=True)  # the live folder of a running serve
     per_image, labelled, left_out, unfinished = {}, {}, [], []
     names: dict[str, str] = _annotator_names(Path(folder), session_id)
-    finished = _manifest(Path(folder), session_id).get("finished", {})
+    finished = store.finished(session_id)
     for image_id, counts in sorted(store.counts(session_id).items()):
-        ended = finished.get(image_id, {}) if isinstance(finished, dict) else {}
+        ended = {a: mark["version"] for a, mark in finished.get(image_id, {}).items()}
         if len(counts) >= 2:  # where there is agreement to speak of
-            unfinished += [{"image_id": image_id, "annotator_id": a} for a in sorted(counts) if a not in ended]
+            unfinished += [{"image_id": image_id, "annotator_id": a, "finished_version": ended.get(a)}
+                           for a in sorted(counts) if ended.get(a) != store.versions(session_id, image_id, a)[-1]]
             for a in sorted(counts):  # the name, also of an image left out below
                 names.setdefault(a, store.record(session_id, image_id, a).get("display_name") or a)
             names.setdefault(image_id, store.record(session_id, image_id, min(counts)).get("image_name") or image_id)
         annotators = sorted(a for a in counts if a in ended or not finished_only)
         if len(annotators) < 2:
             continue
-        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a)) for a in annotators}
-        collections = {a: store.load(session_id, image_id, a) for a in annotators}
+        version = {a: ended.get(a) if finished_only else None for a in annotators}  # None: the latest
+        masks = {a: tifffile.imread(store.label_path(session_id, image_id, a, version[a])) for a in annotators}
+        collections = {a: store.load(session_id, image_id, a, version[a]) for a in annotators}
         for a, collection in collections.items():
             record = collection.get("colabel", {})
             names.setdefault(a, record.get("display_name") or a)
@@ -241,11 +245,13 @@ def print_report(report: dict) -> None:
               f"image's latest save on one {latest_w} pixels wide and {latest_h} high (its file was replaced)")
     unfinished: dict[str, list[str]] = {}
     for entry in agreement.get("unfinished", []):
-        unfinished.setdefault(entry["image_id"], []).append(who(entry["annotator_id"]))
+        corrected = entry.get("finished_version")
+        unfinished.setdefault(entry["image_id"], []).append(
+            who(entry["annotator_id"]) + (f" (finished at version {corrected}, corrected since)" if corrected else ""))
     for image_id, people in unfinished.items():
-        counted = ("left out of the agreement (--finished-only)" if agreement.get("finished_only")
-                   else "counted in the agreement; --finished-only leaves them out")
-        print(f"  not finished on {names.get(image_id, image_id)}: the labels of {', '.join(people)} ({counted})")
+        counted = ("the agreement takes the finished versions only: --finished-only" if agreement.get("finished_only")
+                   else "counted in the agreement as they are; --finished-only takes the finished versions only")
+        print(f"  not finished on {names.get(image_id, image_id)}: the labels of {', '.join(people)}; {counted}")
     for pair in agreement.get("class_kappa", []):
         kappa = pair["kappa"]
         cells = f"{pair['n_cells']} cell{'' if pair['n_cells'] == 1 else 's'}"

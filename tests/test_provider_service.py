@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import imageio.v3 as iio
@@ -159,7 +160,7 @@ async def test_an_annotator_finishes_an_image_after_saving_it_and_the_finish_sur
     mark = await annotator.finish_image(token, ada, image)
     assert mark["image_id"] == image and mark["version"] == 2 and mark["at"].endswith("+00:00")
     assert await annotator.finish_image(token, ada, image) == mark  # the same version again: nothing changes
-    await annotator.save_annotation(token, ada, image, collection(square(1, 1, 7)))  # a correction: still finished
+    await annotator.save_annotation(token, ada, image, collection(square(1, 1, 7)))  # a correction: v2 stays finished
     await annotator.save_annotation(token, bob["annotator_key"], image, collection())  # Bob: saved, not finished
 
     bob_id = bob["annotator"]["annotator_id"]
@@ -177,10 +178,11 @@ async def test_an_annotator_finishes_an_image_after_saving_it_and_the_finish_sur
     await provider.close_session(sid)
     with pytest.raises(Exception, match="SessionClosedError"):
         await annotator.finish_image(token, ada, image)
+    assert not (stack.folder / "annotations" / "sessions" / other["session"]["session_id"] / "finished").exists()
 
-    restarted = DataProvider(stack.folder, read_only=True)  # read back from the session manifest
-    assert restarted.sessions.finished(sid) == {image: {ada_id: {"version": 2, "at": mark["at"]},
-                                                        bob_id: {"version": 1, "at": bobs["at"]}}}
+    restarted = DataProvider(stack.folder, read_only=True)  # read back from the files
+    assert restarted.store.finished(sid) == {image: {ada_id: {"version": 2, "at": mark["at"]},
+                                                     bob_id: {"version": 1, "at": bobs["at"]}}}
 
 
 # -- refusals: item 5 (tokens and sessions) ---------------------------------------------------------
@@ -586,9 +588,10 @@ async def test_a_share_link_cannot_fill_the_disk_saves_past_the_sessions_limit_a
     for _ in range(2):  # retried by the page: refused the same way, nothing counted
         with pytest.raises(Exception) as refused:
             await annotator.save_annotation(token, aid, image["image_id"], collection(square(30, 30, 20)))
-        assert ("StorageError: this session's annotations take 0.0 MiB on the provider's disk, and this save of "
-                "0.0 MiB would pass the session's limit of 0.0 MiB (max_session_bytes); nothing was saved"
-                ) in str(refused.value)
+        assert re.search(rf"StorageError: this session's annotations take {used / 1024:.1f} KiB on the provider's "
+                         rf"disk, and this save of [0-9.]+ (bytes|KiB) would pass the session's limit of "
+                         rf"{(used + 64) / 1024:.1f} KiB \(max_session_bytes\); nothing was saved",
+                         str(refused.value))
     assert sum(f.stat().st_size for f in saved_files(stack.folder)) == used
     progress = await annotator.progress(token)
     assert progress["stored_bytes"] == used and progress["max_session_bytes"] == used + 64

@@ -220,24 +220,31 @@ def test_report_gives_agreement_per_image_and_annotator_pair(tmp_path):
     assert f"A ({a.annotator_id})" in printed.stdout and "over 2 images: F1 0.800" in printed.stdout
     assert "agreement on ihc_ki67.png" in printed.stdout and "agreement on sub/he_histo.jpg" in printed.stdout
     both = ", ".join(f"{n} ({i})" for i, n in sorted([(a.annotator_id, "A"), (b.annotator_id, "B")]))  # id order
-    assert (f"not finished on ihc_ki67.png: the labels of {both} (counted in the agreement; --finished-only leaves "
-            "them out)") in printed.stdout
+    assert (f"not finished on ihc_ki67.png: the labels of {both}; counted in the agreement as they are; "
+            "--finished-only takes the finished versions only") in printed.stdout
 
-    # A and B finish the JPEG; on the PNG, B finishes and A is still drawing: with --finished-only the PNG has
-    # no pair left, and the session's pooled figures are the JPEG's alone
+    # A and B finish the JPEG, then B redraws it (a correction not finished again: --finished-only takes B's
+    # finished version); on the PNG, B finishes and A is still drawing: --finished-only leaves the PNG no pair,
+    # and the session's pooled figures are the JPEG's finished versions alone
     provider.finish_image(info, other, a.annotator_id)
     provider.finish_image(info, other, b.annotator_id)
+    provider.save_annotation(info, other, b.annotator_id, collection(square(60, 60, 10)))
     provider.finish_image(info, image_id, b.annotator_id)
     finished = session_report(folder, info.session_id, finished_only=True)["agreement"]
-    assert list(finished["images"]) == [other] and finished["unfinished"] == [
-        {"image_id": image_id, "annotator_id": a.annotator_id}]
+    assert list(finished["images"]) == [other] and finished["images"][other]["pairs"][0]["f1"] == 1.0
+    assert sorted(finished["unfinished"], key=lambda e: e["image_id"]) == sorted([
+        {"image_id": image_id, "annotator_id": a.annotator_id, "finished_version": None},
+        {"image_id": other, "annotator_id": b.annotator_id, "finished_version": 1}], key=lambda e: e["image_id"])
     assert [(p["images"], p["f1"]) for p in finished["pairs"]] == [(1, 1.0)]
-    assert session_report(folder, info.session_id)["agreement"]["images"].keys() == {image_id, other}  # by default
+    latest = session_report(folder, info.session_id)["agreement"]  # by default: the latest versions, as they are
+    assert latest["images"].keys() == {image_id, other} and latest["images"][other]["pairs"][0]["f1"] == 0.0
     printed = subprocess.run([*COLABEL, "report", str(folder), info.session_id, "--finished-only"],
                              capture_output=True, text=True)
     assert printed.returncode == 0 and "agreement on ihc_ki67.png" not in printed.stdout
-    assert (f"not finished on ihc_ki67.png: the labels of A ({a.annotator_id}) (left out of the agreement "
-            "(--finished-only))") in printed.stdout
+    assert (f"not finished on ihc_ki67.png: the labels of A ({a.annotator_id}); the agreement takes the finished "
+            "versions only: --finished-only") in printed.stdout
+    assert (f"not finished on sub/he_histo.jpg: the labels of B ({b.annotator_id}) (finished at version 1, corrected "
+            "since)") in printed.stdout
 
 
 def test_report_help_says_what_it_prints_and_does_not_call_self_validation_effectiveness():
@@ -1071,6 +1078,8 @@ def test_a_finished_only_pull_holds_the_labels_of_finished_images_alone_and_thei
     printed = pull(str(folder), "--session", info.session_id, "--out", str(done), "--finished-only")
     assert printed.returncode == 0, printed.stderr
     assert "pulled 2 new annotation versions (0 up to date) of 1 images" in printed.stdout
+    assert ("--finished-only: left out 2 annotators' labels of images they have not finished; 0 finished labels "
+            "pulled as finished, without the correction saved since") in printed.stdout  # Cy's and Ada's PNG
     root = zarr.open_group(str(done / "labels.zarr"), mode="r")
     assert list(root["images"].array_keys()) == [dsb]
     assert sorted(root[f"instances/{dsb}"].array_keys()) == sorted([ada.annotator_id, bob.annotator_id])
@@ -1080,10 +1089,18 @@ def test_a_finished_only_pull_holds_the_labels_of_finished_images_alone_and_thei
         assert sorted(r["display_name"] for r in csv.DictReader(handle)) == ["Ada", "Bob"]
 
     provider.finish_image(info, dsb, cy.annotator_id)  # Cy says the one square is all there is
+    provider.save_annotation(info, dsb, ada.annotator_id, collection(square(100, 100, 20)))  # Ada redraws, unfinished
     again = run_pull(str(folder), done, session=info.session_id, echo=None, finished_only=True)
-    assert (again["pulled"], again["skipped"]) == (1, 2)
+    assert (again["pulled"], again["skipped"], again["unfinished"], again["corrected"]) == (1, 2, 1, 1)
     root = zarr.open_group(str(done / "labels.zarr"), mode="r")
     assert len(root[f"consensus/{dsb}"].attrs["annotators"]) == 3 and root[f"consensus/{dsb}"][...].max() == 2
+    with open(done / "cells.csv") as handle:  # Ada's finished version 1, not the correction (version 2)
+        assert {(r["annotator_id"], r["version"], r["finished"]) for r in csv.DictReader(handle)
+                if r["annotator_id"] == ada.annotator_id} == {(ada.annotator_id, "1", "True")}
+    run_pull(str(folder), every, session=info.session_id, echo=None)  # a plain pull: the correction, unfinished
+    with open(every / "cells.csv") as handle:
+        assert {(r["version"], r["finished"]) for r in csv.DictReader(handle)
+                if (r["image_id"], r["annotator_id"]) == (dsb, ada.annotator_id)} == {("2", "False")}
 
     before = _files(done)  # a set is pulled one way: the other way into it is refused, nothing written
     for out, finished_only, held in ((done, False, "finished images only (--finished-only): pull without"),

@@ -550,9 +550,10 @@ def test_a_session_past_max_session_bytes_refuses_saves_and_writes_nothing_nor_g
     limited = AnnotationStore(root, max_session_bytes=used + 100)  # a restart counts what is on disk
     assert limited.usage("s-1") == store.usage("s-1")
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    with pytest.raises(StorageError, match=r"this session's annotations take 0\.0 MiB on the provider's disk, and "
-                                           r"this save of 0\.0 MiB would pass the session's limit of 0\.0 MiB "
-                                           r"\(max_session_bytes\); nothing was saved"):
+    with pytest.raises(StorageError, match=rf"this session's annotations take {used / 1024:.1f} KiB on the "
+                                           rf"provider's disk, and this save of [0-9.]+ (bytes|KiB) would pass the "
+                                           rf"session's limit of {(used + 100) / 1024:.1f} KiB \(max_session_bytes\); "
+                                           "nothing was saved"):
         save(limited, 1, annotator="a-1")  # one annotator's save counts the whole session's bytes
     assert sorted(p for p in root.rglob("*") if p.is_file()) == files
     assert limited.versions("s-1", "img-1", "a-1") == [1] and limited.usage("s-1") == store.usage("s-1")
@@ -574,9 +575,48 @@ def test_a_save_that_would_leave_less_than_min_free_bytes_is_refused_and_writes_
     root = tmp_path / "annotations"
     free = shutil.disk_usage(tmp_path).free
     store = AnnotationStore(root, min_free_bytes=free + 2**40)  # more than this file system will ever have free
-    with pytest.raises(StorageError, match=r"the provider's disk has \d+\.\d MiB free, and saves keep at least "
-                                           r"\d+\.\d MiB free \(min_free_bytes\); nothing was saved"):
+    with pytest.raises(StorageError, match=r"the provider's disk has \d+\.\d [KMG]iB free, and saves keep at least "
+                                           r"\d+\.\d GiB free \(min_free_bytes\); nothing was saved"):
         save(store)
     assert [p for p in root.rglob("*") if p.is_file()] == [] and store.usage("s-1") == {}
     store.min_free_bytes = 1
     assert save(store).version == 1 and sum(store.usage("s-1").values()) == _stored(root)
+
+
+def test_a_save_retried_at_the_limit_gets_its_version_back_and_a_stale_one_its_conflict(tmp_path):
+    """A save committed right at the session's limit whose answer was lost, sent again, is answered with its version
+    (not refused by the limit it no longer adds to); one drawn on an older version still gets its conflict."""
+    from colabel.errors import ConflictError
+
+    store = AnnotationStore(tmp_path / "annotations")
+    save(store, 2)
+    first = based_save(store, 3, 1)
+    store.max_session_bytes = _stored(tmp_path / "annotations")  # full: every byte of the limit taken
+    assert based_save(store, 3, 1).version == first.version == 2  # the retry: its own version, nothing written
+    with pytest.raises(ConflictError, match="was saved after version 1"):
+        based_save(store, 4, 1)
+    assert store.versions("s-1", "img-1", "a-1") == [1, 2]
+
+
+def test_a_finish_marks_the_latest_version_survives_a_restart_and_ends_with_that_versions_deletion(tmp_path):
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    with pytest.raises(NotFoundError, match="has no annotation of image 'img-1' to finish: save it first"):
+        store.finish("s-1", "img-1", "a-1")
+    save(store, 1)
+    save(store, 2)
+    mark = store.finish("s-1", "img-1", "a-1")
+    assert mark["version"] == 2 and store.finish("s-1", "img-1", "a-1") == mark  # again: nothing changes
+    save(store, 3)  # a correction since: the finish stays at version 2 until the next one
+    assert store.finished("s-1") == {"img-1": {"a-1": mark}} and store.finished("s-2") == {}
+    assert json.loads((root / "sessions" / "s-1" / "finished" / "img-1" / "a-1.json").read_text()) == mark
+    assert AnnotationStore(root, read_only=True).finished("s-1") == {"img-1": {"a-1": mark}}  # read from the file
+    with pytest.raises(Exception, match="read-only"):
+        AnnotationStore(root, read_only=True).finish("s-1", "img-1", "a-1")
+    for name in ("../x", "a/b"):
+        with pytest.raises(InvalidInputError):
+            store.finish("s-1", name, "a-1")
+
+    (root / "sessions" / "s-1" / "images" / "img-1" / "a-1" / "v000002.geojson").unlink()  # deleted by hand
+    assert AnnotationStore(root).finished("s-1") == {}  # the version finished is gone: no finish
+    assert store.finish("s-1", "img-1", "a-1")["version"] == 3

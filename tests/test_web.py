@@ -70,12 +70,12 @@ async def test_annotator_draws_a_polygon_saved_in_image_coordinates(stack, page,
     await page.wait_for_function("document.getElementById('save-status').textContent === 'saved v2'",
                                  timeout=15_000)
     assert json.loads((geojson_file.parent / "v000002.geojson").read_text())["features"] == []
-    assert stack.provider.sessions.finished(session.session_id) == {}  # drawing: not finished yet
+    assert stack.provider.store.finished(session.session_id) == {}  # drawing: not finished yet
 
     await page.click("#next-image")  # going on finishes the image, at its latest version
     await page.wait_for_selector("body[data-state=done]")
     assert "all 1 images done" in await page.text_content("#position")
-    ((annotator, mark),) = stack.provider.sessions.finished(session.session_id)[dsb].items()
+    ((annotator, mark),) = stack.provider.store.finished(session.session_id)[dsb].items()
     assert annotator == geojson_file.parent.name and mark["version"] == 2
     assert stack.provider.progress(session).images_finished == 1
 

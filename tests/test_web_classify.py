@@ -265,7 +265,7 @@ async def test_manager_shows_the_live_classifier_and_cell_labels_per_annotator_o
     assert abs(int(line[len(prefix):].split("%")[0]) - 100 * status["val_accuracy"]) <= 0.5, line
     (row,) = await card.locator("table.annotators tr[data-annotator-id]").all()
     assert await row.get_attribute("data-annotator-id") == joined["annotator"]["annotator_id"]
-    assert await row.locator("td").all_text_contents() == ["Cell Counter", "0", "0", "0", "0 B", "20"]
+    assert await row.locator("td").all_text_contents() == ["Cell Counter", "0", "0", "0", "0 bytes", "20"]
     assert "cell classification" not in line and "classification" in await card.locator("h3").text_content()
     await card.scroll_into_view_if_needed()
     await screenshot(page, tmp_path, "manage-classification")

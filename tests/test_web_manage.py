@@ -23,12 +23,10 @@ def image_ids(stack) -> dict[str, str]:
 
 
 def byte_size(n: int) -> str:
-    """The manage page's byte count (``byteSize`` in web/src/manage.js): powers of 1000, one decimal under 10."""
-    units = ["B", "kB", "MB", "GB", "TB"]
-    i, v = 0, float(n)
-    while v >= 1000 and i < len(units) - 1:
-        v, i = v / 1000, i + 1
-    return f"{v:.1f} {units[i]}" if i and v < 10 else f"{round(v)} {units[i]}"
+    """The manage page's byte count, as the provider's messages give it (``_mib`` of storage.py)."""
+    from colabel.apps.provider.storage import _mib
+
+    return _mib(n)
 
 
 async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_and_revokes_a_session(

@@ -315,13 +315,34 @@ async def test_next_image_on_an_untouched_image_saves_it_empty_and_says_so(stack
     image = ids[first]
     name, files = versions_of(stack.folder, session.session_id, image)
     assert files == ["v000001.geojson"] and saved(stack.folder, session.session_id, image, name, 1) == []
-    assert stack.provider.sessions.finished(session.session_id)[image][name]["version"] == 1  # saved, then finished
+    assert stack.provider.store.finished(session.session_id)[image][name]["version"] == 1  # saved, then finished
 
     await page.click("#next-image")  # the last one, untouched too: said with the end of the session
     await page.wait_for_selector("body[data-state=done]", timeout=30_000)
     said = await page.text_content("#message")
     second = next(n for n in ids if ids[n] in (ihc, dsb) and n != first)
     assert said.startswith(f"no objects drawn on {second}: saved as empty. No more images"), said
+
+
+async def test_next_image_goes_on_when_the_saved_image_cannot_be_finished_and_says_so(stack, page):
+    from test_web import wait_saved
+
+    ids = {im.name: im.image_id for im in stack.provider.list_images()}
+    session, secret = stack.provider.create_session(name="gone", classes=CLASSES,
+                                                    image_ids=[ids["ihc_ki67.png"], ids["dsb2018_nuclei.tif"]])
+    await join(page, stack.services.share_url(secret), "Fay")
+    first = await page.evaluate("window.colabel.state.image.name")
+    await draw_polygon(page, FIRST)
+    await wait_saved(page, 1)
+    (stack.folder / first).unlink()  # the image leaves the folder while its annotator is on it
+    stack.provider.catalog.refresh()
+    await page.click("#next-image")
+    await page.wait_for_function("document.getElementById('message').textContent.includes('marked finished')",
+                                 timeout=30_000)
+    said = await page.text_content("#message")
+    assert said.startswith(f"{first} is saved, but could not be marked finished: NotFoundError: unknown image id"), said
+    assert await page.evaluate("window.colabel.state.image.name") != first  # on the next image
+    assert stack.provider.store.finished(session.session_id) == {}
 
 
 @pytest_asyncio.fixture(loop_scope="session")

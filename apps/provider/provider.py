@@ -107,7 +107,7 @@ class DataProvider:
         assigned = self.sessions.assignments(session.session_id).get(info.image_id, [])
         info.annotations = counts
         info.finished = {a: f["version"] for a, f in
-                         self.sessions.finished(session.session_id).get(info.image_id, {}).items()}
+                         self.store.finished(session.session_id).get(info.image_id, {}).items()}
         if len(counts) >= session.annotators_per_image:
             info.status = "annotated"
         elif counts or assigned:
@@ -207,17 +207,13 @@ class DataProvider:
 
     def finish_image(self, session: SessionInfo, image_id: str, annotator_id: str) -> dict:
         """Record that the annotator finished the image (what they drew is complete), at their latest version:
-        returns ``{image_id, version, at}`` (``at``: UTC). Their later saves of it (corrections) keep it finished;
-        the finish says which version they had then. Refused (:class:`NotFoundError`) before they saved the image:
-        an image with nothing to draw on is saved empty first (the page does)."""
+        returns ``{image_id, version, at}`` (``at``: UTC). A later save is a correction in progress: trainers who
+        ask for finished labels get the finished version until the annotator finishes again. Refused
+        (:class:`NotFoundError`) before they saved the image: an image with nothing to draw on is saved empty
+        first (the page does)."""
         image_id = self._check_in_session(session, image_id)
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
-        versions = self.store.versions(session.session_id, image_id, annotator_id)
-        if not versions:
-            raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} to "
-                                "finish: save it first (empty, if there is nothing to draw)")
-        mark = self.sessions.finish(session.session_id, image_id, annotator_id, versions[-1])
-        return {"image_id": image_id, **mark}
+        return {"image_id": image_id, **self.store.finish(session.session_id, image_id, annotator_id)}
 
     def trainer_images(self, session: SessionInfo) -> list[dict]:
         """What a trainer is told of the session's images (``trainer_session``, a local ``colabel pull``): every
@@ -252,7 +248,7 @@ class DataProvider:
         stored = self.store.usage(session.session_id)
         assignments = self.sessions.assignments(session.session_id)
         annotators = self.sessions.annotators(session.session_id)
-        finished = self.sessions.finished(session.session_id)
+        finished = self.store.finished(session.session_id)
 
         def entry(a: str, name: str) -> dict:
             return {"display_name": name, "images": 0, "finished": 0, "versions": 0, "stored_bytes": stored.get(a, 0)}

@@ -1,8 +1,7 @@
 """Annotation sessions: manifests, share tokens, annotators and image assignment.
 
 A session is a manifest ``annotations/sessions/<session_id>/session.json`` (classes with colours, mode,
-annotators per image, created, state, token ids and hashes, annotators, assignments, the images each annotator
-finished), rewritten atomically
+annotators per image, created, state, token ids and hashes, annotators, assignments), rewritten atomically
 on every change. A share token is a random secret; the manifest stores only its SHA-256, so a copied
 manifest opens nothing. The secrets themselves are kept for the provider alone in
 ``annotations/.colabel-secrets.json`` (mode 0600), so that ``colabel serve`` prints the same share URL
@@ -58,8 +57,7 @@ class _Session:
     def __init__(self, info: SessionInfo, token_hashes: dict[str, str], annotators: dict[str, Annotator],
                  assignments: dict[str, list[str]], key_hashes: dict[str, str] | None = None,
                  assigned_at: dict[str, dict[str, float]] | None = None,
-                 joined_via: dict[str, str] | None = None,
-                 finished: dict[str, dict[str, dict]] | None = None) -> None:
+                 joined_via: dict[str, str] | None = None) -> None:
         self.info = info
         self.token_hashes = token_hashes
         self.annotators = annotators
@@ -68,8 +66,6 @@ class _Session:
         self.key_hashes = key_hashes or {}  # annotator id -> SHA-256 of the annotator's key
         self.by_key = {h: a for a, h in self.key_hashes.items()}
         self.joined_via = joined_via or {}  # annotator id -> id of the share token they joined with
-        # image id -> annotator id -> {"version": the latest version when they finished the image, "at": UTC time}
-        self.finished = finished or {}
 
     def copy(self) -> "_Session":
         """A deep copy to change: the store publishes it only once its manifest is written."""
@@ -85,7 +81,6 @@ class _Session:
             "assigned_at": self.assigned_at,
             "annotator_key_hashes": self.key_hashes,
             "joined_via": self.joined_via,
-            "finished": self.finished,
         }
 
     @classmethod
@@ -98,7 +93,6 @@ class _Session:
             dict(data.get("annotator_key_hashes", {})),
             {k: dict(v) for k, v in data.get("assigned_at", {}).items()},
             dict(data.get("joined_via", {})),
-            {k: {a: dict(f) for a, f in v.items()} for k, v in data.get("finished", {}).items()},
         )
 
 
@@ -428,30 +422,6 @@ class SessionStore:
     def assignments(self, session_id: str) -> dict[str, list[str]]:
         with self._lock:
             return {k: list(v) for k, v in self._get(session_id).assignments.items()}
-
-    def finished(self, session_id: str) -> dict[str, dict[str, dict]]:
-        """Image id -> annotator id -> ``{"version", "at"}``: the images each annotator said they finished, with
-        their latest version then (later versions may follow: a correction of a finished image) and when (UTC)."""
-        with self._lock:
-            return copy.deepcopy(self._get(session_id).finished)
-
-    def finish(self, session_id: str, image_id: str, annotator_id: str, version: int) -> dict:
-        """Record that an annotator finished an image at ``version`` (their latest); returns ``{"version", "at"}``.
-        Finishing again records the newer version; the same version again changes nothing."""
-        self._check_writable("finish an image")
-        check_id(image_id, "image id")
-        with self._lock:
-            session = self._get(session_id)
-            if annotator_id not in session.annotators:
-                raise NotFoundError(f"unknown annotator id {shown(annotator_id)} in this session")
-            known = session.finished.get(image_id, {}).get(annotator_id)
-            if known is not None and known["version"] == version:
-                return dict(known)
-            session = session.copy()
-            mark = {"version": int(version), "at": utc_now()}
-            session.finished.setdefault(image_id, {})[annotator_id] = mark
-            self._commit(session)
-            return dict(mark)
 
     def assign_next(self, session_id: str, annotator_id: str, *, image_ids: Sequence[str],
                     saved: dict[str, dict[str, int]], now: float | None = None) -> str | None:

@@ -10,6 +10,8 @@ Layout (every name is made by colabel, never taken from a caller)::
           v000001-<random>.tif     instance labels, uint16 or uint32, shape (H, W) of the image
       sessions/<session_id>/version_marks/<image_id>/<annotator_id>.json
                                    {"highest_version": N}: the highest version number ever given out
+      sessions/<session_id>/finished/<image_id>/<annotator_id>.json
+                                   {"version": N, "at": UTC}: the annotator finished the image at version N
 
 A version is *committed* when its ``.geojson`` exists: the label TIFF is written first, the GeoJSON last,
 each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber hard link, ``fsync`` of the
@@ -177,6 +179,8 @@ class AnnotationStore:
         self._index: dict[tuple[str, str, str], list[int]] = {}
         # (session, annotator) -> bytes of that annotator's files in the session (committed and being written)
         self._usage: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # (session, image, annotator) -> {"version", "at"} of their finish of the image
+        self._finished: dict[tuple[str, str, str], dict] = {}
         self._reconcile()
 
     # -- paths ------------------------------------------------------------------------------------
@@ -222,6 +226,15 @@ class AnnotationStore:
                 except OSError:  # deleted meanwhile
                     continue
                 self._usage[(path.parent.parent.parent.parent.name, path.parent.name)] += size
+        for path in self.sessions_root.glob("*/finished/*/*.json"):
+            try:
+                mark = json.loads(path.read_text(encoding="utf-8"))
+                version = mark["version"]
+            except (OSError, ValueError, TypeError, KeyError):  # unreadable: not finished
+                continue
+            if isinstance(version, int) and not isinstance(version, bool):
+                key = (path.parent.parent.parent.name, path.parent.name, path.stem)
+                self._finished[key] = {"version": version, "at": mark.get("at")}
 
     def _remove_interrupted_writes(self) -> None:
         """Delete the temporary files of interrupted writes, never one a write in flight may still need.
@@ -302,8 +315,9 @@ class AnnotationStore:
                 f"the annotation's features would take {len(features_json)} bytes on disk, more than the limit of "
                 f"{max_bytes} bytes for one stored version")
         label_data = tiff_bytes(labels)
-        # refused before any folder is made; checked again, exactly and counted, once the version's bytes are known
-        self._reserve(session_id, annotator_id, len(label_data) + len(features_json), count=False)
+        if not folder.is_dir():  # a first save: refused before any folder is made (no retry or conflict can be due)
+            self._reserve(session_id, annotator_id, len(label_data) + len(features_json), count=False)
+        # checked exactly, and counted, once the version's bytes are known: after a retry's or a conflict's answer
         with self._locks[key]:
             if still_allowed is not None:
                 still_allowed()
@@ -404,6 +418,42 @@ class AnnotationStore:
                 "save was drawn on (by another tab or client of this annotator); load the latest version")
         raise ConflictError(f"this save was drawn on version {base_version} of image {shown(image_id)}, but the "
                             f"latest is {latest}; load the latest version")
+
+    def finish(self, session_id: str, image_id: str, annotator_id: str) -> dict:
+        """Record that the annotator finished the image at their latest version; returns ``{"version", "at"}``
+        (``at``: UTC, ISO 8601). Runs after the annotator's save of the image in flight, if any. Finishing again
+        after more saves moves the finish to the newer version; the same version again changes nothing.
+        :class:`NotFoundError` when they have no version of the image."""
+        if self.read_only:
+            raise read_only_refusal(self.root, "finish an image")
+        key = (session_id, image_id, annotator_id)
+        path = (self.session_dir(session_id) / "finished" / check_id(image_id, "image id")
+                / f"{check_id(annotator_id, 'annotator id')}.json")
+        with self._locks[key]:
+            versions = self.versions(session_id, image_id, annotator_id)
+            if not versions:
+                raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} "
+                                    "to finish: save it first (empty, if there is nothing to draw)")
+            with self._index_lock:
+                known = self._finished.get(key)
+            if known is not None and known["version"] == versions[-1]:
+                return dict(known)
+            mark = {"version": versions[-1], "at": utc_now()}
+            make_dirs(path.parent)
+            atomic_write_json(path, mark)
+            with self._index_lock:
+                self._finished[key] = mark
+            return dict(mark)
+
+    def finished(self, session_id: str) -> dict[str, dict[str, dict]]:
+        """Image id -> annotator id -> ``{"version", "at"}``: the version each annotator finished the image at,
+        where that version still exists (one deleted by hand is no finish)."""
+        out: dict[str, dict[str, dict]] = {}
+        with self._index_lock:
+            for (s, i, a), mark in self._finished.items():
+                if s == session_id and mark["version"] in self._index.get((s, i, a), []):
+                    out.setdefault(i, {})[a] = dict(mark)
+        return out
 
     def usage(self, session_id: str) -> dict[str, int]:
         """Annotator id -> bytes their versions of this session's images take on disk (GeoJSON and label TIFFs,
@@ -537,8 +587,12 @@ class AnnotationStore:
 
 
 def _mib(nbytes: int) -> str:
-    """A byte count for a message: ``12.3 MiB``."""
-    return f"{nbytes / 2**20:.1f} MiB"
+    """A byte count for a message: ``12.3 MiB`` (powers of 1024, as the manage page shows), ``850 bytes`` under
+    1 KiB."""
+    for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if abs(nbytes) >= 2 ** (10 * power):
+            return f"{nbytes / 2 ** (10 * power):.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _read_mark(path: Path) -> int:

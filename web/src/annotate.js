@@ -1137,9 +1137,22 @@ async function nextImage() {
     }
     message("");
     // going on says this image is finished: what this annotator drew on it is complete (trainers can tell it
-    // from work left midway)
-    if (state.image) await api("finish_image", [state.ctx.token, state.key, state.image.image_id]);
+    // from work left midway). Saved either way: a finish refused (the image left the folder) does not hold the
+    // annotator here, and is said with the next image
+    let unfinished = null;
+    if (state.image) {
+      try {
+        await api("finish_image", [state.ctx.token, state.key, state.image.image_id]);
+      } catch (err) {
+        if (/^(AccessDeniedError|SessionClosedError)\b/.test(errorText(err))) throw err;
+        unfinished = `${state.image.name} is saved, but could not be marked finished: ${errorText(err)}`;
+      }
+    }
     await showImage(await api("next_image", [state.ctx.token, state.key]));
+    if (unfinished) {
+      if (state.image) note(unfinished);
+      else message(`${unfinished}. ${$("message").textContent}`, true);
+    }
     if (empty !== null) {
       // said, not asked: an empty version records "nothing to annotate here"
       const said = `no objects drawn on ${empty}: saved as empty`;

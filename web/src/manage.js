@@ -107,13 +107,13 @@ function classifierLine(st) {
   `${st.n_labels} cells labelled (${perClass}); ${model}`, st.training ? " · retraining…" : "");
 }
 
-/** A byte count as people read it: "0 B", "12 kB", "3.4 MB", "1.2 GB" (powers of 1000). */
+/** A byte count as the provider's messages give it: "850 bytes", "12.3 KiB", "3.4 MiB", "1.2 GiB" (powers of 1024). */
 export function byteSize(n) {
-  const units = ["B", "kB", "MB", "GB", "TB"];
-  let i = 0;
-  let v = Number(n) || 0;
-  while (v >= 1000 && i < units.length - 1) { v /= 1000; i++; }
-  return `${i && v < 10 ? v.toFixed(1) : Math.round(v)} ${units[i]}`;
+  const v = Number(n) || 0;
+  for (const [unit, power] of [["GiB", 3], ["MiB", 2], ["KiB", 1]]) {
+    if (Math.abs(v) >= 1024 ** power) return `${(v / 1024 ** power).toFixed(1)} ${unit}`;
+  }
+  return `${v} bytes`;
 }
 
 /** The session's stored annotations, against the provider's limit when it has one. */

@@ -364,9 +364,8 @@ def _dropped(old: dict, state: dict, listed: dict[str, dict], annotators: dict[s
             continue
         for annotator_id in sorted(by_image.get(image_id, [])):
             if f"{image_id}/{annotator_id}" not in state["versions"] and f"{image_id}/{annotator_id}" not in explained:
-                who = (annotators.get(annotator_id) or {}).get("display_name")
-                who = f"{who} ({annotator_id})" if who else annotator_id
-                lines.append(f"dropped the labels of annotator {who} on {name}: no longer in the source")
+                lines.append(f"dropped the labels of annotator {_who(annotators, annotator_id)} on {name}: no longer "
+                             "in the source")
         if image_id in old.get("consensus", {}) and image_id not in state["consensus"]:
             lines.append(f"dropped the consensus of {name}: fewer than 2 annotators left")
     return lines
@@ -541,21 +540,31 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
                              "finished": {}}
     files: set[str] = set()
     listed = {i["image_id"]: i for i in meta["images"]}
+    who_is = meta.get("annotators", {})
+    mismatched: list[str] = []  # dropped lines the loop below explains itself (labels whose size is not the image's)
+    explained: set[str] = set()  # keys and image ids whose removal a line of mismatched explains
     unfinished = corrected = 0
     if origin["finished_only"]:  # only the annotators who finished the image, at the version they finished
         for image in meta["images"]:
             kept = _finished_versions(image) if not image.get("error") else {}
             for annotator_id, versions in (image.get("versions") or {}).items():
-                if versions and not image.get("error"):
-                    unfinished += annotator_id not in kept
-                    corrected += annotator_id in kept and kept[annotator_id][-1] < versions[-1]
+                if not versions or image.get("error"):
+                    continue
+                unfinished += annotator_id not in kept
+                corrected += annotator_id in kept and kept[annotator_id][-1] < versions[-1]
+                key = f"{image['image_id']}/{annotator_id}"
+                if annotator_id not in kept and key in old.get("versions", {}):  # finished at the last pull
+                    why = ("returned to them for changes" if annotator_id in (image.get("returned") or {})
+                           else "no longer finished")
+                    mismatched.append(f"dropped the labels of annotator {_who(who_is, annotator_id)} on "
+                                      f"{image['name']}: {why}")
+                    explained.add(key)
+                    if not kept:  # the image goes with them: these lines say why
+                        explained.add(image["image_id"])
         meta = {**meta, "images": [{**i, "versions": _finished_versions(i)} for i in meta["images"]]}
     images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
     stems = _stems({i["image_id"]: i["name"] for i in images})
-    who_is = meta.get("annotators", {})
     pulled = skipped = 0
-    mismatched: list[str] = []  # dropped lines of labels whose size is not the image's
-    explained: set[str] = set()  # keys and image ids whose removal a line of mismatched explains
     strip_bytes = min(STRIP_BYTES, meta.get("max_image_bytes") or STRIP_BYTES)  # each read under the provider's limit
     for image in tqdm(images, desc="pull", unit="image", disable=not progress):
         image_id, stem = image["image_id"], stems[image["image_id"]]
@@ -591,9 +600,8 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
                 continue
             labels = np.asarray(await source.labels(image_id, annotator_id, latest)).astype(np.uint32)
             if labels.shape != (height, width):  # the image file was replaced by one of another size
-                name = (who_is.get(annotator_id) or {}).get("display_name")
                 mismatched.append(
-                    f"dropped the labels of annotator {f'{name} ({annotator_id})' if name else annotator_id} on "
+                    f"dropped the labels of annotator {_who(who_is, annotator_id)} on "
                     f"{image['name']}: they were drawn on an image {_size(labels.shape)}, and the file is now "
                     f"{_size((height, width))}")
                 explained.add(key)
@@ -697,6 +705,12 @@ def _read_state(path: Path) -> dict:
         raise InvalidInputError(f"{path} cannot be read as the record of an earlier pull{why}; pull into another "
                                 "--out")
     return state
+
+
+def _who(annotators: dict, annotator_id: str) -> str:
+    """``Name (a-...)`` of an annotator, or the id alone when the source names nobody."""
+    name = (annotators.get(annotator_id) or {}).get("display_name")
+    return f"{name} ({annotator_id})" if name else annotator_id
 
 
 def _finished_versions(image: dict) -> dict[str, list[int]]:

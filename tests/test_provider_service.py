@@ -185,6 +185,47 @@ async def test_an_annotator_finishes_an_image_after_saving_it_and_the_finish_sur
                                                      bob_id: {"version": 1, "at": bobs["at"]}}}
 
 
+async def test_a_returned_image_comes_back_first_with_what_to_change_until_its_annotator_finishes_it(stack, connect):
+    provider = await open_provider(stack, connect)
+    created = await provider.create_session("review", CLASSES)
+    token, sid = created["token"], created["session"]["session_id"]
+    annotator = await open_annotator(stack, connect)
+    joined = await annotator.join(token, "Ada")
+    ada, ada_id = joined["annotator_key"], joined["annotator"]["annotator_id"]
+    first = (await annotator.next_image(token, ada))["image"]["image_id"]
+    with pytest.raises(Exception, match=f"NotFoundError: annotator '{ada_id}' has no annotation of image '{first}' "
+                                        "to return"):
+        await provider.return_image(sid, first, ada_id, "draw it first")
+    await annotator.save_annotation(token, ada, first, collection(square(1, 1, 5)))
+    await annotator.finish_image(token, ada, first)
+    second = (await annotator.next_image(token, ada))["image"]["image_id"]
+    assert second != first
+
+    back = await provider.return_image(sid, first, ada_id, "the large nucleus on the left is missing")
+    assert (back["image_id"], back["annotator_id"], back["version"]) == (first, ada_id, 1)
+    assignment = await annotator.next_image(token, ada)  # the returned image first, with what to change
+    assert assignment["image"]["image_id"] == first and assignment["returned"]["comment"] == (
+        "the large nucleus on the left is missing")
+    assert assignment["image"]["returned"] == {ada_id: "the large nucleus on the left is missing"}
+    assert assignment["image"]["finished"] == {}  # the finish ended with the return
+    assert (await provider.progress(sid))["images_finished"] == 0
+    with pytest.raises(Exception, match="unknown annotator id 'a-0000000000' in this session"):
+        await provider.return_image(sid, first, "a-0000000000", "")
+
+    await annotator.save_annotation(token, ada, first, collection(square(1, 1, 5), square(20, 20, 9)))
+    assert (await annotator.finish_image(token, ada, first))["version"] == 2  # the answer to the return
+    assert (await annotator.image_info(token, first))["returned"] == {}
+    after = await annotator.next_image(token, ada)
+    assert after["image"]["image_id"] == second and after["returned"] is None  # back to the unsaved one
+
+    await provider.close_session(sid)
+    with pytest.raises(Exception, match="SessionClosedError: session 'review' is closed: reopen it to return"):
+        await provider.return_image(sid, first, ada_id, "")
+    anonymous = await connect()  # an annotator's share link reaches no provider function
+    with pytest.raises(Exception, match="(?i)permission|denied|not allowed|protected"):
+        await anonymous.get_service(stack.services.provider_service_id)
+
+
 # -- refusals: item 5 (tokens and sessions) ---------------------------------------------------------
 
 async def test_share_token_cannot_call_provider_functions(stack, connect):

@@ -1102,6 +1102,14 @@ def test_a_finished_only_pull_holds_the_labels_of_finished_images_alone_and_thei
         assert {(r["version"], r["finished"]) for r in csv.DictReader(handle)
                 if (r["image_id"], r["annotator_id"]) == (dsb, ada.annotator_id)} == {("2", "False")}
 
+    provider.return_image(info, dsb, bob.annotator_id, "split the touching pair")  # the provider sends it back
+    lines: list[str] = []
+    run_pull(str(folder), done, session=info.session_id, echo=lines.append, finished_only=True)
+    assert lines == [f"dropped the labels of annotator Bob ({bob.annotator_id}) on dsb2018_nuclei.tif: returned to "
+                     "them for changes"]
+    root = zarr.open_group(str(done / "labels.zarr"), mode="r")
+    assert sorted(root[f"instances/{dsb}"].array_keys()) == sorted([ada.annotator_id, cy.annotator_id])
+
     before = _files(done)  # a set is pulled one way: the other way into it is refused, nothing written
     for out, finished_only, held in ((done, False, "finished images only (--finished-only): pull without"),
                                      (every, True, "every saved annotation: pull with")):

@@ -620,3 +620,32 @@ def test_a_finish_marks_the_latest_version_survives_a_restart_and_ends_with_that
     (root / "sessions" / "s-1" / "images" / "img-1" / "a-1" / "v000002.geojson").unlink()  # deleted by hand
     assert AnnotationStore(root).finished("s-1") == {}  # the version finished is gone: no finish
     assert store.finish("s-1", "img-1", "a-1")["version"] == 3
+
+
+def test_a_return_ends_the_finish_until_the_annotator_finishes_again_and_the_later_mark_wins_after_a_crash(tmp_path):
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    with pytest.raises(NotFoundError, match="has no annotation of image 'img-1' to return"):
+        store.return_image("s-1", "img-1", "a-1", "draw it")
+    save(store, 1)
+    store.finish("s-1", "img-1", "a-1")
+    with pytest.raises(InvalidInputError, match="comment must be text of at most 2000 characters"):
+        store.return_image("s-1", "img-1", "a-1", "x" * 2001)
+    assert store.finished("s-1") != {} and store.returned("s-1") == {}  # a refused return changes nothing
+    back = store.return_image("s-1", "img-1", "a-1", "  the nucleus at the top is missing ")
+    assert back["comment"] == "the nucleus at the top is missing" and back["version"] == 1
+    assert store.returned("s-1") == {"img-1": {"a-1": back}} and store.finished("s-1") == {}
+    assert not (root / "sessions" / "s-1" / "finished" / "img-1" / "a-1.json").exists()
+    assert AnnotationStore(root, read_only=True).returned("s-1") == {"img-1": {"a-1": back}}  # read from the file
+
+    save(store, 2)
+    again = store.finish("s-1", "img-1", "a-1")  # the answer to the return
+    assert again["version"] == 2 and store.returned("s-1") == {} and store.finished("s-1") == {"img-1": {"a-1": again}}
+    assert not (root / "sessions" / "s-1" / "returned" / "img-1" / "a-1.json").exists()
+
+    # a crash between writing one mark and deleting the other leaves both files: the later one counts
+    (root / "sessions" / "s-1" / "returned" / "img-1").mkdir(parents=True, exist_ok=True)
+    (root / "sessions" / "s-1" / "returned" / "img-1" / "a-1.json").write_text(json.dumps(
+        {"version": 2, "comment": "older", "at": "2000-01-01T00:00:00.000000+00:00"}))
+    restarted = AnnotationStore(root)
+    assert restarted.finished("s-1") == {"img-1": {"a-1": again}} and restarted.returned("s-1") == {}

@@ -365,3 +365,44 @@ async def test_the_class_preview_warns_about_two_classes_of_the_same_colour(stac
     await page.locator(".session", has_text="same colours").wait_for(timeout=15_000)
     assert not page.errors, page.errors
     await page.context.close()
+
+
+async def test_the_provider_returns_a_finished_image_and_its_annotator_gets_it_back_with_what_to_change(
+        stack, browser, tmp_path):
+    from test_web import draw_polygon, wait_saved
+    from web_support import join
+
+    ihc = image_ids(stack)["ihc_ki67.png"]
+    session, secret = stack.provider.create_session(name="second look", classes=CLASSES, image_ids=[ihc])
+    annotator = await new_page(browser)
+    await join(annotator, stack.services.share_url(secret), "Ada")
+    await draw_polygon(annotator, [(20, 20), (120, 20), (120, 80)])
+    await wait_saved(annotator, 1)
+    await annotator.click("#next-image")  # finishes the one image: nothing left
+    await annotator.wait_for_selector("body[data-state=done]", timeout=30_000)
+    assert stack.provider.store.finished(session.session_id)[ihc]
+
+    manager = await new_page(browser)
+    await manager.goto(stack.services.manage_url(stack.provider_token))
+    await manager.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    row = manager.locator(".session", has_text="second look").locator(f'.image-progress tr[data-image-id="{ihc}"]')
+    assert "Ada (1 version, finished)" in await row.text_content()
+    manager.once("dialog", lambda dialog: dialog.accept("outline the cell at the top too"))
+    await row.locator("button.return").click()
+    await row.filter(has_text="Ada (1 version, returned: “outline the cell at the top too”)").wait_for(timeout=15_000)
+    await screenshot(manager, tmp_path, "manage-returned")
+
+    await annotator.reload()  # the returned image comes first, with what to change
+    await annotator.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    assert await annotator.text_content("#returned") == (
+        "Returned to you for changes: “outline the cell at the top too”. Change what is asked, then Next image "
+        "finishes it again.")
+    await screenshot(annotator, tmp_path, "annotate-returned")
+    await annotator.click("#next-image")  # finished again: the return is answered
+    await annotator.wait_for_selector("body[data-state=done]", timeout=30_000)
+    assert await annotator.is_hidden("#returned")
+    assert stack.provider.store.returned(session.session_id) == {}
+    assert stack.provider.store.finished(session.session_id)[ihc]
+    assert not annotator.errors and not manager.errors, (annotator.errors, manager.errors)
+    await annotator.context.close()
+    await manager.context.close()

@@ -39,7 +39,7 @@ class ImageInfo(BaseModel):
     resolution level that ``get_image(level=n)`` serves (level ``n`` is downsampled ``2**n`` times unless
     the file has its own pyramid). ``error`` is set, and the other pixel fields are empty, when the file
     cannot be read. ``annotations`` counts saved versions per annotator id in the session asked about, and
-    ``finished`` names the annotators who finished the image there.
+    ``finished`` names the annotators who finished the image there, ``returned`` those it was returned to.
     """
 
     image_id: str
@@ -56,6 +56,8 @@ class ImageInfo(BaseModel):
     annotations: dict[str, int] = Field(default_factory=dict)
     finished: dict[str, int] = Field(default_factory=dict, description="annotator id -> their latest version when "
                                      "they said they finished the image (finish_image; the page's next image)")
+    returned: dict[str, str] = Field(default_factory=dict, description="annotator id -> what the provider asked them "
+                                     "to change, for an image returned to them and not finished since")
 
 
 class LabelClass(BaseModel):
@@ -152,6 +154,8 @@ class Assignment(BaseModel):
     image: ImageInfo | None = Field(None, description="None when every image has its annotators")
     position: int = Field(description="1-based index of the image in the session, 0 when done")
     total: int
+    returned: dict | None = Field(None, description="{version, comment, at} when the provider returned this image to "
+                                  "the annotator for changes (return_image), else None")
 
 
 class Progress(BaseModel):

@@ -108,6 +108,8 @@ class DataProvider:
         info.annotations = counts
         info.finished = {a: f["version"] for a, f in
                          self.store.finished(session.session_id).get(info.image_id, {}).items()}
+        info.returned = {a: r["comment"] for a, r in
+                         self.store.returned(session.session_id).get(info.image_id, {}).items()}
         if len(counts) >= session.annotators_per_image:
             info.status = "annotated"
         elif counts or assigned:
@@ -215,6 +217,15 @@ class DataProvider:
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         return {"image_id": image_id, **self.store.finish(session.session_id, image_id, annotator_id)}
 
+    def return_image(self, session: SessionInfo, image_id: str, annotator_id: str, comment: str = "") -> dict:
+        """The provider returns an image an annotator saved to them for changes, saying what to change: their
+        next ``next_image`` gives it back first, with the comment; it is no longer finished by them until they
+        finish it again. Returns ``{image_id, annotator_id, version, comment, at}``."""
+        image_id = self._check_in_session(session, image_id)
+        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
+        mark = self.store.return_image(session.session_id, image_id, annotator_id, comment)
+        return {"image_id": image_id, "annotator_id": annotator_id, **mark}
+
     def trainer_images(self, session: SessionInfo) -> list[dict]:
         """What a trainer is told of the session's images (``trainer_session``, a local ``colabel pull``): every
         image's :class:`ImageInfo` fields, ``versions`` (annotator id -> version numbers, oldest first) and
@@ -231,15 +242,20 @@ class DataProvider:
 
     # -- assignment and progress ------------------------------------------------------------------
     def next_image(self, session: SessionInfo, annotator_id: str) -> Assignment:
-        """Assign the annotator their next image (see :meth:`SessionStore.assign_next`)."""
+        """Assign the annotator their next image: first an image the provider returned to them for changes (in
+        folder order), with the provider's comment; else :meth:`SessionStore.assign_next`'s."""
         readable = self.readable_image_ids(session)
-        image_id = self.sessions.assign_next(
-            session.session_id, annotator_id, image_ids=readable, saved=self.store.counts(session.session_id)
-        )
+        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
+        returned = self.store.returned(session.session_id)
+        image_id = next((i for i in readable if annotator_id in returned.get(i, {})), None)
+        if image_id is None:
+            image_id = self.sessions.assign_next(
+                session.session_id, annotator_id, image_ids=readable, saved=self.store.counts(session.session_id)
+            )
         if image_id is None:
             return Assignment(image=None, position=0, total=len(readable))
         return Assignment(image=self.image_info(image_id, session), position=readable.index(image_id) + 1,
-                          total=len(readable))
+                          total=len(readable), returned=returned.get(image_id, {}).get(annotator_id))
 
     def progress(self, session: SessionInfo) -> Progress:
         """Images done (all their annotators saved), in progress (assigned or partly saved), work per annotator."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from colabel.errors import ColabelError, StorageError
+from colabel.errors import ColabelError, SessionClosedError, StorageError
 
 from ..message_cache_limits import FRAME_NAME, installed_cache
 from .assist import ModelAssist
@@ -295,9 +295,19 @@ class ProviderServices:
         def progress(session_id):
             return p.progress(sessions.get(session_id))
 
+        async def return_image(session_id, image_id, annotator_id, comment=""):
+            """Return an image an annotator saved to them for changes, saying what to change (``comment``): their
+            next image is this one, with the comment; not finished by them until they finish it again."""
+            info = sessions.get(session_id)
+            if info.state != "open":
+                raise SessionClosedError(f"session {info.name!r} is closed: reopen it to return an image")
+            annotator = sessions.annotator(info.session_id, annotator_id)  # NotFoundError for one who never joined
+            async with self._save_locks[(info.session_id, annotator.annotator_id)]:  # after their save in flight
+                return await asyncio.to_thread(p.return_image, info, image_id, annotator.annotator_id, comment)
+
         functions = [info, list_images, image_info, get_image, create_session, list_sessions, get_session,
                      close_session, reopen_session, issue_token, revoke_token, list_annotators,
-                     get_annotations, list_versions, progress]
+                     get_annotations, list_versions, progress, return_image]
         return {f.__name__: _remote(f) for f in functions}
 
     # -- annotator functions ----------------------------------------------------------------------

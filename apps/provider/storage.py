@@ -12,6 +12,9 @@ Layout (every name is made by colabel, never taken from a caller)::
                                    {"highest_version": N}: the highest version number ever given out
       sessions/<session_id>/finished/<image_id>/<annotator_id>.json
                                    {"version": N, "at": UTC}: the annotator finished the image at version N
+      sessions/<session_id>/returned/<image_id>/<annotator_id>.json
+                                   {"version": N, "comment": str, "at": UTC}: the provider returned the image to the
+                                   annotator for changes at version N (a finish ends it; a return ends the finish)
 
 A version is *committed* when its ``.geojson`` exists: the label TIFF is written first, the GeoJSON last,
 each through :func:`atomic_write` (temporary file, ``fsync``, no-clobber hard link, ``fsync`` of the
@@ -181,6 +184,8 @@ class AnnotationStore:
         self._usage: defaultdict[tuple[str, str], int] = defaultdict(int)
         # (session, image, annotator) -> {"version", "at"} of their finish of the image
         self._finished: dict[tuple[str, str, str], dict] = {}
+        # (session, image, annotator) -> {"version", "comment", "at"} of the provider's return of it
+        self._returned: dict[tuple[str, str, str], dict] = {}
         self._reconcile()
 
     # -- paths ------------------------------------------------------------------------------------
@@ -226,15 +231,18 @@ class AnnotationStore:
                 except OSError:  # deleted meanwhile
                     continue
                 self._usage[(path.parent.parent.parent.parent.name, path.parent.name)] += size
-        for path in self.sessions_root.glob("*/finished/*/*.json"):
-            try:
-                mark = json.loads(path.read_text(encoding="utf-8"))
-                version = mark["version"]
-            except (OSError, ValueError, TypeError, KeyError):  # unreadable: not finished
-                continue
-            if isinstance(version, int) and not isinstance(version, bool):
-                key = (path.parent.parent.parent.name, path.parent.name, path.stem)
-                self._finished[key] = {"version": version, "at": mark.get("at")}
+        for kind, marks in (("finished", self._finished), ("returned", self._returned)):
+            for path in self.sessions_root.glob(f"*/{kind}/*/*.json"):
+                try:
+                    mark = json.loads(path.read_text(encoding="utf-8"))
+                    version = mark["version"]
+                except (OSError, ValueError, TypeError, KeyError):  # unreadable: no mark
+                    continue
+                if isinstance(version, int) and not isinstance(version, bool):
+                    key = (path.parent.parent.parent.name, path.parent.name, path.stem)
+                    marks[key] = {"version": version, "at": mark.get("at")}
+                    if kind == "returned":
+                        marks[key]["comment"] = str(mark.get("comment") or "")
 
     def _remove_interrupted_writes(self) -> None:
         """Delete the temporary files of interrupted writes, never one a write in flight may still need.
@@ -419,16 +427,21 @@ class AnnotationStore:
         raise ConflictError(f"this save was drawn on version {base_version} of image {shown(image_id)}, but the "
                             f"latest is {latest}; load the latest version")
 
+    def _mark_file(self, kind: str, session_id: str, image_id: str, annotator_id: str) -> Path:
+        """``finished`` or ``returned`` mark of (image, annotator)."""
+        return (self.session_dir(session_id) / kind / check_id(image_id, "image id")
+                / f"{check_id(annotator_id, 'annotator id')}.json")
+
     def finish(self, session_id: str, image_id: str, annotator_id: str) -> dict:
         """Record that the annotator finished the image at their latest version; returns ``{"version", "at"}``
         (``at``: UTC, ISO 8601). Runs after the annotator's save of the image in flight, if any. Finishing again
-        after more saves moves the finish to the newer version; the same version again changes nothing.
+        after more saves moves the finish to the newer version; the same version again changes nothing. A finish
+        answers the provider's return of the image (:meth:`return_image`): the return mark goes.
         :class:`NotFoundError` when they have no version of the image."""
         if self.read_only:
             raise read_only_refusal(self.root, "finish an image")
         key = (session_id, image_id, annotator_id)
-        path = (self.session_dir(session_id) / "finished" / check_id(image_id, "image id")
-                / f"{check_id(annotator_id, 'annotator id')}.json")
+        path = self._mark_file("finished", session_id, image_id, annotator_id)
         with self._locks[key]:
             versions = self.versions(session_id, image_id, annotator_id)
             if not versions:
@@ -436,14 +449,60 @@ class AnnotationStore:
                                     "to finish: save it first (empty, if there is nothing to draw)")
             with self._index_lock:
                 known = self._finished.get(key)
-            if known is not None and known["version"] == versions[-1]:
+                returned = key in self._returned
+            if known is not None and known["version"] == versions[-1] and not returned:
                 return dict(known)
             mark = {"version": versions[-1], "at": utc_now()}
             make_dirs(path.parent)
             atomic_write_json(path, mark)
             with self._index_lock:
                 self._finished[key] = mark
+            self._drop_mark("returned", key)
             return dict(mark)
+
+    def return_image(self, session_id: str, image_id: str, annotator_id: str, comment: str) -> dict:
+        """The provider returns the image to the annotator for changes, saying what to change (``comment``, at
+        most 2000 characters): returns ``{"version", "comment", "at"}`` (their latest version then). The image is
+        no longer finished by them (its finish mark goes) until they finish it again, which ends the return.
+        :class:`NotFoundError` when they have no version of the image."""
+        if self.read_only:
+            raise read_only_refusal(self.root, "return an image")
+        if not isinstance(comment, str) or len(comment) > 2000:
+            raise InvalidInputError(f"comment must be text of at most 2000 characters, got {shown(comment)}")
+        key = (session_id, image_id, annotator_id)
+        path = self._mark_file("returned", session_id, image_id, annotator_id)
+        with self._locks[key]:
+            versions = self.versions(session_id, image_id, annotator_id)
+            if not versions:
+                raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} "
+                                    "to return")
+            mark = {"version": versions[-1], "comment": comment.strip(), "at": utc_now()}
+            make_dirs(path.parent)
+            atomic_write_json(path, mark)
+            with self._index_lock:
+                self._returned[key] = mark
+            self._drop_mark("finished", key)
+            return dict(mark)
+
+    def _drop_mark(self, kind: str, key: tuple[str, str, str]) -> None:
+        """Delete the ``finished`` or ``returned`` mark of ``key`` (the caller holds the key's lock)."""
+        marks = self._finished if kind == "finished" else self._returned
+        with self._index_lock:
+            had = marks.pop(key, None)
+        if had is not None:
+            path = self._mark_file(kind, *key)
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+
+    def returned(self, session_id: str) -> dict[str, dict[str, dict]]:
+        """Image id -> annotator id -> ``{"version", "comment", "at"}``: the images the provider returned to an
+        annotator for changes that they have not finished since."""
+        out: dict[str, dict[str, dict]] = {}
+        with self._index_lock:
+            for (s, i, a), mark in self._returned.items():
+                if s == session_id and self._index.get((s, i, a)) and not _later((s, i, a), self._finished, mark):
+                    out.setdefault(i, {})[a] = dict(mark)
+        return out
 
     def finished(self, session_id: str) -> dict[str, dict[str, dict]]:
         """Image id -> annotator id -> ``{"version", "at"}``: the version each annotator finished the image at,
@@ -451,7 +510,8 @@ class AnnotationStore:
         out: dict[str, dict[str, dict]] = {}
         with self._index_lock:
             for (s, i, a), mark in self._finished.items():
-                if s == session_id and mark["version"] in self._index.get((s, i, a), []):
+                if (s == session_id and mark["version"] in self._index.get((s, i, a), [])
+                        and not _later((s, i, a), self._returned, mark)):
                     out.setdefault(i, {})[a] = dict(mark)
         return out
 
@@ -584,6 +644,13 @@ class AnnotationStore:
         """Path of the instance-label TIFF of a committed version (latest by default)."""
         record = self.record(session_id, image_id, annotator_id, version)
         return self.root.parent / record["label_file"]
+
+
+def _later(key: tuple, marks: dict, mark: dict) -> bool:
+    """Whether ``marks`` holds a mark of ``key`` made after ``mark`` (a finish and a return of the same image: the
+    later one counts, should a crash have left both files)."""
+    other = marks.get(key)
+    return other is not None and str(other.get("at") or "") >= str(mark.get("at") or "")
 
 
 def _mib(nbytes: int) -> str:

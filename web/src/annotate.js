@@ -1021,6 +1021,7 @@ async function showImage(assignment) {
   state.version = 0;
   state.restored = false;
   showBanner(null);
+  showReturned(null);
   if (!image) {
     imageLayer.setSource(null);
     showTiles(map, imageLayer, null);
@@ -1092,6 +1093,7 @@ async function showImage(assignment) {
   showUndo();
   setTool(state.tool);
   message("");
+  showReturned(image);
   $("next-image").disabled = false;
   document.body.dataset.state = "ready";
   if (draft) {
@@ -1099,6 +1101,16 @@ async function showImage(assignment) {
     edited(); // saved as the next version
   }
   prepareSam(image);
+}
+
+/** Say what the provider asked this annotator to change on ``image`` (returned for changes), if it did. */
+function showReturned(image) {
+  const returned = image && state.annotatorId ? image.returned || {} : {};
+  const asked = Object.prototype.hasOwnProperty.call(returned, state.annotatorId);
+  const comment = asked ? returned[state.annotatorId] : "";
+  $("returned").hidden = !asked;
+  $("returned").textContent = asked ? `Returned to you for changes${comment ? `: “${comment}”` : ""}. `
+    + "Change what is asked, then Next image finishes it again." : "";
 }
 
 /** True when this annotator has saved no image of the session (false when that cannot be told). */

@@ -139,7 +139,7 @@ function annotatorTable(p, st) {
       el("td", { class: "stored" }, byteSize(a.stored_bytes)), cells ? el("td", {}, cells[id] || 0) : null)));
 }
 
-function imageTable(id, images, p) {
+function imageTable(id, images, p, returnable) {
   const names = Object.fromEntries(Object.entries(p.per_annotator).map(([id, a]) => [id, a.display_name]));
   const counts = {};
   for (const im of images) counts[im.status] = (counts[im.status] || 0) + 1;
@@ -150,9 +150,26 @@ function imageTable(id, images, p) {
     el("summary", {}, `Images: ${summary || "none"}`),
     el("table", {}, images.map((im) => el("tr", { class: im.status, "data-image-id": im.image_id },
       el("td", {}, im.name), el("td", { class: "status" }, im.status.replace("_", " ")),
-      el("td", {}, Object.entries(im.annotations)
-        .map(([id, n]) => `${names[id] || id} (${n} version${n === 1 ? "" : "s"}`
-          + `${id in (im.finished || {}) ? ", finished" : ""})`).join(", "))))));
+      el("td", {}, Object.entries(im.annotations).map(([who, n], i) => el("span", { class: "work",
+        "data-annotator-id": who }, i ? ", " : "", `${names[who] || who} (${n} version${n === 1 ? "" : "s"}`
+          + `${who in (im.finished || {}) ? ", finished" : ""}`
+          + `${who in (im.returned || {}) ? `, returned${im.returned[who] ? `: “${im.returned[who]}”` : ""}` : ""})`,
+        returnable ? el("button", { class: "return", type: "button",
+          title: `send ${im.name} back to ${names[who] || who} with what to change; it comes first among their images`,
+          onclick: () => returnImage(id, im, who, names[who] || who) }, "return") : null)))))));
+}
+
+/** Return an image to an annotator for changes, asking the provider what to change. */
+async function returnImage(sessionId, image, annotatorId, name) {
+  const comment = window.prompt(`What should ${name} change on ${image.name}? (sent with the image)`, "");
+  if (comment === null) return;
+  try {
+    await provider.return_image(sessionId, image.image_id, annotatorId, comment);
+    await refresh();
+    status(`returned ${image.name} to ${name}`);
+  } catch (err) {
+    status(errorText(err), true);
+  }
 }
 
 async function revokeSession(s) {
@@ -235,7 +252,7 @@ async function sessionCard(s, images) {
     classifierLine(st),
     storedLine(p),
     annotatorTable(p, st),
-    imageTable(id, images, p),
+    imageTable(id, images, p, s.state === "open"),
     s.share_url ? el("div", {}, "Share link: ", shareLink(s.share_url)) : null,
     tokenTable(s),
     trainerForm(s),

@@ -67,8 +67,10 @@ async def test_manager_shows_progress_per_image_and_annotator_copies_the_link_an
                                          f"limit of {byte_size(sum(stored.values()) + 100)} (saves past the limit "
                                          "are refused)")
     # progress per image: status, and who saved how many versions
-    images = {(await r.get_attribute("data-image-id")): await r.locator("td").all_text_contents()
+    images = {(await r.get_attribute("data-image-id")): [t.replace("return", "") for t in  # the return buttons
+                                                         await r.locator("td").all_text_contents()]
               for r in await card.locator(".image-progress tr").all()}
+    assert await card.locator(".image-progress button.return").count() == 3  # one per annotator of each image
     assert images[ids["ihc_ki67.png"]] == ["ihc_ki67.png", "annotated",
                                            "Ada (2 versions), Bob (1 version, finished)"]
     assert images[ids["dsb2018_nuclei.tif"]] == ["dsb2018_nuclei.tif", "in progress", "Ada (1 version)"]

@@ -438,50 +438,46 @@ class AnnotationStore:
         after more saves moves the finish to the newer version; the same version again changes nothing. A finish
         answers the provider's return of the image (:meth:`return_image`): the return mark goes.
         :class:`NotFoundError` when they have no version of the image."""
-        if self.read_only:
-            raise read_only_refusal(self.root, "finish an image")
-        key = (session_id, image_id, annotator_id)
-        path = self._mark_file("finished", session_id, image_id, annotator_id)
-        with self._locks[key]:
-            versions = self.versions(session_id, image_id, annotator_id)
-            if not versions:
-                raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} "
-                                    "to finish: save it first (empty, if there is nothing to draw)")
-            with self._index_lock:
-                known = self._finished.get(key)
-                returned = key in self._returned
-            if known is not None and known["version"] == versions[-1] and not returned:
-                return dict(known)
-            mark = {"version": versions[-1], "at": utc_now()}
-            make_dirs(path.parent)
-            atomic_write_json(path, mark)
-            with self._index_lock:
-                self._finished[key] = mark
-            self._drop_mark("returned", key)
-            return dict(mark)
+        return self._put_mark("finished", session_id, image_id, annotator_id, {},
+                              "to finish: save it first (empty, if there is nothing to draw)")
 
     def return_image(self, session_id: str, image_id: str, annotator_id: str, comment: str) -> dict:
         """The provider returns the image to the annotator for changes, saying what to change (``comment``, at
         most 2000 characters): returns ``{"version", "comment", "at"}`` (their latest version then). The image is
         no longer finished by them (its finish mark goes) until they finish it again, which ends the return.
         :class:`NotFoundError` when they have no version of the image."""
-        if self.read_only:
-            raise read_only_refusal(self.root, "return an image")
         if not isinstance(comment, str) or len(comment) > 2000:
             raise InvalidInputError(f"comment must be text of at most 2000 characters, got {shown(comment)}")
+        return self._put_mark("returned", session_id, image_id, annotator_id, {"comment": comment.strip()},
+                              "to return")
+
+    def _put_mark(self, kind: str, session_id: str, image_id: str, annotator_id: str, fields: dict,
+                  missing: str) -> dict:
+        """Write the ``kind`` mark (``finished`` or ``returned``) of (image, annotator) at the annotator's latest
+        version, with ``fields``, and delete the other kind's; a finish of the version already finished (and not
+        returned since) changes nothing. ``missing`` ends the :class:`NotFoundError` of an annotator with no
+        version of the image."""
+        if self.read_only:
+            raise read_only_refusal(self.root, f"{'finish' if kind == 'finished' else 'return'} an image")
         key = (session_id, image_id, annotator_id)
-        path = self._mark_file("returned", session_id, image_id, annotator_id)
+        path = self._mark_file(kind, session_id, image_id, annotator_id)
+        marks, other = (self._finished, "returned") if kind == "finished" else (self._returned, "finished")
         with self._locks[key]:
             versions = self.versions(session_id, image_id, annotator_id)
             if not versions:
                 raise NotFoundError(f"annotator {shown(annotator_id)} has no annotation of image {shown(image_id)} "
-                                    "to return")
-            mark = {"version": versions[-1], "comment": comment.strip(), "at": utc_now()}
+                                    f"{missing}")
+            with self._index_lock:
+                known = marks.get(key)
+                undone = key in (self._returned if kind == "finished" else self._finished)
+            if kind == "finished" and known is not None and known["version"] == versions[-1] and not undone:
+                return dict(known)
+            mark = {"version": versions[-1], **fields, "at": utc_now()}
             make_dirs(path.parent)
             atomic_write_json(path, mark)
             with self._index_lock:
-                self._returned[key] = mark
-            self._drop_mark("finished", key)
+                marks[key] = mark
+            self._drop_mark(other, key)
             return dict(mark)
 
     def _drop_mark(self, kind: str, key: tuple[str, str, str]) -> None:

@@ -678,8 +678,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
     print(f"pulled {result['pulled']} new annotation versions ({result['skipped']} up to date) of "
           f"{result['images']} images, {result['cells']} objects, into {args.out}")
     if result.get("unfinished") or result.get("corrected"):
-        print(f"--finished-only: left out {result['unfinished']} annotators' labels of images they have not finished; "
-              f"{result['corrected']} finished labels pulled as finished, without the correction saved since")
+        print(f"--finished-only: left out {result['unfinished']} annotators' labels not finished (work in progress, "
+              f"left midway or returned for changes); pulled {result['corrected']} at the version finished, not the "
+              "change saved since")
     return 0
 
 

@@ -206,7 +206,8 @@ async def test_a_returned_image_comes_back_first_with_what_to_change_until_its_a
     assignment = await annotator.next_image(token, ada)  # the returned image first, with what to change
     assert assignment["image"]["image_id"] == first and assignment["returned"]["comment"] == (
         "the large nucleus on the left is missing")
-    assert assignment["image"]["returned"] == {ada_id: "the large nucleus on the left is missing"}
+    assert assignment["image"]["returned"] == {}  # the comment reaches Ada alone, not every holder of the link
+    assert (await provider.image_info(first, sid))["returned"] == {ada_id: "the large nucleus on the left is missing"}
     assert assignment["image"]["finished"] == {}  # the finish ended with the return
     assert (await provider.progress(sid))["images_finished"] == 0
     with pytest.raises(Exception, match="unknown annotator id 'a-0000000000' in this session"):
@@ -218,6 +219,22 @@ async def test_a_returned_image_comes_back_first_with_what_to_change_until_its_a
     after = await annotator.next_image(token, ada)
     assert after["image"]["image_id"] == second and after["returned"] is None  # back to the unsaved one
 
+    # a return the provider takes back: the finish it ended counts again
+    await provider.return_image(sid, first, ada_id, "by mistake")
+    assert (await provider.image_info(first, sid))["finished"] == {}
+    withdrawn = await provider.withdraw_return(sid, first, ada_id)
+    assert withdrawn["comment"] == "by mistake"
+    assert (await provider.image_info(first, sid))["finished"] == {ada_id: 2}
+    assert (await provider.image_info(first, sid))["returned"] == {}
+    with pytest.raises(Exception, match=f"NotFoundError: image '{first}' is not returned to annotator '{ada_id}'"):
+        await provider.withdraw_return(sid, first, ada_id)
+
+    # an annotator whose link is revoked could not answer: refused
+    (link,) = [t for t in (await provider.get_session(sid))["tokens"] if t["role"] == "annotate"]
+    await provider.revoke_token(sid, link["token_id"])
+    with pytest.raises(Exception, match=f"InvalidInputError: Ada joined through the link '{link['label']}', which is "
+                                        "revoked: they could not open the image to change it"):
+        await provider.return_image(sid, first, ada_id, "")
     await provider.close_session(sid)
     with pytest.raises(Exception, match="SessionClosedError: session 'review' is closed: reopen it to return"):
         await provider.return_image(sid, first, ada_id, "")

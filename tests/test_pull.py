@@ -1078,8 +1078,9 @@ def test_a_finished_only_pull_holds_the_labels_of_finished_images_alone_and_thei
     printed = pull(str(folder), "--session", info.session_id, "--out", str(done), "--finished-only")
     assert printed.returncode == 0, printed.stderr
     assert "pulled 2 new annotation versions (0 up to date) of 1 images" in printed.stdout
-    assert ("--finished-only: left out 2 annotators' labels of images they have not finished; 0 finished labels "
-            "pulled as finished, without the correction saved since") in printed.stdout  # Cy's and Ada's PNG
+    assert ("--finished-only: left out 2 annotators' labels not finished (work in progress, left midway or "
+            "returned for changes); pulled 0 at the version finished, not the change saved since"
+            ) in printed.stdout  # Cy's and Ada's PNG
     root = zarr.open_group(str(done / "labels.zarr"), mode="r")
     assert list(root["images"].array_keys()) == [dsb]
     assert sorted(root[f"instances/{dsb}"].array_keys()) == sorted([ada.annotator_id, bob.annotator_id])

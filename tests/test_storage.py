@@ -639,6 +639,7 @@ def test_a_return_ends_the_finish_until_the_annotator_finishes_again_and_the_lat
     assert AnnotationStore(root, read_only=True).returned("s-1") == {"img-1": {"a-1": back}}  # read from the file
 
     save(store, 2)
+    store.return_seen("s-1", "img-1", "a-1")  # given back by next_image
     again = store.finish("s-1", "img-1", "a-1")  # the answer to the return
     assert again["version"] == 2 and store.returned("s-1") == {} and store.finished("s-1") == {"img-1": {"a-1": again}}
     assert not (root / "sessions" / "s-1" / "returned" / "img-1" / "a-1.json").exists()
@@ -649,3 +650,30 @@ def test_a_return_ends_the_finish_until_the_annotator_finishes_again_and_the_lat
         {"version": 2, "comment": "older", "at": "2000-01-01T00:00:00.000000+00:00"}))
     restarted = AnnotationStore(root)
     assert restarted.finished("s-1") == {"img-1": {"a-1": again}} and restarted.returned("s-1") == {}
+
+
+def test_a_return_the_annotator_was_not_given_yet_survives_their_finish_and_a_withdrawal_restores_the_finish(
+        tmp_path):
+    """The provider returns an image while the annotator's page is still on it: their Next (a finish) must not end a
+    return they never saw. A withdrawn return gives back the finish it ended, also after a restart."""
+    root = tmp_path / "annotations"
+    store = AnnotationStore(root)
+    save(store, 1)
+    finished = store.finish("s-1", "img-1", "a-1")
+    store.return_image("s-1", "img-1", "a-1", "split the pair")
+    assert store.finish("s-1", "img-1", "a-1") == {"version": 1, "at": None, "returned": "split the pair"}
+    assert store.finished("s-1") == {} and store.returned("s-1")["img-1"]["a-1"]["comment"] == "split the pair"
+    store.return_seen("s-1", "img-1", "a-1")  # next_image gives it back
+    answered = AnnotationStore(root).finish("s-1", "img-1", "a-1")  # seen, also after a restart: answered
+    assert answered["answered"] == "split the pair" and answered["at"] is not None
+
+    store = AnnotationStore(root)
+    store.return_image("s-1", "img-1", "a-1", "by mistake")
+    assert store.finished("s-1") == {}
+    withdrawn = AnnotationStore(root).withdraw_return("s-1", "img-1", "a-1")  # the ended finish is in the file
+    assert withdrawn["comment"] == "by mistake" and "ended_finish" not in withdrawn
+    restarted = AnnotationStore(root)
+    assert restarted.returned("s-1") == {} and restarted.finished("s-1")["img-1"]["a-1"]["version"] == 1
+    with pytest.raises(NotFoundError, match="image 'img-1' is not returned to annotator 'a-1'"):
+        restarted.withdraw_return("s-1", "img-1", "a-1")
+    assert finished["version"] == 1

@@ -380,9 +380,19 @@ async def test_the_provider_returns_a_finished_image_and_its_annotator_gets_it_b
     await join(annotator, stack.services.share_url(secret), "Ada")
     await draw_polygon(annotator, [(20, 20), (120, 20), (120, 80)])
     await wait_saved(annotator, 1)
-    await annotator.click("#next-image")  # finishes the one image: nothing left
+    (ada,) = stack.provider.sessions.annotators(session.session_id)
+    # returned while Ada's page is still on the image: her Next does not end a return she has not seen
+    stack.provider.return_image(session, ihc, ada, "split the touching pair")
+    await annotator.click("#next-image")
+    await annotator.wait_for_selector("#returned:not([hidden])", timeout=30_000)
+    assert await annotator.text_content("#returned") == (
+        "Returned to you for changes: “split the touching pair”. Change what is asked, then Next image finishes it "
+        "again.")
+    assert stack.provider.store.finished(session.session_id) == {}
+    await annotator.click("#next-image")  # seen: this Next answers the return
     await annotator.wait_for_selector("body[data-state=done]", timeout=30_000)
-    assert stack.provider.store.finished(session.session_id)[ihc]
+    assert stack.provider.store.returned(session.session_id) == {}
+    assert stack.provider.store.finished(session.session_id)[ihc][ada]["answered"] == "split the touching pair"
 
     manager = await new_page(browser)
     await manager.goto(stack.services.manage_url(stack.provider_token))
@@ -394,17 +404,18 @@ async def test_the_provider_returns_a_finished_image_and_its_annotator_gets_it_b
     await row.filter(has_text="Ada (1 version, returned: “outline the cell at the top too”)").wait_for(timeout=15_000)
     await screenshot(manager, tmp_path, "manage-returned")
 
-    await annotator.reload()  # the returned image comes first, with what to change
+    await annotator.reload()  # the returned image comes first, with what to change, also after a reload
+    await annotator.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    await annotator.reload()
     await annotator.wait_for_selector("body[data-state=ready]", timeout=30_000)
     assert await annotator.text_content("#returned") == (
         "Returned to you for changes: “outline the cell at the top too”. Change what is asked, then Next image "
         "finishes it again.")
     await screenshot(annotator, tmp_path, "annotate-returned")
-    await annotator.click("#next-image")  # finished again: the return is answered
-    await annotator.wait_for_selector("body[data-state=done]", timeout=30_000)
-    assert await annotator.is_hidden("#returned")
+
+    await row.locator("button.withdraw").click()  # taken back: Ada's finish counts again
+    await row.filter(has_text="Ada (1 version, finished)").wait_for(timeout=15_000)
     assert stack.provider.store.returned(session.session_id) == {}
-    assert stack.provider.store.finished(session.session_id)[ihc]
     assert not annotator.errors and not manager.errors, (annotator.errors, manager.errors)
     await annotator.context.close()
     await manager.context.close()

@@ -100,26 +100,34 @@ class DataProvider:
 
     def image_info(self, image_id: str, session: SessionInfo | None = None) -> ImageInfo:
         """An image's :class:`ImageInfo`, with status and counts for ``session`` when given."""
+        return self._image_info(image_id, session, self._session_state(session) if session is not None else None)
+
+    def _session_state(self, session: SessionInfo) -> tuple[dict, dict, dict, dict]:
+        """What :meth:`_image_info` reads of a session, read once for every image of a listing: versions per image
+        and annotator, assignments, finishes and returns."""
+        sid = session.session_id
+        return (self.store.counts(sid), self.sessions.assignments(sid), self.store.finished(sid),
+                self.store.returned(sid))
+
+    def _image_info(self, image_id: str, session: SessionInfo | None, state: tuple | None) -> ImageInfo:
         info = self.catalog.get(image_id).info()
         if session is None or info.error:
             return info
-        counts = self.store.annotators(session.session_id, info.image_id)
-        assigned = self.sessions.assignments(session.session_id).get(info.image_id, [])
-        info.annotations = counts
-        info.finished = {a: f["version"] for a, f in
-                         self.store.finished(session.session_id).get(info.image_id, {}).items()}
-        info.returned = {a: r["comment"] for a, r in
-                         self.store.returned(session.session_id).get(info.image_id, {}).items()}
-        if len(counts) >= session.annotators_per_image:
+        counts, assignments, finished, returned = state
+        info.annotations = dict(counts.get(info.image_id, {}))
+        info.finished = {a: f["version"] for a, f in finished.get(info.image_id, {}).items()}
+        info.returned = {a: r["comment"] for a, r in returned.get(info.image_id, {}).items()}
+        if len(info.annotations) >= session.annotators_per_image:
             info.status = "annotated"
-        elif counts or assigned:
+        elif info.annotations or assignments.get(info.image_id):
             info.status = "in_progress"
         return info
 
     def list_images(self, session: SessionInfo | None = None) -> list[ImageInfo]:
         """Every image (of the session, when given), in folder order, unreadable ones included."""
         ids = self.session_image_ids(session) if session else [r.image_id for r in self.catalog.records()]
-        return [self.image_info(i, session) for i in ids]
+        state = self._session_state(session) if session is not None else None
+        return [self._image_info(i, session, state) for i in ids]
 
     def get_image(self, image_id: str, *, region: object = None, level: object = 0,
                   session: SessionInfo | None = None) -> np.ndarray:
@@ -222,8 +230,25 @@ class DataProvider:
         next ``next_image`` gives it back first, with the comment; it is no longer finished by them until they
         finish it again. Returns ``{image_id, annotator_id, version, comment, at}``."""
         image_id = self._check_in_session(session, image_id)
-        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
+        annotator = self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError: never joined
+        record = self.catalog.get(image_id)
+        if record.error:
+            raise InvalidInputError(f"image {record.name!r} is unreadable now: {annotator.display_name} could not "
+                                    "open it to change it")
+        link = self.sessions.revoked_link(session.session_id, annotator_id)
+        if link is not None:
+            raise InvalidInputError(f"{annotator.display_name} joined through the link {link!r}, which is revoked: "
+                                    "they could not open the image to change it")
         mark = self.store.return_image(session.session_id, image_id, annotator_id, comment)
+        return {"image_id": image_id, "annotator_id": annotator_id, **mark}
+
+    def withdraw_return(self, session: SessionInfo, image_id: str, annotator_id: str) -> dict:
+        """Take back a return of :meth:`return_image`: the image is no longer offered to the annotator first, and
+        their finish the return ended, if any, counts again. Returns ``{image_id, annotator_id, version, comment,
+        at}`` of the withdrawn return."""
+        image_id = self._check_in_session(session, image_id)
+        self.sessions.annotator(session.session_id, annotator_id)
+        mark = self.store.withdraw_return(session.session_id, image_id, annotator_id)
         return {"image_id": image_id, "annotator_id": annotator_id, **mark}
 
     def trainer_images(self, session: SessionInfo) -> list[dict]:
@@ -248,7 +273,9 @@ class DataProvider:
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         returned = self.store.returned(session.session_id)
         image_id = next((i for i in readable if annotator_id in returned.get(i, {})), None)
-        if image_id is None:
+        if image_id is not None:  # given back: their next finish answers the return
+            self.store.return_seen(session.session_id, image_id, annotator_id)
+        else:
             image_id = self.sessions.assign_next(
                 session.session_id, annotator_id, image_ids=readable, saved=self.store.counts(session.session_id)
             )

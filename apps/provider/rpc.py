@@ -73,6 +73,13 @@ class ServiceError(Exception):
     """What a remote caller sees: the message of a :class:`ColabelError`, or 'internal error'."""
 
 
+def _unreviewed(image):
+    """An :class:`ImageInfo` as a share link's holders see it: without the provider's review comments
+    (``returned``), which reach only the annotator they are for (``next_image``'s ``returned``)."""
+    image.returned = {}
+    return image
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -305,9 +312,16 @@ class ProviderServices:
             async with self._save_locks[(info.session_id, annotator.annotator_id)]:  # after their save in flight
                 return await asyncio.to_thread(p.return_image, info, image_id, annotator.annotator_id, comment)
 
+        async def withdraw_return(session_id, image_id, annotator_id):
+            """Take back a return of ``return_image``: the finish it ended, if any, counts again."""
+            info = sessions.get(session_id)
+            annotator = sessions.annotator(info.session_id, annotator_id)
+            async with self._save_locks[(info.session_id, annotator.annotator_id)]:
+                return await asyncio.to_thread(p.withdraw_return, info, image_id, annotator.annotator_id)
+
         functions = [info, list_images, image_info, get_image, create_session, list_sessions, get_session,
                      close_session, reopen_session, issue_token, revoke_token, list_annotators,
-                     get_annotations, list_versions, progress, return_image]
+                     get_annotations, list_versions, progress, return_image, withdraw_return]
         return {f.__name__: _remote(f) for f in functions}
 
     # -- annotator functions ----------------------------------------------------------------------
@@ -328,12 +342,12 @@ class ProviderServices:
             return _public(sessions.authorize(token))
 
         def list_images(token):
-            return p.list_images(sessions.authorize(token))
+            return [_unreviewed(i) for i in p.list_images(sessions.authorize(token))]
 
         def image_info(token, image_id):
             info = sessions.authorize(token)
             p._check_in_session(info, image_id)
-            return p.image_info(image_id, info)
+            return _unreviewed(p.image_info(image_id, info))
 
         async def get_image(token, image_id, region=None, level=0):
             """Pixels (h, w, C) of an image of the session: whole, a region or a level (2 reads of a token at once)."""
@@ -342,8 +356,12 @@ class ProviderServices:
                                            level=level, session=info)
 
         def next_image(token, annotator_key):
+            """The annotator's next image; ``returned``: the provider's comment when it returned this one to them."""
             info = sessions.authorize(token, write=True)
-            return p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
+            assignment = p.next_image(info, sessions.identify(info.session_id, annotator_key).annotator_id)
+            if assignment.image is not None:
+                assignment.image = _unreviewed(assignment.image)
+            return assignment
 
         async def save_annotation(token, annotator_key, image_id, annotation, base_version=None, writer=None):
             """Commit a new version. One annotator's saves run one at a time, on threads of their own (a slow

@@ -415,6 +415,15 @@ class SessionStore:
                 raise NotFoundError(f"unknown annotator id {shown(annotator_id)} in this session")
             return session.annotators[annotator_id].model_copy()
 
+    def revoked_link(self, session_id: str, annotator_id: str) -> str | None:
+        """The label of the share link an annotator joined with when it is revoked (they can no longer act through
+        it), else None."""
+        with self._lock:
+            session = self._get(session_id)
+            via = session.joined_via.get(annotator_id)
+            token = next((t for t in session.info.tokens if t.token_id == via), None)
+            return (token.label or token.token_id) if token is not None and token.revoked is not None else None
+
     def annotators(self, session_id: str) -> dict[str, Annotator]:
         with self._lock:
             return {k: v.model_copy() for k, v in self._get(session_id).annotators.items()}

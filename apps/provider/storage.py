@@ -243,6 +243,13 @@ class AnnotationStore:
                     marks[key] = {"version": version, "at": mark.get("at")}
                     if kind == "returned":
                         marks[key]["comment"] = str(mark.get("comment") or "")
+                        if mark.get("seen"):
+                            marks[key]["seen"] = str(mark["seen"])
+                        ended = mark.get("ended_finish")
+                        if isinstance(ended, dict) and isinstance(ended.get("version"), int):
+                            marks[key]["ended_finish"] = {"version": ended["version"], "at": ended.get("at")}
+                    elif mark.get("answered") is not None:
+                        marks[key]["answered"] = str(mark["answered"])
 
     def _remove_interrupted_writes(self) -> None:
         """Delete the temporary files of interrupted writes, never one a write in flight may still need.
@@ -436,17 +443,62 @@ class AnnotationStore:
         """Record that the annotator finished the image at their latest version; returns ``{"version", "at"}``
         (``at``: UTC, ISO 8601). Runs after the annotator's save of the image in flight, if any. Finishing again
         after more saves moves the finish to the newer version; the same version again changes nothing. A finish
-        answers the provider's return of the image (:meth:`return_image`): the return mark goes.
+        answers the provider's return of the image (:meth:`return_image`) once the annotator was given it back
+        (:meth:`return_seen`): the return mark goes, and the finish keeps its comment as ``answered``. Before that
+        (the return came while their page was still on the image) nothing is written and ``{"version", "at":
+        None, "returned": comment}`` says so: their next image is this one again, with the comment.
         :class:`NotFoundError` when they have no version of the image."""
-        return self._put_mark("finished", session_id, image_id, annotator_id, {},
+        with self._index_lock:
+            pending = self._returned.get((session_id, image_id, annotator_id))
+            pending = dict(pending) if pending is not None else None
+        if pending is not None and not pending.get("seen"):
+            versions = self.versions(session_id, image_id, annotator_id)
+            return {"version": versions[-1] if versions else 0, "at": None, "returned": pending["comment"]}
+        answered = {"answered": pending["comment"]} if pending is not None else {}
+        return self._put_mark("finished", session_id, image_id, annotator_id, answered,
                               "to finish: save it first (empty, if there is nothing to draw)")
+
+    def return_seen(self, session_id: str, image_id: str, annotator_id: str) -> None:
+        """Record that the annotator was given back the image returned to them (``next_image``), so that their
+        next finish answers the return."""
+        key = (session_id, image_id, annotator_id)
+        with self._locks[key]:
+            with self._index_lock:
+                mark = self._returned.get(key)
+                if mark is None or mark.get("seen") or self.read_only:
+                    return
+                mark = {**mark, "seen": utc_now()}
+            atomic_write_json(self._mark_file("returned", *key), mark)
+            with self._index_lock:
+                self._returned[key] = mark
+
+    def withdraw_return(self, session_id: str, image_id: str, annotator_id: str) -> dict:
+        """Take back the provider's return of the image (asked by mistake, or the annotator left): the return mark
+        goes, and the annotator's finish before it, if any, counts again. Returns the withdrawn mark;
+        :class:`NotFoundError` when the image is not returned to them."""
+        if self.read_only:
+            raise read_only_refusal(self.root, "withdraw a return")
+        key = (session_id, image_id, annotator_id)
+        with self._locks[key]:
+            with self._index_lock:
+                mark = self._returned.get(key)
+            if mark is None:
+                raise NotFoundError(f"image {shown(image_id)} is not returned to annotator {shown(annotator_id)}")
+            withdrawn = mark.get("ended_finish")
+            if withdrawn is not None and withdrawn["version"] in self.versions(*key):
+                path = self._mark_file("finished", *key)
+                atomic_write_json(path, withdrawn)
+                with self._index_lock:
+                    self._finished[key] = withdrawn
+            self._drop_mark("returned", key)
+            return _public_mark(mark)
 
     def return_image(self, session_id: str, image_id: str, annotator_id: str, comment: str) -> dict:
         """The provider returns the image to the annotator for changes, saying what to change (``comment``, at
         most 2000 characters): returns ``{"version", "comment", "at"}`` (their latest version then). The image is
         no longer finished by them (its finish mark goes) until they finish it again, which ends the return.
         :class:`NotFoundError` when they have no version of the image."""
-        if not isinstance(comment, str) or len(comment) > 2000:
+        if not isinstance(comment, str) or len(comment.strip()) > 2000:
             raise InvalidInputError(f"comment must be text of at most 2000 characters, got {shown(comment)}")
         return self._put_mark("returned", session_id, image_id, annotator_id, {"comment": comment.strip()},
                               "to return")
@@ -473,12 +525,17 @@ class AnnotationStore:
             if kind == "finished" and known is not None and known["version"] == versions[-1] and not undone:
                 return dict(known)
             mark = {"version": versions[-1], **fields, "at": utc_now()}
+            if kind == "returned":
+                with self._index_lock:
+                    ended = self._finished.get(key)
+                if ended is not None:  # restored should the provider withdraw the return
+                    mark["ended_finish"] = {k: ended[k] for k in ("version", "at")}
             make_dirs(path.parent)
             atomic_write_json(path, mark)
             with self._index_lock:
                 marks[key] = mark
             self._drop_mark(other, key)
-            return dict(mark)
+            return _public_mark(mark)
 
     def _drop_mark(self, kind: str, key: tuple[str, str, str]) -> None:
         """Delete the ``finished`` or ``returned`` mark of ``key`` (the caller holds the key's lock)."""
@@ -497,7 +554,7 @@ class AnnotationStore:
         with self._index_lock:
             for (s, i, a), mark in self._returned.items():
                 if s == session_id and self._index.get((s, i, a)) and not _later((s, i, a), self._finished, mark):
-                    out.setdefault(i, {})[a] = dict(mark)
+                    out.setdefault(i, {})[a] = _public_mark(mark)
         return out
 
     def finished(self, session_id: str) -> dict[str, dict[str, dict]]:
@@ -640,6 +697,11 @@ class AnnotationStore:
         """Path of the instance-label TIFF of a committed version (latest by default)."""
         record = self.record(session_id, image_id, annotator_id, version)
         return self.root.parent / record["label_file"]
+
+
+def _public_mark(mark: dict) -> dict:
+    """A finish or return mark as callers get it: without the bookkeeping (``seen``, ``ended_finish``)."""
+    return {k: v for k, v in mark.items() if k not in ("seen", "ended_finish")}
 
 
 def _later(key: tuple, marks: dict, mark: dict) -> bool:

@@ -1004,8 +1004,9 @@ $("redo").addEventListener("click", redo);
 function remember(assignment) {
   if (!state.storeKey) return;
   const stored = JSON.parse(localStorage.getItem(state.storeKey) || "{}");
-  stored.current = assignment.image
-    ? { image_id: assignment.image.image_id, position: assignment.position, total: assignment.total } : null;
+  stored.current = assignment.image  // returned: what to change, said again after a reload
+    ? { image_id: assignment.image.image_id, position: assignment.position, total: assignment.total,
+      returned: assignment.returned || null } : null;
   localStorage.setItem(state.storeKey, JSON.stringify(stored));
 }
 
@@ -1093,7 +1094,7 @@ async function showImage(assignment) {
   showUndo();
   setTool(state.tool);
   message("");
-  showReturned(image);
+  showReturned(assignment);
   $("next-image").disabled = false;
   document.body.dataset.state = "ready";
   if (draft) {
@@ -1103,11 +1104,10 @@ async function showImage(assignment) {
   prepareSam(image);
 }
 
-/** Say what the provider asked this annotator to change on ``image`` (returned for changes), if it did. */
-function showReturned(image) {
-  const returned = image && state.annotatorId ? image.returned || {} : {};
-  const asked = Object.prototype.hasOwnProperty.call(returned, state.annotatorId);
-  const comment = asked ? returned[state.annotatorId] : "";
+/** Say what the provider asked this annotator to change on the image (returned for changes), if it did. */
+function showReturned(assignment) {
+  const asked = Boolean(assignment && assignment.image && assignment.returned);
+  const comment = asked ? assignment.returned.comment : "";
   $("returned").hidden = !asked;
   $("returned").textContent = asked ? `Returned to you for changes${comment ? `: “${comment}”` : ""}. `
     + "Change what is asked, then Next image finishes it again." : "";
@@ -1239,7 +1239,7 @@ async function main() {
         if (current) {
           await api("list_versions", [state.ctx.token, state.key, current.image_id]); // checks the key
           const image = await api("image_info", [state.ctx.token, current.image_id]);
-          assignment = { image, position: current.position, total: current.total };
+          assignment = { image, position: current.position, total: current.total, returned: current.returned };
         } else assignment = await api("next_image", [state.ctx.token, state.key]);
       } catch (err) {
         if (!/unknown annotator key/.test(errorText(err))) throw err;

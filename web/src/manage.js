@@ -154,9 +154,24 @@ function imageTable(id, images, p, returnable) {
         "data-annotator-id": who }, i ? ", " : "", `${names[who] || who} (${n} version${n === 1 ? "" : "s"}`
           + `${who in (im.finished || {}) ? ", finished" : ""}`
           + `${who in (im.returned || {}) ? `, returned${im.returned[who] ? `: “${im.returned[who]}”` : ""}` : ""})`,
-        returnable ? el("button", { class: "return", type: "button",
-          title: `send ${im.name} back to ${names[who] || who} with what to change; it comes first among their images`,
-          onclick: () => returnImage(id, im, who, names[who] || who) }, "return") : null)))))));
+        !returnable ? null : who in (im.returned || {})
+          ? el("button", { class: "return withdraw", type: "button",
+            title: `take the return back: ${names[who] || who}'s finish before it counts again`,
+            onclick: () => withdrawReturn(id, im, who, names[who] || who) }, "withdraw")
+          : el("button", { class: "return", type: "button",
+            title: `send ${im.name} back to ${names[who] || who} with what to change; it comes first among their images`,
+            onclick: () => returnImage(id, im, who, names[who] || who) }, "return"))))))));
+}
+
+/** Take back a return of an image (asked by mistake, or its annotator left). */
+async function withdrawReturn(sessionId, image, annotatorId, name) {
+  try {
+    await provider.withdraw_return(sessionId, image.image_id, annotatorId);
+    await refresh();
+    status(`withdrew the return of ${image.name} to ${name}`);
+  } catch (err) {
+    status(errorText(err), true);
+  }
 }
 
 /** Return an image to an annotator for changes, asking the provider what to change. */

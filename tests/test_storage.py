@@ -669,9 +669,10 @@ def test_a_return_the_annotator_was_not_given_yet_survives_their_finish_and_a_wi
 
     store = AnnotationStore(root)
     store.return_image("s-1", "img-1", "a-1", "by mistake")
+    store.return_image("s-1", "img-1", "a-1", "by mistake, twice")  # a second return keeps the finish ended first
     assert store.finished("s-1") == {}
     withdrawn = AnnotationStore(root).withdraw_return("s-1", "img-1", "a-1")  # the ended finish is in the file
-    assert withdrawn["comment"] == "by mistake" and "ended_finish" not in withdrawn
+    assert withdrawn["comment"] == "by mistake, twice" and "ended_finish" not in withdrawn
     restarted = AnnotationStore(root)
     assert restarted.returned("s-1") == {} and restarted.finished("s-1")["img-1"]["a-1"]["version"] == 1
     with pytest.raises(NotFoundError, match="image 'img-1' is not returned to annotator 'a-1'"):

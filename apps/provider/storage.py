@@ -448,6 +448,8 @@ class AnnotationStore:
         (the return came while their page was still on the image) nothing is written and ``{"version", "at":
         None, "returned": comment}`` says so: their next image is this one again, with the comment.
         :class:`NotFoundError` when they have no version of the image."""
+        if self.read_only:
+            raise read_only_refusal(self.root, "finish an image")
         with self._index_lock:
             pending = self._returned.get((session_id, image_id, annotator_id))
             pending = dict(pending) if pending is not None else None
@@ -526,8 +528,8 @@ class AnnotationStore:
                 return dict(known)
             mark = {"version": versions[-1], **fields, "at": utc_now()}
             if kind == "returned":
-                with self._index_lock:
-                    ended = self._finished.get(key)
+                with self._index_lock:  # the finish this return ends, or the one an earlier return ended
+                    ended = self._finished.get(key) or (self._returned.get(key) or {}).get("ended_finish")
                 if ended is not None:  # restored should the provider withdraw the return
                     mark["ended_finish"] = {k: ended[k] for k in ("version", "at")}
             make_dirs(path.parent)

@@ -330,7 +330,9 @@ class AnnotationStore:
                 f"the annotation's features would take {len(features_json)} bytes on disk, more than the limit of "
                 f"{max_bytes} bytes for one stored version")
         label_data = tiff_bytes(labels)
-        if not folder.is_dir():  # a first save: refused before any folder is made (no retry or conflict can be due)
+        # a first save (no retry or conflict can be due): refused before any folder is made, unless only the exact
+        # count below (the record's bytes too) passes the limit, which leaves the annotator's empty folder
+        if not folder.is_dir():
             self._reserve(session_id, annotator_id, len(label_data) + len(features_json), count=False)
         # checked exactly, and counted, once the version's bytes are known: after a retry's or a conflict's answer
         with self._locks[key]:

@@ -220,6 +220,8 @@ def test_record_info_is_the_wire_model_without_the_path(records):
         "revision": f"{st.st_size:x}-{st.st_mtime_ns:x}",
         "status": "unannotated",
         "annotations": {},
+        "finished": {},
+        "returned": {},
     }
     broken = records["bad/garbage.png"].info()
     assert broken.status == "unreadable" and broken.error and broken.shape is None and broken.levels == []

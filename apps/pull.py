@@ -545,8 +545,10 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
     explained: set[str] = set()  # keys and image ids whose removal a line of mismatched explains
     unfinished = corrected = 0
     if origin["finished_only"]:  # only the annotators who finished the image, at the version they finished
+        cut = []
         for image in meta["images"]:
-            kept = _finished_versions(image) if not image.get("error") else {}
+            kept = _finished_versions(image)
+            cut.append({**image, "versions": kept})
             for annotator_id, versions in (image.get("versions") or {}).items():
                 if not versions or image.get("error"):
                     continue
@@ -561,7 +563,7 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
                     explained.add(key)
                     if not kept:  # the image goes with them: these lines say why
                         explained.add(image["image_id"])
-        meta = {**meta, "images": [{**i, "versions": _finished_versions(i)} for i in meta["images"]]}
+        meta = {**meta, "images": cut}
     images = [i for i in meta["images"] if not i.get("error") and any(i.get("versions", {}).values())]
     stems = _stems({i["image_id"]: i["name"] for i in images})
     pulled = skipped = 0

@@ -146,10 +146,6 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
         version = {a: ended.get(a) if finished_only else None for a in annotators}  # None: the latest
         masks = {a: tifffile.imread(store.label_path(session_id, image_id, a, version[a])) for a in annotators}
         collections = {a: store.load(session_id, image_id, a, version[a]) for a in annotators}
-        for a, collection in collections.items():
-            record = collection.get("colabel", {})
-            names.setdefault(a, record.get("display_name") or a)
-            names.setdefault(image_id, record.get("image_name") or image_id)
         newest = max(annotators, key=lambda a: str(collections[a].get("colabel", {}).get("saved_at") or ""))
         size = masks[newest].shape[:2]
         for a in [a for a in annotators if masks[a].shape[:2] != size]:  # drawn before the file was replaced
@@ -180,20 +176,11 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
             "unfinished": unfinished, "finished_only": finished_only}
 
 
-def _manifest(folder: Path, session_id: str) -> dict:
-    """A session's manifest (``session.json``), {} when unreadable."""
-    path = Path(folder) / "annotations" / "sessions" / session_id / "session.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _annotator_names(folder: Path, session_id: str) -> dict[str, str]:
     """Annotator id -> display name of a session's joined annotators, from its manifest ({} when unreadable)."""
+    manifest = Path(folder) / "annotations" / "sessions" / session_id / "session.json"
     try:
-        annotators = _manifest(folder, session_id).get("annotators", {})
+        annotators = json.loads(manifest.read_text(encoding="utf-8")).get("annotators", {})
         return {a: str(v["display_name"]) for a, v in annotators.items()
                 if isinstance(v, dict) and v.get("display_name")}
     except (OSError, ValueError, AttributeError):

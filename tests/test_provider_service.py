@@ -222,8 +222,19 @@ async def test_a_returned_image_comes_back_first_with_what_to_change_until_its_a
     # a return the provider takes back: the finish it ended counts again
     await provider.return_image(sid, first, ada_id, "by mistake")
     assert (await provider.image_info(first, sid))["finished"] == {}
+    # a page reloaded on the image is told of the return as it stands now (and the return is then seen)
+    opened = await annotator.open_image(token, ada, first)
+    assert (opened["image"]["image_id"], opened["returned"]["comment"]) == (first, "by mistake")
+    assert opened["image"]["returned"] == {} and (opened["position"], opened["total"]) == (assignment["position"], assignment["total"])
+    mark = stack.folder / "annotations" / "sessions" / sid / "returned" / first / f"{ada_id}.json"
+    assert "seen" in json.loads(mark.read_text())
     withdrawn = await provider.withdraw_return(sid, first, ada_id)
     assert withdrawn["comment"] == "by mistake"
+    assert (await annotator.open_image(token, ada, first))["returned"] is None  # withdrawn: no longer said
+    with pytest.raises(Exception, match="unknown annotator key in this session"):
+        await annotator.open_image(token, "k-not-a-key", first)
+    with pytest.raises(Exception, match="NotFoundError: unknown image id 'img-nope'"):
+        await annotator.open_image(token, ada, "img-nope")
     assert (await provider.image_info(first, sid))["finished"] == {ada_id: 2}
     assert (await provider.image_info(first, sid))["returned"] == {}
     with pytest.raises(Exception, match=f"NotFoundError: image '{first}' is not returned to annotator '{ada_id}'"):

@@ -416,6 +416,9 @@ async def test_the_provider_returns_a_finished_image_and_its_annotator_gets_it_b
     await row.locator("button.withdraw").click()  # taken back: Ada's finish counts again
     await row.filter(has_text="Ada (1 version, finished)").wait_for(timeout=15_000)
     assert stack.provider.store.returned(session.session_id) == {}
+    await annotator.reload()  # the page asks again: a withdrawn return is no longer said
+    await annotator.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    assert await annotator.locator("#returned").is_hidden()
     assert not annotator.errors and not manager.errors, (annotator.errors, manager.errors)
     await annotator.context.close()
     await manager.context.close()

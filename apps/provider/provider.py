@@ -284,6 +284,20 @@ class DataProvider:
         return Assignment(image=self.image_info(image_id, session), position=readable.index(image_id) + 1,
                           total=len(readable), returned=returned.get(image_id, {}).get(annotator_id))
 
+    def open_image(self, session: SessionInfo, annotator_id: str, image_id: str) -> Assignment:
+        """The assignment of an image the annotator is already on (their page reloaded): where it is in the session
+        and the provider's comment if it is returned to them now (then seen, as :meth:`next_image` marks it); a
+        withdrawn return is no longer said. ``position`` is 0 for an image that became unreadable."""
+        image_id = self._check_in_session(session, image_id)
+        self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
+        readable = self.readable_image_ids(session)
+        returned = self.store.returned(session.session_id).get(image_id, {}).get(annotator_id)
+        if returned is not None:
+            self.store.return_seen(session.session_id, image_id, annotator_id)
+        position = readable.index(image_id) + 1 if image_id in readable else 0
+        return Assignment(image=self.image_info(image_id, session), position=position, total=len(readable),
+                          returned=returned)
+
     def progress(self, session: SessionInfo) -> Progress:
         """Images done (all their annotators saved), in progress (assigned or partly saved), work per annotator."""
         ids = self.readable_image_ids(session)

@@ -363,6 +363,14 @@ class ProviderServices:
                 assignment.image = _unreviewed(assignment.image)
             return assignment
 
+        def open_image(token, annotator_key, image_id):
+            """The annotator's assignment of an image they are already on (a reloaded page): position, total and
+            ``returned``, the provider's comment if the image is returned to them now. Also in a closed session."""
+            info = sessions.authorize(token)
+            assignment = p.open_image(info, sessions.identify(info.session_id, annotator_key).annotator_id, image_id)
+            assignment.image = _unreviewed(assignment.image)
+            return assignment
+
         async def save_annotation(token, annotator_key, image_id, annotation, base_version=None, writer=None):
             """Commit a new version. One annotator's saves run one at a time, on threads of their own (a slow
             save never holds up reads); the token and the session's state are checked again at the commit.
@@ -399,8 +407,9 @@ class ProviderServices:
         def progress(token):
             return p.progress(sessions.authorize(token))
 
-        functions = [join, session_info, list_images, image_info, get_image, next_image, save_annotation,
-                     finish_image, get_annotations, list_versions, progress, *self._trainer_functions()]
+        functions = [join, session_info, list_images, image_info, get_image, next_image, open_image,
+                     save_annotation, finish_image, get_annotations, list_versions, progress,
+                     *self._trainer_functions()]
         if self.assist is not None:
             functions += self._assist_functions()
         if self.hals is not None:

@@ -1004,9 +1004,7 @@ $("redo").addEventListener("click", redo);
 function remember(assignment) {
   if (!state.storeKey) return;
   const stored = JSON.parse(localStorage.getItem(state.storeKey) || "{}");
-  stored.current = assignment.image  // returned: what to change, said again after a reload
-    ? { image_id: assignment.image.image_id, position: assignment.position, total: assignment.total,
-      returned: assignment.returned || null } : null;
+  stored.current = assignment.image ? { image_id: assignment.image.image_id } : null;  // open_image on a reload
   localStorage.setItem(state.storeKey, JSON.stringify(stored));
 }
 
@@ -1237,9 +1235,8 @@ async function main() {
         // back to the image this browser was on (next_image moves on once an image is saved)
         const current = stored.current;
         if (current) {
-          await api("list_versions", [state.ctx.token, state.key, current.image_id]); // checks the key
-          const image = await api("image_info", [state.ctx.token, current.image_id]);
-          assignment = { image, position: current.position, total: current.total, returned: current.returned };
+          // checks the key; says the provider's return comment only while the image is still returned
+          assignment = await api("open_image", [state.ctx.token, state.key, current.image_id]);
         } else assignment = await api("next_image", [state.ctx.token, state.key]);
       } catch (err) {
         if (!/unknown annotator key/.test(errorText(err))) throw err;

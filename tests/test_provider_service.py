@@ -225,7 +225,8 @@ async def test_a_returned_image_comes_back_first_with_what_to_change_until_its_a
     # a page reloaded on the image is told of the return as it stands now (and the return is then seen)
     opened = await annotator.open_image(token, ada, first)
     assert (opened["image"]["image_id"], opened["returned"]["comment"]) == (first, "by mistake")
-    assert opened["image"]["returned"] == {} and (opened["position"], opened["total"]) == (assignment["position"], assignment["total"])
+    assert opened["image"]["returned"] == {}
+    assert (opened["position"], opened["total"]) == (assignment["position"], assignment["total"])
     mark = stack.folder / "annotations" / "sessions" / sid / "returned" / first / f"{ada_id}.json"
     assert "seen" in json.loads(mark.read_text())
     withdrawn = await provider.withdraw_return(sid, first, ada_id)

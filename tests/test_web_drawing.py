@@ -5,10 +5,13 @@ name of spaces in the join dialog. Skipped without the built pages, playwright o
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
-from shapely.geometry import Polygon, box, shape
+from shapely.geometry import LineString, Polygon, box, shape
 from test_web import at, click_at, draw_polygon, he_image, near, saved, settled
-from web_support import CLASSES, browser, join, page  # noqa: F401 - fixtures
+from web_support import CLASSES, browser, join, page, screenshot  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
@@ -266,3 +269,56 @@ async def test_a_drawing_over_the_size_limit_stops_the_retries_and_says_so_not_a
     stack.provider.config.max_annotation_bytes = 16 * 2**20
     await page.keyboard.press("Control+z")  # any change saves again
     assert await settled(page, timeout=20_000) == 2
+
+
+async def stroke(page, points, *, alt: bool = False, button: str = "left", before_release=None) -> None:
+    """Drag the mouse through image pixels ``points`` (a brush stroke; with Alt held or the right button: the
+    eraser); ``before_release``: a coroutine function awaited with the button still down."""
+    first = await at(page, *points[0])
+    await page.mouse.move(*first)
+    if alt:
+        await page.keyboard.down("Alt")
+    await page.mouse.down(button=button)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        for t in np.linspace(0, 1, 11)[1:]:  # small steps, as a hand moves
+            await page.mouse.move(*(await at(page, x0 + t * (x1 - x0), y0 + t * (y1 - y0))))
+    if before_release is not None:
+        await before_release()
+    await page.mouse.up(button=button)
+    if alt:
+        await page.keyboard.up("Alt")
+    await page.wait_for_timeout(200)
+
+
+async def test_the_brush_paints_a_polygon_grows_it_from_inside_and_alt_erases_across_it(stack, page, tmp_path):
+    session_id, he = await open_session(stack, page, "brush")
+    await page.keyboard.press("b")
+    await page.keyboard.press("]")  # 12 -> 15 screen pixels
+    radius = await page.evaluate("window.colabel.state.brushRadius * window.colabel.map.getView().getResolution()")
+    assert await page.evaluate("window.colabel.state.brushRadius") == 15 and radius > 3
+    await stroke(page, [(100, 100), (250, 100)])  # on nothing: a new polygon of the current class
+    assert await settled(page, timeout=20_000) == 1
+    (bar,) = latest(stack, session_id, he)
+    swept = LineString([(100, 100), (250, 100)]).buffer(radius)
+    assert shape(bar["geometry"]).symmetric_difference(swept).area < 0.1 * swept.area
+    assert bar["properties"]["classification"]["name"] == "nucleus"
+
+    await stroke(page, [(175, 100), (175, 220)])  # from inside it: the same polygon grows
+    assert await settled(page, timeout=20_000) == 2
+    (grown,) = latest(stack, session_id, he)
+    assert grown["id"] == bar["id"] and shape(grown["geometry"]).geom_type == "Polygon"
+    expected = swept.union(LineString([(175, 100), (175, 220)]).buffer(radius))
+    assert shape(grown["geometry"]).symmetric_difference(expected).area < 0.1 * expected.area
+
+    await stroke(page, [(140, 170), (210, 170)], alt=True,  # Alt: erased across the stem, which falls in two
+                 before_release=lambda: screenshot(page, tmp_path, "annotate-brush"))
+    assert await settled(page, timeout=20_000) == 3
+    parts = sorted((shape(f["geometry"]) for f in latest(stack, session_id, he)), key=lambda p: p.bounds[1])
+    assert len(parts) == 2 and parts[0].bounds[3] < 170 - radius / 2 < 170 + radius / 2 < parts[1].bounds[1]
+    await stroke(page, [(400, 250), (450, 250)], alt=True)
+    assert await message(page) == "the eraser touched no polygon"
+    await stroke(page, [(130, 60), (130, 140)], button="right")  # the right button erases too: the bar's end off
+    assert await settled(page, timeout=20_000) == 4
+    parts = sorted((shape(f["geometry"]) for f in latest(stack, session_id, he)), key=lambda p: p.bounds[0])
+    assert len(parts) == 3 and parts[0].bounds[2] < 130 - radius / 2
+    assert await page.evaluate(FEATURES) == 3 and not page.errors, page.errors

@@ -1,6 +1,6 @@
-"""The annotator page's pure geometry modules (web/src/mask2poly.js, web/src/cutter.js) run in Node.js on real
-inputs, their output checked by the provider's own GeoJSON validation and by shapely (skipped without node or
-web/node_modules: ``npm --prefix web ci``)."""
+"""The annotator page's pure geometry modules (web/src/mask2poly.js, web/src/cutter.js, web/src/brush.js) run in
+Node.js on real inputs, their output checked by the provider's own GeoJSON validation and by shapely (skipped
+without node or web/node_modules: ``npm --prefix web ci``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
-from shapely.geometry import Polygon, shape
+from shapely.geometry import LineString, Point, Polygon, shape
 
 from colabel.apps.provider.annotations import validate_feature_collection
 
@@ -110,3 +110,53 @@ def test_the_cutter_splits_along_lines_that_cross_and_subtracts_overlapping_poly
     (half,) = out["half"]
     assert Polygon(half[0]).bounds == pytest.approx((0, 0, 5, 10))
     assert out["all"] == [] and out["apart"] is None
+
+
+BRUSH = """
+import { containsPoint, erase, paint, strokeArea, thinPath } from "./src/brush.js";
+const out = {};
+for (const [name, path, r] of input.strokes) out[name] = strokeArea(path, r);
+const square = { type: "Polygon", coordinates: [[[0, 0], [40, 0], [40, 40], [0, 40], [0, 0]]] };
+const across = strokeArea([[-10, 20], [50, 20]], 3);
+out.painted = paint(square, strokeArea([[20, 20], [80, 20]], 5));
+out.erased = erase(square, across);
+out.missed = erase(square, strokeArea([[100, 100], [120, 100]], 3));
+out.wiped = erase(square, strokeArea([[20, 20]], 60));
+const holed = { type: "MultiPolygon", coordinates: [[[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]],
+  [[3, 3], [7, 3], [7, 7], [3, 7], [3, 3]]], [[[20, 0], [30, 0], [30, 10], [20, 10], [20, 0]]]] };
+out.inside = [[1, 1], [5, 5], [25, 5], [15, 5]].map((p) => containsPoint(holed, p));
+out.thinned = thinPath([[0, 0], [0.5, 0], [1, 0], [3, 0], [3.2, 0]], 2);
+out.none = [strokeArea([], 5), strokeArea([[0, 0]], 0)];
+console.log(JSON.stringify(out));
+"""
+
+
+def test_the_brush_paints_the_area_a_disc_sweeps_adds_to_a_polygon_and_erases_from_it():
+    rng = np.random.default_rng(1)
+    walk = np.cumsum(rng.normal(0, 4, (60, 2)), axis=0) + 100  # a wandering hand-drawn stroke, crossing itself
+    strokes = [["dot", [[50, 50]], 6], ["line", [[10, 10], [90, 40]], 4], ["walk", walk.tolist(), 5],
+               ["back", [[0, 0], [30, 0], [0, 0.5]], 2]]  # doubles back on itself
+    out = run_node(BRUSH, {"strokes": strokes})
+    for name, path, radius in strokes:  # the area of a true round brush: the path buffered by its radius
+        area = shape({"type": "MultiPolygon", "coordinates": out[name]})
+        assert area.is_valid and len(area.geoms) == 1, name
+        swept = _buffered(path, radius)
+        assert area.symmetric_difference(swept).area < 0.03 * swept.area, name
+    features = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": out[n]}, "properties": {}}
+                for n in ("line", "walk", "painted")]
+    validate_feature_collection({"type": "FeatureCollection", "features": features}, image_shape=(300, 300))
+
+    painted = shape({"type": "MultiPolygon", "coordinates": out["painted"]})
+    assert painted.area == pytest.approx(1600 + 40 * 10 + np.pi * 25 / 2, rel=0.01)  # the square, a bar, a cap
+    top, bottom = sorted((Polygon(p[0]) for p in out["erased"]), key=lambda p: p.bounds[1])
+    assert top.bounds == pytest.approx((0, 0, 40, 20 - 3 * np.cos(np.pi / 24)), abs=0.01)  # cut apart by a band
+    assert bottom.bounds[1] == pytest.approx(20 + 3 * np.cos(np.pi / 24), abs=0.01)
+    assert out["missed"] is None and out["wiped"] == []  # no overlap: nothing to do; covered: nothing left
+    assert out["inside"] == [True, False, True, False]  # in the hole and between the parts: outside
+    assert out["thinned"] == [[0, 0], [3, 0], [3.2, 0]]
+    assert out["none"] == [[], []]
+
+
+def _buffered(path, radius):
+    """The area a true round brush of ``radius`` sweeps along ``path``."""
+    return Point(path[0]).buffer(radius, 64) if len(path) == 1 else LineString(path).buffer(radius, 64)

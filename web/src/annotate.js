@@ -1,5 +1,5 @@
 // The annotator page (the share URL): join once, get images one by one, draw classified polygons (by hand,
-// with SAM points and boxes, cut and subtract), every change saved as a new version of the whole
+// with SAM points and boxes, a brush and eraser, cut and subtract), every change saved as a new version of the whole
 // FeatureCollection (autosave with retry, on a new connection after a server restart; the unsaved drawing kept in
 // localStorage until the server has it), undo/redo.
 import "ol/ol.css";
@@ -15,6 +15,9 @@ import Projection from "ol/proj/Projection.js";
 import Point from "ol/geom/Point.js";
 import Polygon, { fromExtent } from "ol/geom/Polygon.js";
 import MultiPolygon from "ol/geom/MultiPolygon.js";
+import LineString from "ol/geom/LineString.js";
+import CircleGeometry from "ol/geom/Circle.js";
+import PointerInteraction from "ol/interaction/Pointer.js";
 import Draw from "ol/interaction/Draw.js";
 import DragBox from "ol/interaction/DragBox.js";
 import Modify from "ol/interaction/Modify.js";
@@ -31,10 +34,11 @@ import { History } from "./history.js";
 import { AutoSaver } from "./autosave.js";
 import { clipToRectangle, lineTouches, outlineProblem, repairOutline, splitByLine, subtractPolygon } from "./cutter.js";
 import { maskToGeometry } from "./mask2poly.js";
+import { containsPoint, erase, paint, strokeArea } from "./brush.js";
 import { BrowserDecoder, loadOrt } from "./samdecoder.js";
 
 const $ = (id) => document.getElementById(id);
-const TOOLS = ["draw", "edit", "sam", "cut", "subtract"];
+const TOOLS = ["draw", "edit", "sam", "brush", "cut", "subtract"];
 const TIMEOUT = { default: 30_000, image: 120_000, sam: 60_000, samLoad: 180_000 }; // ms
 const SLOW_MS = 5_000;
 // larger images are decoded on the server, in tiles at the model's resolution, rather than from one
@@ -61,6 +65,8 @@ const MODEL_UNAVAILABLE = new RegExp("^(ModelServiceUnavailable: (the \\w+ model
 const state = {
   ctx: null, server: null, annotate: null, key: null, session: null, classes: [], current: 0,
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
+  brushRadius: 12, // the brush's radius in screen pixels: as large on screen at any zoom, as QuPath's
+  stroke: null, // the brush stroke being painted: {points, erase, radius (map units), target}
   sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
   samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false, assignment: null,
   // this tab's writer id, sent with each save: the provider tells this tab's own saves (whose answers were lost)
@@ -234,13 +240,43 @@ const imageLayer = new ImageLayer();
 const interactions = defaultInteractions({ shiftDragZoom: false }); // shift-drag draws SAM boxes
 // in SAM mode two quick clicks are two points, not a zoom
 const doubleClickZoom = interactions.getArray().find((i) => i instanceof DoubleClickZoom);
-const map = new Map({ target: "map", layers: [imageLayer, vectorLayer, promptLayer], interactions });
+// the brush's outline under the pointer and the stroke being painted (drawn as a round-capped line as wide as
+// the brush: the area it will paint or erase)
+const brushSource = new VectorSource();
+const brushCursor = [new Style({ stroke: new Stroke({ color: "#ffffff", width: 3 }) }), // seen on dark and light
+  new Style({ stroke: new Stroke({ color: "#000000", width: 1.5, lineDash: [4, 3] }) })];
+function brushStrokeStyle() {
+  const stroke = state.stroke;
+  const cls = state.classes[state.current];
+  const [r, g, b] = stroke && stroke.erase ? [213, 94, 0] // vermillion: erasing
+    : [1, 3, 5].map((i) => parseInt((cls ? cls.color : "#f0e442").slice(i, i + 2), 16));
+  return new Style({ stroke: new Stroke({ color: `rgba(${r},${g},${b},0.45)`, width: 2 * state.brushRadius,
+    lineCap: "round", lineJoin: "round" }) });
+}
+const brushLayer = new VectorLayer({ source: brushSource,
+  style: (f) => (f.get("kind") === "cursor" ? brushCursor : brushStrokeStyle()) });
+const map = new Map({ target: "map", layers: [imageLayer, vectorLayer, promptLayer, brushLayer], interactions });
 // `click`, not the default `singleclick`: selects at once instead of after the double-click delay
 // hit detection uses the last rendered frame: a feature removed since then is never selected
 const select = new Select({ layers: [vectorLayer], style: (f) => styleOf(f, true), condition: click,
   filter: (f) => source.hasFeature(f) });
 const modify = new Modify({ features: select.getFeatures() });
 const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
+// the brush (B): drag paints; Alt-drag or right-drag erases (Alt-drag moves windows on some Linux desktops); the
+// map pans with the other tools, the arrow keys or a wheel
+const brush = new PointerInteraction({
+  handleDownEvent: (e) => {
+    const pointer = e.originalEvent;
+    if (!state.image || (pointer.button !== 0 && pointer.button !== 2) || pointer.ctrlKey || pointer.metaKey) {
+      return false;
+    }
+    startStroke(e.coordinate, pointer.altKey || pointer.button === 2);
+    return true; // the drag is the stroke's, not the map's
+  },
+  handleDragEvent: (e) => extendStroke(e.coordinate),
+  handleUpEvent: () => { endStroke(); return false; },
+  handleMoveEvent: (e) => showBrush(e.coordinate),
+});
 let draw = null;
 let sketching = false; // a shape is being drawn (draw, cut or subtract): Ctrl+Z and Backspace drop its last point
 
@@ -248,12 +284,14 @@ function setTool(tool) {
   if (tool === "sam" && ($("tool-sam").hidden || $("tool-sam").disabled)) return;
   state.tool = tool;
   state.toolSince = performance.now(); // a click made before (reported late) is not a SAM point
-  doubleClickZoom.setActive(tool !== "sam");
+  doubleClickZoom.setActive(tool !== "sam" && tool !== "brush");
   for (const name of TOOLS) $(`tool-${name}`).classList.toggle("active", name === tool);
   if (draw) map.removeInteraction(draw);
   draw = null;
   sketching = false;
-  for (const i of [select, modify, samBox]) map.removeInteraction(i);
+  for (const i of [select, modify, samBox, brush]) map.removeInteraction(i);
+  state.stroke = null;
+  brushSource.clear();
   select.getFeatures().clear();
   resetSam();
   if (!state.image) return;
@@ -280,6 +318,7 @@ function setTool(tool) {
     map.addInteraction(select);
     map.addInteraction(modify);
   } else if (tool === "sam") map.addInteraction(samBox);
+  else if (tool === "brush") map.addInteraction(brush);
   if (draw) {
     draw.on("drawstart", () => { sketching = true; });
     draw.on(["drawend", "drawabort"], () => { sketching = false; });
@@ -722,6 +761,7 @@ const CUT_NOTES = {
   across: "the line must cross the polygon from side to side to split it",
   line: "the cut line touches no polygon",
   shape: "the shape overlaps no polygon",
+  eraser: "the eraser touched no polygon",
 };
 /**
  * Cut the polygons near `extent` with `cut` (pieces, or null for a polygon it leaves whole); when none is cut,
@@ -748,6 +788,75 @@ function cutAlong(line) {
 }
 function subtractShape(polygon) {
   applyCut(new Polygon(polygon).getExtent(), (g) => subtractPolygon(g, polygon), { missed: CUT_NOTES.shape });
+}
+
+// -- brush -------------------------------------------------------------------------------------------
+/** The brush's outline at `coordinate` (map frame), or none (null: the pointer left the map). */
+function showBrush(coordinate) {
+  let cursor = brushSource.getFeatureById("cursor");
+  if (!coordinate) { if (cursor) brushSource.removeFeature(cursor); return; }
+  const circle = new CircleGeometry(coordinate, state.brushRadius * map.getView().getResolution());
+  if (cursor) cursor.setGeometry(circle);
+  else {
+    cursor = new Feature({ geometry: circle, kind: "cursor" });
+    cursor.setId("cursor");
+    brushSource.addFeature(cursor);
+  }
+}
+/** Brush radius in screen pixels, 2 to 200 ([ and ] step it by a quarter). */
+function setBrushRadius(radius) {
+  state.brushRadius = Math.min(200, Math.max(2, Math.round(radius)));
+  $("tool-brush").title = `brush (B), ${state.brushRadius} px: drag to paint, Alt- or right-drag to erase; [ and ] `
+    + "resize";
+  const cursor = brushSource.getFeatureById("cursor");
+  if (cursor) showBrush(cursor.getGeometry().getCenter());
+  brushSource.changed();
+}
+/** A stroke begins: it paints onto the polygon it starts in (the topmost), else a new polygon; erases with Alt. */
+function startStroke(coordinate, erasing) {
+  select.getFeatures().clear();
+  const under = erasing ? [] : source.getFeatures().filter((f) => {
+    const g = geometryOf(f);
+    return g && containsPoint(g, coordinate);
+  });
+  state.stroke = { points: [coordinate], erase: erasing, radius: state.brushRadius * map.getView().getResolution(),
+    target: under.length ? under[under.length - 1] : null };
+  const line = new Feature({ geometry: new LineString([coordinate, coordinate]), kind: "stroke" });
+  line.setId("stroke");
+  brushSource.addFeature(line);
+  showBrush(coordinate);
+}
+function extendStroke(coordinate) {
+  if (!state.stroke) return;
+  state.stroke.points.push(coordinate);
+  brushSource.getFeatureById("stroke")?.getGeometry().appendCoordinate(coordinate);
+  showBrush(coordinate);
+}
+function endStroke() {
+  const stroke = state.stroke;
+  state.stroke = null;
+  const line = brushSource.getFeatureById("stroke");
+  if (line) brushSource.removeFeature(line);
+  if (!stroke || !state.image) return;
+  const area = strokeArea(stroke.points, stroke.radius);
+  if (!area.length) return;
+  if (stroke.erase) {
+    const extent = new MultiPolygon(area).getExtent();
+    applyCut(extent, (g) => erase(g, area), { missed: CUT_NOTES.eraser });
+    return;
+  }
+  const target = stroke.target && source.hasFeature(stroke.target) ? stroke.target : null;
+  const feature = target || new Feature();
+  const parts = target ? paint(geometryOf(target), area) : area;
+  feature.setGeometry(parts.length === 1 ? new Polygon(parts[0]) : new MultiPolygon(parts));
+  if (!target) {
+    feature.setId(newId());
+    feature.set("cls", state.classes[state.current]?.name);
+  }
+  feature.unset("review");
+  if (!fitOutline(feature)) return; // a new polygon painted wholly outside the image (said in a note)
+  if (!target) source.addFeature(feature);
+  changed();
 }
 
 // -- SAM: decoded in the browser (onnxruntime-web) when the decoder loads, else on the server ------------
@@ -879,7 +988,9 @@ function samPoint(coordinate, negative) {
 map.on("click", (e) => {
   if (e.originalEvent.timeStamp >= state.toolSince) samPoint(e.coordinate, e.originalEvent.altKey);
 });
+map.getViewport().addEventListener("pointerleave", () => showBrush(null));
 map.getViewport().addEventListener("contextmenu", (e) => {
+  if (state.tool === "brush") e.preventDefault(); // a right-drag erases
   if (state.tool !== "sam") return;
   e.preventDefault(); // right click: a negative point
   samPoint(map.getEventCoordinate(e), true);
@@ -947,6 +1058,8 @@ const SHORTCUTS = [
   ["Delete / Backspace", "delete the selected polygons"],
   ["S", "SAM: click = positive point, Alt-click or right click = negative point, Shift-drag = box"],
   ["N / Enter", "SAM: finish this object, start a new one"],
+  ["B", "brush: drag to paint (from inside a polygon: adds to it; else a new one); Alt- or right-drag erases"],
+  ["[ / ]", "brush: smaller / larger"],
   ["C", "cut: draw a line across polygons to split them (double-click or Enter to finish)"],
   ["X", "subtract: draw a polygon, removed from the polygons it overlaps"],
   ["Ctrl+Z", "undo; while drawing a shape: remove its last point"],
@@ -995,6 +1108,8 @@ document.addEventListener("keydown", (e) => {
   else if (key === "s") setTool("sam");
   else if (key === "c") setTool("cut");
   else if (key === "x") setTool("subtract");
+  else if (key === "b") setTool("brush");
+  else if (e.key === "[" || e.key === "]") setBrushRadius(state.brushRadius * (e.key === "]" ? 1.25 : 0.8));
 });
 for (const name of TOOLS) $(`tool-${name}`).addEventListener("click", () => setTool(name));
 $("undo").addEventListener("click", undo);

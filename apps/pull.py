@@ -8,10 +8,12 @@ printing one ``dropped ...`` line per removal::
                                         every array in chunks of 512 x 512 pixels, one grid per image)
       images/<image_id>                 (H, W, C) in the file's dtype
       instances/<image_id>/<annotator>  (H, W) uint32 instance labels of the annotator's latest version
-      semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background / unclassified)
+      semantic/<image_id>/<annotator>   (H, W) uint16 class index + 1 per pixel (0 = background, 65535 = an object
+                                        without a session class: mask it out of a class loss); attrs: classes
       consensus/<image_id>              (H, W) uint32, when two or more annotators labelled the image; attrs:
                                         support, annotators, classes (majority class per object), ties
-      consensus_semantic/<image_id>     (H, W) uint16 majority class index + 1 (0 = background / none / tie)
+      consensus_semantic/<image_id>     (H, W) uint16 majority class index + 1 (0 = background, 65535 = a
+                                        consensus object whose class is a tie or none); attrs: classes
     agreement.json   per image with several annotators: F1 at IoU 0.5 and Cohen's kappa of the classes per
                      annotator pair, and the consensus's object, classified and tie counts
     consensus_cells.csv  one row per consensus object: image, label, class, tie, support, each annotator's vote
@@ -79,9 +81,14 @@ from colabel.errors import InvalidInputError, NotFoundError
 
 from .provider.storage import atomic_write, atomic_write_json, encode_tiff
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 """``format`` of ``pull_state.json``. A state without it (written before pulls recorded their source, stems kept
-extensions and COCO used RLE) is not trusted: its versions are fetched again and its files renamed, once."""
+extensions and COCO used RLE) is not trusted: its versions are fetched again and its files renamed, once; a state
+of format 2 (whose semantic masks made objects without a class background) has its versions fetched again."""
+
+NO_CLASS = 0xFFFF
+"""Semantic mask value of an object without a class of the session (unclassified, a class the session does not
+have, or a consensus tie): an object, not background, whose class a class loss should ignore."""
 
 CONSENSUS_FILE = "consensus"
 """The annotator part of the consensus mask's file name (annotator ids are ``a-<hex>``)."""
@@ -612,10 +619,11 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
             objects = _objects(collection, classes)
             lut = np.zeros(labels.max() + 1 if labels.size else 1, np.uint16)
             for obj in objects:
-                if obj["label"] < len(lut) and obj["class_index"] >= 0:
-                    lut[obj["label"]] = obj["class_index"] + 1
+                if obj["label"] < len(lut):
+                    lut[obj["label"]] = obj["class_index"] + 1 if obj["class_index"] >= 0 else NO_CLASS
             root.create_array(f"instances/{key}", data=labels, chunks=_chunks(labels.shape), overwrite=True)
             root.create_array(f"semantic/{key}", data=lut[labels], chunks=_chunks(labels.shape), overwrite=True)
+            root[f"semantic/{key}"].attrs.update({"classes": classes, "no_class": NO_CLASS})
             atomic_write(out / mask_file, encode_tiff(labels))
             atomic_write_json(out / geojson_file, collection)
             files |= {mask_file, geojson_file}
@@ -756,9 +764,10 @@ def _consensus(root, out: Path, state: dict, image: dict, classes: list[str], ba
         "classes": [found.classes[i] for i in range(1, n + 1)], "ties": found.ties})
     lut = np.zeros(n + 1, np.uint16)
     for i, name in found.classes.items():
-        lut[i] = classes.index(name) + 1 if name in classes else 0
+        lut[i] = classes.index(name) + 1 if name in classes else NO_CLASS
     root.create_array(f"consensus_semantic/{image_id}", data=lut[result.labels], chunks=_chunks(labels.shape),
                       overwrite=True)
+    root[f"consensus_semantic/{image_id}"].attrs.update({"classes": classes, "no_class": NO_CLASS})
     atomic_write(out / consensus_file, encode_tiff(labels))
     masks = instance_rle(labels)
     state["agreement"][image_id] = found.agreement

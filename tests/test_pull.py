@@ -256,6 +256,35 @@ def test_report_help_says_what_it_prints_and_does_not_call_self_validation_effec
     assert "self-validation accuracy AUC (on a 25% split of its own labels" in text and "agreement" in text
 
 
+def test_an_object_without_a_class_of_the_session_is_no_class_not_background_in_the_semantic_mask(tmp_path):
+    import zarr
+
+    from colabel.apps.provider.provider import DataProvider
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="classes", classes=[{"name": "nucleus", "color": "#ff0000"}])
+    image_id = next(r.image_id for r in provider.catalog.records() if r.name == "ihc_ki67.png")
+    a, _ = provider.sessions.join(info.session_id, "A")
+    provider.save_annotation(info, image_id, a.annotator_id, collection(
+        square(0, 0, 10, "nucleus"), square(40, 40, 10, None)))  # drawn, never classified
+    out, args = tmp_path / "pulled", (str(folder), "--session", info.session_id, "--out", str(tmp_path / "pulled"))
+    done = pull(*args)
+    assert done.returncode == 0 and "pulled 1 new annotation versions (0 up to date)" in done.stdout, done.stderr
+    key = f"semantic/{image_id}/{a.annotator_id}"
+    semantic = zarr.open_group(str(out / "labels.zarr"), mode="r")[key]
+    assert (semantic[5, 5], semantic[45, 45], semantic[30, 30]) == (1, 65535, 0)
+    assert semantic.attrs["classes"] == ["nucleus"] and semantic.attrs["no_class"] == 65535
+
+    # a set pulled by a colabel whose semantic masks made such objects background is mended by the next pull
+    zarr.open_group(str(out / "labels.zarr"), mode="r+")[key][40:50, 40:50] = 0
+    state = json.loads((out / "pull_state.json").read_text())
+    (out / "pull_state.json").write_text(json.dumps({**state, "format": 2}))
+    assert "pulled 1 new annotation versions (0 up to date)" in pull(*args).stdout
+    assert zarr.open_group(str(out / "labels.zarr"), mode="r")[key][45, 45] == 65535
+    assert "(1 up to date)" in pull(*args).stdout
+
+
 def _two_annotators_class_three_squares(tmp_path):
     """A and B draw three 10 px squares of the IHC image, B's first 2 px to the right (IoU 0.67); classes
     (nucleus, nucleus), (nucleus, other), (other, other); pulled from the folder.
@@ -290,8 +319,10 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
     root = zarr.open_group(str(out / "labels.zarr"), mode="r")
     consensus = root[f"consensus/{image_id}"]
     assert consensus.attrs["classes"] == ["nucleus", None, "other"] and consensus.attrs["ties"] == [2]
-    semantic = root[f"consensus_semantic/{image_id}"][...]
-    assert (semantic[5, 5], semantic[45, 45], semantic[85, 85], semantic[30, 30]) == (1, 0, 2, 0)
+    semantic = root[f"consensus_semantic/{image_id}"]
+    # the tie is an object of no class (65535: left out of a class loss), not background
+    assert (semantic[5, 5], semantic[45, 45], semantic[85, 85], semantic[30, 30]) == (1, 65535, 2, 0)
+    assert semantic.attrs["classes"] == ["nucleus", "other"] and semantic.attrs["no_class"] == 65535
     with open(out / "consensus_cells.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["label"], r["class"], r["tie"], r["support"]) for r in rows] == [

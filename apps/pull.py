@@ -888,19 +888,24 @@ def run_pull(source: str, out: Path, *, session: str | None = None, token: str |
     return result
 
 
-def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``(image_id, image (H, W, C) as stored, instance mask (H, W) uint32)`` of every labelled image of a pulled set,
-    in image-id order: ``annotator``'s masks (images they did not label are left out; ``"consensus"``: the consensus
-    masks of the images that have one), or by default the consensus where an image has one, else its first
-    annotator's in sorted order.
+def labelled_pairs(folder: str | Path, annotator: str | None = None, masks: str = "instances",
+                   ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(image_id, image (H, W, C) as stored, mask (H, W))`` of every labelled image of a pulled set, in image-id
+    order: ``annotator``'s masks (images they did not label are left out; ``"consensus"``: the consensus masks of
+    the images that have one), or by default the consensus where an image has one, else its first annotator's in
+    sorted order. ``masks``: ``"instances"`` (uint32 instance labels) or ``"semantic"`` (uint16 class index + 1,
+    0 background, :data:`NO_CLASS` for an object without a class).
 
     Raises
     ------
     InvalidInputError
         ``folder`` holds no ``labels.zarr`` (not a pulled set), or its ``labels.zarr`` holds no instance masks
-        (no ``instances`` group: a session pulled before anything was labelled).
+        (no ``instances`` group: a session pulled before anything was labelled); ``masks`` not one of the two.
     """
     import zarr
+
+    if masks not in ("instances", "semantic"):
+        raise InvalidInputError(f"masks must be 'instances' or 'semantic', got {masks!r}")
 
     store = Path(folder) / "labels.zarr"
     if not store.is_dir():
@@ -914,7 +919,10 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None) -> list[tup
         source = mask_source(root, image_id, annotator)
         if source is None:
             continue
-        mask = root[f"consensus/{image_id}" if source == CONSENSUS_FILE else f"instances/{image_id}/{source}"][...]
+        if source == CONSENSUS_FILE:
+            mask = root[f"consensus/{image_id}" if masks == "instances" else f"consensus_semantic/{image_id}"][...]
+        else:
+            mask = root[f"{masks}/{image_id}/{source}"][...]
         pairs.append((image_id, np.asarray(root[f"images/{image_id}"][...]), np.asarray(mask)))
     return pairs
 

@@ -13,10 +13,12 @@ from torch.utils.data import Dataset, get_worker_info
 
 from colabel.errors import InvalidInputError
 
-from .pull import labelled_pairs
+from .pull import NO_CLASS, labelled_pairs
 
 NORMALIZATIONS = ("dtype", "percentile")
 CHANNELS = (None, 1, 3)
+IGNORE_INDEX = -100
+"""Target value of a pixel of an object without a class in ``masks="semantic"`` items (torch's default)."""
 
 
 class PulledDataset(Dataset):
@@ -52,9 +54,15 @@ class PulledDataset(Dataset):
         (:func:`~colabel.services.training.segmenter_training.to_model_channels`: grey repeated to RGB, RGBA
         to RGB, colour to grey as the mean of its first three channels), before ``"percentile"`` scaling
         (after ``"dtype"`` scaling).
+    masks : {"instances", "semantic"}, default "instances"
+        ``"instances"``: each object its own value. ``"semantic"``: the class of each pixel, for a
+        multi-class segmenter: class index + 1 (the session's classes in order, 0 = background), and
+        :data:`IGNORE_INDEX` (-100, ``torch.nn.CrossEntropyLoss``'s default ``ignore_index``) on objects without
+        a class (drawn unclassified, or a consensus tie), so a loss leaves them out instead of learning them as
+        background. ``classes`` lists the class names (value k is ``classes[k - 1]``).
 
     Items are ``(image, mask)``: image float32 tensor ``(C, crop, crop)``, mask int64 tensor ``(crop, crop)``
-    (0 = background, each other value one object). ``image_ids`` lists the images, in the order of ``pairs``.
+    (0 = background; padding is background too). ``image_ids`` lists the images, in the order of ``pairs``.
 
     Raises
     ------
@@ -71,7 +79,8 @@ class PulledDataset(Dataset):
     """
 
     def __init__(self, folder: str | Path, *, crop: int = 256, annotator: str | None = None, length: int = 1000,
-                 seed: int = 0, normalize: str = "percentile", channels: int | None = None) -> None:
+                 seed: int = 0, normalize: str = "percentile", channels: int | None = None,
+                 masks: str = "instances") -> None:
         for name, value in (("crop", crop), ("length", length)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
@@ -80,10 +89,11 @@ class PulledDataset(Dataset):
         if isinstance(channels, bool) or channels not in CHANNELS:
             raise InvalidInputError(f"channels must be None (as stored), 1 or 3, got {channels!r}")
         channels = None if channels is None else int(channels)
-        pulled = labelled_pairs(folder, annotator)
+        pulled = labelled_pairs(folder, annotator, masks)
         self.image_ids: list[str] = [image_id for image_id, _, _ in pulled]
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = [
-            (_scaled(image, normalize, channels), mask) for _, image, mask in pulled]
+            (_scaled(image, normalize, channels), _targets(mask, masks)) for _, image, mask in pulled]
+        self.classes: list[str] = _class_names(folder)
         if not self.pairs:
             whose = f" by annotator {annotator!r}" if annotator is not None else ""
             raise InvalidInputError(f"no labelled images{whose} in {folder}")
@@ -103,7 +113,7 @@ class PulledDataset(Dataset):
         c = self.crop
         y = int(rng.integers(0, max(1, h - c + 1)))
         x = int(rng.integers(0, max(1, w - c + 1)))
-        img, msk = image[y:y + c, x:x + c], mask[y:y + c, x:x + c].astype(np.int64)
+        img, msk = image[y:y + c, x:x + c], mask[y:y + c, x:x + c]
         pad = ((0, c - msk.shape[0]), (0, c - msk.shape[1]))
         img, msk = np.pad(img, (*pad, (0, 0))), np.pad(msk, pad)
         if rng.random() < 0.5:
@@ -123,6 +133,22 @@ class PulledDataset(Dataset):
             self._rng_worker = key
             self._rng = np.random.default_rng([self.seed, info.seed])
         return self._rng
+
+
+def _targets(mask: np.ndarray, masks: str) -> np.ndarray:
+    """A pulled mask as the int64 targets of the items: semantic masks' :data:`~colabel.apps.pull.NO_CLASS` is
+    :data:`IGNORE_INDEX`."""
+    out = mask.astype(np.int64)
+    if masks == "semantic":
+        out[mask == NO_CLASS] = IGNORE_INDEX
+    return out
+
+
+def _class_names(folder: str | Path) -> list[str]:
+    """The session's class names, in the order of the semantic masks' values (``labels.zarr``'s attributes)."""
+    import zarr
+
+    return list(zarr.open_group(str(Path(folder) / "labels.zarr"), mode="r").attrs.get("classes", []))
 
 
 def _scaled(image: np.ndarray, normalize: str, channels: int | None = None) -> np.ndarray:

@@ -311,6 +311,7 @@ def _two_annotators_class_three_squares(tmp_path):
 def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_path):
     """Two annotators class three squares: (nucleus, nucleus), (nucleus, other), (other, other). Consensus: three
     objects, the second a tie. Kappa over them: A = (n, n, o), B = (n, o, o): p_o = 2/3, p_e = 4/9, kappa 0.4."""
+    from colabel.apps.pull import labelled_pairs
     from colabel.apps.report import session_report
 
     folder, info, image_id, a, b, out = _two_annotators_class_three_squares(tmp_path)
@@ -323,6 +324,8 @@ def test_pulled_set_and_report_carry_consensus_classes_ties_and_class_kappa(tmp_
     # the tie is an object of no class (65535: left out of a class loss), not background
     assert (semantic[5, 5], semantic[45, 45], semantic[85, 85], semantic[30, 30]) == (1, 65535, 2, 0)
     assert semantic.attrs["classes"] == ["nucleus", "other"] and semantic.attrs["no_class"] == 65535
+    ((_, _, trained),) = labelled_pairs(out, masks="semantic")  # what a trainer gets: the consensus's classes
+    np.testing.assert_array_equal(trained, semantic[...])
     with open(out / "consensus_cells.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["label"], r["class"], r["tie"], r["support"]) for r in rows] == [

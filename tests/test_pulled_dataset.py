@@ -107,6 +107,45 @@ def test_bad_settings_and_folders_are_refused_by_name(pulled, tmp_path):
         PulledDataset(out, annotator="nobody")
 
 
+def test_semantic_items_give_each_pixel_its_class_and_ignore_objects_without_one(tmp_path):
+    """Three squares on the coordinate-coded image: nucleus, other and one never classified; ``masks="semantic"``
+    items hold class index + 1 where the crop came from, and -100 (CrossEntropyLoss's ignore_index) on the third."""
+    import torch
+
+    from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.pull import PulledDataset, run_pull
+    from colabel.errors import InvalidInputError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "coords.tif", (np.arange(SIDE)[:, None] * SIDE + np.arange(SIDE)).astype(np.uint16))
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="semantic", classes=[{"name": "nucleus", "color": "#ff0000"},
+                                                                 {"name": "other", "color": "#0000ff"}])
+    annotator, _ = provider.sessions.join(info.session_id, "Ada")
+    image_id = next(r.image_id for r in provider.catalog.records())
+    provider.save_annotation(info, image_id, annotator.annotator_id, collection(
+        square(20, 30, 40, "nucleus"), square(120, 100, 60, "other"), square(100, 10, 30, None)))
+    run_pull(str(folder), tmp_path / "pulled", session=info.session_id)
+    expected = np.zeros((SIDE, SIDE), np.int64)
+    expected[30:70, 20:60], expected[100:160, 120:180], expected[10:40, 100:130] = 1, 2, -100
+
+    dataset = PulledDataset(tmp_path / "pulled", crop=64, length=40, seed=1, normalize="dtype", masks="semantic")
+    assert dataset.classes == ["nucleus", "other"]
+    seen = set()
+    for i in range(len(dataset)):
+        image, target = dataset[i]
+        rows, cols = origin(image)
+        assert target.dtype == torch.int64
+        np.testing.assert_array_equal(target.numpy(), expected[rows, cols])
+        seen |= set(np.unique(target.numpy()).tolist())
+    assert seen == {0, 1, 2, -100}
+    loss = torch.nn.functional.cross_entropy(torch.zeros(1, 3, 64, 64), dataset[0][1][None])  # ignore_index -100
+    assert torch.isfinite(loss)
+    with pytest.raises(InvalidInputError, match="masks must be 'instances' or 'semantic', got 'classes'"):
+        PulledDataset(tmp_path / "pulled", masks="classes")
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """A pulled set of the test images as they come: the 16-bit grey DSB2018 image (values 0-235 of uint16) and the

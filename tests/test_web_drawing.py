@@ -322,3 +322,33 @@ async def test_the_brush_paints_a_polygon_grows_it_from_inside_and_alt_erases_ac
     parts = sorted((shape(f["geometry"]) for f in latest(stack, session_id, he)), key=lambda p: p.bounds[0])
     assert len(parts) == 3 and parts[0].bounds[2] < 130 - radius / 2
     assert await page.evaluate(FEATURES) == 3 and not page.errors, page.errors
+
+
+async def test_h_hides_the_drawing_until_pressed_again_or_drawn_on_and_f_leaves_outlines_only(stack, page):
+    await open_session(stack, page, "view")
+    await draw_polygon(page, SQUARE)
+    assert await settled(page, timeout=20_000) == 1
+    layer_visible = "window.colabel.map.getLayers().item(1).getVisible()"
+    fill = "window.colabel.styleOf(window.colabel.source.getFeatures()[0]).getFill().getColor()"
+    assert (await page.evaluate(fill)).endswith(",0.25)")
+    await page.keyboard.press("f")  # outlines only: a fill faint enough to see through, still hit by clicks
+    assert (await page.evaluate(fill)).endswith(",0.01)")
+    await page.keyboard.press("e")
+    await page.wait_for_timeout(300)  # not a double-click (a zoom) with the polygon's closing click
+    await click_at(page, 70, 50)
+    assert await page.evaluate("window.colabel.select.getFeatures().getLength()") == 1
+    await page.keyboard.press("Escape")
+    await page.keyboard.press("f")
+    assert (await page.evaluate(fill)).endswith(",0.25)")
+
+    await page.keyboard.press("h")
+    assert not await page.evaluate(layer_visible)
+    assert await page.text_content("#view-status") == "labels hidden (H shows them)"
+    await page.keyboard.press("h")
+    assert await page.evaluate(layer_visible) and await page.is_hidden("#view-status")
+    await page.keyboard.press("h")
+    await page.keyboard.press("d")
+    await draw_polygon(page, [(300, 200), (400, 200), (400, 280), (300, 280)])  # drawing shows the drawing again
+    assert await settled(page, timeout=20_000) == 2
+    assert await page.evaluate(layer_visible) and await page.is_hidden("#view-status")
+    assert not page.errors, page.errors

@@ -67,6 +67,7 @@ const state = {
   image: null, W: 0, H: 0, version: 0, tool: "draw", toolSince: 0,
   brushRadius: 12, // the brush's radius in screen pixels: as large on screen at any zoom, as QuPath's
   stroke: null, // the brush stroke being painted: {points, erase, radius (map units), target}
+  labelsHidden: false, fill: true, // H hides the drawing to see the image under it; F: outlines only
   sam: { points: [], labels: [], box: null, feature: null, seq: 0 },
   samPath: null, decoder: null, options: {}, annotatorId: null, restored: false, samOff: false, assignment: null,
   // this tab's writer id, sent with each save: the provider tells this tab's own saves (whose answers were lost)
@@ -214,13 +215,14 @@ function styleOf(feature, selected = false) {
   const cls = state.classes.find((c) => c.name === feature.get("cls"));
   const color = cls ? cls.color : "#f0e442";
   const review = !selected && Boolean(feature.get("review"));
-  const key = color + selected + review;
+  const key = color + selected + review + state.fill;
   if (!styles[key]) {
     const [r, g, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
     styles[key] = new Style({
       stroke: new Stroke({ color: selected ? "#ffffff" : color, width: selected ? 3 : 2,
         lineDash: review ? [6, 4] : undefined }),
-      fill: new Fill({ color: `rgba(${r},${g},${b},${selected ? 0.45 : 0.25})` }),
+      // without fill (F) the inside is still transparent paint: a click inside selects, as with fill
+      fill: new Fill({ color: `rgba(${r},${g},${b},${!state.fill ? 0.01 : selected ? 0.45 : 0.25})` }),
     });
   }
   return styles[key];
@@ -433,6 +435,7 @@ const snapshot = () => JSON.stringify(collection());
 /** Every change of the drawing goes through here: recorded for undo, then saved. */
 function changed() {
   if (!state.image) return Promise.resolve();
+  if (state.labelsHidden) setView({ hidden: false }); // what was just drawn is seen
   history.push(snapshot());
   showUndo();
   return edited();
@@ -804,6 +807,16 @@ function showBrush(coordinate) {
   }
 }
 /** Brush radius in screen pixels, 2 to 200 ([ and ] step it by a quarter). */
+/** Show or hide the drawing (H), outlines with or without fill (F); the header says when it is hidden. */
+function setView({ hidden = state.labelsHidden, fill = state.fill } = {}) {
+  state.labelsHidden = hidden;
+  state.fill = fill;
+  vectorLayer.setVisible(!hidden);
+  vectorLayer.changed();
+  const status = $("view-status");
+  status.hidden = !hidden;
+  status.textContent = "labels hidden (H shows them)";
+}
 function setBrushRadius(radius) {
   state.brushRadius = Math.min(200, Math.max(2, Math.round(radius)));
   $("tool-brush").title = `brush (B), ${state.brushRadius} px: drag to paint, Alt- or right-drag to erase; [ and ] `
@@ -1060,6 +1073,8 @@ const SHORTCUTS = [
   ["N / Enter", "SAM: finish this object, start a new one"],
   ["B", "brush: drag to paint (from inside a polygon: adds to it; else a new one); Alt- or right-drag erases"],
   ["[ / ]", "brush: smaller / larger"],
+  ["H", "hide / show the drawing, to see the image under it"],
+  ["F", "fill polygons on / off (outlines only)"],
   ["C", "cut: draw a line across polygons to split them (double-click or Enter to finish)"],
   ["X", "subtract: draw a polygon, removed from the polygons it overlaps"],
   ["Ctrl+Z", "undo; while drawing a shape: remove its last point"],
@@ -1109,6 +1124,8 @@ document.addEventListener("keydown", (e) => {
   else if (key === "c") setTool("cut");
   else if (key === "x") setTool("subtract");
   else if (key === "b") setTool("brush");
+  else if (key === "h") setView({ hidden: !state.labelsHidden });
+  else if (key === "f") setView({ fill: !state.fill });
   else if (e.key === "[" || e.key === "]") setBrushRadius(state.brushRadius * (e.key === "]" ? 1.25 : 0.8));
 });
 for (const name of TOOLS) $(`tool-${name}`).addEventListener("click", () => setTool(name));

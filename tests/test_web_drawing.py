@@ -1,7 +1,7 @@
 """Drawing on the annotator page, in a real headless Chromium against a real provider on a real Hypha server: an
 outline that crosses itself, one drawn across or beside the image's edge, a drawing the provider refuses, Ctrl+Z
-and Backspace while a shape is being drawn, a cut line that does not go across, the browser going offline, and a
-name of spaces in the join dialog. Skipped without the built pages, playwright or Chromium (see web_support)."""
+and Backspace while a shape is being drawn, a cut line that does not go across, the browser going offline, a
+name of spaces in the join dialog, the brush and eraser, and hiding the drawing. Skipped without the built pages, playwright or Chromium (see web_support)."""
 
 from __future__ import annotations
 

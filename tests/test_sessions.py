@@ -289,3 +289,24 @@ def test_a_session_is_found_by_its_id_or_its_unique_name_and_a_miss_lists_the_se
     assert str(missing.value) == f"no session 's-000000000000' (by id or name); the sessions are: {listed}"
     with pytest.raises(NotFoundError, match="there are no sessions yet"):
         SessionStore(tmp_path / "empty" / "annotations", read_only=True).resolve("round 1")
+
+
+def test_opening_a_returned_image_in_a_closed_session_says_the_comment_and_writes_nothing(tmp_path):
+    from colabel.apps.provider.provider import DataProvider
+    from conftest import collection, make_image_folder, square
+
+    folder = make_image_folder(tmp_path / "images")
+    provider = DataProvider(folder)
+    info, _ = provider.create_session(name="review", classes=CLASSES)
+    ada, _ = provider.sessions.join(info.session_id, "Ada")
+    image_id = provider.next_image(info, ada.annotator_id).image.image_id
+    provider.save_annotation(info, image_id, ada.annotator_id, collection(square(5, 5, 10, CLASSES[0]["name"])))
+    provider.return_image(info, image_id, ada.annotator_id, "the cell at the top")
+    closed = provider.sessions.set_state(info.session_id, "closed")
+    mark = folder / "annotations" / "sessions" / info.session_id / "returned" / image_id / f"{ada.annotator_id}.json"
+    before = mark.read_bytes()
+    assert provider.open_image(closed, ada.annotator_id, image_id).returned["comment"] == "the cell at the top"
+    assert mark.read_bytes() == before  # read-only: not marked seen
+    opened = provider.sessions.set_state(info.session_id, "open")
+    provider.open_image(opened, ada.annotator_id, image_id)
+    assert "seen" in json.loads(mark.read_text())

@@ -1,7 +1,8 @@
 """Drawing on the annotator page, in a real headless Chromium against a real provider on a real Hypha server: an
 outline that crosses itself, one drawn across or beside the image's edge, a drawing the provider refuses, Ctrl+Z
 and Backspace while a shape is being drawn, a cut line that does not go across, the browser going offline, a
-name of spaces in the join dialog, the brush and eraser, and hiding the drawing. Skipped without the built pages, playwright or Chromium (see web_support)."""
+name of spaces in the join dialog, the brush and eraser, and hiding the drawing. Skipped without the built pages,
+playwright or Chromium (see web_support)."""
 
 from __future__ import annotations
 
@@ -351,4 +352,38 @@ async def test_h_hides_the_drawing_until_pressed_again_or_drawn_on_and_f_leaves_
     await draw_polygon(page, [(300, 200), (400, 200), (400, 280), (300, 280)])  # drawing shows the drawing again
     assert await settled(page, timeout=20_000) == 2
     assert await page.evaluate(layer_visible) and await page.is_hidden("#view-status")
+    assert not page.errors, page.errors
+
+
+async def test_the_brush_grows_the_polygon_drawn_last_and_survives_a_tool_key_pressed_mid_stroke(stack, page):
+    session_id, he = await open_session(stack, page, "brushing")
+    await draw_polygon(page, [(50, 50), (300, 50), (300, 250), (50, 250)])  # a tissue region
+    assert await settled(page, timeout=20_000) == 1
+    await page.wait_for_timeout(300)
+    await draw_polygon(page, [(120, 120), (200, 120), (200, 180), (120, 180)])  # a nucleus inside it
+    assert await settled(page, timeout=20_000) == 2
+    region, nucleus = (f["id"] for f in latest(stack, session_id, he))
+    await page.keyboard.press("b")
+    await stroke(page, [(60, 60), (60, 20)])  # out through the region's edge, along vertices of the hand-drawn side
+    assert await settled(page, timeout=20_000) == 3
+    await stroke(page, [(290, 150), (340, 150)])  # the region grows past its right edge (re-indexed in the source)
+    assert await settled(page, timeout=20_000) == 4
+    await stroke(page, [(160, 150), (160, 100)])  # from inside the nucleus, drawn on top: the nucleus grows
+    assert await settled(page, timeout=20_000) == 5
+    grown = {f["id"]: shape(f["geometry"]) for f in latest(stack, session_id, he)}
+    assert grown[nucleus].bounds[1] < 110 and grown[region].bounds[1] < 40 and grown[region].bounds[2] > 330
+
+    center = "window.colabel.map.getView().getCenter()"
+    before = await page.evaluate(center)
+    first = await at(page, 100, 280)
+    await page.mouse.move(*first)
+    await page.mouse.down()
+    await page.mouse.move(first[0] + 30, first[1])
+    await page.keyboard.press("e")  # a tool key mid-stroke: the stroke is dropped
+    await page.mouse.move(first[0] + 60, first[1])
+    await page.mouse.up()
+    await page.keyboard.press("b")
+    await stroke(page, [(400, 280), (450, 280)])  # the next stroke paints, and the map does not pan
+    assert await settled(page, timeout=20_000) == 6
+    assert len(latest(stack, session_id, he)) == 3 and await page.evaluate(center) == before
     assert not page.errors, page.errors

@@ -127,6 +127,17 @@ const holed = { type: "MultiPolygon", coordinates: [[[[0, 0], [10, 0], [10, 10],
 out.inside = [[1, 1], [5, 5], [25, 5], [15, 5]].map((p) => containsPoint(holed, p));
 out.thinned = thinPath([[0, 0], [0.5, 0], [1, 0], [3, 0], [3.2, 0]], 2);
 out.none = [strokeArea([], 5), strokeArea([[0, 0]], 0)];
+// what floating-point sweep-line unions fail on: evenly spaced points on a line, a scrub back and forth (on the
+// pixel lattice of a zoomed view), painted and erased in turn onto one polygon
+out.straight = strokeArea([[0, 0], [10, 0], [20, 0], [30, 0], [40, 0]], 20);
+out.scrubbed = [];
+let painted = { type: "Polygon", coordinates: [[[100, 100], [140, 100], [140, 140], [100, 140], [100, 100]]] };
+for (const [k, scrub] of input.scrubs.entries()) {
+  const area = strokeArea(scrub, 4 + k);
+  const parts = k % 3 === 2 ? erase(painted, area) || painted.coordinates : paint(painted, area);
+  painted = { type: "MultiPolygon", coordinates: parts };
+  out.scrubbed.push(area, parts);
+}
 console.log(JSON.stringify(out));
 """
 
@@ -136,7 +147,12 @@ def test_the_brush_paints_the_area_a_disc_sweeps_adds_to_a_polygon_and_erases_fr
     walk = np.cumsum(rng.normal(0, 4, (60, 2)), axis=0) + 100  # a wandering hand-drawn stroke, crossing itself
     strokes = [["dot", [[50, 50]], 6], ["line", [[10, 10], [90, 40]], 4], ["walk", walk.tolist(), 5],
                ["back", [[0, 0], [30, 0], [0, 0.5]], 2]]  # doubles back on itself
-    out = run_node(BRUSH, {"strokes": strokes})
+    scrubs = []
+    for _ in range(12):  # a hand scrubbing to fill a region: back and forth along a row, drifting down
+        x = np.cumsum(np.where(np.arange(300) // 25 % 2, -1, 1) * rng.integers(8, 14, 300)) * 0.405
+        y = 100 + np.cumsum(rng.integers(0, 2, 300)) * 0.405
+        scrubs.append(np.stack([120 + x, y], axis=1).tolist())
+    out = run_node(BRUSH, {"strokes": strokes, "scrubs": scrubs})
     for name, path, radius in strokes:  # the area of a true round brush: the path buffered by its radius
         area = shape({"type": "MultiPolygon", "coordinates": out[name]})
         assert area.is_valid and len(area.geoms) == 1, name
@@ -149,11 +165,18 @@ def test_the_brush_paints_the_area_a_disc_sweeps_adds_to_a_polygon_and_erases_fr
     painted = shape({"type": "MultiPolygon", "coordinates": out["painted"]})
     assert painted.area == pytest.approx(1600 + 40 * 10 + np.pi * 25 / 2, rel=0.01)  # the square, a bar, a cap
     top, bottom = sorted((Polygon(p[0]) for p in out["erased"]), key=lambda p: p.bounds[1])
-    assert top.bounds == pytest.approx((0, 0, 40, 20 - 3 * np.cos(np.pi / 24)), abs=0.01)  # cut apart by a band
-    assert bottom.bounds[1] == pytest.approx(20 + 3 * np.cos(np.pi / 24), abs=0.01)
+    assert top.bounds == pytest.approx((0, 0, 40, 17), abs=0.01)  # cut apart by the 6 px wide stroke
+    assert bottom.bounds == pytest.approx((0, 23, 40, 40), abs=0.01)
     assert out["missed"] is None and out["wiped"] == []  # no overlap: nothing to do; covered: nothing left
     assert out["inside"] == [True, False, True, False]  # in the hole and between the parts: outside
     assert out["thinned"] == [[0, 0], [3, 0], [3.2, 0]]
+    straight = shape({"type": "MultiPolygon", "coordinates": out["straight"]})
+    assert straight.area == pytest.approx(40 * 40 + np.pi * 20**2, rel=0.01)
+    features = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
+        [[[x + 200, y + 200] for x, y in ring] for ring in polygon] for polygon in parts]}, "properties": {}}
+        for parts in out["scrubbed"]]
+    assert len(features) == 24 and all(f["geometry"]["coordinates"] for f in features)
+    validate_feature_collection({"type": "FeatureCollection", "features": features}, image_shape=(800, 800))
     assert out["none"] == [[], []]
 
 

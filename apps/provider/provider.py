@@ -286,13 +286,13 @@ class DataProvider:
 
     def open_image(self, session: SessionInfo, annotator_id: str, image_id: str) -> Assignment:
         """The assignment of an image the annotator is already on (their page reloaded): where it is in the session
-        and the provider's comment if it is returned to them now (then seen, as :meth:`next_image` marks it); a
-        withdrawn return is no longer said. ``position`` is 0 for an image that became unreadable."""
+        and the provider's comment if it is returned to them now (then seen, as :meth:`next_image` marks it, in an
+        open session); a withdrawn return is no longer said. ``position`` is 0 for an image that became unreadable."""
         image_id = self._check_in_session(session, image_id)
         self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError for one who never joined
         readable = self.readable_image_ids(session)
         returned = self.store.returned(session.session_id).get(image_id, {}).get(annotator_id)
-        if returned is not None:
+        if returned is not None and session.state == "open":  # a closed session is read-only
             self.store.return_seen(session.session_id, image_id, annotator_id)
         position = readable.index(image_id) + 1 if image_id in readable else 0
         return Assignment(image=self.image_info(image_id, session), position=position, total=len(readable),

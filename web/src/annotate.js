@@ -24,6 +24,7 @@ import Modify from "ol/interaction/Modify.js";
 import Select from "ol/interaction/Select.js";
 import DoubleClickZoom from "ol/interaction/DoubleClickZoom.js";
 import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
+import { getUid } from "ol/util.js";
 import { Circle as CircleStyle, Fill, Stroke, Style } from "ol/style.js";
 import { getCenter, intersects } from "ol/extent.js";
 import { click, shiftKeyOnly } from "ol/events/condition.js";
@@ -252,7 +253,9 @@ function brushStrokeStyle() {
   const cls = state.classes[state.current];
   const [r, g, b] = stroke && stroke.erase ? [213, 94, 0] // vermillion: erasing
     : [1, 3, 5].map((i) => parseInt((cls ? cls.color : "#f0e442").slice(i, i + 2), 16));
-  return new Style({ stroke: new Stroke({ color: `rgba(${r},${g},${b},0.45)`, width: 2 * state.brushRadius,
+  // as wide on screen as the area the stroke will paint, also after a zoom during the stroke
+  const radius = stroke ? stroke.radius / map.getView().getResolution() : state.brushRadius;
+  return new Style({ stroke: new Stroke({ color: `rgba(${r},${g},${b},0.45)`, width: 2 * radius,
     lineCap: "round", lineJoin: "round" }) });
 }
 const brushLayer = new VectorLayer({ source: brushSource,
@@ -266,7 +269,9 @@ const modify = new Modify({ features: select.getFeatures() });
 const samBox = new DragBox({ condition: shiftKeyOnly, className: "sam-box" });
 // the brush (B): drag paints; Alt-drag or right-drag erases (Alt-drag moves windows on some Linux desktops); the
 // map pans with the other tools, the arrow keys or a wheel
-const brush = new PointerInteraction({
+// a new interaction each time the tool is chosen: one removed mid-drag (a tool key pressed during a stroke) keeps
+// the drag's state and would leave the next drag to the map
+const makeBrush = () => new PointerInteraction({
   handleDownEvent: (e) => {
     const pointer = e.originalEvent;
     if (!state.image || (pointer.button !== 0 && pointer.button !== 2) || pointer.ctrlKey || pointer.metaKey) {
@@ -276,9 +281,13 @@ const brush = new PointerInteraction({
     return true; // the drag is the stroke's, not the map's
   },
   handleDragEvent: (e) => extendStroke(e.coordinate),
-  handleUpEvent: () => { endStroke(); return false; },
+  handleUpEvent: () => {
+    endStroke(); // never throws: the interaction always ends its drag
+    return false;
+  },
   handleMoveEvent: (e) => showBrush(e.coordinate),
 });
+let brush = makeBrush();
 let draw = null;
 let sketching = false; // a shape is being drawn (draw, cut or subtract): Ctrl+Z and Backspace drop its last point
 
@@ -320,7 +329,7 @@ function setTool(tool) {
     map.addInteraction(select);
     map.addInteraction(modify);
   } else if (tool === "sam") map.addInteraction(samBox);
-  else if (tool === "brush") map.addInteraction(brush);
+  else if (tool === "brush") map.addInteraction(brush = makeBrush());
   if (draw) {
     draw.on("drawstart", () => { sketching = true; });
     draw.on(["drawend", "drawabort"], () => { sketching = false; });
@@ -828,12 +837,15 @@ function setBrushRadius(radius) {
 /** A stroke begins: it paints onto the polygon it starts in (the topmost), else a new polygon; erases with Alt. */
 function startStroke(coordinate, erasing) {
   select.getFeatures().clear();
-  const under = erasing ? [] : source.getFeatures().filter((f) => {
+  // the topmost polygon there: the one drawn last (OpenLayers renders and selects by uid, the source's own
+  // order is its spatial index's)
+  const under = erasing ? [] : source.getFeaturesAtCoordinate(coordinate).filter((f) => {
     const g = geometryOf(f);
     return g && containsPoint(g, coordinate);
   });
+  const target = under.reduce((top, f) => (!top || Number(getUid(f)) > Number(getUid(top)) ? f : top), null);
   state.stroke = { points: [coordinate], erase: erasing, radius: state.brushRadius * map.getView().getResolution(),
-    target: under.length ? under[under.length - 1] : null };
+    target };
   const line = new Feature({ geometry: new LineString([coordinate, coordinate]), kind: "stroke" });
   line.setId("stroke");
   brushSource.addFeature(line);
@@ -851,24 +863,42 @@ function endStroke() {
   const line = brushSource.getFeatureById("stroke");
   if (line) brushSource.removeFeature(line);
   if (!stroke || !state.image) return;
+  try {
+    applyStroke(stroke);
+  } catch (err) { // nothing was changed: every result is computed before any polygon is
+    console.warn("colabel: brush stroke", err);
+    note("this brush stroke could not be computed: nothing was changed, try again");
+  }
+}
+function applyStroke(stroke) {
   const area = strokeArea(stroke.points, stroke.radius);
   if (!area.length) return;
   if (stroke.erase) {
     const extent = new MultiPolygon(area).getExtent();
-    applyCut(extent, (g) => erase(g, area), { missed: CUT_NOTES.eraser });
+    const cuts = [];
+    for (const feature of source.getFeaturesInExtent(extent)) {
+      const geometry = geometryOf(feature);
+      const left = geometry && erase(geometry, area);
+      if (left) cuts.push([feature, left]);
+    }
+    if (!cuts.length) { note(CUT_NOTES.eraser); return; }
+    for (const [feature, pieces] of cuts) replaceByPieces(feature, pieces);
+    if (Object.values(CUT_NOTES).includes($("message").textContent)) message("");
+    changed();
     return;
   }
   const target = stroke.target && source.hasFeature(stroke.target) ? stroke.target : null;
-  const feature = target || new Feature();
   const parts = target ? paint(geometryOf(target), area) : area;
-  feature.setGeometry(parts.length === 1 ? new Polygon(parts[0]) : new MultiPolygon(parts));
-  if (!target) {
-    feature.setId(newId());
-    feature.set("cls", state.classes[state.current]?.name);
+  const painted = new Feature(parts.length === 1 ? new Polygon(parts[0]) : new MultiPolygon(parts));
+  if (!fitOutline(painted)) return; // a new polygon painted wholly outside the image (said in a note)
+  if (target) {
+    target.setGeometry(painted.getGeometry());
+    target.unset("review");
+  } else {
+    painted.setId(newId());
+    painted.set("cls", state.classes[state.current]?.name);
+    source.addFeature(painted);
   }
-  feature.unset("review");
-  if (!fitOutline(feature)) return; // a new polygon painted wholly outside the image (said in a note)
-  if (!target) source.addFeature(feature);
   changed();
 }
 
@@ -1102,6 +1132,10 @@ document.addEventListener("keydown", (e) => {
   const key = e.key.toLowerCase();
   if (ctrl && key === "z") { e.preventDefault(); if (e.shiftKey) redo(); else undo(); return; }
   if (ctrl && key === "y") { e.preventDefault(); redo(); return; }
+  if (e.key === "[" || e.key === "]") { // typed with AltGr (Ctrl+Alt on Windows) on many keyboards
+    if (!state.stroke) setBrushRadius(state.brushRadius * (e.key === "]" ? 1.25 : 0.8));
+    return;
+  }
   if (ctrl || e.altKey) return;
   if (/^[1-9]$/.test(e.key)) setClass(Number(e.key) - 1);
   else if (e.key === "Backspace" && sketching && draw) {
@@ -1126,7 +1160,6 @@ document.addEventListener("keydown", (e) => {
   else if (key === "b") setTool("brush");
   else if (key === "h") setView({ hidden: !state.labelsHidden });
   else if (key === "f") setView({ fill: !state.fill });
-  else if (e.key === "[" || e.key === "]") setBrushRadius(state.brushRadius * (e.key === "]" ? 1.25 : 0.8));
 });
 for (const name of TOOLS) $(`tool-${name}`).addEventListener("click", () => setTool(name));
 $("undo").addEventListener("click", undo);

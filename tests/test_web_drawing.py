@@ -355,7 +355,7 @@ async def test_h_hides_the_drawing_until_pressed_again_or_drawn_on_and_f_leaves_
     assert not page.errors, page.errors
 
 
-async def test_the_brush_grows_the_polygon_drawn_last_and_survives_a_tool_key_pressed_mid_stroke(stack, page):
+async def test_the_brush_grows_the_smallest_polygon_under_it_and_survives_a_tool_key_pressed_mid_stroke(stack, page):
     session_id, he = await open_session(stack, page, "brushing")
     await draw_polygon(page, [(50, 50), (300, 50), (300, 250), (50, 250)])  # a tissue region
     assert await settled(page, timeout=20_000) == 1
@@ -368,7 +368,10 @@ async def test_the_brush_grows_the_polygon_drawn_last_and_survives_a_tool_key_pr
     assert await settled(page, timeout=20_000) == 3
     await stroke(page, [(290, 150), (340, 150)])  # the region grows past its right edge (re-indexed in the source)
     assert await settled(page, timeout=20_000) == 4
-    await stroke(page, [(160, 150), (160, 100)])  # from inside the nucleus, drawn on top: the nucleus grows
+    await page.reload()  # the features come back in another order
+    await page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+    await page.keyboard.press("b")
+    await stroke(page, [(160, 150), (160, 100)])  # from inside the nucleus, the smaller: the nucleus grows
     assert await settled(page, timeout=20_000) == 5
     grown = {f["id"]: shape(f["geometry"]) for f in latest(stack, session_id, he)}
     assert grown[nucleus].bounds[1] < 110 and grown[region].bounds[1] < 40 and grown[region].bounds[2] > 330
@@ -386,4 +389,12 @@ async def test_the_brush_grows_the_polygon_drawn_last_and_survives_a_tool_key_pr
     await stroke(page, [(400, 280), (450, 280)])  # the next stroke paints, and the map does not pan
     assert await settled(page, timeout=20_000) == 6
     assert len(latest(stack, session_id, he)) == 3 and await page.evaluate(center) == before
+
+    await page.keyboard.press("d")
+    await draw_polygon(page, [(380, 150), (480, 250), (480, 150), (380, 250)])  # a bow tie: one object of 2 parts
+    assert await settled(page, timeout=20_000) == 7
+    await page.keyboard.press("b")
+    await stroke(page, [(400, 160), (400, 200)], alt=True)  # a nick in one part: still one object
+    assert await settled(page, timeout=20_000) == 8
+    assert len(latest(stack, session_id, he)) == 4
     assert not page.errors, page.errors

@@ -127,6 +127,9 @@ const holed = { type: "MultiPolygon", coordinates: [[[[0, 0], [10, 0], [10, 10],
 out.inside = [[1, 1], [5, 5], [25, 5], [15, 5]].map((p) => containsPoint(holed, p));
 out.thinned = thinPath([[0, 0], [0.5, 0], [1, 0], [3, 0], [3.2, 0]], 2);
 out.none = [strokeArea([], 5), strokeArea([[0, 0]], 0)];
+const loop = Array.from({ length: 41 }, (_, i) => [20 + 10 * Math.cos(i * Math.PI / 20),
+  20 + 10 * Math.sin(i * Math.PI / 20)]);
+out.ring = erase(square, strokeArea(loop, 2)); // a ring erased: the square with a hole, and the island inside
 // what floating-point sweep-line unions fail on: evenly spaced points on a line, a scrub back and forth (on the
 // pixel lattice of a zoomed view), painted and erased in turn onto one polygon
 out.straight = strokeArea([[0, 0], [10, 0], [20, 0], [30, 0], [40, 0]], 20);
@@ -170,6 +173,9 @@ def test_the_brush_paints_the_area_a_disc_sweeps_adds_to_a_polygon_and_erases_fr
     assert out["missed"] is None and out["wiped"] == []  # no overlap: nothing to do; covered: nothing left
     assert out["inside"] == [True, False, True, False]  # in the hole and between the parts: outside
     assert out["thinned"] == [[0, 0], [3, 0], [3.2, 0]]
+    holed, island = (Polygon(p[0], p[1:]) for p in out["ring"])  # the polygon first: it keeps the erased one's id
+    assert len(out["ring"]) == 2 and len(holed.interiors) == 1 and not island.interiors
+    assert holed.bounds == pytest.approx((0, 0, 40, 40)) and island.bounds == pytest.approx((12, 12, 28, 28), abs=0.2)
     straight = shape({"type": "MultiPolygon", "coordinates": out["straight"]})
     assert straight.area == pytest.approx(40 * 40 + np.pi * 20**2, rel=0.01)
     features = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [

@@ -24,7 +24,6 @@ import Modify from "ol/interaction/Modify.js";
 import Select from "ol/interaction/Select.js";
 import DoubleClickZoom from "ol/interaction/DoubleClickZoom.js";
 import { defaults as defaultInteractions } from "ol/interaction/defaults.js";
-import { getUid } from "ol/util.js";
 import { Circle as CircleStyle, Fill, Stroke, Style } from "ol/style.js";
 import { getCenter, intersects } from "ol/extent.js";
 import { click, shiftKeyOnly } from "ol/events/condition.js";
@@ -834,16 +833,18 @@ function setBrushRadius(radius) {
   if (cursor) showBrush(cursor.getGeometry().getCenter());
   brushSource.changed();
 }
-/** A stroke begins: it paints onto the polygon it starts in (the topmost), else a new polygon; erases with Alt. */
+/** A stroke begins: it paints onto the polygon it starts in (the smallest there), else a new polygon; erases with
+ * Alt or the right button. */
 function startStroke(coordinate, erasing) {
   select.getFeatures().clear();
-  // the topmost polygon there: the one drawn last (OpenLayers renders and selects by uid, the source's own
-  // order is its spatial index's)
+  // of the polygons there, the smallest: a nucleus drawn inside a tissue region grows, not the region (stable
+  // across reloads, undos and erases, which change the order features were added in)
   const under = erasing ? [] : source.getFeaturesAtCoordinate(coordinate).filter((f) => {
     const g = geometryOf(f);
     return g && containsPoint(g, coordinate);
   });
-  const target = under.reduce((top, f) => (!top || Number(getUid(f)) > Number(getUid(top)) ? f : top), null);
+  const area = (f) => f.getGeometry().getArea();
+  const target = under.reduce((best, f) => (!best || area(f) < area(best) ? f : best), null);
   state.stroke = { points: [coordinate], erase: erasing, radius: state.brushRadius * map.getView().getResolution(),
     target };
   const line = new Feature({ geometry: new LineString([coordinate, coordinate]), kind: "stroke" });
@@ -882,7 +883,12 @@ function applyStroke(stroke) {
       if (left) cuts.push([feature, left]);
     }
     if (!cuts.length) { note(CUT_NOTES.eraser); return; }
-    for (const [feature, pieces] of cuts) replaceByPieces(feature, pieces);
+    for (const [feature, pieces] of cuts) {
+      // an object of several parts stays one object (a nick in a bow tie); a polygon cut through becomes pieces
+      if (feature.getGeometry() instanceof MultiPolygon && pieces.length) {
+        feature.setGeometry(pieces.length === 1 ? new Polygon(pieces[0]) : new MultiPolygon(pieces));
+      } else replaceByPieces(feature, pieces);
+    }
     if (Object.values(CUT_NOTES).includes($("message").textContent)) message("");
     changed();
     return;

@@ -39,13 +39,11 @@ function toRing(path) {
  * polygons of their own). */
 function fromTree(tree) {
   const polygons = [];
-  const visit = (outer) => {
+  const visit = (outer) => { // a polygon before the islands in its holes: the first piece keeps an erased one's id
     const polygon = [toRing(outer.Contour())];
-    for (const hole of outer.Childs()) {
-      polygon.push(toRing(hole.Contour()));
-      for (const island of hole.Childs()) visit(island);
-    }
     polygons.push(polygon);
+    for (const hole of outer.Childs()) polygon.push(toRing(hole.Contour()));
+    for (const hole of outer.Childs()) for (const island of hole.Childs()) visit(island);
   };
   for (const outer of tree.Childs()) visit(outer);
   return polygons;

@@ -35,7 +35,8 @@ printing one ``dropped ...`` line per removal::
     pull_state.json  the source and session pulled, the version pulled per image and annotator and its save (the
                      label file's name, unique to each save: ``saves``), and each image file's revision (size and
                      modification time): a later pull fetches only the annotations whose latest save differs (a
-                     state without ``saves``, of an earlier colabel, has each fetched again once), and the pixels
+                     state without ``saves``, of an earlier colabel, has each fetched again once, as does one of
+                     format 2, whose semantic masks made objects without a class background), and the pixels
                      again of an image whose file was rewritten or replaced under the same name
 
 With ``finished_only`` (``colabel pull --finished-only``) the set holds only the labels of images their annotator
@@ -520,7 +521,9 @@ async def pull(source, out: Path, *, progress: bool = True, zarr_format: int | N
     _check_origin(out, old, origin)
     if zarr_format not in (None, 2, 3):
         raise InvalidInputError(f"zarr format must be 2 or 3, got {zarr_format!r}")
-    reusable = old if old.get("format") == STATE_FORMAT else {}
+    # a state of format 2 keeps its images (their pixels are not fetched again), not its labels
+    reusable = old if old.get("format") == STATE_FORMAT else (
+        {"images": old.get("images", {})} if old.get("format") == 2 else {})
     out.mkdir(parents=True, exist_ok=True)
     store = _Labels(out, zarr_format)
     try:
@@ -617,7 +620,9 @@ async def _pull_into(source, out: Path, root, meta: dict, old: dict, reusable: d
                 continue
             collection = await source.annotation(image_id, annotator_id, latest)
             objects = _objects(collection, classes)
-            lut = np.zeros(labels.max() + 1 if labels.size else 1, np.uint16)
+            # a label without an object (a label file edited by hand) is an object of no class, not background
+            lut = np.full(labels.max() + 1 if labels.size else 1, NO_CLASS, np.uint16)
+            lut[0] = 0
             for obj in objects:
                 if obj["label"] < len(lut):
                     lut[obj["label"]] = obj["class_index"] + 1 if obj["class_index"] >= 0 else NO_CLASS
@@ -920,9 +925,13 @@ def labelled_pairs(folder: str | Path, annotator: str | None = None, masks: str 
         if source is None:
             continue
         if source == CONSENSUS_FILE:
-            mask = root[f"consensus/{image_id}" if masks == "instances" else f"consensus_semantic/{image_id}"][...]
+            array = root[f"consensus/{image_id}" if masks == "instances" else f"consensus_semantic/{image_id}"]
         else:
-            mask = root[f"{masks}/{image_id}/{source}"][...]
+            array = root[f"{masks}/{image_id}/{source}"]
+        if masks == "semantic" and "no_class" not in array.attrs:
+            raise InvalidInputError(f"{folder} was pulled by an earlier colabel, whose semantic masks made objects "
+                                    "without a class background: pull it again (the same command) to mend them")
+        mask = array[...]
         pairs.append((image_id, np.asarray(root[f"images/{image_id}"][...]), np.asarray(mask)))
     return pairs
 

@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 
 class PulledDataset(Dataset):
     """Random square crops, flipped left-right and up-down each with probability 1/2, of a pulled set's images
-    and their instance masks (the same crop and flips for both).
+    and their instance or semantic masks (the same crop and flips for both).
 
     Parameters
     ----------
@@ -58,8 +58,9 @@ class PulledDataset(Dataset):
         ``"instances"``: each object its own value. ``"semantic"``: the class of each pixel, for a
         multi-class segmenter: class index + 1 (the session's classes in order, 0 = background), and
         :data:`IGNORE_INDEX` (-100, ``torch.nn.CrossEntropyLoss``'s default ``ignore_index``) on objects without
-        a class (drawn unclassified, or a consensus tie), so a loss leaves them out instead of learning them as
-        background. ``classes`` lists the class names (value k is ``classes[k - 1]``).
+        a class (drawn unclassified, a consensus tie, or a consensus object nobody classified), so a loss leaves
+        them out instead of learning them as background. ``classes`` lists the class names (value k is
+        ``classes[k - 1]``).
 
     Items are ``(image, mask)``: image float32 tensor ``(C, crop, crop)``, mask int64 tensor ``(crop, crop)``
     (0 = background; padding is background too). ``image_ids`` lists the images, in the order of ``pairs``.
@@ -69,7 +70,8 @@ class PulledDataset(Dataset):
     InvalidInputError
         No labelled image in the set (or none by ``annotator``), ``crop`` or ``length`` not a positive integer,
         an unknown ``normalize``, ``channels`` other than None, 1 or 3, an image that cannot be converted to
-        ``channels`` (2 channels to 3).
+        ``channels`` (2 channels to 3), ``masks`` other than "instances" or "semantic", semantic masks of a set
+        pulled by a colabel before they marked objects without a class (pull it again).
 
     Examples
     --------
@@ -92,12 +94,12 @@ class PulledDataset(Dataset):
         pulled = labelled_pairs(folder, annotator, masks)
         self.image_ids: list[str] = [image_id for image_id, _, _ in pulled]
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = [
-            (_scaled(image, normalize, channels), _targets(mask, masks)) for _, image, mask in pulled]
+            (_scaled(image, normalize, channels), mask) for _, image, mask in pulled]  # masks as stored (uint)
         self.classes: list[str] = _class_names(folder)
         if not self.pairs:
             whose = f" by annotator {annotator!r}" if annotator is not None else ""
             raise InvalidInputError(f"no labelled images{whose} in {folder}")
-        self.crop, self.length, self.seed = int(crop), int(length), int(seed)
+        self.crop, self.length, self.seed, self.masks = int(crop), int(length), int(seed), masks
         self._rng = np.random.default_rng(self.seed)
         self._rng_worker: tuple[int, int] | None = None
 
@@ -113,7 +115,7 @@ class PulledDataset(Dataset):
         c = self.crop
         y = int(rng.integers(0, max(1, h - c + 1)))
         x = int(rng.integers(0, max(1, w - c + 1)))
-        img, msk = image[y:y + c, x:x + c], mask[y:y + c, x:x + c]
+        img, msk = image[y:y + c, x:x + c], _targets(mask[y:y + c, x:x + c], self.masks)
         pad = ((0, c - msk.shape[0]), (0, c - msk.shape[1]))
         img, msk = np.pad(img, (*pad, (0, 0))), np.pad(msk, pad)
         if rng.random() < 0.5:
@@ -136,8 +138,8 @@ class PulledDataset(Dataset):
 
 
 def _targets(mask: np.ndarray, masks: str) -> np.ndarray:
-    """A pulled mask as the int64 targets of the items: semantic masks' :data:`~colabel.apps.pull.NO_CLASS` is
-    :data:`IGNORE_INDEX`."""
+    """A crop of a pulled mask as the int64 targets of an item: semantic masks' :data:`~colabel.apps.pull.NO_CLASS`
+    is :data:`IGNORE_INDEX`."""
     out = mask.astype(np.int64)
     if masks == "semantic":
         out[mask == NO_CLASS] = IGNORE_INDEX

@@ -260,6 +260,8 @@ def test_an_object_without_a_class_of_the_session_is_no_class_not_background_in_
     import zarr
 
     from colabel.apps.provider.provider import DataProvider
+    from colabel.apps.pull import labelled_pairs
+    from colabel.errors import InvalidInputError
 
     folder = make_image_folder(tmp_path / "images")
     provider = DataProvider(folder)
@@ -276,12 +278,22 @@ def test_an_object_without_a_class_of_the_session_is_no_class_not_background_in_
     assert (semantic[5, 5], semantic[45, 45], semantic[30, 30]) == (1, 65535, 0)
     assert semantic.attrs["classes"] == ["nucleus"] and semantic.attrs["no_class"] == 65535
 
-    # a set pulled by a colabel whose semantic masks made such objects background is mended by the next pull
-    zarr.open_group(str(out / "labels.zarr"), mode="r+")[key][40:50, 40:50] = 0
+    # a set pulled by a colabel whose semantic masks made such objects background: refused as semantic targets,
+    # mended by the next pull, which fetches the annotations again but not the image
+    old = zarr.open_group(str(out / "labels.zarr"), mode="r+")[key]
+    old[40:50, 40:50] = 0
+    del old.attrs["no_class"]
     state = json.loads((out / "pull_state.json").read_text())
     (out / "pull_state.json").write_text(json.dumps({**state, "format": 2}))
+    with pytest.raises(InvalidInputError, match="pulled by an earlier colabel, whose semantic masks made objects "
+                                                "without a class background: pull it again"):
+        labelled_pairs(out, masks="semantic")
+    image_file = out / "tiff" / "ihc_ki67.png.tif"
+    written = image_file.stat().st_mtime_ns
     assert "pulled 1 new annotation versions (0 up to date)" in pull(*args).stdout
     assert zarr.open_group(str(out / "labels.zarr"), mode="r")[key][45, 45] == 65535
+    assert labelled_pairs(out, masks="semantic")[0][2][45, 45] == 65535
+    assert image_file.stat().st_mtime_ns == written
     assert "(1 up to date)" in pull(*args).stdout
 
 

@@ -310,3 +310,12 @@ def test_opening_a_returned_image_in_a_closed_session_says_the_comment_and_write
     opened = provider.sessions.set_state(info.session_id, "open")
     provider.open_image(opened, ada.annotator_id, image_id)
     assert "seen" in json.loads(mark.read_text())
+
+
+def test_a_session_of_more_label_classes_than_the_classifier_tells_apart_is_refused(tmp_path):
+    store = SessionStore(tmp_path)
+    many = [{"name": f"class {i}", "color": "#ff0000"} for i in range(1001)]
+    with pytest.raises(InvalidInputError, match="a session has at most 1000 label classes, got 1001"):
+        store.create(name="too many", classes=many)
+    assert store.list() == []
+    assert len(store.create(name="enough", classes=many[:1000])[0].classes) == 1000

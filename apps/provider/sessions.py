@@ -51,6 +51,11 @@ def clean_display_name(value: object) -> str:
     return name
 
 
+
+MAX_CLASSES = 1000
+"""Most label classes a session has: what the HALS classifier tells apart (its ``MAX_CLASSES``), and far below the
+65535 values of a pulled set's uint16 semantic masks (65535 marks an object without a class)."""
+
 class _Session:
     """In-memory state of one session, mirrored by its manifest."""
 
@@ -218,6 +223,8 @@ class SessionStore:
         parsed = [c if isinstance(c, LabelClass) else LabelClass.model_validate(c) for c in classes]
         if not parsed:
             raise InvalidInputError("a session needs at least one label class")
+        if len(parsed) > MAX_CLASSES:
+            raise InvalidInputError(f"a session has at most {MAX_CLASSES} label classes, got {len(parsed)}")
         if len({c.name for c in parsed}) != len(parsed):
             raise InvalidInputError("label class names must be unique")
         with self._lock:

@@ -137,9 +137,10 @@ def session_agreement(folder: Path, session_id: str, events: list[dict] | None =
         if len(counts) >= 2:  # where there is agreement to speak of
             unfinished += [{"image_id": image_id, "annotator_id": a, "finished_version": ended.get(a)}
                            for a in sorted(counts) if ended.get(a) != store.versions(session_id, image_id, a)[-1]]
-            for a in sorted(counts):  # the name, also of an image left out below
-                names.setdefault(a, store.record(session_id, image_id, a).get("display_name") or a)
-            names.setdefault(image_id, store.record(session_id, image_id, min(counts)).get("image_name") or image_id)
+            for a in sorted(a for a in counts if a not in names):  # the name, also of an image left out below
+                names[a] = store.record(session_id, image_id, a).get("display_name") or a
+            if image_id not in names:
+                names[image_id] = store.record(session_id, image_id, min(counts)).get("image_name") or image_id
         annotators = sorted(a for a in counts if a in ended or not finished_only)
         if len(annotators) < 2:
             continue

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from colabel.config import ColabelConfig, annotations_dir
-from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, shown
+from colabel.errors import InvalidInputError, NotFoundError, PayloadTooLargeError, SessionClosedError, shown
 
 from .annotations import rasterize, validate_feature_collection
 from .images import ImageCatalog
@@ -228,7 +228,9 @@ class DataProvider:
     def return_image(self, session: SessionInfo, image_id: str, annotator_id: str, comment: str = "") -> dict:
         """The provider returns an image an annotator saved to them for changes, saying what to change: their
         next ``next_image`` gives it back first, with the comment; it is no longer finished by them until they
-        finish it again. Returns ``{image_id, annotator_id, version, comment, at}``."""
+        finish it again. Returns ``{image_id, annotator_id, version, comment, at}``; refused in a closed session."""
+        if session.state != "open":
+            raise SessionClosedError(f"session {session.name!r} is closed: reopen it to return an image")
         image_id = self._check_in_session(session, image_id)
         annotator = self.sessions.annotator(session.session_id, annotator_id)  # NotFoundError: never joined
         record = self.catalog.get(image_id)

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from colabel.errors import ColabelError, SessionClosedError, StorageError
+from colabel.errors import ColabelError, StorageError
 
 from ..message_cache_limits import FRAME_NAME, installed_cache
 from .assist import ModelAssist
@@ -306,8 +306,6 @@ class ProviderServices:
             """Return an image an annotator saved to them for changes, saying what to change (``comment``): their
             next image is this one, with the comment; not finished by them until they finish it again."""
             info = sessions.get(session_id)
-            if info.state != "open":
-                raise SessionClosedError(f"session {info.name!r} is closed: reopen it to return an image")
             annotator = sessions.annotator(info.session_id, annotator_id)  # NotFoundError for one who never joined
             async with self._save_locks[(info.session_id, annotator.annotator_id)]:  # after their save in flight
                 return await asyncio.to_thread(p.return_image, info, image_id, annotator.annotator_id, comment)

@@ -776,22 +776,28 @@ const CUT_NOTES = {
 };
 /**
  * Cut the polygons near `extent` with `cut` (pieces, or null for a polygon it leaves whole); when none is cut,
- * say why: `touches(geometry)` tells a line that meets a polygon without crossing it from side to side.
+ * say why: `touches(geometry)` tells a line that meets a polygon without crossing it from side to side. Every cut
+ * is computed before any polygon changes (one that throws changes nothing). `keepParts`: an object of several
+ * parts stays one object (a nick in a bow tie), where a polygon cut through becomes pieces.
  */
-function applyCut(extent, cut, { touches = null, missed }) {
-  let n = 0;
+function applyCut(extent, cut, { touches = null, missed, keepParts = false }) {
+  const cuts = [];
   let touched = false;
   for (const feature of source.getFeatures()) {
     const geometry = geometryOf(feature);
     if (!geometry || !intersects(feature.getGeometry().getExtent(), extent)) continue;
     const pieces = cut(geometry);
-    if (pieces) { replaceByPieces(feature, pieces); n++; }
+    if (pieces) cuts.push([feature, pieces]);
     else if (touches && !touched) touched = touches(geometry);
   }
-  if (n) {
-    if (Object.values(CUT_NOTES).includes($("message").textContent)) message(""); // an earlier miss, mended
-    changed();
-  } else note(touched ? CUT_NOTES.across : missed);
+  if (!cuts.length) { note(touched ? CUT_NOTES.across : missed); return; }
+  for (const [feature, pieces] of cuts) {
+    if (keepParts && feature.getGeometry() instanceof MultiPolygon && pieces.length) {
+      feature.setGeometry(pieces.length === 1 ? new Polygon(pieces[0]) : new MultiPolygon(pieces));
+    } else replaceByPieces(feature, pieces);
+  }
+  if (Object.values(CUT_NOTES).includes($("message").textContent)) message(""); // an earlier miss, mended
+  changed();
 }
 function cutAlong(line) {
   applyCut(new Feature(new Polygon([line])).getGeometry().getExtent(), (g) => splitByLine(g, line),
@@ -875,22 +881,7 @@ function applyStroke(stroke) {
   const area = strokeArea(stroke.points, stroke.radius);
   if (!area.length) return;
   if (stroke.erase) {
-    const extent = new MultiPolygon(area).getExtent();
-    const cuts = [];
-    for (const feature of source.getFeaturesInExtent(extent)) {
-      const geometry = geometryOf(feature);
-      const left = geometry && erase(geometry, area);
-      if (left) cuts.push([feature, left]);
-    }
-    if (!cuts.length) { note(CUT_NOTES.eraser); return; }
-    for (const [feature, pieces] of cuts) {
-      // an object of several parts stays one object (a nick in a bow tie); a polygon cut through becomes pieces
-      if (feature.getGeometry() instanceof MultiPolygon && pieces.length) {
-        feature.setGeometry(pieces.length === 1 ? new Polygon(pieces[0]) : new MultiPolygon(pieces));
-      } else replaceByPieces(feature, pieces);
-    }
-    if (Object.values(CUT_NOTES).includes($("message").textContent)) message("");
-    changed();
+    applyCut(new MultiPolygon(area).getExtent(), (g) => erase(g, area), { missed: CUT_NOTES.eraser, keepParts: true });
     return;
   }
   const target = stroke.target && source.hasFeature(stroke.target) ? stroke.target : null;
